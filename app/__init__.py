@@ -1,0 +1,1 @@
+"""The USAE Concept Explorer application: settings, database, jobs, CLI and web pages."""

@@ -1,0 +1,42 @@
+"""The `usae` command. Each command group lives in `app/commands/<name>.py` and exposes
+`register(cli)`; this file only assembles them and turns UsaeError into a one-line message."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from usae_core.errors import UsaeError
+
+cli = typer.Typer(
+    name="usae",
+    help="USAE Concept Explorer: one shared concept dictionary for several vision models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register_all() -> None:
+    from app.commands import core, demo, extract, mine, web
+
+    for module in (core, extract, mine, web, demo):
+        module.register(cli)
+
+
+_register_all()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cli()
+    except UsaeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

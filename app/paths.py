@@ -1,0 +1,23 @@
+"""How CLI arguments name stores and runs: a path, or a bare name inside the data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.settings import Settings
+
+
+def _resolve(arg: str | Path, base: Path) -> Path:
+    p = Path(arg)
+    if p.exists() or len(p.parts) > 1 or p.is_absolute():
+        return p
+    return base / p
+
+
+def resolve_store(arg: str | Path, settings: Settings) -> Path:
+    """`demo` -> DATA_DIR/stores/demo unless ./demo exists; paths are used as given."""
+    return _resolve(arg, settings.stores_dir)
+
+
+def resolve_run(arg: str | Path, settings: Settings) -> Path:
+    return _resolve(arg, settings.runs_dir)

@@ -1,0 +1,65 @@
+"""All configuration in one place. Every value can be set by an environment variable
+prefixed `USAE_` (for example `USAE_DATA_DIR`, `USAE_DATABASE_URL`) or a `.env` file."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="USAE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default=Path("usae-data"), description="Holds the DB, stores, runs, images and renders.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; defaults to a SQLite file in the data directory."
+    )
+    secret_key: str | None = Field(
+        default=None, description="Signs session cookies and CSRF tokens; generated into the data dir when unset."
+    )
+    max_upload_bytes: int = 10 * 1024 * 1024
+    login_attempts_per_minute: int = 10
+    device: str = "auto"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'usae.db').resolve()}"
+
+    @property
+    def stores_dir(self) -> Path:
+        return self.data_dir / "stores"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def media_dir(self) -> Path:
+        """Rendered files served to the browser: thumbnails, heatmaps, CAM images, uploads."""
+        return self.data_dir / "media"
+
+    def resolved_secret_key(self) -> str:
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            from usae_core.atomic import atomic_write_bytes
+
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, secrets.token_urlsafe(48).encode())
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def settings_for(data_dir: Path | None) -> Settings:
+    """Settings with `--data-dir` applied on top of the environment."""
+    return Settings(data_dir=data_dir) if data_dir is not None else get_settings()

@@ -1,0 +1,45 @@
+"""torchrun integration: one flag turns a command data-parallel."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    device: str
+
+
+@contextlib.contextmanager
+def distributed_context(enabled: bool, device: str = "auto") -> Iterator[DistContext]:
+    """Initialise the process group from torchrun's environment when `enabled`.
+
+    NCCL with one GPU per local rank on CUDA, gloo on CPU."""
+    if not enabled:
+        yield DistContext(0, 1, device)
+        return
+    if "RANK" not in os.environ:
+        from usae_core.errors import UsaeError
+
+        raise UsaeError("--distributed needs torchrun (e.g. torchrun --nproc-per-node 2 -m app.cli ...)")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        yield DistContext(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,161 @@
+"""The Universal Sparse Autoencoder (Thasarathan et al., 2025, sec. 3).
+
+Every model i has an encoder  Z = TopK(ReLU(enc_i(standardise_i(A_i))))  into one shared code
+of `n_concepts` entries, and a dictionary D_j (rows L2-normalised) that decodes any code into
+model j:  standardise_j(A_j) ~= Z @ D_j.  Codes are kept sparse as (values, indices) pairs and
+decoded by gathering only the k active dictionary rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usae_core.atomic import atomic_path, atomic_write_json
+from usae_core.config import USAEConfig
+from usae_core.errors import UsaeError
+
+CHECKPOINT_FORMAT = "usae-checkpoint"
+WEIGHTS_FILE = "usae.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class Encoder(nn.Module):
+    """Linear (+ BatchNorm) + ReLU into the shared concept space."""
+
+    def __init__(self, dim: int, n_concepts: int, kind: str):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_concepts)
+        self.bn = nn.BatchNorm1d(n_concepts) if kind == "mlp_bn" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        if self.bn is not None:
+            h = self.bn(h)
+        return F.relu(h)
+
+
+class USAE(nn.Module):
+    def __init__(self, cfg: USAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.names = cfg.model_names
+        self._index = {n: i for i, n in enumerate(self.names)}
+        c = cfg.n_concepts
+        self.encoders = nn.ModuleList(Encoder(d, c, cfg.encoder) for d in cfg.model_dims.values())
+        self.dictionaries = nn.ParameterList(
+            nn.Parameter(F.normalize(torch.randn(c, d), dim=1)) for d in cfg.model_dims.values()
+        )
+        # Standardisation statistics travel with the weights (set from the store before training).
+        for i, d in enumerate(cfg.model_dims.values()):
+            self.register_buffer(f"mean_{i}", torch.zeros(d))
+            self.register_buffer(f"scale_{i}", torch.ones(()))
+
+    # --------------------------------------------------------------- helpers
+    def index(self, model: str) -> int:
+        try:
+            return self._index[model]
+        except KeyError:
+            raise UsaeError(f"model {model!r} is not in this USAE (has {', '.join(self.names)})") from None
+
+    def dictionary(self, model: str) -> torch.Tensor:
+        return self.dictionaries[self.index(model)]
+
+    def set_stats(self, stats: dict[str, dict]) -> None:
+        """Load per-model `mean` [dim] and `scale` [] (from `ActivationStore.compute_stats`)."""
+        for name in self.names:
+            i = self.index(name)
+            getattr(self, f"mean_{i}").copy_(torch.as_tensor(stats[name]["mean"]))
+            getattr(self, f"scale_{i}").copy_(torch.as_tensor(stats[name]["scale"]))
+
+    def standardize(self, x: torch.Tensor, model: str) -> torch.Tensor:
+        i = self.index(model)
+        return (x - getattr(self, f"mean_{i}")) / getattr(self, f"scale_{i}")
+
+    def destandardize(self, x: torch.Tensor, model: str) -> torch.Tensor:
+        i = self.index(model)
+        return x * getattr(self, f"scale_{i}") + getattr(self, f"mean_{i}")
+
+    @torch.no_grad()
+    def normalize_dictionaries(self) -> None:
+        """Project dictionary rows back onto the unit sphere (after every optimizer step)."""
+        for d in self.dictionaries:
+            d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    # --------------------------------------------------------------- encode / decode
+    def pre_codes(self, x_std: torch.Tensor, model: str) -> torch.Tensor:
+        """Non-negative encoder output before TopK: `[batch, n_concepts]`."""
+        return self.encoders[self.index(model)](x_std)
+
+    def encode(self, x_std: torch.Tensor, model: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse code `(values, indices)`, each `[batch, k]`."""
+        return torch.topk(self.pre_codes(x_std, model), self.cfg.k, dim=1, sorted=False)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, model: str) -> torch.Tensor:
+        """Standardised reconstruction of `model` from a sparse code: `[batch, dim]`."""
+        d = self.dictionary(model)
+        return F.embedding_bag(indices, d, per_sample_weights=values.to(d.dtype), mode="sum")
+
+    def dense_codes(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The code as a dense `[batch, n_concepts]` tensor (for analysis, not the hot path)."""
+        z = torch.zeros(values.shape[0], self.cfg.n_concepts, dtype=values.dtype, device=values.device)
+        return z.scatter_(1, indices, values)
+
+    def forward(self, x: torch.Tensor, source: str, target: str) -> torch.Tensor:
+        """Raw activations of `source` -> raw reconstruction of `target`."""
+        values, indices = self.encode(self.standardize(x, source), source)
+        return self.destandardize(self.decode(values, indices, target), target)
+
+    # --------------------------------------------------------------- checkpoints
+    def tensors_by_name(self) -> dict[str, torch.Tensor]:
+        """Tensors under their documented checkpoint names (docs/formats.md)."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            i = self.index(name)
+            enc = self.encoders[i]
+            out[f"encoder.{name}.weight"] = enc.linear.weight
+            out[f"encoder.{name}.bias"] = enc.linear.bias
+            if enc.bn is not None:
+                for key, t in enc.bn.state_dict().items():
+                    out[f"encoder.{name}.bn.{key}"] = t
+            out[f"decoder.{name}"] = self.dictionaries[i]
+            out[f"norm.{name}.mean"] = getattr(self, f"mean_{i}")
+            out[f"norm.{name}.scale"] = getattr(self, f"scale_{i}")
+        return out
+
+    def save_pretrained(self, directory: str | Path, extra_config: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors_by_name().items()}
+        config = {"format": CHECKPOINT_FORMAT, "version": 1, "usae": self.cfg.to_dict(), **(extra_config or {})}
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "config": json.dumps(config)})
+        atomic_write_json(directory / CONFIG_FILE, config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "USAE":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not cfg_path.exists() or not weights.exists():
+            raise UsaeError(f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        config = json.loads(cfg_path.read_text())
+        if config.get("format") != CHECKPOINT_FORMAT:
+            raise UsaeError(f"{cfg_path} is not a USAE checkpoint config")
+        model = cls(USAEConfig.from_dict(config["usae"]))
+        tensors = load_file(str(weights), device=str(map_location))
+        mine = model.tensors_by_name()
+        missing = sorted(set(mine) - set(tensors))
+        if missing:
+            raise UsaeError(f"{weights} lacks tensors {missing[:4]}")
+        with torch.no_grad():
+            for key, t in mine.items():
+                t.copy_(tensors[key])
+        return model.to(map_location)

@@ -1,0 +1,469 @@
+"""ActivationStore: token-aligned activations of several models on the same images.
+
+Row r of every model is the same image and the same grid cell, so one row index addresses
+"this patch of this image" in all models at once. Data lives in per-model shards of whole
+images, memory-mapped on read, so stores larger than RAM stream in batches. The on-disk
+format is documented in docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from usae_core.atomic import atomic_path, atomic_write_json
+from usae_core.errors import UsaeError
+
+FORMAT = "usae-activation-store"
+VERSION = 1
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _numpy_storage_dtype(dtype: str) -> np.dtype:
+    # numpy has no bfloat16: bf16 is kept as its raw uint16 bit pattern.
+    return np.dtype({"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[dtype])
+
+
+def to_storage(x: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
+    """Convert float activations to the on-disk representation of `dtype`."""
+    if dtype == "bfloat16":
+        t = torch.as_tensor(x).to(torch.bfloat16)
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=_numpy_storage_dtype(dtype))
+
+
+def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert on-disk values to float32."""
+    if dtype == "bfloat16":
+        return (np.asarray(a, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(a, dtype=np.float32)
+
+
+def check_model_name(name: str) -> None:
+    if not _MODEL_NAME.match(name):
+        raise UsaeError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100 characters)"
+        )
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    index: int
+    start: int
+    """First image of the shard."""
+    stop: int
+    """One past the last image."""
+
+    @property
+    def n_images(self) -> int:
+        return self.stop - self.start
+
+
+def _shard_spans(n_images: int, shard_images: int) -> list[ShardSpan]:
+    return [
+        ShardSpan(i, start, min(start + shard_images, n_images))
+        for i, start in enumerate(range(0, n_images, shard_images))
+    ]
+
+
+def _shard_file(root: Path, model: str, index: int) -> Path:
+    return root / model / f"shard-{index:06d}.npy"
+
+
+def _done_marker(root: Path, index: int) -> Path:
+    return root / "done" / f"shard-{index:06d}"
+
+
+class StoreWriter:
+    """Fills a store shard by shard. Each shard is written atomically and marked done, so an
+    interrupted writer resumes by skipping finished shards; several processes may fill
+    disjoint shards of one store (distributed extraction)."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self.spans = _shard_spans(manifest["n_images"], manifest["shard_images"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.manifest["tokens_per_image"]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m["name"]: m["dim"] for m in self.manifest["models"]}
+
+    def is_done(self, index: int) -> bool:
+        return _done_marker(self.root, index).exists()
+
+    def pending(self) -> list[ShardSpan]:
+        return [s for s in self.spans if not self.is_done(s.index)]
+
+    def write_shard(self, index: int, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Write every model's activations for shard `index`: `[n_images, tokens, dim]` each."""
+        span = self.spans[index]
+        dims = self.dims
+        if set(arrays) != set(dims):
+            raise UsaeError(f"shard {index}: got models {sorted(arrays)}, store has {sorted(dims)}")
+        converted = {}
+        for name, arr in arrays.items():
+            shape = tuple(arr.shape)
+            want = (span.n_images, self.tokens_per_image, dims[name])
+            if shape != want:
+                raise UsaeError(f"shard {index}, model {name!r}: shape {shape}, expected {want}")
+            flat = to_storage(arr, self.dtype).reshape(span.n_images * self.tokens_per_image, dims[name])
+            finite = np.isfinite(from_storage(flat, self.dtype))
+            if not finite.all():
+                raise UsaeError(f"shard {index}, model {name!r}: activations contain NaN or Inf")
+            converted[name] = flat
+        for name, flat in converted.items():
+            target = _shard_file(self.root, name, index)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, flat)
+        marker = _done_marker(self.root, index)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(marker) as tmp:
+            tmp.write_text("ok\n")
+
+    def finalize(self) -> "ActivationStore":
+        missing = [s.index for s in self.pending()]
+        if missing:
+            raise UsaeError(f"store {self.root} is missing shards {missing[:8]}{'...' if len(missing) > 8 else ''}")
+        self.manifest["complete"] = True
+        atomic_write_json(self.root / "manifest.json", self.manifest)
+        return ActivationStore.open(self.root)
+
+
+class ActivationStore:
+    """Read side of a store. Open with `ActivationStore.open(path)`; create with `create`."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self.spans = _shard_spans(manifest["n_images"], manifest["shard_images"])
+        self._image_ids: list[str] | None = None
+        self._mmaps: dict[tuple[str, int], np.ndarray] = {}
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        models: Mapping[str, int],
+        grid: tuple[int, int],
+        image_ids: Sequence[str],
+        dtype: str = "float16",
+        shard_images: int = 256,
+        model_info: Mapping[str, dict] | None = None,
+        meta: dict | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> StoreWriter:
+        """Start a store (or, with `resume`, reopen an unfinished one with the same layout)."""
+        root = Path(path)
+        if not models:
+            raise UsaeError("a store needs at least one model")
+        for name in models:
+            check_model_name(name)
+        if dtype not in STORAGE_DTYPES:
+            raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+        if len(grid) != 2 or min(grid) < 1:
+            raise UsaeError(f"grid must be two positive integers, got {grid!r}")
+        if len(image_ids) == 0:
+            raise UsaeError("a store needs at least one image")
+        if len(set(image_ids)) != len(image_ids):
+            raise UsaeError("image ids must be unique")
+        if shard_images < 1:
+            raise UsaeError("shard_images must be >= 1")
+        model_info = dict(model_info or {})
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "models": [{"name": n, "dim": int(d), "info": model_info.get(n, {})} for n, d in models.items()],
+            "grid": [int(grid[0]), int(grid[1])],
+            "tokens_per_image": int(grid[0] * grid[1]),
+            "dtype": dtype,
+            "n_images": len(image_ids),
+            "shard_images": int(shard_images),
+            "meta": meta or {},
+            "complete": False,
+        }
+        if root.exists() and any(root.iterdir()):
+            existing = root / "manifest.json"
+            if resume and existing.exists():
+                old = json.loads(existing.read_text())
+                same = {k: old.get(k) for k in ("models", "grid", "dtype", "n_images", "shard_images")} == {
+                    k: manifest[k] for k in ("models", "grid", "dtype", "n_images", "shard_images")
+                }
+                old_ids = json.loads((root / "image_ids.json").read_text())
+                if not same or old_ids != list(image_ids):
+                    raise UsaeError(
+                        f"{root} holds a store with a different layout; pass --overwrite to start again"
+                    )
+                return StoreWriter(root, old)
+            if not overwrite:
+                raise UsaeError(f"{root} already exists; pass --overwrite to replace it")
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / "image_ids.json", list(image_ids))
+        atomic_write_json(root / "manifest.json", manifest)
+        return StoreWriter(root, manifest)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ActivationStore":
+        root = Path(path)
+        mf = root / "manifest.json"
+        if not mf.exists():
+            raise UsaeError(f"{root} is not an activation store (no manifest.json)")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsaeError(f"{mf} is not valid JSON: {exc}") from None
+        if manifest.get("format") != FORMAT:
+            raise UsaeError(f"{root} is not an activation store (format {manifest.get('format')!r})")
+        if manifest.get("version") != VERSION:
+            raise UsaeError(f"{root}: store version {manifest.get('version')} is not supported (want {VERSION})")
+        if not manifest.get("complete"):
+            raise UsaeError(f"{root} is unfinished (extraction was interrupted); rerun it to resume")
+        return cls(root, manifest)
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def model_names(self) -> list[str]:
+        return [m["name"] for m in self.manifest["models"]]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m["name"]: m["dim"] for m in self.manifest["models"]}
+
+    def model_info(self, name: str) -> dict:
+        return next(m.get("info", {}) for m in self.manifest["models"] if m["name"] == name)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.manifest["grid"]
+        return int(h), int(w)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.manifest["tokens_per_image"])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.manifest["n_images"])
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_images * self.tokens_per_image
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def meta(self) -> dict:
+        return self.manifest.get("meta", {})
+
+    @property
+    def image_ids(self) -> list[str]:
+        if self._image_ids is None:
+            self._image_ids = json.loads((self.root / "image_ids.json").read_text())
+        return self._image_ids
+
+    # ----------------------------------------------------------------- raw access
+    def shard(self, model: str, index: int) -> np.ndarray:
+        """Memory-mapped `[shard_tokens, dim]` array in storage dtype."""
+        key = (model, index)
+        if key not in self._mmaps:
+            if model not in self.dims:
+                raise UsaeError(f"model {model!r} is not in the store (has {', '.join(self.model_names)})")
+            self._mmaps[key] = np.load(_shard_file(self.root, model, index), mmap_mode="r")
+        return self._mmaps[key]
+
+    def image_tokens(self, model: str, image_index: int) -> np.ndarray:
+        """float32 `[tokens, dim]` activations of one image."""
+        span = self.spans[image_index // self.manifest["shard_images"]]
+        t = self.tokens_per_image
+        local = image_index - span.start
+        return from_storage(self.shard(model, span.index)[local * t : (local + 1) * t], self.dtype)
+
+    def iter_images(
+        self, batch_images: int = 64, models: Sequence[str] | None = None
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Stream the store in image order: `(first_image_index, {model: float32 [b, tokens, dim]})`."""
+        models = list(models or self.model_names)
+        t = self.tokens_per_image
+        for span in self.spans:
+            for start in range(span.start, span.stop, batch_images):
+                stop = min(start + batch_images, span.stop)
+                lo, hi = (start - span.start) * t, (stop - span.start) * t
+                yield start, {
+                    m: from_storage(self.shard(m, span.index)[lo:hi], self.dtype).reshape(stop - start, t, -1)
+                    for m in models
+                }
+
+    # ----------------------------------------------------------------- training stream
+    def iter_token_batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_batch: int = 0,
+        shuffle_shards: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        models: Sequence[str] | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Endless shuffled token batches `{model: float32 [batch_size, dim]}`, the same rows for
+        every model.
+
+        Each epoch visits shards in a seeded order (rank r takes every world_size-th), mixes
+        `shuffle_shards` shards at a time and permutes their rows. The stream is a pure function
+        of (seed, rank, world_size), so `start_batch` resumes it exactly without reading the
+        skipped data.
+        """
+        models = list(models or self.model_names)
+        if world_size > len(self.spans):
+            raise UsaeError(f"store has {len(self.spans)} shards, fewer than the {world_size} ranks reading it")
+        t = self.tokens_per_image
+        skip_rows = start_batch * batch_size
+        buf: dict[str, np.ndarray] | None = None
+        pos = 0
+        epoch = 0
+        while True:
+            order = np.random.default_rng([seed, epoch]).permutation(len(self.spans))[rank::world_size]
+            groups = [order[i : i + shuffle_shards] for i in range(0, len(order), shuffle_shards)]
+            for gi, group in enumerate(groups):
+                rows = sum(self.spans[s].n_images for s in group) * t
+                if skip_rows >= rows:
+                    skip_rows -= rows
+                    continue
+                perm = np.random.default_rng([seed, epoch, gi, rank]).permutation(rows)[skip_rows:]
+                skip_rows = 0
+                chunk = {
+                    m: from_storage(np.concatenate([self.shard(m, self.spans[s].index) for s in group])[perm], self.dtype)
+                    for m in models
+                }
+                if buf is not None and pos < len(buf[models[0]]):
+                    chunk = {m: np.concatenate([buf[m][pos:], chunk[m]]) for m in models}
+                buf, pos = chunk, 0
+                while len(buf[models[0]]) - pos >= batch_size:
+                    yield {m: buf[m][pos : pos + batch_size] for m in models}
+                    pos += batch_size
+            epoch += 1
+
+    # ----------------------------------------------------------------- statistics
+    def compute_stats(self, batch_images: int = 256) -> dict[str, dict[str, np.ndarray]]:
+        """Per-model standardisation statistics, accumulated in float64 over the whole store.
+
+        `mean` is per dimension; `scale` is one number per model, the RMS norm of the centred
+        activations divided by sqrt(dim), so standardised tokens have unit mean variance per
+        dimension while the geometry between dimensions is kept.
+        """
+        sums = {m: np.zeros(d, np.float64) for m, d in self.dims.items()}
+        sqsums = {m: np.zeros(d, np.float64) for m, d in self.dims.items()}
+        for _, batch in self.iter_images(batch_images):
+            for m, a in batch.items():
+                flat = a.reshape(-1, a.shape[-1]).astype(np.float64)
+                sums[m] += flat.sum(0)
+                sqsums[m] += (flat * flat).sum(0)
+        n = self.n_tokens
+        out = {}
+        for m, d in self.dims.items():
+            mean = sums[m] / n
+            total_var = float(np.maximum(sqsums[m] / n - mean * mean, 0.0).sum())
+            scale = max(np.sqrt(total_var / d), 1e-8)
+            out[m] = {"mean": mean.astype(np.float32), "scale": np.float32(scale)}
+        return out
+
+
+def import_activations(
+    out: str | Path,
+    arrays: Mapping[str, str | Path | np.ndarray],
+    *,
+    grid: tuple[int, int] | None = None,
+    image_ids: Sequence[str] | None = None,
+    dtype: str = "float16",
+    shard_images: int = 256,
+    overwrite: bool = False,
+) -> ActivationStore:
+    """Build a store from `[n_images, n_tokens, dim]` arrays (or .npy paths), one per model.
+
+    Everything is validated before anything is written, and the store is assembled in a
+    temporary directory and moved into place only when complete.
+    """
+    from usae_core.atomic import atomic_directory
+
+    out = Path(out)
+    if not arrays:
+        raise UsaeError("give at least one --model NAME=FILE.npy")
+    loaded: dict[str, np.ndarray] = {}
+    for name, src in arrays.items():
+        check_model_name(name)
+        if isinstance(src, np.ndarray):
+            arr = src
+        else:
+            path = Path(src)
+            if not path.exists():
+                raise UsaeError(f"model {name!r}: file {path} does not exist")
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad files
+                raise UsaeError(f"model {name!r}: cannot read {path} as .npy ({exc})") from None
+        if arr.ndim != 3:
+            raise UsaeError(
+                f"model {name!r}: expected shape [n_images, n_tokens, dim], got rank {arr.ndim} {tuple(arr.shape)}"
+            )
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise UsaeError(f"model {name!r}: expected floating-point activations, got {arr.dtype}")
+        loaded[name] = arr
+    first = next(iter(loaded))
+    n_img, n_tok = loaded[first].shape[:2]
+    for name, arr in loaded.items():
+        if arr.shape[0] != n_img:
+            raise UsaeError(f"image counts differ: {first!r} has {n_img}, {name!r} has {arr.shape[0]}")
+        if arr.shape[1] != n_tok:
+            raise UsaeError(f"token counts differ: {first!r} has {n_tok}, {name!r} has {arr.shape[1]}")
+    for name, arr in loaded.items():
+        for start in range(0, n_img, 1024):
+            if not np.isfinite(arr[start : start + 1024]).all():
+                raise UsaeError(f"model {name!r}: activations contain NaN or Inf")
+    if grid is None:
+        side = int(round(np.sqrt(n_tok)))
+        grid = (side, side) if side * side == n_tok else (1, n_tok)
+    if grid[0] * grid[1] != n_tok:
+        raise UsaeError(f"grid {grid[0]}x{grid[1]} does not match {n_tok} tokens per image")
+    image_ids = list(image_ids) if image_ids is not None else [f"img-{i:07d}" for i in range(n_img)]
+    if len(image_ids) != n_img:
+        raise UsaeError(f"{len(image_ids)} image ids for {n_img} images")
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ActivationStore.create(
+            tmp,
+            models={n: int(a.shape[2]) for n, a in loaded.items()},
+            grid=grid,
+            image_ids=image_ids,
+            dtype=dtype,
+            shard_images=shard_images,
+            meta={"source": "import-activations"},
+            overwrite=True,
+        )
+        for span in writer.spans:
+            writer.write_shard(span.index, {n: np.asarray(a[span.start : span.stop]) for n, a in loaded.items()})
+        writer.finalize()
+    return ActivationStore.open(out)

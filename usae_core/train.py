@@ -1,0 +1,309 @@
+"""Training loop for the USAE, readable in one sitting.
+
+Each step: pick a source model (a pure function of seed and step, so every rank and every
+resume agrees), encode a batch of its tokens, decode the code into every model on the same
+rows, sum the reconstruction losses (+ an auxiliary dead-latent term), and take one AdamW step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from usae_core.atomic import atomic_directory, atomic_path
+from usae_core.config import TrainConfig, USAEConfig
+from usae_core.errors import UsaeError
+from usae_core.losses import auxk_loss, paper_aux_loss, reconstruction_loss
+from usae_core.model import USAE
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+KEEP_CHECKPOINTS = 2
+
+Callback = Callable[[dict], None]
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UsaeError(f"--device {spec} was asked for, but no CUDA device is available")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise UsaeError(f"unknown device {spec!r} (auto|cpu|cuda|cuda:N)") from None
+
+
+def source_for_step(seed: int, step: int, n_models: int) -> int:
+    return int(np.random.default_rng([seed, 7, step]).integers(n_models))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Read the next batches on a side thread while the current step computes."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = object()
+
+    def worker() -> None:
+        try:
+            for item in it:
+                q.put(item)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+        q.put(stop)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not stop:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _batch_r2(recon: torch.Tensor, target: torch.Tensor) -> float:
+    resid = (target - recon).float().square().sum()
+    total = (target - target.mean(0)).float().square().sum().clamp_min(1e-12)
+    return float(1 - resid / total)
+
+
+class Trainer:
+    """Holds everything one training run needs; `run()` is the loop."""
+
+    def __init__(self, store, out_dir: Path, usae_cfg: USAEConfig, cfg: TrainConfig, callbacks: list[Callback]):
+        self.store, self.out, self.cfg, self.callbacks = store, out_dir, cfg, callbacks
+        self.device = resolve_device(cfg.device)
+        self.autocast = cfg.autocast if cfg.autocast is not None else self.device.type == "cuda"
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        torch.manual_seed(cfg.seed)
+        self.model = USAE(usae_cfg).to(self.device)
+        self.names = usae_cfg.model_names
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        # Tokens since each concept last fired, for dead-latent detection (AuxK and logging).
+        self.since_fired = torch.zeros(usae_cfg.n_concepts, dtype=torch.long, device=self.device)
+        self.step = 0
+
+    # ------------------------------------------------------------ checkpoints
+    def run_config(self) -> dict:
+        return {
+            "train": self.cfg.to_dict(),
+            "store": str(Path(self.store.root).resolve()),
+            "store_models": self.store.model_names,
+            "grid": list(self.store.grid),
+            "step": self.step,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        ckpt = self.out / CHECKPOINT_DIR / f"step-{self.step:08d}"
+        with atomic_directory(ckpt, overwrite=True) as tmp:
+            self.model.save_pretrained(tmp, extra_config=self.run_config())
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "since_fired": self.since_fired.cpu(),
+            }
+            torch.save(state, tmp / TRAINER_STATE)
+        old = sorted((self.out / CHECKPOINT_DIR).glob("step-*"))[:-KEEP_CHECKPOINTS]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_latest_checkpoint(self) -> bool:
+        ckpts = sorted((self.out / CHECKPOINT_DIR).glob("step-*"))
+        if not ckpts:
+            return False
+        latest = ckpts[-1]
+        loaded = USAE.from_pretrained(latest, map_location=self.device)
+        if loaded.cfg != self.model.cfg:
+            raise UsaeError(f"{latest} was trained with a different USAE shape; start a new run")
+        self.model.load_state_dict(loaded.state_dict())
+        state = torch.load(latest / TRAINER_STATE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.since_fired.copy_(state["since_fired"])
+        self.step = int(state["step"])
+        self._truncate_metrics(self.step)
+        log.info("resumed %s at step %d", self.out, self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / METRICS_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------ one step
+    def train_step(self, batch: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        cfg, model = self.cfg, self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            pre = model.pre_codes(batch[source], source)
+            values, indices = torch.topk(pre, model.cfg.k, dim=1, sorted=False)
+            dead = self.since_fired > cfg.dead_after_tokens
+            losses, recons = {}, {}
+            total = torch.zeros((), device=self.device)
+            for target in self.names:
+                d = model.dictionary(target)
+                recon = model.decode(values, indices, target)
+                rec_loss = reconstruction_loss(recon, batch[target], cfg.loss)
+                residual = (batch[target] - recon).detach()
+                if cfg.aux == "paper":
+                    aux = paper_aux_loss(pre, values, indices, residual, d, cfg.loss)
+                elif cfg.aux == "auxk":
+                    aux = auxk_loss(pre, dead, residual, d, cfg.aux_k)
+                else:
+                    aux = torch.zeros((), device=self.device)
+                total = total + rec_loss + cfg.aux_weight * aux
+                losses[target] = rec_loss
+                recons[target] = recon.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.world_size > 1:
+            self._all_reduce_gradients()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        model.normalize_dictionaries()
+        fired = torch.zeros_like(self.since_fired).scatter_add_(
+            0, indices.flatten(), (values.flatten() > cfg.fire_threshold).long()
+        )
+        if self.world_size > 1:
+            dist.all_reduce(fired)
+        tokens = values.shape[0] * self.world_size
+        self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired), self.since_fired + tokens)
+        return {"loss": total.detach(), "losses": losses, "recons": recons, "values": values.detach()}
+
+    def _all_reduce_gradients(self) -> None:
+        # Every rank encodes with the same source model (source_for_step), so all ranks touch
+        # the same parameters; average their gradients, treating untouched ones as absent.
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world_size)
+
+    # ------------------------------------------------------------ the loop
+    def run(self) -> USAE:
+        cfg, model = self.cfg, self.model
+        batches = self.store.iter_token_batches(
+            cfg.batch_size, seed=cfg.seed, start_batch=self.step, shuffle_shards=cfg.shuffle_shards,
+            rank=self.rank, world_size=self.world_size,
+        )
+        pin = self.device.type == "cuda"
+        stream = _prefetch(
+            ({m: (torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)) for m, a in b.items()} for b in batches)
+        )
+        model.train()
+        metrics_file = self.out / METRICS_FILE
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        t0, tokens_since_log = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            raw = next(stream)
+            with torch.no_grad():
+                batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
+            source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
+            out = self.train_step(batch, source)
+            self.step += 1
+            tokens_since_log += cfg.batch_size * self.world_size
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - t0
+                record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
+                t0, tokens_since_log = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{record['loss']:.4f}", r2_self=f"{record['r2'][source]:.3f}")
+                if self.rank == 0:
+                    with open(metrics_file, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                for cb in self.callbacks:
+                    cb(record)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        if self.rank == 0:
+            model.save_pretrained(self.out, extra_config=self.run_config())
+        model.eval()
+        return model
+
+    def _log_record(self, out: dict, batch: dict, source: str, tokens_per_s: float) -> dict:
+        return {
+            "step": self.step,
+            "source": source,
+            "loss": float(out["loss"]),
+            "losses": {m: float(v) for m, v in out["losses"].items()},
+            "r2": {m: _batch_r2(out["recons"][m], batch[m]) for m in self.names},
+            "l0": float((out["values"] > self.cfg.fire_threshold).sum(1).float().mean()),
+            "dead_fraction": float((self.since_fired > self.cfg.dead_after_tokens).float().mean()),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+        }
+
+
+def train_usae(
+    store,
+    out_dir: str | Path,
+    usae_cfg: USAEConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: list[Callback] | None = None,
+) -> USAE:
+    """Train a USAE on `store` into the run directory `out_dir` and return it (in eval mode).
+
+    `resume` continues from the newest checkpoint in `out_dir` exactly as if never stopped.
+    """
+    out = Path(out_dir)
+    if set(usae_cfg.model_dims) != set(store.model_names) or any(
+        usae_cfg.model_dims[m] != store.dims[m] for m in store.model_names
+    ):
+        raise UsaeError(f"USAE models {usae_cfg.model_dims} do not match the store's {store.dims}")
+    has_run = (out / CHECKPOINT_DIR).exists() or (out / "config.json").exists()
+    if has_run and not resume:
+        if not overwrite:
+            raise UsaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(store, out, usae_cfg, cfg, callbacks or [])
+    if not (resume and trainer.load_latest_checkpoint()):
+        stats = store.compute_stats()
+        trainer.model.set_stats(stats)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    return trainer.run()
