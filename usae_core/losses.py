@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from usae_core.sparse import sparse_decode
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -42,5 +43,5 @@ def auxk_loss(
     k_aux = min(k_aux, pre_codes.shape[1])
     masked = pre_codes * dead_mask.to(pre_codes.dtype)
     vals, idx = torch.topk(masked, k_aux, dim=1, sorted=False)
-    recon = F.embedding_bag(idx, dictionary, per_sample_weights=vals.to(dictionary.dtype), mode="sum")
+    recon = sparse_decode(vals, idx, dictionary)
     return (recon.float() - residual.float()).square().mean() * dead_mask.any().to(recon.dtype)

@@ -18,6 +18,7 @@ from torch import nn
 from usae_core.atomic import atomic_path, atomic_write_json
 from usae_core.config import USAEConfig
 from usae_core.errors import UsaeError
+from usae_core.sparse import sparse_decode
 
 CHECKPOINT_FORMAT = "usae-checkpoint"
 WEIGHTS_FILE = "usae.safetensors"
@@ -97,8 +98,7 @@ class USAE(nn.Module):
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, model: str) -> torch.Tensor:
         """Standardised reconstruction of `model` from a sparse code: `[batch, dim]`."""
-        d = self.dictionary(model)
-        return F.embedding_bag(indices, d, per_sample_weights=values.to(d.dtype), mode="sum")
+        return sparse_decode(values, indices, self.dictionary(model))
 
     def dense_codes(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The code as a dense `[batch, n_concepts]` tensor (for analysis, not the hot path)."""
