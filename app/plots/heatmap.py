@@ -1,0 +1,41 @@
+"""A labelled matrix heatmap (the M x M R² matrix)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from markupsafe import Markup, escape
+
+from app.plots.colors import hex_color, text_color_on, viridis
+from app.plots.svg import Canvas
+
+
+def matrix_heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str],
+                   col_labels: Sequence[str], *, title: str, row_title: str, col_title: str,
+                   lo: float = 0.0, hi: float = 1.0) -> Markup:
+    """Cells coloured on [lo, hi] with their value printed inside; missing values are grey."""
+    n_rows, n_cols = len(row_labels), len(col_labels)
+    cell = 64 if max(n_rows, n_cols) <= 6 else 40
+    label_w = 10 + 7 * max((len(s) for s in row_labels), default=4)
+    left, top = label_w + 22, 54
+    canvas = Canvas(left + n_cols * cell + 10, top + n_rows * cell + 10, title, "chart chart-heatmap")
+    canvas.text(left + n_cols * cell / 2, 14, col_title, cls="axis-label", anchor="middle")
+    canvas.text(12, top + n_rows * cell / 2, row_title, cls="axis-label", anchor="middle", rotate=-90)
+    for j, name in enumerate(col_labels):
+        canvas.text(left + (j + 0.5) * cell, top - 10, name, cls="tick", anchor="middle")
+    for i, name in enumerate(row_labels):
+        canvas.text(left - 6, top + (i + 0.5) * cell + 4, name, cls="tick", anchor="end")
+        for j in range(n_cols):
+            value = matrix[i][j]
+            x, y = left + j * cell, top + i * cell
+            if value is None or not math.isfinite(value):
+                fill, ink, shown = "#e5e7eb", "#6b7280", "–"
+            else:
+                rgb = viridis((value - lo) / (hi - lo) if hi > lo else 0.5)
+                fill, ink, shown = hex_color(rgb), text_color_on(rgb), f"{value:.2f}"
+            tip = escape(f"{name} → {col_labels[j]}: {shown}")
+            canvas.add(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" rx="3" fill="{fill}">'
+                       f"<title>{tip}</title></rect>")
+            canvas.text(x + (cell - 2) / 2, y + (cell - 2) / 2 + 4, shown, cls="cell-value", anchor="middle", fill=ink)
+    return canvas.markup()

@@ -1,0 +1,33 @@
+"""A bar histogram from precomputed bin counts and edges."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from markupsafe import Markup, escape
+
+from app.plots.svg import Canvas, Frame, Scale, draw_axes, fmt
+
+
+def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_label: str,
+              y_label: str = "count", width: int = 560, height: int = 240, compact: bool = False) -> Markup:
+    """`edges` has one more entry than `counts`. `compact` draws a small sparkline-style chart
+    without axis titles (used once per model on the concept page)."""
+    if len(edges) != len(counts) + 1:
+        raise ValueError(f"histogram needs len(edges) == len(counts) + 1, got {len(edges)} and {len(counts)}")
+    canvas = Canvas(width, height, title, "chart chart-histogram" + (" compact" if compact else ""))
+    frame = Frame(left=44 if compact else 60, top=10, right=width - 12, bottom=height - (24 if compact else 40))
+    if not counts:
+        canvas.text(width / 2, height / 2, "no data", cls="empty", anchor="middle")
+        return canvas.markup()
+    xs = Scale(float(edges[0]), float(edges[-1]), frame.left, frame.right)
+    ys = Scale(0.0, max(float(max(counts)), 1.0), frame.bottom, frame.top)
+    draw_axes(canvas, frame, xs, ys, x_label="" if compact else x_label, y_label="" if compact else y_label,
+              x_ticks=4 if compact else 6, y_ticks=3 if compact else 4)
+    for count, left_edge, right_edge in zip(counts, edges[:-1], edges[1:]):
+        x0, x1 = xs(float(left_edge)), xs(float(right_edge))
+        y = ys(float(count))
+        tip = escape(f"{fmt(float(left_edge))}–{fmt(float(right_edge))}: {fmt(float(count))}")
+        canvas.add(f'<rect class="bar" x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
+                   f'height="{frame.bottom - y:.1f}"><title>{tip}</title></rect>')
+    return canvas.markup()
