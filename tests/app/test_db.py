@@ -1,0 +1,110 @@
+"""The app database on SQLite and a real PostgreSQL: migrations, pragmas, constraints."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from alembic.script import ScriptDirectory
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+
+from app.db import get_engine, session_factory
+from app.migrations import alembic_config, upgrade_database
+from app.models import Base, Concept, Run, User
+
+
+def _head() -> str:
+    url = "sqlite://"
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def _make_run(session, name: str = "r1") -> Run:
+    run = Run(name=name, run_dir=f"/runs/{name}", store_dir="/stores/s", n_concepts=4, k=2)
+    session.add(run)
+    session.flush()
+    return run
+
+
+def test_migrations_upgrade_empty_database_to_head(empty_db_url: str) -> None:
+    engine = get_engine(empty_db_url)
+    assert sa.inspect(engine).get_table_names() == []
+    upgrade_database(empty_db_url)
+    upgrade_database(empty_db_url)  # idempotent: a second start changes nothing
+    inspector = sa.inspect(engine)
+    assert set(inspector.get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == _head()
+    # The migrated columns are exactly the models' columns.
+    for name, table in Base.metadata.tables.items():
+        assert {c["name"] for c in inspector.get_columns(name)} == set(table.columns.keys()), name
+    fks = {fk["referred_table"] for fk in inspector.get_foreign_keys("runs")}
+    assert fks == {"mining_generations"}
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'usae.db'}"
+    upgrade_database(url)
+    with get_engine(url).connect() as conn:
+        assert conn.execute(sa.text("PRAGMA journal_mode")).scalar_one() == "wal"
+        assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar_one() == 1
+
+
+def test_foreign_keys_are_enforced_and_cascade(db_url: str) -> None:
+    Session = session_factory(db_url)
+    with Session.begin() as s:
+        run = _make_run(s)
+        s.add(Concept(run_id=run.id, index=0))
+    with pytest.raises(IntegrityError), Session.begin() as s:
+        s.add(Concept(run_id=999_999, index=0))
+    with Session.begin() as s:
+        s.execute(sa.delete(Run))
+    with Session() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Concept)) == 0
+
+
+def test_label_version_detects_concurrent_edits(db_url: str) -> None:
+    Session = session_factory(db_url)
+    with Session.begin() as s:
+        run = _make_run(s)
+        s.add(Concept(run_id=run.id, index=3))
+    first, second = Session(), Session()
+    a = first.scalars(sa.select(Concept)).one()
+    b = second.scalars(sa.select(Concept)).one()
+    assert a.version == b.version == 1
+    a.label = "wheel"
+    first.commit()
+    b.label = "tyre"
+    with pytest.raises(StaleDataError):
+        second.commit()
+    second.rollback()
+    with Session() as s:
+        concept = s.scalars(sa.select(Concept)).one()
+        assert (concept.label, concept.version) == ("wheel", 2)
+    first.close()
+    second.close()
+
+
+def test_tags_replace_keeps_unchanged_rows(db_url: str) -> None:
+    Session = session_factory(db_url)
+    with Session.begin() as s:
+        run = _make_run(s)
+        concept = Concept(run_id=run.id, index=0)
+        concept.replace_tags(["texture", "metal"])
+        s.add(concept)
+    with Session.begin() as s:
+        concept = s.scalars(sa.select(Concept)).one()
+        concept.replace_tags(["metal", "rust", "metal"])
+    with Session() as s:
+        assert s.scalars(sa.select(Concept)).one().tags == ["metal", "rust"]
+
+
+def test_datetimes_come_back_as_aware_utc(db_url: str) -> None:
+    Session = session_factory(db_url)
+    when = dt.datetime(2025, 3, 1, 12, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with Session.begin() as s:
+        s.add(User(username="ana", password_hash="x", created_at=when))
+    with Session() as s:
+        got = s.scalars(sa.select(User)).one().created_at
+    assert got == when and got.tzinfo == dt.timezone.utc
