@@ -2,7 +2,7 @@
 
 Every model i has an encoder  Z = TopK(ReLU(enc_i(standardise_i(A_i))))  into one shared code
 of `n_concepts` entries, and a dictionary D_j (rows L2-normalised) that decodes any code into
-model j:  standardise_j(A_j) ~= Z @ D_j.  Codes are kept sparse as (values, indices) pairs and
+model j:  standardise_j(A_j) ~= Z @ D_j + b_j.  Codes are kept sparse as (values, indices) pairs and
 decoded by gathering only the k active dictionary rows.
 """
 
@@ -51,6 +51,9 @@ class USAE(nn.Module):
         self.dictionaries = nn.ParameterList(
             nn.Parameter(F.normalize(torch.randn(c, d), dim=1)) for d in cfg.model_dims.values()
         )
+        # A per-model decoder bias absorbs what is common to all tokens, so the non-negative
+        # code only has to explain deviations from it.
+        self.decoder_biases = nn.ParameterList(nn.Parameter(torch.zeros(d)) for d in cfg.model_dims.values())
         # Standardisation statistics travel with the weights (set from the store before training).
         for i, d in enumerate(cfg.model_dims.values()):
             self.register_buffer(f"mean_{i}", torch.zeros(d))
@@ -98,7 +101,8 @@ class USAE(nn.Module):
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, model: str) -> torch.Tensor:
         """Standardised reconstruction of `model` from a sparse code: `[batch, dim]`."""
-        return sparse_decode(values, indices, self.dictionary(model))
+        i = self.index(model)
+        return sparse_decode(values, indices, self.dictionaries[i]) + self.decoder_biases[i]
 
     def dense_codes(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The code as a dense `[batch, n_concepts]` tensor (for analysis, not the hot path)."""
@@ -123,6 +127,7 @@ class USAE(nn.Module):
                 for key, t in enc.bn.state_dict().items():
                     out[f"encoder.{name}.bn.{key}"] = t
             out[f"decoder.{name}"] = self.dictionaries[i]
+            out[f"decoder_bias.{name}"] = self.decoder_biases[i]
             out[f"norm.{name}.mean"] = getattr(self, f"mean_{i}")
             out[f"norm.{name}.scale"] = getattr(self, f"scale_{i}")
         return out

@@ -267,7 +267,7 @@ class Trainer:
             "step": self.step,
             "source": source,
             "loss": float(out["loss"]),
-            "losses": {m: float(v) for m, v in out["losses"].items()},
+            "losses": {m: float(v.detach()) for m, v in out["losses"].items()},
             "r2": {m: _batch_r2(out["recons"][m], batch[m]) for m in self.names},
             "l0": float((out["values"] > self.cfg.fire_threshold).sum(1).float().mean()),
             "dead_fraction": float((self.since_fired > self.cfg.dead_after_tokens).float().mean()),

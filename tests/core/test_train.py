@@ -1,0 +1,185 @@
+"""Training: planted-dictionary recovery, exact resume, atomic checkpoints, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.core.planted import make_planted
+from usae_core.config import TrainConfig, USAEConfig
+from usae_core.errors import UsaeError
+from usae_core.metrics import evaluate_usae
+from usae_core.model import USAE
+from usae_core.store import import_activations
+from usae_core.train import train_usae
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    data = make_planted()
+    store = import_activations(tmp_path_factory.mktemp("planted") / "store", data.arrays, dtype="float32",
+                               shard_images=32)
+    return data, store
+
+
+def _matches(model: USAE, data) -> list[tuple[list[int], list[float]]]:
+    """For each shared atom: best-matching concept index and cosine in every model."""
+    out = []
+    for s in range(next(iter(data.shared_atoms.values())).shape[0]):
+        best, cos = [], []
+        for name, atoms in data.shared_atoms.items():
+            sims = model.dictionary(name).detach().double().numpy() @ atoms[s]
+            best.append(int(sims.argmax()))
+            cos.append(float(sims.max()))
+        out.append((best, cos))
+    return out
+
+
+def test_planted_dictionary_is_recovered_at_one_index_in_every_model(planted, tmp_path):
+    data, store = planted
+    ucfg = USAEConfig(model_dims=store.dims, n_concepts=32, k=4, encoder="linear")
+    tcfg = TrainConfig(steps=1000, batch_size=256, lr=3e-3, loss="mse", warmup_steps=20, log_every=100,
+                       checkpoint_every=0, dead_after_tokens=20_000, seed=0, device="cpu")
+    model = train_usae(store, tmp_path / "run", ucfg, tcfg)
+
+    matches = _matches(model, data)
+    recovered = [min(cos) >= 0.9 for _, cos in matches]
+    aligned = [len(set(best)) == 1 and min(cos) >= 0.9 for best, cos in matches]
+    assert sum(recovered) >= 10, matches
+    assert sum(aligned) >= 10, matches
+
+    res = evaluate_usae(model, store)
+    names = store.model_names
+    for i, src in enumerate(names):
+        for j, tgt in enumerate(names):
+            ceiling = data.r2_ceiling[tgt] if i == j else data.cross_ceiling[tgt]
+            assert res.r2[i, j] >= 0.85 * ceiling, (src, tgt, res.r2[i, j], ceiling)
+    assert res.dead_fraction < 0.25
+
+
+def test_paper_recipe_trains_through_the_cli(planted, tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    data, store = planted
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "train", "--store", str(store.root), "--out", str(run), "--concepts", "32", "--k", "4",
+        "--steps", "800", "--batch-size", "256", "--lr", "3e-3", "--loss", "l1", "--aux", "paper",
+        "--device", "cpu", "--checkpoint-every", "400",
+    ])
+    assert result.exit_code == 0, result.output
+    model = USAE.from_pretrained(run)
+    assert model.cfg.encoder == "mlp_bn"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [50 * i for i in range(1, 17)]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert sum(min(cos) >= 0.9 for _, cos in _matches(model, data)) >= 9
+
+    result = CliRunner().invoke(cli, ["eval", str(run), "--store", str(store.root), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert len(summary["r2"]) == 3 and summary["r2_self"] > 0.5
+
+
+def _small_cfgs(store, steps: int):
+    ucfg = USAEConfig(model_dims=store.dims, n_concepts=16, k=3)
+    tcfg = TrainConfig(steps=steps, batch_size=64, lr=1e-3, warmup_steps=5, log_every=5, checkpoint_every=10,
+                       dead_after_tokens=500, seed=3, device="cpu")
+    return ucfg, tcfg
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(planted, tmp_path):
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 30)
+    straight = train_usae(store, tmp_path / "straight", ucfg, tcfg)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_25(record: dict) -> None:
+        if record["step"] == 25:
+            raise Crash
+
+    ucfg, tcfg = _small_cfgs(store, 30)
+    with pytest.raises(Crash):  # dies after the checkpoint at step 20 and a log line at 25
+        train_usae(store, tmp_path / "resumed", ucfg, tcfg, callbacks=[crash_at_25])
+    resumed = train_usae(store, tmp_path / "resumed", ucfg, tcfg, resume=True)
+
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    log_a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
+    assert strip(log_a) == strip(log_b)
+
+
+def test_checkpoints_are_complete_and_leave_no_temporaries(planted, tmp_path):
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 30)
+    train_usae(store, tmp_path / "run", ucfg, tcfg)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000020", "step-00000030"]  # the two newest are kept
+    for name in ckpts:
+        files = {p.name for p in (tmp_path / "run" / "checkpoints" / name).iterdir()}
+        assert files == {"usae.safetensors", "config.json", "trainer_state.pt"}
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["step"] == 30 and config["usae"]["n_concepts"] == 16
+
+
+def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 5)
+    train_usae(store, tmp_path / "run", ucfg, tcfg)
+    with pytest.raises(UsaeError, match="--resume.*--overwrite"):
+        train_usae(store, tmp_path / "run", ucfg, tcfg)
+    train_usae(store, tmp_path / "run", ucfg, tcfg, overwrite=True)
+
+
+def test_resume_refuses_a_different_shape(planted, tmp_path):
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 10)
+    train_usae(store, tmp_path / "run", ucfg, tcfg)
+    other = USAEConfig(model_dims=store.dims, n_concepts=24, k=3)
+    with pytest.raises(UsaeError, match="different USAE shape"):
+        train_usae(store, tmp_path / "run", other, tcfg, resume=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "--steps"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"lr": -1.0}, "--lr"),
+        ({"loss": "huber"}, "unknown loss"),
+        ({"aux": "magic"}, "unknown aux"),
+    ],
+)
+def test_bad_train_config_is_rejected(kwargs, message):
+    with pytest.raises(UsaeError, match=message):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"n_concepts": 0}, "--concepts"), ({"k": 0}, "--k"), ({"k": 99, "n_concepts": 10}, "--k"),
+     ({"encoder": "mlp"}, "unknown encoder")],
+)
+def test_bad_usae_config_is_rejected(kwargs, message):
+    with pytest.raises(UsaeError, match=message):
+        USAEConfig(model_dims={"a": 4}, **kwargs)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(planted, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 5)
+    tcfg.device = "cuda"
+    with pytest.raises(UsaeError, match="no CUDA device"):
+        train_usae(store, tmp_path / "run", ucfg, tcfg)
