@@ -168,7 +168,7 @@ def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, dev
         if start >= total:
             break
         n_img = min(batch[names[0]].shape[0], total - start)
-        x = {n: model.standardize(torch.from_numpy(np.ascontiguousarray(batch[n][:n_img])).reshape(-1, store.dims[n]).to(device), n)
+        x = {n: model.standardize(torch.from_numpy(batch[n][:n_img]).reshape(-1, store.dims[n]).to(device), n)
              for n in names}
         all_fire = None
         for i, src in enumerate(names):

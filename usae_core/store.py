@@ -43,10 +43,10 @@ def to_storage(x: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Convert on-disk values to float32."""
+    """Convert on-disk values to a writable float32 array in memory."""
     if dtype == "bfloat16":
         return (np.asarray(a, dtype=np.uint32) << 16).view(np.float32)
-    return np.asarray(a, dtype=np.float32)
+    return np.array(a, dtype=np.float32, copy=True)
 
 
 def check_model_name(name: str) -> None:

@@ -1,0 +1,75 @@
+"""USAE module: sparse decoding equals the dense product, checkpoints round-trip by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from usae_core.config import USAEConfig
+from usae_core.errors import UsaeError
+from usae_core.model import USAE
+
+
+def _model(encoder="mlp_bn"):
+    torch.manual_seed(0)
+    return USAE(USAEConfig(model_dims={"vit": 6, "cnn": 9}, n_concepts=20, k=4, encoder=encoder))
+
+
+def test_sparse_decode_equals_dense_code_times_dictionary():
+    model = _model().eval()
+    x = torch.randn(13, 6)
+    values, indices = model.encode(x, "vit")
+    assert values.shape == indices.shape == (13, 4)
+    assert (values >= 0).all()
+    dense = model.dense_codes(values, indices)
+    assert ((dense > 0).sum(1) <= 4).all()
+    for target in ("vit", "cnn"):
+        expected = dense.double() @ model.dictionary(target).double() + model.decoder_biases[model.index(target)].double()
+        torch.testing.assert_close(model.decode(values, indices, target).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_keeps_the_largest_pre_codes():
+    model = _model("linear")
+    x = torch.randn(7, 6)
+    pre = model.pre_codes(x, "vit")
+    values, _ = model.encode(x, "vit")
+    torch.testing.assert_close(values.sort(1).values, pre.topk(4, 1).values.sort(1).values)
+
+
+def test_dictionary_rows_are_unit_norm_after_projection():
+    model = _model()
+    with torch.no_grad():
+        model.dictionaries[0].mul_(3)
+    model.normalize_dictionaries()
+    for d in model.dictionaries:
+        torch.testing.assert_close(d.norm(dim=1), torch.ones(20))
+
+
+def test_checkpoint_round_trip_with_documented_names(tmp_path):
+    model = _model()
+    model.set_stats({"vit": {"mean": torch.arange(6.0), "scale": 2.0}, "cnn": {"mean": torch.ones(9), "scale": 0.5}})
+    model.save_pretrained(tmp_path, extra_config={"note": "x"})
+    tensors = load_file(str(tmp_path / "usae.safetensors"))
+    assert tensors["decoder.cnn"].shape == (20, 9)
+    assert tensors["encoder.vit.weight"].shape == (20, 6)
+    assert {"encoder.vit.bias", "decoder_bias.vit", "norm.vit.mean", "norm.vit.scale", "encoder.cnn.bn.running_var"} <= set(tensors)
+    assert json.loads((tmp_path / "config.json").read_text())["note"] == "x"
+    loaded = USAE.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    x = torch.randn(5, 6)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model(x, "vit", "cnn"), loaded(x, "vit", "cnn"))
+
+
+def test_loading_a_non_run_is_a_clear_error(tmp_path):
+    with pytest.raises(UsaeError, match="not a USAE run"):
+        USAE.from_pretrained(tmp_path)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(UsaeError, match="not in this USAE"):
+        _model().dictionary("dino")

@@ -1,0 +1,160 @@
+"""ActivationStore: layout, streaming, exact resume of the batch stream, statistics, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from usae_core.errors import UsaeError
+from usae_core.store import ActivationStore, from_storage, import_activations, to_storage
+
+
+def _aligned_arrays(n_images=20, n_tokens=9, seed=0):
+    """Model b is a fixed function of model a's row, so row alignment can be checked."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n_images, n_tokens, 6)).astype(np.float32)
+    b = np.concatenate([a * 2, a[..., :2] - 1], axis=-1)
+    return {"a": a, "b": b}
+
+
+def test_import_round_trips_in_image_order(tmp_path):
+    arrays = _aligned_arrays()
+    store = import_activations(tmp_path / "s", arrays, dtype="float32", shard_images=6)
+    assert store.dims == {"a": 6, "b": 8}
+    assert store.grid == (3, 3) and store.n_images == 20 and store.n_tokens == 180
+    assert len(store.spans) == 4 and store.spans[-1].n_images == 2
+    np.testing.assert_array_equal(store.image_tokens("b", 13), arrays["b"][13])
+    seen = []
+    for start, batch in store.iter_images(batch_images=4):
+        np.testing.assert_array_equal(batch["a"], arrays["a"][start : start + len(batch["a"])])
+        seen.append(start)
+    assert seen == [0, 4, 6, 10, 12, 16, 18]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["format"] == "usae-activation-store"
+
+
+def test_token_batches_keep_rows_aligned_and_visit_every_token(tmp_path):
+    store = import_activations(tmp_path / "s", _aligned_arrays(), dtype="float32", shard_images=6)
+    it = store.iter_token_batches(30, seed=5, shuffle_shards=2)
+    rows = []
+    for _ in range(6):  # 6 * 30 = 180 = exactly one epoch
+        batch = next(it)
+        np.testing.assert_allclose(batch["b"][:, :6], batch["a"] * 2)
+        np.testing.assert_allclose(batch["b"][:, 6:], batch["a"][:, :2] - 1)
+        rows.append(batch["a"])
+    epoch = np.concatenate(rows)
+    flat = _aligned_arrays()["a"].reshape(-1, 6)
+    assert sorted(map(tuple, epoch)) == sorted(map(tuple, flat))
+    assert not np.array_equal(epoch, flat)  # shuffled
+
+
+def test_token_stream_resumes_exactly_from_any_batch(tmp_path):
+    store = import_activations(tmp_path / "s", _aligned_arrays(), dtype="float32", shard_images=6)
+    it = store.iter_token_batches(25, seed=1)
+    straight = [next(it) for _ in range(20)]  # crosses several epochs and partial chunks
+    for start in (1, 7, 13):
+        resumed = store.iter_token_batches(25, seed=1, start_batch=start)
+        for i in range(start, 20):
+            np.testing.assert_array_equal(next(resumed)["b"], straight[i]["b"])
+
+
+def test_ranks_read_disjoint_shards(tmp_path):
+    store = import_activations(tmp_path / "s", _aligned_arrays(), dtype="float32", shard_images=5)
+    r0 = np.concatenate([next(store.iter_token_batches(45, seed=2, rank=0, world_size=2))["a"]])
+    r1 = np.concatenate([next(store.iter_token_batches(45, seed=2, rank=1, world_size=2))["a"]])
+    assert not set(map(tuple, r0)) & set(map(tuple, r1))
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 8e-3), ("float32", 0)])
+def test_storage_dtypes_round_trip(dtype, tol):
+    x = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32)
+    back = from_storage(to_storage(x, dtype), dtype)
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(back, x, rtol=tol, atol=tol)
+
+
+def test_stats_match_a_float64_recomputation(tmp_path):
+    arrays = _aligned_arrays(seed=3)
+    arrays["a"] = arrays["a"] * 3 + 5
+    store = import_activations(tmp_path / "s", arrays, dtype="float32", shard_images=7)
+    stats = store.compute_stats(batch_images=3)
+    flat = arrays["a"].reshape(-1, 6).astype(np.float64)
+    np.testing.assert_allclose(stats["a"]["mean"], flat.mean(0), rtol=1e-5)
+    expected_scale = np.sqrt(((flat - flat.mean(0)) ** 2).sum(1).mean() / 6)
+    np.testing.assert_allclose(stats["a"]["scale"], expected_scale, rtol=1e-5)
+
+
+def _good():
+    rng = np.random.default_rng(0)
+    return {"a": rng.standard_normal((4, 9, 3)).astype(np.float32), "b": rng.standard_normal((4, 9, 5)).astype(np.float32)}
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(b=d["b"][:3]), "image counts differ"),
+        (lambda d: d.update(b=d["b"][:, :4]), "token counts differ"),
+        (lambda d: d["a"].__setitem__((1, 2, 0), np.nan), "NaN or Inf"),
+        (lambda d: d["b"].__setitem__((0, 0, 0), np.inf), "NaN or Inf"),
+        (lambda d: d.update(a=d["a"][0]), "expected shape"),
+        (lambda d: d.update({"bad/name": d.pop("a")}), "invalid model name"),
+        (lambda d: d.update(a=d["a"].astype(np.int32)), "floating-point"),
+    ],
+)
+def test_bad_input_is_rejected_and_leaves_nothing(tmp_path, mutate, message):
+    arrays = _good()
+    mutate(arrays)
+    with pytest.raises(UsaeError, match=message):
+        import_activations(tmp_path / "s", arrays)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
+    import_activations(tmp_path / "s", _good())
+    with pytest.raises(UsaeError, match="--overwrite"):
+        import_activations(tmp_path / "s", _good())
+    bad = _good()
+    bad["a"][0, 0, 0] = np.nan
+    with pytest.raises(UsaeError, match="NaN"):
+        import_activations(tmp_path / "s", bad, overwrite=True)
+    assert ActivationStore.open(tmp_path / "s").n_images == 4  # the old store is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    import_activations(tmp_path / "s", {"a": _good()["a"][:2]}, overwrite=True)
+    assert ActivationStore.open(tmp_path / "s").n_images == 2
+
+
+def test_unfinished_store_cannot_be_opened_and_resumes(tmp_path):
+    arrays = _good()
+    ids = [f"i{i}" for i in range(4)]
+    writer = ActivationStore.create(tmp_path / "s", models={"a": 3, "b": 5}, grid=(3, 3), image_ids=ids,
+                                    shard_images=2)
+    writer.write_shard(0, {m: a[:2] for m, a in arrays.items()})
+    with pytest.raises(UsaeError, match="unfinished"):
+        ActivationStore.open(tmp_path / "s")
+    again = ActivationStore.create(tmp_path / "s", models={"a": 3, "b": 5}, grid=(3, 3), image_ids=ids,
+                                   shard_images=2, resume=True)
+    assert [s.index for s in again.pending()] == [1]
+    again.write_shard(1, {m: a[2:] for m, a in arrays.items()})
+    store = again.finalize()
+    np.testing.assert_allclose(store.image_tokens("b", 3), arrays["b"][3], atol=1e-2)
+    with pytest.raises(UsaeError, match="different layout"):
+        ActivationStore.create(tmp_path / "s", models={"a": 3}, grid=(3, 3), image_ids=ids, shard_images=2,
+                               resume=True)
+
+
+def test_write_shard_checks_shapes(tmp_path):
+    writer = ActivationStore.create(tmp_path / "s", models={"a": 3}, grid=(2, 2), image_ids=["x", "y"])
+    with pytest.raises(UsaeError, match="expected"):
+        writer.write_shard(0, {"a": np.zeros((2, 3, 3), np.float32)})
+    with pytest.raises(UsaeError, match="got models"):
+        writer.write_shard(0, {"z": np.zeros((2, 4, 3), np.float32)})
+
+
+def test_open_rejects_non_stores(tmp_path):
+    with pytest.raises(UsaeError, match="not an activation store"):
+        ActivationStore.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(UsaeError, match="not valid JSON"):
+        ActivationStore.open(tmp_path)
