@@ -1,20 +1,21 @@
-"""Perceptually ordered colour map (viridis anchors) and a readable text colour for each cell."""
+"""Sequential colour maps and a readable text colour for each cell."""
 
 from __future__ import annotations
 
-# Eight evenly spaced samples of matplotlib's viridis; linear interpolation between them is
-# visually indistinguishable from the full table at chart sizes.
-_VIRIDIS = [
-    (68, 1, 84), (70, 50, 127), (54, 92, 141), (39, 127, 142),
-    (31, 161, 135), (74, 194, 109), (159, 218, 58), (253, 231, 37),
-]
+# Light to dark blue (the interface's accent hue): values read as "more" the darker they are,
+# and the scale survives greyscale printing.
+_BLUES = [(239, 244, 255), (198, 214, 250), (140, 170, 238), (84, 124, 220), (47, 91, 211), (30, 58, 138)]
 
 
-def viridis(t: float) -> tuple[int, int, int]:
-    t = min(1.0, max(0.0, t)) * (len(_VIRIDIS) - 1)
-    i = min(int(t), len(_VIRIDIS) - 2)
+def blues(t: float) -> tuple[int, int, int]:
+    return _interpolate(_BLUES, t)
+
+
+def _interpolate(anchors: list[tuple[int, int, int]], t: float) -> tuple[int, int, int]:
+    t = min(1.0, max(0.0, t)) * (len(anchors) - 1)
+    i = min(int(t), len(anchors) - 2)
     f = t - i
-    a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
+    a, b = anchors[i], anchors[i + 1]
     return tuple(round(a[k] + f * (b[k] - a[k])) for k in range(3))  # type: ignore[return-value]
 
 

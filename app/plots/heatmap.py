@@ -7,19 +7,22 @@ from collections.abc import Sequence
 
 from markupsafe import Markup, escape
 
-from app.plots.colors import hex_color, text_color_on, viridis
+from app.plots.colors import blues, hex_color, text_color_on
 from app.plots.svg import Canvas
 
 
 def matrix_heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str],
                    col_labels: Sequence[str], *, title: str, row_title: str, col_title: str,
                    lo: float = 0.0, hi: float = 1.0) -> Markup:
-    """Cells coloured on [lo, hi] with their value printed inside; missing values are grey."""
+    """Cells coloured on [lo, hi] with their value printed inside, a colour legend below;
+    missing values are grey."""
     n_rows, n_cols = len(row_labels), len(col_labels)
     cell = 64 if max(n_rows, n_cols) <= 6 else 40
     label_w = 10 + 7 * max((len(s) for s in row_labels), default=4)
     left, top = label_w + 22, 54
-    canvas = Canvas(left + n_cols * cell + 10, top + n_rows * cell + 10, title, "chart chart-heatmap")
+    bottom = top + n_rows * cell
+    canvas = Canvas(left + n_cols * cell + 10, bottom + 44, title, "chart chart-heatmap")
+    _legend(canvas, left, bottom + 14, n_cols * cell - 2, lo, hi)
     canvas.text(left + n_cols * cell / 2, 14, col_title, cls="axis-label", anchor="middle")
     canvas.text(12, top + n_rows * cell / 2, row_title, cls="axis-label", anchor="middle", rotate=-90)
     for j, name in enumerate(col_labels):
@@ -32,10 +35,20 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequenc
             if value is None or not math.isfinite(value):
                 fill, ink, shown = "#e5e7eb", "#6b7280", "–"
             else:
-                rgb = viridis((value - lo) / (hi - lo) if hi > lo else 0.5)
+                rgb = blues((value - lo) / (hi - lo) if hi > lo else 0.5)
                 fill, ink, shown = hex_color(rgb), text_color_on(rgb), f"{value:.2f}"
             tip = escape(f"{name} → {col_labels[j]}: {shown}")
             canvas.add(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" rx="3" fill="{fill}">'
                        f"<title>{tip}</title></rect>")
             canvas.text(x + (cell - 2) / 2, y + (cell - 2) / 2 + 4, shown, cls="cell-value", anchor="middle", fill=ink)
     return canvas.markup()
+
+
+def _legend(canvas: Canvas, x: float, y: float, width: float, lo: float, hi: float, steps: int = 24) -> None:
+    """A colour bar from lo to hi with its end values."""
+    step_w = width / steps
+    for i in range(steps):
+        colour = hex_color(blues(i / (steps - 1)))
+        canvas.add(f'<rect x="{x + i * step_w:.1f}" y="{y:.1f}" width="{step_w + 0.5:.1f}" height="8" fill="{colour}"/>')
+    canvas.text(x, y + 22, f"{lo:g}", cls="tick")
+    canvas.text(x + width, y + 22, f"{hi:g}", cls="tick", anchor="end")

@@ -10,9 +10,10 @@ from app.plots.svg import Canvas, Frame, Scale, draw_axes, fmt
 
 
 def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_label: str,
-              y_label: str = "count", width: int = 560, height: int = 240, compact: bool = False) -> Markup:
-    """`edges` has one more entry than `counts`. `compact` draws a small sparkline-style chart
-    without axis titles (used once per model on the concept page)."""
+              y_label: str = "count", width: int = 560, height: int = 240, compact: bool = False,
+              log_x: bool = False) -> Markup:
+    """`edges` has one more entry than `counts` (positive, for `log_x`, e.g. geometric bins).
+    `compact` draws a small chart without axis titles (used once per model on the concept page)."""
     if len(edges) != len(counts) + 1:
         raise ValueError(f"histogram needs len(edges) == len(counts) + 1, got {len(edges)} and {len(counts)}")
     canvas = Canvas(width, height, title, "chart chart-histogram" + (" compact" if compact else ""))
@@ -20,7 +21,7 @@ def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_
     if not counts:
         canvas.text(width / 2, height / 2, "no data", cls="empty", anchor="middle")
         return canvas.markup()
-    xs = Scale(float(edges[0]), float(edges[-1]), frame.left, frame.right)
+    xs = Scale(float(edges[0]), float(edges[-1]), frame.left, frame.right, log=log_x)
     ys = Scale(0.0, max(float(max(counts)), 1.0), frame.bottom, frame.top)
     draw_axes(canvas, frame, xs, ys, x_label="" if compact else x_label, y_label="" if compact else y_label,
               x_ticks=4 if compact else 6, y_ticks=3 if compact else 4)

@@ -87,9 +87,10 @@ class Canvas:
                  f"{escape(content)}</text>")
 
     def markup(self) -> Markup:
+        # Never drawn wider than designed, so text keeps its size; narrower containers scale it down.
         head = (f'<svg class="{self.css_class}" viewBox="0 0 {self.width} {self.height}" role="img" '
-                f'xmlns="http://www.w3.org/2000/svg" preserveAspectRatio="xMidYMid meet">'
-                f"<title>{escape(self.title)}</title>")
+                f'style="max-width: {self.width}px" xmlns="http://www.w3.org/2000/svg" '
+                f'preserveAspectRatio="xMidYMid meet"><title>{escape(self.title)}</title>')
         return Markup(head + "".join(self.parts) + "</svg>")
 
 

@@ -1,0 +1,53 @@
+"""The charts of each page, built from the page's data (templates call these by name)."""
+
+from __future__ import annotations
+
+from markupsafe import Markup
+
+from app.plots import ScatterPoint, histogram, matrix_heatmap, scatter
+from app.schemas.compare import Comparison
+from app.schemas.concepts import ModelColumn
+from app.schemas.runs import RunOverview
+from app.urls import Urls
+
+
+def _name(index: int, label: str) -> str:
+    return f"#{index} {label}" if label else f"#{index}"
+
+
+def r2_matrix(overview: RunOverview) -> Markup:
+    names = [m.name for m in overview.run.models]
+    return matrix_heatmap(overview.r2, names, names, title="R² matrix: encode from the row model, decode into the column model",
+                          row_title="encode from", col_title="decode into")
+
+
+def entropy_histogram(overview: RunOverview) -> Markup:
+    h = overview.entropy_histogram
+    return histogram(h.counts, h.edges, title="Firing entropy of the live concepts", y_label="concepts",
+                     x_label="firing entropy (0 = one model, 1 = all models equally)", width=460, height=300)
+
+
+def cofire_energy(overview: RunOverview, urls: Urls) -> Markup:
+    points = [ScatterPoint(c.energy, c.cofire,
+                           f"{_name(c.index, c.label)} · energy {c.energy:.3g} · co-fire {c.cofire:.2f}",
+                           urls.concept(overview.run.id, c.index),
+                           highlight=c.firing_entropy >= overview.universal_threshold)
+              for c in overview.cofire_energy]
+    return scatter(points, title="Co-fire proportion against energy, one point per concept",
+                   x_label="energy (log scale)", y_label="co-fire proportion", log_x=True, width=460, height=320)
+
+
+def activation_histogram(column: ModelColumn) -> Markup:
+    return histogram(column.histogram_counts, column.histogram_edges, compact=True, log_x=True, width=440,
+                     height=140, title=f"Distribution of this concept's non-zero activations in {column.model}",
+                     x_label="activation", y_label="tokens")
+
+
+def frequency_scatter(comparison: Comparison, urls: Urls) -> Markup:
+    a, b = comparison.model_a, comparison.model_b
+    points = [ScatterPoint(p.frequency_a, p.frequency_b,
+                           f"{_name(p.index, p.label)} · {a} {p.frequency_a:.2%} · {b} {p.frequency_b:.2%}",
+                           urls.concept(comparison.run.id, p.index))
+              for p in comparison.points]
+    return scatter(points, title=f"Per-concept firing frequency in {a} against {b}", x_label=f"firing frequency in {a}",
+                   y_label=f"firing frequency in {b}", log_x=True, log_y=True, diagonal=True, width=620, height=520)

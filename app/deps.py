@@ -1,0 +1,99 @@
+"""FastAPI dependencies: database session, the analyst, share scopes, runs by id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Request
+from sqlalchemy.orm import Session
+
+from app.models import Run, User
+from app.security import SESSION_USER_KEY, csrf_is_valid
+from app.services.runs_view import get_run
+from app.services.shares import ShareNotFound, resolve_share
+from app.services.users import active_user
+from app.settings import Settings
+from app.urls import ANALYST_URLS, share_urls
+from app.viewer import Viewer
+
+
+class LoginRequired(Exception):
+    """Raised for a visitor without a session: pages redirect to the log-in form, the API says 401."""
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, committed when the endpoint returns normally."""
+    session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def optional_analyst(request: Request, session: SessionDep) -> User | None:
+    user_id = request.session.get(SESSION_USER_KEY)
+    return active_user(session, user_id=user_id) if isinstance(user_id, int) else None
+
+
+OptionalAnalyst = Annotated[User | None, Depends(optional_analyst)]
+
+
+async def csrf_checked(request: Request) -> None:
+    """Refuse a write that does not carry the session's CSRF token."""
+    if not await csrf_is_valid(request):
+        raise HTTPException(403, "The form has expired or did not come from this site. Reload the page and try again.")
+
+
+CsrfChecked = Depends(csrf_checked)
+
+
+async def current_analyst(request: Request, user: OptionalAnalyst) -> User:
+    """The signed-in analyst; for writes (POST/PUT/PATCH/DELETE) also checks the CSRF token."""
+    if user is None:
+        raise LoginRequired()
+    await csrf_checked(request)
+    return user
+
+
+CurrentAnalyst = Annotated[User, Depends(current_analyst)]
+
+
+def analyst_viewer(user: CurrentAnalyst) -> Viewer:
+    return Viewer(urls=ANALYST_URLS, user=user)
+
+
+def share_viewer(session: SessionDep,
+                 token: Annotated[str, Path(description="The audit link's token", max_length=200)]) -> Viewer:
+    """A share-link holder; unknown tokens are 404, revoked or expired ones 410 (ShareGone)."""
+    try:
+        grant = resolve_share(session, token=token)
+    except ShareNotFound:
+        raise HTTPException(404, "There is no audit link at this address. Check that it was copied completely.") from None
+    return Viewer(urls=share_urls(token), share=grant)
+
+
+AnalystViewer = Annotated[Viewer, Depends(analyst_viewer)]
+ShareScope = Annotated[Viewer, Depends(share_viewer)]
+
+
+def get_run_or_404(session: Session, viewer: Viewer, run_id: int, *, whole_run: bool = False) -> Run:
+    """The run, if it exists and the viewer may see it (the whole run, for run-wide pages).
+    Out-of-scope runs are 404, exactly like missing ones, so a link reveals nothing else."""
+    allowed = viewer.sees_whole_run(run_id) if whole_run else viewer.sees_run(run_id)
+    run = get_run(session, run_id=run_id) if allowed else None
+    if run is None:
+        raise HTTPException(404, "No such run.")
+    return run

@@ -1,0 +1,129 @@
+"""The web application: `create_app(settings)` builds it; `usae serve` runs it with uvicorn.
+
+Analysts browse at `/runs/...`; share-link holders browse the same pages under
+`/s/TOKEN/...`, each read router being built once per kind of viewer. The JSON API mirrors
+the pages under `/api` and is documented at `/docs`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.middleware.sessions import SessionMiddleware
+
+from app.db import session_factory
+from app.deps import LoginRequired, analyst_viewer, share_viewer
+from app.migrations import upgrade_database
+from app.routes import auth, compare, concepts, explain, media, runs, shares
+from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, SESSION_USER_KEY, LoginThrottle
+from app.services.explain import ModelCache
+from app.services.shares import ShareGone
+from app.services.users import active_user
+from app.settings import Settings
+from app.templating import render
+from app.urls import ANALYST_URLS
+from app.viewer import Viewer
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+ERROR_HEADINGS = {400: "This request is not valid", 401: "Please sign in", 403: "Not allowed",
+                  404: "Not found", 409: "Conflict", 410: "This link no longer works",
+                  413: "Too large", 422: "Check your input", 429: "Slow down"}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.media_dir.mkdir(parents=True, exist_ok=True)
+        upgrade_database(settings.db_url)
+        yield
+
+    app = FastAPI(title="USAE Concept Explorer", version="0.1.0", lifespan=lifespan,
+                  description="Browse, compare, label and share the concepts of Universal Sparse Autoencoder runs. "
+                              "Sign in through `/api/auth/login`; writes need the `X-CSRF-Token` header "
+                              "(from `/api/auth/csrf`). Audit-link holders read under `/api/s/{token}/...`.")
+    app.state.settings = settings
+    app.state.sessionmaker = session_factory(settings.db_url)
+    app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
+    app.state.explain_models = ModelCache()
+    app.add_middleware(SessionMiddleware, secret_key=settings.resolved_secret_key(), session_cookie=SESSION_COOKIE,
+                       max_age=SESSION_MAX_AGE_S, same_site="lax")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _include_routes(app)
+    _install_error_pages(app)
+    return app
+
+
+def _include_routes(app: FastAPI) -> None:
+    share_prefix = "/s/{token}"
+    for module in (runs, concepts, compare):
+        app.include_router(module.pages(analyst_viewer))
+        app.include_router(module.pages(share_viewer), prefix=share_prefix)
+        app.include_router(module.api(analyst_viewer), prefix="/api")
+        app.include_router(module.api(share_viewer), prefix="/api" + share_prefix)
+    for module in (runs, concepts, shares, explain):
+        app.include_router(module.analyst_pages())
+        app.include_router(module.analyst_api(), prefix="/api")
+    app.include_router(auth.pages())
+    app.include_router(auth.api(), prefix="/api")
+    app.include_router(shares.share_pages())
+    app.include_router(shares.share_api(), prefix="/api")
+    app.include_router(media.router())
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or request.url.path == "/api"
+
+
+def _error_viewer(request: Request) -> Viewer:
+    """Error pages show the analyst's navigation when someone is signed in."""
+    user_id = request.session.get(SESSION_USER_KEY) if "session" in request.scope else None
+    if not isinstance(user_id, int):
+        return Viewer(urls=ANALYST_URLS)
+    with request.app.state.sessionmaker() as session:
+        return Viewer(urls=ANALYST_URLS, user=active_user(session, user_id=user_id))
+
+
+def _error_page(request: Request, status_code: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    if _is_api(request):
+        return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+    response = render(request, _error_viewer(request), "error.html", status_code=status_code,
+                      heading=ERROR_HEADINGS.get(status_code, "Something went wrong"), message=message,
+                      status_code_shown=status_code)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _install_error_pages(app: FastAPI) -> None:
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, exc: LoginRequired) -> Response:
+        if _is_api(request):
+            return JSONResponse({"detail": "Sign in first (POST /api/auth/login)."}, status_code=401)
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+
+    @app.exception_handler(ShareGone)
+    async def share_gone(request: Request, exc: ShareGone) -> Response:
+        return _error_page(request, 410, exc.reason)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else "The request could not be completed."
+        return _error_page(request, exc.status_code, message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if _is_api(request):
+            return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        problems = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
+        return _error_page(request, 422, f"Some of the input is not valid ({problems}).")

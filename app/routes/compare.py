@@ -1,0 +1,58 @@
+"""Model comparison, as a page and as JSON."""
+
+# No `from __future__ import annotations` here: FastAPI must see the locally built
+# `ViewerDep` annotations as objects, not as strings it would look up in module globals.
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from sqlalchemy.orm import Session
+
+from app.deps import SessionDep, get_run_or_404
+from app.schemas.compare import Comparison
+from app.services.compare import compare_models
+from app.templating import render
+from app.viewer import Viewer
+from usae_core.errors import UsaeError
+
+
+def _compare(session: Session, viewer: Viewer, run_id: int, a: str, b: str) -> Comparison:
+    run = get_run_or_404(session, viewer, run_id, whole_run=True)
+    try:
+        return compare_models(session, run=run, model_a=a, model_b=b)
+    except UsaeError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def pages(viewer_dep: Any) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+    ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
+
+    @router.get("/runs/{run_id}/compare", response_class=HTMLResponse)
+    def compare_page(request: Request, run_id: int, session: SessionDep, viewer: ViewerDep,
+                     a: str | None = None, b: str | None = None):
+        """Without a pair in the URL, compare the run's first two models."""
+        run = get_run_or_404(session, viewer, run_id, whole_run=True)
+        names = [m.name for m in run.models]
+        if len(names) < 2:
+            raise HTTPException(400, f"Run {run.name} has only one model; there is nothing to compare.")
+        a = a or names[0]
+        b = b or next(n for n in names if n != a)
+        return render(request, viewer, "compare.html", nav="runs", models=names,
+                      comparison=_compare(session, viewer, run_id, a, b))
+
+    return router
+
+
+def api(viewer_dep: Any) -> APIRouter:
+    router = APIRouter(tags=["compare"])
+    ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
+
+    @router.get("/runs/{run_id}/compare", response_model=Comparison, summary="Compare two models")
+    def compare_api(run_id: int, session: SessionDep, viewer: ViewerDep,
+                    a: Annotated[str, Query(description="Model A")],
+                    b: Annotated[str, Query(description="Model B")]) -> Comparison:
+        """Cross R² both ways, shared and unique concepts ranked, per-concept firing frequencies."""
+        return _compare(session, viewer, run_id, a, b)
+
+    return router

@@ -1,0 +1,41 @@
+"""Rendered files (thumbnails, heatmaps, CAM images) for analysts and, within scope, share holders.
+
+Any path that is not a plain relative path to an image under the media directory is 404,
+the same answer as for a missing file, so probing reveals nothing.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+
+from app.deps import AnalystViewer, SessionDep, SettingsDep, ShareScope
+from app.services.media import clean_relative_path, resolve_media_file, share_may_fetch
+
+NOT_FOUND = "No such file."
+CACHE = {"Cache-Control": "private, max-age=3600"}
+
+
+def _file_response(settings: SettingsDep, relative: str | None) -> FileResponse:
+    path = resolve_media_file(settings.media_dir, relative) if relative else None
+    if path is None:
+        raise HTTPException(404, NOT_FOUND)
+    return FileResponse(path, headers=CACHE)
+
+
+def router() -> APIRouter:
+    r = APIRouter(include_in_schema=False)
+
+    @r.get("/media/{path:path}")
+    def analyst_media(path: str, settings: SettingsDep, viewer: AnalystViewer) -> FileResponse:
+        return _file_response(settings, clean_relative_path(path))
+
+    @r.get("/s/{token}/media/{path:path}")
+    def shared_media(path: str, settings: SettingsDep, session: SessionDep, viewer: ShareScope) -> FileResponse:
+        relative = clean_relative_path(path)
+        if relative is None or viewer.share is None or not share_may_fetch(session, grant=viewer.share,
+                                                                             relative=relative):
+            raise HTTPException(404, NOT_FOUND)
+        return _file_response(settings, relative)
+
+    return r

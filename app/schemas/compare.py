@@ -1,0 +1,31 @@
+"""Comparing two models of a run."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from app.schemas.runs import RunSummary
+
+
+class PairConcept(BaseModel):
+    index: int
+    label: str
+    frequency_a: float
+    frequency_b: float
+    energy: float
+
+
+class Comparison(BaseModel):
+    run: RunSummary
+    model_a: str
+    model_b: str
+    r2_a_to_b: float | None = Field(description="Encode from A, decode into B")
+    r2_b_to_a: float | None = Field(description="Encode from B, decode into A")
+    shared: list[PairConcept] = Field(description="Fire in both, balanced; most frequent first")
+    unique_a: list[PairConcept] = Field(description="Fire (almost) only in A; most frequent first")
+    unique_b: list[PairConcept]
+    n_shared: int
+    n_unique_a: int
+    n_unique_b: int
+    points: list[PairConcept] = Field(description="Concepts in the A-vs-B scatter (most frequent first)")
+    points_total: int

@@ -1,0 +1,138 @@
+"""The concept browser and the concept page."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from app.schemas.runs import RunSummary
+
+SortKey = Literal["energy", "entropy", "cofire", "frequency", "index"]
+LabelFilter = Literal["any", "labelled", "unlabelled"]
+
+
+class ConceptFilters(BaseModel):
+    """Everything the browser's URL carries, so a view can be bookmarked and shared."""
+
+    q: str = Field("", description="Search in labels and descriptions")
+    sort: SortKey = "energy"
+    min_entropy: float | None = Field(None, ge=0, le=1, description="Universal: firing entropy at least this")
+    mostly: str | None = Field(None, description="Model name: at least half of the concept's firings are in it")
+    labelled: LabelFilter = "any"
+    tag: str | None = None
+    show_dead: bool = False
+    page: int = Field(1, ge=1)
+    per_page: int = Field(36, ge=1, le=200)
+
+    def query(self, **changes: object) -> dict[str, object]:
+        """The non-default filters as URL query parameters (with `changes` applied)."""
+        merged = self.model_copy(update=changes)
+        defaults = ConceptFilters()
+        return {
+            key: ("1" if value is True else value)
+            for key, value in merged.model_dump().items()
+            if value != getattr(defaults, key) and value not in (None, "")
+        }
+
+
+class ModelFiring(BaseModel):
+    model: str
+    fire_count: int
+    frequency: float
+    share: float = Field(description="This model's part of the concept's firings")
+    cofire: float
+
+
+class Thumb(BaseModel):
+    model: str
+    rank: int
+    activation: float
+    heatmap: str = Field(description="Path under /media")
+    thumbnail: str | None
+    image_key: str
+
+
+class ConceptCard(BaseModel):
+    index: int
+    label: str
+    tags: list[str]
+    energy: float
+    firing_entropy: float
+    cofire: float
+    frequency: float
+    dead: bool
+    universal: bool
+    dominant_model: str | None
+    firing: list[ModelFiring]
+    thumbs: list[Thumb]
+
+    def frequencies(self) -> dict[str, float]:
+        return {f.model: f.frequency for f in self.firing}
+
+
+class ConceptPage(BaseModel):
+    """One page of the concept browser."""
+
+    run: RunSummary
+    filters: ConceptFilters
+    total: int
+    pages: int
+    concepts: list[ConceptCard]
+    tags: list[str] = Field(description="Tags in use in this run, for the tag filter")
+
+    def max_frequency(self) -> float:
+        """Scale of the firing bars: the most frequent model-concept pair on the page."""
+        return max((f.frequency for c in self.concepts for f in c.firing), default=0.0)
+
+
+class HistoryEntry(BaseModel):
+    username: str
+    changed_at: dt.datetime
+    version: int
+    old_label: str
+    new_label: str
+    old_description: str
+    new_description: str
+    old_tags: list[str]
+    new_tags: list[str]
+
+
+class Neighbour(BaseModel):
+    index: int
+    label: str
+    cosine: float
+
+
+class ModelColumn(BaseModel):
+    """Everything the concept page shows for one model."""
+
+    model: str
+    family: str
+    firing: ModelFiring
+    max_activation: float
+    top_images: list[Thumb]
+    histogram_edges: list[float]
+    histogram_counts: list[int]
+    cam_image: str | None = Field(description="Path under /media, once a CAM image was made")
+    neighbours: list[Neighbour]
+
+
+class DefectIoU(BaseModel):
+    defect_type: str
+    model: str
+    iou: float
+
+
+class ConceptDetail(BaseModel):
+    run: RunSummary
+    card: ConceptCard
+    description: str
+    version: int = Field(description="Send it back with a label edit to detect concurrent edits")
+    updated_at: dt.datetime | None
+    columns: list[ModelColumn]
+    history: list[HistoryEntry]
+    defect_iou: list[DefectIoU]
+    prev_index: int | None
+    next_index: int | None

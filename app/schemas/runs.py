@@ -1,0 +1,68 @@
+"""Runs and the run overview."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pydantic import BaseModel, Field
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str
+    dim: int
+    grid: tuple[int, int]
+
+
+class RunSummary(BaseModel):
+    id: int
+    name: str
+    image_set: str
+    status: str = Field(description="registered | mining | mined | failed")
+    created_at: dt.datetime
+    mined_at: dt.datetime | None
+    n_images: int
+    n_concepts: int
+    models: list[ModelInfo]
+
+
+class ConceptRef(BaseModel):
+    """Enough to name and link a concept."""
+
+    index: int
+    label: str
+
+
+class DefectBest(BaseModel):
+    defect_type: str
+    concept: ConceptRef
+    model: str
+    iou: float
+
+
+class HistogramData(BaseModel):
+    edges: list[float]
+    counts: list[int]
+
+
+class ScatterConcept(BaseModel):
+    index: int
+    label: str
+    energy: float
+    cofire: float
+    firing_entropy: float
+
+
+class RunOverview(BaseModel):
+    run: RunSummary
+    r2: list[list[float | None]] = Field(description="[source][target] R² from the last mine")
+    r2_self: float | None
+    r2_cross: float | None
+    universal_threshold: float
+    n_universal: int
+    n_model_specific: int
+    n_dead: int
+    entropy_histogram: HistogramData = Field(description="Firing entropy of the live concepts")
+    cofire_energy: list[ScatterConcept] = Field(description="Live concepts with the most energy")
+    cofire_energy_total: int = Field(description="Live concepts in the run (the scatter may show fewer)")
+    best_per_defect: list[DefectBest]

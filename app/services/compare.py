@@ -1,0 +1,65 @@
+"""Two models of a run side by side: cross R², shared and unique concepts, frequency scatter.
+
+With pA = fA / (fA + fB) the part of a concept's firing frequency that is model A's:
+shared means 0.25 <= pA <= 0.75, unique to A means pA >= 0.9 and unique to B pA <= 0.1.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
+from app.models import Concept, ConceptModelStats, Run
+from app.schemas.compare import Comparison, PairConcept
+from app.services.runs_view import run_summary
+from usae_core.errors import UsaeError
+
+SHARED_BAND = (0.25, 0.75)
+UNIQUE_SHARE = 0.9
+LIST_LENGTH = 15
+SCATTER_MAX_POINTS = 1500
+
+
+def _r2(run: Run, source: int, target: int) -> float | None:
+    r2 = run.metrics.get("r2") or []
+    try:
+        return float(r2[source][target])
+    except (IndexError, TypeError, ValueError):
+        return None
+
+
+def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) -> Comparison:
+    models = {m.name: m for m in run.models}
+    for name in (model_a, model_b):
+        if name not in models:
+            raise UsaeError(f"run {run.name!r} has no model {name!r}")
+    if model_a == model_b:
+        raise UsaeError("pick two different models")
+    a, b = models[model_a], models[model_b]
+    position = {m.name: i for i, m in enumerate(run.models)}  # rows and columns of the R² matrix
+    stats_a, stats_b = aliased(ConceptModelStats), aliased(ConceptModelStats)
+    rows = session.execute(
+        select(Concept.index, Concept.label, Concept.energy, stats_a.frequency, stats_b.frequency)
+        .join(stats_a, (stats_a.concept_id == Concept.id) & (stats_a.run_model_id == a.id))
+        .join(stats_b, (stats_b.concept_id == Concept.id) & (stats_b.run_model_id == b.id))
+        .where(Concept.run_id == run.id, (stats_a.frequency > 0) | (stats_b.frequency > 0))
+    ).all()
+    pairs = [PairConcept(index=i, label=label, energy=e, frequency_a=fa, frequency_b=fb)
+             for i, label, e, fa, fb in rows]
+
+    def part_a(p: PairConcept) -> float:
+        return p.frequency_a / (p.frequency_a + p.frequency_b)
+
+    shared = sorted((p for p in pairs if SHARED_BAND[0] <= part_a(p) <= SHARED_BAND[1]),
+                    key=lambda p: (-(p.frequency_a + p.frequency_b), p.index))
+    unique_a = sorted((p for p in pairs if part_a(p) >= UNIQUE_SHARE), key=lambda p: (-p.frequency_a, p.index))
+    unique_b = sorted((p for p in pairs if part_a(p) <= 1 - UNIQUE_SHARE), key=lambda p: (-p.frequency_b, p.index))
+    by_frequency = sorted(pairs, key=lambda p: (-(p.frequency_a + p.frequency_b), p.index))
+    return Comparison(
+        run=run_summary(run), model_a=model_a, model_b=model_b,
+        r2_a_to_b=_r2(run, position[model_a], position[model_b]),
+        r2_b_to_a=_r2(run, position[model_b], position[model_a]),
+        shared=shared[:LIST_LENGTH], unique_a=unique_a[:LIST_LENGTH], unique_b=unique_b[:LIST_LENGTH],
+        n_shared=len(shared), n_unique_a=len(unique_a), n_unique_b=len(unique_b),
+        points=by_frequency[:SCATTER_MAX_POINTS], points_total=len(pairs),
+    )

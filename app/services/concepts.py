@@ -1,0 +1,251 @@
+"""The concept browser (filter, sort, search, paginate) and the concept page.
+
+Statistics shown are the run's active mined statistics (on `concepts` and
+`concept_model_stats`); images, histograms, neighbours and defect IoU come from the run's
+active mining generation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+
+from sqlalchemy import Select, and_, exists, func, or_, select
+from sqlalchemy.orm import Session
+
+from app.models import (
+    CamImage,
+    Concept,
+    ConceptDefectIoU,
+    ConceptHistogram,
+    ConceptModelStats,
+    ConceptNeighbour,
+    ConceptTag,
+    ConceptTopImage,
+    Image,
+    Run,
+    RunModel,
+)
+from app.schemas.concepts import (
+    ConceptCard,
+    ConceptDetail,
+    ConceptFilters,
+    ConceptPage,
+    DefectIoU,
+    ModelColumn,
+    ModelFiring,
+    Neighbour,
+    Thumb,
+)
+from app.services.labels import label_history
+from app.services.runs_view import run_summary
+
+UNIVERSAL_ENTROPY = 0.8
+"""A live concept with firing entropy at least this is 'universal' (fires across models)."""
+MOSTLY_SHARE = 0.5
+"""'Mostly in model X': at least this part of the concept's firings are in X."""
+NEIGHBOURS_SHOWN = 5
+
+_SORT_COLUMNS = {
+    "energy": Concept.energy.desc(),
+    "entropy": Concept.firing_entropy.desc(),
+    "cofire": Concept.cofire.desc(),
+    "frequency": Concept.frequency.desc(),
+    "index": Concept.index.asc(),
+}
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _filtered(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> Select:
+    query = select(Concept.id).where(Concept.run_id == run.id)
+    if scope is not None:
+        query = query.where(Concept.index.in_(sorted(scope)))
+    if not filters.show_dead:
+        query = query.where(Concept.dead.is_(False))
+    if filters.min_entropy is not None:
+        query = query.where(Concept.firing_entropy >= filters.min_entropy)
+    if filters.mostly:
+        model_id = next((m.id for m in run.models if m.name == filters.mostly), -1)
+        query = query.where(exists().where(ConceptModelStats.concept_id == Concept.id,
+                                           ConceptModelStats.run_model_id == model_id,
+                                           ConceptModelStats.share >= MOSTLY_SHARE))
+    if filters.labelled == "labelled":
+        query = query.where(Concept.label != "")
+    elif filters.labelled == "unlabelled":
+        query = query.where(Concept.label == "")
+    if filters.tag:
+        query = query.where(exists().where(ConceptTag.concept_id == Concept.id, ConceptTag.tag == filters.tag))
+    if filters.q.strip():
+        pattern = f"%{_escape_like(filters.q.strip().lower())}%"
+        query = query.where(or_(func.lower(Concept.label).like(pattern, escape="\\"),
+                                func.lower(Concept.description).like(pattern, escape="\\")))
+    return query
+
+
+def browse_concepts(session: Session, *, run: Run, filters: ConceptFilters,
+                    scope: Collection[int] | None = None) -> ConceptPage:
+    """One page of concepts matching `filters`, within `scope` (a share's concept indices)."""
+    query = _filtered(run, filters, scope)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    pages = max(1, math.ceil(total / filters.per_page))
+    ids = list(session.scalars(query.order_by(_SORT_COLUMNS[filters.sort], Concept.index.asc())
+                               .limit(filters.per_page).offset((filters.page - 1) * filters.per_page)))
+    concepts = session.scalars(select(Concept).where(Concept.id.in_(ids))).all() if ids else []
+    by_id = {c.id: c for c in concepts}
+    cards = concept_cards(session, run=run, concepts=[by_id[i] for i in ids])
+    return ConceptPage(run=run_summary(run), filters=filters, total=total, pages=pages, concepts=cards,
+                       tags=run_tags(session, run_id=run.id, scope=scope))
+
+
+def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = None) -> list[str]:
+    query = select(ConceptTag.tag).join(Concept, Concept.id == ConceptTag.concept_id).where(Concept.run_id == run_id)
+    if scope is not None:
+        query = query.where(Concept.index.in_(sorted(scope)))
+    return list(session.scalars(query.distinct().order_by(ConceptTag.tag)))
+
+
+def _firing_by_concept(session: Session, run: Run, concept_ids: Sequence[int]) -> dict[int, list[ModelFiring]]:
+    names = {m.id: m.name for m in run.models}
+    order = {m.id: m.position for m in run.models}
+    rows = session.scalars(select(ConceptModelStats).where(ConceptModelStats.concept_id.in_(concept_ids)))
+    firing: dict[int, list[tuple[int, ModelFiring]]] = defaultdict(list)
+    for s in rows:
+        firing[s.concept_id].append((order[s.run_model_id], ModelFiring(
+            model=names[s.run_model_id], fire_count=s.fire_count, frequency=s.frequency, share=s.share,
+            cofire=s.cofire)))
+    return {cid: [f for _, f in sorted(items, key=lambda item: item[0])] for cid, items in firing.items()}
+
+
+def _thumbs(session: Session, run: Run, concept_ids: Sequence[int],
+            max_rank: int | None = None) -> dict[int, list[Thumb]]:
+    """Top images of each concept (with rank < max_rank when given), by model order then rank."""
+    if run.active_generation_id is None or not concept_ids:
+        return {}
+    names = {m.id: m.name for m in run.models}
+    order = {m.id: m.position for m in run.models}
+    query = (select(ConceptTopImage, Image.thumbnail_path, Image.image_key)
+             .join(Image, Image.id == ConceptTopImage.image_id)
+             .where(ConceptTopImage.concept_id.in_(concept_ids),
+                    ConceptTopImage.generation_id == run.active_generation_id))
+    if max_rank is not None:
+        query = query.where(ConceptTopImage.rank < max_rank)
+    rows = session.execute(query)
+    thumbs: dict[int, list[tuple[tuple[int, int], Thumb]]] = defaultdict(list)
+    for top, thumbnail, key in rows:
+        thumbs[top.concept_id].append(((order[top.run_model_id], top.rank), Thumb(
+            model=names[top.run_model_id], rank=top.rank, activation=top.activation, heatmap=top.heatmap_path,
+            thumbnail=thumbnail, image_key=key)))
+    return {cid: [t for _, t in sorted(items, key=lambda item: item[0])] for cid, items in thumbs.items()}
+
+
+def card_ranks(n_models: int) -> int:
+    """Top images per model on a card: four thumbnails in all for one or two models, else one each."""
+    return {1: 4, 2: 2}.get(n_models, 1)
+
+
+def concept_cards(session: Session, *, run: Run, concepts: Sequence[Concept]) -> list[ConceptCard]:
+    ids = [c.id for c in concepts]
+    firing = _firing_by_concept(session, run, ids)
+    thumbs = _thumbs(session, run, ids, card_ranks(len(run.models)))
+    tags: dict[int, list[str]] = defaultdict(list)
+    for concept_id, tag in session.execute(select(ConceptTag.concept_id, ConceptTag.tag)
+                                           .where(ConceptTag.concept_id.in_(ids)).order_by(ConceptTag.tag)):
+        tags[concept_id].append(tag)
+    return [_card(c, firing.get(c.id, []), thumbs.get(c.id, []), tags.get(c.id, [])) for c in concepts]
+
+
+def _card(c: Concept, firing: list[ModelFiring], thumbs: list[Thumb], tags: list[str]) -> ConceptCard:
+    dominant = max(firing, key=lambda f: f.share).model if firing and not c.dead else None
+    return ConceptCard(
+        index=c.index, label=c.label, tags=tags, energy=c.energy, firing_entropy=c.firing_entropy,
+        cofire=c.cofire, frequency=c.frequency, dead=c.dead,
+        universal=not c.dead and c.firing_entropy >= UNIVERSAL_ENTROPY, dominant_model=dominant,
+        firing=firing, thumbs=thumbs,
+    )
+
+
+def get_concept(session: Session, *, run_id: int, index: int) -> Concept | None:
+    return session.scalar(select(Concept).where(Concept.run_id == run_id, Concept.index == index))
+
+
+def _trim_histogram(edges: list[float], counts: list[int]) -> tuple[list[float], list[int]]:
+    """Drop empty bins at both ends (mining uses one wide geometric range for every concept)."""
+    nonzero = [i for i, n in enumerate(counts) if n > 0]
+    if not nonzero:
+        return [], []
+    first, last = nonzero[0], nonzero[-1]
+    return [float(e) for e in edges[first:last + 2]], [int(n) for n in counts[first:last + 1]]
+
+
+def _neighbours(session: Session, run: Run, concept: Concept,
+                scope: Collection[int] | None) -> dict[int, list[Neighbour]]:
+    if run.active_generation_id is None:
+        return {}
+    rows = session.execute(
+        select(ConceptNeighbour.run_model_id, ConceptNeighbour.cosine, Concept.index, Concept.label)
+        .join(Concept, Concept.id == ConceptNeighbour.neighbour_id)
+        .where(ConceptNeighbour.concept_id == concept.id,
+               ConceptNeighbour.generation_id == run.active_generation_id)
+        .order_by(ConceptNeighbour.run_model_id, ConceptNeighbour.rank)
+    )
+    found: dict[int, list[Neighbour]] = defaultdict(list)
+    for model_id, cosine, index, label in rows:
+        if (scope is None or index in scope) and len(found[model_id]) < NEIGHBOURS_SHOWN:
+            found[model_id].append(Neighbour(index=index, label=label, cosine=cosine))
+    return found
+
+
+def _prev_next(session: Session, run: Run, index: int, scope: Collection[int] | None) -> tuple[int | None, int | None]:
+    base = select(Concept.index).where(Concept.run_id == run.id)
+    if scope is not None:
+        base = base.where(Concept.index.in_(sorted(scope)))
+    prev = session.scalar(base.where(Concept.index < index).order_by(Concept.index.desc()).limit(1))
+    nxt = session.scalar(base.where(Concept.index > index).order_by(Concept.index.asc()).limit(1))
+    return prev, nxt
+
+
+def concept_detail(session: Session, *, run: Run, concept: Concept,
+                   scope: Collection[int] | None = None) -> ConceptDetail:
+    """Everything the concept page shows; neighbours and prev/next stay inside `scope`."""
+    card = concept_cards(session, run=run, concepts=[concept])[0]
+    thumbs = _thumbs(session, run, [concept.id]).get(concept.id, [])
+    gen = run.active_generation_id
+    histograms = {h.run_model_id: h for h in session.scalars(
+        select(ConceptHistogram).where(ConceptHistogram.concept_id == concept.id,
+                                       ConceptHistogram.generation_id == gen))}
+    cams = {c.run_model_id: c.file_path for c in session.scalars(
+        select(CamImage).where(CamImage.concept_id == concept.id))}
+    max_act = dict(session.execute(select(ConceptModelStats.run_model_id, ConceptModelStats.max_activation)
+                                   .where(ConceptModelStats.concept_id == concept.id)).all())
+    neighbours = _neighbours(session, run, concept, scope)
+    firing = {f.model: f for f in card.firing}
+    columns = []
+    for model in run.models:
+        hist = histograms.get(model.id)
+        edges, counts = _trim_histogram(hist.bin_edges, hist.counts) if hist else ([], [])
+        columns.append(ModelColumn(
+            model=model.name, family=model.family,
+            firing=firing.get(model.name) or ModelFiring(model=model.name, fire_count=0, frequency=0.0, share=0.0,
+                                                         cofire=0.0),
+            max_activation=max_act.get(model.id, 0.0), top_images=[t for t in thumbs if t.model == model.name],
+            histogram_edges=edges, histogram_counts=counts, cam_image=cams.get(model.id),
+            neighbours=neighbours.get(model.id, []),
+        ))
+    prev_index, next_index = _prev_next(session, run, concept.index, scope)
+    return ConceptDetail(
+        run=run_summary(run), card=card, description=concept.description, version=concept.version,
+        updated_at=concept.updated_at, columns=columns, history=label_history(session, concept_id=concept.id),
+        defect_iou=_defect_iou(session, run, concept), prev_index=prev_index, next_index=next_index,
+    )
+
+
+def _defect_iou(session: Session, run: Run, concept: Concept) -> list[DefectIoU]:
+    names = {m.id: m.name for m in run.models}
+    rows = session.scalars(select(ConceptDefectIoU).where(
+        and_(ConceptDefectIoU.concept_id == concept.id, ConceptDefectIoU.generation_id == run.active_generation_id))
+        .order_by(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_id))
+    return [DefectIoU(defect_type=r.defect_type, model=names[r.run_model_id], iou=r.iou) for r in rows]

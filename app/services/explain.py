@@ -1,0 +1,158 @@
+"""Explain an uploaded image: which concepts each model's tokens light up, and where.
+
+The upload is validated (size, type, pixel count, decodable) before any model sees it. Each
+model of the run runs its backbone (`usae_core.backbones`, by the registry name the store
+recorded) on the image's square view; the tokens are resampled to the run's grid, encoded by
+the run's USAE, and the strongest concepts are drawn as heatmaps over the image. A model whose
+backbone cannot be loaded is reported with the reason; the others are still explained.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import Concept, Run, RunModel
+from app.schemas.explain import ExplainedConcept, ExplainedModel, Explanation
+from usae_core.errors import UsaeError
+from usae_core.images import square_view, to_rgb
+from usae_core.model import USAE
+from usae_core.render import heatmap_overlay
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+MAX_PIXELS = 40_000_000
+MIN_SIDE = 16
+VIEW_SIZE = 320
+CONCEPTS_PER_MODEL = 5
+
+
+class UploadRejected(Exception):
+    """A one-line reason the upload cannot be explained."""
+
+
+def validate_upload(data: bytes, *, max_bytes: int) -> Image.Image:
+    """Decoded upright RGB image, or UploadRejected saying what is wrong with the file."""
+    if not data:
+        raise UploadRejected("The file is empty.")
+    if len(data) > max_bytes:
+        raise UploadRejected(f"The file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB.")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            kind = probe.format
+            width, height = probe.size
+            if kind not in ACCEPTED_FORMATS:
+                raise UploadRejected(f"{kind or 'This'} files are not accepted; upload a PNG, JPEG or WebP image.")
+            if width * height > MAX_PIXELS:
+                raise UploadRejected(f"The image is {width}x{height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels.")
+            if min(width, height) < MIN_SIDE:
+                raise UploadRejected(f"The image is only {width}x{height} pixels; it needs at least {MIN_SIDE} on each side.")
+            probe.verify()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return to_rgb(img)
+    except UploadRejected:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise UploadRejected("This file is not a readable image (or it is damaged).") from None
+
+
+def _data_url(img: Image.Image, kind: str = "JPEG") -> str:
+    buffer = io.BytesIO()
+    img.save(buffer, format=kind, quality=88)
+    mime = "image/jpeg" if kind == "JPEG" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+@dataclass
+class _Loaded:
+    usae: USAE
+    backbones: dict[str, object]
+    """Model name -> Backbone, or the error message saying why it is unavailable."""
+
+
+class ModelCache:
+    """Loaded USAEs and backbones, kept between requests (loading takes seconds)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str, float], _Loaded] = {}
+        self._lock = threading.Lock()
+
+    def get(self, run: Run) -> _Loaded:
+        run_dir = Path(run.run_dir)
+        weights = run_dir / "usae.safetensors"
+        if not weights.is_file():
+            raise UsaeError(f"the weights of run {run.name!r} are not at {run_dir} any more")
+        key = (str(run_dir.resolve()), weights.stat().st_mtime)
+        with self._lock:
+            if key not in self._runs:
+                self._runs[key] = _Loaded(USAE.from_pretrained(run_dir).eval(),
+                                          {m.name: _load_backbone(m) for m in run.models})
+            return self._runs[key]
+
+
+def _load_backbone(model: RunModel) -> object:
+    """The model's backbone as the store recorded it, or a message saying why not."""
+    name = model.info.get("registry_name")
+    if not name:
+        return (f"The store does not record which backbone produced {model.name} (its activations were imported), "
+                "so new images cannot be run through it.")
+    try:
+        from usae_core.backbones import create_backbone
+
+        return create_backbone(name, layer=model.info.get("layer"), keep_cls=bool(model.info.get("keep_cls"))).eval()
+    except (UsaeError, ImportError, OSError, RuntimeError) as exc:
+        log.warning("explain: backbone %s for %s unavailable: %s", name, model.name, exc)
+        return f"The backbone {name} could not be loaded: {exc}"
+
+
+@torch.no_grad()
+def _token_codes(usae: USAE, backbone, model: RunModel, image: Image.Image) -> torch.Tensor:
+    """Dense concept codes `[grid_h * grid_w, n_concepts]` of the image's tokens in one model."""
+    tokens = backbone(backbone.preprocess(image)[None])[0]  # [h*w, dim] on the backbone's native grid
+    h, w = backbone.native_grid
+    if (h, w) != (model.grid_h, model.grid_w):
+        # The run's common grid, resampled as extraction did (antialiased bilinear).
+        grid = tokens.T.reshape(1, -1, h, w)
+        grid = F.interpolate(grid, size=(model.grid_h, model.grid_w), mode="bilinear", antialias=True,
+                             align_corners=False)
+        tokens = grid.reshape(tokens.shape[1], -1).T
+    values, indices = usae.encode(usae.standardize(tokens.float(), model.name), model.name)
+    return usae.dense_codes(values, indices)
+
+
+def explain_image(session: Session, *, run: Run, image: Image.Image, cache: ModelCache) -> Explanation:
+    loaded = cache.get(run)
+    view = square_view(image, VIEW_SIZE)
+    explained: list[ExplainedModel] = []
+    for model in run.models:
+        backbone = loaded.backbones[model.name]
+        if isinstance(backbone, str):
+            explained.append(ExplainedModel(model=model.name, concepts=[], error=backbone))
+            continue
+        codes = _token_codes(loaded.usae, backbone, model, image)
+        peak = codes.max(dim=0).values
+        top = torch.topk(peak, k=min(CONCEPTS_PER_MODEL, peak.numel()))
+        labels = dict(session.execute(select(Concept.index, Concept.label).where(
+            Concept.run_id == run.id, Concept.index.in_(top.indices.tolist()))).all())
+        concepts = []
+        for value, index in zip(top.values.tolist(), top.indices.tolist()):
+            if value <= 0:
+                break
+            heat = codes[:, index].reshape(model.grid_h, model.grid_w).numpy().astype(np.float32)
+            concepts.append(ExplainedConcept(index=index, label=labels.get(index, ""), max_activation=value,
+                                             heatmap_data_url=_data_url(heatmap_overlay(view, heat, vmax=value))))
+        explained.append(ExplainedModel(model=model.name, concepts=concepts))
+    return Explanation(run_id=run.id, image_data_url=_data_url(view), models=explained)

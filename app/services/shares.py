@@ -1,0 +1,129 @@
+"""Read-only audit links: create, resolve, list and revoke.
+
+A token is 32 random bytes (256 bits) in URL-safe base64. Only its SHA-256 is stored, so a
+leaked database does not leak working links; the look-up is by that hash and the match is
+confirmed with a constant-time comparison.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from app.models import Concept, Run, ShareLink, User, utcnow
+from app.schemas.shares import ShareCreated, ShareInfo
+from app.urls import share_urls
+from app.viewer import ShareGrant
+from usae_core.errors import UsaeError
+
+TOKEN_BYTES = 32
+MAX_SHARED_CONCEPTS = 500
+
+
+class ShareNotFound(Exception):
+    """No link has this token."""
+
+
+class ShareGone(Exception):
+    """The link exists but was revoked or has expired; `reason` says which, plainly."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def share_status(link: ShareLink, now: dt.datetime | None = None) -> str:
+    now = now or utcnow()
+    if link.revoked_at is not None:
+        return "revoked"
+    if link.expires_at is not None and link.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def share_info(link: ShareLink) -> ShareInfo:
+    return ShareInfo(
+        id=link.id, run_id=link.run_id, run_name=link.run.name, scope=link.scope,  # type: ignore[arg-type]
+        concept_indices=list(link.concept_indices), note=link.note,
+        created_by=link.creator.username if link.creator else "(deleted account)",
+        created_at=link.created_at, expires_at=link.expires_at, revoked_at=link.revoked_at,
+        status=share_status(link),  # type: ignore[arg-type]
+    )
+
+
+def create_share(session: Session, *, run: Run, creator: User, scope: str, concept_indices: Sequence[int],
+                 note: str, expires_at: dt.datetime | None) -> ShareCreated:
+    """A new link; the returned token is the only time it exists outside the holder's hands."""
+    indices: list[int] = []
+    if scope == "concepts":
+        indices = sorted(set(int(i) for i in concept_indices))
+        if not indices:
+            raise UsaeError("choose at least one concept to share")
+        if len(indices) > MAX_SHARED_CONCEPTS:
+            raise UsaeError(f"a link can show at most {MAX_SHARED_CONCEPTS} concepts; share the whole run instead")
+        known = set(session.scalars(select(Concept.index).where(Concept.run_id == run.id,
+                                                                Concept.index.in_(indices))))
+        missing = [i for i in indices if i not in known]
+        if missing:
+            raise UsaeError(f"run {run.name!r} has no concept {', '.join(map(str, missing[:5]))}")
+    elif scope != "run":
+        raise UsaeError(f"scope must be 'run' or 'concepts', got {scope!r}")
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise UsaeError("the expiry needs a time zone")
+        if expires_at <= utcnow():
+            raise UsaeError("the expiry is in the past")
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    link = ShareLink(token_hash=hash_token(token), scope=scope, run_id=run.id, concept_indices=indices,
+                     note=note.strip(), created_by=creator.id, expires_at=expires_at)
+    link.run, link.creator = run, creator
+    session.add(link)
+    session.flush()
+    return ShareCreated(**share_info(link).model_dump(), token=token, url=share_urls(token).home())
+
+
+def resolve_share(session: Session, *, token: str) -> ShareGrant:
+    """What the holder of `token` may see; ShareNotFound or ShareGone otherwise."""
+    wanted = hash_token(token)
+    link = session.scalar(select(ShareLink).options(selectinload(ShareLink.creator))
+                          .where(ShareLink.token_hash == wanted))
+    if link is None or not hmac.compare_digest(link.token_hash, wanted):
+        raise ShareNotFound()
+    status = share_status(link)
+    if status == "revoked":
+        raise ShareGone(f"This audit link was revoked on {link.revoked_at:%d %b %Y at %H:%M} UTC.")
+    if status == "expired":
+        raise ShareGone(f"This audit link expired on {link.expires_at:%d %b %Y at %H:%M} UTC.")
+    return ShareGrant(
+        link_id=link.id, run_id=link.run_id,
+        concept_indices=frozenset(link.concept_indices) if link.scope == "concepts" else None,
+        note=link.note, created_by_name=link.creator.username if link.creator else "an analyst",
+        expires_at=link.expires_at,
+    )
+
+
+def list_shares(session: Session) -> list[ShareInfo]:
+    links = session.scalars(select(ShareLink).options(selectinload(ShareLink.run), selectinload(ShareLink.creator))
+                            .order_by(ShareLink.created_at.desc(), ShareLink.id.desc()))
+    return [share_info(link) for link in links]
+
+
+def revoke_share(session: Session, *, share_id: int) -> ShareInfo:
+    """Revoke now (revoking twice keeps the first time)."""
+    link = session.get(ShareLink, share_id)
+    if link is None:
+        raise ShareNotFound()
+    if link.revoked_at is None:
+        link.revoked_at = utcnow()
+        session.flush()
+    return share_info(link)

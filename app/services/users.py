@@ -1,0 +1,50 @@
+"""Analyst accounts: create them and check passwords."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import User
+from app.security import hash_password, verify_password
+from usae_core.errors import UsaeError
+
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+MIN_PASSWORD_LENGTH = 8
+# Verified when the user name is unknown, so a miss costs as much time as a wrong password
+# and response times do not reveal which accounts exist.
+_DUMMY_HASH = hash_password("not-a-real-password")
+
+
+def create_user(session: Session, *, username: str, password: str) -> User:
+    """Add an analyst; one-line UsaeError for a bad name, a short password or a taken name."""
+    if not USERNAME_PATTERN.match(username):
+        raise UsaeError("user names are 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UsaeError(f"passwords need at least {MIN_PASSWORD_LENGTH} characters")
+    if find_user(session, username=username) is not None:
+        raise UsaeError(f"user {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password))
+    session.add(user)
+    session.flush()
+    return user
+
+
+def find_user(session: Session, *, username: str) -> User | None:
+    """Case-insensitive look-up, so 'Alice' and 'alice' are one account."""
+    return session.scalar(select(User).where(func.lower(User.username) == username.strip().lower()))
+
+
+def authenticate(session: Session, *, username: str, password: str) -> User | None:
+    user = find_user(session, username=username)
+    if user is None or not user.is_active:
+        verify_password(_DUMMY_HASH, password)
+        return None
+    return user if verify_password(user.password_hash, password) else None
+
+
+def active_user(session: Session, *, user_id: int) -> User | None:
+    user = session.get(User, user_id)
+    return user if user is not None and user.is_active else None

@@ -1,0 +1,81 @@
+"""Jinja2 set-up (autoescape on for every template) and the one way pages are rendered."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from fastapi.templating import Jinja2Templates
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+
+from app import charts
+from app.models import utcnow
+from app.security import csrf_token
+from app.viewer import Viewer
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+def _datetime(value: dt.datetime | None) -> str:
+    return "" if value is None else value.astimezone(dt.timezone.utc).strftime("%d %b %Y, %H:%M UTC")
+
+
+def _date(value: dt.datetime | None) -> str:
+    return "" if value is None else value.astimezone(dt.timezone.utc).strftime("%d %b %Y")
+
+
+def _percent(value: float) -> str:
+    """Firing frequencies span decades: 12%, 3.4%, 0.05%."""
+    pct = 100 * value
+    if pct == 0:
+        return "0%"
+    if pct >= 10:
+        return f"{pct:.0f}%"
+    if pct >= 1:
+        return f"{pct:.1f}%"
+    return f"{pct:.2g}%"
+
+
+def _number(value: float | int) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.3g}"
+
+
+def page_window(number: int, pages: int, radius: int = 2) -> list[int | None]:
+    """Page numbers to offer: first, last and `radius` around the current one; None marks a gap."""
+    shown = sorted({1, pages, *range(max(1, number - radius), min(pages, number + radius) + 1)})
+    window: list[int | None] = []
+    for n in shown:
+        if window and n - window[-1] > 1:  # type: ignore[operator]
+            window.append(None)
+        window.append(n)
+    return window
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,  # every template, whatever its extension
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(datetime=_datetime, date=_date, percent=_percent, number=_number)
+    env.globals.update(charts=charts, page_window=page_window)
+    return env
+
+
+templates = Jinja2Templates(env=_environment())
+
+
+def render(request: Request, viewer: Viewer, name: str, *, status_code: int = 200,
+           **context: Any) -> HTMLResponse:
+    """A page for `viewer`. Analysts get the session's CSRF token for forms and htmx requests;
+    share-link holders get no session at all."""
+    csrf = csrf_token(request) if viewer.share is None else None
+    return templates.TemplateResponse(
+        request, name, {"viewer": viewer, "urls": viewer.urls, "csrf": csrf, "now": utcnow(), "nav": None, **context},
+        status_code=status_code,
+    )

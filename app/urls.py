@@ -1,0 +1,44 @@
+"""Where each page lives, for analysts and for share-link holders.
+
+Analysts browse `/runs/...`; a share-link holder browses the same pages under `/s/TOKEN/runs/...`.
+Templates build every link through `Urls`, so a shared page only ever links inside its share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote, urlencode
+
+
+@dataclass(frozen=True)
+class Urls:
+    prefix: str = ""
+    """"" for analysts, "/s/TOKEN" for a share-link holder."""
+
+    def home(self) -> str:
+        return self.prefix or "/runs"
+
+    def run(self, run_id: int) -> str:
+        return f"{self.prefix}/runs/{run_id}"
+
+    def concepts(self, run_id: int, query: dict[str, object] | None = None) -> str:
+        base = f"{self.prefix}/runs/{run_id}/concepts"
+        return f"{base}?{urlencode(query)}" if query else base
+
+    def concept(self, run_id: int, index: int) -> str:
+        return f"{self.prefix}/runs/{run_id}/concepts/{index}"
+
+    def compare(self, run_id: int, a: str | None = None, b: str | None = None) -> str:
+        base = f"{self.prefix}/runs/{run_id}/compare"
+        return f"{base}?{urlencode({'a': a, 'b': b})}" if a and b else base
+
+    def media(self, relative_path: str) -> str:
+        """A file under the data directory's media folder (thumbnails, heatmaps, CAM images)."""
+        return f"{self.prefix}/media/{quote(relative_path)}"
+
+
+ANALYST_URLS = Urls()
+
+
+def share_urls(token: str) -> Urls:
+    return Urls(prefix=f"/s/{quote(token, safe='')}")
