@@ -43,5 +43,9 @@ def auxk_loss(
     k_aux = min(k_aux, pre_codes.shape[1])
     masked = pre_codes * dead_mask.to(pre_codes.dtype)
     vals, idx = torch.topk(masked, k_aux, dim=1, sorted=False)
-    recon = sparse_decode(vals, idx, dictionary)
-    return (recon.float() - residual.float()).square().mean() * dead_mask.any().to(recon.dtype)
+    return auxk_residual_loss(sparse_decode(vals, idx, dictionary), residual, dead_mask)
+
+
+def auxk_residual_loss(aux_recon: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor:
+    """MSE of the dead latents' reconstruction against the residual; zero with no dead latents."""
+    return (aux_recon.float() - residual.float()).square().mean() * dead_mask.any().to(torch.float32)

@@ -18,7 +18,7 @@ from torch import nn
 from usae_core.atomic import atomic_path, atomic_write_json
 from usae_core.config import USAEConfig
 from usae_core.errors import UsaeError
-from usae_core.sparse import sparse_decode
+from usae_core.sparse import SparseCode, sparse_decode, topk_encode
 
 CHECKPOINT_FORMAT = "usae-checkpoint"
 WEIGHTS_FILE = "usae.safetensors"
@@ -103,6 +103,21 @@ class USAE(nn.Module):
         """Standardised reconstruction of `model` from a sparse code: `[batch, dim]`."""
         i = self.index(model)
         return sparse_decode(values, indices, self.dictionaries[i]) + self.decoder_biases[i]
+
+    def encode_sparse(
+        self, x_std: torch.Tensor, model: str, dead: torch.Tensor | None = None, k_aux: int = 0,
+        sync_stats: bool = False,
+    ) -> tuple[SparseCode, SparseCode | None]:
+        """Training-time `encode` (BatchNorm in train mode) on the fused path: the TopK code, and the
+        AuxK code of the `k_aux` largest dead concepts when `dead` is given. Gradients reach the
+        encoder through the selected entries only (usae_core/sparse.py). Computes in x_std's dtype."""
+        enc = self.encoders[self.index(model)]
+        return topk_encode(x_std, enc.linear.weight, enc.linear.bias, enc.bn, self.cfg.k, dead, k_aux, sync_stats)
+
+    def decode_sparse(self, code: SparseCode, model: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`decode` of a fused-path code, gathering dictionary rows in `dtype`."""
+        i = self.index(model)
+        return code.decode(self.dictionaries[i], dtype) + self.decoder_biases[i]
 
     def dense_codes(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The code as a dense `[batch, n_concepts]` tensor (for analysis, not the hot path)."""

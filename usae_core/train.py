@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from usae_core.atomic import atomic_directory, atomic_path
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
-from usae_core.losses import auxk_loss, paper_aux_loss, reconstruction_loss
+from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
 from usae_core.model import USAE
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,10 @@ class Trainer:
         # Tokens since each concept last fired, for dead-latent detection (AuxK and logging).
         self.since_fired = torch.zeros(usae_cfg.n_concepts, dtype=torch.long, device=self.device)
         self.step = 0
+        # The fused sparse path (usae_core/sparse.py) computes the same step as the plain one;
+        # the paper's auxiliary term is dense by construction and keeps the plain path.
+        self.fused = cfg.aux != "paper"
+        self._n_dead, self._steps_to_dead_check = 0, 0
 
     # ------------------------------------------------------------ checkpoints
     def run_config(self) -> dict:
@@ -171,26 +175,10 @@ class Trainer:
     # ------------------------------------------------------------ one step
     def train_step(self, batch: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         cfg, model = self.cfg, self.model
+        dead = self.since_fired > cfg.dead_after_tokens
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            pre = model.pre_codes(batch[source], source)
-            values, indices = torch.topk(pre, model.cfg.k, dim=1, sorted=False)
-            dead = self.since_fired > cfg.dead_after_tokens
-            losses, recons = {}, {}
-            total = torch.zeros((), device=self.device)
-            for target in self.names:
-                d = model.dictionary(target)
-                recon = model.decode(values, indices, target)
-                rec_loss = reconstruction_loss(recon, batch[target], cfg.loss)
-                residual = (batch[target] - recon).detach()
-                if cfg.aux == "paper":
-                    aux = paper_aux_loss(pre, values, indices, residual, d, cfg.loss)
-                elif cfg.aux == "auxk":
-                    aux = auxk_loss(pre, dead, residual, d, cfg.aux_k)
-                else:
-                    aux = torch.zeros((), device=self.device)
-                total = total + rec_loss + cfg.aux_weight * aux
-                losses[target] = rec_loss
-                recons[target] = recon.detach()
+            forward = self._fused_forward if self.fused else self._plain_forward
+            total, losses, recons, values, indices = forward(batch, source, dead)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.world_size > 1:
@@ -208,6 +196,65 @@ class Trainer:
         tokens = values.shape[0] * self.world_size
         self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired), self.since_fired + tokens)
         return {"loss": total.detach(), "losses": losses, "recons": recons, "values": values.detach()}
+
+    def _plain_forward(self, batch: dict[str, torch.Tensor], source: str, dead: torch.Tensor) -> tuple:
+        """The reference step: dense encoder output, torch.topk, embedding_bag decode."""
+        cfg, model = self.cfg, self.model
+        pre = model.pre_codes(batch[source], source)
+        values, indices = torch.topk(pre, model.cfg.k, dim=1, sorted=False)
+        losses, recons = {}, {}
+        total = torch.zeros((), device=self.device)
+        for target in self.names:
+            d = model.dictionary(target)
+            recon = model.decode(values, indices, target)
+            rec_loss = reconstruction_loss(recon, batch[target], cfg.loss)
+            residual = (batch[target] - recon).detach()
+            if cfg.aux == "paper":
+                aux = paper_aux_loss(pre, values, indices, residual, d, cfg.loss)
+            elif cfg.aux == "auxk":
+                aux = auxk_loss(pre, dead, residual, d, cfg.aux_k)
+            else:
+                aux = torch.zeros((), device=self.device)
+            total = total + rec_loss + cfg.aux_weight * aux
+            losses[target] = rec_loss
+            recons[target] = recon.detach()
+        return total, losses, recons, values, indices
+
+    def _fused_forward(self, batch: dict[str, torch.Tensor], source: str, dead: torch.Tensor) -> tuple:
+        """The same losses as `_plain_forward` (auxk/none), computed from the k active entries
+        per token (usae_core/sparse.py): no dense [batch, n_concepts] tensor is kept or differentiated."""
+        cfg, model = self.cfg, self.model
+        compute = torch.bfloat16 if self.autocast else batch[source].dtype
+        k_aux = self._auxk_width(dead) if cfg.aux == "auxk" else 0
+        code, aux_code = model.encode_sparse(batch[source].to(compute), source, dead if k_aux else None, k_aux,
+                                             sync_stats=self.world_size > 1)
+        losses, recons = {}, {}
+        total = torch.zeros((), device=self.device)
+        for target in self.names:
+            recon = model.decode_sparse(code, target, compute)
+            rec_loss = reconstruction_loss(recon, batch[target], cfg.loss)
+            total = total + rec_loss
+            if aux_code is not None:
+                residual = (batch[target] - recon).detach()
+                aux_recon = aux_code.decode(model.dictionary(target), compute)
+                total = total + cfg.aux_weight * auxk_residual_loss(aux_recon, residual, dead)
+            losses[target] = rec_loss
+            recons[target] = recon.detach()
+        return total, losses, recons, code.values, code.indices
+
+    def _auxk_width(self, dead: torch.Tensor) -> int:
+        """Latents the AuxK term must consider: min(aux_k, dead count, rounded up to a power of two).
+
+        Alive latents enter AuxK with value 0 and change nothing, so any width >= the number of
+        dead latents gives the exact AuxK loss, at a cost proportional to the dead count instead
+        of aux_k. The count is read from the device every `log_every` steps (a host sync)."""
+        if self._steps_to_dead_check <= 0:
+            self._n_dead = int(dead.sum())
+            self._steps_to_dead_check = self.cfg.log_every
+        self._steps_to_dead_check -= 1
+        if self._n_dead == 0:
+            return 0
+        return min(self.cfg.aux_k, self.model.cfg.n_concepts, max(8, 1 << (self._n_dead - 1).bit_length()))
 
     def _all_reduce_gradients(self) -> None:
         # Every rank encodes with the same source model (source_for_step), so all ranks touch

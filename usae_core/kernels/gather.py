@@ -1,0 +1,180 @@
+"""Sparse-code products that touch only the k active rows, with no `[tokens, k, dim]` tensors.
+
+With a code given as `indices, weights` (`[batch, k]` each) and a table `[n_concepts, dim]`:
+
+- `gather_decode`:  out[b]  = sum_j weights[b, j] * table[indices[b, j]]         (decode)
+- `row_dot`:        out[b, j] = <rows[b], table[indices[b, j]]>                    (its value gradient)
+- `concept_sum`:    out[c]  = sum_{(b, j): indices[b, j] = c} weights[b, j] * rows[b]
+  (the table gradient of a decode, and the encoder weight gradient of a TopK code)
+
+`concept_sum` walks the code sorted by concept (a `ConceptOrder`, built once per code and
+shared by every product over it), so each output row is summed by one program, without
+atomics. The Triton kernels accumulate in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from usae_core.kernels import HAVE_TRITON, use_triton
+
+_CHUNK_ELEMENTS = 1 << 24  # fallback: bound the [chunk, k, dim] temporaries to ~64 MB of floats
+
+
+@dataclass(frozen=True)
+class ConceptOrder:
+    """The entries of a `[batch, k]` code sorted by concept."""
+
+    slots: torch.Tensor
+    """`[batch * k]` int64 flat positions (b * k + j), grouped by concept."""
+    starts: torch.Tensor
+    """`[n_concepts + 1]` int64: concept c owns slots[starts[c]:starts[c + 1]]."""
+
+    @classmethod
+    def build(cls, indices: torch.Tensor, n_concepts: int) -> "ConceptOrder":
+        # int32 keys halve the radix passes of the sort; no host sync anywhere.
+        keys, slots = torch.sort(indices.reshape(-1).to(torch.int32))
+        bounds = torch.arange(n_concepts + 1, dtype=torch.int32, device=indices.device)
+        return cls(slots, torch.searchsorted(keys, bounds).to(torch.int64))
+
+
+def gather_decode(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    out_dtype = out_dtype or table.dtype
+    if use_triton(table) and _kernel_dtypes(table, weights):
+        return _gather_decode_triton(indices, weights, table, out_dtype)
+    out = torch.nn.functional.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+    return out.to(out_dtype)
+
+
+def row_dot(indices: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """float32 (float64 for float64 input) `[batch, k]`."""
+    if use_triton(table) and _kernel_dtypes(table, rows):
+        return _row_dot_triton(indices, rows, table)
+    acc = torch.float64 if table.dtype == torch.float64 else torch.float32
+    out = torch.empty(indices.shape, dtype=acc, device=indices.device)
+    step = _chunk_rows(indices.shape[1] * table.shape[1])
+    for lo in range(0, indices.shape[0], step):
+        picked = table[indices[lo : lo + step]].to(acc)  # [chunk, k, dim]
+        out[lo : lo + step] = torch.bmm(picked, rows[lo : lo + step].to(acc).unsqueeze(2)).squeeze(2)
+    return out
+
+
+def concept_sum(order: ConceptOrder, indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
+                n_concepts: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (float64 for float64 input) `[n_concepts, dim]`; added into `out` when given."""
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    if out is None:
+        out = torch.zeros(n_concepts, rows.shape[1], dtype=acc, device=rows.device)
+    if use_triton(rows) and _kernel_dtypes(rows, weights):
+        _concept_sum_triton(order, weights, rows, out, indices.shape[1])
+        return out
+    k = indices.shape[1]
+    step = _chunk_rows(k * rows.shape[1])
+    for lo in range(0, indices.shape[0], step):
+        idx = indices[lo : lo + step]
+        contrib = weights[lo : lo + step].to(acc).unsqueeze(2) * rows[lo : lo + step].to(acc).unsqueeze(1)
+        out.index_add_(0, idx.reshape(-1), contrib.reshape(-1, rows.shape[1]))
+    return out
+
+
+def _chunk_rows(per_row: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+
+
+def _kernel_dtypes(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather_decode_kernel(idx_ptr, w_ptr, table_ptr, out_ptr, B, D, stride_t, stride_o,
+                              K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < B
+        mask = rmask[:, None] & (cols < D)[None, :]
+        rows64 = rows.to(tl.int64)
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for j in range(K):
+            c = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0)
+            w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0).to(tl.float32)
+            t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+            acc += w[:, None] * t.to(tl.float32)
+        tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _row_dot_kernel(idx_ptr, rows_ptr, table_ptr, out_ptr, B, D, stride_r, stride_t,
+                        K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        rows64 = rows.to(tl.int64)
+        for j in range(K):
+            c = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0)
+            acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                mask = rmask[:, None] & (cols < D)[None, :]
+                r = tl.load(rows_ptr + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+                t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+                acc += tl.sum(r.to(tl.float32) * t.to(tl.float32), axis=1)
+            tl.store(out_ptr + rows64 * K + j, acc, mask=rmask)
+
+    @triton.jit
+    def _concept_sum_kernel(starts_ptr, slots_ptr, w_ptr, rows_ptr, out_ptr, D, stride_r, stride_o,
+                            K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+        concept = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        first = tl.load(starts_ptr + concept)
+        last = tl.load(starts_ptr + concept + 1)
+        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+        for e0 in range(first, last, BLOCK_E):
+            entries = e0 + tl.arange(0, BLOCK_E)
+            emask = entries < last
+            slot = tl.load(slots_ptr + entries, mask=emask, other=0)
+            w = tl.load(w_ptr + slot, mask=emask, other=0.0).to(tl.float32)
+            token = slot // K
+            r = tl.load(rows_ptr + token[:, None] * stride_r + cols[None, :],
+                        mask=emask[:, None] & cmask[None, :], other=0.0)
+            acc += w[:, None] * r.to(tl.float32)
+        out_at = out_ptr + concept.to(tl.int64) * stride_o + cols
+        tl.store(out_at, tl.load(out_at, mask=cmask, other=0.0) + tl.sum(acc, axis=0), mask=cmask)
+
+
+_BLOCK_D = 128
+
+
+def _gather_decode_triton(indices, weights, table, out_dtype):
+    indices, weights, table = indices.contiguous(), weights.contiguous(), table.contiguous()
+    n, k = indices.shape
+    d = table.shape[1]
+    out = torch.empty(n, d, dtype=out_dtype, device=table.device)
+    block_b = 32
+    grid = (triton.cdiv(n, block_b), triton.cdiv(d, _BLOCK_D))
+    _gather_decode_kernel[grid](indices, weights, table, out, n, d, table.stride(0), out.stride(0),
+                                K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, num_warps=4)
+    return out
+
+
+def _row_dot_triton(indices, rows, table):
+    indices, rows, table = indices.contiguous(), rows.contiguous(), table.contiguous()
+    n, k = indices.shape
+    out = torch.empty(n, k, dtype=torch.float32, device=table.device)
+    block_b = 32
+    _row_dot_kernel[(triton.cdiv(n, block_b),)](indices, rows, table, out, n, table.shape[1], rows.stride(0),
+                                                table.stride(0), K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, num_warps=4)
+    return out
+
+
+def _concept_sum_triton(order, weights, rows, out, k):
+    weights, rows = weights.contiguous(), rows.contiguous()
+    n_concepts, d = out.shape
+    grid = (n_concepts, triton.cdiv(d, _BLOCK_D))
+    _concept_sum_kernel[grid](order.starts, order.slots, weights, rows, out, d, rows.stride(0), out.stride(0),
+                              K=k, BLOCK_E=32, BLOCK_D=_BLOCK_D, num_warps=4)

@@ -1,0 +1,137 @@
+"""Fused ReLU + TopK over the encoder output, one pass over `[batch, n_concepts]`.
+
+For each row, y = ReLU(gamma * h + beta) (or ReLU(h)); the k largest y are returned as
+`(values, indices)` together with h at those positions (the BatchNorm backward needs it).
+An optional second selection (AuxK) takes the `k_aux` largest y among *dead* columns, alive
+columns counting as 0, exactly as `topk(y * dead_mask)`.
+
+The Triton kernel keeps a whole row in registers and finds the k-th largest value by a
+binary search over its float bit pattern (non-negative floats order like their int32 bits):
+31 counting passes over registers instead of a sort, then two prefix sums place the winners.
+Ties at the threshold go to the lowest column, so the result is a valid `torch.topk`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from usae_core.kernels import HAVE_TRITON, use_triton
+
+
+class TopK(NamedTuple):
+    values: torch.Tensor
+    """`[batch, k]` float32 (float64 for float64 input): the selected y."""
+    indices: torch.Tensor
+    """`[batch, k]` int64 columns."""
+    pre: torch.Tensor
+    """`[batch, k]` h at the selected columns (before the affine map and ReLU)."""
+
+
+def relu_topk(
+    h: torch.Tensor,
+    k: int,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[TopK, TopK | None]:
+    """TopK of ReLU(gamma * h + beta) per row, plus the AuxK selection when `dead` is given."""
+    if (gamma is None) != (beta is None):
+        raise ValueError("give both gamma and beta, or neither")
+    aux = dead is not None and k_aux > 0
+    if use_triton(h) and h.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return _relu_topk_triton(h, k, gamma, beta, dead if aux else None, k_aux if aux else 0)
+    return _relu_topk_torch(h, k, gamma, beta, dead if aux else None, k_aux if aux else 0)
+
+
+def _relu_topk_torch(h, k, gamma, beta, dead, k_aux):
+    hf = h if h.dtype == torch.float64 else h.float()
+    y = torch.relu(hf * gamma + beta if gamma is not None else hf)
+    values, indices = torch.topk(y, k, dim=1, sorted=False)
+    main = TopK(values, indices, hf.gather(1, indices))
+    if dead is None:
+        return main, None
+    aux_values, aux_indices = torch.topk(y * dead.to(y.dtype), k_aux, dim=1, sorted=False)
+    return main, TopK(aux_values, aux_indices, hf.gather(1, aux_indices))
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _select_topk(keys, cols, pre, out_off, K: tl.constexpr, val_ptr, pre_ptr, idx_ptr):
+        # Largest bit pattern T with count(keys >= T) >= K is the K-th largest value.
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0x7F800001, tl.int32)  # one past +inf: nothing is >= it
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum((keys >= mid).to(tl.int32), axis=0) >= K
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        above = keys > lo
+        tied = keys == lo
+        need = K - tl.sum(above.to(tl.int32), axis=0)
+        tie_rank = tl.cumsum(tied.to(tl.int32), axis=0) - 1
+        chosen = above | (tied & (tie_rank < need))
+        slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(val_ptr + out_off + slot, keys.to(tl.float32, bitcast=True), mask=chosen)
+        tl.store(idx_ptr + out_off + slot, cols.to(tl.int64), mask=chosen)
+        tl.store(pre_ptr + out_off + slot, pre, mask=chosen)
+
+    @triton.jit
+    def _relu_topk_kernel(
+        h_ptr, gamma_ptr, beta_ptr, dead_ptr,
+        val_ptr, pre_ptr, idx_ptr, aux_val_ptr, aux_pre_ptr, aux_idx_ptr,
+        C, stride_h,
+        K: tl.constexpr, K_AUX: tl.constexpr, BLOCK_C: tl.constexpr,
+        AFFINE: tl.constexpr, AUX: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        inside = cols < C
+        pre = tl.load(h_ptr + row * stride_h + cols, mask=inside, other=0.0).to(tl.float32)
+        y = pre
+        if AFFINE:
+            gamma = tl.load(gamma_ptr + cols, mask=inside, other=1.0).to(tl.float32)
+            beta = tl.load(beta_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            y = pre * gamma + beta
+        y = tl.where(y > 0.0, y, 0.0)  # also maps -0.0 and NaN to +0.0
+        keys = tl.where(inside, y.to(tl.int32, bitcast=True), -1)  # padding never wins
+        _select_topk(keys, cols, pre, row * K, K, val_ptr, pre_ptr, idx_ptr)
+        if AUX:
+            dead = tl.load(dead_ptr + cols, mask=inside, other=0) != 0
+            aux_keys = tl.where(dead, keys, tl.where(inside, 0, -1))
+            _select_topk(aux_keys, cols, pre, row * K_AUX, K_AUX, aux_val_ptr, aux_pre_ptr, aux_idx_ptr)
+
+
+def _relu_topk_triton(h, k, gamma, beta, dead, k_aux):
+    h = h.contiguous()
+    n, c = h.shape
+    dev = h.device
+
+    def outputs(width: int) -> TopK:
+        return TopK(
+            torch.empty(n, width, dtype=torch.float32, device=dev),
+            torch.empty(n, width, dtype=torch.int64, device=dev),
+            torch.empty(n, width, dtype=torch.float32, device=dev),
+        )
+
+    main = outputs(k)
+    aux = outputs(k_aux) if dead is not None else None
+    block = triton.next_power_of_2(c)
+    affine = gamma is not None
+    _relu_topk_kernel[(n,)](
+        h,
+        gamma.contiguous() if affine else h,
+        beta.contiguous() if affine else h,
+        dead.to(torch.int8).contiguous() if aux is not None else h,
+        main.values, main.pre, main.indices,
+        *(aux.values, aux.pre, aux.indices) if aux is not None else (main.values, main.pre, main.indices),
+        c, h.stride(0),
+        K=k, K_AUX=max(k_aux, 1), BLOCK_C=block, AFFINE=affine, AUX=aux is not None,
+        num_warps=min(32, max(4, block // 1024)),
+    )
+    return main, aux
