@@ -1,0 +1,265 @@
+"""Activation extraction: image files -> backbones -> one token-aligned ActivationStore.
+
+DataLoader workers decode each image once and cut its square view(s) as uint8; the device
+normalises them per model, runs the backbones (bf16 autocast on CUDA), and resamples every
+model's token grid to one common grid (antialiased bilinear, as the paper does for DINOv2's
+16 x 16 -> 14 x 14). Results are copied back asynchronously and written shard by shard on a
+side thread, so decoding, compute and writing overlap. Finished shards survive an interruption
+and a rerun skips them. Under torchrun, rank r extracts shards r, r + world_size, ... and rank 0
+finalises the store after a barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from usae_core.backbones import Backbone, create_backbone
+from usae_core.backbones.base import pil_to_uint8
+from usae_core.errors import UsaeError
+from usae_core.images import FolderSource, defect_types, square_view
+from usae_core.store import ActivationStore, ShardSpan, StoreWriter
+
+log = logging.getLogger(__name__)
+
+_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+View = tuple[int, str]
+"""(side, interpolation) of a square view some backbone reads."""
+
+
+def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """`[B, h*w, D]` tokens on `native` -> `[B, H*W, D]` on `grid` (antialiased bilinear, in float32)."""
+    if tuple(native) == tuple(grid):
+        return tokens
+    b, t, d = tokens.shape
+    h, w = native
+    if t != h * w:
+        raise UsaeError(f"{t} tokens do not form a {h}x{w} grid")
+    maps = tokens.transpose(1, 2).reshape(b, d, h, w).float()
+    out = F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False, antialias=True)
+    return out.flatten(2).transpose(1, 2)
+
+
+class _SquareViews(Dataset):
+    """Image `i` -> (i, uint8 square views [3, S, S], one per distinct view)."""
+
+    def __init__(self, source: FolderSource, indices: Sequence[int], views: Sequence[View]):
+        self.source = source
+        self.indices = list(indices)
+        self.views = list(views)
+        self.draft = max(side for side, _ in self.views)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor]]:
+        index = self.indices[i]
+        img = self.source.load(self.source.ids[index], min_size=self.draft)
+        return index, [pil_to_uint8(square_view(img, side, interp)) for side, interp in self.views]
+
+
+def _as_backbones(backbones: Sequence[str | Backbone], weights: Mapping[str, str], layers: Mapping[str, str],
+                  random_init: bool) -> list[Backbone]:
+    built = []
+    for b in backbones:
+        if isinstance(b, Backbone):
+            built.append(b)
+        else:
+            built.append(create_backbone(b, weights=weights.get(b), layer=layers.get(b), random_init=random_init))
+    names = [b.store_name for b in built]
+    if len(set(names)) != len(names):
+        raise UsaeError(f"two backbones share a store name: {names}; choose different models or layers")
+    for b in built:
+        if b.keep_cls:
+            raise UsaeError(f"backbone {b.name!r}: keep_cls tokens do not fit a store's token grid")
+    return built
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+class _ShardAssembler:
+    """Collects result rows into whole shards and writes each full shard on a side thread."""
+
+    def __init__(self, writer: StoreWriter, spans: Sequence[ShardSpan], models: Sequence[Backbone], dtype: str,
+                 write_threads: int = 2):
+        self.writer = writer
+        self.spans = {s.index: s for s in spans}
+        self.shard_images = writer.manifest["shard_images"]
+        self.dims = {m.store_name: m.dim for m in models}
+        self.dtype = _TORCH_STORAGE[dtype]
+        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self.filled: dict[int, int] = {}
+        self.write_threads = write_threads
+        self.pool = ThreadPoolExecutor(max_workers=write_threads)
+        self.futures: list[Future] = []
+
+    def add(self, image_indices: Sequence[int], outputs: Mapping[str, torch.Tensor]) -> None:
+        """Store the rows of one batch; its images are consecutive, in shard order."""
+        row = 0
+        while row < len(image_indices):
+            shard = image_indices[row] // self.shard_images
+            span = self.spans[shard]
+            start = image_indices[row] - span.start
+            take = min(len(image_indices) - row, span.n_images - start)
+            buffers = self.buffers.setdefault(shard, {
+                name: torch.empty(span.n_images, self.writer.tokens_per_image, dim, dtype=self.dtype)
+                for name, dim in self.dims.items()})
+            for name, out in outputs.items():
+                buffers[name][start : start + take] = out[row : row + take]
+            self.filled[shard] = self.filled.get(shard, 0) + take
+            row += take
+            if self.filled[shard] == span.n_images:
+                self._submit(shard)
+
+    def _submit(self, shard: int) -> None:
+        # numpy views for float16/float32 avoid a copy; numpy has no bfloat16, the store converts it.
+        arrays = {n: (t if t.dtype == torch.bfloat16 else t.numpy()) for n, t in self.buffers.pop(shard).items()}
+        while len(self.futures) >= 2 * self.write_threads:  # bound the memory held by queued shards
+            self.futures.pop(0).result()
+        self.futures.append(self.pool.submit(self.writer.write_shard, shard, arrays))
+
+    def close(self) -> None:
+        try:
+            for f in self.futures:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _resolve_device(device: str) -> torch.device:
+    from usae_core.train import resolve_device
+
+    return resolve_device(device)
+
+
+def extract_store(
+    source: FolderSource | str | Path,
+    backbones: Sequence[str | Backbone],
+    out: str | Path,
+    *,
+    grid: tuple[int, int] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int | None = None,
+    dtype: str = "float16",
+    shard_images: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+    weights: Mapping[str, str] | None = None,
+    layers: Mapping[str, str] | None = None,
+    random_init: bool = False,
+    compile: bool = False,
+) -> ActivationStore:
+    """Extract every image of `source` through every backbone into the store at `out`.
+
+    `backbones` are registry names or built Backbone objects; `weights`/`layers` map a name to a
+    local weight path / layer. `grid` defaults to the smallest native grid. A rerun resumes an
+    unfinished store with the same layout; `overwrite` starts again.
+    """
+    if batch_size < 1:
+        raise UsaeError(f"--batch-size must be >= 1, got {batch_size}")
+    if not backbones:
+        raise UsaeError("give at least one backbone (--models)")
+    if dtype not in _TORCH_STORAGE:
+        raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(_TORCH_STORAGE)}")
+    source = source if isinstance(source, FolderSource) else FolderSource(source)
+    models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
+    grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
+    rank, world_size = _dist_info()
+    meta = {
+        "source": "extract",
+        "image_root": str(source.root),
+        "image_size": max(m.input_size for m in models),
+        "demo": source.is_demo,
+        "defect_types": defect_types(source.root),
+        "skipped_images": source.skipped,
+        "grid_resampling": "bilinear, antialiased",
+    }
+    layout = dict(models={m.store_name: m.dim for m in models}, grid=grid, image_ids=source.ids, dtype=dtype,
+                  shard_images=shard_images, model_info={m.store_name: m.info() for m in models}, meta=meta)
+    if rank == 0:
+        ActivationStore.create(out, **layout, overwrite=overwrite, resume=not overwrite)
+    _barrier(world_size)
+    writer = ActivationStore.create(out, **layout, resume=True)
+    mine = [s for s in writer.spans if s.index % world_size == rank and not writer.is_done(s.index)]
+    if mine:
+        _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=_resolve_device(device),
+             num_workers=num_workers, progress=progress and rank == 0, compile=compile)
+    _barrier(world_size)
+    if rank == 0:
+        writer.finalize()
+    _barrier(world_size)
+    return ActivationStore.open(out)
+
+
+def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, spans: list[ShardSpan], *,
+         grid: tuple[int, int], batch_size: int, device: torch.device, num_workers: int | None, progress: bool,
+         compile: bool) -> None:
+    cuda = device.type == "cuda"
+    views: list[View] = sorted({(m.input_size, m.interpolation) for m in models})
+    view_of = {m.store_name: views.index((m.input_size, m.interpolation)) for m in models}
+    indices = [i for s in spans for i in range(s.start, s.stop)]
+    if num_workers is None:
+        # On a CPU the backbones need the cores; on a GPU decoding must keep up with them.
+        num_workers = min(16, os.cpu_count() or 1) if cuda else 1
+    loader = DataLoader(_SquareViews(source, indices, views), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=cuda, prefetch_factor=4 if num_workers else None,
+                        persistent_workers=False)
+    for m in models:
+        m.to(device).eval()
+    runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
+    assembler = _ShardAssembler(writer, spans, models, writer.dtype)
+    storage = _TORCH_STORAGE[writer.dtype]
+    bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
+    pending: tuple[list[int], dict[str, torch.Tensor], torch.cuda.Event | None] | None = None
+    try:
+        for image_indices, batch_views in loader:
+            n = len(image_indices)
+            on_device = [v.to(device, non_blocking=True) for v in batch_views]
+            if compile and n < batch_size:  # keep one batch shape so compiled graphs are reused
+                on_device = [torch.cat([v, v[-1:].expand(batch_size - n, *v.shape[1:])]) for v in on_device]
+            outputs = {}
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                for m in models:
+                    tokens = runners[m.store_name](m.normalize(on_device[view_of[m.store_name]]))
+                    tokens = resample_grid(tokens[:n], m.native_grid, grid).to(storage)
+                    outputs[m.store_name] = tokens.to("cpu", non_blocking=cuda)
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
+            # Hand over the previous batch while this one computes on the GPU.
+            if pending is not None:
+                _deliver(assembler, pending, bar)
+            pending = (image_indices.tolist(), outputs, event)
+        if pending is not None:
+            _deliver(assembler, pending, bar)
+    finally:
+        bar.close()
+        assembler.close()
+
+
+def _deliver(assembler: _ShardAssembler, pending, bar: tqdm) -> None:
+    image_indices, outputs, event = pending
+    if event is not None:
+        event.synchronize()
+    assembler.add(image_indices, outputs)
+    bar.update(len(image_indices))
