@@ -312,6 +312,8 @@ def render(seed: int, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
     for name in defects:
         mask = DEFECTS[name](img, rng)
         labels[mask] = DEFECT_TYPES.index(name) + 1
+    # A later defect may paint over an earlier one completely; the record lists what is visible.
+    defects = [d for d in defects if (labels == DEFECT_TYPES.index(d) + 1).any()]
     img += rng.normal(0, 0.01, img.shape).astype(np.float32)
     rgb = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
     return rgb, labels, {"material": material, "defects": defects}
@@ -353,6 +355,8 @@ def build_demo_set(out_dir: str | Path, seed: int = 0, small: bool = False, *, n
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise UsaeError(f"{out} exists and is not a demo set; choose another directory")
     workers = workers or min(8, os.cpu_count() or 1)
+    for name in PHOTOS:  # load once here; forked workers inherit the cache
+        _photo(name)
     records: dict[str, dict] = {}
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / DEMO_IMAGES).mkdir()

@@ -158,7 +158,7 @@ def _load_from_hub(model: nn.Module, arch: str, name: str) -> str:
     raise missing_weights_error(name, f"{target} (downloaded from {default.url} when online)")
 
 
-@register_backbone("torchvision:*", family=FAMILY, find_weights=lambda: None,
+@register_backbone("torchvision:*", family=FAMILY, find_weights=lambda: None, default_layer="stride-16 stage",
                    description="any torchvision classifier (resnet50, mobilenet_v3_large, efficientnet_b0, "
                                "convnext_tiny, vit_b_16 ...); weights from the torch hub cache or --weights")
 def torchvision_any(arch: str, *, weights: str | None = None, layer: str | None = None, random_init: bool = False,
