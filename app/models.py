@@ -155,6 +155,8 @@ class MiningGeneration(Base):
     (`building`) or waiting to be deleted (`retired`)."""
 
     __tablename__ = "mining_generations"
+    # Never reuse the id of a deleted generation (SQLite would): it names a media folder.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)

@@ -9,6 +9,7 @@ template database.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -143,11 +144,25 @@ def empty_db_url(request, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request, data_dir: Path) -> Iterator[str]:
-    """A URL of a fresh database migrated to head, on each backend."""
-    if request.param == "sqlite":
-        path = data_dir / "usae.db"
-        shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
-        url = f"sqlite:///{path}"
+    """A URL of a fresh database migrated to head, on each backend. The SQLite file is
+    DATA_DIR/usae.db, the default database of `settings_for(data_dir)`."""
+    with _fresh_database(request, request.param, data_dir / "usae.db") as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_and_postgres_urls(request, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Fresh migrated databases on both backends at once, to compare them."""
+    with _fresh_database(request, "sqlite", tmp_path / "compare.db") as lite, \
+            _fresh_database(request, "postgres", tmp_path / "unused") as pg:
+        yield {"sqlite": lite, "postgres": pg}
+
+
+@contextlib.contextmanager
+def _fresh_database(request, backend: str, sqlite_path: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        shutil.copyfile(request.getfixturevalue("_sqlite_template"), sqlite_path)
+        url = f"sqlite:///{sqlite_path}"
         yield url
         _dispose(url)
         return

@@ -23,6 +23,23 @@ def alembic_config(url: str) -> Config:
 def upgrade_database(url: str) -> None:
     """Create or upgrade the database at `url` to the newest schema (idempotent)."""
     cfg = alembic_config(url)
-    with get_engine(url).begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+    with get_engine(url).connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite alters a table by rebuilding it; with foreign keys on, dropping the old
+            # copy would cascade-delete every row that references it. The pragma only takes
+            # effect outside a transaction, hence before `begin`.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                cfg.attributes["connection"] = connection
+                command.upgrade(cfg, "head")
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"migration left dangling foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()

@@ -12,7 +12,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from app.db import get_engine, session_factory
 from app.migrations import alembic_config, upgrade_database
-from app.models import Base, Concept, Run, User
+from app.models import Base, Concept, MiningGeneration, Run, User
 
 
 def _head() -> str:
@@ -108,3 +108,34 @@ def test_datetimes_come_back_as_aware_utc(db_url: str) -> None:
     with Session() as s:
         got = s.scalars(sa.select(User)).one().created_at
     assert got == when and got.tzinfo == dt.timezone.utc
+
+
+def test_sqlite_migrations_keep_existing_rows(tmp_path) -> None:
+    """Revisions that rebuild a SQLite table must not cascade-delete the rows pointing at it."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = alembic_config(url)
+    with get_engine(url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.exec_driver_sql("INSERT INTO runs (id, name, run_dir, store_dir, image_set, n_images, n_tokens, "
+                             "n_concepts, k, config, metrics, status, created_at, updated_at) VALUES "
+                             "(1, 'r', '/r', '/s', '', 0, 0, 4, 2, '{}', '{}', 'mined', '2025-01-01', '2025-01-01')")
+        conn.exec_driver_sql("INSERT INTO mining_generations (id, run_id, status, params, media_prefix, started_at) "
+                             "VALUES (7, 1, 'active', '{}', 'runs/1/g7', '2025-01-01')")
+        conn.exec_driver_sql("INSERT INTO images (generation_id, store_index, image_key) VALUES (7, 0, 'a.png')")
+        conn.exec_driver_sql("UPDATE runs SET active_generation_id = 7")
+    upgrade_database(url)
+    with get_engine(url).connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM images").scalar_one() == 1
+        assert conn.exec_driver_sql("SELECT active_generation_id FROM runs").scalar_one() == 7
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    # A deleted generation's id is never handed out again.
+    Session = session_factory(url)
+    with Session.begin() as s:
+        s.execute(sa.update(Run).values(active_generation_id=None))
+        s.execute(sa.delete(MiningGeneration))
+        s.add(MiningGeneration(run_id=1, media_prefix="x"))
+    with Session() as s:
+        assert s.scalars(sa.select(MiningGeneration.id)).one() == 8

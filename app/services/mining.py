@@ -1,0 +1,330 @@
+"""Writing a mined run into the database and the media directory, crash-safely.
+
+A mine builds a new `MiningGeneration`: rendered files go under its own media folder, and its
+rows are written one transaction per batch of concepts. Nothing of it is visible until one
+final transaction points the run at it and swaps in the new concept statistics; only then is
+the previous generation deleted. A crash or kill at any earlier point leaves the previous
+generation as it was; the half-built one is cleaned up by the next mine.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from tqdm.auto import tqdm
+
+from app.db import session_factory
+from app.models import (
+    Concept,
+    ConceptDefectIoU,
+    ConceptHistogram,
+    ConceptModelStats,
+    ConceptNeighbour,
+    ConceptTopImage,
+    Image,
+    MiningGeneration,
+    Run,
+    utcnow,
+)
+from app.services.runs import register_run
+from usae_core import render
+from usae_core.mining import DefectMasks, MiningConfig, MiningResult, mine_store, top_image_heatmaps
+
+log = logging.getLogger(__name__)
+
+HEATMAP_SIZE = 224
+"""Pixels of a heatmap overlay (the enlarged view in the explorer)."""
+THUMBNAIL_SIZE = 128
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class MineOutcome:
+    run_id: int
+    generation_id: int
+    n_concepts: int
+    n_top_images: int
+    seconds: float
+
+
+@dataclass
+class _RunIds:
+    run_id: int
+    generation_id: int
+    media_prefix: str
+    models: list[int]
+    """run_models.id in the USAE's model order."""
+    concepts: dict[int, int]
+    """concept index -> concepts.id."""
+
+
+def mine_run(url: str, media_dir: Path, run_dir: Path, store, model, *, cfg: MiningConfig | None = None,
+             device: str = "cpu", batch_concepts: int = 64, progress: bool = False,
+             on_progress: ProgressCallback | None = None) -> MineOutcome:
+    """Mine `model` (the USAE of `run_dir`) over `store` into the database at `url`."""
+    cfg = cfg or MiningConfig()
+    started = time.monotonic()
+    Session = session_factory(url)
+    ids = _start_generation(Session, media_dir, run_dir, store, model, cfg)
+    report = on_progress or (lambda fraction, message: None)
+    try:
+        report(0.0, "streaming over the store")
+        result = mine_store(model, store, cfg, device=device, masks=store_defect_masks(store), progress=progress)
+        report(0.5, "rendering top images")
+        n_top = _write_concept_batches(Session, media_dir, ids, store, model, result, cfg, device, batch_concepts,
+                                       progress, report)
+        # Rendered files were renamed into place without per-file fsync (hundreds of
+        # thousands of them); make them durable once, before the database points at them.
+        os.sync()
+        old_generation = _activate(Session, ids, result, cfg)
+    except BaseException as exc:
+        _record_failure(Session, media_dir, ids, exc)
+        raise
+    _drop_generations(Session, media_dir, [old_generation] if old_generation else [])
+    report(1.0, "done")
+    return MineOutcome(ids.run_id, ids.generation_id, result.n_concepts, n_top, time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------- start
+
+
+def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, store, model,
+                      cfg: MiningConfig) -> _RunIds:
+    with Session.begin() as s:
+        run = register_run(s, run_dir, store)
+        others = select(MiningGeneration.id).where(MiningGeneration.run_id == run.id)
+        if run.active_generation_id is not None:
+            others = others.where(MiningGeneration.id != run.active_generation_id)
+        leftovers = list(s.scalars(others))
+    # Half-built or retired generations of earlier mines that were interrupted.
+    _drop_generations(Session, media_dir, leftovers)
+    with Session.begin() as s:
+        run = s.get(Run, run.id)
+        run.status, run.error = "mining", None
+        generation = MiningGeneration(run_id=run.id, status="building", media_prefix="", params={
+            "top_n": cfg.top_n, "tau": cfg.tau, "hist_bins": cfg.hist_bins, "neighbours": cfg.neighbours,
+            "heatmap_size": HEATMAP_SIZE, "thumbnail_size": THUMBNAIL_SIZE,
+        })
+        s.add(generation)
+        s.flush()
+        generation.media_prefix = f"runs/{run.id}/g{generation.id}"
+        _ensure_concepts(s, run.id, model.cfg.n_concepts)
+        by_name = {m.name: m.id for m in run.models}
+        return _RunIds(
+            run_id=run.id,
+            generation_id=generation.id,
+            media_prefix=generation.media_prefix,
+            models=[by_name[n] for n in model.names],
+            concepts=dict(s.execute(select(Concept.index, Concept.id).where(Concept.run_id == run.id)).all()),
+        )
+
+
+def _ensure_concepts(s: Session, run_id: int, n_concepts: int) -> None:
+    """Concept rows carry the labels, so they outlive mines: add only the missing indices."""
+    have = set(s.scalars(select(Concept.index).where(Concept.run_id == run_id)))
+    missing = [{"run_id": run_id, "index": i} for i in range(n_concepts) if i not in have]
+    if missing:
+        s.execute(insert(Concept), missing)
+
+
+# --------------------------------------------------------------------------- per concept batch
+
+
+def store_defect_masks(store) -> DefectMasks | None:
+    """Defect masks of a demo image set, when the store's images are one."""
+    from usae_core.images import defect_types, load_masks
+
+    root = store.meta.get("image_root")
+    types = defect_types(root) if root and Path(root).is_dir() else []
+    if not types:
+        return None
+    image_ids = store.image_ids
+    return DefectMasks(types, lambda index: load_masks(root, image_ids[index]))
+
+
+class _ImageViews:
+    """Square views of store images at heatmap size, cached (one image serves many concepts)."""
+
+    def __init__(self, store, size: int):
+        from usae_core.images import load_image, square_view
+
+        root = store.meta.get("image_root")
+        ids = store.image_ids
+        warned: list[str] = []
+
+        @lru_cache(maxsize=256)
+        def view(index: int) -> PILImage.Image:
+            if root:
+                try:
+                    return square_view(load_image(Path(root) / ids[index]), size)
+                except (OSError, ValueError) as exc:
+                    if not warned:
+                        log.warning("cannot read image %s (%s); drawing heatmaps on grey", ids[index], exc)
+                    warned.append(ids[index])
+            return render.placeholder(size)
+
+        self.view = view
+
+
+def _write_concept_batches(Session: sessionmaker, media_dir: Path, ids: _RunIds, store, model, result: MiningResult,
+                           cfg: MiningConfig, device: str, batch_concepts: int, progress: bool,
+                           report: ProgressCallback) -> int:
+    views = _ImageViews(store, HEATMAP_SIZE)
+    image_rows: dict[int, int] = {}
+    vmax = result.top_values[:, :, 0]
+    n_top = 0
+    concepts = list(range(result.n_concepts))
+    batches = [concepts[i : i + batch_concepts] for i in range(0, len(concepts), batch_concepts)]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for done, batch in enumerate(tqdm(batches, desc="render", unit="batch", disable=not progress)):
+            heat = top_image_heatmaps(model, store, result, batch, cfg, device=device)
+            new_images = sorted({int(result.top_images[i, c, r]) for i, c, r in heat} - set(image_rows))
+            files = {key: f"{ids.media_prefix}/heatmaps/{model.names[key[0]]}/{key[1]}/{key[2]}.png" for key in heat}
+            thumbs = {img: f"{ids.media_prefix}/thumbs/{img}.png" for img in new_images}
+            jobs = [(media_dir / files[key], lambda key=key: render.heatmap_overlay(
+                views.view(int(result.top_images[key])), heat[key], vmax[key[0], key[1]])) for key in heat]
+            jobs += [(media_dir / path, lambda img=img: render.thumbnail(views.view(img), THUMBNAIL_SIZE))
+                     for img, path in thumbs.items()]
+            list(pool.map(lambda job: write_png(job[0], job[1]()), jobs))
+            with Session.begin() as s:
+                if new_images:
+                    rows = s.execute(insert(Image).returning(Image.store_index, Image.id), [
+                        {"generation_id": ids.generation_id, "store_index": img, "image_key": store.image_ids[img],
+                         "thumbnail_path": thumbs[img]} for img in new_images])
+                    image_rows.update(dict(rows.all()))
+                n_top += _insert_concept_rows(s, ids, result, batch, heat, files, image_rows)
+            report(0.5 + 0.5 * (done + 1) / len(batches), f"rendered {min((done + 1) * batch_concepts, len(concepts))}"
+                   f" of {len(concepts)} concepts")
+    return n_top
+
+
+def _insert_concept_rows(s: Session, ids: _RunIds, result: MiningResult, batch: list[int],
+                         heat: dict, files: dict, image_rows: dict[int, int]) -> int:
+    gen = ids.generation_id
+    tops, hists, neighbours, ious = [], [], [], []
+    edges = result.hist_edges
+    for c in batch:
+        cid = ids.concepts[c]
+        for i, model_id in enumerate(ids.models):
+            common = {"generation_id": gen, "concept_id": cid, "run_model_id": model_id}
+            for r in range(result.top_images.shape[2]):
+                if (i, c, r) in heat:
+                    tops.append({**common, "rank": r, "image_id": image_rows[int(result.top_images[i, c, r])],
+                                 "activation": float(result.top_values[i, c, r]),
+                                 "max_token": int(result.top_tokens[i, c, r]), "heatmap_path": files[(i, c, r)]})
+            counts = result.hist_counts[i, c]
+            used = np.flatnonzero(counts)
+            lo, hi = (used[0], used[-1] + 1) if used.size else (0, 0)
+            hists.append({**common, "bin_edges": edges[lo : hi + 1].tolist() if used.size else [],
+                          "counts": counts[lo:hi].tolist(), "n_zero": int(result.stats.n_tokens - counts.sum())})
+            for rank, (n, cos) in enumerate(zip(result.neighbours[i, c], result.neighbour_cosine[i, c])):
+                neighbours.append({**common, "rank": rank, "neighbour_id": ids.concepts[int(n)], "cosine": float(cos)})
+            if result.defect_iou is not None:
+                ious += [{**common, "defect_type": kind, "iou": float(result.defect_iou[i, c, d])}
+                         for d, kind in enumerate(result.defect_types)]
+    for table, rows in ((ConceptTopImage, tops), (ConceptHistogram, hists), (ConceptNeighbour, neighbours),
+                        (ConceptDefectIoU, ious)):
+        if rows:
+            s.execute(insert(table), rows)
+    return len(tops)
+
+
+def write_png(path: Path, image: PILImage.Image) -> None:
+    """Write a PNG under a temporary name and rename it into place (never a half file)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- flip and cleanup
+
+
+def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: MiningConfig) -> int | None:
+    """One transaction: new concept statistics, the run points at the new generation."""
+    stats = result.stats
+    n_models = len(result.models)
+    fire = stats.fire_counts
+    total = fire.sum(0)
+    concept_table = Concept.__table__
+    with Session.begin() as s:
+        s.execute(
+            update(concept_table).where(concept_table.c.id == bindparam("cid")).values(
+                energy=bindparam("energy"), firing_entropy=bindparam("entropy"), cofire=bindparam("cof"),
+                fire_count=bindparam("fires"), frequency=bindparam("freq"), dead=bindparam("is_dead")),
+            [{"cid": ids.concepts[c], "energy": float(stats.energy[c]), "entropy": float(stats.firing_entropy[c]),
+              "cof": float(stats.cofire[:, c].mean()), "fires": int(total[c]),
+              "freq": float(total[c] / max(stats.n_tokens * n_models, 1)), "is_dead": bool(stats.dead[c])}
+             for c in range(result.n_concepts)],
+        )
+        s.execute(delete(Concept).where(Concept.run_id == ids.run_id, Concept.index >= result.n_concepts))
+        concept_ids = select(Concept.id).where(Concept.run_id == ids.run_id)
+        s.execute(delete(ConceptModelStats).where(ConceptModelStats.concept_id.in_(concept_ids)))
+        s.execute(insert(ConceptModelStats), [
+            {"concept_id": ids.concepts[c], "run_model_id": model_id, "fire_count": int(fire[i, c]),
+             "frequency": float(fire[i, c] / max(stats.n_tokens, 1)),
+             "share": float(fire[i, c] / total[c]) if total[c] else 0.0, "cofire": float(stats.cofire[i, c]),
+             "mean_activation": float(stats.code_sums[i, c] / max(stats.n_tokens, 1)),
+             "max_activation": float(result.max_activation[i, c])}
+            for c in range(result.n_concepts) for i, model_id in enumerate(ids.models)
+        ])
+        run = s.get(Run, ids.run_id)
+        old = run.active_generation_id
+        if old is not None:
+            s.get(MiningGeneration, old).status = "retired"
+        generation = s.get(MiningGeneration, ids.generation_id)
+        if generation is None:
+            raise RuntimeError(f"mining generation {ids.generation_id} vanished; was the run mined twice at once?")
+        generation.status, generation.finished_at = "active", utcnow()
+        run.active_generation_id = generation.id
+        run.status, run.error, run.mined_at = "mined", None, utcnow()
+        run.metrics = {**stats.summary(), "top_n": cfg.top_n}
+    return old
+
+
+def _record_failure(Session: sessionmaker, media_dir: Path, ids: _RunIds, exc: BaseException) -> None:
+    """Best effort: note the error on the run and drop the half-built generation (the next
+    mine drops it anyway if this process cannot)."""
+    try:
+        with Session.begin() as s:
+            run = s.get(Run, ids.run_id)
+            if run.active_generation_id == ids.generation_id:
+                return  # interrupted after the switch: the new generation is complete
+            run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+        _drop_generations(Session, media_dir, [ids.generation_id])
+    except Exception:  # noqa: BLE001 - the original error matters more than this note
+        log.exception("could not clean up after the failed mine of run %s", ids.run_id)
+
+
+def _drop_generations(Session: sessionmaker, media_dir: Path, generation_ids: list[int]) -> None:
+    """Delete generations (their rows cascade) and then their rendered files; a generation
+    that is some run's active one is never dropped."""
+    for gid in generation_ids:
+        with Session.begin() as s:
+            generation = s.get(MiningGeneration, gid)
+            if generation is None or s.scalar(select(Run.id).where(Run.active_generation_id == gid)):
+                continue
+            prefix = generation.media_prefix
+            s.delete(generation)
+        if prefix:
+            shutil.rmtree(media_dir / prefix, ignore_errors=True)

@@ -1,0 +1,241 @@
+"""Concept mining: planted ground truth, a brute-force float64 reference, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.core.planted_concept import build_planted
+from usae_core.config import USAEConfig
+from usae_core.errors import UsaeError
+from usae_core.metrics import evaluate_usae, r2_score
+from usae_core.mining import (
+    DefectMasks,
+    MiningConfig,
+    mask_grid_coverage,
+    mine_store,
+    nearest_concepts,
+    top_image_heatmaps,
+)
+from usae_core.model import USAE
+from usae_core.store import ActivationStore
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return build_planted(tmp_path_factory.mktemp("planted"))
+
+
+def test_planted_concept_ranks_planted_images_first_in_every_model(planted) -> None:
+    cfg = MiningConfig(top_n=5, batch_images=7)
+    res = mine_store(planted.model, planted.store, cfg)
+    c = planted.concept
+    for i, name in enumerate(res.models):
+        assert res.top_images[i, c, :3].tolist() == planted.images, name
+        assert res.top_images[i, c, 3:].tolist() == [-1, -1], "nothing else activates the planted concept"
+        assert np.all(np.diff(res.top_values[i, c, :3]) < 0)
+        assert res.top_tokens[i, c, 0] in {r * 4 + col for r, col in planted.cells}
+    heat = top_image_heatmaps(planted.model, planted.store, res, [c], cfg)
+    planted_mask = np.zeros((4, 4), bool)
+    for r, col in planted.cells:
+        planted_mask[r, col] = True
+    for i in range(len(res.models)):
+        for rank in range(3):
+            h = heat[(i, c, rank)]
+            assert np.all(h[planted_mask] > 0) and np.all(h[~planted_mask] == 0)
+            assert h.max() == pytest.approx(res.top_values[i, c, rank], rel=1e-5)
+        assert (i, c, 3) not in heat
+
+
+def _reference(model: USAE, store: ActivationStore, cfg: MiningConfig) -> dict:
+    """Everything mine_store computes, from fully materialised dense codes in float64."""
+    n_img, t = store.n_images, store.tokens_per_image
+    dense, x_std = {}, {}
+    with torch.no_grad():
+        for name in model.names:
+            x = torch.from_numpy(np.concatenate([store.image_tokens(name, i) for i in range(n_img)]))
+            x_std[name] = model.standardize(x, name)
+            v, idx = model.encode(x_std[name], name)
+            dense[name] = (v, idx, model.dense_codes(v, idx).double().numpy())
+    z = np.stack([dense[n][2] for n in model.names])  # [M, tokens, C]
+    fires = z > cfg.tau
+    per_image = z.reshape(len(model.names), n_img, t, -1).max(2)  # [M, images, C]
+    edges = cfg.hist_edges()
+    hist = np.zeros((len(model.names), z.shape[2], cfg.hist_bins), np.int64)
+    for i in range(len(model.names)):
+        for cpt in range(z.shape[2]):
+            vals = z[i, :, cpt][z[i, :, cpt] > 0]
+            hist[i, cpt] = np.bincount(np.searchsorted(edges[1:-1], vals, side="left"), minlength=cfg.hist_bins)
+    r2 = np.array([[r2_score(x_std[tgt].numpy(), model.decode(*dense[src][:2], tgt).detach().numpy())
+                    for tgt in model.names] for src in model.names])
+    return dict(fire=fires.sum(1), cofire=fires.all(0).sum(0), sums=z.sum(1), per_image=per_image,
+                max_act=z.max(1), hist=hist, r2=r2, z=z)
+
+
+def test_streaming_pass_matches_brute_force_reference(planted) -> None:
+    cfg = MiningConfig(top_n=4, batch_images=7, tau=0.1)
+    res = mine_store(planted.model, planted.store, cfg)
+    ref = _reference(planted.model, planted.store, cfg)
+    assert np.array_equal(res.stats.fire_counts, ref["fire"])
+    assert np.array_equal(res.stats.cofire_counts, ref["cofire"])
+    np.testing.assert_allclose(res.stats.code_sums, ref["sums"], rtol=1e-5)
+    np.testing.assert_allclose(res.max_activation, ref["max_act"], rtol=1e-6)
+    np.testing.assert_allclose(res.stats.r2, ref["r2"], rtol=1e-4, atol=1e-6)
+    assert np.array_equal(res.hist_counts, ref["hist"])
+    assert np.array_equal(res.nonzero_counts, (ref["z"] > 0).sum(1))
+    m, n_img, c = ref["per_image"].shape
+    for i in range(m):
+        for cpt in range(c):
+            scores = ref["per_image"][i, :, cpt]
+            order = np.argsort(-scores, kind="stable")[: cfg.top_n]
+            expect = [int(img) if scores[img] > 0 else -1 for img in order]
+            assert res.top_images[i, cpt].tolist() == expect
+            np.testing.assert_allclose(res.top_values[i, cpt], np.maximum(scores[order], 0), rtol=1e-6)
+    # The statistics agree with the core evaluation pass.
+    ev = evaluate_usae(planted.model, planted.store, tau=cfg.tau)
+    assert np.array_equal(res.stats.fire_counts, ev.fire_counts)
+    np.testing.assert_allclose(res.stats.firing_entropy, ev.firing_entropy)
+    np.testing.assert_allclose(res.stats.energy, ev.energy, rtol=1e-6)
+
+
+def test_heatmaps_match_dense_codes(planted) -> None:
+    cfg = MiningConfig(top_n=3, batch_images=5)
+    res = mine_store(planted.model, planted.store, cfg)
+    ref = _reference(planted.model, planted.store, cfg)
+    concepts = [0, 1, planted.concept]
+    heat = top_image_heatmaps(planted.model, planted.store, res, concepts, cfg)
+    t = planted.store.tokens_per_image
+    for (i, cpt, rank), h in heat.items():
+        img = res.top_images[i, cpt, rank]
+        expect = ref["z"][i, img * t : (img + 1) * t, cpt].reshape(planted.store.grid)
+        np.testing.assert_allclose(h, expect, rtol=1e-5, atol=1e-6)
+        assert int(np.argmax(h)) == res.top_tokens[i, cpt, rank]
+    assert {k[1] for k in heat} == set(concepts)
+
+
+def test_mask_grid_coverage_crops_to_the_square_view() -> None:
+    mask = np.zeros((40, 60), bool)  # crop keeps columns 10..49
+    mask[0:20, 10:30] = True  # exactly the top-left quarter of the square view
+    mask[:, 0:10] = True  # outside the crop: ignored
+    cov = mask_grid_coverage(mask, (2, 2))
+    np.testing.assert_allclose(cov, [1.0, 0.0, 0.0, 0.0])
+    half = np.zeros((40, 40), bool)
+    half[0:10, 0:20] = True
+    np.testing.assert_allclose(mask_grid_coverage(half, (2, 2)), [0.5, 0.0, 0.0, 0.0])
+
+
+def test_defect_iou_finds_the_planted_concept(planted) -> None:
+    grid = planted.store.grid
+    h, w = 48, 64  # masks at image resolution, wider than tall (centre-cropped to 48 x 48)
+    cell = h // grid[0]
+    left = (w - h) // 2
+
+    def load(image_index: int):
+        if image_index not in planted.images:
+            return None
+        scratch = np.zeros((h, w), bool)
+        for r, c in planted.cells:
+            scratch[r * cell : (r + 1) * cell, left + c * cell : left + (c + 1) * cell] = True
+        dent = np.zeros((h, w), bool)
+        dent[-cell:, left : left + cell] = True  # bottom-left cell, where the concept is off
+        return {"scratch": scratch, "dent": dent}
+
+    res = mine_store(planted.model, planted.store, MiningConfig(batch_images=6),
+                     masks=DefectMasks(["scratch", "dent"], load))
+    assert res.defect_types == ["scratch", "dent"]
+    c = planted.concept
+    np.testing.assert_allclose(res.defect_iou[:, c, 0], 1.0)
+    np.testing.assert_allclose(res.defect_iou[:, c, 1], 0.0)
+    # Reference for every concept: binary firing against the cell masks, summed over the set.
+    ref = _reference(planted.model, planted.store, MiningConfig())
+    t = planted.store.tokens_per_image
+    truth = np.zeros((planted.store.n_images * t, 2))
+    for img in planted.images:
+        for r, col in planted.cells:
+            truth[img * t + r * grid[1] + col, 0] = 1
+        truth[img * t + (grid[0] - 1) * grid[1], 1] = 1
+    fires = ref["z"] > 0.1
+    inter = np.einsum("mtc,td->mcd", fires, truth)
+    union = fires.sum(1)[:, :, None] + truth.sum(0)[None, None, :] - inter
+    np.testing.assert_allclose(res.defect_iou, inter / union, rtol=1e-9)
+
+
+def test_nearest_concepts_by_decoder_cosine() -> None:
+    torch.manual_seed(0)
+    model = USAE(USAEConfig(model_dims={"a": 6, "b": 9}, n_concepts=20, k=2, encoder="linear"))
+    idx, cos = nearest_concepts(model, 3, chunk=7)
+    for i, name in enumerate(model.names):
+        d = model.dictionary(name).detach().double().numpy()
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        sim = d @ d.T
+        np.fill_diagonal(sim, -np.inf)
+        expect = np.argsort(-sim, axis=1)[:, :3]
+        assert np.array_equal(idx[i], expect)
+        np.testing.assert_allclose(cos[i], np.take_along_axis(sim, expect, 1), rtol=1e-5)
+
+
+def test_model_and_store_must_match(planted) -> None:
+    other = USAE(USAEConfig(model_dims={"vit": 8, "dino": 12}, n_concepts=8, k=3))
+    with pytest.raises(UsaeError, match="store has"):
+        mine_store(other, planted.store)
+
+
+def _rss_anon_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.slow
+def test_mining_memory_stays_bounded_on_a_store_larger_than_the_cap(tmp_path) -> None:
+    cap = 8 * 2**20
+    dims = {"a": 32, "b": 48, "c": 48}
+    n_images, grid = 2000, (8, 8)
+    store_bytes = n_images * grid[0] * grid[1] * sum(dims.values()) * 4
+    assert store_bytes > 4 * cap
+    # Written shard by shard so building the fixture does not need the memory either.
+    writer = ActivationStore.create(tmp_path / "big", models=dims, grid=grid, dtype="float32", shard_images=250,
+                                    image_ids=[f"i{n}" for n in range(n_images)])
+    rng = np.random.default_rng(0)
+    for span in writer.spans:
+        writer.write_shard(span.index, {m: rng.standard_normal((span.n_images, 64, d), dtype=np.float32)
+                                        for m, d in dims.items()})
+    store = writer.finalize()
+    torch.manual_seed(0)
+    model = USAE(USAEConfig(model_dims=dims, n_concepts=256, k=8, encoder="linear")).eval()
+    cfg = MiningConfig(top_n=16, batch_images=16, neighbours=4)
+    mine_store(model, ActivationStore.open(store.root), MiningConfig(top_n=2, batch_images=16))  # warm up allocators
+
+    baseline = _rss_anon_bytes()
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_anon_bytes())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    tracemalloc.start()
+    try:
+        res = mine_store(model, ActivationStore.open(store.root), cfg)
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        done.set()
+        sampler.join()
+    assert res.stats.n_tokens == n_images * 64
+    print(f"store {store_bytes / 2**20:.0f} MiB, traced peak {traced_peak / 2**20:.2f} MiB, "
+          f"anonymous RSS growth {(peak - baseline) / 2**20:.2f} MiB")
+    assert traced_peak < cap, f"Python/NumPy peak {traced_peak / 2**20:.1f} MiB"
+    assert peak - baseline < cap, f"anonymous RSS grew {(peak - baseline) / 2**20:.1f} MiB for a " \
+                                  f"{store_bytes / 2**20:.0f} MiB store"

@@ -1,0 +1,395 @@
+"""Concept mining: one streaming pass over a store that turns a trained USAE into browsable
+per-concept records.
+
+For every concept and model it finds the top-N images by the concept's largest token code in
+the image (a streaming top-k merge, so memory depends on the number of concepts, never on the
+store size), a histogram of the concept's non-zero codes, firing / co-firing / energy
+statistics with the R^2 matrix (definitions in usae_core.metrics), the nearest concepts by
+decoder cosine, and, when defect masks are given, the IoU of where the concept fires with
+each defect type. `top_image_heatmaps` then re-encodes just the top images to get their
+per-token heatmaps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from usae_core.errors import UsaeError
+from usae_core.metrics import EvalResult
+
+
+@dataclass
+class MiningConfig:
+    top_n: int = 16
+    """Images kept per concept per model."""
+    tau: float = 0.1
+    """A concept fires on a token when its code exceeds tau (as in usae_core.metrics)."""
+    batch_images: int = 64
+    """Images encoded at once."""
+    hist_bins: int = 48
+    """Geometric histogram bins between hist_min and hist_max (values outside are clamped)."""
+    hist_min: float = 1e-3
+    hist_max: float = 1e3
+    neighbours: int = 8
+    """Nearest concepts kept per concept per model."""
+    autocast: bool | None = None
+    """bf16 encoder matmuls; None means on for CUDA, off for CPU."""
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1:
+            raise UsaeError(f"--top-n must be >= 1, got {self.top_n}")
+        if self.batch_images < 1:
+            raise UsaeError(f"batch_images must be >= 1, got {self.batch_images}")
+        if self.hist_bins < 1 or not 0 < self.hist_min < self.hist_max:
+            raise UsaeError("histogram needs hist_bins >= 1 and 0 < hist_min < hist_max")
+        if self.neighbours < 0:
+            raise UsaeError(f"neighbours must be >= 0, got {self.neighbours}")
+
+    def hist_edges(self) -> np.ndarray:
+        return np.geomspace(self.hist_min, self.hist_max, self.hist_bins + 1)
+
+
+@dataclass
+class DefectMasks:
+    """Where defects are, per image of the store: `load(image_index)` gives
+    `{defect_type: bool [H, W]}` at the image's own resolution, or None for an image without
+    annotated defects (counted as defect-free)."""
+
+    defect_types: list[str]
+    load: Callable[[int], dict[str, np.ndarray] | None]
+
+
+@dataclass
+class MiningResult:
+    stats: EvalResult
+    """R^2, L0, firing counts, co-fire, entropy, energy and dead flags."""
+    n_images: int
+    top_values: np.ndarray
+    """[models, concepts, top_n] float32, descending; 0 past the images where it is active."""
+    top_images: np.ndarray
+    """[models, concepts, top_n] int64 store image index; -1 where there is no image."""
+    top_tokens: np.ndarray
+    """[models, concepts, top_n] int64 token (row-major grid cell) of the maximum."""
+    max_activation: np.ndarray
+    """[models, concepts] float32 largest code over all tokens."""
+    hist_edges: np.ndarray
+    """[bins + 1] float64 geometric edges."""
+    hist_counts: np.ndarray
+    """[models, concepts, bins] int64 counts of non-zero codes."""
+    neighbours: np.ndarray
+    """[models, concepts, K] int64 nearest other concepts by decoder cosine."""
+    neighbour_cosine: np.ndarray
+    """[models, concepts, K] float32."""
+    defect_types: list[str]
+    defect_iou: np.ndarray | None
+    """[models, concepts, defect types] float64 dataset IoU, or None without masks."""
+
+    @property
+    def models(self) -> list[str]:
+        return self.stats.models
+
+    @property
+    def n_concepts(self) -> int:
+        return self.top_values.shape[1]
+
+    @property
+    def nonzero_counts(self) -> np.ndarray:
+        """[models, concepts] tokens with a non-zero code (the histogram totals)."""
+        return self.hist_counts.sum(-1)
+
+
+# --------------------------------------------------------------------------- reading the store
+
+
+def _to_float(raw: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
+    """Storage-dtype rows -> float32 on `device`; the conversion runs on the device."""
+    t = torch.from_numpy(np.array(raw)).to(device, non_blocking=True)
+    if dtype == "bfloat16":
+        t = t.view(torch.int16).view(torch.bfloat16)
+    return t.float()
+
+
+def iter_image_batches(store, batch_images: int, device: torch.device) -> Iterator[tuple[int, int, dict]]:
+    """`(first_image, n_images, {model: float32 [n_images * tokens, dim]})` in store order,
+    read straight from the memory-mapped shards."""
+    t = store.tokens_per_image
+    for span in store.spans:
+        for start in range(span.start, span.stop, batch_images):
+            stop = min(start + batch_images, span.stop)
+            lo, hi = (start - span.start) * t, (stop - span.start) * t
+            yield start, stop - start, {
+                m: _to_float(store.shard(m, span.index)[lo:hi], store.dtype, device) for m in store.model_names
+            }
+
+
+def load_image_tokens(store, model: str, image_indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """float32 `[len(image_indices) * tokens, dim]` of the given images, in that order."""
+    return torch.from_numpy(np.concatenate([store.image_tokens(model, int(i)) for i in image_indices])).to(device)
+
+
+def encode(model, x_std: torch.Tensor, name: str, cfg: MiningConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse codes `(values float32, indices)` `[tokens, k]`, with bf16 matmuls when configured."""
+    autocast = cfg.autocast if cfg.autocast is not None else x_std.device.type == "cuda"
+    with torch.autocast(x_std.device.type, dtype=torch.bfloat16, enabled=autocast):
+        values, indices = model.encode(x_std, name)
+    return values.float(), indices
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def mask_grid_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Fraction of each token cell covered by `mask` (bool [H, W]), as float32 `[gh * gw]`.
+
+    The mask is centre-cropped to its shorter side first, like the image's square view that
+    the token grid covers."""
+    h, w = mask.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = np.ascontiguousarray(mask[top : top + side, left : left + side], dtype=np.float32)
+    cells = Image.fromarray(square, mode="F").resize((grid[1], grid[0]), Image.Resampling.BOX)
+    return np.asarray(cells, dtype=np.float32).reshape(-1)
+
+
+# --------------------------------------------------------------------------- streaming top-k
+
+
+class StreamingTopImages:
+    """Top-N images per concept by a per-image score, merged batch by batch in O(concepts x N)."""
+
+    def __init__(self, n_concepts: int, top_n: int, device: torch.device):
+        self.values = torch.zeros(n_concepts, top_n, device=device)
+        self.images = torch.full((n_concepts, top_n), -1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(n_concepts, top_n, dtype=torch.long, device=device)
+
+    def update(self, scores: torch.Tensor, tokens: torch.Tensor, first_image: int) -> None:
+        """`scores` / `tokens` `[batch_images, concepts]`: each image's best value and where."""
+        n = scores.shape[0]
+        ids = torch.arange(first_image, first_image + n, device=scores.device).expand(scores.shape[1], n)
+        values = torch.cat([self.values, scores.T], dim=1)
+        images = torch.cat([self.images, ids], dim=1)
+        toks = torch.cat([self.tokens, tokens.T], dim=1)
+        # Ties (mostly zeros) keep the earlier image: candidates are ordered old-first, and a
+        # stable descending sort preserves that order.
+        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : self.values.shape[1]]
+        self.values = values.gather(1, order)
+        self.images = torch.where(self.values > 0, images.gather(1, order), -1)
+        self.tokens = toks.gather(1, order)
+
+
+def per_image_max(values: torch.Tensor, indices: torch.Tensor, n_images: int, tokens_per_image: int,
+                  n_concepts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From sparse codes `[n_images * tokens, k]`: each image's largest code per concept and the
+    first token holding it, both `[n_images, n_concepts]` (0 where the concept is off)."""
+    token = torch.arange(values.shape[0], device=values.device)
+    image = (token // tokens_per_image)[:, None].expand_as(indices)
+    flat = (image * n_concepts + indices).reshape(-1)
+    best = torch.zeros(n_images * n_concepts, device=values.device)
+    best.scatter_reduce_(0, flat, values.reshape(-1), reduce="amax", include_self=True)
+    local = (token % tokens_per_image)[:, None].expand_as(indices).reshape(-1)
+    at_max = values.reshape(-1) >= best[flat]
+    where = torch.full((n_images * n_concepts,), tokens_per_image, dtype=torch.long, device=values.device)
+    where.scatter_reduce_(0, flat[at_max], local[at_max], reduce="amin", include_self=True)
+    where = torch.where(best > 0, where, 0)
+    return best.view(n_images, n_concepts), where.view(n_images, n_concepts)
+
+
+def cofire_counts(firing: list[tuple[torch.Tensor, torch.Tensor]], n_concepts: int) -> torch.Tensor:
+    """Per concept, the tokens on which it fires in every model at once.
+
+    `firing` holds each model's `(indices, fires)` `[tokens, k]` for the same tokens. A concept
+    firing in the first model co-fires when it is also among each other model's firing
+    indices of that token (a k x k comparison per token, no sorting)."""
+    indices0, all_fire = firing[0]
+    for indices, fires in firing[1:]:
+        all_fire = all_fire & ((indices0[:, :, None] == indices[:, None, :]) & fires[:, None, :]).any(-1)
+    return torch.bincount(indices0[all_fire], minlength=n_concepts)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+class _Accumulators:
+    def __init__(self, model, store, cfg: MiningConfig, device: torch.device, n_defects: int):
+        m, c = len(model.names), model.cfg.n_concepts
+        f64 = dict(dtype=torch.float64, device=device)
+        self.top = [StreamingTopImages(c, cfg.top_n, device) for _ in range(m)]
+        self.fire = torch.zeros(m, c, **f64)
+        self.code_sums = torch.zeros(m, c, **f64)
+        self.max_act = torch.zeros(m, c, device=device)
+        self.active = torch.zeros(m, **f64)
+        self.cofire = torch.zeros(c, **f64)
+        self.hist = torch.zeros(m, c * cfg.hist_bins, **f64)
+        # R^2 parts: per-dimension sums of each target (shared by all sources) and residuals.
+        self.sum_x = [torch.zeros(store.dims[t], **f64) for t in model.names]
+        self.sum_x2 = [torch.zeros(store.dims[t], **f64) for t in model.names]
+        self.resid = torch.zeros(m, m, **f64)
+        self.intersection = torch.zeros(m, c, n_defects, **f64)
+        self.mask_total = torch.zeros(n_defects, **f64)
+
+
+def _defect_coverage(masks: DefectMasks, first: int, n: int, grid: tuple[int, int],
+                     device: torch.device) -> torch.Tensor:
+    """`[n * tokens, defect types]` cell coverage of each defect type for a batch of images."""
+    cov = np.zeros((n, grid[0] * grid[1], len(masks.defect_types)), np.float32)
+    for i in range(n):
+        found = masks.load(first + i) or {}
+        for j, kind in enumerate(masks.defect_types):
+            if kind in found:
+                cov[i, :, j] = mask_grid_coverage(np.asarray(found[kind], dtype=bool), grid)
+    return torch.from_numpy(cov.reshape(n * grid[0] * grid[1], -1)).to(device)
+
+
+@torch.no_grad()
+def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | torch.device = "cpu",
+               masks: DefectMasks | None = None, progress: bool = False) -> MiningResult:
+    """Stream the store once and gather everything per concept (see the module docstring)."""
+    cfg = cfg or MiningConfig()
+    device = torch.device(device)
+    if model.cfg.model_dims != store.dims:
+        raise UsaeError(f"the USAE was trained on models {model.cfg.model_dims}, the store has {store.dims}")
+    model = model.to(device).eval()
+    names = list(model.names)
+    c, t = model.cfg.n_concepts, store.tokens_per_image
+    edges = torch.as_tensor(np.log(cfg.hist_edges()[1:-1]), dtype=torch.float32, device=device)
+    acc = _Accumulators(model, store, cfg, device, len(masks.defect_types) if masks else 0)
+    n_tokens = 0
+    bar = tqdm(total=store.n_images, desc="mine", unit="img", disable=not progress)
+    for first, n_img, batch in iter_image_batches(store, cfg.batch_images, device):
+        x = {m: model.standardize(batch[m], m) for m in names}
+        cover = _defect_coverage(masks, first, n_img, store.grid, device) if masks else None
+        firing = []
+        for i, m in enumerate(names):
+            values, indices = encode(model, x[m], m, cfg)
+            fires = values > cfg.tau
+            fired = indices[fires]
+            acc.fire[i] += torch.bincount(fired, minlength=c)
+            acc.active[i] += fires.sum()
+            acc.code_sums[i] += torch.bincount(indices.reshape(-1), weights=values.reshape(-1).double(), minlength=c)
+            acc.max_act[i].scatter_reduce_(0, indices.reshape(-1), values.reshape(-1), reduce="amax")
+            best, where = per_image_max(values, indices, n_img, t, c)
+            acc.top[i].update(best, where, first)
+            nonzero = values > 0
+            bins = torch.bucketize(values[nonzero].log(), edges)
+            acc.hist[i] += torch.bincount(indices[nonzero] * cfg.hist_bins + bins, minlength=c * cfg.hist_bins)
+            if cover is not None:
+                token = torch.arange(values.shape[0], device=device)[:, None].expand_as(indices)[fires]
+                acc.intersection[i].index_add_(0, fired, cover[token].double())
+            for j, target in enumerate(names):
+                acc.resid[i, j] += (x[target] - model.decode(values, indices, target)).square().sum().double()
+            firing.append((indices, fires))
+        acc.cofire += cofire_counts(firing, c)
+        for j, target in enumerate(names):
+            acc.sum_x[j] += x[target].sum(0).double()
+            acc.sum_x2[j] += x[target].square().sum(0).double()
+        if cover is not None:
+            acc.mask_total += cover.sum(0).double()
+        n_tokens += n_img * t
+        bar.update(n_img)
+    bar.close()
+    return _finish(model, store, cfg, acc, n_tokens, masks)
+
+
+def _finish(model, store, cfg: MiningConfig, acc: _Accumulators, n_tokens: int,
+            masks: DefectMasks | None) -> MiningResult:
+    names = list(model.names)
+    stats = EvalResult(
+        models=names,
+        n_tokens=n_tokens,
+        tau=cfg.tau,
+        r2=_r2_matrix(acc, n_tokens),
+        fire_counts=acc.fire.cpu().numpy().astype(np.int64),
+        cofire_counts=acc.cofire.cpu().numpy().astype(np.int64),
+        code_sums=acc.code_sums.cpu().numpy(),
+        l0=(acc.active / max(n_tokens, 1)).cpu().numpy(),
+    )
+    iou = None
+    if masks:
+        inter = acc.intersection
+        union = acc.fire[:, :, None] + acc.mask_total[None, None, :] - inter
+        iou = torch.where(union > 0, inter / union.clamp_min(1e-12), 0.0).cpu().numpy()
+    neighbours, cosine = nearest_concepts(model, cfg.neighbours)
+    return MiningResult(
+        stats=stats,
+        n_images=store.n_images,
+        top_values=torch.stack([tk.values for tk in acc.top]).cpu().numpy(),
+        top_images=torch.stack([tk.images for tk in acc.top]).cpu().numpy(),
+        top_tokens=torch.stack([tk.tokens for tk in acc.top]).cpu().numpy(),
+        max_activation=acc.max_act.cpu().numpy(),
+        hist_edges=cfg.hist_edges(),
+        hist_counts=acc.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins).cpu().numpy().astype(np.int64),
+        neighbours=neighbours,
+        neighbour_cosine=cosine,
+        defect_types=list(masks.defect_types) if masks else [],
+        defect_iou=iou,
+    )
+
+
+def _r2_matrix(acc: _Accumulators, n_tokens: int) -> np.ndarray:
+    """R^2 [source, target] with a per-dimension mean (usae_core.metrics.r2_score, streamed)."""
+    total = torch.stack([(s2 - s * s / max(n_tokens, 1)).sum() for s, s2 in zip(acc.sum_x, acc.sum_x2)])
+    r2 = 1.0 - acc.resid / total[None, :]
+    return torch.where(total[None, :] > 0, r2, torch.nan).cpu().numpy()
+
+
+@torch.no_grad()
+def nearest_concepts(model, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per model, the k other concepts whose decoder rows have the highest cosine similarity:
+    indices `[models, concepts, k]` and cosines, computed in row chunks."""
+    c = model.cfg.n_concepts
+    k = min(k, c - 1)
+    idx = np.zeros((len(model.names), c, k), np.int64)
+    cos = np.zeros((len(model.names), c, k), np.float32)
+    for i, name in enumerate(model.names):
+        d = model.dictionary(name).float()
+        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        for lo in range(0, c, chunk):
+            sim = d[lo : lo + chunk] @ d.T
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + lo] = -math.inf  # never your own neighbour
+            top = torch.topk(sim, k, dim=1)
+            idx[i, lo : lo + chunk] = top.indices.cpu().numpy()
+            cos[i, lo : lo + chunk] = top.values.cpu().numpy()
+    return idx, cos
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+@torch.no_grad()
+def top_image_heatmaps(model, store, result: MiningResult, concepts: Sequence[int], cfg: MiningConfig | None = None,
+                       *, device: str | torch.device = "cpu") -> dict[tuple[int, int, int], np.ndarray]:
+    """Per-token heatmaps of the top images of `concepts`: `{(model_index, concept, rank): [gh, gw]}`.
+
+    Only the images in those top lists are re-encoded, a batch at a time, so memory follows
+    len(concepts) x top_n, not the store."""
+    cfg = cfg or MiningConfig()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    t, grid = store.tokens_per_image, store.grid
+    heatmaps: dict[tuple[int, int, int], np.ndarray] = {}
+    for i, name in enumerate(model.names):
+        wanted = [(int(cpt), r, int(result.top_images[i, cpt, r]))
+                  for cpt in concepts for r in range(result.top_images.shape[2]) if result.top_images[i, cpt, r] >= 0]
+        unique = sorted({img for _, _, img in wanted})
+        for lo in range(0, len(unique), cfg.batch_images):
+            chunk = unique[lo : lo + cfg.batch_images]
+            position = {img: p for p, img in enumerate(chunk)}
+            x = model.standardize(load_image_tokens(store, name, chunk, device), name)
+            values, indices = encode(model, x, name, cfg)
+            values = values.view(len(chunk), t, -1)
+            indices = indices.view(len(chunk), t, -1)
+            pairs = [(cpt, r, img) for cpt, r, img in wanted if img in position]
+            rows = torch.tensor([position[img] for _, _, img in pairs], device=device)
+            cpts = torch.tensor([cpt for cpt, _, _ in pairs], device=device)
+            heat = ((indices[rows] == cpts[:, None, None]) * values[rows]).sum(-1)
+            for (cpt, r, _), h in zip(pairs, heat.cpu().numpy()):
+                heatmaps[(i, cpt, r)] = h.reshape(grid)
+    return heatmaps
