@@ -1,7 +1,55 @@
-"""`usae` commands of this group (filled in by its issue)."""
+"""`usae serve` (the explorer) and `usae user add` (analyst accounts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from app.settings import settings_for
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data directory (default: $USAE_DATA_DIR or ./usae-data).")]
+
+user_cli = typer.Typer(help="Analyst accounts.", no_args_is_help=True)
+
+
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    data_dir: DataDir = None,
+) -> None:
+    """Serve the concept explorer (pages, JSON API at /api, API docs at /docs)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = settings_for(data_dir)
+    typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=False)
+
+
+@user_cli.command("add")
+def user_add_cmd(
+    name: Annotated[str, typer.Argument(help="User name (letters, digits, '.', '_', '@', '-').")],
+    password: Annotated[Optional[str], typer.Option(help="Password; prompted for (hidden, twice) when omitted.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an analyst account."""
+    from app.db import session_factory
+    from app.migrations import upgrade_database
+    from app.services.users import create_user
+
+    if password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    settings = settings_for(data_dir)
+    upgrade_database(settings.db_url)
+    with session_factory(settings.db_url)() as session:
+        create_user(session, username=name, password=password)
+        session.commit()
+    typer.echo(f"created analyst {name!r}")
+
 
 def register(cli: typer.Typer) -> None:
-    """Add this group's commands to `cli`."""
+    cli.command("serve")(serve_cmd)
+    cli.add_typer(user_cli, name="user")

@@ -31,13 +31,14 @@ class LabelConflict(Exception):
 
 
 def parse_tags(text: str) -> list[str]:
-    """'defect, Scratch  ,edge' -> ['defect', 'scratch', 'edge']: trimmed, lower case, unique."""
+    """'defect, Scratch  ,edge' -> ['defect', 'edge', 'scratch']."""
     return normalize_tags(text.split(","))
 
 
 def normalize_tags(tags: Iterable[str]) -> list[str]:
+    """Trimmed, lower case, unique and sorted (the order the database gives them back in)."""
     cleaned = [re.sub(r"\s+", " ", t).strip().lower() for t in tags]
-    unique = list(dict.fromkeys(t for t in cleaned if t))
+    unique = sorted(set(t for t in cleaned if t))
     too_long = [t for t in unique if len(t) > MAX_TAG]
     if too_long:
         raise UsaeError(f"tags have at most {MAX_TAG} characters: {too_long[0][:20]}…")

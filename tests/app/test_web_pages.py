@@ -1,20 +1,32 @@
-"""Pages and their JSON counterparts show what the seeded database holds."""
+"""Pages and their JSON counterparts show what the data database holds."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.app.seed import DEFECTS
-from tests.app.webapp import *  # noqa: F403
+from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
 
 
 def _indices(html: str) -> list[int]:
     return [int(i) for i in re.findall(r'data-concept="(\d+)"', html)]
 
 
-def test_pages_need_login(web):
+@pytest.fixture
+def client(reader):
+    return reader[0]
+
+
+@pytest.fixture
+def data(reader):
+    return reader[1]
+
+
+def test_pages_need_login(client):
+    web = TestClient(client.app)  # same app, no session
     r = web.get("/runs/1/concepts?sort=index", follow_redirects=False)
     assert r.status_code == 303
     assert r.headers["location"] == "/login?next=%2Fruns%2F1%2Fconcepts%3Fsort%3Dindex"
@@ -22,44 +34,44 @@ def test_pages_need_login(web):
     assert web.get("/api/runs/1/concepts/0").status_code == 401
 
 
-def test_runs_list_and_overview(web_client, seeded):
-    r = web_client.get("/runs")
+def test_runs_list_and_overview(client, data):
+    r = client.get("/runs")
     assert r.status_code == 200
     assert "demo-run" in r.text and "other-run" in r.text and "vit_s" in r.text
-    r = web_client.get(f"/runs/{seeded.run.run_id}")
+    r = client.get(f"/runs/{data.run.run_id}")
     assert r.status_code == 200
 
     def count(key: str) -> int:
         return int(re.search(rf'id="count-{key}">([\d,]+)<', r.text).group(1))
 
-    assert count("dead") == len(seeded.run.dead)
-    assert count("universal") == len(seeded.run.universal)
-    assert count("specific") == len(seeded.run.only_first)
+    assert count("dead") == len(data.run.dead)
+    assert count("universal") == len(data.run.universal)
+    assert count("specific") == len(data.run.only_first)
     assert r.text.count("<svg") >= 3  # R² heatmap, entropy histogram, co-fire scatter
     defects = r.text[r.text.index('id="defects"'):]
     assert all(d in defects for d in DEFECTS)
 
 
-def test_overview_api_matches_the_seed(web_client, seeded):
-    body = web_client.get(f"/api/runs/{seeded.run.run_id}").json()
-    assert body["n_dead"] == len(seeded.run.dead)
-    assert body["n_universal"] == len(seeded.run.universal)
+def test_overview_api_matches_the_seed(client, data):
+    body = client.get(f"/api/runs/{data.run.run_id}").json()
+    assert body["n_dead"] == len(data.run.dead)
+    assert body["n_universal"] == len(data.run.universal)
     assert body["r2"][0][1] == pytest.approx(0.65) and body["r2"][1][0] == pytest.approx(0.65)
-    assert sum(body["entropy_histogram"]["counts"]) == seeded.run.n_concepts - len(seeded.run.dead)
+    assert sum(body["entropy_histogram"]["counts"]) == data.run.n_concepts - len(data.run.dead)
     # seed: concept c has IoU 0.2 + 0.1 c for defect c % 2, so the best are concepts 2 and 3
     best = {d["defect_type"]: d["concept"]["index"] for d in body["best_per_defect"]}
     assert best == {"crack": 2, "scratch": 3}
 
 
-def test_browser_hides_dead_and_sorts_by_energy(web_client, seeded):
-    html = web_client.get(f"/runs/{seeded.run.run_id}/concepts").text
+def test_browser_hides_dead_and_sorts_by_energy(client, data):
+    html = client.get(f"/runs/{data.run.run_id}/concepts").text
     shown = _indices(html)
-    live = [c for c in range(seeded.run.n_concepts) if c not in seeded.run.dead]
+    live = [c for c in range(data.run.n_concepts) if c not in data.run.dead]
     assert sorted(shown) == live
     energies = [float(e) for e in re.findall(r"energy <b>([\d.e+-]+)</b>", html)]
     assert energies == sorted(energies, reverse=True)
-    with_dead = _indices(web_client.get(f"/runs/{seeded.run.run_id}/concepts?show_dead=1&sort=index").text)
-    assert with_dead == list(range(seeded.run.n_concepts))
+    with_dead = _indices(client.get(f"/runs/{data.run.run_id}/concepts?show_dead=1&sort=index").text)
+    assert with_dead == list(range(data.run.n_concepts))
 
 
 @pytest.mark.parametrize("query, expected", [
@@ -68,63 +80,48 @@ def test_browser_hides_dead_and_sorts_by_energy(web_client, seeded):
     ("labelled=unlabelled", "live"),
     ("labelled=labelled", "none"),
 ])
-def test_browser_filters(web_client, seeded, query, expected):
-    run = seeded.run
+def test_browser_filters(client, data, query, expected):
+    run = data.run
     want = {"universal": run.universal, "only_first": run.only_first, "none": [],
             "live": [c for c in range(run.n_concepts) if c not in run.dead]}[expected]
-    shown = _indices(web_client.get(f"/runs/{run.run_id}/concepts?{query}&per_page=200").text)
+    shown = _indices(client.get(f"/runs/{run.run_id}/concepts?{query}&per_page=200").text)
     assert sorted(shown) == sorted(want)
 
 
-def test_browser_paginates_and_keeps_filters_in_links(web_client, seeded):
-    run = seeded.run
-    first = web_client.get(f"/runs/{run.run_id}/concepts?sort=index&per_page=10&min_entropy=0.5")
+def test_browser_paginates_and_keeps_filters_in_links(client, data):
+    run = data.run
+    first = client.get(f"/runs/{run.run_id}/concepts?sort=index&per_page=10&min_entropy=0.5")
     assert _indices(first.text) == run.universal[:10]
     assert f'href="/runs/{run.run_id}/concepts?sort=index&amp;min_entropy=0.5&amp;page=2&amp;per_page=10"' in first.text
-    second = web_client.get(f"/runs/{run.run_id}/concepts?sort=index&per_page=10&min_entropy=0.5&page=2")
+    second = client.get(f"/runs/{run.run_id}/concepts?sort=index&per_page=10&min_entropy=0.5&page=2")
     assert _indices(second.text) == run.universal[10:20]
 
 
-def test_browser_search_and_tag_filter(web_client, seeded):
-    run = seeded.run
-    for index, label, tags in [(3, "Rust streak", "defect, rust"), (6, "Fabric weave", "texture")]:
-        page = web_client.get(f"/runs/{run.run_id}/concepts/{index}").text
-        r = web_client.post(f"/runs/{run.run_id}/concepts/{index}/label", follow_redirects=False, data={
-            "csrf_token": csrf_from(page), "version": "1", "label": label, "description": "", "tags": tags})
-        assert r.status_code == 303
-    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=STREAK").text) == [3]
-    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=%25").text) == []  # LIKE wildcards are literal
-    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?tag=texture").text) == [6]
-    assert sorted(_indices(web_client.get(f"/runs/{run.run_id}/concepts?labelled=labelled").text)) == [3, 6]
-    api = web_client.get(f"/api/runs/{run.run_id}/concepts", params={"tag": "rust"}).json()
-    assert [c["index"] for c in api["concepts"]] == [3] and api["tags"] == ["defect", "rust", "texture"]
-
-
-def test_browser_rejects_bad_filters_plainly(web_client, seeded):
-    r = web_client.get(f"/runs/{seeded.run.run_id}/concepts?min_entropy=lots")
+def test_browser_rejects_bad_filters_plainly(client, data):
+    r = client.get(f"/runs/{data.run.run_id}/concepts?min_entropy=lots")
     assert r.status_code == 400 and "min_entropy" in r.text
-    r = web_client.get(f"/runs/{seeded.run.run_id}/concepts?mostly=nosuchmodel")
+    r = client.get(f"/runs/{data.run.run_id}/concepts?mostly=nosuchmodel")
     assert r.status_code == 400 and "nosuchmodel" in r.text
 
 
-def test_concept_page_shows_every_model(web_client, seeded):
-    run = seeded.run
-    html = web_client.get(f"/runs/{run.run_id}/concepts/0").text
+def test_concept_page_shows_every_model(client, data):
+    run = data.run
+    html = client.get(f"/runs/{run.run_id}/concepts/0").text
     for model in run.models:
         column = html[html.index(f'data-model="{model}"'):]
         column = column[:column.index("</section>")]
         images = re.findall(r'<img src="([^"]+)"', column)
         assert len(images) >= 4 and all(src.startswith(f"/media/{run.media_prefix}/heatmaps/0/{model}-") for src in images[:4])
         assert "<svg" in column  # activation histogram
-    assert seeded.run.cam_path in html  # CAM slot filled for the first model
+    assert data.run.cam_path in html  # CAM slot filled for the first model
     assert html.count("No CAM image yet.") == len(run.models) - 1
     assert 'rel="next" href="/runs/1/concepts/1"' in html and 'rel="prev"' not in html
     assert 'href="/runs/1/concepts/1"' in html[html.index('id="neighbours"'):]  # nearest concepts
     assert "crack" in html[html.index('id="defect-iou"'):]
 
 
-def test_concept_api(web_client, seeded):
-    body = web_client.get(f"/api/runs/{seeded.run.run_id}/concepts/1").json()
+def test_concept_api(client, data):
+    body = client.get(f"/api/runs/{data.run.run_id}/concepts/1").json()
     assert body["card"]["dominant_model"] == "vit_s" and not body["card"]["universal"]
     columns = {c["model"]: c for c in body["columns"]}
     assert len(columns["vit_s"]["top_images"]) == 4 and columns["cnn_m"]["top_images"] == []
@@ -134,22 +131,22 @@ def test_concept_api(web_client, seeded):
     assert (body["prev_index"], body["next_index"]) == (0, 2)
 
 
-def test_compare_page_and_api(web_client, seeded):
-    run = seeded.run
-    body = web_client.get(f"/api/runs/{run.run_id}/compare", params={"a": "vit_s", "b": "clip_b"}).json()
+def test_compare_page_and_api(client, data):
+    run = data.run
+    body = client.get(f"/api/runs/{run.run_id}/compare", params={"a": "vit_s", "b": "clip_b"}).json()
     assert body["r2_a_to_b"] == pytest.approx(0.70) and body["r2_b_to_a"] == pytest.approx(0.70)
     assert body["n_unique_a"] == len(run.only_first) and body["n_unique_b"] == 0
     assert {p["index"] for p in body["shared"]} <= set(run.universal)
     assert body["n_shared"] == len(run.universal)
-    html = web_client.get(f"/runs/{run.run_id}/compare?a=cnn_m&b=vit_s").text
+    html = client.get(f"/runs/{run.run_id}/compare?a=cnn_m&b=vit_s").text
     assert 'id="r2-ab">0.650<' in html
     assert f'<a href="/runs/{run.run_id}/concepts/1">' in html  # scatter points link to concepts
-    assert web_client.get(f"/runs/{run.run_id}/compare?a=vit_s&b=vit_s").status_code == 400
+    assert client.get(f"/runs/{run.run_id}/compare?a=vit_s&b=vit_s").status_code == 400
 
 
-def test_missing_things_are_404(web_client, seeded):
-    assert web_client.get("/runs/999").status_code == 404
-    assert web_client.get(f"/runs/{seeded.run.run_id}/concepts/999").status_code == 404
-    assert web_client.get("/api/runs/999/concepts").json()["detail"] == "No such run."
-    r = web_client.get("/no/such/page")
+def test_missing_things_are_404(client, data):
+    assert client.get("/runs/999").status_code == 404
+    assert client.get(f"/runs/{data.run.run_id}/concepts/999").status_code == 404
+    assert client.get("/api/runs/999/concepts").json()["detail"] == "No such run."
+    r = client.get("/no/such/page")
     assert r.status_code == 404 and "Not found" in r.text

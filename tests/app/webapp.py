@@ -1,11 +1,12 @@
 """Fixtures for the web tests: a seeded data directory (real SQLite file + media files) and a
 TestClient on `create_app`, plus helpers to sign in and to read CSRF tokens from pages.
 
-Import the fixtures into a test module with `from tests.app.webapp import *  # noqa: F403`.
+tests/app/conftest.py registers the fixtures; test modules import only the helpers.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from app.security import SESSION_COOKIE
 from app.settings import Settings
 from tests.app.seed import PASSWORD, SeedRun, create_analyst, seed_run
 
-__all__ = ["PASSWORD", "Seeded", "csrf_from", "login", "seeded", "seeded_template", "sign_in_as", "web", "web_client"]
 
 
 @dataclass
@@ -63,14 +63,28 @@ def seeded_template(tmp_path_factory) -> Seeded:
     return Seeded(data_dir, settings, run, other, cookies)
 
 
+def _copy(template: Seeded, data_dir: Path) -> Seeded:
+    """The database is copied; media files are hard-linked (fast, and no test rewrites them)."""
+    shutil.copytree(template.data_dir, data_dir, copy_function=os.link, ignore=shutil.ignore_patterns("usae.db*"))
+    shutil.copyfile(template.data_dir / "usae.db", data_dir / "usae.db")
+    return Seeded(data_dir, _settings(data_dir), template.run, template.other, template.session_cookies)
+
+
 @pytest.fixture
 def seeded(seeded_template: Seeded, tmp_path: Path) -> Iterator[Seeded]:
     """A private copy of the seeded data directory for one test."""
-    data_dir = tmp_path / "usae-data"
-    shutil.copytree(seeded_template.data_dir, data_dir)
-    settings = _settings(data_dir)
-    yield Seeded(data_dir, settings, seeded_template.run, seeded_template.other, seeded_template.session_cookies)
-    get_engine(settings.db_url).dispose()
+    copy = _copy(seeded_template, tmp_path / "usae-data")
+    yield copy
+    get_engine(copy.settings.db_url).dispose()
+
+
+@pytest.fixture(scope="module")
+def reader(seeded_template: Seeded, tmp_path_factory) -> Iterator[tuple[TestClient, Seeded]]:
+    """One app and client (signed in as alice) for a whole module of tests that only read."""
+    copy = _copy(seeded_template, tmp_path_factory.mktemp("web-reader") / "usae-data")
+    with TestClient(create_app(copy.settings), base_url="http://testserver") as client:
+        yield sign_in_as(client, copy, "alice"), copy
+    get_engine(copy.settings.db_url).dispose()
 
 
 @pytest.fixture

@@ -1,0 +1,131 @@
+"""Signing in: passwords, the signed session, CSRF on every write, throttling."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.routing import iter_route_contexts
+from sqlalchemy import select
+
+from app.db import session_factory
+from app.models import User
+from app.security import SESSION_COOKIE, verify_password
+from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
+
+
+def test_login_sets_session_and_logout_ends_it(web):
+    page = web.get("/login?next=/runs/1/compare")
+    r = web.post("/login", follow_redirects=False, data={
+        "username": "ALICE", "password": PASSWORD, "csrf_token": csrf_from(page.text), "next": "/runs/1/compare"})
+    assert r.status_code == 303 and r.headers["location"] == "/runs/1/compare"
+    cookie = r.cookies[SESSION_COOKIE]
+    assert PASSWORD not in cookie and "alice" not in cookie.lower()
+    assert web.get("/api/auth/me").json()["username"] == "alice"
+    runs = web.get("/runs")
+    r = web.post("/logout", data={"csrf_token": csrf_from(runs.text)}, follow_redirects=False)
+    assert r.status_code == 303
+    assert web.get("/api/auth/me").status_code == 401
+
+
+def test_wrong_password_and_unknown_user_look_the_same(web):
+    token = csrf_from(web.get("/login").text)
+    wrong = web.post("/login", data={"username": "alice", "password": "nope-nope", "csrf_token": token})
+    nobody = web.post("/login", data={"username": "mallory", "password": "nope-nope", "csrf_token": token})
+    assert wrong.status_code == nobody.status_code == 401
+    assert "do not match" in wrong.text and "do not match" in nobody.text
+    assert web.get("/api/auth/me").status_code == 401
+
+
+def test_tampered_session_cookie_is_ignored(web, seeded):
+    good = seeded.session_cookies["alice"]
+    web.cookies.set(SESSION_COOKIE, good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB"))
+    assert web.get("/api/auth/me").status_code == 401
+
+
+def test_login_needs_csrf_token(web):
+    web.get("/login")
+    r = web.post("/login", data={"username": "alice", "password": PASSWORD})
+    assert r.status_code == 403
+    assert web.get("/api/auth/me").status_code == 401
+
+
+def test_open_redirect_is_refused(web):
+    token = csrf_from(web.get("/login").text)
+    r = web.post("/login", follow_redirects=False, data={
+        "username": "alice", "password": PASSWORD, "csrf_token": token, "next": "//evil.example/x"})
+    assert r.headers["location"] == "/runs"
+
+
+def test_login_rate_limit_per_ip_and_name(seeded):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = seeded.settings.model_copy(update={"login_attempts_per_minute": 3})
+    with TestClient(create_app(settings)) as client:
+        token = csrf_from(client.get("/login").text)
+        codes = [client.post("/login", data={"username": "bob", "password": "wrong-guess", "csrf_token": token})
+                 .status_code for _ in range(4)]
+        assert codes == [401, 401, 401, 429]
+        # Even the right password is refused while throttled ...
+        r = client.post("/login", data={"username": "bob", "password": PASSWORD, "csrf_token": token})
+        assert r.status_code == 429 and "Try again in" in r.text
+        # ... but another account from the same address is not affected.
+        r = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token},
+                        follow_redirects=False)
+        assert r.status_code == 303
+
+
+def test_api_login_flow(web):
+    token = web.get("/api/auth/csrf").json()["csrf_token"]
+    assert web.post("/api/auth/login", json={"username": "alice", "password": PASSWORD}).status_code == 403
+    r = web.post("/api/auth/login", json={"username": "alice", "password": PASSWORD},
+                 headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and r.json()["username"] == "alice"
+    assert web.get("/api/runs").status_code == 200
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("post", "/runs/1/concepts/0/label", {"version": "1", "label": "x"}),
+    ("post", "/shares", {"run_id": "1", "scope": "run"}),
+    ("post", "/shares/1/revoke", {}),
+    ("post", "/logout", {}),
+])
+def test_every_form_write_needs_the_csrf_token(web_client, method, path, body):
+    r = getattr(web_client, method)(path, data=body, follow_redirects=False)
+    assert r.status_code == 403
+    r = getattr(web_client, method)(path, data={**body, "csrf_token": "forged"}, follow_redirects=False)
+    assert r.status_code == 403
+
+
+def test_every_write_route_requires_an_analyst(web):
+    """Walk the app's routes: every POST/PUT/PATCH/DELETE except signing in/out refuses a visitor."""
+    open_writes = {"/login", "/logout", "/api/auth/login", "/api/auth/logout"}
+    writes = [(m, route.path) for route in iter_route_contexts(web.app.routes) for m in route.methods or ()
+              if m in {"POST", "PUT", "PATCH", "DELETE"} and route.path not in open_writes]
+    assert len(writes) >= 7
+    for method, path in writes:
+        url = path.replace("{run_id}", "1").replace("{index}", "0").replace("{share_id}", "1").replace("{token}", "x")
+        r = web.request(method, url, follow_redirects=False)
+        assert r.status_code in (303, 401), (method, path, r.status_code)
+
+
+def test_user_add_command(seeded):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["user", "add", "carol", "--password", "s3cret-pass", "--data-dir", str(seeded.data_dir)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["user", "add", "dave", "--data-dir", str(seeded.data_dir)],
+                      input="another-pass\nanother-pass\n")
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["user", "add", "carol", "--password", "whatever-1", "--data-dir", str(seeded.data_dir)])
+    assert r.exit_code != 0 and "already exists" in str(r.exception)  # `usae` prints UsaeError as one line
+    r = runner.invoke(cli, ["user", "add", "erin", "--password", "short", "--data-dir", str(seeded.data_dir)])
+    assert r.exit_code != 0 and "at least 8" in str(r.exception)
+    with session_factory(seeded.settings.db_url)() as session:
+        users = {u.username: u for u in session.scalars(select(User))}
+    assert verify_password(users["carol"].password_hash, "s3cret-pass")
+    assert verify_password(users["dave"].password_hash, "another-pass")
+    assert users["carol"].password_hash.startswith("$argon2id$") and "erin" not in users

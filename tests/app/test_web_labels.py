@@ -1,0 +1,106 @@
+"""Label edits: history with who/when/old/new, optimistic concurrency, escaping."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select
+
+from app.db import session_factory
+from app.models import LabelHistory
+from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
+
+
+def _indices(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'data-concept="(\d+)"', html)]
+
+
+def _form(client, url: str) -> dict[str, str]:
+    html = client.get(url).text
+    version = re.search(r'name="version" value="(\d+)"', html).group(1)
+    return {"csrf_token": csrf_from(html), "version": version}
+
+
+def test_label_edit_is_recorded_in_history(web_client, seeded):
+    url = f"/runs/{seeded.run.run_id}/concepts/2"
+    r = web_client.post(url + "/label", follow_redirects=False, data={
+        **_form(web_client, url), "label": "Hairline crack", "description": "Thin dark lines", "tags": "Defect, crack"})
+    assert r.status_code == 303 and r.headers["location"] == url + "#label"
+    r = web_client.post(url + "/label", follow_redirects=False, data={
+        **_form(web_client, url), "label": "Crack", "description": "Thin dark lines", "tags": "defect"})
+    html = web_client.get(url).text
+    history = html[html.index('id="label-history"'):]
+    assert history.index("v3") < history.index("v2")  # newest first
+    assert "<del>Hairline crack</del> → <ins>Crack</ins>" in history and "alice" in history
+    with session_factory(seeded.settings.db_url)() as session:
+        rows = session.scalars(select(LabelHistory).order_by(LabelHistory.version)).all()
+    assert [(r.version, r.old_label, r.new_label) for r in rows] == [(2, "", "Hairline crack"), (3, "Hairline crack", "Crack")]
+    assert rows[0].new_tags == ["crack", "defect"] and rows[1].old_tags == ["crack", "defect"]
+    assert rows[1].new_tags == ["defect"] and rows[1].username == "alice" and rows[1].changed_at is not None
+
+
+def test_second_writer_gets_a_conflict_not_an_overwrite(web_client, seeded, web):
+    from fastapi.testclient import TestClient
+
+    url = f"/runs/{seeded.run.run_id}/concepts/4"
+    alice_form = _form(web_client, url)
+    with TestClient(web.app) as bob:
+        sign_in_as(bob, seeded, "bob")
+        bob_form = _form(bob, url)
+        assert bob.post(url + "/label", data={**bob_form, "label": "Bob's name", "description": "", "tags": ""},
+                        follow_redirects=False).status_code == 303
+    r = web_client.post(url + "/label", data={**alice_form, "label": "Alice's name", "description": "", "tags": ""})
+    assert r.status_code == 409
+    assert "bob saved this label while you were editing it" in r.text
+    assert 'id="label-name">Bob&#39;s name<' in r.text  # theirs is shown ...
+    assert 'value="Alice&#39;s name"' in r.text  # ... and her draft is kept in the form
+    api = web_client.get(f"/api/runs/{seeded.run.run_id}/concepts/4").json()
+    assert api["card"]["label"] == "Bob's name" and api["version"] == 2
+
+
+def test_htmx_save_returns_the_panel(web_client, seeded):
+    url = f"/runs/{seeded.run.run_id}/concepts/5"
+    r = web_client.post(url + "/label", headers={"HX-Request": "true"},
+                        data={**_form(web_client, url), "label": "Weave", "description": "", "tags": ""})
+    assert r.status_code == 200
+    assert r.text.lstrip().startswith('<section class="panel" id="label">') and "<html" not in r.text
+    assert "Label saved." in r.text and 'name="version" value="2"' in r.text
+
+
+def test_label_html_is_escaped_everywhere(web_client, seeded):
+    url = f"/runs/{seeded.run.run_id}/concepts/0"
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    web_client.post(url + "/label", data={**_form(web_client, url), "label": evil, "description": evil, "tags": evil[:60]})
+    for page in (url, f"/runs/{seeded.run.run_id}/concepts", f"/runs/{seeded.run.run_id}", url.replace("/0", "/1")):
+        html = web_client.get(page).text
+        assert "<script>alert" not in html and "<img src=x" not in html, page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in web_client.get(url).text
+
+
+def test_label_api_with_versions(web_client, seeded):
+    base = f"/api/runs/{seeded.run.run_id}/concepts/7/label"
+    csrf = web_client.get("/api/auth/csrf").json()["csrf_token"]
+    headers = {"X-CSRF-Token": csrf}
+    r = web_client.put(base, json={"label": "Edge", "tags": ["Edge ", "edge", "line"], "version": 1}, headers=headers)
+    assert r.status_code == 200 and r.json() == {"index": 7, "label": "Edge", "description": "", "tags": ["edge", "line"],
+                                                 "version": 2}
+    stale = web_client.put(base, json={"label": "Other", "version": 1}, headers=headers)
+    assert stale.status_code == 409 and stale.json()["current"]["label"] == "Edge"
+    assert web_client.put(base, json={"label": "Other", "version": 2}).status_code == 403  # no CSRF header
+    too_long = web_client.put(base, json={"label": "x" * 201, "version": 2}, headers=headers)
+    assert too_long.status_code == 422
+
+
+def test_browser_search_and_tag_filter(web_client, seeded):
+    run = seeded.run
+    for index, label, tags in [(3, "Rust streak", "defect, rust"), (6, "Fabric weave", "texture")]:
+        page = web_client.get(f"/runs/{run.run_id}/concepts/{index}").text
+        r = web_client.post(f"/runs/{run.run_id}/concepts/{index}/label", follow_redirects=False, data={
+            "csrf_token": csrf_from(page), "version": "1", "label": label, "description": "", "tags": tags})
+        assert r.status_code == 303
+    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=STREAK").text) == [3]
+    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=%25").text) == []  # LIKE wildcards are literal
+    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?tag=texture").text) == [6]
+    assert sorted(_indices(web_client.get(f"/runs/{run.run_id}/concepts?labelled=labelled").text)) == [3, 6]
+    api = web_client.get(f"/api/runs/{run.run_id}/concepts", params={"tag": "rust"}).json()
+    assert [c["index"] for c in api["concepts"]] == [3] and api["tags"] == ["defect", "rust", "texture"]

@@ -1,0 +1,160 @@
+"""Audit links: unguessable, hashed, read-only, exactly their scope, revocable, expiring."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from app.db import session_factory
+from app.models import ShareLink
+from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
+
+
+def _create(client, seeded, **fields) -> str:
+    """Create a link through the form; returns its path."""
+    page = client.get("/shares").text
+    r = client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), **fields})
+    assert r.status_code == 201, r.text
+    return re.search(r'id="share-url" value="http://testserver(/s/[^"]+)"', r.text).group(1)
+
+
+@pytest.fixture
+def holder(web):
+    """A fresh client with no session, like a manager opening the link."""
+    with TestClient(web.app) as client:
+        yield client
+
+
+def test_token_is_long_random_and_stored_only_as_a_hash(web_client, seeded):
+    path = _create(web_client, seeded, scope="run", note="Q3 audit")
+    token = path.removeprefix("/s/")
+    assert len(token) >= 43  # 32 random bytes, URL-safe base64: 256 bits
+    with session_factory(seeded.settings.db_url)() as session:
+        link = session.scalar(select(ShareLink))
+    assert link.token_hash == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in (link.token_hash, link.note)
+    second = _create(web_client, seeded, scope="run")
+    assert second != path
+
+
+def test_run_link_shows_the_run_read_only(web_client, holder, seeded):
+    run = seeded.run
+    web_client.post(f"/runs/{run.run_id}/concepts/0/label", data={
+        "csrf_token": csrf_from(web_client.get(f"/runs/{run.run_id}/concepts/0").text), "version": "1",
+        "label": "Shiny rim", "description": "", "tags": ""})
+    path = _create(web_client, seeded, scope="run", note="For the steering meeting")
+    r = holder.get(path)
+    assert r.status_code == 200 and str(r.url).endswith(f"{path}/runs/{run.run_id}")
+    assert "For the steering meeting" in r.text and "alice" in r.text
+    concept = holder.get(f"{path}/runs/{run.run_id}/concepts/0")
+    assert "Shiny rim" in concept.text
+    assert 'id="label-form"' not in concept.text and "csrf_token" not in concept.text
+    assert holder.get(f"{path}/runs/{run.run_id}/compare").status_code == 200
+    for img in re.findall(r'<img src="([^"]+)"', concept.text):
+        assert img.startswith(path + "/media/"), img
+        assert holder.get(img).status_code == 200
+    assert holder.cookies.get("usae_session") is None  # holders get no session
+    # Refused: edits, the analyst pages, other runs.
+    assert holder.post(f"/runs/{run.run_id}/concepts/0/label", data={"version": "2", "label": "x"},
+                       follow_redirects=False).status_code == 303  # to the log-in form
+    assert holder.post(f"{path}/runs/{run.run_id}/concepts/0/label", data={"label": "x"}).status_code in (404, 405)
+    assert holder.get("/shares", follow_redirects=False).status_code == 303
+    assert holder.get(f"{path}/runs/{seeded.other.run_id}").status_code == 404
+    assert holder.get(f"{path}/runs/{seeded.other.run_id}/concepts/0").status_code == 404
+
+
+def test_concept_link_shows_only_its_concepts(web_client, holder, seeded):
+    run = seeded.run
+    path = _create(web_client, seeded, scope="concepts", concepts="0, 3")
+    landing = holder.get(path)
+    assert str(landing.url).endswith(f"{path}/runs/{run.run_id}/concepts")
+    assert sorted(int(i) for i in re.findall(r'data-concept="(\d+)"', landing.text)) == [0, 3]
+    assert holder.get(f"{path}/runs/{run.run_id}/concepts?show_dead=1&per_page=200").text.count("data-concept=") == 2
+    page = holder.get(f"{path}/runs/{run.run_id}/concepts/0").text
+    assert f'rel="next" href="{path}/runs/{run.run_id}/concepts/3"' in page  # prev/next stay inside the set
+    assert f"/concepts/1" not in page  # neighbour 1 is outside the set: not linked
+    for url in (f"{path}/runs/{run.run_id}/concepts/1", f"{path}/runs/{run.run_id}",
+                f"{path}/runs/{run.run_id}/compare", f"/api{path}/runs/{run.run_id}/concepts/1"):
+        assert holder.get(url).status_code == 404, url
+    api = holder.get(f"/api{path}").json()
+    assert api["scope"] == "concepts" and api["concept_indices"] == [0, 3]
+
+
+def test_share_media_stays_in_scope(web_client, holder, seeded):
+    run, other = seeded.run, seeded.other
+    path = _create(web_client, seeded, scope="concepts", concepts="0")
+    inside = f"{run.media_prefix}/heatmaps/0/vit_s-0.png"
+    outside_concept = f"{run.media_prefix}/heatmaps/2/vit_s-0.png"
+    other_run = f"{other.media_prefix}/heatmaps/0/vit_s-0.png"
+    assert holder.get(f"{path}/media/{inside}").status_code == 200
+    assert holder.get(f"{path}/media/{run.cam_path}").status_code == 200
+    assert holder.get(f"{path}/media/{outside_concept}").status_code == 404
+    assert holder.get(f"{path}/media/{other_run}").status_code == 404
+    assert holder.get(f"{path}/media/{other.cam_path}").status_code == 404
+    assert holder.get(f"/media/{inside}", follow_redirects=False).status_code == 303  # analyst route: log in
+    run_path = _create(web_client, seeded, scope="run")
+    assert holder.get(f"{run_path}/media/{outside_concept}").status_code == 200
+    assert holder.get(f"{run_path}/media/{other_run}").status_code == 404
+
+
+def test_revoked_link_says_so(web_client, holder, seeded):
+    path = _create(web_client, seeded, scope="run")
+    assert holder.get(path).status_code == 200
+    with session_factory(seeded.settings.db_url)() as session:
+        share_id = session.scalar(select(ShareLink.id))
+    listing = web_client.get("/shares").text
+    assert f'id="share-{share_id}" data-status="active"' in listing
+    r = web_client.post(f"/shares/{share_id}/revoke", data={"csrf_token": csrf_from(listing)}, follow_redirects=False)
+    assert r.status_code == 303
+    gone = holder.get(path)
+    assert gone.status_code == 410 and "This audit link was revoked on" in gone.text
+    assert holder.get(f"{path}/runs/{seeded.run.run_id}/concepts/0").status_code == 410
+    assert holder.get(f"/api{path}").status_code == 410
+    assert f'id="share-{share_id}" data-status="revoked"' in web_client.get("/shares").text
+
+
+def test_expired_link_says_so(web_client, holder, seeded):
+    tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).date().isoformat()
+    path = _create(web_client, seeded, scope="run", expires_on=tomorrow)
+    assert holder.get(path).status_code == 200
+    with session_factory(seeded.settings.db_url)() as session:
+        session.execute(update(ShareLink).values(expires_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)))
+        session.commit()
+    gone = holder.get(path)
+    assert gone.status_code == 410 and "This audit link expired on" in gone.text
+    assert 'data-status="expired"' in web_client.get("/shares").text
+
+
+def test_unknown_token_is_404(holder):
+    assert holder.get("/s/" + "A" * 43).status_code == 404
+
+
+def test_bad_share_requests_get_clear_messages(web_client, seeded):
+    page = web_client.get("/shares").text
+    for fields, message in [({"scope": "concepts", "concepts": ""}, "choose at least one concept"),
+                            ({"scope": "concepts", "concepts": "1, 9999"}, "has no concept 9999"),
+                            ({"scope": "concepts", "concepts": "one"}, "whole numbers"),
+                            ({"scope": "run", "expires_on": "2001-01-01"}, "the expiry is in the past")]:
+        r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), **fields})
+        assert r.status_code == 422 and message in r.text, fields
+
+
+def test_share_api(web_client, holder, seeded):
+    headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
+    r = web_client.post("/api/shares", json={"run_id": seeded.run.run_id, "scope": "concepts",
+                                             "concept_indices": [3, 0, 3], "note": "two concepts"}, headers=headers)
+    assert r.status_code == 201
+    created = r.json()
+    assert created["concept_indices"] == [0, 3] and created["status"] == "active"
+    body = holder.get(f"/api{created['url']}/runs/{seeded.run.run_id}/concepts").json()
+    assert [c["index"] for c in body["concepts"]] == [0, 3] or sorted(c["index"] for c in body["concepts"]) == [0, 3]
+    listed = web_client.get("/api/shares").json()
+    assert [s["id"] for s in listed] == [created["id"]] and "token" not in listed[0]
+    revoked = web_client.post(f"/api/shares/{created['id']}/revoke", headers=headers).json()
+    assert revoked["status"] == "revoked"
+    assert holder.get(f"/api{created['url']}/runs/{seeded.run.run_id}/concepts").status_code == 410
