@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from usae_core.errors import UsaeError
 from usae_core.metrics import EvalResult
+from usae_core.train import _prefetch
 
 
 @dataclass
@@ -108,25 +109,45 @@ class MiningResult:
 # --------------------------------------------------------------------------- reading the store
 
 
-def _to_float(raw: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
+_TORCH_STORAGE = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                  np.dtype(np.int16): torch.int16}
+
+
+def _host_tensor(raw: np.ndarray, pin: bool) -> torch.Tensor:
+    """Copy storage rows out of the memory map into a (pinned, for fast upload) CPU tensor."""
+    if raw.dtype == np.uint16:
+        raw = raw.view(np.int16)  # bfloat16 bit patterns, reinterpreted on the device
+    t = torch.empty(raw.shape, dtype=_TORCH_STORAGE[raw.dtype], pin_memory=pin)
+    t.numpy()[...] = raw
+    return t
+
+
+def _to_float(host: torch.Tensor, dtype: str, device: torch.device) -> torch.Tensor:
     """Storage-dtype rows -> float32 on `device`; the conversion runs on the device."""
-    t = torch.from_numpy(np.array(raw)).to(device, non_blocking=True)
+    t = host.to(device, non_blocking=True)
     if dtype == "bfloat16":
-        t = t.view(torch.int16).view(torch.bfloat16)
+        t = t.view(torch.bfloat16)
     return t.float()
 
 
 def iter_image_batches(store, batch_images: int, device: torch.device) -> Iterator[tuple[int, int, dict]]:
-    """`(first_image, n_images, {model: float32 [n_images * tokens, dim]})` in store order,
-    read straight from the memory-mapped shards."""
+    """`(first_image, n_images, {model: float32 [n_images * tokens, dim]})` in store order.
+
+    A side thread copies the next batches out of the memory-mapped shards while the current
+    one computes; the dtype conversion happens on the device."""
     t = store.tokens_per_image
-    for span in store.spans:
-        for start in range(span.start, span.stop, batch_images):
-            stop = min(start + batch_images, span.stop)
-            lo, hi = (start - span.start) * t, (stop - span.start) * t
-            yield start, stop - start, {
-                m: _to_float(store.shard(m, span.index)[lo:hi], store.dtype, device) for m in store.model_names
-            }
+    pin = device.type == "cuda"
+
+    def read() -> Iterator[tuple[int, int, dict]]:
+        for span in store.spans:
+            for start in range(span.start, span.stop, batch_images):
+                stop = min(start + batch_images, span.stop)
+                lo, hi = (start - span.start) * t, (stop - span.start) * t
+                yield start, stop - start, {m: _host_tensor(store.shard(m, span.index)[lo:hi], pin)
+                                            for m in store.model_names}
+
+    for first, n, host in _prefetch(read()):
+        yield first, n, {m: _to_float(h, store.dtype, device) for m, h in host.items()}
 
 
 def load_image_tokens(store, model: str, image_indices: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -194,9 +215,10 @@ def per_image_max(values: torch.Tensor, indices: torch.Tensor, n_images: int, to
     best = torch.zeros(n_images * n_concepts, device=values.device)
     best.scatter_reduce_(0, flat, values.reshape(-1), reduce="amax", include_self=True)
     local = (token % tokens_per_image)[:, None].expand_as(indices).reshape(-1)
-    at_max = values.reshape(-1) >= best[flat]
+    # Tokens not at their image's maximum offer `tokens_per_image`, which never wins the min.
+    at_max = torch.where(values.reshape(-1) >= best[flat], local, tokens_per_image)
     where = torch.full((n_images * n_concepts,), tokens_per_image, dtype=torch.long, device=values.device)
-    where.scatter_reduce_(0, flat[at_max], local[at_max], reduce="amin", include_self=True)
+    where.scatter_reduce_(0, flat, at_max, reduce="amin", include_self=True)
     where = torch.where(best > 0, where, 0)
     return best.view(n_images, n_concepts), where.view(n_images, n_concepts)
 
@@ -210,7 +232,8 @@ def cofire_counts(firing: list[tuple[torch.Tensor, torch.Tensor]], n_concepts: i
     indices0, all_fire = firing[0]
     for indices, fires in firing[1:]:
         all_fire = all_fire & ((indices0[:, :, None] == indices[:, None, :]) & fires[:, None, :]).any(-1)
-    return torch.bincount(indices0[all_fire], minlength=n_concepts)
+    counts = torch.zeros(n_concepts, dtype=torch.float64, device=indices0.device)
+    return counts.index_add_(0, indices0.reshape(-1), all_fire.reshape(-1).double())
 
 
 # --------------------------------------------------------------------------- the pass
@@ -266,22 +289,23 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
         x = {m: model.standardize(batch[m], m) for m in names}
         cover = _defect_coverage(masks, first, n_img, store.grid, device) if masks else None
         firing = []
+        # Everything below is scatter/index_add with per-entry weights rather than boolean
+        # indexing, so the loop never waits for the device (no host syncs on CUDA).
         for i, m in enumerate(names):
             values, indices = encode(model, x[m], m, cfg)
+            flat = indices.reshape(-1)
             fires = values > cfg.tau
-            fired = indices[fires]
-            acc.fire[i] += torch.bincount(fired, minlength=c)
+            acc.fire[i].index_add_(0, flat, fires.reshape(-1).double())
             acc.active[i] += fires.sum()
-            acc.code_sums[i] += torch.bincount(indices.reshape(-1), weights=values.reshape(-1).double(), minlength=c)
-            acc.max_act[i].scatter_reduce_(0, indices.reshape(-1), values.reshape(-1), reduce="amax")
+            acc.code_sums[i].index_add_(0, flat, values.reshape(-1).double())
+            acc.max_act[i].scatter_reduce_(0, flat, values.reshape(-1), reduce="amax")
             best, where = per_image_max(values, indices, n_img, t, c)
             acc.top[i].update(best, where, first)
-            nonzero = values > 0
-            bins = torch.bucketize(values[nonzero].log(), edges)
-            acc.hist[i] += torch.bincount(indices[nonzero] * cfg.hist_bins + bins, minlength=c * cfg.hist_bins)
+            bins = torch.bucketize(values.clamp_min(1e-30).log(), edges)
+            acc.hist[i].index_add_(0, (indices * cfg.hist_bins + bins).reshape(-1), (values > 0).reshape(-1).double())
             if cover is not None:
-                token = torch.arange(values.shape[0], device=device)[:, None].expand_as(indices)[fires]
-                acc.intersection[i].index_add_(0, fired, cover[token].double())
+                hits = cover[:, None, :] * fires[:, :, None]  # [tokens, k, defect types]
+                acc.intersection[i].index_add_(0, flat, hits.reshape(len(flat), -1).double())
             for j, target in enumerate(names):
                 acc.resid[i, j] += (x[target] - model.decode(values, indices, target)).square().sum().double()
             firing.append((indices, fires))

@@ -148,6 +148,19 @@ def test_mine_ranks_the_planted_images_first_with_heatmaps_on_the_planted_region
         assert [m.name for m in run.models] == planted.store.model_names
 
 
+def test_mine_records_defect_iou_for_a_demo_set(db_url, tmp_path):
+    planted = build_planted(tmp_path, image_files=IMAGE_HW, demo_set=True)
+    run_dir = tmp_path / "runs" / "demo"
+    planted.model.save_pretrained(run_dir)
+    mine_run(db_url, tmp_path / "media", run_dir, planted.store, planted.model, cfg=MiningConfig(top_n=2))
+    iou = {(m, c, kind): v for m, c, kind, v in snapshot(db_url)["demo"]["iou"]}
+    assert len(iou) == 3 * 8
+    for model in planted.store.model_names:
+        assert iou[(model, planted.concept, "scratch")] == pytest.approx(1.0)
+        others = [v for (m, c, _), v in iou.items() if m == model and c != planted.concept]
+        assert max(others) < 0.5
+
+
 def test_the_same_mined_run_reads_identically_from_sqlite_and_postgres(sqlite_and_postgres_urls, tmp_path,
                                                                        planted_run):
     snaps = {}

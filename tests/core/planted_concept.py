@@ -48,11 +48,15 @@ def build_planted(
     strengths: tuple[float, ...] = (8.0, 6.0, 4.0),
     cells: tuple[tuple[int, int], ...] = ((0, 2), (0, 3), (1, 2), (1, 3)),
     image_files: tuple[int, int] | None = None,
+    demo_set: bool = False,
     shard_images: int = 16,
     seed: int = 0,
 ) -> Planted:
-    """Build the store under `root / "store"` (and, with `image_files=(height, width)`, an image
-    folder it points to) and the matching USAE."""
+    """Build the store under `root / "store"` and the matching USAE.
+
+    With `image_files=(height, width)` the store points at a folder of random images of that
+    size; with `demo_set` too, the folder is laid out as a demo set whose one defect type,
+    "scratch", covers exactly the planted cells of the planted images."""
     dims = dims or {"vit": 8, "dino": 12, "clip": 16}
     rng = np.random.default_rng(seed)
     t = grid[0] * grid[1]
@@ -65,13 +69,15 @@ def build_planted(
             for r, c in cells:
                 a[img, r * grid[1] + c] += s * directions[name]
         arrays[name] = a.astype(np.float32)
-    image_ids = [f"img-{i:04d}.png" for i in range(n_images)]
+    image_ids = [f"{'images/' if demo_set else ''}img-{i:04d}.png" for i in range(n_images)]
     store_dir = root / "store"
     store = import_activations(store_dir, arrays, grid=grid, image_ids=image_ids, dtype="float32",
                                shard_images=shard_images)
     if image_files is not None:
         image_root = root / "images"
         write_images(image_root, image_ids, image_files, rng)
+        if demo_set:
+            write_demo_masks(image_root, [image_ids[i] for i in images], image_files, grid, cells)
         _set_meta(store_dir, {"image_root": str(image_root.resolve()), "image_size": 32})
         store = ActivationStore.open(store_dir)
     model = USAE(USAEConfig(model_dims=dims, n_concepts=n_concepts, k=k, encoder="linear"))
@@ -88,10 +94,28 @@ def build_planted(
 
 
 def write_images(folder: Path, image_ids: list[str], size: tuple[int, int], rng: np.random.Generator) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     for image_id in image_ids:
         pixels = rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+        (folder / image_id).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(folder / image_id)
+
+
+def write_demo_masks(folder: Path, image_ids: list[str], size: tuple[int, int], grid: tuple[int, int],
+                     cells: tuple[tuple[int, int], ...]) -> None:
+    """demo.json plus label maps (1 = scratch) covering `cells` of the centre square view."""
+    import json
+
+    h, w = size
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    ch, cw = side // grid[0], side // grid[1]
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for image_id in image_ids:
+        label = np.zeros((h, w), np.uint8)
+        for r, c in cells:
+            label[top + r * ch : top + (r + 1) * ch, left + c * cw : left + (c + 1) * cw] = 1
+        Image.fromarray(label).save(folder / "masks" / Path(image_id).name)
+    (folder / "demo.json").write_text(json.dumps({"defect_types": ["scratch"], "images": {}}))
 
 
 def _set_meta(store_dir: Path, meta: dict) -> None:

@@ -1,0 +1,143 @@
+"""Mining throughput: tokens/s of the streaming pass of `usae mine` (usae_core.mining.mine_store)
+over an activation store on disk, and heatmaps/s of the rendering step after it.
+
+    PYTHONPATH=. python benchmarks/mine_throughput.py --device cpu --images 64
+    PYTHONPATH=. python benchmarks/mine_throughput.py --device cuda --images 4096 --batch-images 256 --repeat 3
+
+Defaults are the paper's configuration: three models of dims 384 / 768 / 768 (DINOv2-S, SigLIP,
+ViT-B), 6144 concepts, k = 32, a 16 x 16 token grid, a float16 store. The store holds random
+activations (written once into --store-dir and reused while its layout matches) and the USAE
+has random weights: the pass does the same work whatever the numbers are. The store is read
+once untimed first, so timings see it in the page cache. Results go to --out as JSON, plus a
+markdown row on stdout for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from usae_core import render  # noqa: E402
+from usae_core.config import USAEConfig  # noqa: E402
+from usae_core.errors import UsaeError  # noqa: E402
+from usae_core.mining import MiningConfig, mine_store, nearest_concepts, top_image_heatmaps  # noqa: E402
+from usae_core.model import USAE  # noqa: E402
+from usae_core.store import ActivationStore  # noqa: E402
+from usae_core.train import resolve_device  # noqa: E402
+
+PAPER_DIMS = {"dinov2": 384, "siglip": 768, "vit": 768}
+
+
+def synthetic_store(root: Path, n_images: int, grid: tuple[int, int], dtype: str, shard_images: int) -> ActivationStore:
+    """Open the store at `root` if its layout matches, else write random activations there."""
+    try:
+        store = ActivationStore.open(root)
+        if store.n_images == n_images and store.grid == grid and store.dims == PAPER_DIMS and store.dtype == dtype:
+            return store
+    except UsaeError:
+        pass
+    writer = ActivationStore.create(root, models=PAPER_DIMS, grid=grid, dtype=dtype, shard_images=shard_images,
+                                    image_ids=[f"bench-{i:07d}" for i in range(n_images)], overwrite=True)
+    rng = np.random.default_rng(0)
+    t = grid[0] * grid[1]
+    for span in writer.spans:
+        writer.write_shard(span.index, {m: rng.standard_normal((span.n_images, t, d), dtype=np.float32)
+                                        for m, d in PAPER_DIMS.items()})
+    return writer.finalize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--images", type=int, default=64, help="images in the synthetic store")
+    ap.add_argument("--grid", type=int, default=16, help="tokens per side")
+    ap.add_argument("--concepts", type=int, default=6144)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--top-n", type=int, default=16)
+    ap.add_argument("--batch-images", type=int, default=16)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--repeat", type=int, default=2, help="timed passes (the median is reported)")
+    ap.add_argument("--render-concepts", type=int, default=8,
+                    help="concepts whose top images are rendered to time the heatmap step (0: skip)")
+    ap.add_argument("--store-dir", type=Path, default=None, help="where to keep the synthetic store")
+    ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    store_dir = args.store_dir or Path(tempfile.gettempdir()) / "usae-mine-bench-store"
+    store = synthetic_store(store_dir, args.images, (args.grid, args.grid), args.dtype, shard_images=256)
+    model = USAE(USAEConfig(model_dims=PAPER_DIMS, n_concepts=args.concepts, k=args.k, encoder="mlp_bn")).eval()
+    cfg = MiningConfig(top_n=args.top_n, batch_images=args.batch_images)
+
+    mine_store(model, store, cfg, device=device)  # warm-up: page cache, kernels, allocator
+    seconds = []
+    for _ in range(args.repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = mine_store(model, store, cfg, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    pass_s = statistics.median(seconds)
+    # The decoder-cosine neighbours are a fixed cost per mine, not per token: time them apart.
+    start = time.perf_counter()
+    nearest_concepts(model, cfg.neighbours)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    neighbours_s = time.perf_counter() - start
+    tokens_per_s = store.n_tokens / max(pass_s - neighbours_s, 1e-9)
+
+    heatmaps_per_s = None
+    if args.render_concepts:
+        concepts = list(range(min(args.render_concepts, args.concepts)))
+        start = time.perf_counter()
+        heat = top_image_heatmaps(model, store, result, concepts, cfg, device=device)
+        square = render.placeholder(224)
+        for (i, c, _), h in heat.items():
+            render.heatmap_overlay(square, h, float(result.top_values[i, c, 0])).save(
+                io.BytesIO(), format="PNG", compress_level=1)
+        heatmaps_per_s = len(heat) / (time.perf_counter() - start)
+
+    report = {
+        "benchmark": "mine_throughput",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "dims": PAPER_DIMS,
+        "concepts": args.concepts,
+        "k": args.k,
+        "top_n": args.top_n,
+        "images": store.n_images,
+        "tokens": store.n_tokens,
+        "store_dtype": store.dtype,
+        "batch_images": args.batch_images,
+        "pass_seconds": seconds,
+        "neighbours_seconds": neighbours_s,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_with_neighbours": store.n_tokens / pass_s,
+        "heatmaps_per_s": heatmaps_per_s,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    print(f"| {report['device']} | {args.concepts} / k {args.k} | {store.n_tokens:,} tokens, batch {args.batch_images} img "
+          f"| {tokens_per_s:,.0f} tokens/s | {heatmaps_per_s or 0:,.0f} heatmaps/s |")
+
+
+if __name__ == "__main__":
+    main()
