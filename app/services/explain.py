@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.models import Concept, Run, RunModel
 from app.schemas.explain import ExplainedConcept, ExplainedModel, Explanation
 from usae_core.errors import UsaeError
+from usae_core.extract import resample_grid
 from usae_core.images import square_view, to_rgb
 from usae_core.model import USAE
 from usae_core.render import heatmap_overlay
@@ -112,7 +112,7 @@ def _load_backbone(model: RunModel) -> object:
     try:
         from usae_core.backbones import create_backbone
 
-        return create_backbone(name, layer=model.info.get("layer"), keep_cls=bool(model.info.get("keep_cls"))).eval()
+        return create_backbone(name, layer=model.info.get("layer")).eval()
     except (UsaeError, ImportError, OSError, RuntimeError) as exc:
         log.warning("explain: backbone %s for %s unavailable: %s", name, model.name, exc)
         return f"The backbone {name} could not be loaded: {exc}"
@@ -121,14 +121,8 @@ def _load_backbone(model: RunModel) -> object:
 @torch.no_grad()
 def _token_codes(usae: USAE, backbone, model: RunModel, image: Image.Image) -> torch.Tensor:
     """Dense concept codes `[grid_h * grid_w, n_concepts]` of the image's tokens in one model."""
-    tokens = backbone(backbone.preprocess(image)[None])[0]  # [h*w, dim] on the backbone's native grid
-    h, w = backbone.native_grid
-    if (h, w) != (model.grid_h, model.grid_w):
-        # The run's common grid, resampled as extraction did (antialiased bilinear).
-        grid = tokens.T.reshape(1, -1, h, w)
-        grid = F.interpolate(grid, size=(model.grid_h, model.grid_w), mode="bilinear", antialias=True,
-                             align_corners=False)
-        tokens = grid.reshape(tokens.shape[1], -1).T
+    native = backbone(backbone.preprocess(image)[None])  # [1, h*w, dim] on the backbone's own grid
+    tokens = resample_grid(native, backbone.native_grid, (model.grid_h, model.grid_w))[0]  # as extraction did
     values, indices = usae.encode(usae.standardize(tokens.float(), model.name), model.name)
     return usae.dense_codes(values, indices)
 

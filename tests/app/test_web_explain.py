@@ -1,0 +1,109 @@
+"""Explain an image: uploads are validated, a real backbone + USAE explain it, and a model
+whose backbone is unknown is reported plainly instead of failing the page."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.db import session_factory
+from app.models import Concept, Run, RunModel
+from app.services.explain import UploadRejected, validate_upload
+from tests.app.webapp import csrf_from
+from usae_core.backbones import create_backbone
+from usae_core.config import USAEConfig
+from usae_core.extract import resample_grid
+from usae_core.model import USAE
+
+
+def _image_bytes(kind: str = "PNG", size=(64, 48), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=kind)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"GIF89a not really", "not a readable image"),
+    (_image_bytes("GIF"), "GIF files are not accepted"),
+    (_image_bytes("PNG", size=(8, 8)), "at least 16"),
+    (_image_bytes("PNG")[:200], "not a readable image"),
+])
+def test_bad_uploads_are_refused_plainly(data, message):
+    with pytest.raises(UploadRejected, match=message):
+        validate_upload(data, max_bytes=10_000_000)
+
+
+def test_upload_size_limit():
+    data = _image_bytes("PNG", size=(256, 256))
+    with pytest.raises(UploadRejected, match="the limit is"):
+        validate_upload(data, max_bytes=len(data) - 1)
+    assert validate_upload(data, max_bytes=len(data)).size == (256, 256)
+
+
+def test_explain_page_refuses_bad_files_and_visitors(web_client, web, seeded):
+    page = web_client.get("/explain")
+    r = web_client.post("/explain", data={"csrf_token": csrf_from(page.text), "run_id": str(seeded.run.run_id)},
+                        files={"image": ("notes.txt", b"hello", "text/plain")})
+    assert r.status_code == 422 and "not a readable image" in r.text
+    # The seeded run has no weights on disk: a clear message, not a crash.
+    r = web_client.post("/explain", data={"csrf_token": csrf_from(page.text), "run_id": str(seeded.run.run_id)},
+                        files={"image": ("a.png", _image_bytes(), "image/png")})
+    assert r.status_code == 422 and "are not at" in r.text
+    web_client.cookies.clear()
+    r = web_client.post("/api/explain", data={"run_id": "1"}, files={"image": ("a.png", _image_bytes(), "image/png")})
+    assert r.status_code == 401
+
+
+@pytest.mark.slow
+def test_explain_with_a_real_backbone(web_client, seeded, tmp_path):
+    """mobilenet_v2 (weights ship with torchvision's package cache) on a 7x7 run grid, plus a
+    model whose activations were imported (no backbone): explained and reported respectively."""
+    torch.manual_seed(0)
+    backbone = create_backbone("mobilenet_v2")
+    usae = USAE(USAEConfig(model_dims={"mnet": backbone.dim, "imported": 8}, n_concepts=16, k=4, encoder="linear")).eval()
+    run_dir = tmp_path / "run"
+    usae.save_pretrained(run_dir)
+    with session_factory(seeded.settings.db_url)() as session:
+        run = Run(name="explained", run_dir=str(run_dir), store_dir="", n_concepts=16, k=4, status="mined")
+        run.models = [RunModel(position=0, name="mnet", family="torchvision", dim=backbone.dim, grid_h=7, grid_w=7,
+                               info={"registry_name": "mobilenet_v2"}),
+                      RunModel(position=1, name="imported", family="", dim=8, grid_h=7, grid_w=7, info={})]
+        session.add(run)
+        session.flush()
+        session.add_all(Concept(run_id=run.id, index=i, label=f"concept {i} <b>" if i % 2 else "") for i in range(16))
+        session.commit()
+        run_id = run.id
+
+    image = _image_bytes("JPEG", size=(300, 200), seed=3)
+    headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
+    r = web_client.post("/api/explain", data={"run_id": str(run_id)}, headers=headers,
+                        files={"image": ("photo.jpg", image, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = {m["model"]: m for m in r.json()["models"]}
+    assert "does not record which backbone" in body["imported"]["error"] and body["imported"]["concepts"] == []
+
+    # Reference: the same image through the backbone, the extractor's grid resampling and the USAE.
+    with torch.no_grad():
+        pil = Image.open(io.BytesIO(image)).convert("RGB")
+        tokens = resample_grid(backbone(backbone.preprocess(pil)[None]), backbone.native_grid, (7, 7))[0]
+        codes = usae.dense_codes(*usae.encode(usae.standardize(tokens, "mnet"), "mnet"))
+    peak = codes.max(0).values
+    expected = [int(i) for i in torch.argsort(peak, descending=True)[:5] if peak[i] > 0]
+    concepts = body["mnet"]["concepts"]
+    assert [c["index"] for c in concepts] == expected
+    assert [c["max_activation"] for c in concepts] == pytest.approx([float(peak[i]) for i in expected], rel=1e-4)
+    heat = Image.open(io.BytesIO(base64.b64decode(concepts[0]["heatmap_data_url"].split(",", 1)[1])))
+    assert heat.size == (320, 320)
+
+    page = web_client.get("/explain")
+    r = web_client.post("/explain", data={"csrf_token": csrf_from(page.text), "run_id": str(run_id)},
+                        files={"image": ("photo.jpg", image, "image/jpeg")})
+    assert r.status_code == 200 and r.text.count('class="explain-item"') == len(concepts)
+    assert "<b>" not in r.text.split('id="explanation"')[1]  # labels escaped
