@@ -1,0 +1,224 @@
+"""Extraction: image files -> backbones -> store, checked row by row against direct forward passes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from usae_core.backbones import create_backbone
+from usae_core.errors import UsaeError
+from usae_core.extract import extract_store, resample_grid
+from usae_core.images import FolderSource, load_masks
+from usae_core.store import ActivationStore
+from tests.core.test_images import save_exif_rotated, upright_pattern
+
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny_dinov2():
+    """A random-init DINOv2-shaped ViT: 16x16 patches at 224 px, so it needs resampling to 14x14."""
+    torch.manual_seed(0)
+    return create_backbone("timm:vit_small_patch14_dinov2", random_init=True, model_kwargs=TINY_VIT)
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    return create_backbone("mobilenet_v2")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Twins that must give identical activations, plus two broken files.
+
+    alpha.png (transparent left half) / alpha_flat.png (the same, composited on white);
+    grey.png (mode L) / grey_rgb.png; rotated.png (EXIF orientation 6) / upright.png."""
+    root = tmp_path_factory.mktemp("messy")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((150, 200, 1), 255, np.uint8)], -1)
+    rgba[:, :100, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(root / "alpha.png")
+    flat = rgb.copy()
+    flat[:, :100] = 255
+    Image.fromarray(flat).save(root / "alpha_flat.png")
+    grey = rng.integers(0, 256, (180, 180), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(root / "grey.png")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(root / "grey_rgb.png")
+    upright = upright_pattern(120, 200)
+    save_exif_rotated(root / "rotated.png", upright)
+    Image.fromarray(upright).save(root / "upright.png")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not the rest of a jpeg")
+    (root / "truncated.png").write_bytes((root / "upright.png").read_bytes()[:200])
+    return root
+
+
+TWINS = [("alpha.png", "alpha_flat.png"), ("grey.png", "grey_rgb.png"), ("rotated.png", "upright.png")]
+
+
+def direct_tokens(backbone, src: FolderSource, image_id: str, grid: tuple[int, int]) -> np.ndarray:
+    """The reference: one image through the backbone by hand, resampled to the store grid."""
+    with torch.no_grad():
+        tokens = backbone(backbone.preprocess(src.load(image_id))[None])
+    return resample_grid(tokens, backbone.native_grid, grid)[0].numpy()
+
+
+def test_resampling_matches_pil_bilinear():
+    """Reference: PIL's antialiased bilinear resize of each channel as a float image."""
+    rng = np.random.default_rng(0)
+    for native, grid in [((16, 16), (14, 14)), ((7, 7), (14, 14)), ((28, 28), (14, 14)), ((16, 12), (14, 14))]:
+        maps = rng.normal(size=(5, *native)).astype(np.float32)
+        want = np.stack([np.asarray(Image.fromarray(m, "F").resize(grid[::-1], Image.Resampling.BILINEAR))
+                         for m in maps])
+        tokens = torch.from_numpy(maps.reshape(5, -1).T.copy())[None]
+        got = resample_grid(tokens, native, grid)[0].T.reshape(5, *grid).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    same = torch.randn(1, 196, 3)
+    assert resample_grid(same, (14, 14), (14, 14)) is same
+
+
+def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobilenet, tmp_path, caplog):
+    dino = tiny_dinov2()
+    with caplog.at_level(logging.WARNING):
+        store = extract_store(folder, [mobilenet, dino], tmp_path / "store", batch_size=3, shard_images=2,
+                              progress=False, dtype="float32")
+    assert "corrupt.jpg" in caplog.text and "truncated.png" in caplog.text
+    assert set(store.meta["skipped_images"]) == {"corrupt.jpg", "truncated.png"}
+    assert store.image_ids == sorted(n for pair in TWINS for n in pair)
+    assert store.grid == (14, 14) and store.dims == {"mobilenet_v2": 96, "vit_small_patch14_dinov2": 32}
+    assert store.meta["image_root"] == str(folder.resolve()) and store.meta["demo"] is False
+    assert store.meta["image_size"] == 224
+    info = store.model_info("vit_small_patch14_dinov2")
+    assert info["native_grid"] == [16, 16] and info["weights"] == "random-init" and info["registry_name"] == \
+        "timm:vit_small_patch14_dinov2"
+    assert store.model_info("mobilenet_v2")["layer"] == "features.13"
+    src = FolderSource(folder)
+    for b in (mobilenet, dino):
+        for i, image_id in enumerate(store.image_ids):
+            np.testing.assert_allclose(store.image_tokens(b.store_name, i), direct_tokens(b, src, image_id, (14, 14)),
+                                       atol=2e-4, rtol=1e-3, err_msg=image_id)
+        for a, twin in TWINS:
+            ia, it = store.image_ids.index(a), store.image_ids.index(twin)
+            np.testing.assert_allclose(store.image_tokens(b.store_name, ia), store.image_tokens(b.store_name, it),
+                                       atol=1e-5, err_msg=a)
+
+
+def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet, tmp_path):
+    out = tmp_path / "store"
+    seen: list[int] = []
+
+    def count(_module, inputs, _output):
+        seen.append(inputs[0].shape[0])
+        if len(seen) == 3:
+            raise RuntimeError("simulated crash")
+
+    handle = mobilenet.register_forward_hook(count)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, num_workers=0, progress=False)
+    handle.remove()
+    with pytest.raises(UsaeError, match="unfinished"):
+        ActivationStore.open(out)
+    done = len(list((out / "done").iterdir()))
+    assert 1 <= done < 3
+    seen.clear()
+    handle = mobilenet.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[0]))
+    try:
+        store = extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, num_workers=0, progress=False)
+    finally:
+        handle.remove()
+    assert sum(seen) == 6 - 2 * done  # finished shards were not recomputed
+    fresh = extract_store(folder, [mobilenet], tmp_path / "fresh", batch_size=6, num_workers=0, progress=False)
+    for i in range(6):
+        np.testing.assert_array_equal(store.image_tokens("mobilenet_v2", i), fresh.image_tokens("mobilenet_v2", i))
+    seen.clear()
+    extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, num_workers=0, progress=False)
+    assert not seen  # a complete store is left as it is
+
+
+def test_a_different_layout_needs_overwrite(folder, mobilenet, tmp_path):
+    out = tmp_path / "store"
+    extract_store(folder, [mobilenet], out, num_workers=0, progress=False)
+    dino = tiny_dinov2()
+    with pytest.raises(UsaeError, match="different layout"):
+        extract_store(folder, [mobilenet, dino], out, num_workers=0, progress=False)
+    store = extract_store(folder, [mobilenet, dino], out, num_workers=0, progress=False, overwrite=True, grid=(7, 7))
+    assert store.model_names == ["mobilenet_v2", "vit_small_patch14_dinov2"] and store.grid == (7, 7)
+    with pytest.raises(UsaeError, match="share a store name"):
+        extract_store(folder, [mobilenet, mobilenet], tmp_path / "dup", num_workers=0, progress=False)
+
+
+# ----------------------------------------------------------------------------- torchrun-style sharding
+def _rank_main(rank: int, world_size: int, init_file: str, folder: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        extract_store(folder, [tiny_dinov2()], out, batch_size=2, shard_images=1, num_workers=0, progress=False,
+                      device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_fill_disjoint_shards_into_one_store(folder, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "dist"
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "pg-init"), str(folder), str(out)), nprocs=2, join=True)
+    store = ActivationStore.open(out)
+    single = extract_store(folder, [tiny_dinov2()], tmp_path / "single", batch_size=2, shard_images=1,
+                           num_workers=0, progress=False)
+    assert store.n_images == single.n_images == 6 and store.manifest["complete"]
+    for i in range(6):
+        np.testing.assert_allclose(store.image_tokens("vit_small_patch14_dinov2", i),
+                                   single.image_tokens("vit_small_patch14_dinov2", i), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_extract_and_models_list(folder, data_dir):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    runner = CliRunner()
+    result = runner.invoke(cli, ["extract", "--images", str(folder), "--models", "mobilenet_v2", "--out", "messy",
+                                 "--workers", "0", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "6 images x 14x14 tokens" in result.output and "skipped 2 unreadable" in result.output
+    assert ActivationStore.open(data_dir / "stores" / "messy").dims == {"mobilenet_v2": 96}
+    listing = runner.invoke(cli, ["models", "list", "--json", "--data-dir", str(data_dir)])
+    rows = {r["name"]: r for r in json.loads(listing.output)}
+    assert all(rows[n]["offline"] for n in ("mobilenet_v2", "efficientnet_lite0", "hed_vgg16"))
+    assert rows["timm:*"]["offline"] is None
+    bad = runner.invoke(cli, ["extract", "--images", str(folder), "--out", "x", "--weights", "oops",
+                              "--data-dir", str(data_dir)])
+    assert bad.exit_code != 0 and "NAME=VALUE" in str(bad.exception)
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_demo_extract_train_eval_round_trip(tmp_path):
+    """The embedded default on a small demo set: real backbones -> store -> USAE -> metrics."""
+    from usae_core.backbones import default_backbones
+    from usae_core.config import TrainConfig, USAEConfig
+    from usae_core.demo_images import build_demo_set
+    from usae_core.metrics import evaluate_usae
+    from usae_core.train import train_usae
+
+    demo = build_demo_set(tmp_path / "demo", seed=0, n_images=96, workers=2)
+    store = extract_store(demo, default_backbones(), tmp_path / "store", batch_size=32, progress=False)
+    assert store.meta["demo"] is True and store.meta["defect_types"][0] == "crack"
+    assert store.dims == {"efficientnet_lite0": 112, "hed_vgg16": 512, "mobilenet_v2": 96}
+    manifest = json.loads((demo / "demo.json").read_text())
+    cracked = next(i for i, r in manifest["images"].items() if "crack" in r["defects"])
+    assert load_masks(store.meta["image_root"], cracked, size=store.meta["image_size"])["crack"].any()
+    model = train_usae(store, tmp_path / "run", USAEConfig(model_dims=store.dims, n_concepts=128, k=8, encoder="linear"),
+                       TrainConfig(steps=300, batch_size=256, lr=3e-3, loss="mse", warmup_steps=5, device="cpu",
+                                   checkpoint_every=0, log_every=100))
+    result = evaluate_usae(model, store)
+    assert result.models == list(store.dims) and np.isfinite(result.r2).all()
+    # Each model is reconstructed from its own code and from the others' (about 0.48 / 0.34 here).
+    assert result.r2_self > 0.3 and result.r2_cross > 0.2, result.r2
