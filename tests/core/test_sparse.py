@@ -64,7 +64,7 @@ def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) ->
 def _check_topk() -> None:
     """relu_topk is a valid torch.topk of ReLU(gamma * h + beta), ties and padding included."""
     gen = torch.Generator().manual_seed(2)
-    for n_concepts, k, k_aux in [(50, 5, 8), (33, 33, 4), (130, 7, 20)]:
+    for n_concepts, k, k_aux in [(50, 5, 8), (33, 33, 4), (600, 7, 20)]:
         h = torch.randn(5, n_concepts, generator=gen)
         h[:2] = torch.round(h[:2] * 2) / 2  # many exact ties
         h[2] = -1.0  # fewer than k positive values: zeros fill the code
@@ -74,8 +74,9 @@ def _check_topk() -> None:
         for affine in (True, False):
             g, b = (gamma, beta) if affine else (None, None)
             y = torch.relu(h * gamma + beta) if affine else torch.relu(h)
+            alone, _ = relu_topk(h, k, g, b)
             main, aux = relu_topk(h, k, g, b, dead, k_aux)
-            for sel, source, width in ((main, y, k), (aux, y * dead, k_aux)):
+            for sel, source, width in ((alone, y, k), (main, y, k), (aux, y * dead, k_aux)):
                 want = torch.topk(source, width, dim=1).values
                 torch.testing.assert_close(sel.values.sort(1, descending=True).values, want)
                 torch.testing.assert_close(sel.values, source.gather(1, sel.indices))
@@ -85,9 +86,11 @@ def _check_topk() -> None:
 
 def kernel_checks() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1, so the Triton kernels themselves run on the CPU."""
-    from usae_core.kernels import use_triton
+    from usae_core.kernels import topk, use_triton
 
     assert use_triton(torch.zeros(1)), "interpreter mode did not enable the kernels"
+    _check_topk()
+    topk._CANDIDATES = 4  # every row overflows the candidate buffer: the streamed exact search
     _check_topk()
     _check_products(torch.float32, torch.float32, 1e-4)
     _check_products(torch.bfloat16, torch.bfloat16, 1e-4)

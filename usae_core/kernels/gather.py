@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from usae_core.kernels import HAVE_TRITON, use_triton
 
-_CHUNK_ELEMENTS = 1 << 24  # fallback: bound the [chunk, k, dim] temporaries to ~64 MB of floats
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def gather_decode(indices: torch.Tensor, weights: torch.Tensor, table: torch.Ten
     out_dtype = out_dtype or table.dtype
     if use_triton(table) and _kernel_dtypes(table, weights):
         return _gather_decode_triton(indices, weights, table, out_dtype)
-    out = torch.nn.functional.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+    out = F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
     return out.to(out_dtype)
 
 
@@ -53,12 +53,12 @@ def row_dot(indices: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> t
     """float32 (float64 for float64 input) `[batch, k]`."""
     if use_triton(table) and _kernel_dtypes(table, rows):
         return _row_dot_triton(indices, rows, table)
+    # Fallback: the per-sample-weight gradient of an embedding_bag is exactly this product.
     acc = torch.float64 if table.dtype == torch.float64 else torch.float32
-    out = torch.empty(indices.shape, dtype=acc, device=indices.device)
-    step = _chunk_rows(indices.shape[1] * table.shape[1])
-    for lo in range(0, indices.shape[0], step):
-        picked = table[indices[lo : lo + step]].to(acc)  # [chunk, k, dim]
-        out[lo : lo + step] = torch.bmm(picked, rows[lo : lo + step].to(acc).unsqueeze(2)).squeeze(2)
+    weights = torch.zeros(indices.shape, dtype=acc, device=indices.device, requires_grad=True)
+    with torch.enable_grad():
+        bag = F.embedding_bag(indices, table.detach().to(acc), per_sample_weights=weights, mode="sum")
+        (out,) = torch.autograd.grad(bag, weights, rows.detach().to(acc))
     return out
 
 
@@ -71,17 +71,12 @@ def concept_sum(order: ConceptOrder, indices: torch.Tensor, weights: torch.Tenso
     if use_triton(rows) and _kernel_dtypes(rows, weights):
         _concept_sum_triton(order, weights, rows, out, indices.shape[1])
         return out
-    k = indices.shape[1]
-    step = _chunk_rows(k * rows.shape[1])
-    for lo in range(0, indices.shape[0], step):
-        idx = indices[lo : lo + step]
-        contrib = weights[lo : lo + step].to(acc).unsqueeze(2) * rows[lo : lo + step].to(acc).unsqueeze(1)
-        out.index_add_(0, idx.reshape(-1), contrib.reshape(-1, rows.shape[1]))
-    return out
-
-
-def _chunk_rows(per_row: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    # Fallback: the table gradient of an embedding_bag is exactly this per-concept sum.
+    table = torch.zeros(n_concepts, rows.shape[1], dtype=acc, device=rows.device, requires_grad=True)
+    with torch.enable_grad():
+        bag = F.embedding_bag(indices, table, per_sample_weights=weights.detach().to(acc), mode="sum")
+        (grad,) = torch.autograd.grad(bag, table, rows.detach().to(acc))
+    return out.add_(grad)
 
 
 def _kernel_dtypes(*tensors: torch.Tensor) -> bool:

@@ -5,10 +5,17 @@ For each row, y = ReLU(gamma * h + beta) (or ReLU(h)); the k largest y are retur
 An optional second selection (AuxK) takes the `k_aux` largest y among *dead* columns, alive
 columns counting as 0, exactly as `topk(y * dead_mask)`.
 
-The Triton kernel keeps a whole row in registers and finds the k-th largest value by a
-binary search over its float bit pattern (non-negative floats order like their int32 bits):
-31 counting passes over registers instead of a sort, then two prefix sums place the winners.
-Ties at the threshold go to the lowest column, so the result is a valid `torch.topk`.
+Both Triton kernels find the k-th largest value by a binary search over its float bit pattern
+(non-negative floats order like their int32 bits), then place the winners with prefix sums;
+ties at the threshold go to the lowest column, so the result is a valid `torch.topk`.
+
+The main selection runs one warp per row (no block-wide barriers). A first pass takes the
+maximum of each of 256 column slots; the k-th largest slot maximum is a lower bound L of the
+row's k-th largest value (those k maxima are k distinct elements >= L), and only a few
+elements reach it (~1.1-2.3 k for rows in random column order). A second pass compacts them
+into a per-row scratch buffer, and the exact search runs over those candidates alone. Rows with
+more candidates than the buffer holds fall back to an exact search streamed over the whole row.
+The AuxK selection (rare: only while dead latents exist) uses the block-per-row kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def relu_topk(
         raise ValueError("give both gamma and beta, or neither")
     aux = dead is not None and k_aux > 0
     if use_triton(h) and h.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if not aux and k <= _SLOTS:
+            return _relu_topk_warp_triton(h, k, gamma, beta), None
         return _relu_topk_triton(h, k, gamma, beta, dead if aux else None, k_aux if aux else 0)
     return _relu_topk_torch(h, k, gamma, beta, dead if aux else None, k_aux if aux else 0)
 
@@ -105,6 +114,127 @@ if HAVE_TRITON:
             dead = tl.load(dead_ptr + cols, mask=inside, other=0) != 0
             aux_keys = tl.where(dead, keys, tl.where(inside, 0, -1))
             _select_topk(aux_keys, cols, pre, row * K_AUX, K_AUX, aux_val_ptr, aux_pre_ptr, aux_idx_ptr)
+
+
+_SLOTS = 256  # columns per streamed chunk = slots of the lower-bound pass; k <= _SLOTS
+_CANDIDATES = 256  # per-row scratch for the compacted candidates
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE: tl.constexpr):
+        """int32 bit patterns of ReLU(gamma * h + beta) for one chunk; -1 past the row's end."""
+        inside = cols < C
+        y = tl.load(h_ptr + row_off + cols, mask=inside, other=0.0).to(tl.float32)
+        if AFFINE:
+            y = y * tl.load(gamma_ptr + cols, mask=inside, other=1.0) + tl.load(beta_ptr + cols, mask=inside, other=0.0)
+        y = tl.where(y > 0.0, y, 0.0)
+        return tl.where(inside, y.to(tl.int32, bitcast=True), -1)
+
+    @triton.jit
+    def _kth_largest(keys, K: tl.constexpr):
+        """Largest bit pattern T with count(keys >= T) >= K."""
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0x7F800001, tl.int32)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum((keys >= mid).to(tl.int32), axis=0) >= K
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        return lo
+
+    @triton.jit
+    def _emit(keys, cols, threshold, need, ties_before, written, out_off, h_ptr, row_off,
+              val_ptr, pre_ptr, idx_ptr, C):
+        """Write the entries > threshold, and ties in column order while `need` allows."""
+        above = keys > threshold
+        tied = keys == threshold
+        tie_rank = ties_before + tl.cumsum(tied.to(tl.int32), axis=0) - 1
+        chosen = above | (tied & (tie_rank < need))
+        slot = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        pre = tl.load(h_ptr + row_off + cols, mask=chosen & (cols < C), other=0.0).to(tl.float32)
+        tl.store(val_ptr + out_off + slot, keys.to(tl.float32, bitcast=True), mask=chosen)
+        tl.store(pre_ptr + out_off + slot, pre, mask=chosen)
+        tl.store(idx_ptr + out_off + slot, cols.to(tl.int64), mask=chosen)
+        return written + tl.sum(chosen.to(tl.int32), axis=0), ties_before + tl.sum(tied.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _relu_topk_warp_kernel(
+        h_ptr, gamma_ptr, beta_ptr, val_ptr, pre_ptr, idx_ptr, cand_key_ptr, cand_col_ptr,
+        C, stride_h,
+        K: tl.constexpr, SLOTS: tl.constexpr, CAND: tl.constexpr, AFFINE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_off = row * stride_h
+        out_off = row * K
+        lanes = tl.arange(0, SLOTS)
+        # Pass 1: slot maxima; their K-th largest is a lower bound of the row's K-th largest.
+        slot_max = tl.full([SLOTS], -1, tl.int32)
+        for c0 in range(0, C, SLOTS):
+            slot_max = tl.maximum(slot_max, _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE))
+        bound = _kth_largest(slot_max, K)
+        # Pass 2: compact the candidates (>= bound) into this row's scratch.
+        cand_off = row * CAND
+        n_cand = tl.full([], 0, tl.int32)
+        for c0 in range(0, C, SLOTS):
+            cols = c0 + lanes
+            keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE)
+            is_cand = keys >= bound
+            at = n_cand + tl.cumsum(is_cand.to(tl.int32), axis=0) - 1
+            fits = is_cand & (at < CAND)
+            tl.store(cand_key_ptr + cand_off + at, keys, mask=fits)
+            tl.store(cand_col_ptr + cand_off + at, cols, mask=fits)
+            n_cand += tl.sum(is_cand.to(tl.int32), axis=0)
+        zero = tl.full([], 0, tl.int32)
+        if n_cand <= CAND:
+            offs = tl.arange(0, CAND)
+            keys = tl.load(cand_key_ptr + cand_off + offs, mask=offs < n_cand, other=-1)
+            cols = tl.load(cand_col_ptr + cand_off + offs, mask=offs < n_cand, other=0)
+            threshold = _kth_largest(keys, K)
+            need = K - tl.sum((keys > threshold).to(tl.int32), axis=0)
+            _emit(keys, cols, threshold, need, zero, zero, out_off, h_ptr, row_off, val_ptr, pre_ptr, idx_ptr, C)
+        else:
+            # Too many candidates (heavy ties, e.g. fewer than K positive values): exact search
+            # streamed over the whole row.
+            lo = tl.full([], 0, tl.int32)
+            hi = tl.full([], 0x7F800001, tl.int32)
+            for _ in range(31):
+                mid = lo + (hi - lo) // 2
+                count = tl.full([], 0, tl.int32)
+                for c0 in range(0, C, SLOTS):
+                    keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE)
+                    count += tl.sum((keys >= mid).to(tl.int32), axis=0)
+                enough = count >= K
+                lo = tl.where(enough, mid, lo)
+                hi = tl.where(enough, hi, mid)
+            n_above = tl.full([], 0, tl.int32)
+            for c0 in range(0, C, SLOTS):
+                keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE)
+                n_above += tl.sum((keys > lo).to(tl.int32), axis=0)
+            written = zero
+            ties = zero
+            for c0 in range(0, C, SLOTS):
+                cols = c0 + lanes
+                keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE)
+                written, ties = _emit(keys, cols, lo, K - n_above, ties, written, out_off, h_ptr, row_off,
+                                      val_ptr, pre_ptr, idx_ptr, C)
+
+
+def _relu_topk_warp_triton(h, k, gamma, beta) -> TopK:
+    h = h.contiguous()
+    n, c = h.shape
+    dev = h.device
+    out = TopK(torch.empty(n, k, dtype=torch.float32, device=dev), torch.empty(n, k, dtype=torch.int64, device=dev),
+               torch.empty(n, k, dtype=torch.float32, device=dev))
+    cand_keys = torch.empty(n, _CANDIDATES, dtype=torch.int32, device=dev)
+    cand_cols = torch.empty(n, _CANDIDATES, dtype=torch.int32, device=dev)
+    affine = gamma is not None
+    _relu_topk_warp_kernel[(n,)](
+        h, gamma.contiguous() if affine else h, beta.contiguous() if affine else h,
+        out.values, out.pre, out.indices, cand_keys, cand_cols, c, h.stride(0),
+        K=k, SLOTS=_SLOTS, CAND=_CANDIDATES, AFFINE=affine, num_warps=1,
+    )
+    return out
 
 
 def _relu_topk_triton(h, k, gamma, beta, dead, k_aux):
