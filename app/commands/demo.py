@@ -1,7 +1,54 @@
-"""`usae` commands of this group (filled in by its issue)."""
+"""`usae demo`: the whole main job on the embedded default, then the explorer."""
+
+from __future__ import annotations
+
+import webbrowser
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from app.settings import settings_for
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data directory (default: $USAE_DATA_DIR or ./usae-data).")]
+
+
+def demo_cmd(
+    small: Annotated[bool, typer.Option(help="A few hundred images: about two minutes on 2 CPU cores.")] = False,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the explorer when done.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open a browser where one exists.")] = True,
+    data_dir: DataDir = None,
+) -> None:
+    """Build the demo images, extract 3 offline backbones, train the USAE, mine it, and serve the explorer."""
+    from app.pipeline import run_demo
+
+    settings = settings_for(data_dir)
+    result = run_demo(settings, small=small, device=device, echo=typer.echo)
+    total = sum(s.seconds for s in result.stages)
+    typer.echo(f"done in {total:.0f} s: run {result.run_dir}")
+    if result.password:
+        typer.secho(f"analyst login: {result.username} / {result.password}", fg=typer.colors.GREEN)
+    else:
+        typer.echo(f"analyst login: {result.username} (password set earlier; reset with `usae user add`)")
+    url = f"http://{host}:{port}/runs/{result.run_id}"
+    if not serve:
+        typer.echo(f"explore it with: usae serve --data-dir {settings.data_dir}  ->  {url}")
+        return
+    import uvicorn
+
+    from app.main import create_app
+
+    typer.echo(f"serving the explorer on {url}  (Ctrl+C to stop)")
+    if open_browser:
+        try:
+            webbrowser.open(url)
+        except webbrowser.Error:
+            pass
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
 
 def register(cli: typer.Typer) -> None:
-    """Add this group's commands to `cli`."""
+    cli.command("demo")(demo_cmd)

@@ -1,0 +1,201 @@
+"""The main job, stage by stage: demo images -> activations -> USAE -> mined concepts in the DB.
+
+`usae demo` runs it on the embedded default. Every stage writes its output atomically and is
+skipped when that output is already complete, so an interrupted demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import select
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_USER = "analyst"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo flavour. `small` must finish in about two minutes on 2 CPU cores."""
+
+    name: str
+    small: bool
+    concepts: int
+    k: int
+    steps: int
+    batch_size: int
+    lr: float
+    top_n: int
+
+    @property
+    def run_name(self) -> str:
+        return self.name
+
+
+FULL = DemoPlan(name="demo", small=False, concepts=1024, k=16, steps=1500, batch_size=2048, lr=1e-3, top_n=16)
+SMALL = DemoPlan(name="demo-small", small=True, concepts=256, k=12, steps=400, batch_size=1024, lr=2e-3, top_n=12)
+
+
+@dataclass
+class StageReport:
+    name: str
+    seconds: float
+    summary: str
+    reused: bool
+
+
+@dataclass
+class DemoResult:
+    run_dir: Path
+    store_dir: Path
+    run_id: int
+    username: str
+    password: str | None
+    stages: list[StageReport] = field(default_factory=list)
+
+
+Echo = Callable[[str], None]
+
+
+def _timed(stages: list[StageReport], echo: Echo, name: str, fn: Callable[[], tuple[str, bool]]) -> None:
+    start = time.perf_counter()
+    summary, reused = fn()
+    report = StageReport(name, time.perf_counter() - start, summary, reused)
+    stages.append(report)
+    echo(f"[{name}] {'reused: ' if reused else ''}{summary} ({report.seconds:.0f} s)")
+
+
+def build_images(settings: Settings, plan: DemoPlan, seed: int) -> tuple[Path, str, bool]:
+    from usae_core.demo_images import build_demo_set
+    from usae_core.images import FolderSource
+
+    root = settings.data_dir / "images" / plan.name
+    reused = (root / "demo.json").exists()
+    if not reused:
+        build_demo_set(root, seed=seed, small=plan.small)
+    n = len(FolderSource(root).ids)
+    return root, f"{n:,} images with defect masks in {root}", reused
+
+
+def extract(settings: Settings, plan: DemoPlan, images: Path, device: str):
+    from usae_core.backbones.registry import default_backbones
+    from usae_core.errors import UsaeError
+    from usae_core.extract import extract_store
+    from usae_core.store import ActivationStore
+
+    out = settings.stores_dir / plan.name
+    try:
+        store = ActivationStore.open(out)
+        reused = True
+    except UsaeError:
+        store = extract_store(images, default_backbones(), out, device=device)
+        reused = False
+    models = ", ".join(f"{n} ({d})" for n, d in store.dims.items())
+    grid = "x".join(map(str, store.grid))
+    return store, f"{store.n_images:,} images x {grid} tokens from {models}", reused
+
+
+def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int):
+    from usae_core.config import TrainConfig, USAEConfig
+    from usae_core.model import USAE
+    from usae_core.train import train_usae
+
+    run_dir = settings.runs_dir / plan.run_name
+    config_path = run_dir / "config.json"
+    if config_path.exists() and json.loads(config_path.read_text()).get("step") == plan.steps:
+        return USAE.from_pretrained(run_dir), run_dir, "trained", True
+    ucfg = USAEConfig(model_dims=store.dims, n_concepts=plan.concepts, k=plan.k)
+    tcfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, device=device,
+                       warmup_steps=min(100, plan.steps // 10), checkpoint_every=max(plan.steps // 4, 1),
+                       dead_after_tokens=20 * plan.batch_size)
+    resume = (run_dir / "checkpoints").exists()
+    model = train_usae(store, run_dir, ucfg, tcfg, resume=resume, overwrite=not resume)
+    return model, run_dir, f"{plan.concepts:,} concepts, k={plan.k}, {plan.steps:,} steps", False
+
+
+def mine(settings: Settings, plan: DemoPlan, run_dir: Path, store, model, device: str) -> tuple[int, str, bool]:
+    from app.db import session_factory
+    from app.models import Run
+    from app.services.mining import mine_run
+    from usae_core.mining import MiningConfig
+
+    Session = session_factory(settings.db_url)
+    with Session() as s:
+        run = s.scalars(select(Run).where(Run.run_dir == str(run_dir.resolve()))).first()
+        if run is not None and run.status == "mined":
+            return run.id, _mined_summary(run.metrics), True
+    outcome = mine_run(settings.db_url, settings.media_dir, run_dir, store, model,
+                       cfg=MiningConfig(top_n=plan.top_n), device=device, progress=True)
+    with Session() as s:
+        run = s.get(Run, outcome.run_id)
+        return run.id, _mined_summary(run.metrics), False
+
+
+def _mined_summary(metrics: dict) -> str:
+    live = metrics.get("live_concepts")
+    return (f"R² self {metrics.get('r2_self', float('nan')):.2f} / cross {metrics.get('r2_cross', float('nan')):.2f}, "
+            f"{live:,} live concepts" if live is not None else "mined")
+
+
+def ensure_analyst(settings: Settings) -> tuple[str, str | None]:
+    """Create the demo analyst once; its password is kept (0600) in the data dir so reruns
+    can print it again."""
+    from app.db import session_factory
+    from app.services.users import create_user, find_user
+    from usae_core.atomic import atomic_write_bytes
+
+    secret = settings.data_dir / "demo-credentials.txt"
+    with session_factory(settings.db_url)() as s:
+        if find_user(s, username=DEMO_USER) is not None:
+            return DEMO_USER, secret.read_text().strip() if secret.exists() else None
+        password = secrets.token_urlsafe(12)
+        create_user(s, username=DEMO_USER, password=password)
+        s.commit()
+    atomic_write_bytes(secret, password.encode())
+    secret.chmod(0o600)
+    return DEMO_USER, password
+
+
+def run_demo(settings: Settings, *, small: bool = False, device: str = "auto", seed: int = 0,
+             echo: Echo = print) -> DemoResult:
+    from app.migrations import upgrade_database
+    from usae_core.train import resolve_device
+
+    plan = SMALL if small else FULL
+    device = str(resolve_device(device))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.db_url)
+    stages: list[StageReport] = []
+    box: dict = {}
+
+    def images_stage():
+        box["images"], summary, reused = build_images(settings, plan, seed)
+        return summary, reused
+
+    def extract_stage():
+        box["store"], summary, reused = extract(settings, plan, box["images"], device)
+        return summary, reused
+
+    def train_stage():
+        box["model"], box["run_dir"], summary, reused = train(settings, plan, box["store"], device, seed)
+        return summary, reused
+
+    def mine_stage():
+        box["run_id"], summary, reused = mine(settings, plan, box["run_dir"], box["store"], box["model"], device)
+        return summary, reused
+
+    _timed(stages, echo, "1/4 images", images_stage)
+    _timed(stages, echo, "2/4 extract", extract_stage)
+    _timed(stages, echo, "3/4 train", train_stage)
+    _timed(stages, echo, "4/4 mine", mine_stage)
+    username, password = ensure_analyst(settings)
+    return DemoResult(box["run_dir"], Path(box["store"].root), box["run_id"], username, password, stages)
