@@ -66,10 +66,12 @@ def kernels(dev: torch.device) -> None:
         dense_ref = torch.nn.functional.embedding_bag(idx, t16.float(), per_sample_weights=w, mode="sum")
         check(f"gather_decode n={n} c={c} d={d}", rel_err(gather.gather_decode(idx, w, t16, torch.float32), dense_ref), 1e-5)
         want_dot = (rows.float() @ t16.float().T).gather(1, idx)
-        check(f"row_dot n={n} c={c} d={d}", rel_err(gather.row_dot(idx, rows, t16), want_dot), 1e-5)
         z = torch.zeros(n, c, device=dev).scatter_(1, idx, w)
         want_sum = (z.double().T @ rows.double())
         check(f"concept_sum n={n} c={c} d={d}", rel_err(gather.concept_sum(order, idx, w, rows, c), want_sum), 1e-5)
+        g_w, g_table = gather.decode_backward(order, idx, w, rows, t16)
+        check(f"decode_backward values n={n} c={c} d={d}", rel_err(g_w, want_dot), 1e-5)
+        check(f"decode_backward table n={n} c={c} d={d}", rel_err(g_table, want_sum), 1e-5)
 
 
 def encoder_gradients(dev: torch.device) -> None:
@@ -113,7 +115,7 @@ def training_steps(dev: torch.device) -> None:
         for fused in (False, True):
             trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
             trainer.model.train()
-            trainer.fused = fused
+            trainer.fused, trainer.cuda_graphs = fused, False
             trainer.since_fired[::5] = 10**9  # AuxK active
             for i, b in enumerate(batches):
                 trainer.train_step(b, "abc"[i % 3])
@@ -132,12 +134,43 @@ def training_steps(dev: torch.device) -> None:
           float((params[False, True] - params[False, False]).norm() / (params[False, False] - initial).norm()), 1e-3)
 
 
+def graph_steps(dev: torch.device) -> None:
+    """Steps replayed from CUDA graphs equal eager steps, the learning rate follows the schedule,
+    and a change of AuxK width (a new graph) keeps them equal."""
+    ucfg = USAEConfig(model_dims={"a": 384, "b": 768, "c": 768}, n_concepts=2048, k=16, encoder="mlp_bn")
+    tcfg = TrainConfig(steps=40, batch_size=2048, device=str(dev), aux="auxk", aux_k=64, lr=1e-3,
+                       dead_after_tokens=4096, warmup_steps=5, log_every=4)
+    gen = torch.Generator(dev).manual_seed(3)
+    batches = [{m: torch.randn(2048, d, generator=gen, device=dev) for m, d in ucfg.model_dims.items()}
+               for _ in range(4)]
+    finals, lrs = [], []
+    for graphs in (False, True):
+        trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
+        trainer.model.train()
+        trainer.cuda_graphs = graphs
+        trainer.since_fired[::7] = 10**9  # dead latents from the start: AuxK widths change over time
+        losses = []
+        for i in range(24):
+            out = trainer.train_step(batches[i % 4], "abc"[i % 3])
+            losses.append(float(out["loss"]))
+        finals.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+        lrs.append((float(trainer.optimizer.param_groups[0]["lr"]), trainer.scheduler.get_last_lr()[0]))
+        print(f"     graphs={graphs}: {len(trainer._graphs)} graphs, last losses {losses[-3:]}")
+    check("graph replay vs eager: parameters after 24 steps", rel_err(finals[1], finals[0]), 1e-4)
+    from usae_core.train import lr_factor
+
+    want = tcfg.lr * lr_factor(24, tcfg)
+    check("graph replay: optimizer lr follows the schedule", abs(lrs[1][0] - want) / want, 1e-6)
+    check("graph replay: scheduler's last lr", abs(lrs[1][1] - want) / want, 1e-6)
+
+
 def main() -> None:
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), torch.__version__)
     kernels(dev)
     encoder_gradients(dev)
     training_steps(dev)
+    graph_steps(dev)
     if FAILURES:
         print(f"{len(FAILURES)} CUDA checks failed: {FAILURES}")
         sys.exit(1)

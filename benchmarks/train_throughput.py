@@ -39,7 +39,7 @@ CONFIGS = {
     "paper-50k": {"n_concepts": 6144, "k": 32, "batch": 50176},
     "wide": {"n_concepts": 32768, "k": 64, "batch": 12544},
 }
-IMPLS = ("ours", "ours-plain", "ours-dead10", "reference-fp32", "reference-bf16")
+IMPLS = ("ours", "ours-eager", "ours-plain", "ours-dead10", "reference-fp32", "reference-bf16")
 
 
 class PlantedStream:
@@ -97,6 +97,7 @@ def time_impl(name: str, cfg: dict, batches: list, device: torch.device, steps: 
     names = list(PAPER_DIMS)
     if name.startswith("ours"):
         trainer = make_ours(cfg, device, plain=name == "ours-plain")
+        trainer.cuda_graphs = trainer.cuda_graphs and name != "ours-eager"
         if name == "ours-dead10":  # AuxK active on every step: a tenth of the latents are dead
             trainer.since_fired[:: 10] = 10**12
         step = trainer.train_step
@@ -189,6 +190,7 @@ def profile_suite(args, device: torch.device) -> str:
     stream = PlantedStream(PAPER_DIMS, device)
     batches = [stream.batch(i, cfg["batch"]) for i in range(2)]
     trainer = make_ours(cfg, device)
+    trainer.cuda_graphs = False  # kernels one by one, as launched
     names = list(PAPER_DIMS)
     for s in range(3):
         trainer.train_step(batches[s % 2], names[s % 3])

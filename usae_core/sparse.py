@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from usae_core.kernels.gather import ConceptOrder, concept_sum, gather_decode, row_dot
+from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, gather_decode
 from usae_core.kernels.topk import TopK, relu_topk
 
 
@@ -60,12 +60,9 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (values,) = ctx.saved_tensors
-        code, grad = ctx.code, grad.contiguous()
-        g_values = row_dot(code.indices, grad, ctx.table) if ctx.needs_input_grad[0] else None
-        g_dict = None
-        if ctx.needs_input_grad[1]:
-            g_dict = concept_sum(code.order, code.indices, values, grad, code.n_concepts).to(ctx.dict_dtype)
-        return g_values, g_dict, None, None
+        code = ctx.code
+        g_values, g_dict = decode_backward(code.order, code.indices, values, grad.contiguous(), ctx.table)
+        return g_values, g_dict.to(ctx.dict_dtype), None, None
 
 
 @dataclass
@@ -121,7 +118,7 @@ def topk_encode(
 def _normalised_preactivation(x, weight, bias, bn, sync_stats):
     """x_hat = (x W^T + b - mean_h) / s from the input moments; updates bn's running stats."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    count = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
+    count = torch.full((), float(x.shape[0]), dtype=acc, device=x.device)  # no host copy: CUDA-graph safe
     total = x.to(acc).sum(0)
     if sync_stats:
         dist.all_reduce(total)

@@ -100,11 +100,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = USAE(usae_cfg).to(self.device)
         self.names = usae_cfg.model_names
+        on_cuda = self.device.type == "cuda"
+        # On one GPU every fused step is captured once into a CUDA graph and replayed: no kernel
+        # launch or Python overhead per step (it dominates at the paper's 6272-token batches).
+        self.cuda_graphs = on_cuda and self.world_size == 1
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-            fused=self.device.type == "cuda",
+            fused=on_cuda, capturable=self.cuda_graphs,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        # Captured optimizer steps read the learning rate from this device tensor.
+        self._lr = torch.tensor(cfg.lr, device=self.device) if self.cuda_graphs else None
+        self._bind_lr()
+        self._graphs: dict[tuple[str, int], tuple] = {}
+        self._graph_pool = None
         # Tokens since each concept last fired, for dead-latent detection (AuxK and logging).
         self.since_fired = torch.zeros(usae_cfg.n_concepts, dtype=torch.long, device=self.device)
         self.step = 0
@@ -131,7 +140,7 @@ class Trainer:
             self.model.save_pretrained(tmp, extra_config=self.run_config())
             state = {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self._optimizer_state(),
                 "scheduler": self.scheduler.state_dict(),
                 "since_fired": self.since_fired.cpu(),
             }
@@ -152,6 +161,8 @@ class Trainer:
         state = torch.load(latest / TRAINER_STATE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._bind_lr()
+        self._graphs.clear()
         self.since_fired.copy_(state["since_fired"])
         self.step = int(state["step"])
         self._truncate_metrics(self.step)
@@ -174,11 +185,24 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
     def train_step(self, batch: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """One optimizer step on `batch` (standardised, every model) encoded from `source`."""
+        k_aux = self._auxk_width() if self.fused and self.cfg.aux == "auxk" else 0
+        if self.cuda_graphs and self.fused:
+            out = self._graph_step(batch, source, k_aux)
+        else:
+            out = self._step(batch, source, k_aux)
+        self.scheduler.step()
+        self._bind_lr()
+        return out
+
+    def _step(self, batch: dict[str, torch.Tensor], source: str, k_aux: int) -> dict[str, torch.Tensor]:
         cfg, model = self.cfg, self.model
         dead = self.since_fired > cfg.dead_after_tokens
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            forward = self._fused_forward if self.fused else self._plain_forward
-            total, losses, recons, values, indices = forward(batch, source, dead)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
+            if self.fused:
+                total, losses, recons, values, indices = self._fused_forward(batch, source, dead, k_aux)
+            else:
+                total, losses, recons, values, indices = self._plain_forward(batch, source, dead)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.world_size > 1:
@@ -186,16 +210,49 @@ class Trainer:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
         model.normalize_dictionaries()
         fired = torch.zeros_like(self.since_fired).scatter_add_(
             0, indices.flatten(), (values.flatten() > cfg.fire_threshold).long()
         )
         if self.world_size > 1:
             dist.all_reduce(fired)
-        tokens = values.shape[0] * self.world_size
-        self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired), self.since_fired + tokens)
+        self.since_fired.add_(values.shape[0] * self.world_size).masked_fill_(fired > 0, 0)
         return {"loss": total.detach(), "losses": losses, "recons": recons, "values": values.detach()}
+
+    def _graph_step(self, batch: dict[str, torch.Tensor], source: str, k_aux: int) -> dict[str, torch.Tensor]:
+        """`_step` through a CUDA graph per (source, AuxK width): the first call of each runs
+        eagerly (creating optimizer state) and captures the graph; later calls copy the batch
+        into the graph's inputs and replay it. Outputs are valid until the next step. All graphs
+        share one memory pool: nothing a graph computes is needed after its own replay."""
+        key = (source, k_aux)
+        if key not in self._graphs:
+            out = self._step(batch, source, k_aux)
+            static_in = {m: t.clone() for m, t in batch.items()}
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                static_out = self._step(static_in, source, k_aux)
+            self._graph_pool = graph.pool()
+            self._graphs[key] = (graph, static_in, static_out)
+            return out
+        graph, static_in, static_out = self._graphs[key]
+        for m, t in batch.items():
+            static_in[m].copy_(t, non_blocking=True)
+        graph.replay()
+        return static_out
+
+    def _bind_lr(self) -> None:
+        """Point the optimizer at the device learning-rate tensor (the scheduler may have replaced it)."""
+        group = self.optimizer.param_groups[0]
+        if self._lr is not None and group["lr"] is not self._lr:
+            self._lr.fill_(float(group["lr"]))
+            group["lr"] = self._lr
+
+    def _optimizer_state(self) -> dict:
+        state = self.optimizer.state_dict()
+        for group in state["param_groups"]:
+            group["lr"] = float(group["lr"])  # checkpoints keep a plain number, whatever the device
+        return state
 
     def _plain_forward(self, batch: dict[str, torch.Tensor], source: str, dead: torch.Tensor) -> tuple:
         """The reference step: dense encoder output, torch.topk, embedding_bag decode."""
@@ -220,12 +277,11 @@ class Trainer:
             recons[target] = recon.detach()
         return total, losses, recons, values, indices
 
-    def _fused_forward(self, batch: dict[str, torch.Tensor], source: str, dead: torch.Tensor) -> tuple:
+    def _fused_forward(self, batch: dict[str, torch.Tensor], source: str, dead: torch.Tensor, k_aux: int) -> tuple:
         """The same losses as `_plain_forward` (auxk/none), computed from the k active entries
         per token (usae_core/sparse.py): no dense [batch, n_concepts] tensor is kept or differentiated."""
         cfg, model = self.cfg, self.model
         compute = torch.bfloat16 if self.autocast else batch[source].dtype
-        k_aux = self._auxk_width(dead) if cfg.aux == "auxk" else 0
         code, aux_code = model.encode_sparse(batch[source].to(compute), source, dead if k_aux else None, k_aux,
                                              sync_stats=self.world_size > 1)
         losses, recons = {}, {}
@@ -242,14 +298,14 @@ class Trainer:
             recons[target] = recon.detach()
         return total, losses, recons, code.values, code.indices
 
-    def _auxk_width(self, dead: torch.Tensor) -> int:
+    def _auxk_width(self) -> int:
         """Latents the AuxK term must consider: min(aux_k, dead count, rounded up to a power of two).
 
         Alive latents enter AuxK with value 0 and change nothing, so any width >= the number of
         dead latents gives the exact AuxK loss, at a cost proportional to the dead count instead
         of aux_k. The count is read from the device every `log_every` steps (a host sync)."""
         if self._steps_to_dead_check <= 0:
-            self._n_dead = int(dead.sum())
+            self._n_dead = int((self.since_fired > self.cfg.dead_after_tokens).sum())
             self._steps_to_dead_check = self.cfg.log_every
         self._steps_to_dead_check -= 1
         if self._n_dead == 0:

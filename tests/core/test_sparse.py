@@ -14,7 +14,7 @@ from torch import nn
 
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.kernels import HAVE_TRITON
-from usae_core.kernels.gather import ConceptOrder, concept_sum, gather_decode, row_dot
+from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, gather_decode, row_dot
 from usae_core.kernels.topk import relu_topk
 from usae_core.losses import auxk_loss, auxk_residual_loss
 from usae_core.sparse import sparse_decode, topk_encode
@@ -40,7 +40,7 @@ def test_plain_sparse_decode_is_the_dense_product():
 
 
 def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) -> None:
-    """gather_decode / row_dot / concept_sum against dense products computed in float64."""
+    """gather_decode / row_dot / concept_sum / decode_backward against dense float64 products."""
     gen = torch.Generator().manual_seed(1)
     batch, n_concepts, k, dim = 37, 50, 5, 150  # dim spans two 128-wide column blocks
     idx = _random_code(gen, batch, n_concepts, k)
@@ -59,6 +59,9 @@ def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) ->
     torch.testing.assert_close(summed.double(), z.T @ r64, rtol=tol, atol=tol)
     twice = concept_sum(order, idx, w, rows.to(dtype), n_concepts, out=summed.clone())
     torch.testing.assert_close(twice.double(), 2 * z.T @ r64, rtol=tol, atol=tol)
+    g_w, g_table = decode_backward(order, idx, w, rows.to(dtype), table.to(table_dtype))
+    torch.testing.assert_close(g_w.double(), (r64 @ t64.T).gather(1, idx), rtol=tol, atol=tol)
+    torch.testing.assert_close(g_table.double(), z.T @ r64, rtol=tol, atol=tol)
 
 
 def _check_topk() -> None:

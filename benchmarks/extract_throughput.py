@@ -1,0 +1,170 @@
+"""Extraction throughput next to the backbones' bare forward throughput, measured in one run.
+
+    python benchmarks/extract_throughput.py                       # embedded defaults, CPU
+    python benchmarks/extract_throughput.py --device cuda --random-init --compile --n-images 20000 \
+        --models timm:vit_small_patch14_dinov2,timm:vit_base_patch16_siglip_224,timm:vit_base_patch16_224
+
+Bare forward: uint8 batches already on the device -> normalise -> every backbone (bf16 autocast on
+CUDA), timed after warm-up. Extraction: `extract_store` from image files on disk (JPEGs written
+by this script unless --images is given) to a finished store, the whole path included (folder
+scan, decoding, resizing, copies, grid resampling, writing). The ratio of the two is the share
+of the GPU's speed the pipeline keeps. Prints one JSON object (also written to --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from usae_core.backbones import Backbone, create_backbone, default_backbones
+from usae_core.extract import extract_store
+from usae_core.train import resolve_device
+
+log = logging.getLogger("extract_throughput")
+UNIQUE_IMAGES = 512
+"""Distinct rendered images; larger sets repeat their bytes under new names (decoding cost is the same)."""
+
+
+def _jpeg(index: int) -> bytes:
+    from PIL import Image
+
+    from usae_core.demo_images import render
+
+    rgb, _, _ = render(0, index)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, n: int) -> None:
+    """`n` 224 px JPEG files of demo surfaces and photo crops."""
+    folder.mkdir(parents=True, exist_ok=True)
+    unique = min(n, UNIQUE_IMAGES)
+    with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        blobs = list(pool.map(_jpeg, range(unique), chunksize=8))
+    for i in range(n):
+        (folder / f"{i:07d}.jpg").write_bytes(blobs[i % unique])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_throughput(models: list[Backbone], device: torch.device, batch_size: int, batches: int,
+                       compile: bool) -> dict[str, float]:
+    """Images/s of normalise + forward on uint8 input already on the device: each model, and all together."""
+    cuda = device.type == "cuda"
+    runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
+    inputs = {m.input_size: torch.randint(0, 256, (batch_size, 3, m.input_size, m.input_size), dtype=torch.uint8,
+                                          device=device) for m in models}
+
+    def run(selected: list[Backbone]) -> None:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            for m in selected:
+                runners[m.store_name](m.normalize(inputs[m.input_size]))
+
+    def rate(selected: list[Backbone]) -> float:
+        for _ in range(3 if compile or cuda else 1):  # warm-up (and compilation)
+            run(selected)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            run(selected)
+        _sync(device)
+        return batch_size * batches / (time.perf_counter() - start)
+
+    out = {m.store_name: rate([m]) for m in models}
+    out["all"] = rate(models)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(default_backbones()), help="comma-separated registry names")
+    p.add_argument("--random-init", action="store_true", help="random weights (timing only)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--images", type=Path, help="image folder to read (default: JPEGs written to a temp dir)")
+    p.add_argument("--n-images", type=int, default=None, help="images to write (default 300 on CPU, 20000 on CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 256 on CUDA")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (extract_store's default if unset)")
+    p.add_argument("--forward-batches", type=int, default=None, help="timed batches of the bare forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbones in both measurements")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--work-dir", type=Path, default=None, help="where the images and the store go (temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    batch_size = args.batch_size or (256 if cuda else 32)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    models = [create_backbone(n, random_init=args.random_init).to(device) for n in names]
+    work = Path(tempfile.mkdtemp(prefix="usae-bench-", dir=args.work_dir))
+    try:
+        images = args.images
+        n_images = args.n_images or (20000 if cuda else 300)
+        if images is None:
+            images = work / "images"
+            log.info("writing %d JPEG images to %s", n_images, images)
+            write_images(images, n_images)
+        log.info("bare forward of %s on %s", ", ".join(names), device)
+        forward = forward_throughput(models, device, batch_size, args.forward_batches or (20 if cuda else 3),
+                                     args.compile)
+        log.info("extraction")
+        start = time.perf_counter()
+        store = extract_store(images, models, work / "store", batch_size=batch_size, device=str(device),
+                              num_workers=args.workers, dtype=args.dtype, progress=True, compile=args.compile)
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    extract_rate = store.n_images / seconds
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "models": names,
+        "random_init": args.random_init,
+        "n_images": store.n_images,
+        "batch_size": batch_size,
+        "workers": args.workers,
+        "compile": args.compile,
+        "store_dtype": args.dtype,
+        "grid": list(store.grid),
+        "forward_img_s": {k: round(v, 1) for k, v in forward.items()},
+        "extract_img_s": round(extract_rate, 1),
+        "extract_seconds": round(seconds, 2),
+        "extract_vs_forward": round(extract_rate / forward["all"], 3),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     **_optional_versions()},
+    }
+    text = json.dumps(result, indent=2)
+    sys.stdout.write(text + "\n")
+    if args.json:
+        args.json.write_text(text + "\n")
+    return result
+
+
+def _optional_versions() -> dict[str, str]:
+    out = {}
+    for module in ("torchvision", "timm", "transformers", "PIL"):
+        try:
+            out[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
