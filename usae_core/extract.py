@@ -99,7 +99,7 @@ class _ShardAssembler:
     """Collects result rows into whole shards and writes each full shard on a side thread."""
 
     def __init__(self, writer: StoreWriter, spans: Sequence[ShardSpan], models: Sequence[Backbone], dtype: str,
-                 write_threads: int = 2):
+                 write_threads: int):
         self.writer = writer
         self.spans = {s.index: s for s in spans}
         self.shard_images = writer.manifest["shard_images"]
@@ -226,7 +226,8 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     for m in models:
         m.to(device).eval()
     runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
-    assembler = _ShardAssembler(writer, spans, models, writer.dtype)
+    # Writing a shard converts and checks it on the host; on a GPU several writers keep up with it.
+    assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=4 if cuda else 1)
     storage = _TORCH_STORAGE[writer.dtype]
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
     pending: tuple[list[int], dict[str, torch.Tensor], torch.cuda.Event | None] | None = None

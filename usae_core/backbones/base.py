@@ -192,16 +192,16 @@ class Backbone(nn.Module):
 
     num_prefix_tokens: int = 0
     """CLS/register tokens in front of the patch tokens of `features`' output (token models)."""
-    channels_last: bool = False
-    """Run in NHWC memory layout (about 2x faster for CNNs on CPU, and better for bf16 on GPU)."""
 
     def __init__(self, *, name: str, family: str, model: nn.Module, input_size: int, mean: Sequence[float],
                  std: Sequence[float], interpolation: str, layer: str, default_layer: str, weights_source: str,
-                 keep_cls: bool = False, token_grid: tuple[int, int] | None = None):
+                 keep_cls: bool = False, token_grid: tuple[int, int] | None = None, channels_last: bool = False):
         super().__init__()
         self.name = name
         self.family = family
         self.model = model.eval()
+        # NHWC layout: about 2x faster for CNNs on a CPU, and the fast path for bf16 convs on a GPU.
+        self.channels_last = channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.input_size = int(input_size)
@@ -224,8 +224,10 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------ the adapter's part
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, C, h, w]` feature map or `[B, prefix + h*w, D]` tokens of the chosen layer."""
-        raise NotImplementedError
+        """`[B, C, h, w]` feature map or `[B, prefix + h*w, D]` tokens of the chosen layer.
+
+        By default: the output of submodule `layer` while the model runs on `x` (later layers skipped)."""
+        return run_to_layer(self.model, self.layer, lambda: self.model(x))
 
     # ------------------------------------------------------------------ common behaviour
     def _probe(self) -> tuple[int, tuple[int, int]]:

