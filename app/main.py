@@ -28,7 +28,7 @@ from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, SESSION_USER_KEY, Lo
 from app.services.explain import ModelCache
 from app.services.shares import ShareGone
 from app.services.users import active_user
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from app.templating import render
 from app.urls import ANALYST_URLS
 from app.viewer import Viewer
@@ -61,6 +61,12 @@ def create_app(settings: Settings) -> FastAPI:
     _include_routes(app)
     _install_error_pages(app)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """For `uvicorn --factory app.main:app_from_environment` (several worker processes):
+    settings come from USAE_* environment variables."""
+    return create_app(get_settings())
 
 
 def _include_routes(app: FastAPI) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -201,6 +202,11 @@ class Concept(Base):
         UniqueConstraint("run_id", "index"),
         Index("ix_concepts_run_energy", "run_id", "energy"),
         Index("ix_concepts_run_entropy", "run_id", "firing_entropy"),
+        # The concept browser's sort orders over a run's live concepts (migration 0003).
+        *(Index(f"ix_concepts_browse_{name}", "run_id", "dead", text(f"{column} DESC"), "index")
+          for name, column in (("energy", "energy"), ("entropy", "firing_entropy"), ("cofire", "cofire"),
+                               ("frequency", "frequency"))),
+        Index("ix_concepts_browse_index", "run_id", "dead", "index"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -260,7 +266,11 @@ class ConceptModelStats(Base):
     """Active per-model firing statistics of a concept (replaced when a mine completes)."""
 
     __tablename__ = "concept_model_stats"
-    __table_args__ = (UniqueConstraint("concept_id", "run_model_id"),)
+    __table_args__ = (
+        UniqueConstraint("concept_id", "run_model_id"),
+        # "Mostly in model X" in the concept browser (migration 0003).
+        Index("ix_concept_model_stats_mostly", "run_model_id", "share", "concept_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +18,7 @@ user_cli = typer.Typer(help="Analyst accounts.", no_args_is_help=True)
 def serve_cmd(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Server processes (one per CPU core serves the most users).")] = 1,
     data_dir: DataDir = None,
 ) -> None:
     """Serve the concept explorer (pages, JSON API at /api, API docs at /docs)."""
@@ -26,7 +28,15 @@ def serve_cmd(
 
     settings = settings_for(data_dir)
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=False)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        return
+    # Worker processes build their own app from the environment. The secret key file is created
+    # now, before they start, so every worker reads the same one and signs sessions alike.
+    settings.resolved_secret_key()
+    os.environ["USAE_DATA_DIR"] = str(settings.data_dir.resolve())
+    uvicorn.run("app.main:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level="info")
 
 
 @user_cli.command("add")

@@ -43,6 +43,7 @@ class ModelFiring(BaseModel):
     frequency: float
     share: float = Field(description="This model's part of the concept's firings")
     cofire: float
+    max_activation: float
 
 
 class Thumb(BaseModel):
@@ -111,7 +112,6 @@ class ModelColumn(BaseModel):
     model: str
     family: str
     firing: ModelFiring
-    max_activation: float
     top_images: list[Thumb]
     histogram_edges: list[float]
     histogram_counts: list[int]

@@ -25,6 +25,10 @@ class RunSummary(BaseModel):
     n_concepts: int
     models: list[ModelInfo]
 
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
 
 class ConceptRef(BaseModel):
     """Enough to name and link a concept."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Collection, Sequence
+from typing import Any
 
-from sqlalchemy import Select, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.models import (
@@ -60,63 +61,71 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _filtered(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> Select:
-    query = select(Concept.id).where(Concept.run_id == run.id)
+def _conditions(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = [Concept.run_id == run.id]
     if scope is not None:
-        query = query.where(Concept.index.in_(sorted(scope)))
+        where.append(Concept.index.in_(sorted(scope)))
     if not filters.show_dead:
-        query = query.where(Concept.dead.is_(False))
+        where.append(Concept.dead.is_(False))
     if filters.min_entropy is not None:
-        query = query.where(Concept.firing_entropy >= filters.min_entropy)
+        where.append(Concept.firing_entropy >= filters.min_entropy)
     if filters.mostly:
         model_id = next((m.id for m in run.models if m.name == filters.mostly), -1)
-        query = query.where(exists().where(ConceptModelStats.concept_id == Concept.id,
-                                           ConceptModelStats.run_model_id == model_id,
-                                           ConceptModelStats.share >= MOSTLY_SHARE))
+        # IN (subquery) rather than a correlated EXISTS: the matching ids come from one index range.
+        where.append(Concept.id.in_(select(ConceptModelStats.concept_id).where(
+            ConceptModelStats.run_model_id == model_id, ConceptModelStats.share >= MOSTLY_SHARE)))
     if filters.labelled == "labelled":
-        query = query.where(Concept.label != "")
+        where.append(Concept.label != "")
     elif filters.labelled == "unlabelled":
-        query = query.where(Concept.label == "")
+        where.append(Concept.label == "")
     if filters.tag:
-        query = query.where(exists().where(ConceptTag.concept_id == Concept.id, ConceptTag.tag == filters.tag))
+        where.append(Concept.id.in_(select(ConceptTag.concept_id).where(ConceptTag.tag == filters.tag)))
     if filters.q.strip():
         pattern = f"%{_escape_like(filters.q.strip().lower())}%"
-        query = query.where(or_(func.lower(Concept.label).like(pattern, escape="\\"),
-                                func.lower(Concept.description).like(pattern, escape="\\")))
-    return query
+        where.append(or_(func.lower(Concept.label).like(pattern, escape="\\"),
+                         func.lower(Concept.description).like(pattern, escape="\\")))
+    return where
+
+
+# What a card shows of a concept; plain columns (no ORM objects) keep the browser fast.
+_CARD_COLUMNS = (Concept.id, Concept.index, Concept.label, Concept.energy, Concept.firing_entropy, Concept.cofire,
+                 Concept.frequency, Concept.dead)
 
 
 def browse_concepts(session: Session, *, run: Run, filters: ConceptFilters,
                     scope: Collection[int] | None = None) -> ConceptPage:
     """One page of concepts matching `filters`, within `scope` (a share's concept indices)."""
-    query = _filtered(run, filters, scope)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    where = _conditions(run, filters, scope)
+    total = session.scalar(select(func.count()).select_from(Concept).where(*where)) or 0
     pages = max(1, math.ceil(total / filters.per_page))
-    ids = list(session.scalars(query.order_by(_SORT_COLUMNS[filters.sort], Concept.index.asc())
-                               .limit(filters.per_page).offset((filters.page - 1) * filters.per_page)))
-    concepts = session.scalars(select(Concept).where(Concept.id.in_(ids))).all() if ids else []
-    by_id = {c.id: c for c in concepts}
-    cards = concept_cards(session, run=run, concepts=[by_id[i] for i in ids])
-    return ConceptPage(run=run_summary(run), filters=filters, total=total, pages=pages, concepts=cards,
+    rows = session.execute(select(*_CARD_COLUMNS).where(*where)
+                           .order_by(_SORT_COLUMNS[filters.sort], Concept.index.asc())
+                           .limit(filters.per_page).offset((filters.page - 1) * filters.per_page)).all()
+    return ConceptPage(run=run_summary(run), filters=filters, total=total, pages=pages,
+                       concepts=concept_cards(session, run=run, concepts=rows),
                        tags=run_tags(session, run_id=run.id, scope=scope))
 
 
 def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = None) -> list[str]:
-    query = select(ConceptTag.tag).join(Concept, Concept.id == ConceptTag.concept_id).where(Concept.run_id == run_id)
+    """Tags in use. Driven from the (small) tag table: a run has far more concepts than tags."""
+    in_run = select(Concept.id).where(Concept.id == ConceptTag.concept_id, Concept.run_id == run_id)
     if scope is not None:
-        query = query.where(Concept.index.in_(sorted(scope)))
-    return list(session.scalars(query.distinct().order_by(ConceptTag.tag)))
+        in_run = in_run.where(Concept.index.in_(sorted(scope)))
+    return list(session.scalars(select(ConceptTag.tag).where(in_run.exists()).distinct().order_by(ConceptTag.tag)))
 
 
 def _firing_by_concept(session: Session, run: Run, concept_ids: Sequence[int]) -> dict[int, list[ModelFiring]]:
+    """Per concept, the firing statistics of each model, in model order."""
     names = {m.id: m.name for m in run.models}
     order = {m.id: m.position for m in run.models}
-    rows = session.scalars(select(ConceptModelStats).where(ConceptModelStats.concept_id.in_(concept_ids)))
+    s = ConceptModelStats
+    rows = session.execute(select(s.concept_id, s.run_model_id, s.fire_count, s.frequency, s.share, s.cofire,
+                                  s.max_activation).where(s.concept_id.in_(concept_ids)))
     firing: dict[int, list[tuple[int, ModelFiring]]] = defaultdict(list)
-    for s in rows:
-        firing[s.concept_id].append((order[s.run_model_id], ModelFiring(
-            model=names[s.run_model_id], fire_count=s.fire_count, frequency=s.frequency, share=s.share,
-            cofire=s.cofire)))
+    for concept_id, model_id, count, frequency, share, cofire, max_activation in rows:
+        firing[concept_id].append((order[model_id], ModelFiring(
+            model=names[model_id], fire_count=count, frequency=frequency, share=share, cofire=cofire,
+            max_activation=max_activation)))
     return {cid: [f for _, f in sorted(items, key=lambda item: item[0])] for cid, items in firing.items()}
 
 
@@ -127,18 +136,18 @@ def _thumbs(session: Session, run: Run, concept_ids: Sequence[int],
         return {}
     names = {m.id: m.name for m in run.models}
     order = {m.id: m.position for m in run.models}
-    query = (select(ConceptTopImage, Image.thumbnail_path, Image.image_key)
-             .join(Image, Image.id == ConceptTopImage.image_id)
-             .where(ConceptTopImage.concept_id.in_(concept_ids),
-                    ConceptTopImage.generation_id == run.active_generation_id))
+    t = ConceptTopImage
+    query = (select(t.concept_id, t.run_model_id, t.rank, t.activation, t.heatmap_path, Image.thumbnail_path,
+                    Image.image_key)
+             .join(Image, Image.id == t.image_id)
+             .where(t.concept_id.in_(concept_ids), t.generation_id == run.active_generation_id))
     if max_rank is not None:
-        query = query.where(ConceptTopImage.rank < max_rank)
-    rows = session.execute(query)
+        query = query.where(t.rank < max_rank)
     thumbs: dict[int, list[tuple[tuple[int, int], Thumb]]] = defaultdict(list)
-    for top, thumbnail, key in rows:
-        thumbs[top.concept_id].append(((order[top.run_model_id], top.rank), Thumb(
-            model=names[top.run_model_id], rank=top.rank, activation=top.activation, heatmap=top.heatmap_path,
-            thumbnail=thumbnail, image_key=key)))
+    for concept_id, model_id, rank, activation, heatmap, thumbnail, key in session.execute(query):
+        thumbs[concept_id].append(((order[model_id], rank), Thumb(
+            model=names[model_id], rank=rank, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
+            image_key=key)))
     return {cid: [t for _, t in sorted(items, key=lambda item: item[0])] for cid, items in thumbs.items()}
 
 
@@ -147,18 +156,23 @@ def card_ranks(n_models: int) -> int:
     return {1: 4, 2: 2}.get(n_models, 1)
 
 
-def concept_cards(session: Session, *, run: Run, concepts: Sequence[Concept]) -> list[ConceptCard]:
+def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any],
+                  thumbs: dict[int, list[Thumb]] | None = None) -> list[ConceptCard]:
+    """Cards for `concepts` (rows or Concept objects with the `_CARD_COLUMNS` attributes)."""
     ids = [c.id for c in concepts]
     firing = _firing_by_concept(session, run, ids)
-    thumbs = _thumbs(session, run, ids, card_ranks(len(run.models)))
+    if thumbs is None:
+        thumbs = _thumbs(session, run, ids, card_ranks(len(run.models)))
     tags: dict[int, list[str]] = defaultdict(list)
     for concept_id, tag in session.execute(select(ConceptTag.concept_id, ConceptTag.tag)
                                            .where(ConceptTag.concept_id.in_(ids)).order_by(ConceptTag.tag)):
         tags[concept_id].append(tag)
-    return [_card(c, firing.get(c.id, []), thumbs.get(c.id, []), tags.get(c.id, [])) for c in concepts]
+    per_card = card_ranks(len(run.models))
+    return [_card(c, firing.get(c.id, []), [t for t in thumbs.get(c.id, []) if t.rank < per_card],
+                  tags.get(c.id, [])) for c in concepts]
 
 
-def _card(c: Concept, firing: list[ModelFiring], thumbs: list[Thumb], tags: list[str]) -> ConceptCard:
+def _card(c: Any, firing: list[ModelFiring], thumbs: list[Thumb], tags: list[str]) -> ConceptCard:
     dominant = max(firing, key=lambda f: f.share).model if firing and not c.dead else None
     return ConceptCard(
         index=c.index, label=c.label, tags=tags, energy=c.energy, firing_entropy=c.firing_entropy,
@@ -211,16 +225,15 @@ def _prev_next(session: Session, run: Run, index: int, scope: Collection[int] | 
 def concept_detail(session: Session, *, run: Run, concept: Concept,
                    scope: Collection[int] | None = None) -> ConceptDetail:
     """Everything the concept page shows; neighbours and prev/next stay inside `scope`."""
-    card = concept_cards(session, run=run, concepts=[concept])[0]
-    thumbs = _thumbs(session, run, [concept.id]).get(concept.id, [])
+    thumbs = _thumbs(session, run, [concept.id])
+    card = concept_cards(session, run=run, concepts=[concept], thumbs=thumbs)[0]
+    top_images = thumbs.get(concept.id, [])
     gen = run.active_generation_id
     histograms = {h.run_model_id: h for h in session.scalars(
         select(ConceptHistogram).where(ConceptHistogram.concept_id == concept.id,
                                        ConceptHistogram.generation_id == gen))}
     cams = {c.run_model_id: c.file_path for c in session.scalars(
         select(CamImage).where(CamImage.concept_id == concept.id))}
-    max_act = dict(session.execute(select(ConceptModelStats.run_model_id, ConceptModelStats.max_activation)
-                                   .where(ConceptModelStats.concept_id == concept.id)).all())
     neighbours = _neighbours(session, run, concept, scope)
     firing = {f.model: f for f in card.firing}
     columns = []
@@ -230,8 +243,8 @@ def concept_detail(session: Session, *, run: Run, concept: Concept,
         columns.append(ModelColumn(
             model=model.name, family=model.family,
             firing=firing.get(model.name) or ModelFiring(model=model.name, fire_count=0, frequency=0.0, share=0.0,
-                                                         cofire=0.0),
-            max_activation=max_act.get(model.id, 0.0), top_images=[t for t in thumbs if t.model == model.name],
+                                                         cofire=0.0, max_activation=0.0),
+            top_images=[t for t in top_images if t.model == model.name],
             histogram_edges=edges, histogram_counts=counts, cam_image=cams.get(model.id),
             neighbours=neighbours.get(model.id, []),
         ))

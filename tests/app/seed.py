@@ -78,6 +78,55 @@ def _firing_pattern(index: int, n_concepts: int, n_models: int) -> np.ndarray | 
     return np.array([base * (1 + 0.05 * m) for m in range(n_models)])  # universal, nearly even
 
 
+def _concept_row(run_id: int, c: int, n_concepts: int, n_tokens: int) -> dict:
+    freq = _firing_pattern(c, n_concepts, len(MODEL_SPECS))
+    dead = freq is None
+    freq = np.zeros(len(MODEL_SPECS)) if freq is None else freq
+    share = freq[freq > 0] / freq.sum() if freq.sum() > 0 else np.zeros(0)
+    entropy = float(-(share * np.log(share)).sum() / math.log(len(MODEL_SPECS))) if len(share) else 0.0
+    return {"run_id": run_id, "index": c, "energy": float(freq.sum() * 2.0), "firing_entropy": entropy,
+            "cofire": 0.0 if dead or c % 3 == 1 else 0.6, "fire_count": int(freq.sum() * n_tokens),
+            "frequency": float(freq.mean()), "dead": dead, "label": "", "description": "", "version": 1}
+
+
+def _detail_rows(concepts: range, concept_ids: dict[int, int], gen_id: int, model_ids: list[int], n_images: int,
+                 n_tokens: int, top_n: int, prefix: str, image_ids: dict[int, int],
+                 rng: np.random.Generator) -> dict[type, list[dict]]:
+    """Per-model statistics, histograms, top images, neighbours and defect IoU of `concepts`."""
+    rows: dict[type, list[dict]] = {ConceptModelStats: [], ConceptHistogram: [], ConceptTopImage: [],
+                                    ConceptNeighbour: [], ConceptDefectIoU: []}
+    n_concepts = len(concept_ids)
+    for c in concepts:
+        cid = concept_ids[c]
+        freq = _firing_pattern(c, n_concepts, len(model_ids))
+        freq = np.zeros(len(model_ids)) if freq is None else freq
+        total = freq.sum()
+        for mi, model_id in enumerate(model_ids):
+            common = {"concept_id": cid, "run_model_id": model_id}
+            rows[ConceptModelStats].append({**common, "fire_count": int(freq[mi] * n_tokens), "frequency": float(freq[mi]),
+                                            "share": float(freq[mi] / total) if total else 0.0,
+                                            "cofire": 0.6 if freq[mi] > 0 and c % 3 != 1 else 0.0,
+                                            "mean_activation": float(freq[mi]), "max_activation": float(30 * freq[mi])})
+            common["generation_id"] = gen_id
+            for rank, other in enumerate((c + d) % n_concepts for d in (1, 2, 3)):
+                rows[ConceptNeighbour].append({**common, "rank": rank, "cosine": 0.9 - 0.1 * rank,
+                                               "neighbour_id": concept_ids[other]})
+            if freq[mi] == 0:
+                continue
+            counts = np.zeros(len(HIST_EDGES) - 1, dtype=int)
+            counts[10:16] = rng.integers(1, 50, size=6)
+            rows[ConceptHistogram].append({**common, "bin_edges": HIST_EDGES, "counts": counts.tolist(), "n_zero": 100})
+            for rank in range(top_n):
+                rows[ConceptTopImage].append({
+                    **common, "rank": rank, "image_id": image_ids[(c * 7 + mi * 3 + rank) % n_images],
+                    "activation": float(5.0 / (1 + rank)), "max_token": 5,
+                    "heatmap_path": f"{prefix}/heatmaps/{c}/{MODEL_SPECS[mi][0]}-{rank}.png"})
+        if c < len(DEFECTS) * 2:
+            rows[ConceptDefectIoU].append({"generation_id": gen_id, "concept_id": cid, "run_model_id": model_ids[0],
+                                           "defect_type": DEFECTS[c % len(DEFECTS)], "iou": 0.2 + 0.1 * c})
+    return rows
+
+
 def create_analyst(session: Session, username: str = "alice", password: str = PASSWORD) -> User:
     user = User(username=username, password_hash=hash_password(password))
     session.add(user)
@@ -87,8 +136,8 @@ def create_analyst(session: Session, username: str = "alice", password: str = PA
 
 def seed_run(session: Session, media_dir: Path, *, name: str = "demo-run", n_concepts: int = 30,
              n_images: int = 24, top_n: int = 4, write_files: bool = True, n_tokens: int = 24 * 16,
-             seed: int = 0) -> SeedRun:
-    """Write one mined run; returns what the tests need to know about it."""
+             seed: int = 0, chunk: int = 2000) -> SeedRun:
+    """Write one mined run (in chunks of `chunk` concepts); returns what the tests need to know."""
     rng = np.random.default_rng(seed)
     now = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
     m = len(MODEL_SPECS)
@@ -119,63 +168,21 @@ def seed_run(session: Session, media_dir: Path, *, name: str = "demo-run", n_con
         for i in range(n_images):
             _png(media_dir / image_rows[i]["thumbnail_path"], (40 + 8 * i % 200, 90, 140))
 
-    concept_rows, stats, tops, hists, ious = [], [], [], [], []
     for c in range(n_concepts):
-        freq = _firing_pattern(c, n_concepts, m)
-        dead = freq is None
-        freq = np.zeros(m) if freq is None else freq
-        share = freq / freq.sum() if freq.sum() > 0 else np.zeros(m)
-        nz = share[share > 0]
-        entropy = float(-(nz * np.log(nz)).sum() / math.log(m)) if len(nz) else 0.0
-        (info.dead if dead else info.only_first if c % 3 == 1 else info.universal).append(c)
-        concept_rows.append({"run_id": run.id, "index": c, "energy": float(freq.sum() * 2.0),
-                             "firing_entropy": entropy, "cofire": 0.0 if dead or c % 3 == 1 else 0.6,
-                             "fire_count": int(freq.sum() * n_tokens), "frequency": float(freq.mean()), "dead": dead,
-                             "label": "", "description": "", "version": 1})
-    session.execute(insert(Concept), concept_rows)
-    concept_ids = dict(session.execute(select(Concept.index, Concept.id).where(Concept.run_id == run.id)).all())
+        (info.dead if c >= n_concepts - 2 else info.only_first if c % 3 == 1 else info.universal).append(c)
     model_ids = [rm.id for rm in run.models]
-    for c in range(n_concepts):
-        cid = concept_ids[c]
-        freq = _firing_pattern(c, n_concepts, m)
-        freq = np.zeros(m) if freq is None else freq
-        total = freq.sum()
-        for mi, model_id in enumerate(model_ids):
-            stats.append({"concept_id": cid, "run_model_id": model_id, "fire_count": int(freq[mi] * n_tokens),
-                          "frequency": float(freq[mi]), "share": float(freq[mi] / total) if total else 0.0,
-                          "cofire": 0.6 if freq[mi] > 0 and c % 3 != 1 else 0.0,
-                          "mean_activation": float(freq[mi]), "max_activation": float(3.0 * freq[mi] * 10)})
-            if freq[mi] == 0:
-                continue
-            counts = np.zeros(len(HIST_EDGES) - 1, dtype=int)
-            counts[10:16] = rng.integers(1, 50, size=6)
-            hists.append({"generation_id": gen.id, "concept_id": cid, "run_model_id": model_id,
-                          "bin_edges": HIST_EDGES, "counts": counts.tolist(), "n_zero": 100})
-            for rank in range(top_n):
-                store_index = (c * 7 + mi * 3 + rank) % n_images
-                path = f"{prefix}/heatmaps/{c}/{MODEL_SPECS[mi][0]}-{rank}.png"
-                tops.append({"generation_id": gen.id, "concept_id": cid, "run_model_id": model_id, "rank": rank,
-                             "image_id": image_ids[store_index], "activation": float(5.0 / (1 + rank)),
-                             "max_token": 5, "heatmap_path": path})
-                if write_files:
-                    _png(media_dir / path, (30 + 60 * mi, 60 + (c * 13) % 150, 90), spot=True)
-        if c < len(DEFECTS) * 2:
-            ious.append({"generation_id": gen.id, "concept_id": cid, "run_model_id": model_ids[0],
-                         "defect_type": DEFECTS[c % len(DEFECTS)], "iou": 0.2 + 0.1 * c})
-    session.execute(insert(ConceptModelStats), stats)
-    if tops:
-        session.execute(insert(ConceptTopImage), tops)
-    if hists:
-        session.execute(insert(ConceptHistogram), hists)
-    if ious:
-        session.execute(insert(ConceptDefectIoU), ious)
-    neighbours = []
-    for c in range(n_concepts):
-        for mi, model_id in enumerate(model_ids):
-            for rank, other in enumerate(o for o in ((c + d) % n_concepts for d in (1, 2, 3)) if o != c):
-                neighbours.append({"generation_id": gen.id, "concept_id": concept_ids[c], "run_model_id": model_id,
-                                   "rank": rank, "neighbour_id": concept_ids[other], "cosine": 0.9 - 0.1 * rank})
-    session.execute(insert(ConceptNeighbour), neighbours)
+    session.execute(insert(Concept), [_concept_row(run.id, c, n_concepts, n_tokens) for c in range(n_concepts)])
+    concept_ids = dict(session.execute(select(Concept.index, Concept.id).where(Concept.run_id == run.id)).all())
+    for start in range(0, n_concepts, chunk):
+        rows = _detail_rows(range(start, min(n_concepts, start + chunk)), concept_ids, gen.id, model_ids, n_images,
+                            n_tokens, top_n, prefix, image_ids, rng)
+        for table, table_rows in rows.items():
+            if table_rows:
+                session.execute(insert(table), table_rows)
+        if write_files:
+            for top in rows[ConceptTopImage]:
+                shade = model_ids.index(top["run_model_id"])
+                _png(media_dir / top["heatmap_path"], (30 + 60 * shade, 60 + 20 * top["rank"], 90), spot=True)
     if write_files:
         info.cam_path = f"cam/{run.id}/0-{MODEL_SPECS[0][0]}.png"
         _png(media_dir / info.cam_path, (200, 100, 50))
