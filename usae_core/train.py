@@ -114,6 +114,7 @@ class Trainer:
         self._bind_lr()
         self._graphs: dict[tuple[str, int], tuple] = {}
         self._graph_pool = None
+        self._stream: torch.cuda.Stream | None = None
         # Tokens since each concept last fired, for dead-latent detection (AuxK and logging).
         self.since_fired = torch.zeros(usae_cfg.n_concepts, dtype=torch.long, device=self.device)
         self.step = 0
@@ -188,7 +189,13 @@ class Trainer:
         """One optimizer step on `batch` (standardised, every model) encoded from `source`."""
         k_aux = self._auxk_width() if self.fused and self.cfg.aux == "auxk" else 0
         if self.cuda_graphs and self.fused:
-            out = self._graph_step(batch, source, k_aux)
+            # Warm-up, capture and replay all run on one side stream (capturing work that must
+            # sync with the legacy default stream is illegal), fenced against the default stream.
+            self._stream = self._stream or torch.cuda.Stream(self.device)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                out = self._graph_step(batch, source, k_aux)
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
         else:
             out = self._step(batch, source, k_aux)
         self.scheduler.step()
@@ -230,8 +237,14 @@ class Trainer:
             static_in = {m: t.clone() for m, t in batch.items()}
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                static_out = self._step(static_in, source, k_aux)
+            try:
+                with torch.cuda.graph(graph, pool=self._graph_pool, stream=torch.cuda.current_stream(self.device)):
+                    static_out = self._step(static_in, source, k_aux)
+            except RuntimeError as exc:  # keep training, without graphs
+                log.warning("CUDA graph capture failed (%s); continuing with eager steps", str(exc).splitlines()[0])
+                self.cuda_graphs = False
+                self.optimizer.zero_grad(set_to_none=True)
+                return out
             self._graph_pool = graph.pool()
             self._graphs[key] = (graph, static_in, static_out)
             return out
