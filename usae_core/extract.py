@@ -218,8 +218,10 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     view_of = {m.store_name: views.index((m.input_size, m.interpolation)) for m in models}
     indices = [i for s in spans for i in range(s.start, s.stop)]
     if num_workers is None:
-        # On a CPU the backbones need the cores; on a GPU decoding must keep up with them.
-        num_workers = min(16, os.cpu_count() or 1) if cuda else 1
+        # On a GPU decoding must keep up with the backbones; on a small CPU the backbones need
+        # every core, and decoding in the main process costs less than feeding a worker.
+        cores = os.cpu_count() or 1
+        num_workers = min(16, cores) if cuda else (0 if cores <= 4 else 2)
     loader = DataLoader(_SquareViews(source, indices, views), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)

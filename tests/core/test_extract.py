@@ -87,7 +87,7 @@ def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobil
     dino = tiny_dinov2()
     with caplog.at_level(logging.WARNING):
         store = extract_store(folder, [mobilenet, dino], tmp_path / "store", batch_size=3, shard_images=2,
-                              progress=False, dtype="float32")
+                              num_workers=1, progress=False, dtype="float32")  # decoding in a worker process
     assert "corrupt.jpg" in caplog.text and "truncated.png" in caplog.text
     assert set(store.meta["skipped_images"]) == {"corrupt.jpg", "truncated.png"}
     assert store.image_ids == sorted(n for pair in TWINS for n in pair)
