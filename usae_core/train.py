@@ -27,6 +27,7 @@ from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
 from usae_core.model import USAE
+from usae_core.token_stream import device_token_batches
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +338,13 @@ class Trainer:
     # ------------------------------------------------------------ the loop
     def run(self) -> USAE:
         cfg, model = self.cfg, self.model
-        batches = self.store.iter_token_batches(
-            cfg.batch_size, seed=cfg.seed, start_batch=self.step, shuffle_shards=cfg.shuffle_shards,
-            rank=self.rank, world_size=self.world_size,
-        )
-        pin = self.device.type == "cuda"
-        stream = _prefetch(
-            ({m: (torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)) for m, a in b.items()} for b in batches)
-        )
+        position = dict(seed=cfg.seed, start_batch=self.step, shuffle_shards=cfg.shuffle_shards,
+                        rank=self.rank, world_size=self.world_size)
+        if self.device.type == "cuda":  # the same batches, shuffled and converted on the GPU
+            stream = device_token_batches(self.store, cfg.batch_size, device=self.device, **position)
+        else:
+            stream = _prefetch({m: torch.from_numpy(a) for m, a in b.items()}
+                               for b in self.store.iter_token_batches(cfg.batch_size, **position))
         model.train()
         metrics_file = self.out / METRICS_FILE
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,

@@ -1,0 +1,119 @@
+"""`ActivationStore.iter_token_batches`, delivered on the training device at GPU speed.
+
+Same batches, same order, same resume point as the store's own stream. Only the work moves:
+a side thread copies each shuffle group's raw shard bytes (storage dtype, one copy out of the
+memory-mapped files, one thread per model) into pinned buffers; the upload runs on a copy stream
+while the previous group trains; the permutation, the float32 conversion and the batching happen
+on the device. The host then touches each stored byte once instead of converting and permuting
+float32 arrays in NumPy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _groups(store, seed: int, start_batch: int, batch_size: int, shuffle_shards: int, rank: int, world_size: int):
+    """(shard indices, permutation) per shuffle group, exactly as `iter_token_batches` visits them."""
+    skip_rows = start_batch * batch_size
+    epoch = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(store.spans))[rank::world_size]
+        for gi, start in enumerate(range(0, len(order), shuffle_shards)):
+            group = order[start : start + shuffle_shards]
+            rows = sum(store.spans[s].n_images for s in group) * store.tokens_per_image
+            if skip_rows >= rows:
+                skip_rows -= rows
+                continue
+            perm = np.random.default_rng([seed, epoch, gi, rank]).permutation(rows)[skip_rows:]
+            skip_rows = 0
+            yield group, perm
+        epoch += 1
+
+
+def _read_group(store, models: list[str], group, pin: bool, pool: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
+    """The group's rows in storage dtype, concatenated in shard order, in (pinned) host memory."""
+    def read(model: str) -> torch.Tensor:
+        parts = [store.shard(model, store.spans[s].index) for s in group]
+        out = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=_TORCH_STORAGE[store.dtype],
+                          pin_memory=pin)
+        view = out.view(torch.int16).numpy() if store.dtype == "bfloat16" else out.numpy()
+        np.concatenate([p.view(view.dtype) if store.dtype == "bfloat16" else p for p in parts], out=view)
+        return out
+
+    return dict(zip(models, pool.map(read, models)))
+
+
+def device_token_batches(
+    store, batch_size: int, *, seed: int = 0, start_batch: int = 0, shuffle_shards: int = 4, rank: int = 0,
+    world_size: int = 1, device: torch.device | str = "cuda", prefetch: int = 2,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless float32 batches `{model: [batch_size, dim]}` on `device` (see module docstring)."""
+    device = torch.device(device)
+    models = store.model_names
+    pin = device.type == "cuda"
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        with ThreadPoolExecutor(len(models)) as pool:
+            try:
+                for group, perm in _groups(store, seed, start_batch, batch_size, shuffle_shards, rank, world_size):
+                    item = (_read_group(store, models, group, pin, pool), perm)
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                ready.put(exc)
+
+    threading.Thread(target=produce, daemon=True).start()
+    copy_stream = torch.cuda.Stream(device) if pin else None
+
+    def upload():
+        item = ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        host, perm = item
+        if copy_stream is None:
+            return host, torch.from_numpy(perm), None
+        with torch.cuda.stream(copy_stream):
+            dev = {m: t.to(device, non_blocking=True) for m, t in host.items()}
+            index = torch.from_numpy(perm).pin_memory().to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return dev, index, (done, host)  # host buffers stay referenced until the copy is done
+
+    try:
+        leftover: dict[str, torch.Tensor] | None = None
+        pending = upload()
+        while True:
+            raw, index, fence = pending
+            if fence is not None:
+                torch.cuda.current_stream(device).wait_event(fence[0])
+            chunk = {m: raw[m].index_select(0, index).float() for m in models}
+            if fence is not None:  # allocated on the copy stream, read on the compute stream
+                for t in [*raw.values(), index]:
+                    t.record_stream(torch.cuda.current_stream(device))
+            pending = upload()  # the next group's copy overlaps this group's training
+            if leftover is not None:
+                chunk = {m: torch.cat([leftover[m], chunk[m]]) for m in models}
+            n, pos = len(chunk[models[0]]), 0
+            while n - pos >= batch_size:
+                yield {m: chunk[m][pos : pos + batch_size] for m in models}
+                pos += batch_size
+            leftover = {m: chunk[m][pos:] for m in models}
+    finally:
+        stop.set()
