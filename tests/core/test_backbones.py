@@ -305,3 +305,12 @@ def test_transformers_reads_preprocessor_config_and_reports_missing(tmp_path):
     assert (b.input_size, b.mean, b.interpolation, b.native_grid) == (48, (0.1, 0.2, 0.3), "bilinear", (3, 3))
     with pytest.raises(UsaeError, match=r"no weights for backbone 'hf:facebook/dinov2-small'.*--weights"):
         create_backbone("hf:facebook/dinov2-small")
+
+
+def test_transformers_refuses_partly_random_weights(tmp_path):
+    _, path = _tiny_hf("vit", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # the file holds weights for 2 layers only
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsaeError, match="lacks .* weights of a ViTModel"):
+        create_backbone(f"hf:{path}")

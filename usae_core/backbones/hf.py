@@ -136,10 +136,14 @@ def build_hf(source: str, *, name: str, weights: str | None, random_init: bool, 
         model, weights_source = cls(_vision_config(config), **extra), "random-init"
     else:
         try:
-            model = cls.from_pretrained(source, local_files_only=offline, **extra)
+            model, loading = cls.from_pretrained(source, local_files_only=offline, output_loading_info=True, **extra)
         except (OSError, ValueError) as exc:
             log.info("no weights for %s: %s", source, exc)
             raise missing_weights_error(name, where) from None
+        missing = list(loading.get("missing_keys", []))
+        if missing:  # transformers would quietly leave these at their random init
+            raise UsaeError(f"backbone {name!r}: {source} lacks {len(missing)} weights of a {cls.__name__} "
+                            f"(e.g. {sorted(missing)[:3]}); refusing to run partly random")
         weights_source = str(Path(source).resolve()) if local else f"hub {source}"
     return HFBackbone(name=name, model=model.float(), model_type=model_type, layer=layer,
                       weights_source=weights_source, keep_cls=keep_cls, processor=_preprocessor_config(source))
