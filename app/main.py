@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
-from app.db import session_factory
+from app.db import get_engine, session_factory
 from app.deps import LoginRequired, analyst_viewer, share_viewer
 from app.migrations import upgrade_database
 from app.routes import auth, compare, concepts, explain, media, runs, shares
@@ -45,6 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         upgrade_database(settings.db_url)
+        refresh_planner_statistics(settings.db_url)
         yield
 
     app = FastAPI(title="USAE Concept Explorer", version="0.1.0", lifespan=lifespan,
@@ -61,6 +62,17 @@ def create_app(settings: Settings) -> FastAPI:
     _include_routes(app)
     _install_error_pages(app)
     return app
+
+
+def refresh_planner_statistics(url: str) -> None:
+    """SQLite only plans the browser's filtered sorts well with table statistics; a sampled
+    ANALYZE takes milliseconds even on large runs. (Postgres keeps its own up to date.)"""
+    engine = get_engine(url)
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.begin() as connection:
+        connection.exec_driver_sql("PRAGMA analysis_limit=400")
+        connection.exec_driver_sql("ANALYZE")
 
 
 def app_from_environment() -> FastAPI:

@@ -104,3 +104,24 @@ def test_browser_search_and_tag_filter(web_client, seeded):
     assert sorted(_indices(web_client.get(f"/runs/{run.run_id}/concepts?labelled=labelled").text)) == [3, 6]
     api = web_client.get(f"/api/runs/{run.run_id}/concepts", params={"tag": "rust"}).json()
     assert [c["index"] for c in api["concepts"]] == [3] and api["tags"] == ["defect", "rust", "texture"]
+
+
+def test_counts_follow_a_new_mining_generation(web_client, seeded):
+    """Match counts are cached per active generation; a re-mine (new generation, new
+    statistics) shows the new count at once."""
+    from sqlalchemy import update
+
+    from app.models import Concept, MiningGeneration, Run
+
+    run = seeded.run
+    count = lambda: web_client.get(f"/api/runs/{run.run_id}/concepts", params={"min_entropy": 0.5}).json()["total"]  # noqa: E731
+    assert count() == len(run.universal)
+    with session_factory(seeded.settings.db_url)() as session:
+        session.execute(update(Concept).where(Concept.run_id == run.run_id, Concept.index == run.universal[0])
+                        .values(dead=True))
+        generation = MiningGeneration(run_id=run.run_id, status="active", media_prefix=run.media_prefix)
+        session.add(generation)
+        session.flush()
+        session.execute(update(Run).where(Run.id == run.run_id).values(active_generation_id=generation.id))
+        session.commit()
+    assert count() == len(run.universal) - 1
