@@ -143,21 +143,20 @@ def graph_steps(dev: torch.device) -> None:
     gen = torch.Generator(dev).manual_seed(3)
     batches = [{m: torch.randn(2048, d, generator=gen, device=dev) for m, d in ucfg.model_dims.items()}
                for _ in range(4)]
-    finals, lrs = [], []
+    trajectories, lrs = [], []
     for graphs in (False, True):
         trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
         trainer.model.train()
         trainer.cuda_graphs = graphs
         trainer.since_fired[::7] = 10**9  # dead latents from the start: AuxK widths change over time
-        losses = []
-        for i in range(24):
-            out = trainer.train_step(batches[i % 4], "abc"[i % 3])
-            losses.append(float(out["loss"]))
-        finals.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
-        lrs.append((float(trainer.optimizer.param_groups[0]["lr"]), trainer.scheduler.get_last_lr()[0]))
-        print(f"     graphs={graphs}: {len(trainer._graphs)} graphs, last losses {losses[-3:]}")
-    # float atomics (index_add_) make both runs nondeterministic at ~1e-4 after Adam amplification
-    check("graph replay vs eager: parameters after 24 steps", rel_err(finals[1], finals[0]), 1e-3)
+        losses = torch.tensor([float(trainer.train_step(batches[i % 4], "abc"[i % 3])["loss"]) for i in range(24)])
+        trajectories.append(losses)
+        lrs.append((float(trainer.optimizer.param_groups[0]["lr"]), float(trainer.scheduler.get_last_lr()[0])))
+        print(f"     graphs={graphs}: {len(trainer._graphs)} graphs, last losses {losses[-3:].tolist()}")
+    # Parameters are not compared: float atomics (index_add_) make even two eager runs differ, and
+    # Adam amplifies that on tiny gradients; the loss trajectories must agree.
+    check("graph replay vs eager: 24 losses (max relative difference)",
+          float(((trajectories[1] - trajectories[0]).abs() / trajectories[0].abs()).max()), 1e-4)
     from usae_core.train import lr_factor
 
     want = tcfg.lr * lr_factor(24, tcfg)

@@ -239,7 +239,9 @@ class Trainer:
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                with torch.cuda.graph(graph, pool=self._graph_pool, stream=torch.cuda.current_stream(self.device)):
+                # thread_local: the data loader's thread may allocate pinned memory meanwhile
+                with torch.cuda.graph(graph, pool=self._graph_pool, stream=torch.cuda.current_stream(self.device),
+                                      capture_error_mode="thread_local"):
                     static_out = self._step(static_in, source, k_aux)
             except RuntimeError as exc:  # keep training, without graphs
                 log.warning("CUDA graph capture failed (%s); continuing with eager steps", str(exc).splitlines()[0])
@@ -387,7 +389,7 @@ class Trainer:
             "r2": {m: _batch_r2(out["recons"][m], batch[m]) for m in self.names},
             "l0": float((out["values"] > self.cfg.fire_threshold).sum(1).float().mean()),
             "dead_fraction": float((self.since_fired > self.cfg.dead_after_tokens).float().mean()),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),  # a device tensor under CUDA graphs
             "tokens_per_s": tokens_per_s,
         }
 
