@@ -216,9 +216,9 @@ def test_demo_extract_train_eval_round_trip(tmp_path):
     cracked = next(i for i, r in manifest["images"].items() if "crack" in r["defects"])
     assert load_masks(store.meta["image_root"], cracked, size=store.meta["image_size"])["crack"].any()
     model = train_usae(store, tmp_path / "run", USAEConfig(model_dims=store.dims, n_concepts=128, k=8, encoder="linear"),
-                       TrainConfig(steps=300, batch_size=256, lr=3e-3, loss="mse", warmup_steps=5, device="cpu",
+                       TrainConfig(steps=150, batch_size=256, lr=1e-2, loss="mse", warmup_steps=5, device="cpu",
                                    checkpoint_every=0, log_every=100))
     result = evaluate_usae(model, store)
     assert result.models == list(store.dims) and np.isfinite(result.r2).all()
-    # Each model is reconstructed from its own code and from the others' (about 0.48 / 0.34 here).
+    # Each model is reconstructed from its own code and from the others' (about 0.49 / 0.35 here).
     assert result.r2_self > 0.3 and result.r2_cross > 0.2, result.r2
