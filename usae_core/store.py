@@ -39,7 +39,8 @@ def to_storage(x: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
         return t.view(torch.int16).numpy().view(np.uint16)
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=_numpy_storage_dtype(dtype))
+    with np.errstate(over="ignore"):  # overflow becomes Inf, which write_shard reports
+        return np.asarray(x, dtype=_numpy_storage_dtype(dtype))
 
 
 def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -47,6 +48,13 @@ def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (np.asarray(a, dtype=np.uint32) << 16).view(np.float32)
     return np.array(a, dtype=np.float32, copy=True)
+
+
+def _all_finite(stored: np.ndarray, dtype: str) -> bool:
+    """NaN/Inf check on the stored representation, without converting a whole shard."""
+    if dtype == "bfloat16":  # all exponent bits set means Inf or NaN
+        return not ((stored & 0x7F80) == 0x7F80).any()
+    return bool(np.isfinite(stored).all())
 
 
 def check_model_name(name: str) -> None:
@@ -125,9 +133,11 @@ class StoreWriter:
             if shape != want:
                 raise UsaeError(f"shard {index}, model {name!r}: shape {shape}, expected {want}")
             flat = to_storage(arr, self.dtype).reshape(span.n_images * self.tokens_per_image, dims[name])
-            finite = np.isfinite(from_storage(flat, self.dtype))
-            if not finite.all():
-                raise UsaeError(f"shard {index}, model {name!r}: activations contain NaN or Inf")
+            if not _all_finite(flat, self.dtype):
+                raise UsaeError(
+                    f"shard {index}, model {name!r}: activations contain NaN or Inf in {self.dtype} "
+                    "(for values beyond the float16 range, use dtype bfloat16 or float32)"
+                )
             converted[name] = flat
         for name, flat in converted.items():
             target = _shard_file(self.root, name, index)

@@ -158,3 +158,13 @@ def test_open_rejects_non_stores(tmp_path):
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(UsaeError, match="not valid JSON"):
         ActivationStore.open(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_shard_writes_reject_non_finite_values_in_every_dtype(tmp_path, dtype):
+    writer = ActivationStore.create(tmp_path / "s", models={"a": 3}, grid=(2, 2), image_ids=["x"], dtype=dtype)
+    bad = np.ones((1, 4, 3), np.float32)
+    bad[0, 1, 2] = -np.inf if dtype == "bfloat16" else 1e6  # 1e6 overflows float16
+    with pytest.raises(UsaeError, match="NaN or Inf"):
+        writer.write_shard(0, {"a": bad})
+    assert not writer.is_done(0)
