@@ -53,6 +53,18 @@ def heatmap_overlay(square: Image.Image, heat: np.ndarray, vmax: float, *, max_a
     return Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
 
 
+def heatmap_layer(heat: np.ndarray, vmax: float, size: int = 64, *, max_alpha: float = 0.75) -> Image.Image:
+    """The colour-mapped heat alone, as an RGBA image whose opacity grows with heat / vmax.
+
+    The explorer stacks it over the image's thumbnail (the browser scales both), so one
+    thumbnail per image serves every concept and a layer is a few hundred bytes of PNG.
+    Composited over the square view it equals `heatmap_overlay` at the same size.
+    """
+    norm = np.clip(upsample_heat(heat, size) / max(float(vmax), 1e-12), 0.0, 1.0)
+    rgba = np.concatenate([colormap(norm), np.round(255 * max_alpha * norm)[..., None].astype(np.uint8)], axis=-1)
+    return Image.fromarray(rgba, mode="RGBA")
+
+
 def thumbnail(square: Image.Image, size: int) -> Image.Image:
     """A `size x size` RGB thumbnail of a square view."""
     return square.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)

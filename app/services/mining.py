@@ -46,9 +46,10 @@ from usae_core.mining import DefectMasks, MiningConfig, MiningResult, mine_store
 
 log = logging.getLogger(__name__)
 
-HEATMAP_SIZE = 224
-"""Pixels of a heatmap overlay (the enlarged view in the explorer)."""
-THUMBNAIL_SIZE = 128
+LAYER_SIZE = 64
+"""Pixels of a heatmap layer: a transparent colour map the explorer stacks over the thumbnail."""
+THUMBNAIL_SIZE = 224
+"""Pixels of an image's thumbnail (one per image, shared by every concept it is a top image of)."""
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -117,7 +118,7 @@ def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, sto
         run.status, run.error = "mining", None
         generation = MiningGeneration(run_id=run.id, status="building", media_prefix="", params={
             "top_n": cfg.top_n, "tau": cfg.tau, "hist_bins": cfg.hist_bins, "neighbours": cfg.neighbours,
-            "heatmap_size": HEATMAP_SIZE, "thumbnail_size": THUMBNAIL_SIZE,
+            "heatmap_size": LAYER_SIZE, "thumbnail_size": THUMBNAIL_SIZE,
         })
         s.add(generation)
         s.flush()
@@ -183,7 +184,7 @@ class _ImageViews:
 def _write_concept_batches(Session: sessionmaker, media_dir: Path, ids: _RunIds, store, model, result: MiningResult,
                            cfg: MiningConfig, device: str, batch_concepts: int, progress: bool,
                            report: ProgressCallback) -> int:
-    views = _ImageViews(store, HEATMAP_SIZE)
+    views = _ImageViews(store, THUMBNAIL_SIZE)
     image_rows: dict[int, int] = {}
     vmax = result.top_values[:, :, 0]
     n_top = 0
@@ -194,12 +195,11 @@ def _write_concept_batches(Session: sessionmaker, media_dir: Path, ids: _RunIds,
             heat = top_image_heatmaps(model, store, result, batch, cfg, device=device)
             new_images = sorted({int(result.top_images[i, c, r]) for i, c, r in heat} - set(image_rows))
             files = {key: f"{ids.media_prefix}/heatmaps/{model.names[key[0]]}/{key[1]}/{key[2]}.png" for key in heat}
-            thumbs = {img: f"{ids.media_prefix}/thumbs/{img}.png" for img in new_images}
-            jobs = [(media_dir / files[key], lambda key=key: render.heatmap_overlay(
-                views.view(int(result.top_images[key])), heat[key], vmax[key[0], key[1]])) for key in heat]
-            jobs += [(media_dir / path, lambda img=img: render.thumbnail(views.view(img), THUMBNAIL_SIZE))
-                     for img, path in thumbs.items()]
-            list(pool.map(lambda job: write_png(job[0], job[1]()), jobs))
+            thumbs = {img: f"{ids.media_prefix}/thumbs/{img}.jpg" for img in new_images}
+            jobs = [(media_dir / files[key], lambda key=key: render.heatmap_layer(
+                heat[key], vmax[key[0], key[1]], LAYER_SIZE)) for key in heat]
+            jobs += [(media_dir / path, lambda img=img: views.view(img)) for img, path in thumbs.items()]
+            list(pool.map(lambda job: write_image(job[0], job[1]()), jobs))
             with Session.begin() as s:
                 if new_images:
                     rows = s.execute(insert(Image).returning(Image.store_index, Image.id), [
@@ -243,10 +243,14 @@ def _insert_concept_rows(s: Session, ids: _RunIds, result: MiningResult, batch: 
     return len(tops)
 
 
-def write_png(path: Path, image: PILImage.Image) -> None:
-    """Write a PNG under a temporary name and rename it into place (never a half file)."""
+def write_image(path: Path, image: PILImage.Image) -> None:
+    """Write a PNG (or a JPEG for a `.jpg` path) under a temporary name and rename it into
+    place (never a half file)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
+    if path.suffix == ".jpg":
+        image.convert("RGB").save(buf, format="JPEG", quality=88)
+    else:
+        image.save(buf, format="PNG", compress_level=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -32,7 +32,7 @@ from app.models import (
     RunModel,
 )
 from app.services import mining as mining_service
-from app.services.mining import HEATMAP_SIZE, mine_run
+from app.services.mining import LAYER_SIZE, THUMBNAIL_SIZE, mine_run
 from tests.core.planted_concept import Planted, build_planted
 from usae_core.images import load_image, square_view
 from usae_core.mining import MiningConfig, mine_store
@@ -113,17 +113,19 @@ def test_mine_ranks_the_planted_images_first_with_heatmaps_on_the_planted_region
         tops = [t for t in snap["top_images"] if t[0] == model and t[1] == planted.concept]
         assert [t[3] for t in tops] == [ids[i] for i in planted.images], model
         for _, _, rank, key, _, thumb, activation, _, heatmap in tops:
-            overlay = PILImage.open(media / heatmap)
-            assert overlay.size == (HEATMAP_SIZE, HEATMAP_SIZE)
-            base = square_view(load_image(planted.store.meta["image_root"] + "/" + key), HEATMAP_SIZE)
-            diff = _cell_centre_diff(overlay, base, planted.store.grid)
+            layer = PILImage.open(media / heatmap)
+            assert layer.mode == "RGBA" and layer.size == (LAYER_SIZE, LAYER_SIZE)
+            # What the explorer shows: the layer stacked over the image.
+            base = square_view(load_image(planted.store.meta["image_root"] + "/" + key), LAYER_SIZE).convert("RGBA")
+            overlay = PILImage.alpha_composite(base, layer).convert("RGB")
+            diff = _cell_centre_diff(overlay, base.convert("RGB"), planted.store.grid)
             lit = np.zeros(planted.store.grid, bool)
             for r, c in planted.cells:
                 lit[r, c] = True
             # Colour change depends on the random pixel under it, so compare lit against unlit.
             assert diff[lit].min() > 5, f"planted cells barely coloured: {diff}"
             assert diff[~lit].max() < diff[lit].min() / 10, f"heat outside the planted cells: {diff}"
-            assert PILImage.open(media / thumb).size == (128, 128)
+            assert PILImage.open(media / thumb).size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
     assert out.n_top_images == len(snap["top_images"])
     # The stored statistics are the core pass's numbers.
     result = mine_store(planted.model, planted.store, MiningConfig(top_n=4))
