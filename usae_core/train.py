@@ -362,6 +362,8 @@ class Trainer:
             tokens_since_log += cfg.batch_size * self.world_size
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.device.type == "cuda":  # time finished work, not queued kernels
+                    torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - t0
                 record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
                 t0, tokens_since_log = time.perf_counter(), 0
