@@ -40,6 +40,9 @@ class MiningConfig:
     hist_max: float = 1e3
     neighbours: int = 8
     """Nearest concepts kept per concept per model."""
+    defect_cell_fraction: float = 0.1
+    """A token cell counts as showing a defect when the defect covers at least this fraction of
+    it. Binary cells keep thin defects (cracks, scratches) from capping the IoU far below 1."""
     autocast: bool | None = None
     """bf16 encoder matmuls; None means on for CUDA, off for CPU."""
 
@@ -48,6 +51,8 @@ class MiningConfig:
             raise UsaeError(f"--top-n must be >= 1, got {self.top_n}")
         if self.batch_images < 1:
             raise UsaeError(f"batch_images must be >= 1, got {self.batch_images}")
+        if not 0 < self.defect_cell_fraction <= 1:
+            raise UsaeError(f"defect_cell_fraction must be in (0, 1], got {self.defect_cell_fraction}")
         if self.hist_bins < 1 or not 0 < self.hist_min < self.hist_max:
             raise UsaeError("histogram needs hist_bins >= 1 and 0 < hist_min < hist_max")
         if self.neighbours < 0:
@@ -259,14 +264,15 @@ class _Accumulators:
 
 
 def _defect_coverage(masks: DefectMasks, first: int, n: int, grid: tuple[int, int],
-                     device: torch.device) -> torch.Tensor:
-    """`[n * tokens, defect types]` cell coverage of each defect type for a batch of images."""
+                     device: torch.device, min_fraction: float) -> torch.Tensor:
+    """`[n * tokens, defect types]` 1.0 where a cell shows that defect type (covered by at
+    least `min_fraction`), for a batch of images."""
     cov = np.zeros((n, grid[0] * grid[1], len(masks.defect_types)), np.float32)
     for i in range(n):
         found = masks.load(first + i) or {}
         for j, kind in enumerate(masks.defect_types):
             if kind in found:
-                cov[i, :, j] = mask_grid_coverage(np.asarray(found[kind], dtype=bool), grid)
+                cov[i, :, j] = mask_grid_coverage(np.asarray(found[kind], dtype=bool), grid) >= min_fraction
     return torch.from_numpy(cov.reshape(n * grid[0] * grid[1], -1)).to(device)
 
 
@@ -287,7 +293,7 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
     bar = tqdm(total=store.n_images, desc="mine", unit="img", disable=not progress)
     for first, n_img, batch in iter_image_batches(store, cfg.batch_images, device):
         x = {m: model.standardize(batch[m], m) for m in names}
-        cover = _defect_coverage(masks, first, n_img, store.grid, device) if masks else None
+        cover = _defect_coverage(masks, first, n_img, store.grid, device, cfg.defect_cell_fraction) if masks else None
         firing = []
         # Everything below is scatter/index_add with per-entry weights rather than boolean
         # indexing, so the loop never waits for the device (no host syncs on CUDA).
