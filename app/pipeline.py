@@ -41,8 +41,8 @@ class DemoPlan:
         return self.name
 
 
-FULL = DemoPlan(name="demo", small=False, concepts=1024, k=16, steps=1500, batch_size=2048, lr=1e-3, top_n=16)
-SMALL = DemoPlan(name="demo-small", small=True, concepts=256, k=12, steps=400, batch_size=1024, lr=2e-3, top_n=12)
+FULL = DemoPlan(name="demo", small=False, concepts=512, k=16, steps=1000, batch_size=2048, lr=4e-3, top_n=12)
+SMALL = DemoPlan(name="demo-small", small=True, concepts=256, k=12, steps=600, batch_size=1024, lr=5e-3, top_n=8)
 
 
 @dataclass

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MATERIALS = ["metal", "wood", "fabric", "concrete"]
 SIZE = 224
-FULL_IMAGES = 2400
+FULL_IMAGES = 2000
 SMALL_IMAGES = 300
 PHOTO_EVERY = 6
 """Every 6th image is a photo crop; the others are surfaces."""
