@@ -259,8 +259,23 @@ class _Accumulators:
         self.sum_x = [torch.zeros(store.dims[t], **f64) for t in model.names]
         self.sum_x2 = [torch.zeros(store.dims[t], **f64) for t in model.names]
         self.resid = torch.zeros(m, m, **f64)
-        self.intersection = torch.zeros(m, c, n_defects, **f64)
+        # Per histogram bin, so the IoU can be read at every threshold after the pass.
+        self.intersection = torch.zeros(m, c * cfg.hist_bins, n_defects, **f64)
         self.mask_total = torch.zeros(n_defects, **f64)
+
+
+def best_threshold_iou(hist: torch.Tensor, intersection: torch.Tensor, mask_total: torch.Tensor) -> torch.Tensor:
+    """IoU of "code >= threshold" with each defect, at the best threshold among the histogram
+    bin edges: `[models, concepts, defect types]`.
+
+    `hist[m, c, b]` counts tokens whose code falls in bin b, `intersection[m, c, b, d]` those of
+    them that show defect d, so suffix sums over bins give the firing region and its overlap for
+    the threshold at bin b's lower edge. Taking the best threshold keeps a concept's weak
+    background activity from hiding where it fires strongly."""
+    fired = hist.flip(-1).cumsum(-1).flip(-1)[..., None]
+    inter = intersection.flip(-2).cumsum(-2).flip(-2)
+    union = fired + mask_total - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), 0.0).amax(dim=-2)
 
 
 def _defect_coverage(masks: DefectMasks, first: int, n: int, grid: tuple[int, int],
@@ -308,10 +323,11 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
             best, where = per_image_max(values, indices, n_img, t, c)
             acc.top[i].update(best, where, first)
             bins = torch.bucketize(values.clamp_min(1e-30).log(), edges)
-            acc.hist[i].index_add_(0, (indices * cfg.hist_bins + bins).reshape(-1), (values > 0).reshape(-1).double())
+            binned = (indices * cfg.hist_bins + bins).reshape(-1)
+            acc.hist[i].index_add_(0, binned, (values > 0).reshape(-1).double())
             if cover is not None:
-                hits = cover[:, None, :] * fires[:, :, None]  # [tokens, k, defect types]
-                acc.intersection[i].index_add_(0, flat, hits.reshape(len(flat), -1).double())
+                hits = cover[:, None, :] * (values > 0)[:, :, None]  # [tokens, k, defect types]
+                acc.intersection[i].index_add_(0, binned, hits.reshape(len(binned), -1).double())
             for j, target in enumerate(names):
                 acc.resid[i, j] += (x[target] - model.decode(values, indices, target)).square().sum().double()
             firing.append((indices, fires))
@@ -342,9 +358,9 @@ def _finish(model, store, cfg: MiningConfig, acc: _Accumulators, n_tokens: int,
     )
     iou = None
     if masks:
-        inter = acc.intersection
-        union = acc.fire[:, :, None] + acc.mask_total[None, None, :] - inter
-        iou = torch.where(union > 0, inter / union.clamp_min(1e-12), 0.0).cpu().numpy()
+        iou = best_threshold_iou(acc.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins),
+                                 acc.intersection.view(len(names), model.cfg.n_concepts, cfg.hist_bins, -1),
+                                 acc.mask_total).cpu().numpy()
     neighbours, cosine = nearest_concepts(model, cfg.neighbours)
     return MiningResult(
         stats=stats,

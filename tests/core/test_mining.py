@@ -160,10 +160,14 @@ def test_defect_iou_finds_the_planted_concept(planted) -> None:
         for r, col in planted.cells:
             truth[img * t + r * grid[1] + col, 0] = 1
         truth[img * t + (grid[0] - 1) * grid[1], 1] = 1
-    fires = ref["z"] > 0.1
-    inter = np.einsum("mtc,td->mcd", fires, truth)
-    union = fires.sum(1)[:, :, None] + truth.sum(0)[None, None, :] - inter
-    np.testing.assert_allclose(res.defect_iou, inter / union, rtol=1e-9)
+    # Best threshold among the histogram's bin edges (and "any activation").
+    best = np.zeros_like(res.defect_iou)
+    for threshold in [0.0, *MiningConfig().hist_edges()[1:-1]]:
+        fires = ref["z"] > threshold
+        inter = np.einsum("mtc,td->mcd", fires, truth)
+        union = fires.sum(1)[:, :, None] + truth.sum(0)[None, None, :] - inter
+        best = np.maximum(best, np.divide(inter, union, out=np.zeros_like(inter, dtype=float), where=union > 0))
+    np.testing.assert_allclose(res.defect_iou, best, rtol=1e-6, atol=1e-9)
 
 
 def test_nearest_concepts_by_decoder_cosine() -> None:
