@@ -1,0 +1,72 @@
+"""`usae demo --small --no-serve`: the one-command main job, end to end on the real offline
+backbones, then its concept pages through the web app."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.app.webapp import login
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("demo") / "data"
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--small", "--no-serve", "--data-dir",
+                           str(data_dir)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data_dir, proc.stdout
+
+
+def test_demo_reports_every_stage_and_prints_a_login(demo):
+    _, out = demo
+    for stage in ("1/4 images", "2/4 extract", "3/4 train", "4/4 mine"):
+        assert f"[{stage}]" in out, out
+    assert re.search(r"R² self \d\.\d\d / cross \d\.\d\d, [\d,]+ live concepts", out), out
+    assert "mobilenet_v2" in out and "efficientnet_lite0" in out and "hed_vgg16" in out
+    assert re.search(r"analyst login: analyst / \S+", out), out
+
+
+def test_rerun_reuses_finished_stages(demo):
+    data_dir, first = demo
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--small", "--no-serve", "--data-dir",
+                           str(data_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("1/4 images", "2/4 extract", "3/4 train", "4/4 mine"):
+        assert f"[{stage}] reused:" in proc.stdout, proc.stdout
+    password = re.search(r"analyst login: analyst / (\S+)", first).group(1)
+    assert f"analyst / {password}" in proc.stdout  # the same credentials, printed again
+
+
+def test_concept_pages_show_images_for_every_model(demo):
+    data_dir, out = demo
+    password = re.search(r"analyst login: analyst / (\S+)", out).group(1)
+    with TestClient(create_app(Settings(data_dir=data_dir))) as client:
+        login(client, "analyst", password)
+        runs = client.get("/api/runs").json()
+        assert len(runs) == 1
+        run = runs[0]
+        overview = client.get(f"/api/runs/{run['id']}").json()
+        assert overview["r2_self"] > 0.3 and {d["defect_type"] for d in overview["best_per_defect"]} >= {"crack", "stain"}
+        page = client.get(f"/api/runs/{run['id']}/concepts", params={"sort": "energy"}).json()
+        top = page["concepts"][0]["index"]
+        detail = client.get(f"/api/runs/{run['id']}/concepts/{top}").json()
+        models = {col["model"] for col in detail["columns"]}
+        assert models == {"mobilenet_v2", "efficientnet_lite0", "hed_vgg16"}
+        for col in detail["columns"]:
+            assert col["top_images"], col["model"]
+            for image in col["top_images"][:2]:
+                for path in (image["thumbnail"], image["heatmap"]):
+                    response = client.get(f"/media/{path}")
+                    assert response.status_code == 200 and response.content[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb")
+        html = client.get(f"/runs/{run['id']}/concepts/{top}").text
+        for model in models:
+            assert model in html
