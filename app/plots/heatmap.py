@@ -19,14 +19,16 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequenc
     n_rows, n_cols = len(row_labels), len(col_labels)
     cell = 64 if max(n_rows, n_cols) <= 6 else 40
     label_w = 10 + 7 * max((len(s) for s in row_labels), default=4)
-    left, top = label_w + 22, 54
+    # Column names are drawn at 45 degrees so long model names never run into each other.
+    slant = 0.71 * 7 * max((len(s) for s in col_labels), default=4)
+    left, top = label_w + 22, 34 + slant
     bottom = top + n_rows * cell
-    canvas = Canvas(left + n_cols * cell + 10, bottom + 44, title, "chart chart-heatmap")
+    canvas = Canvas(left + n_cols * cell + 10 + slant, bottom + 44, title, "chart chart-heatmap")
     _legend(canvas, left, bottom + 14, n_cols * cell - 2, lo, hi)
     canvas.text(left + n_cols * cell / 2, 14, col_title, cls="axis-label", anchor="middle")
     canvas.text(12, top + n_rows * cell / 2, row_title, cls="axis-label", anchor="middle", rotate=-90)
     for j, name in enumerate(col_labels):
-        canvas.text(left + (j + 0.5) * cell, top - 10, name, cls="tick", anchor="middle")
+        canvas.text(left + (j + 0.5) * cell, top - 8, name, cls="tick", anchor="start", rotate=-45)
     for i, name in enumerate(row_labels):
         canvas.text(left - 6, top + (i + 0.5) * cell + 4, name, cls="tick", anchor="end")
         for j in range(n_cols):
