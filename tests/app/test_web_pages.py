@@ -110,8 +110,10 @@ def test_concept_page_shows_every_model(client, data):
     for model in run.models:
         column = html[html.index(f'data-model="{model}"'):]
         column = column[:column.index("</section>")]
-        images = re.findall(r'<img src="([^"]+)"', column)
-        assert len(images) >= 4 and all(src.startswith(f"/media/{run.media_prefix}/heatmaps/0/{model}-") for src in images[:4])
+        layers = re.findall(r'<img class="layer" src="([^"]+)"', column)
+        assert len(layers) >= 4 and all(src.startswith(f"/media/{run.media_prefix}/heatmaps/0/{model}-") for src in layers[:4])
+        thumbs = re.findall(r'<img src="([^"]+)"', column)  # each heat layer sits on its image's thumbnail
+        assert len(thumbs) >= 4 and all(f"/media/{run.media_prefix}/thumbs/" in src for src in thumbs[:4])
         assert "<svg" in column  # activation histogram
     assert data.run.cam_path in html  # CAM slot filled for the first model
     assert html.count("No CAM image yet.") == len(run.models) - 1
