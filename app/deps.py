@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
@@ -26,8 +26,15 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, committed when the endpoint returns normally."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request, committed when the endpoint returns normally.
+
+    Why async, and why the look-up dependencies below end their transaction: sync endpoints and
+    dependencies each run on a worker thread from a bounded pool. If a request kept a pooled
+    database connection while waiting for a thread (say, to close its session), a burst of
+    requests could hold every connection while the threads wait for connections: a deadlock
+    until the pool times out. Here the session is opened and closed on the event loop (a
+    commit or rollback, no waiting for the pool), and no connection is held between hops."""
     session: Session = request.app.state.sessionmaker()
     try:
         yield session
@@ -39,13 +46,23 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
+def _release_connection(session: Session) -> None:
+    """End the read transaction of a look-up dependency, returning its connection to the pool
+    before the request moves to the next thread (objects stay loaded: expire_on_commit=False)."""
+    session.commit()
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def optional_analyst(request: Request, session: SessionDep) -> User | None:
     user_id = request.session.get(SESSION_USER_KEY)
-    return active_user(session, user_id=user_id) if isinstance(user_id, int) else None
+    if not isinstance(user_id, int):
+        return None
+    user = active_user(session, user_id=user_id)
+    _release_connection(session)
+    return user
 
 
 OptionalAnalyst = Annotated[User | None, Depends(optional_analyst)]
@@ -82,6 +99,8 @@ def share_viewer(session: SessionDep,
         grant = resolve_share(session, token=token)
     except ShareNotFound:
         raise HTTPException(404, "There is no audit link at this address. Check that it was copied completely.") from None
+    finally:
+        _release_connection(session)
     return Viewer(urls=share_urls(token), share=grant)
 
 

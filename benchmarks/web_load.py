@@ -182,7 +182,10 @@ def main() -> None:
         results = {}
         for clients in (1, 32):
             for name, make in (("concept browser", browser_urls), ("concept page", concept_urls)):
+                started = time.monotonic()
                 times = load(port, cookie, make(run_id, args.concepts, rng, args.requests), clients)
+                print(f"{name}, {clients} client(s): {len(times)} requests in {time.monotonic() - started:.1f} s",
+                      flush=True)
                 results[f"{name}, {clients} client{'s' if clients > 1 else ''}"] = {
                     "p50_ms": round(percentile(times, 50), 1), "p95_ms": round(percentile(times, 95), 1),
                     "requests": len(times)}
