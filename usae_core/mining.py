@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from usae_core.errors import UsaeError
 from usae_core.metrics import EvalResult
-from usae_core.train import _prefetch
+from usae_core.prefetch import prefetch
 
 
 @dataclass
@@ -151,7 +151,7 @@ def iter_image_batches(store, batch_images: int, device: torch.device) -> Iterat
                 yield start, stop - start, {m: _host_tensor(store.shard(m, span.index)[lo:hi], pin)
                                             for m in store.model_names}
 
-    for first, n, host in _prefetch(read()):
+    for first, n, host in prefetch(read()):
         yield first, n, {m: _to_float(h, store.dtype, device) for m, h in host.items()}
 
 

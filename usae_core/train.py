@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import queue
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +25,7 @@ from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
 from usae_core.model import USAE
+from usae_core.prefetch import prefetch
 from usae_core.token_stream import device_token_batches
 
 log = logging.getLogger(__name__)
@@ -61,26 +60,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     span = max(cfg.steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Read the next batches on a side thread while the current step computes."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = object()
-
-    def worker() -> None:
-        try:
-            for item in it:
-                q.put(item)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-        q.put(stop)
-
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not stop:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def _batch_r2(recon: torch.Tensor, target: torch.Tensor) -> float:
@@ -345,7 +324,7 @@ class Trainer:
         if self.device.type == "cuda":  # the same batches, shuffled and converted on the GPU
             stream = device_token_batches(self.store, cfg.batch_size, device=self.device, **position)
         else:
-            stream = _prefetch({m: torch.from_numpy(a) for m, a in b.items()}
+            stream = prefetch({m: torch.from_numpy(a) for m, a in b.items()}
                                for b in self.store.iter_token_batches(cfg.batch_size, **position))
         model.train()
         metrics_file = self.out / METRICS_FILE
