@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         default=None, description="Signs session cookies and CSRF tokens; generated into the data dir when unset."
     )
+    secure_cookies: bool = Field(
+        default=False, description="Send the session cookie over HTTPS only (set it when serving behind TLS)."
+    )
     max_upload_bytes: int = 10 * 1024 * 1024
     login_attempts_per_minute: int = 10
     device: str = "auto"

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm.auto import tqdm
 
@@ -96,6 +96,10 @@ def mine_run(url: str, media_dir: Path, run_dir: Path, store, model, *, cfg: Min
         _record_failure(Session, media_dir, ids, exc)
         raise
     _drop_generations(Session, media_dir, [old_generation] if old_generation else [])
+    # The concept browser's query plans depend on table statistics, which a mine changes wholesale.
+    with Session() as s:
+        s.execute(text("ANALYZE"))
+        s.commit()
     report(1.0, "done")
     return MineOutcome(ids.run_id, ids.generation_id, result.n_concepts, n_top, time.monotonic() - started)
 

@@ -129,3 +129,18 @@ def test_user_add_command(seeded):
     assert verify_password(users["carol"].password_hash, "s3cret-pass")
     assert verify_password(users["dave"].password_hash, "another-pass")
     assert users["carol"].password_hash.startswith("$argon2id$") and "erin" not in users
+
+
+def test_session_cookie_is_https_only_when_configured(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    for secure in (False, True):
+        settings = Settings(data_dir=tmp_path / f"d{secure}", secret_key="s", secure_cookies=secure)
+        with TestClient(create_app(settings), base_url="https://testserver") as client:
+            response = client.get("/login")
+            cookie = response.headers.get("set-cookie", "")
+            assert "usae" in cookie.lower() or "session" in cookie.lower(), cookie
+            assert ("secure" in cookie.lower()) == secure, cookie
