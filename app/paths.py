@@ -21,3 +21,8 @@ def resolve_store(arg: str | Path, settings: Settings) -> Path:
 
 def resolve_run(arg: str | Path, settings: Settings) -> Path:
     return _resolve(arg, settings.runs_dir)
+
+
+def demo_images_dir(settings: Settings, small: bool) -> Path:
+    """Where the built-in demo image set lives: shared by `usae extract --images demo` and `usae demo`."""
+    return settings.data_dir / "images" / ("demo-small" if small else "demo")

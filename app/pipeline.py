@@ -16,6 +16,7 @@ from typing import Callable
 
 from sqlalchemy import select
 
+from app.paths import demo_images_dir
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def build_images(settings: Settings, plan: DemoPlan, seed: int) -> tuple[Path, s
     from usae_core.demo_images import build_demo_set
     from usae_core.images import FolderSource
 
-    root = settings.data_dir / "images" / plan.name
+    root = demo_images_dir(settings, plan.small)
     reused = (root / "demo.json").exists()
     if not reused:
         build_demo_set(root, seed=seed, small=plan.small)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import webbrowser
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from app.commands.core import DataDir
 from app.settings import settings_for
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data directory (default: $USAE_DATA_DIR or ./usae-data).")]
 
 
 def demo_cmd(

@@ -11,16 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from app.commands.core import DataDir, parse_grid
-from app.paths import resolve_store
-from app.settings import Settings, settings_for
+from app.paths import demo_images_dir, resolve_store
+from app.settings import settings_for
 from usae_core.errors import UsaeError
 
 models_cli = typer.Typer(help="Vision backbones.", no_args_is_help=True)
-
-
-def demo_dir(settings: Settings, small: bool) -> Path:
-    """Where `--images demo` lives in the data directory."""
-    return settings.data_dir / ("demo-small" if small else "demo")
 
 
 def parse_assignments(specs: list[str], option: str) -> dict[str, str]:
@@ -73,10 +68,10 @@ def extract_cmd(
         if images == "demo":
             # Rank 0 builds the set; the others then find it complete.
             if ctx.rank == 0:
-                build_demo_set(demo_dir(settings, small), seed=seed, small=small, progress=True)
+                build_demo_set(demo_images_dir(settings, small), seed=seed, small=small, progress=True)
             if ctx.world_size > 1:
                 torch.distributed.barrier()
-            source = build_demo_set(demo_dir(settings, small), seed=seed, small=small)
+            source = build_demo_set(demo_images_dir(settings, small), seed=seed, small=small)
         store = extract_store(
             source, names, target, grid=parse_grid(grid) if grid else None, batch_size=batch_size,
             device=ctx.device, num_workers=workers, dtype=dtype, shard_images=shard_images, overwrite=overwrite,
