@@ -37,10 +37,6 @@ class DemoPlan:
     lr: float
     top_n: int
 
-    @property
-    def run_name(self) -> str:
-        return self.name
-
 
 FULL = DemoPlan(name="demo", small=False, concepts=512, k=16, steps=1000, batch_size=2048, lr=4e-3, top_n=12)
 SMALL = DemoPlan(name="demo-small", small=True, concepts=256, k=12, steps=600, batch_size=1024, lr=5e-3, top_n=8)
@@ -110,7 +106,7 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int):
     from usae_core.model import USAE
     from usae_core.train import train_usae
 
-    run_dir = settings.runs_dir / plan.run_name
+    run_dir = settings.runs_dir / plan.name
     config_path = run_dir / "config.json"
     if config_path.exists() and json.loads(config_path.read_text()).get("step") == plan.steps:
         return USAE.from_pretrained(run_dir), run_dir, "trained", True
