@@ -72,6 +72,27 @@ def kernels(dev: torch.device) -> None:
         g_w, g_table = gather.decode_backward(order, idx, w, rows, t16)
         check(f"decode_backward values n={n} c={c} d={d}", rel_err(g_w, want_dot), 1e-5)
         check(f"decode_backward table n={n} c={c} d={d}", rel_err(g_table, want_sum), 1e-5)
+        target = torch.randn(n, d, generator=gen, device=dev)
+        want_err = (target.double() - z.double() @ table.double()).square().sum(1)
+        check(f"residual_sq n={n} c={c} d={d}", rel_err(gather.residual_sq(idx, w, table, target), want_err), 1e-5)
+
+
+def inference_encode(dev: torch.device) -> None:
+    """Eval-mode `USAE.encode` (BatchNorm folded into the Triton TopK) against the plain modules."""
+    from usae_core.model import USAE
+
+    torch.manual_seed(0)
+    model = USAE(USAEConfig(model_dims={"a": 384}, n_concepts=6144, k=32, encoder="mlp_bn")).to(dev)
+    bn = model.encoders[0].bn
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(4096, 384, device=dev)
+    plain = torch.topk(model.pre_codes(x, "a").detach(), 32, dim=1).values
+    with torch.no_grad():
+        values, _ = model.encode(x, "a")
+    check("inference encode (folded BatchNorm) values", rel_err(values.sort(1, descending=True).values, plain), 1e-5)
 
 
 def encoder_gradients(dev: torch.device) -> None:
@@ -168,6 +189,7 @@ def main() -> None:
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), torch.__version__)
     kernels(dev)
+    inference_encode(dev)
     encoder_gradients(dev)
     training_steps(dev)
     graph_steps(dev)

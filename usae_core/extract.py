@@ -96,15 +96,20 @@ def _barrier(world_size: int) -> None:
 
 
 class _ShardAssembler:
-    """Collects result rows into whole shards and writes each full shard on a side thread."""
+    """Collects result rows into whole shards and writes each full shard on a side thread.
+
+    On CUDA the rows go straight from the device into pinned shard buffers (asynchronous copies
+    queued behind the batch's compute); a full shard is handed to a writer with an event that
+    the writer waits on, so the main thread never waits for a copy."""
 
     def __init__(self, writer: StoreWriter, spans: Sequence[ShardSpan], models: Sequence[Backbone], dtype: str,
-                 write_threads: int):
+                 write_threads: int, pin: bool):
         self.writer = writer
         self.spans = {s.index: s for s in spans}
         self.shard_images = writer.manifest["shard_images"]
         self.dims = {m.store_name: m.dim for m in models}
         self.dtype = _TORCH_STORAGE[dtype]
+        self.pin = pin
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.write_threads = write_threads
@@ -120,21 +125,30 @@ class _ShardAssembler:
             start = image_indices[row] - span.start
             take = min(len(image_indices) - row, span.n_images - start)
             buffers = self.buffers.setdefault(shard, {
-                name: torch.empty(span.n_images, self.writer.tokens_per_image, dim, dtype=self.dtype)
+                name: torch.empty(span.n_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
+                                  pin_memory=self.pin)
                 for name, dim in self.dims.items()})
             for name, out in outputs.items():
-                buffers[name][start : start + take] = out[row : row + take]
+                buffers[name][start : start + take].copy_(out[row : row + take], non_blocking=self.pin)
             self.filled[shard] = self.filled.get(shard, 0) + take
             row += take
             if self.filled[shard] == span.n_images:
                 self._submit(shard)
 
     def _submit(self, shard: int) -> None:
-        # numpy views for float16/float32 avoid a copy; numpy has no bfloat16, the store converts it.
-        arrays = {n: (t if t.dtype == torch.bfloat16 else t.numpy()) for n, t in self.buffers.pop(shard).items()}
+        copied = None
+        if self.pin:
+            copied = torch.cuda.Event()
+            copied.record()
         while len(self.futures) >= 2 * self.write_threads:  # bound the memory held by queued shards
             self.futures.pop(0).result()
-        self.futures.append(self.pool.submit(self.writer.write_shard, shard, arrays))
+        self.futures.append(self.pool.submit(self._write, shard, self.buffers.pop(shard), copied))
+
+    def _write(self, shard: int, buffers: dict[str, torch.Tensor], copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()
+        # numpy views for float16/float32 avoid a copy; numpy has no bfloat16, the store converts it.
+        self.writer.write_shard(shard, {n: (t if t.dtype == torch.bfloat16 else t.numpy()) for n, t in buffers.items()})
 
     def close(self) -> None:
         try:
@@ -229,10 +243,9 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
         m.to(device).eval()
     runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
     # Writing a shard converts and checks it on the host; on a GPU several writers keep up with it.
-    assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=4 if cuda else 1)
+    assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=4 if cuda else 1, pin=cuda)
     storage = _TORCH_STORAGE[writer.dtype]
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
-    pending: tuple[list[int], dict[str, torch.Tensor], torch.cuda.Event | None] | None = None
     try:
         for image_indices, batch_views in loader:
             n = len(image_indices)
@@ -243,26 +256,9 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 for m in models:
                     tokens = runners[m.store_name](m.normalize(on_device[view_of[m.store_name]]))
-                    tokens = resample_grid(tokens[:n], m.native_grid, grid).to(storage)
-                    outputs[m.store_name] = tokens.to("cpu", non_blocking=cuda)
-            event = None
-            if cuda:
-                event = torch.cuda.Event()
-                event.record()
-            # Hand over the previous batch while this one computes on the GPU.
-            if pending is not None:
-                _deliver(assembler, pending, bar)
-            pending = (image_indices.tolist(), outputs, event)
-        if pending is not None:
-            _deliver(assembler, pending, bar)
+                    outputs[m.store_name] = resample_grid(tokens[:n], m.native_grid, grid).to(storage)
+            assembler.add(image_indices.tolist(), outputs)
+            bar.update(n)
     finally:
         bar.close()
         assembler.close()
-
-
-def _deliver(assembler: _ShardAssembler, pending, bar: tqdm) -> None:
-    image_indices, outputs, event = pending
-    if event is not None:
-        event.synchronize()
-    assembler.add(image_indices, outputs)
-    bar.update(len(image_indices))

@@ -18,6 +18,7 @@ from torch import nn
 from usae_core.atomic import atomic_path, atomic_write_json
 from usae_core.config import USAEConfig
 from usae_core.errors import UsaeError
+from usae_core.kernels.topk import relu_topk
 from usae_core.sparse import SparseCode, sparse_decode, topk_encode
 
 CHECKPOINT_FORMAT = "usae-checkpoint"
@@ -38,6 +39,14 @@ class Encoder(nn.Module):
         if self.bn is not None:
             h = self.bn(h)
         return F.relu(h)
+
+    def eval_affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Eval-mode BatchNorm as `gamma * h + beta` (float32), or `(None, None)` without BN."""
+        if self.bn is None:
+            return None, None
+        bn = self.bn
+        gamma = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+        return gamma, bn.bias.float() - gamma * bn.running_mean.float()
 
 
 class USAE(nn.Module):
@@ -96,8 +105,15 @@ class USAE(nn.Module):
         return self.encoders[self.index(model)](x_std)
 
     def encode(self, x_std: torch.Tensor, model: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse code `(values, indices)`, each `[batch, k]`."""
-        return torch.topk(self.pre_codes(x_std, model), self.cfg.k, dim=1, sorted=False)
+        """Sparse code `(values, indices)`, each `[batch, k]`.
+
+        In eval mode the BatchNorm folds into the fused ReLU + TopK pass over the encoder output
+        (usae_core/kernels/topk.py), so the `[batch, n_concepts]` matrix is read once."""
+        enc = self.encoders[self.index(model)]
+        if self.training or torch.is_grad_enabled():
+            return torch.topk(enc(x_std), self.cfg.k, dim=1, sorted=False)
+        code, _ = relu_topk(enc.linear(x_std), self.cfg.k, *enc.eval_affine())
+        return code.values, code.indices
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, model: str) -> torch.Tensor:
         """Standardised reconstruction of `model` from a sparse code: `[batch, dim]`."""

@@ -57,6 +57,15 @@ def _all_finite(stored: np.ndarray, dtype: str) -> bool:
     return bool(np.isfinite(stored).all())
 
 
+def _shard_shape(path: Path) -> tuple[int, ...] | None:
+    """Shape of a complete shard file, or None when it is missing, damaged or cut short."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return tuple(arr.shape)
+
+
 def check_model_name(name: str) -> None:
     if not _MODEL_NAME.match(name):
         raise UsaeError(
@@ -115,7 +124,12 @@ class StoreWriter:
         return {m["name"]: m["dim"] for m in self.manifest["models"]}
 
     def is_done(self, index: int) -> bool:
-        return _done_marker(self.root, index).exists()
+        """The shard's marker exists and every model's file holds the whole shard (shards are
+        written without a disk flush, so a power loss can leave a marker before its data)."""
+        if not _done_marker(self.root, index).exists():
+            return False
+        rows = self.spans[index].n_images * self.tokens_per_image
+        return all(_shard_shape(_shard_file(self.root, m, index)) == (rows, d) for m, d in self.dims.items())
 
     def pending(self) -> list[ShardSpan]:
         return [s for s in self.spans if not self.is_done(s.index)]
@@ -142,12 +156,12 @@ class StoreWriter:
         for name, flat in converted.items():
             target = _shard_file(self.root, name, index)
             target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as tmp:
+            with atomic_path(target, durable=False) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, flat)
         marker = _done_marker(self.root, index)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(marker) as tmp:
+        with atomic_path(marker, durable=False) as tmp:
             tmp.write_text("ok\n")
 
     def finalize(self) -> "ActivationStore":
@@ -303,7 +317,12 @@ class ActivationStore:
         if key not in self._mmaps:
             if model not in self.dims:
                 raise UsaeError(f"model {model!r} is not in the store (has {', '.join(self.model_names)})")
-            self._mmaps[key] = np.load(_shard_file(self.root, model, index), mmap_mode="r")
+            path = _shard_file(self.root, model, index)
+            try:
+                self._mmaps[key] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise UsaeError(f"shard file {path} is missing or damaged ({exc}); rerun the extraction "
+                                "to rewrite it") from None
         return self._mmaps[key]
 
     def image_tokens(self, model: str, image_index: int) -> np.ndarray:

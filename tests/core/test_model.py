@@ -39,6 +39,28 @@ def test_topk_keeps_the_largest_pre_codes():
     torch.testing.assert_close(values.sort(1).values, pre.topk(4, 1).values.sort(1).values)
 
 
+@pytest.mark.parametrize("encoder", ["mlp_bn", "linear"])
+def test_inference_encode_folds_batchnorm_like_the_plain_modules(encoder):
+    """Under no_grad in eval mode, encode takes the fused path (BatchNorm folded into the TopK
+    pass); it must pick the same code as TopK over the plain Linear + BatchNorm + ReLU modules."""
+    model = _model(encoder)
+    if encoder == "mlp_bn":  # non-trivial running statistics and affine parameters
+        bn = model.encoders[0].bn
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.1)
+    model.eval()
+    x = torch.randn(50, 6)
+    plain = torch.topk(model.pre_codes(x, "vit").double(), 4, dim=1)
+    with torch.no_grad():
+        values, indices = model.encode(x, "vit")
+    order = values.argsort(1, descending=True)
+    torch.testing.assert_close(values.gather(1, order).double(), plain.values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(indices.gather(1, order), plain.indices)
+
+
 def test_dictionary_rows_are_unit_norm_after_projection():
     model = _model()
     with torch.no_grad():

@@ -14,7 +14,7 @@ from torch import nn
 
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.kernels import HAVE_TRITON
-from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, gather_decode, row_dot
+from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, gather_decode, residual_sq, row_dot
 from usae_core.kernels.topk import relu_topk
 from usae_core.losses import auxk_loss, auxk_residual_loss
 from usae_core.sparse import sparse_decode, topk_encode
@@ -59,6 +59,8 @@ def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) ->
     torch.testing.assert_close(summed.double(), z.T @ r64, rtol=tol, atol=tol)
     twice = concept_sum(order, idx, w, rows.to(dtype), n_concepts, out=summed.clone())
     torch.testing.assert_close(twice.double(), 2 * z.T @ r64, rtol=tol, atol=tol)
+    err = residual_sq(idx, w, table.to(table_dtype), rows.to(dtype))
+    torch.testing.assert_close(err.double(), (r64 - z @ t64).square().sum(1), rtol=tol, atol=tol)
     g_w, g_table = decode_backward(order, idx, w, rows.to(dtype), table.to(table_dtype))
     torch.testing.assert_close(g_w.double(), (r64 @ t64.T).gather(1, idx), rtol=tol, atol=tol)
     torch.testing.assert_close(g_table.double(), z.T @ r64, rtol=tol, atol=tol)

@@ -144,6 +144,32 @@ def test_unfinished_store_cannot_be_opened_and_resumes(tmp_path):
                                resume=True)
 
 
+def test_a_shard_cut_short_after_its_marker_is_rewritten_on_resume(tmp_path):
+    """Shards are renamed into place without a disk flush: after a power loss a marker may
+    outlive its data. Resume must treat such a shard as missing, and reading it must say so."""
+    arrays = _good()
+    ids = [f"i{i}" for i in range(4)]
+    layout = dict(models={"a": 3, "b": 5}, grid=(3, 3), image_ids=ids, shard_images=2)
+    writer = ActivationStore.create(tmp_path / "s", **layout)
+    for i in range(2):
+        writer.write_shard(i, {m: a[2 * i : 2 * i + 2] for m, a in arrays.items()})
+    store = writer.finalize()
+    shard_file = next((tmp_path / "s").rglob("*.npy"))
+    shard_file.write_bytes(shard_file.read_bytes()[:-7])  # lost tail of the write
+    with pytest.raises(UsaeError, match="missing or damaged"):
+        for m in store.model_names:
+            for span in store.spans:
+                ActivationStore.open(tmp_path / "s").shard(m, span.index)
+    again = ActivationStore.create(tmp_path / "s", **layout, resume=True)
+    assert len(again.pending()) == 1
+    damaged = again.pending()[0].index
+    again.write_shard(damaged, {m: a[2 * damaged : 2 * damaged + 2] for m, a in arrays.items()})
+    fixed = again.finalize()
+    for m in fixed.model_names:
+        for i in range(4):
+            np.testing.assert_allclose(fixed.image_tokens(m, i), arrays[m][i], atol=1e-2)
+
+
 def test_write_shard_checks_shapes(tmp_path):
     writer = ActivationStore.create(tmp_path / "s", models={"a": 3}, grid=(2, 2), image_ids=["x", "y"])
     with pytest.raises(UsaeError, match="expected"):

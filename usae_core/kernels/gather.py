@@ -7,6 +7,8 @@ With a code given as `indices, weights` (`[batch, k]` each) and a table `[n_conc
 - `concept_sum`:    out[c]  = sum_{(b, j): indices[b, j] = c} weights[b, j] * rows[b]
   (the table gradient of a decode, and the encoder weight gradient of a TopK code)
 - `decode_backward`: both gradients of a decode in one pass (each gradient row read once).
+- `residual_sq`:    out[b] = || target[b] - sum_j weights[b, j] * table[indices[b, j]] ||^2
+  (reconstruction error without materialising the reconstruction; mining's R^2 matrix)
 
 `concept_sum` and `decode_backward` walk the code sorted by concept (a `ConceptOrder`, built
 once per code and shared by every product over it), so each output row is summed by one
@@ -87,6 +89,15 @@ def decode_backward(order: ConceptOrder, indices: torch.Tensor, weights: torch.T
     return row_dot(indices, grad, table), concept_sum(order, indices, weights, grad, n_concepts)
 
 
+def residual_sq(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+    """float32 `[batch]` squared error of the decode against `target` `[batch, dim]`."""
+    if use_triton(table) and _kernel_dtypes(table, weights, target):
+        return _residual_sq_triton(indices, weights, table, target)
+    decoded = F.embedding_bag(indices, table.float(), per_sample_weights=weights.float(), mode="sum")
+    return (target.float() - decoded).square().sum(1)
+
+
 def _kernel_dtypes(*tensors: torch.Tensor) -> bool:
     return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
 
@@ -110,6 +121,25 @@ if HAVE_TRITON:
             t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
             acc += w[:, None] * t.to(tl.float32)
         tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _residual_sq_kernel(idx_ptr, w_ptr, table_ptr, target_ptr, out_ptr, B, D, stride_t, stride_x,
+                            K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        rows64 = rows.to(tl.int64)
+        total = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = rmask[:, None] & (cols < D)[None, :]
+            acc = tl.load(target_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            for j in range(K):
+                c = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0)
+                w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0).to(tl.float32)
+                t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+                acc -= w[:, None] * t.to(tl.float32)
+            total += tl.sum(acc * acc, axis=1)
+        tl.store(out_ptr + rows64, total, mask=rmask)
 
     @triton.jit
     def _decode_backward_kernel(starts_ptr, slots_ptr, w_ptr, grad_ptr, table_ptr, g_table_ptr, g_w_ptr,
@@ -169,6 +199,17 @@ def _gather_decode_triton(indices, weights, table, out_dtype):
     grid = (triton.cdiv(n, block_b), triton.cdiv(d, _BLOCK_D))
     _gather_decode_kernel[grid](indices, weights, table, out, n, d, table.stride(0), out.stride(0),
                                 K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, num_warps=8)
+    return out
+
+
+def _residual_sq_triton(indices, weights, table, target):
+    indices, weights, table, target = indices.contiguous(), weights.contiguous(), table.contiguous(), target.contiguous()
+    n, k = indices.shape
+    out = torch.empty(n, dtype=torch.float32, device=table.device)
+    block_b = 32
+    _residual_sq_kernel[(triton.cdiv(n, block_b),)](indices, weights, table, target, out, n, table.shape[1],
+                                                   table.stride(0), target.stride(0),
+                                                   K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, num_warps=8)
     return out
 
 
