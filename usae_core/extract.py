@@ -27,7 +27,7 @@ from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
 from usae_core.errors import UsaeError
 from usae_core.images import FolderSource, defect_types, square_view
-from usae_core.store import ActivationStore, ShardSpan, StoreWriter
+from usae_core.store import ActivationStore, ShardSpan, StoreWriter, non_finite_error
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class _ShardAssembler:
 
     On CUDA the rows go straight from the device into pinned shard buffers (asynchronous copies
     queued behind the batch's compute); a full shard is handed to a writer with an event that
-    the writer waits on, so the main thread never waits for a copy."""
+    the writer waits on, so the main thread never waits for a copy. The NaN/Inf check runs on
+    the device too, into one flag per shard, instead of a host scan of every stored value."""
 
     def __init__(self, writer: StoreWriter, spans: Sequence[ShardSpan], models: Sequence[Backbone], dtype: str,
                  write_threads: int, pin: bool):
@@ -111,6 +112,7 @@ class _ShardAssembler:
         self.dtype = _TORCH_STORAGE[dtype]
         self.pin = pin
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self.non_finite: dict[int, dict[str, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.write_threads = write_threads
         self.pool = ThreadPoolExecutor(max_workers=write_threads)
@@ -128,27 +130,37 @@ class _ShardAssembler:
                 name: torch.empty(span.n_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
                                   pin_memory=self.pin)
                 for name, dim in self.dims.items()})
+            flags = self.non_finite.setdefault(shard, {})
             for name, out in outputs.items():
-                buffers[name][start : start + take].copy_(out[row : row + take], non_blocking=self.pin)
+                rows = out[row : row + take]
+                bad = ~torch.isfinite(rows).all()
+                flags[name] = bad if name not in flags else flags[name] | bad
+                buffers[name][start : start + take].copy_(rows, non_blocking=self.pin)
             self.filled[shard] = self.filled.get(shard, 0) + take
             row += take
             if self.filled[shard] == span.n_images:
                 self._submit(shard)
 
     def _submit(self, shard: int) -> None:
+        flags = {n: f.to("cpu", non_blocking=self.pin) for n, f in self.non_finite.pop(shard).items()}
         copied = None
         if self.pin:
             copied = torch.cuda.Event()
             copied.record()
         while len(self.futures) >= 2 * self.write_threads:  # bound the memory held by queued shards
             self.futures.pop(0).result()
-        self.futures.append(self.pool.submit(self._write, shard, self.buffers.pop(shard), copied))
+        self.futures.append(self.pool.submit(self._write, shard, self.buffers.pop(shard), flags, copied))
 
-    def _write(self, shard: int, buffers: dict[str, torch.Tensor], copied: torch.cuda.Event | None) -> None:
+    def _write(self, shard: int, buffers: dict[str, torch.Tensor], non_finite: dict[str, torch.Tensor],
+               copied: torch.cuda.Event | None) -> None:
         if copied is not None:
             copied.synchronize()
+        for name, flag in non_finite.items():
+            if flag.item():
+                raise non_finite_error(shard, name, self.writer.dtype)
         # numpy views for float16/float32 avoid a copy; numpy has no bfloat16, the store converts it.
-        self.writer.write_shard(shard, {n: (t if t.dtype == torch.bfloat16 else t.numpy()) for n, t in buffers.items()})
+        self.writer.write_shard(shard, {n: (t if t.dtype == torch.bfloat16 else t.numpy()) for n, t in buffers.items()},
+                                finite_checked=True)
 
     def close(self) -> None:
         try:
@@ -243,7 +255,7 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
         m.to(device).eval()
     runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
     # Writing a shard converts and checks it on the host; on a GPU several writers keep up with it.
-    assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=4 if cuda else 1, pin=cuda)
+    assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=8 if cuda else 1, pin=cuda)
     storage = _TORCH_STORAGE[writer.dtype]
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
     try:

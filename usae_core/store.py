@@ -57,6 +57,11 @@ def _all_finite(stored: np.ndarray, dtype: str) -> bool:
     return bool(np.isfinite(stored).all())
 
 
+def non_finite_error(shard: int, model: str, dtype: str) -> UsaeError:
+    return UsaeError(f"shard {shard}, model {model!r}: activations contain NaN or Inf in {dtype} "
+                     "(for values beyond the float16 range, use dtype bfloat16 or float32)")
+
+
 def _shard_shape(path: Path) -> tuple[int, ...] | None:
     """Shape of a complete shard file, or None when it is missing, damaged or cut short."""
     try:
@@ -134,8 +139,12 @@ class StoreWriter:
     def pending(self) -> list[ShardSpan]:
         return [s for s in self.spans if not self.is_done(s.index)]
 
-    def write_shard(self, index: int, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-        """Write every model's activations for shard `index`: `[n_images, tokens, dim]` each."""
+    def write_shard(self, index: int, arrays: Mapping[str, np.ndarray | torch.Tensor], *,
+                    finite_checked: bool = False) -> None:
+        """Write every model's activations for shard `index`: `[n_images, tokens, dim]` each.
+
+        `finite_checked` skips the NaN/Inf scan for callers that checked the values in storage
+        dtype already (the extractor does it on the GPU)."""
         span = self.spans[index]
         dims = self.dims
         if set(arrays) != set(dims):
@@ -147,11 +156,8 @@ class StoreWriter:
             if shape != want:
                 raise UsaeError(f"shard {index}, model {name!r}: shape {shape}, expected {want}")
             flat = to_storage(arr, self.dtype).reshape(span.n_images * self.tokens_per_image, dims[name])
-            if not _all_finite(flat, self.dtype):
-                raise UsaeError(
-                    f"shard {index}, model {name!r}: activations contain NaN or Inf in {self.dtype} "
-                    "(for values beyond the float16 range, use dtype bfloat16 or float32)"
-                )
+            if not finite_checked and not _all_finite(flat, self.dtype):
+                raise non_finite_error(index, name, self.dtype)
             converted[name] = flat
         for name, flat in converted.items():
             target = _shard_file(self.root, name, index)

@@ -141,6 +141,19 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet,
     assert not seen  # a complete store is left as it is
 
 
+def test_activations_beyond_the_store_dtype_stop_with_a_clear_error(folder, tmp_path):
+    """The extractor checks finiteness itself (on the device) and skips the store's host scan,
+    so its check must still refuse values that overflow float16, and write no shard."""
+    backbone = tiny_dinov2()
+    handle = backbone.register_forward_hook(lambda _m, _i, out: out * 1e6)
+    try:
+        with pytest.raises(UsaeError, match="NaN or Inf in float16"):
+            extract_store(folder, [backbone], tmp_path / "store", batch_size=3, num_workers=0, progress=False)
+    finally:
+        handle.remove()
+    assert not list((tmp_path / "store").rglob("*.npy"))
+
+
 def test_a_different_layout_needs_overwrite(folder, mobilenet, tmp_path):
     out = tmp_path / "store"
     extract_store(folder, [mobilenet], out, num_workers=0, progress=False)
