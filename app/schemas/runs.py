@@ -18,7 +18,7 @@ class RunSummary(BaseModel):
     id: int
     name: str
     image_set: str
-    status: str = Field(description="registered | mining | mined | failed")
+    status: str = Field(description="registered | mining | mined | failed | interrupted (the mining process died)")
     created_at: dt.datetime
     mined_at: dt.datetime | None
     n_images: int

@@ -41,6 +41,7 @@ from app.models import (
     utcnow,
 )
 from app.services.runs import register_run
+from app.services.runs_view import mining_owner
 from usae_core import render
 from usae_core.mining import DefectMasks, MiningConfig, MiningResult, mine_store, top_image_heatmaps
 
@@ -123,6 +124,7 @@ def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, sto
         generation = MiningGeneration(run_id=run.id, status="building", media_prefix="", params={
             "top_n": cfg.top_n, "tau": cfg.tau, "hist_bins": cfg.hist_bins, "neighbours": cfg.neighbours,
             "heatmap_size": LAYER_SIZE, "thumbnail_size": THUMBNAIL_SIZE,
+            "owner": mining_owner(),
         })
         s.add(generation)
         s.flush()

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.models import Concept, ConceptDefectIoU, Run
 from app.schemas.runs import ConceptRef, DefectBest, HistogramData, RunOverview, ScatterConcept
 from app.services.concepts import UNIVERSAL_ENTROPY
-from app.services.runs_view import run_summary
+from app.services.runs_view import effective_status, run_summary
 
 ENTROPY_BINS = 20
 SCATTER_MAX_POINTS = 1500
@@ -38,7 +38,7 @@ def run_overview(session: Session, *, run: Run) -> RunOverview:
         select(Concept.index, Concept.label, Concept.energy, Concept.cofire, Concept.firing_entropy)
         .where(live).order_by(Concept.energy.desc(), Concept.index).limit(SCATTER_MAX_POINTS))
     return RunOverview(
-        run=run_summary(run), r2=_r2_matrix(run),
+        run=run_summary(run, effective_status(session, run)), r2=_r2_matrix(run),
         r2_self=_finite_or_none(run.metrics.get("r2_self")), r2_cross=_finite_or_none(run.metrics.get("r2_cross")),
         universal_threshold=UNIVERSAL_ENTROPY, n_universal=n_universal,
         n_model_specific=len(entropies) - n_universal, n_dead=n_dead,

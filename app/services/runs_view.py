@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from app.models import Run
+from app.models import MiningGeneration, Run
 from app.schemas.runs import ModelInfo, RunSummary
 
 
-def run_summary(run: Run) -> RunSummary:
+def mining_owner() -> dict:
+    """Who is mining, recorded on the generation being built so readers can tell a live mine
+    from one whose process died (SIGKILL, power loss) before it could note a failure."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _owner_is_gone(owner: dict | None) -> bool:
+    """True only when the owner ran on this host and its process no longer exists; a mine on
+    another machine (a shared Postgres) cannot be checked and counts as live."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError, OSError):
+        return False
+    return False
+
+
+def effective_status(session: Session, run: Run) -> str:
+    """The run's status, with "interrupted" for a "mining" run whose mining process is gone."""
+    if run.status != "mining":
+        return run.status
+    owners = session.scalars(select(MiningGeneration.params).where(
+        MiningGeneration.run_id == run.id, MiningGeneration.status == "building"))
+    building = [p.get("owner") for p in owners]
+    return "interrupted" if building and all(_owner_is_gone(o) for o in building) else "mining"
+
+
+def run_summary(run: Run, status: str | None = None) -> RunSummary:
     return RunSummary(
-        id=run.id, name=run.name, image_set=run.image_set, status=run.status, created_at=run.created_at,
+        id=run.id, name=run.name, image_set=run.image_set, status=status or run.status, created_at=run.created_at,
         mined_at=run.mined_at, n_images=run.n_images, n_concepts=run.n_concepts,
         models=[ModelInfo(name=m.name, family=m.family, dim=m.dim, grid=(m.grid_h, m.grid_w)) for m in run.models],
     )
@@ -19,7 +52,7 @@ def run_summary(run: Run) -> RunSummary:
 
 def list_runs(session: Session) -> list[RunSummary]:
     runs = session.scalars(select(Run).options(selectinload(Run.models)).order_by(Run.created_at.desc(), Run.id.desc()))
-    return [run_summary(r) for r in runs]
+    return [run_summary(r, effective_status(session, r)) for r in runs]
 
 
 def get_run(session: Session, *, run_id: int) -> Run | None:

@@ -33,6 +33,7 @@ from app.models import (
 )
 from app.services import mining as mining_service
 from app.services.mining import LAYER_SIZE, THUMBNAIL_SIZE, mine_run
+from app.services.runs_view import list_runs
 from tests.core.planted_concept import Planted, build_planted
 from usae_core.images import load_image, square_view
 from usae_core.mining import MiningConfig, mine_store
@@ -275,6 +276,8 @@ def test_a_killed_mine_process_leaves_the_previous_run_intact(data_dir, tmp_path
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert snapshot(db_url) == before
+    with Session() as s:  # the list says the mine died instead of "mining" forever
+        assert [r.status for r in list_runs(s)] == ["interrupted"]
     assert all((media / t[8]).is_file() for t in before["planted"]["top_images"])
     with Session() as s:
         leftover = s.scalars(sa.select(MiningGeneration).where(MiningGeneration.status == "building")).one()
@@ -283,6 +286,8 @@ def test_a_killed_mine_process_leaves_the_previous_run_intact(data_dir, tmp_path
     # The next mine cleans up what the killed one left behind.
     mine_run(db_url, media, run_dir, planted.store, planted.model, cfg=MiningConfig(top_n=2))
     after = snapshot(db_url)["planted"]
+    with Session() as s:
+        assert [r.status for r in list_runs(s)] == ["mined"]
     assert not (media / leftover_media).exists() and not (media / active).exists()
     with Session() as s:
         assert [g.status for g in s.scalars(sa.select(MiningGeneration))] == ["active"]
