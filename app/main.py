@@ -23,6 +23,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from app.db import get_engine, session_factory
 from app.deps import LoginRequired, analyst_viewer, share_viewer
 from app.migrations import upgrade_database
+from app.page_cache import PageCache
 from app.routes import auth, compare, concepts, explain, media, runs, shares
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, SESSION_USER_KEY, LoginThrottle
 from app.services.explain import ModelCache
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sessionmaker = session_factory(settings.db_url)
     app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
     app.state.explain_models = ModelCache()
+    app.state.page_cache = PageCache()
     app.add_middleware(SessionMiddleware, secret_key=settings.resolved_secret_key(), session_cookie=SESSION_COOKIE,
                        max_age=SESSION_MAX_AGE_S, same_site="lax", https_only=settings.secure_cookies)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -17,7 +17,8 @@ user_cli = typer.Typer(help="Analyst accounts.", no_args_is_help=True)
 def serve_cmd(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Server processes (one per CPU core serves the most users).")] = 1,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Server processes (default: one per CPU core, which serves the most users).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Serve the concept explorer (pages, JSON API at /api, API docs at /docs)."""
@@ -26,6 +27,7 @@ def serve_cmd(
     from app.main import create_app
 
     settings = settings_for(data_dir)
+    workers = workers or os.cpu_count() or 1
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")

@@ -72,14 +72,17 @@ def pages(viewer_dep: Any) -> APIRouter:
 
     @router.get("/runs/{run_id}/concepts", response_class=HTMLResponse)
     def browser_page(request: Request, run_id: int, filters: FiltersDep, session: SessionDep, viewer: ViewerDep):
-        return render(request, viewer, "concepts/browser.html", nav="runs",
-                      page=_browse(session, viewer, run_id, filters))
+        return request.app.state.page_cache.respond(request, session, viewer, run_id, lambda: render(
+            request, viewer, "concepts/browser.html", nav="runs", page=_browse(session, viewer, run_id, filters)))
 
     @router.get("/runs/{run_id}/concepts/{index}", response_class=HTMLResponse)
     def concept_page(request: Request, run_id: int, index: int, session: SessionDep, viewer: ViewerDep):
-        run, concept = _run_and_concept(session, viewer, run_id, index)
-        detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
-        return render(request, viewer, "concepts/page.html", nav="runs", detail=detail, draft=None, notice=None)
+        def render_page() -> HTMLResponse:
+            run, concept = _run_and_concept(session, viewer, run_id, index)
+            detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
+            return render(request, viewer, "concepts/page.html", nav="runs", detail=detail, draft=None, notice=None)
+
+        return request.app.state.page_cache.respond(request, session, viewer, run_id, render_page)
 
     return router
 

@@ -8,14 +8,14 @@ active mining generation.
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from app.lru import LruCache
 from app.models import (
     CamImage,
     Concept,
@@ -93,42 +93,22 @@ _CARD_COLUMNS = (Concept.id, Concept.index, Concept.label, Concept.energy, Conce
                  Concept.frequency, Concept.dead)
 
 
-class _CountCache:
+def _count_key(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> tuple | None:
     """Match counts of filters that depend only on mined statistics (not on labels, tags or
-    search), keyed by the run's active generation: mining replaces those statistics only
-    together with the generation, so a cached count can never be stale."""
-
-    def __init__(self, size: int = 512):
-        self._counts: OrderedDict[tuple, int] = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> tuple | None:
-        if filters.q.strip() or filters.tag or filters.labelled != "any":
-            return None
-        return (run.id, run.active_generation_id, filters.show_dead, filters.min_entropy, filters.mostly,
-                None if scope is None else tuple(sorted(scope)))
-
-    def get(self, key: tuple) -> int | None:
-        with self._lock:
-            if key in self._counts:
-                self._counts.move_to_end(key)
-            return self._counts.get(key)
-
-    def put(self, key: tuple, count: int) -> None:
-        with self._lock:
-            self._counts[key] = count
-            while len(self._counts) > self._size:
-                self._counts.popitem(last=False)
+    search) are cached under this key, with the run's active generation: mining replaces those
+    statistics only together with the generation, so a cached count can never be stale."""
+    if filters.q.strip() or filters.tag or filters.labelled != "any":
+        return None
+    return (run.id, run.active_generation_id, filters.show_dead, filters.min_entropy, filters.mostly,
+            None if scope is None else tuple(sorted(scope)))
 
 
-_counts = _CountCache()
+_counts: LruCache[int] = LruCache(512)
 
 
 def _count(session: Session, run: Run, filters: ConceptFilters, scope: Collection[int] | None,
            where: list[ColumnElement[bool]]) -> int:
-    key = _CountCache.key(run, filters, scope)
+    key = _count_key(run, filters, scope)
     cached = _counts.get(key) if key is not None else None
     if cached is not None:
         return cached

@@ -1,0 +1,71 @@
+"""Rendered pages of a run, served again while nothing they show has changed.
+
+A page is stored under its path and query string, the analyst and their session's CSRF token
+(which the page embeds), and the run's *data version*: the run's status and active mining
+generation (a re-mine replaces every statistic, image and neighbour together with the
+generation) and the newest label-history id (every label, description or tag edit adds one).
+The version is read from the database on every request, so an edit made by any worker
+process, or by `usae mine`, is visible on the next request.
+
+The same key, hashed, is the page's ETag: a browser that sends it back in `If-None-Match`
+gets 304 Not Modified without the page being rendered.
+
+Only pages rendered for a signed-in analyst are cached. Share-link pages are always rendered
+afresh (they show the time they were printed), so a share-link holder can never be handed a
+page made for an analyst, nor the reverse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Hashable
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from app.lru import LruCache
+from app.models import LabelHistory, Run
+from app.security import csrf_token
+from app.viewer import Viewer
+
+PAGE_CACHE_BYTES = 64 * 2**20
+"""Per server process: about 700 concept-browser pages of a three-model run."""
+
+
+def data_version(session: Session, run_id: int) -> tuple[Hashable, ...] | None:
+    """What the run's pages show changes only when this does; None when there is no such run."""
+    newest_edit = select(func.max(LabelHistory.id)).scalar_subquery()
+    row = session.execute(select(Run.status, Run.active_generation_id, Run.mined_at, newest_edit)
+                          .where(Run.id == run_id)).one_or_none()
+    return None if row is None else tuple(row)
+
+
+class PageCache:
+    def __init__(self, max_bytes: int = PAGE_CACHE_BYTES):
+        self._pages: LruCache[bytes] = LruCache(max_bytes, weigh=len)
+
+    def respond(self, request: Request, session: Session, viewer: Viewer, run_id: int,
+                render_page: Callable[[], Response]) -> Response:
+        """The page `render_page` makes for this request: from the cache, as 304 Not Modified,
+        or rendered now (and kept when it is a 200 for an analyst)."""
+        if viewer.user is None:
+            return render_page()
+        version = data_version(session, run_id)
+        if version is None:
+            return render_page()  # the route answers 404
+        key = (request.url.path, request.url.query, viewer.user.id, csrf_token(request), version)
+        etag = '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
+        # private: only this analyst's browser may keep it; no-cache: ask again every time.
+        headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        body = self._pages.get(key)
+        if body is None:
+            response = render_page()
+            if response.status_code != 200:
+                return response
+            body = bytes(response.body)
+            self._pages.put(key, body)
+        return HTMLResponse(body, headers=headers)
