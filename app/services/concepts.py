@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.lru import LruCache
@@ -140,13 +140,40 @@ def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = N
     return list(session.scalars(select(ConceptTag.tag).where(in_run.exists()).distinct().order_by(ConceptTag.tag)))
 
 
+# The per-request queries of the browser and the concept page, built once with bound
+# parameters: building and cache-keying a statement costs more Python time than SQLite
+# takes to run most of these.
+_FIRING = select(ConceptModelStats.concept_id, ConceptModelStats.run_model_id, ConceptModelStats.fire_count,
+                 ConceptModelStats.frequency, ConceptModelStats.share, ConceptModelStats.cofire,
+                 ConceptModelStats.max_activation).where(ConceptModelStats.concept_id.in_(bindparam("ids")))
+_THUMBS = (select(ConceptTopImage.concept_id, ConceptTopImage.run_model_id, ConceptTopImage.rank,
+                  ConceptTopImage.activation, ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
+           .join(Image, Image.id == ConceptTopImage.image_id)
+           .where(ConceptTopImage.concept_id.in_(bindparam("ids")), ConceptTopImage.generation_id == bindparam("gen"),
+                  ConceptTopImage.rank < bindparam("max_rank")))
+_TAGS = (select(ConceptTag.concept_id, ConceptTag.tag).where(ConceptTag.concept_id.in_(bindparam("ids")))
+         .order_by(ConceptTag.tag))
+_CONCEPT = select(Concept).where(Concept.run_id == bindparam("run"), Concept.index == bindparam("index"))
+_HISTOGRAMS = select(ConceptHistogram).where(ConceptHistogram.concept_id == bindparam("concept"),
+                                             ConceptHistogram.generation_id == bindparam("gen"))
+_CAMS = select(CamImage.run_model_id, CamImage.file_path).where(CamImage.concept_id == bindparam("concept"))
+_NEIGHBOURS = (select(ConceptNeighbour.run_model_id, ConceptNeighbour.cosine, Concept.index, Concept.label)
+               .join(Concept, Concept.id == ConceptNeighbour.neighbour_id)
+               .where(ConceptNeighbour.concept_id == bindparam("concept"),
+                      ConceptNeighbour.generation_id == bindparam("gen"))
+               .order_by(ConceptNeighbour.run_model_id, ConceptNeighbour.rank))
+_DEFECT_IOU = (select(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_id, ConceptDefectIoU.iou)
+               .where(ConceptDefectIoU.concept_id == bindparam("concept"),
+                      ConceptDefectIoU.generation_id == bindparam("gen"))
+               .order_by(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_id))
+_ALL_RANKS = 2**31 - 1
+
+
 def _firing_by_concept(session: Session, run: Run, concept_ids: Sequence[int]) -> dict[int, list[ModelFiring]]:
     """Per concept, the firing statistics of each model, in model order."""
     names = {m.id: m.name for m in run.models}
     order = {m.id: m.position for m in run.models}
-    s = ConceptModelStats
-    rows = session.execute(select(s.concept_id, s.run_model_id, s.fire_count, s.frequency, s.share, s.cofire,
-                                  s.max_activation).where(s.concept_id.in_(concept_ids)))
+    rows = session.execute(_FIRING, {"ids": list(concept_ids)})
     firing: dict[int, list[tuple[int, ModelFiring]]] = defaultdict(list)
     for concept_id, model_id, count, frequency, share, cofire, max_activation in rows:
         firing[concept_id].append((order[model_id], ModelFiring(
@@ -162,15 +189,10 @@ def _thumbs(session: Session, run: Run, concept_ids: Sequence[int],
         return {}
     names = {m.id: m.name for m in run.models}
     order = {m.id: m.position for m in run.models}
-    t = ConceptTopImage
-    query = (select(t.concept_id, t.run_model_id, t.rank, t.activation, t.heatmap_path, Image.thumbnail_path,
-                    Image.image_key)
-             .join(Image, Image.id == t.image_id)
-             .where(t.concept_id.in_(concept_ids), t.generation_id == run.active_generation_id))
-    if max_rank is not None:
-        query = query.where(t.rank < max_rank)
+    rows = session.execute(_THUMBS, {"ids": list(concept_ids), "gen": run.active_generation_id,
+                                     "max_rank": _ALL_RANKS if max_rank is None else max_rank})
     thumbs: dict[int, list[tuple[tuple[int, int], Thumb]]] = defaultdict(list)
-    for concept_id, model_id, rank, activation, heatmap, thumbnail, key in session.execute(query):
+    for concept_id, model_id, rank, activation, heatmap, thumbnail, key in rows:
         thumbs[concept_id].append(((order[model_id], rank), Thumb(
             model=names[model_id], rank=rank, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
             image_key=key)))
@@ -190,8 +212,7 @@ def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any],
     if thumbs is None:
         thumbs = _thumbs(session, run, ids, card_ranks(len(run.models)))
     tags: dict[int, list[str]] = defaultdict(list)
-    for concept_id, tag in session.execute(select(ConceptTag.concept_id, ConceptTag.tag)
-                                           .where(ConceptTag.concept_id.in_(ids)).order_by(ConceptTag.tag)):
+    for concept_id, tag in session.execute(_TAGS, {"ids": ids}):
         tags[concept_id].append(tag)
     per_card = card_ranks(len(run.models))
     return [_card(c, firing.get(c.id, []), [t for t in thumbs.get(c.id, []) if t.rank < per_card],
@@ -209,7 +230,7 @@ def _card(c: Any, firing: list[ModelFiring], thumbs: list[Thumb], tags: list[str
 
 
 def get_concept(session: Session, *, run_id: int, index: int) -> Concept | None:
-    return session.scalar(select(Concept).where(Concept.run_id == run_id, Concept.index == index))
+    return session.scalar(_CONCEPT, {"run": run_id, "index": index})
 
 
 def _trim_histogram(edges: list[float], counts: list[int]) -> tuple[list[float], list[int]]:
@@ -225,13 +246,7 @@ def _neighbours(session: Session, run: Run, concept: Concept,
                 scope: Collection[int] | None) -> dict[int, list[Neighbour]]:
     if run.active_generation_id is None:
         return {}
-    rows = session.execute(
-        select(ConceptNeighbour.run_model_id, ConceptNeighbour.cosine, Concept.index, Concept.label)
-        .join(Concept, Concept.id == ConceptNeighbour.neighbour_id)
-        .where(ConceptNeighbour.concept_id == concept.id,
-               ConceptNeighbour.generation_id == run.active_generation_id)
-        .order_by(ConceptNeighbour.run_model_id, ConceptNeighbour.rank)
-    )
+    rows = session.execute(_NEIGHBOURS, {"concept": concept.id, "gen": run.active_generation_id})
     found: dict[int, list[Neighbour]] = defaultdict(list)
     for model_id, cosine, index, label in rows:
         if (scope is None or index in scope) and len(found[model_id]) < NEIGHBOURS_SHOWN:
@@ -255,11 +270,8 @@ def concept_detail(session: Session, *, run: Run, concept: Concept,
     card = concept_cards(session, run=run, concepts=[concept], thumbs=thumbs)[0]
     top_images = thumbs.get(concept.id, [])
     gen = run.active_generation_id
-    histograms = {h.run_model_id: h for h in session.scalars(
-        select(ConceptHistogram).where(ConceptHistogram.concept_id == concept.id,
-                                       ConceptHistogram.generation_id == gen))}
-    cams = {c.run_model_id: c.file_path for c in session.scalars(
-        select(CamImage).where(CamImage.concept_id == concept.id))}
+    histograms = {h.run_model_id: h for h in session.scalars(_HISTOGRAMS, {"concept": concept.id, "gen": gen})}
+    cams: dict[int, str] = {model_id: path for model_id, path in session.execute(_CAMS, {"concept": concept.id})}
     neighbours = _neighbours(session, run, concept, scope)
     firing = {f.model: f for f in card.firing}
     columns = []
@@ -284,7 +296,5 @@ def concept_detail(session: Session, *, run: Run, concept: Concept,
 
 def _defect_iou(session: Session, run: Run, concept: Concept) -> list[DefectIoU]:
     names = {m.id: m.name for m in run.models}
-    rows = session.scalars(select(ConceptDefectIoU).where(
-        and_(ConceptDefectIoU.concept_id == concept.id, ConceptDefectIoU.generation_id == run.active_generation_id))
-        .order_by(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_id))
-    return [DefectIoU(defect_type=r.defect_type, model=names[r.run_model_id], iou=r.iou) for r in rows]
+    rows = session.execute(_DEFECT_IOU, {"concept": concept.id, "gen": run.active_generation_id})
+    return [DefectIoU(defect_type=defect_type, model=names[model_id], iou=iou) for defect_type, model_id, iou in rows]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from app.models import MiningGeneration, Run
 from app.schemas.runs import ModelInfo, RunSummary
@@ -55,5 +55,9 @@ def list_runs(session: Session) -> list[RunSummary]:
     return [run_summary(r, effective_status(session, r)) for r in runs]
 
 
+_RUN = select(Run).options(joinedload(Run.models)).where(Run.id == bindparam("run"))
+"""Every page of a run starts with this: one statement, built once."""
+
+
 def get_run(session: Session, *, run_id: int) -> Run | None:
-    return session.scalar(select(Run).options(selectinload(Run.models)).where(Run.id == run_id))
+    return session.execute(_RUN, {"run": run_id}).unique().scalar_one_or_none()
