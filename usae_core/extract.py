@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -101,7 +102,9 @@ class _ShardAssembler:
     On CUDA the rows go straight from the device into pinned shard buffers (asynchronous copies
     queued behind the batch's compute); a full shard is handed to a writer with an event that
     the writer waits on, so the main thread never waits for a copy. The NaN/Inf check runs on
-    the device too, into one flag per shard, instead of a host scan of every stored value."""
+    the device too, into one flag per shard, instead of a host scan of every stored value.
+    Shard buffers come from a fixed ring (writers + 2 sets), recycled once written: memory stays
+    bounded and pinned memory is allocated a few times, not once per shard."""
 
     def __init__(self, writer: StoreWriter, spans: Sequence[ShardSpan], models: Sequence[Backbone], dtype: str,
                  write_threads: int, pin: bool):
@@ -114,7 +117,8 @@ class _ShardAssembler:
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.non_finite: dict[int, dict[str, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
-        self.write_threads = write_threads
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.allocated, self.capacity = 0, write_threads + 2
         self.pool = ThreadPoolExecutor(max_workers=write_threads)
         self.futures: list[Future] = []
 
@@ -126,10 +130,9 @@ class _ShardAssembler:
             span = self.spans[shard]
             start = image_indices[row] - span.start
             take = min(len(image_indices) - row, span.n_images - start)
-            buffers = self.buffers.setdefault(shard, {
-                name: torch.empty(span.n_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
-                                  pin_memory=self.pin)
-                for name, dim in self.dims.items()})
+            if shard not in self.buffers:
+                self.buffers[shard] = self._free_buffers()
+            buffers = self.buffers[shard]
             flags = self.non_finite.setdefault(shard, {})
             for name, out in outputs.items():
                 rows = out[row : row + take]
@@ -141,26 +144,48 @@ class _ShardAssembler:
             if self.filled[shard] == span.n_images:
                 self._submit(shard)
 
+    def _free_buffers(self) -> dict[str, torch.Tensor]:
+        """A whole-shard buffer set: a recycled one, a new one while the ring is not full, or
+        the next one a writer returns (re-raising a writer's error instead of waiting forever)."""
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            pass
+        if self.allocated < self.capacity:
+            self.allocated += 1
+            return {name: torch.empty(self.shard_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
+                                      pin_memory=self.pin) for name, dim in self.dims.items()}
+        while True:
+            try:
+                return self.free.get(timeout=0.5)
+            except queue.Empty:
+                for f in self.futures:
+                    if f.done() and f.exception() is not None:
+                        raise f.exception()
+
     def _submit(self, shard: int) -> None:
         flags = {n: f.to("cpu", non_blocking=self.pin) for n, f in self.non_finite.pop(shard).items()}
         copied = None
         if self.pin:
             copied = torch.cuda.Event()
             copied.record()
-        while len(self.futures) >= 2 * self.write_threads:  # bound the memory held by queued shards
-            self.futures.pop(0).result()
+        self.futures = [f for f in self.futures if not f.done() or f.exception() is not None]
         self.futures.append(self.pool.submit(self._write, shard, self.buffers.pop(shard), flags, copied))
 
     def _write(self, shard: int, buffers: dict[str, torch.Tensor], non_finite: dict[str, torch.Tensor],
                copied: torch.cuda.Event | None) -> None:
-        if copied is not None:
-            copied.synchronize()
-        for name, flag in non_finite.items():
-            if flag.item():
-                raise non_finite_error(shard, name, self.writer.dtype)
-        # numpy views for float16/float32 avoid a copy; numpy has no bfloat16, the store converts it.
-        self.writer.write_shard(shard, {n: (t if t.dtype == torch.bfloat16 else t.numpy()) for n, t in buffers.items()},
-                                finite_checked=True)
+        try:
+            if copied is not None:
+                copied.synchronize()
+            for name, flag in non_finite.items():
+                if flag.item():
+                    raise non_finite_error(shard, name, self.writer.dtype)
+            n = self.spans[shard].n_images
+            # numpy views for float16/float32 avoid a copy; numpy has no bfloat16, the store converts it.
+            self.writer.write_shard(shard, {name: (t[:n] if t.dtype == torch.bfloat16 else t[:n].numpy())
+                                            for name, t in buffers.items()}, finite_checked=True)
+        finally:
+            self.free.put(buffers)
 
     def close(self) -> None:
         try:
