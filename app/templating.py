@@ -61,6 +61,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        auto_reload=False,  # templates ship with the code: no file checks on every page
     )
     env.filters.update(datetime=_datetime, date=_date, percent=_percent, number=_number)
     env.globals.update(charts=charts, page_window=page_window)
