@@ -36,8 +36,10 @@ def serve_cmd(
     # now, before they start, so every worker reads the same one and signs sessions alike.
     settings.resolved_secret_key()
     os.environ["USAE_DATA_DIR"] = str(settings.data_dir.resolve())
+    # A worker busy importing torch on a loaded machine can miss uvicorn's 5 s health ping and
+    # be killed and restarted for nothing ("Child process died"); give start-up room.
     uvicorn.run("app.main:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level="info")
+                log_level="info", timeout_worker_healthcheck=60)
 
 
 @user_cli.command("add")
