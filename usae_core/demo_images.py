@@ -37,7 +37,7 @@ SMALL_IMAGES = 300
 PHOTO_EVERY = 6
 """Every 6th image is a photo crop; the others are surfaces."""
 CLEAN_FRACTION = 0.15
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Rgb = np.ndarray  # float32 [SIZE, SIZE, 3] in [0, 1]
 
@@ -174,10 +174,10 @@ def scratch(img: Rgb, rng: np.random.Generator) -> np.ndarray:
     mx, my = (x0 + x2) / 2 - bend * math.sin(angle), (y0 + y2) / 2 + bend * math.cos(angle)
     pts = [((1 - t) ** 2 * x0 + 2 * (1 - t) * t * mx + t * t * x2, (1 - t) ** 2 * y0 + 2 * (1 - t) * t * my + t * t * y2)
            for t in np.linspace(0, 1, 40)]
-    width = rng.uniform(1.0, 2.2)
+    width = rng.uniform(1.8, 3.0)
     alpha = _stroke_alpha(pts, width)
-    shadow = _stroke_alpha([(px + 1.2, py + 1.2) for px, py in pts], width)
-    img *= (1 - 0.35 * np.clip(shadow - alpha, 0, 1))[..., None]
+    shadow = _stroke_alpha([(px + 1.5, py + 1.5) for px, py in pts], width)
+    img *= (1 - 0.6 * np.clip(shadow - alpha, 0, 1))[..., None]
     shine = rng.uniform(0.88, 1.0)
     img[:] = img * (1 - alpha[..., None]) + shine * alpha[..., None]
     return alpha > 0.3
@@ -195,12 +195,17 @@ def _blob(rng: np.random.Generator, radius: float) -> tuple[np.ndarray, float, f
 
 
 def stain(img: Rgb, rng: np.random.Generator) -> np.ndarray:
-    """An irregular discoloured patch (rust, oil or water) with a soft, darker rim."""
-    d, _, _ = _blob(rng, rng.uniform(16, 46))
-    alpha = np.clip((1.15 - d) / 0.3, 0, 1) * rng.uniform(0.55, 0.85)
-    rim = np.exp(-((d - 0.95) ** 2) / 0.005) * 0.25
-    colour = [np.array([0.55, 0.27, 0.08]), np.array([0.12, 0.12, 0.16]), np.array([0.45, 0.4, 0.22])][rng.integers(3)]
-    tinted = img * 0.4 + 0.6 * colour.astype(np.float32)
+    """An irregular, mottled discoloured patch (rust, oil or water) with a dark dried rim.
+
+    Stain colours are darker than every material's palette (a brown stain must not look like
+    wood), so "stain" is a change of colour and a rim, not a texture a material also has."""
+    d, _, _ = _blob(rng, rng.uniform(20, 48))
+    alpha = np.clip((1.15 - d) / 0.3, 0, 1) * rng.uniform(0.7, 0.9)
+    rim = np.exp(-((d - 0.95) ** 2) / 0.005) * 0.5
+    colour = [np.array([0.35, 0.14, 0.04]), np.array([0.06, 0.06, 0.09]), np.array([0.25, 0.24, 0.1])][rng.integers(3)]
+    # Mottled like dried residue: a blotchy grain no material texture has.
+    mottle = 1 + 0.5 * fbm(rng, 24, octaves=2)
+    tinted = img * 0.3 + 0.7 * colour.astype(np.float32) * mottle[..., None]
     img[:] = img * (1 - alpha[..., None]) + tinted * alpha[..., None]
     img *= (1 - rim * (d < 1.15))[..., None]
     return d < 1.0
