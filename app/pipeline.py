@@ -38,7 +38,7 @@ class DemoPlan:
     top_n: int
 
 
-FULL = DemoPlan(name="demo", small=False, concepts=512, k=16, steps=1000, batch_size=2048, lr=4e-3, top_n=12)
+FULL = DemoPlan(name="demo", small=False, concepts=448, k=16, steps=1000, batch_size=2048, lr=4e-3, top_n=12)
 SMALL = DemoPlan(name="demo-small", small=True, concepts=256, k=12, steps=600, batch_size=1024, lr=5e-3, top_n=8)
 
 
@@ -72,18 +72,19 @@ def _timed(stages: list[StageReport], echo: Echo, name: str, fn: Callable[[], tu
 
 
 def build_images(settings: Settings, plan: DemoPlan, seed: int) -> tuple[Path, str, bool]:
-    from usae_core.demo_images import build_demo_set
+    from usae_core.demo_images import build_demo_set, demo_set_is_current
     from usae_core.images import FolderSource
 
     root = demo_images_dir(settings, plan.small)
-    reused = (root / "demo.json").exists()
+    # A set from an older generator (or another seed) is rebuilt, and every later stage with it.
+    reused = demo_set_is_current(root, seed, plan.small)
     if not reused:
-        build_demo_set(root, seed=seed, small=plan.small)
+        build_demo_set(root, seed=seed, small=plan.small, overwrite=True)
     n = len(FolderSource(root).ids)
     return root, f"{n:,} images with defect masks in {root}", reused
 
 
-def extract(settings: Settings, plan: DemoPlan, images: Path, device: str):
+def extract(settings: Settings, plan: DemoPlan, images: Path, device: str, rebuild: bool):
     from usae_core.backbones.registry import default_backbones
     from usae_core.errors import UsaeError
     from usae_core.extract import extract_store
@@ -91,35 +92,41 @@ def extract(settings: Settings, plan: DemoPlan, images: Path, device: str):
 
     out = settings.stores_dir / plan.name
     try:
+        if rebuild:
+            raise UsaeError("the images changed")
         store = ActivationStore.open(out)
         reused = True
     except UsaeError:
-        store = extract_store(images, default_backbones(), out, device=device)
+        store = extract_store(images, default_backbones(), out, device=device, overwrite=rebuild)
         reused = False
     models = ", ".join(f"{n} ({d})" for n, d in store.dims.items())
     grid = "x".join(map(str, store.grid))
     return store, f"{store.n_images:,} images x {grid} tokens from {models}", reused
 
 
-def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int):
+def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, rebuild: bool):
     from usae_core.config import TrainConfig, USAEConfig
     from usae_core.model import USAE
     from usae_core.train import train_usae
 
     run_dir = settings.runs_dir / plan.name
     config_path = run_dir / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()).get("step") == plan.steps:
-        return USAE.from_pretrained(run_dir), run_dir, "trained", True
     ucfg = USAEConfig(model_dims=store.dims, n_concepts=plan.concepts, k=plan.k)
+    saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+    same_plan = saved.get("usae", {}).get("n_concepts") == plan.concepts and saved["usae"].get("k") == plan.k
+    if not rebuild and same_plan and saved.get("step") == plan.steps:
+        return USAE.from_pretrained(run_dir), run_dir, "trained", True
     tcfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, device=device,
                        warmup_steps=min(100, plan.steps // 10), checkpoint_every=max(plan.steps // 4, 1),
                        dead_after_tokens=20 * plan.batch_size)
-    resume = (run_dir / "checkpoints").exists()
+    # Resume an interrupted run of this plan; anything else (new images, another plan) starts again.
+    resume = (run_dir / "checkpoints").exists() and not rebuild and (same_plan or not saved)
     model = train_usae(store, run_dir, ucfg, tcfg, resume=resume, overwrite=not resume)
     return model, run_dir, f"{plan.concepts:,} concepts, k={plan.k}, {plan.steps:,} steps", False
 
 
-def mine(settings: Settings, plan: DemoPlan, run_dir: Path, store, model, device: str) -> tuple[int, str, bool]:
+def mine(settings: Settings, plan: DemoPlan, run_dir: Path, store, model, device: str,
+         rebuild: bool) -> tuple[int, str, bool]:
     from app.db import session_factory
     from app.models import Run
     from app.services.mining import mine_run
@@ -128,7 +135,7 @@ def mine(settings: Settings, plan: DemoPlan, run_dir: Path, store, model, device
     Session = session_factory(settings.db_url)
     with Session() as s:
         run = s.scalars(select(Run).where(Run.run_dir == str(run_dir.resolve()))).first()
-        if run is not None and run.status == "mined":
+        if run is not None and run.status == "mined" and not rebuild:
             return run.id, _mined_summary(run.metrics), True
     outcome = mine_run(settings.db_url, settings.media_dir, run_dir, store, model,
                        cfg=MiningConfig(top_n=plan.top_n), device=device, progress=True)
@@ -172,22 +179,29 @@ def run_demo(settings: Settings, *, small: bool = False, device: str = "auto", s
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings.db_url)
     stages: list[StageReport] = []
-    box: dict = {}
+
+    # A stage that ran again invalidates every stage after it.
+    box: dict = {"rebuild": False}
 
     def images_stage():
         box["images"], summary, reused = build_images(settings, plan, seed)
+        box["rebuild"] |= not reused
         return summary, reused
 
     def extract_stage():
-        box["store"], summary, reused = extract(settings, plan, box["images"], device)
+        box["store"], summary, reused = extract(settings, plan, box["images"], device, box["rebuild"])
+        box["rebuild"] |= not reused
         return summary, reused
 
     def train_stage():
-        box["model"], box["run_dir"], summary, reused = train(settings, plan, box["store"], device, seed)
+        box["model"], box["run_dir"], summary, reused = train(settings, plan, box["store"], device, seed,
+                                                              box["rebuild"])
+        box["rebuild"] |= not reused
         return summary, reused
 
     def mine_stage():
-        box["run_id"], summary, reused = mine(settings, plan, box["run_dir"], box["store"], box["model"], device)
+        box["run_id"], summary, reused = mine(settings, plan, box["run_dir"], box["store"], box["model"], device,
+                                              box["rebuild"])
         return summary, reused
 
     _timed(stages, echo, "1/4 images", images_stage)

@@ -341,6 +341,18 @@ def image_id(index: int) -> str:
 
 
 # ----------------------------------------------------------------------------- the set
+def demo_set_is_current(out_dir: str | Path, seed: int = 0, small: bool = False, *,
+                        n_images: int | None = None) -> bool:
+    """True when `out_dir` holds exactly the set `build_demo_set` would write with these
+    parameters and this version of the generator."""
+    out = Path(out_dir)
+    if not is_demo_set(out):
+        return False
+    params = {"seed": seed, "n_images": n_images or (SMALL_IMAGES if small else FULL_IMAGES), "version": FORMAT_VERSION}
+    existing = json.loads((out / DEMO_MANIFEST).read_text())
+    return {k: existing.get(k) for k in params} == params
+
+
 def build_demo_set(out_dir: str | Path, seed: int = 0, small: bool = False, *, n_images: int | None = None,
                    workers: int | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """Write the demo set to `out_dir` (atomically) and return its path.
@@ -352,8 +364,7 @@ def build_demo_set(out_dir: str | Path, seed: int = 0, small: bool = False, *, n
     n = n_images or (SMALL_IMAGES if small else FULL_IMAGES)
     params = {"seed": seed, "n_images": n, "version": FORMAT_VERSION}
     if is_demo_set(out):
-        existing = json.loads((out / DEMO_MANIFEST).read_text())
-        if {k: existing.get(k) for k in params} == params:
+        if demo_set_is_current(out, seed, small, n_images=n_images):
             return out
         if not overwrite:
             raise UsaeError(f"{out} holds a different demo set; pass --overwrite to rebuild it")

@@ -70,3 +70,21 @@ def test_concept_pages_show_images_for_every_model(demo):
         html = client.get(f"/runs/{run['id']}/concepts/{top}").text
         for model in models:
             assert model in html
+
+
+def test_a_changed_plan_retrains_and_re_mines_but_keeps_the_images_and_store(demo):
+    """After an upgrade changes the demo's plan, a rerun must not serve the old run: a run trained
+    with another dictionary size is trained again and mined again, upstream stages are reused."""
+    import json
+
+    data_dir, _ = demo
+    config = data_dir / "runs" / "demo-small" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["usae"]["n_concepts"] += 1  # as if an older version had trained another size
+    config.write_text(json.dumps(saved))
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--small", "--no-serve", "--data-dir",
+                           str(data_dir)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[1/4 images] reused:" in proc.stdout and "[2/4 extract] reused:" in proc.stdout, proc.stdout
+    assert "[3/4 train] reused:" not in proc.stdout and "[4/4 mine] reused:" not in proc.stdout, proc.stdout
+    assert json.loads(config.read_text())["usae"]["n_concepts"] == saved["usae"]["n_concepts"] - 1
