@@ -91,14 +91,15 @@ def extract(settings: Settings, plan: DemoPlan, images: Path, device: str, rebui
     from usae_core.store import ActivationStore
 
     out = settings.stores_dir / plan.name
-    try:
-        if rebuild:
-            raise UsaeError("the images changed")
-        store = ActivationStore.open(out)
-        reused = True
-    except UsaeError:
+    store = None
+    if not rebuild:
+        try:
+            store = ActivationStore.open(out)
+        except UsaeError:
+            pass  # missing or unfinished: extract (resuming an unfinished store)
+    reused = store is not None
+    if store is None:
         store = extract_store(images, default_backbones(), out, device=device, overwrite=rebuild)
-        reused = False
     models = ", ".join(f"{n} ({d})" for n, d in store.dims.items())
     grid = "x".join(map(str, store.grid))
     return store, f"{store.n_images:,} images x {grid} tokens from {models}", reused

@@ -28,11 +28,10 @@ from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
 from usae_core.errors import UsaeError
 from usae_core.images import FolderSource, defect_types, square_view
-from usae_core.store import ActivationStore, ShardSpan, StoreWriter, non_finite_error
+from usae_core.store import TORCH_DTYPES, ActivationStore, ShardSpan, StoreWriter, non_finite_error
 
 log = logging.getLogger(__name__)
 
-_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 View = tuple[int, str]
 """(side, interpolation) of a square view some backbone reads."""
 
@@ -112,7 +111,7 @@ class _ShardAssembler:
         self.spans = {s.index: s for s in spans}
         self.shard_images = writer.manifest["shard_images"]
         self.dims = {m.store_name: m.dim for m in models}
-        self.dtype = _TORCH_STORAGE[dtype]
+        self.dtype = TORCH_DTYPES[dtype]
         self.pin = pin
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.non_finite: dict[int, dict[str, torch.Tensor]] = {}
@@ -229,8 +228,8 @@ def extract_store(
         raise UsaeError(f"--batch-size must be >= 1, got {batch_size}")
     if not backbones:
         raise UsaeError("give at least one backbone (--models)")
-    if dtype not in _TORCH_STORAGE:
-        raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(_TORCH_STORAGE)}")
+    if dtype not in TORCH_DTYPES:
+        raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     source = source if isinstance(source, FolderSource) else FolderSource(source)
     models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
     grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
@@ -279,9 +278,9 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     for m in models:
         m.to(device).eval()
     runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
-    # Writing a shard converts and checks it on the host; on a GPU several writers keep up with it.
+    # Writers turn full shards into files; on a GPU several of them keep up with the backbones.
     assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=8 if cuda else 1, pin=cuda)
-    storage = _TORCH_STORAGE[writer.dtype]
+    storage = TORCH_DTYPES[writer.dtype]
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
     try:
         for image_indices, batch_views in loader:

@@ -24,6 +24,8 @@ from usae_core.errors import UsaeError
 FORMAT = "usae-activation-store"
 VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+"""The torch dtype of each storage dtype (writers fill buffers of it, readers view shards as it)."""
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from usae_core.store import TORCH_DTYPES
 
 
 def _groups(store, seed: int, start_batch: int, batch_size: int, shuffle_shards: int, rank: int, world_size: int):
@@ -43,7 +43,7 @@ def _read_group(store, models: list[str], group, pin: bool, pool: ThreadPoolExec
     """The group's rows in storage dtype, concatenated in shard order, in (pinned) host memory."""
     def read(model: str) -> torch.Tensor:
         parts = [store.shard(model, store.spans[s].index) for s in group]
-        out = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=_TORCH_STORAGE[store.dtype],
+        out = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=TORCH_DTYPES[store.dtype],
                           pin_memory=pin)
         view = out.view(torch.int16).numpy() if store.dtype == "bfloat16" else out.numpy()
         np.concatenate([p.view(view.dtype) if store.dtype == "bfloat16" else p for p in parts], out=view)
