@@ -56,7 +56,7 @@ def kernels(dev: torch.device) -> None:
             distinct = torch.sort(got.indices, 1).values.diff(dim=1).ne(0).all()
             check(f"topk {label} distinct indices", 0.0 if bool(distinct) else 1.0, 0)
 
-    for n, c, k, d in [(6272, 6144, 32, 768), (2000, 32768, 64, 384), (100, 50, 5, 150)]:
+    for n, c, k, d in [(6272, 6144, 32, 768), (20000, 6144, 32, 384), (2000, 32768, 64, 384), (100, 50, 5, 150)]:
         idx = torch.stack([torch.randperm(c, device=dev, generator=gen)[:k] for _ in range(n)])
         w = torch.randn(n, k, generator=gen, device=dev)
         table = torch.randn(c, d, generator=gen, device=dev)
@@ -72,6 +72,21 @@ def kernels(dev: torch.device) -> None:
         g_w, g_table = gather.decode_backward(order, idx, w, rows, t16)
         check(f"decode_backward values n={n} c={c} d={d}", rel_err(g_w, want_dot), 1e-5)
         check(f"decode_backward table n={n} c={c} d={d}", rel_err(g_table, want_sum), 1e-5)
+        signs = torch.sign(rows).to(torch.int8)
+        g_w, g_table = gather.decode_backward(order, idx, w, signs, t16)
+        check(f"decode_backward int8 values n={n}", rel_err(g_w, (signs.float() @ t16.float().T).gather(1, idx)), 1e-5)
+        check(f"decode_backward int8 table n={n}", rel_err(g_table, z.double().T @ signs.double()), 1e-5)
+        bias = torch.randn(d, generator=gen, device=dev)
+        target = torch.randn(n, d, generator=gen, device=dev)
+        diff = z.double() @ t16.double() + bias.double() - target.double()
+        for kind in ("l1", "mse"):
+            loss, sse, grad = gather.decode_loss_terms(idx, w, t16, bias, target, kind)
+            want_loss = diff.abs().sum() if kind == "l1" else diff.square().sum()
+            check(f"decode_loss_terms {kind} loss n={n} d={d}", rel_err(loss, want_loss), 1e-5)
+            check(f"decode_loss_terms {kind} sse n={n} d={d}", rel_err(sse, diff.square().sum()), 1e-5)
+            want_grad = torch.sign(diff) if kind == "l1" else diff
+            # a sign may flip where |diff| is at float32 rounding; bf16 rounding for mse
+            check(f"decode_loss_terms {kind} grad n={n} d={d}", rel_err(grad, want_grad), 1e-3 if kind == "l1" else 1e-2)
         target = torch.randn(n, d, generator=gen, device=dev)
         want_err = (target.double() - z.double() @ table.double()).square().sum(1)
         check(f"residual_sq n={n} c={c} d={d}", rel_err(gather.residual_sq(idx, w, table, target), want_err), 1e-5)
@@ -119,7 +134,7 @@ def encoder_gradients(dev: torch.device) -> None:
 
 
 def training_steps(dev: torch.device) -> None:
-    """First-step gradients (AuxK active) and parameters after six float32 steps, fused vs plain.
+    """First-step gradients and parameters after six float32 steps, fused vs plain (AuxK active, then none).
 
     Under bf16 both paths differ from float32 by ~15% at initialisation (rounding flips TopK
     choices among near-equal pre-activations), so the fused bf16 gradient must be as close to the
@@ -129,15 +144,21 @@ def training_steps(dev: torch.device) -> None:
     gen = torch.Generator(dev).manual_seed(2)
     batches = [{m: torch.randn(2048, d, generator=gen, device=dev) for m, d in ucfg.model_dims.items()}
                for _ in range(6)]
+    for dead in (True, False):  # AuxK active, and the fused decode + loss path
+        _training_steps(dev, ucfg, batches, dead)
+
+
+def _training_steps(dev, ucfg, batches, dead: bool) -> None:
     grads, params = {}, {}
     for autocast in (False, True):
         tcfg = TrainConfig(steps=100, batch_size=2048, device=str(dev), aux="auxk", aux_k=64,
-                           dead_after_tokens=0, warmup_steps=0, log_every=4, autocast=autocast)
+                           dead_after_tokens=0 if dead else 10**12, warmup_steps=0, log_every=4, autocast=autocast)
         for fused in (False, True):
             trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
             trainer.model.train()
             trainer.fused, trainer.cuda_graphs = fused, False
-            trainer.since_fired[::5] = 10**9  # AuxK active
+            if dead:
+                trainer.since_fired[::5] = 10**9  # AuxK active
             for i, b in enumerate(batches):
                 trainer.train_step(b, "abc"[i % 3])
                 if i == 0:
@@ -145,13 +166,14 @@ def training_steps(dev: torch.device) -> None:
                         [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
             params[autocast, fused] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     reference = grads[False, False]
-    check("fused vs plain: first-step gradients, float32", rel_err(grads[False, True], reference), 1e-4)
+    label = "AuxK" if dead else "no dead latents"
+    check(f"[{label}] fused vs plain: first-step gradients, float32", rel_err(grads[False, True], reference), 1e-4)
     plain_bf16 = rel_err(grads[True, False], reference)
     print(f"     plain bf16 gradient vs float32: {plain_bf16:.2e}")
-    check("fused bf16 gradient vs float32 (tol: 1.2 x plain bf16's)", rel_err(grads[True, True], reference),
+    check(f"[{label}] fused bf16 gradient vs float32 (tol: 1.2 x plain bf16's)", rel_err(grads[True, True], reference),
           1.2 * plain_bf16 + 1e-3)
     initial = torch.cat([p.detach().flatten() for p in Trainer(None, Path("unused"), ucfg, tcfg, []).model.parameters()])
-    check("fused vs plain: float32 parameters after 6 steps (error / distance travelled)",
+    check(f"[{label}] fused vs plain: float32 parameters after 6 steps (error / distance travelled)",
           float((params[False, True] - params[False, False]).norm() / (params[False, False] - initial).norm()), 1e-3)
 
 

@@ -37,7 +37,9 @@ PAPER_DIMS = {"dinov2": 384, "siglip": 768, "vit": 768}
 CONFIGS = {
     "paper": {"n_concepts": 6144, "k": 32, "batch": 6272},
     "paper-50k": {"n_concepts": 6144, "k": 32, "batch": 50176},
+    "paper-100k": {"n_concepts": 6144, "k": 32, "batch": 100352},
     "wide": {"n_concepts": 32768, "k": 64, "batch": 12544},
+    "wide-50k": {"n_concepts": 32768, "k": 64, "batch": 50176},
 }
 IMPLS = ("ours", "ours-eager", "ours-plain", "ours-dead10", "reference-fp32", "reference-bf16")
 
@@ -72,10 +74,10 @@ class PlantedStream:
 
 
 def make_ours(cfg: dict, device: torch.device, *, plain: bool = False, steps: int = 10**6, lr: float = 3e-4,
-              seed: int = 0) -> Trainer:
+              seed: int = 0, warmup_tokens: int = 100 * 6272) -> Trainer:
     ucfg = USAEConfig(model_dims=dict(PAPER_DIMS), n_concepts=cfg["n_concepts"], k=cfg["k"], encoder="mlp_bn")
     tcfg = TrainConfig(steps=steps, batch_size=cfg["batch"], lr=lr, loss="l1", aux="auxk", device=str(device),
-                       seed=seed, log_every=50)
+                       seed=seed, log_every=50, warmup_steps=max(1, round(warmup_tokens / cfg["batch"])))
     trainer = Trainer(None, Path(tempfile.gettempdir()), ucfg, tcfg, [])
     trainer.model.train()
     trainer.fused = not plain
@@ -156,18 +158,29 @@ def r2_matrix(reconstruct, batches: list[dict]) -> list[list[float]]:
 
 
 def quality_suite(args, device: torch.device) -> dict:
-    """Same planted tokens, same order, same learning-rate schedule: compare R^2 after training."""
-    cfg = CONFIGS["paper"]
+    """Same planted tokens, same learning-rate schedule shape: compare R^2 after training.
+
+    The reference trains on the paper's 6272-token batches at lr 3e-4; ours on the batches of
+    `--quality-config` at `--quality-lr` (a large-batch run sees the same tokens in fewer steps:
+    token i of the stream is the same for both)."""
+    ref_cfg, our_cfg = CONFIGS["paper"], CONFIGS[args.quality_config]
     names = list(PAPER_DIMS)
     stream = PlantedStream(PAPER_DIMS, device, seed=1)
-    steps = args.quality_tokens // cfg["batch"]
+    unit = ref_cfg["batch"]
+    if our_cfg["batch"] % unit:
+        raise SystemExit(f"--quality-config batch must be a multiple of {unit}")
+    chunks = args.quality_tokens // our_cfg["batch"] * (our_cfg["batch"] // unit)  # stream chunks of 6272 tokens
     held_out = [stream.batch(10**7 + i, 8192) for i in range(4)]
-    results = {"tokens": steps * cfg["batch"], "batch": cfg["batch"], "steps": steps}
-    runs = {"ours": make_ours(cfg, device, steps=steps), "reference-bf16": make_reference(cfg, device, bf16=True, steps=steps)}
-    for label, impl in runs.items():
+    results = {"tokens": chunks * unit, "reference_batch": unit, "ours_batch": our_cfg["batch"], "ours_lr": args.quality_lr}
+    runs = {"ours": (make_ours(our_cfg, device, steps=chunks * unit // our_cfg["batch"], lr=args.quality_lr), our_cfg),
+            "reference-bf16": (make_reference(ref_cfg, device, bf16=True, steps=chunks), ref_cfg)}
+    for label, (impl, cfg) in runs.items():
         t0 = time.perf_counter()
-        for s in range(steps):
-            impl.train_step(stream.batch(s, cfg["batch"]), names[source_for_step(0, s, len(names))])
+        per_step = cfg["batch"] // unit
+        for s in range(chunks // per_step):
+            parts = [stream.batch(s * per_step + i, unit) for i in range(per_step)]
+            batch = {m: torch.cat([p[m] for p in parts]) for m in names}
+            impl.train_step(batch, names[source_for_step(0, s, len(names))])
         sync(device)
         if label == "ours":
             model = impl.model.eval()
@@ -261,6 +274,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="distinct resident batches, rotated")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--quality-tokens", type=int, default=0)
+    parser.add_argument("--quality-config", default="paper", help="our batch size for the quality suite")
+    parser.add_argument("--quality-lr", type=float, default=3e-4, help="our learning rate for the quality suite")
     parser.add_argument("--e2e-images", type=int, default=0, help="images in the on-disk store (256 tokens each)")
     parser.add_argument("--e2e-configs", default="paper-50k", type=lambda s: s.split(","))
     parser.add_argument("--e2e-steps", type=int, default=100)

@@ -9,7 +9,8 @@ from usae_core.sparse import sparse_decode
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean absolute (`l1`, the paper) or mean squared (`mse`) error over all elements."""
-    diff = recon.float() - target.float()
+    acc = torch.float64 if torch.float64 in (recon.dtype, target.dtype) else torch.float32
+    diff = recon.to(acc) - target.to(acc)
     return diff.abs().mean() if kind == "l1" else diff.square().mean()
 
 

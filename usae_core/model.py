@@ -135,6 +135,13 @@ class USAE(nn.Module):
         i = self.index(model)
         return code.decode(self.dictionaries[i], dtype) + self.decoder_biases[i]
 
+    def decode_loss_sparse(self, code: SparseCode, model: str, target: torch.Tensor, kind: str,
+                           dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction loss of `decode_sparse` against `target` and its sum of squared
+        errors, without materialising the reconstruction (SparseCode.decode_loss)."""
+        i = self.index(model)
+        return code.decode_loss(self.dictionaries[i], self.decoder_biases[i], target, kind, dtype)
+
     def dense_codes(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The code as a dense `[batch, n_concepts]` tensor (for analysis, not the hot path)."""
         z = torch.zeros(values.shape[0], self.cfg.n_concepts, dtype=values.dtype, device=values.device)

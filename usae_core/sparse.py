@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, gather_decode
+from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, decode_loss_terms, gather_decode
 from usae_core.kernels.topk import TopK, relu_topk
 
 
@@ -48,6 +48,13 @@ class SparseCode:
         """`[batch, dim]` reconstruction; gradients flow to `values` and `dictionary`."""
         return _SparseDecode.apply(self.values, dictionary, self, out_dtype or dictionary.dtype)
 
+    def decode_loss(self, dictionary: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, kind: str,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean "l1" or "mse" loss of `decode(dictionary) + bias` against `target`, and the
+        sum of squared errors (no gradient), in one pass that never writes the reconstruction;
+        gradients flow to `values`, `dictionary` and `bias`."""
+        return _SparseDecodeLoss.apply(self.values, dictionary, bias, self, target, kind, dtype or dictionary.dtype)
+
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
@@ -63,6 +70,32 @@ class _SparseDecode(torch.autograd.Function):
         code = ctx.code
         g_values, g_dict = decode_backward(code.order, code.indices, values, grad.contiguous(), ctx.table)
         return g_values, g_dict.to(ctx.dict_dtype), None, None
+
+
+class _SparseDecodeLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, dictionary, bias, code: SparseCode, target, kind: str, compute_dtype: torch.dtype):
+        table = dictionary.detach().to(compute_dtype)
+        loss_sum, sse, grad = decode_loss_terms(code.indices, values.detach(), table, bias.detach(), target.detach(), kind)
+        n = target.numel()
+        ctx.code, ctx.table, ctx.grad = code, table, grad
+        ctx.dtypes = (dictionary.dtype, bias.dtype)
+        ctx.scale = (1.0 if kind == "l1" else 2.0) / n  # d(mean |diff|) = sign / n, d(mean diff^2) = 2 diff / n
+        ctx.save_for_backward(values)
+        ctx.mark_non_differentiable(sse)
+        return loss_sum / n, sse
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_sse):
+        (values,) = ctx.saved_tensors
+        code, grad = ctx.code, ctx.grad
+        g_values, g_dict = decode_backward(code.order, code.indices, values, grad, ctx.table)
+        scale = g_loss * ctx.scale  # a device scalar: no host sync
+        acc = torch.float64 if ctx.table.dtype == torch.float64 else torch.float32
+        g_bias = grad.sum(0, dtype=acc)
+        dict_dtype, bias_dtype = ctx.dtypes
+        return ((g_values * scale).to(values.dtype), (g_dict * scale).to(dict_dtype), (g_bias * scale).to(bias_dtype),
+                None, None, None, None)
 
 
 @dataclass

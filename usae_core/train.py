@@ -62,10 +62,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _batch_r2(recon: torch.Tensor, target: torch.Tensor) -> float:
-    resid = (target - recon).float().square().sum()
+def _batch_r2(sse: torch.Tensor, target: torch.Tensor) -> float:
+    """R^2 of a reconstruction of `target` whose sum of squared errors is `sse`."""
     total = (target - target.mean(0)).float().square().sum().clamp_min(1e-12)
-    return float(1 - resid / total)
+    return float(1 - sse / total)
 
 
 class Trainer:
@@ -187,9 +187,9 @@ class Trainer:
         dead = self.since_fired > cfg.dead_after_tokens
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
             if self.fused:
-                total, losses, recons, values, indices = self._fused_forward(batch, source, dead, k_aux)
+                total, losses, sse, values, indices = self._fused_forward(batch, source, dead, k_aux)
             else:
-                total, losses, recons, values, indices = self._plain_forward(batch, source, dead)
+                total, losses, sse, values, indices = self._plain_forward(batch, source, dead)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.world_size > 1:
@@ -204,7 +204,7 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(fired)
         self.since_fired.add_(values.shape[0] * self.world_size).masked_fill_(fired > 0, 0)
-        return {"loss": total.detach(), "losses": losses, "recons": recons, "values": values.detach()}
+        return {"loss": total.detach(), "losses": losses, "sse": sse, "values": values.detach()}
 
     def _graph_step(self, batch: dict[str, torch.Tensor], source: str, k_aux: int) -> dict[str, torch.Tensor]:
         """`_step` through a CUDA graph per (source, AuxK width): the first call of each runs
@@ -254,7 +254,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         pre = model.pre_codes(batch[source], source)
         values, indices = torch.topk(pre, model.cfg.k, dim=1, sorted=False)
-        losses, recons = {}, {}
+        losses, sse = {}, {}
         total = torch.zeros((), device=self.device)
         for target in self.names:
             d = model.dictionary(target)
@@ -269,8 +269,8 @@ class Trainer:
                 aux = torch.zeros((), device=self.device)
             total = total + rec_loss + cfg.aux_weight * aux
             losses[target] = rec_loss
-            recons[target] = recon.detach()
-        return total, losses, recons, values, indices
+            sse[target] = residual.square().sum()
+        return total, losses, sse, values, indices
 
     def _fused_forward(self, batch: dict[str, torch.Tensor], source: str, dead: torch.Tensor, k_aux: int) -> tuple:
         """The same losses as `_plain_forward` (auxk/none), computed from the k active entries
@@ -279,19 +279,21 @@ class Trainer:
         compute = torch.bfloat16 if self.autocast else batch[source].dtype
         code, aux_code = model.encode_sparse(batch[source].to(compute), source, dead if k_aux else None, k_aux,
                                              sync_stats=self.world_size > 1)
-        losses, recons = {}, {}
+        losses, sse = {}, {}
         total = torch.zeros((), device=self.device)
         for target in self.names:
-            recon = model.decode_sparse(code, target, compute)
-            rec_loss = reconstruction_loss(recon, batch[target], cfg.loss)
-            total = total + rec_loss
-            if aux_code is not None:
+            if aux_code is None:  # the common case: loss and gradient without a reconstruction tensor
+                rec_loss, sse[target] = model.decode_loss_sparse(code, target, batch[target], cfg.loss, compute)
+            else:
+                recon = model.decode_sparse(code, target, compute)
+                rec_loss = reconstruction_loss(recon, batch[target], cfg.loss)
                 residual = (batch[target] - recon).detach()
                 aux_recon = aux_code.decode(model.dictionary(target), compute)
                 total = total + cfg.aux_weight * auxk_residual_loss(aux_recon, residual, dead)
+                sse[target] = residual.square().sum()
+            total = total + rec_loss
             losses[target] = rec_loss
-            recons[target] = recon.detach()
-        return total, losses, recons, code.values, code.indices
+        return total, losses, sse, code.values, code.indices
 
     def _auxk_width(self) -> int:
         """Latents the AuxK term must consider: min(aux_k, dead count, rounded up to a power of two).
@@ -367,7 +369,7 @@ class Trainer:
             "source": source,
             "loss": float(out["loss"]),
             "losses": {m: float(v.detach()) for m, v in out["losses"].items()},
-            "r2": {m: _batch_r2(out["recons"][m], batch[m]) for m in self.names},
+            "r2": {m: _batch_r2(out["sse"][m], batch[m]) for m in self.names},
             "l0": float((out["values"] > self.cfg.fire_threshold).sum(1).float().mean()),
             "dead_fraction": float((self.since_fired > self.cfg.dead_after_tokens).float().mean()),
             "lr": float(self.scheduler.get_last_lr()[0]),  # a device tensor under CUDA graphs

@@ -14,7 +14,9 @@ from torch import nn
 
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.kernels import HAVE_TRITON
-from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, gather_decode, residual_sq, row_dot
+from usae_core.kernels import gather
+from usae_core.kernels.gather import (ConceptOrder, concept_sum, decode_backward, decode_loss_terms, gather_decode,
+                                      residual_sq, row_dot)
 from usae_core.kernels.topk import relu_topk
 from usae_core.losses import auxk_loss, auxk_residual_loss
 from usae_core.sparse import sparse_decode, topk_encode
@@ -40,10 +42,14 @@ def test_plain_sparse_decode_is_the_dense_product():
 
 
 def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) -> None:
-    """gather_decode / row_dot / concept_sum / decode_backward against dense float64 products."""
+    """gather_decode / row_dot / concept_sum / decode_backward / decode_loss_terms against dense
+    float64 products."""
     gen = torch.Generator().manual_seed(1)
     batch, n_concepts, k, dim = 37, 50, 5, 150  # dim spans two 128-wide column blocks
     idx = _random_code(gen, batch, n_concepts, k)
+    others = torch.tensor([c for c in range(n_concepts) if c != 7])
+    for b in range(20):  # a frequent concept: its entries run across several windows
+        idx[b] = torch.cat([torch.tensor([7]), others[torch.randperm(len(others), generator=gen)[: k - 1]]])
     w = torch.randn(batch, k, generator=gen)
     table = torch.randn(n_concepts, dim, generator=gen)
     rows = torch.randn(batch, dim, generator=gen)
@@ -54,16 +60,34 @@ def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) ->
     torch.testing.assert_close(decoded.double(), z @ t64, rtol=tol, atol=tol)
     dots = row_dot(idx, rows.to(dtype), table.to(table_dtype))
     torch.testing.assert_close(dots.double(), (r64 @ t64.T).gather(1, idx), rtol=tol, atol=tol)
-    order = ConceptOrder.build(idx, n_concepts)
-    summed = concept_sum(order, idx, w, rows.to(dtype), n_concepts)
-    torch.testing.assert_close(summed.double(), z.T @ r64, rtol=tol, atol=tol)
-    twice = concept_sum(order, idx, w, rows.to(dtype), n_concepts, out=summed.clone())
-    torch.testing.assert_close(twice.double(), 2 * z.T @ r64, rtol=tol, atol=tol)
+    for item in (1024, 4):  # one work item per concept, and several for the frequent one
+        gather._ITEM = item
+        order = ConceptOrder.build(idx, n_concepts)
+        summed = concept_sum(order, idx, w, rows.to(dtype), n_concepts)
+        torch.testing.assert_close(summed.double(), z.T @ r64, rtol=tol, atol=tol)
+        twice = concept_sum(order, idx, w, rows.to(dtype), n_concepts, out=summed.clone())
+        torch.testing.assert_close(twice.double(), 2 * z.T @ r64, rtol=tol, atol=tol)
+        g_w, g_table = decode_backward(order, idx, w, rows.to(dtype), table.to(table_dtype))
+        torch.testing.assert_close(g_w.double(), (r64 @ t64.T).gather(1, idx), rtol=tol, atol=tol)
+        torch.testing.assert_close(g_table.double(), z.T @ r64, rtol=tol, atol=tol)
+        signs = torch.sign(rows).to(torch.int8)  # what an L1 loss leaves for the backward
+        g_w, g_table = decode_backward(order, idx, w, signs, table.to(table_dtype))
+        torch.testing.assert_close(g_w.double(), (signs.double() @ t64.T).gather(1, idx), rtol=tol, atol=tol)
+        torch.testing.assert_close(g_table.double(), z.T @ signs.double(), rtol=tol, atol=tol)
+    gather._ITEM = 1024
     err = residual_sq(idx, w, table.to(table_dtype), rows.to(dtype))
     torch.testing.assert_close(err.double(), (r64 - z @ t64).square().sum(1), rtol=tol, atol=tol)
-    g_w, g_table = decode_backward(order, idx, w, rows.to(dtype), table.to(table_dtype))
-    torch.testing.assert_close(g_w.double(), (r64 @ t64.T).gather(1, idx), rtol=tol, atol=tol)
-    torch.testing.assert_close(g_table.double(), z.T @ r64, rtol=tol, atol=tol)
+    bias = torch.randn(dim, generator=gen)
+    diff = z @ t64 + bias.double() - r64
+    for kind, want_loss, want_grad in (("l1", diff.abs().sum(), torch.sign(diff)), ("mse", diff.square().sum(), diff)):
+        loss, sse, grad = decode_loss_terms(idx, w, table.to(table_dtype), bias, rows.to(dtype), kind)
+        torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol)
+        torch.testing.assert_close(sse.double(), diff.square().sum(), rtol=tol, atol=tol)
+        if kind == "l1":
+            assert grad.dtype == torch.int8 and torch.equal(grad.double(), want_grad)
+        else:
+            torch.testing.assert_close(grad.double(), want_grad, rtol=tol * 100 if table_dtype == torch.bfloat16 else tol,
+                                       atol=tol * 100 if table_dtype == torch.bfloat16 else tol)
 
 
 def _check_topk() -> None:
@@ -187,11 +211,13 @@ def test_auxk_width_above_the_dead_count_gives_the_exact_auxk_loss():
     torch.testing.assert_close(narrow, full)
 
 
-@pytest.mark.parametrize("encoder", ["mlp_bn", "linear"])
-def test_fused_training_step_matches_the_plain_step(encoder):
+@pytest.mark.parametrize("encoder,loss,dead", [("mlp_bn", "l1", True), ("linear", "l1", True),
+                                               ("mlp_bn", "l1", False), ("mlp_bn", "mse", False)])
+def test_fused_training_step_matches_the_plain_step(encoder, loss, dead):
+    """With dead latents (AuxK active) and without (the fused decode + loss path)."""
     ucfg = USAEConfig(model_dims={"a": 12, "b": 20, "c": 8}, n_concepts=40, k=4, encoder=encoder)
-    tcfg = TrainConfig(steps=10, batch_size=64, lr=1e-2, device="cpu", aux="auxk", aux_k=16,
-                       dead_after_tokens=0, warmup_steps=0, log_every=3)
+    tcfg = TrainConfig(steps=10, batch_size=64, lr=1e-2, device="cpu", aux="auxk", aux_k=16, loss=loss,
+                       dead_after_tokens=0 if dead else 10**9, warmup_steps=0, log_every=3)
     gen = torch.Generator().manual_seed(6)
     batches = [{m: torch.randn(64, d, generator=gen).double() for m, d in ucfg.model_dims.items()} for _ in range(5)]
     finals = []
@@ -199,8 +225,9 @@ def test_fused_training_step_matches_the_plain_step(encoder):
         trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
         trainer.model.double().train()
         trainer.fused = fused
-        trainer.since_fired[::3] = 100  # a third of the concepts start dead, so AuxK is active
-        losses = [float(trainer.train_step(b, "abc"[i % 3])["loss"]) for i, b in enumerate(batches)]
+        trainer.since_fired[::3] = 100  # with dead=True a third of the concepts start dead: AuxK is active
+        outs = [trainer.train_step(b, "abc"[i % 3]) for i, b in enumerate(batches)]
+        losses = [float(o["loss"]) for o in outs] + [float(o["sse"][m]) for o in outs for m in "abc"]
         finals.append((losses, {**dict(trainer.model.named_parameters()), **dict(trainer.model.named_buffers())}))
     (plain_losses, plain), (fused_losses, fused) = finals
     assert plain_losses == pytest.approx(fused_losses, rel=1e-9)

@@ -9,10 +9,14 @@ With a code given as `indices, weights` (`[batch, k]` each) and a table `[n_conc
 - `decode_backward`: both gradients of a decode in one pass (each gradient row read once).
 - `residual_sq`:    out[b] = || target[b] - sum_j weights[b, j] * table[indices[b, j]] ||^2
   (reconstruction error without materialising the reconstruction; mining's R^2 matrix)
+- `decode_loss_terms`: a decode plus bias against a target, reduced to the L1 or MSE loss, the
+  squared error and the per-element loss gradient (training never writes the reconstruction).
 
 `concept_sum` and `decode_backward` walk the code sorted by concept (a `ConceptOrder`, built
-once per code and shared by every product over it), so each output row is summed by one
-program, without atomics. The Triton kernels accumulate in float32 whatever the input dtype.
+once per code and shared by every product over it) in work items of at most `_ITEM` entries
+of one concept; each item adds its partial row with one float32 atomic row addition, so
+summation order (and the last bits of the result) may vary between CUDA runs. The Triton
+kernels accumulate in float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -26,21 +30,37 @@ from usae_core.kernels import HAVE_TRITON, use_triton
 
 
 
+_ITEM = 1024
+"""Entries per work item of the per-concept kernels: a frequent concept is split over several
+programs, so one concept firing on most tokens no longer leaves a single program running long
+after the rest (concept frequencies are heavy-tailed)."""
+
+
 @dataclass(frozen=True)
 class ConceptOrder:
-    """The entries of a `[batch, k]` code sorted by concept."""
+    """The entries of a `[batch, k]` code sorted by concept, cut into work items of at most
+    `_ITEM` entries of one concept each."""
 
     slots: torch.Tensor
     """`[batch * k]` int64 flat positions (b * k + j), grouped by concept."""
     starts: torch.Tensor
     """`[n_concepts + 1]` int64: concept c owns slots[starts[c]:starts[c + 1]]."""
+    items: torch.Tensor
+    """`[n_concepts + 1]` int64: concept c owns work items items[c]:items[c + 1]."""
 
     @classmethod
     def build(cls, indices: torch.Tensor, n_concepts: int) -> "ConceptOrder":
         # int32 keys halve the radix passes of the sort; no host sync anywhere.
         keys, slots = torch.sort(indices.reshape(-1).to(torch.int32))
         bounds = torch.arange(n_concepts + 1, dtype=torch.int32, device=indices.device)
-        return cls(slots, torch.searchsorted(keys, bounds).to(torch.int64))
+        starts = torch.searchsorted(keys, bounds).to(torch.int64)
+        items = torch.zeros_like(starts)
+        torch.cumsum(starts.diff().add_(_ITEM - 1).div_(_ITEM, rounding_mode="floor"), 0, out=items[1:])
+        return cls(slots, starts, items)
+
+    def max_items(self) -> int:
+        """An upper bound of the work items, known without reading the device."""
+        return self.slots.numel() // _ITEM + len(self.starts) - 1
 
 
 def gather_decode(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
@@ -82,11 +102,35 @@ def concept_sum(order: ConceptOrder, indices: torch.Tensor, weights: torch.Tenso
 
 def decode_backward(order: ConceptOrder, indices: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor,
                     table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `gather_decode` given the output gradient: (`row_dot`, `concept_sum`)."""
-    if use_triton(grad) and _kernel_dtypes(grad, weights, table):
+    """Gradients of `gather_decode` given the output gradient: (`row_dot`, `concept_sum`).
+
+    `grad` may be int8 (the signs an L1 loss leaves, see `decode_loss_terms`)."""
+    if use_triton(grad) and _kernel_dtypes(weights, table) and (grad.dtype == torch.int8 or _kernel_dtypes(grad)):
         return _decode_backward_triton(order, weights, grad, table, indices.shape[1])
     n_concepts = table.shape[0]
-    return row_dot(indices, grad, table), concept_sum(order, indices, weights, grad, n_concepts)
+    rows = grad if grad.is_floating_point() else grad.to(weights.dtype)
+    return row_dot(indices, rows, table), concept_sum(order, indices, weights, rows, n_concepts)
+
+
+def decode_loss_terms(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, bias: torch.Tensor,
+                      target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over a decode and its reconstruction loss, without keeping the reconstruction.
+
+    With diff = gather_decode(...) + bias - target, returns float32 scalars
+    (`sum |diff|` for "l1" or `sum diff^2` for "mse", and `sum diff^2`) and the loss gradient
+    per element up to its constant factor: int8 `sign(diff)` for "l1" (exact, and a quarter of
+    float32's bytes for the backward to read), `diff` in `table.dtype` for "mse"."""
+    if kind not in ("l1", "mse"):
+        raise ValueError(f"unknown loss {kind!r}")
+    if use_triton(table) and _kernel_dtypes(table, weights, bias, target):
+        return _decode_loss_triton(indices, weights, table, bias, target, kind)
+    acc = torch.float64 if table.dtype == torch.float64 else torch.float32
+    decoded = F.embedding_bag(indices, table.to(acc), per_sample_weights=weights.to(acc), mode="sum")
+    diff = decoded + bias.to(acc) - target.to(acc)
+    sse = diff.square().sum()
+    if kind == "l1":
+        return diff.abs().sum(), sse, torch.sign(diff).to(torch.int8)
+    return sse, sse, diff.to(table.dtype)
 
 
 def residual_sq(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
@@ -107,6 +151,18 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _gathered_tile(idx_ptr, w_ptr, table_ptr, rows64, rmask, cols, mask, stride_t,
+                       K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        """sum_j w[b, j] * table[idx[b, j], cols] for a tile of rows, in float32."""
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for j in range(K):
+            c = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0)
+            w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0).to(tl.float32)
+            t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+            acc += w[:, None] * t.to(tl.float32)
+        return acc
+
+    @triton.jit
     def _gather_decode_kernel(idx_ptr, w_ptr, table_ptr, out_ptr, B, D, stride_t, stride_o,
                               K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -114,12 +170,7 @@ if HAVE_TRITON:
         rmask = rows < B
         mask = rmask[:, None] & (cols < D)[None, :]
         rows64 = rows.to(tl.int64)
-        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-        for j in range(K):
-            c = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0)
-            w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0).to(tl.float32)
-            t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
-            acc += w[:, None] * t.to(tl.float32)
+        acc = _gathered_tile(idx_ptr, w_ptr, table_ptr, rows64, rmask, cols, mask, stride_t, K, BLOCK_B, BLOCK_D)
         tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -133,47 +184,35 @@ if HAVE_TRITON:
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = rmask[:, None] & (cols < D)[None, :]
             acc = tl.load(target_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            for j in range(K):
-                c = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0)
-                w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0).to(tl.float32)
-                t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
-                acc -= w[:, None] * t.to(tl.float32)
+            acc -= _gathered_tile(idx_ptr, w_ptr, table_ptr, rows64, rmask, cols, mask, stride_t, K, BLOCK_B, BLOCK_D)
             total += tl.sum(acc * acc, axis=1)
         tl.store(out_ptr + rows64, total, mask=rmask)
 
     @triton.jit
-    def _decode_backward_kernel(starts_ptr, slots_ptr, w_ptr, grad_ptr, table_ptr, g_table_ptr, g_w_ptr,
-                                D, stride_g, stride_t, stride_gt,
-                                K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per concept c, over the whole row: every gradient row grad[b] gathered for
-        # an entry (b, j) of c feeds both  g_table[c] += w[b, j] * grad[b]  and  g_w[b, j] = <grad[b], table[c]>.
-        concept = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_D)
+    def _concept_item_kernel(items_ptr, starts_ptr, slots_ptr, w_ptr, rows_ptr, table_ptr, out_ptr, g_w_ptr,
+                             C, D, stride_r, stride_t, stride_o,
+                             K: tl.constexpr, ITEM: tl.constexpr, SEARCH: tl.constexpr, BLOCK_E: tl.constexpr,
+                             BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        # Program (item, column block): up to ITEM entries (b, j) of one concept c add
+        # sum w[b, j] * rows[b] to out[c] (one atomic row addition per item); with DOT also
+        # g_w[b, j] += <rows[b], table[c]> over this column block.
+        item = tl.program_id(0).to(tl.int64)
+        if item >= tl.load(items_ptr + C):
+            return  # the grid is an upper bound of the item count
+        lo = tl.full([], 0, tl.int64)  # binary search: the concept c with items[c] <= item < items[c + 1]
+        hi = tl.full([], 0, tl.int64) + C
+        for _ in range(SEARCH):
+            mid = (lo + hi) // 2
+            right = tl.load(items_ptr + mid) <= item
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        concept = lo
+        first = tl.load(starts_ptr + concept) + (item - tl.load(items_ptr + concept)) * ITEM
+        last = tl.minimum(first + ITEM, tl.load(starts_ptr + concept + 1))
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        t = tl.load(table_ptr + concept * stride_t + cols, mask=cmask, other=0.0).to(tl.float32)
-        first = tl.load(starts_ptr + concept)
-        last = tl.load(starts_ptr + concept + 1)
-        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
-        for e0 in range(first, last, BLOCK_E):
-            entries = e0 + tl.arange(0, BLOCK_E)
-            emask = entries < last
-            slot = tl.load(slots_ptr + entries, mask=emask, other=0)
-            w = tl.load(w_ptr + slot, mask=emask, other=0.0).to(tl.float32)
-            r = tl.load(grad_ptr + (slot // K)[:, None] * stride_g + cols[None, :],
-                        mask=emask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            acc += w[:, None] * r
-            tl.store(g_w_ptr + slot, tl.sum(r * t[None, :], axis=1), mask=emask)
-        tl.store(g_table_ptr + concept * stride_gt + cols, tl.sum(acc, axis=0), mask=cmask)
-
-    @triton.jit
-    def _concept_sum_kernel(starts_ptr, slots_ptr, w_ptr, rows_ptr, out_ptr, D, stride_r, stride_o,
-                            K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per concept, over the whole row (as _decode_backward_kernel, without the dot).
-        concept = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        first = tl.load(starts_ptr + concept)
-        last = tl.load(starts_ptr + concept + 1)
+        if DOT:
+            t = tl.load(table_ptr + concept * stride_t + cols, mask=cmask, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
         for e0 in range(first, last, BLOCK_E):
             entries = e0 + tl.arange(0, BLOCK_E)
@@ -181,10 +220,37 @@ if HAVE_TRITON:
             slot = tl.load(slots_ptr + entries, mask=emask, other=0)
             w = tl.load(w_ptr + slot, mask=emask, other=0.0).to(tl.float32)
             r = tl.load(rows_ptr + (slot // K)[:, None] * stride_r + cols[None, :],
-                        mask=emask[:, None] & cmask[None, :], other=0.0)
-            acc += w[:, None] * r.to(tl.float32)
-        out_at = out_ptr + concept * stride_o + cols
-        tl.store(out_at, tl.load(out_at, mask=cmask, other=0.0) + tl.sum(acc, axis=0), mask=cmask)
+                        mask=emask[:, None] & cmask[None, :], other=0).to(tl.float32)
+            acc += w[:, None] * r
+            if DOT:
+                tl.atomic_add(g_w_ptr + slot, tl.sum(r * t[None, :], axis=1), mask=emask, sem="relaxed")
+        tl.atomic_add(out_ptr + concept * stride_o + cols, tl.sum(acc, axis=0), mask=cmask, sem="relaxed")
+
+    @triton.jit
+    def _decode_loss_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, target_ptr, grad_ptr, part_ptr,
+                            B, D, stride_t, stride_x, stride_g,
+                            K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < B
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        acc = _gathered_tile(idx_ptr, w_ptr, table_ptr, rows64, rmask, cols, mask, stride_t, K, BLOCK_B, BLOCK_D)
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x = tl.load(target_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        diff = tl.where(mask, acc - x.to(tl.float32), 0.0)
+        sq = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        if L1:
+            grad = tl.where(diff > 0, 1, tl.where(diff < 0, -1, 0)).to(tl.int8)
+            loss = tl.sum(tl.sum(tl.abs(diff), axis=1), axis=0)
+        else:
+            grad = diff.to(grad_ptr.dtype.element_ty)
+            loss = sq
+        tl.store(grad_ptr + rows64[:, None] * stride_g + cols[None, :], grad, mask=mask)
+        part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 2
+        tl.store(part_ptr + part, loss)
+        tl.store(part_ptr + part + 1, sq)
 
 
 _BLOCK_D = 128
@@ -213,21 +279,45 @@ def _residual_sq_triton(indices, weights, table, target):
     return out
 
 
+_BLOCK_E = 16  # entries per loop iteration of a work item
+
+
+def _concept_items(order: ConceptOrder, weights, rows, out, k, table=None, g_w=None) -> None:
+    n_concepts, d = len(order.starts) - 1, rows.shape[1]
+    block_d = 128 if d >= 128 else max(16, triton.next_power_of_2(d))
+    dot = table is not None
+    grid = (max(1, order.max_items()), triton.cdiv(d, block_d))
+    _concept_item_kernel[grid](
+        order.items, order.starts, order.slots, weights, rows, table if dot else rows, out, g_w if dot else out,
+        n_concepts, d, rows.stride(0), table.stride(0) if dot else 0, out.stride(0),
+        K=k, ITEM=_ITEM, SEARCH=max(1, n_concepts.bit_length()), BLOCK_E=_BLOCK_E, BLOCK_D=block_d, DOT=dot,
+        num_warps=4,
+    )
+
+
 def _decode_backward_triton(order, weights, grad, table, k):
     weights, grad, table = weights.contiguous(), grad.contiguous(), table.contiguous()
-    n_concepts, d = table.shape
-    g_w = torch.empty(weights.shape, dtype=torch.float32, device=grad.device)
-    g_table = torch.empty(n_concepts, d, dtype=torch.float32, device=grad.device)
-    block_d = triton.next_power_of_2(d)
-    _decode_backward_kernel[(n_concepts,)](order.starts, order.slots, weights, grad, table, g_table, g_w,
-                                           d, grad.stride(0), table.stride(0), g_table.stride(0),
-                                           K=k, BLOCK_E=max(1, 8192 // block_d), BLOCK_D=block_d, num_warps=8)
+    g_w = torch.zeros(weights.shape, dtype=torch.float32, device=grad.device)
+    g_table = torch.zeros(table.shape, dtype=torch.float32, device=grad.device)
+    _concept_items(order, weights, grad, g_table, k, table=table, g_w=g_w)
     return g_w, g_table
 
 
 def _concept_sum_triton(order, weights, rows, out, k):
-    weights, rows = weights.contiguous(), rows.contiguous()
-    n_concepts, d = out.shape
-    block_d = triton.next_power_of_2(d)
-    _concept_sum_kernel[(n_concepts,)](order.starts, order.slots, weights, rows, out, d, rows.stride(0), out.stride(0),
-                                       K=k, BLOCK_E=max(1, 8192 // block_d), BLOCK_D=block_d, num_warps=8)
+    _concept_items(order, weights.contiguous(), rows.contiguous(), out, k)
+
+
+def _decode_loss_triton(indices, weights, table, bias, target, kind):
+    indices, weights, table, target = indices.contiguous(), weights.contiguous(), table.contiguous(), target.contiguous()
+    n, k = indices.shape
+    d = table.shape[1]
+    l1 = kind == "l1"
+    grad = torch.empty(n, d, dtype=torch.int8 if l1 else table.dtype, device=table.device)
+    block_b = 32
+    grid = (triton.cdiv(n, block_b), triton.cdiv(d, _BLOCK_D))
+    parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=table.device)
+    _decode_loss_kernel[grid](indices, weights, table, bias.contiguous(), target, grad, parts, n, d,
+                              table.stride(0), target.stride(0), grad.stride(0),
+                              K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, L1=l1, num_warps=8)
+    loss, sse = parts.sum(0)
+    return loss, sse, grad
