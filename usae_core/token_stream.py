@@ -2,7 +2,7 @@
 
 Same batches, same order, same resume point as the store's own stream. Only the work moves:
 a side thread copies each shuffle group's raw shard bytes (storage dtype, one copy out of the
-memory-mapped files, one thread per model) into pinned buffers; the upload runs on a copy stream
+memory-mapped files, split over a pool of threads) into pinned buffers; the upload runs on a copy stream
 while the previous group trains; the permutation, the float32 conversion and the batching happen
 on the device. The host then touches each stored byte once instead of converting and permuting
 float32 arrays in NumPy.
@@ -10,6 +10,7 @@ float32 arrays in NumPy.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from usae_core.host_copy import copy_rows
 from usae_core.store import TORCH_DTYPES
 
 
@@ -41,15 +43,19 @@ def _groups(store, seed: int, start_batch: int, batch_size: int, shuffle_shards:
 
 def _read_group(store, models: list[str], group, pin: bool, pool: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
     """The group's rows in storage dtype, concatenated in shard order, in (pinned) host memory."""
-    def read(model: str) -> torch.Tensor:
+    out, pairs = {}, []
+    for model in models:
         parts = [store.shard(model, store.spans[s].index) for s in group]
-        out = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=TORCH_DTYPES[store.dtype],
-                          pin_memory=pin)
-        view = out.view(torch.int16).numpy() if store.dtype == "bfloat16" else out.numpy()
-        np.concatenate([p.view(view.dtype) if store.dtype == "bfloat16" else p for p in parts], out=view)
-        return out
-
-    return dict(zip(models, pool.map(read, models)))
+        host = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=TORCH_DTYPES[store.dtype],
+                           pin_memory=pin)
+        view = host.view(torch.int16).numpy() if store.dtype == "bfloat16" else host.numpy()
+        at = 0
+        for p in parts:
+            pairs.append((view[at : at + len(p)], p.view(view.dtype)))
+            at += len(p)
+        out[model] = host
+    copy_rows(pool, pairs)
+    return out
 
 
 def device_token_batches(
@@ -64,7 +70,7 @@ def device_token_batches(
     stop = threading.Event()
 
     def produce() -> None:
-        with ThreadPoolExecutor(len(models)) as pool:
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
             try:
                 for group, perm in _groups(store, seed, start_batch, batch_size, shuffle_shards, rank, world_size):
                     item = (_read_group(store, models, group, pin, pool), perm)

@@ -24,3 +24,20 @@ def test_device_stream_matches_the_store_stream(tmp_path, dtype):
             assert w.keys() == g.keys()
             for m in w:
                 np.testing.assert_array_equal(g[m].numpy(), w[m])
+
+
+def test_copy_rows_splits_copies_into_pieces_and_rejects_mismatched_shapes(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from usae_core import host_copy
+
+    monkeypatch.setattr(host_copy, "PIECE_BYTES", 40)  # 10 float32 values: 2 rows of 5 per piece
+    rng = np.random.default_rng(0)
+    src = [rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal((1, 5)).astype(np.float32)]
+    dst = [np.zeros_like(s) for s in src]
+    with ThreadPoolExecutor(3) as pool:
+        host_copy.copy_rows(pool, list(zip(dst, src)))
+        for d, s in zip(dst, src):
+            np.testing.assert_array_equal(d, s)
+        with pytest.raises(ValueError, match="copy of"):
+            host_copy.copy_rows(pool, [(np.zeros((3, 5)), src[0])])
