@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from usae_core.errors import UsaeError
+from usae_core.kernels.code_stats import CodeStats
 from usae_core.kernels.gather import residual_sq
 from usae_core.metrics import EvalResult
 from usae_core.prefetch import prefetch
@@ -238,37 +239,6 @@ class StreamingTopImages:
         self.tokens = toks.gather(1, order)
 
 
-def per_image_max(values: torch.Tensor, indices: torch.Tensor, n_images: int, tokens_per_image: int,
-                  n_concepts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """From sparse codes `[n_images * tokens, k]`: each image's largest code per concept and the
-    first token holding it, both `[n_images, n_concepts]` (0 where the concept is off)."""
-    token = torch.arange(values.shape[0], device=values.device)
-    image = (token // tokens_per_image)[:, None].expand_as(indices)
-    flat = (image * n_concepts + indices).reshape(-1)
-    best = torch.zeros(n_images * n_concepts, device=values.device)
-    best.scatter_reduce_(0, flat, values.reshape(-1), reduce="amax", include_self=True)
-    local = (token % tokens_per_image)[:, None].expand_as(indices).reshape(-1)
-    # Tokens not at their image's maximum offer `tokens_per_image`, which never wins the min.
-    at_max = torch.where(values.reshape(-1) >= best[flat], local, tokens_per_image)
-    where = torch.full((n_images * n_concepts,), tokens_per_image, dtype=torch.long, device=values.device)
-    where.scatter_reduce_(0, flat, at_max, reduce="amin", include_self=True)
-    where = torch.where(best > 0, where, 0)
-    return best.view(n_images, n_concepts), where.view(n_images, n_concepts)
-
-
-def cofire_counts(firing: list[tuple[torch.Tensor, torch.Tensor]], n_concepts: int) -> torch.Tensor:
-    """Per concept, the tokens on which it fires in every model at once.
-
-    `firing` holds each model's `(indices, fires)` `[tokens, k]` for the same tokens. A concept
-    firing in the first model co-fires when it is also among each other model's firing
-    indices of that token (a k x k comparison per token, no sorting)."""
-    indices0, all_fire = firing[0]
-    for indices, fires in firing[1:]:
-        all_fire = all_fire & ((indices0[:, :, None] == indices[:, None, :]) & fires[:, None, :]).any(-1)
-    counts = torch.zeros(n_concepts, dtype=torch.float64, device=indices0.device)
-    return counts.index_add_(0, indices0.reshape(-1), all_fire.reshape(-1).double())
-
-
 # --------------------------------------------------------------------------- the pass
 
 
@@ -277,18 +247,14 @@ class _Accumulators:
         m, c = len(model.names), model.cfg.n_concepts
         f64 = dict(dtype=torch.float64, device=device)
         self.top = [StreamingTopImages(c, cfg.top_n, device) for _ in range(m)]
-        self.fire = torch.zeros(m, c, **f64)
-        self.code_sums = torch.zeros(m, c, **f64)
-        self.max_act = torch.zeros(m, c, device=device)
-        self.active = torch.zeros(m, **f64)
-        self.cofire = torch.zeros(c, **f64)
-        self.hist = torch.zeros(m, c * cfg.hist_bins, **f64)
+        # Firing, sums, maxima, co-firing, and per histogram bin the counts and defect overlap,
+        # so the IoU can be read at every threshold after the pass.
+        edges = torch.as_tensor(np.log(cfg.hist_edges()[1:-1]), dtype=torch.float32, device=device)
+        self.codes = CodeStats(m, c, edges, cfg.tau, n_defects)
         # R^2 parts: per-dimension sums of each target (shared by all sources) and residuals.
         self.sum_x = [torch.zeros(store.dims[t], **f64) for t in model.names]
         self.sum_x2 = [torch.zeros(store.dims[t], **f64) for t in model.names]
         self.resid = torch.zeros(m, m, **f64)
-        # Per histogram bin, so the IoU can be read at every threshold after the pass.
-        self.intersection = torch.zeros(m, c * cfg.hist_bins, n_defects, **f64)
         self.mask_total = torch.zeros(n_defects, **f64)
 
 
@@ -329,8 +295,7 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
         raise UsaeError(f"the USAE was trained on models {model.cfg.model_dims}, the store has {store.dims}")
     model = model.to(device).eval()
     names = list(model.names)
-    c, t = model.cfg.n_concepts, store.tokens_per_image
-    edges = torch.as_tensor(np.log(cfg.hist_edges()[1:-1]), dtype=torch.float32, device=device)
+    t = store.tokens_per_image
     acc = _Accumulators(model, store, cfg, device, len(masks.defect_types) if masks else 0)
     # The R^2 decodes gather k dictionary rows per token and source; on CUDA they read bf16 rows
     # (half the bytes; the rounding moves R^2 by ~1e-5) and accumulate in float32.
@@ -342,30 +307,17 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
         # Reconstruction targets: the decoder bias comes off once, not once per source model.
         centred = {m: x[m] - model.decoder_biases[j] for j, m in enumerate(names)}
         cover = _defect_coverage(masks, first, n_img, store.grid, device, cfg.defect_cell_fraction) if masks else None
-        firing = []
-        # Everything below is scatter/index_add with per-entry weights rather than boolean
-        # indexing, so the loop never waits for the device (no host syncs on CUDA).
+        codes = []
+        # Nothing below reads a result back to the host, so the loop never waits for the device.
         for i, m in enumerate(names):
             values, indices = encode(model, x[m], m, cfg)
-            flat = indices.reshape(-1)
-            fires = values > cfg.tau
-            acc.fire[i].index_add_(0, flat, fires.reshape(-1).double())
-            acc.active[i] += fires.sum()
-            acc.code_sums[i].index_add_(0, flat, values.reshape(-1).double())
-            acc.max_act[i].scatter_reduce_(0, flat, values.reshape(-1), reduce="amax")
-            best, where = per_image_max(values, indices, n_img, t, c)
+            best, where = acc.codes.add(i, values, indices, t, cover)
             acc.top[i].update(best, where, first)
-            bins = torch.bucketize(values.clamp_min(1e-30).log(), edges)
-            binned = (indices * cfg.hist_bins + bins).reshape(-1)
-            acc.hist[i].index_add_(0, binned, (values > 0).reshape(-1).double())
-            if cover is not None:
-                hits = cover[:, None, :] * (values > 0)[:, :, None]  # [tokens, k, defect types]
-                acc.intersection[i].index_add_(0, binned, hits.reshape(len(binned), -1).double())
             for j, target in enumerate(names):
                 err = residual_sq(indices, values, tables[j], centred[target])
                 acc.resid[i, j] += err.sum(dtype=torch.float64)
-            firing.append((indices, fires))
-        acc.cofire += cofire_counts(firing, c)
+            codes.append((values, indices))
+        acc.codes.add_cofire(codes)
         for j, target in enumerate(names):
             acc.sum_x[j] += x[target].sum(0).double()
             acc.sum_x2[j] += x[target].square().sum(0).double()
@@ -380,20 +332,21 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
 def _finish(model, store, cfg: MiningConfig, acc: _Accumulators, n_tokens: int,
             masks: DefectMasks | None) -> MiningResult:
     names = list(model.names)
+    codes = acc.codes
     stats = EvalResult(
         models=names,
         n_tokens=n_tokens,
         tau=cfg.tau,
         r2=_r2_matrix(acc, n_tokens),
-        fire_counts=acc.fire.cpu().numpy().astype(np.int64),
-        cofire_counts=acc.cofire.cpu().numpy().astype(np.int64),
-        code_sums=acc.code_sums.cpu().numpy(),
-        l0=(acc.active / max(n_tokens, 1)).cpu().numpy(),
+        fire_counts=codes.fire.cpu().numpy().astype(np.int64),
+        cofire_counts=codes.cofire.cpu().numpy().astype(np.int64),
+        code_sums=codes.code_sums.cpu().numpy(),
+        l0=(codes.active / max(n_tokens, 1)).cpu().numpy(),
     )
     iou = None
     if masks:
-        iou = best_threshold_iou(acc.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins),
-                                 acc.intersection.view(len(names), model.cfg.n_concepts, cfg.hist_bins, -1),
+        iou = best_threshold_iou(codes.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins),
+                                 codes.intersection.view(len(names), model.cfg.n_concepts, cfg.hist_bins, -1),
                                  acc.mask_total).cpu().numpy()
     neighbours, cosine = nearest_concepts(model, cfg.neighbours)
     return MiningResult(
@@ -402,9 +355,9 @@ def _finish(model, store, cfg: MiningConfig, acc: _Accumulators, n_tokens: int,
         top_values=torch.stack([tk.values for tk in acc.top]).cpu().numpy(),
         top_images=torch.stack([tk.images for tk in acc.top]).cpu().numpy(),
         top_tokens=torch.stack([tk.tokens for tk in acc.top]).cpu().numpy(),
-        max_activation=acc.max_act.cpu().numpy(),
+        max_activation=codes.max_act.cpu().numpy(),
         hist_edges=cfg.hist_edges(),
-        hist_counts=acc.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins).cpu().numpy().astype(np.int64),
+        hist_counts=codes.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins).cpu().numpy().astype(np.int64),
         neighbours=neighbours,
         neighbour_cosine=cosine,
         defect_types=list(masks.defect_types) if masks else [],
