@@ -80,13 +80,14 @@ def kernels(dev: torch.device) -> None:
         target = torch.randn(n, d, generator=gen, device=dev)
         diff = z.double() @ t16.double() + bias.double() - target.double()
         for kind in ("l1", "mse"):
-            loss, sse, grad = gather.decode_loss_terms(idx, w, t16, bias, target, kind)
+            loss, sse, grad, colsum = gather.decode_loss_terms(idx, w, t16, bias, target, kind)
             want_loss = diff.abs().sum() if kind == "l1" else diff.square().sum()
             check(f"decode_loss_terms {kind} loss n={n} d={d}", rel_err(loss, want_loss), 1e-5)
             check(f"decode_loss_terms {kind} sse n={n} d={d}", rel_err(sse, diff.square().sum()), 1e-5)
             want_grad = torch.sign(diff) if kind == "l1" else diff
             # a sign may flip where |diff| is at float32 rounding; bf16 rounding for mse
             check(f"decode_loss_terms {kind} grad n={n} d={d}", rel_err(grad, want_grad), 1e-3 if kind == "l1" else 1e-2)
+            check(f"decode_loss_terms {kind} column sums n={n} d={d}", rel_err(colsum, want_grad.sum(0)), 1e-3)
         target = torch.randn(n, d, generator=gen, device=dev)
         want_err = (target.double() - z.double() @ table.double()).square().sum(1)
         check(f"residual_sq n={n} c={c} d={d}", rel_err(gather.residual_sq(idx, w, table, target), want_err), 1e-5)

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from usae_core.errors import UsaeError
+from usae_core.host_copy import copy_rows
 from usae_core.kernels.code_stats import CodeStats
 from usae_core.kernels.gather import residual_sq
 from usae_core.metrics import EvalResult
@@ -122,17 +123,13 @@ _TORCH_STORAGE = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): tor
                   np.dtype(np.int16): torch.int16}
 
 
-def _host_tensor(raw: np.ndarray, pin: bool, pool: ThreadPoolExecutor, threads: int) -> torch.Tensor:
-    """Copy storage rows out of the memory map into a (pinned, for fast upload) CPU tensor.
-
-    The copy is split over the pool's threads: one thread copying from the page cache moves
-    about 5 GB/s, several keep a GPU fed (NumPy releases the GIL while it copies)."""
+def _host_tensor(raw: np.ndarray, pin: bool, pool: ThreadPoolExecutor) -> torch.Tensor:
+    """Copy storage rows out of the memory map into a (pinned, for fast upload) CPU tensor,
+    split over the pool's threads (usae_core.host_copy)."""
     if raw.dtype == np.uint16:
         raw = raw.view(np.int16)  # bfloat16 bit patterns, reinterpreted on the device
     t = torch.empty(raw.shape, dtype=_TORCH_STORAGE[raw.dtype], pin_memory=pin)
-    dst = t.numpy()
-    step = max(1, -(-len(raw) // threads))
-    list(pool.map(lambda lo: np.copyto(dst[lo : lo + step], raw[lo : lo + step]), range(0, len(raw), step)))
+    copy_rows(pool, [(t.numpy(), raw)])
     return t
 
 
@@ -152,7 +149,7 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
             for start in range(span.start, span.stop, batch_images):
                 stop = min(start + batch_images, span.stop)
                 lo, hi = (start - span.start) * t, (stop - span.start) * t
-                yield start, stop - start, {m: _host_tensor(store.shard(m, span.index)[lo:hi], cuda, pool, threads)
+                yield start, stop - start, {m: _host_tensor(store.shard(m, span.index)[lo:hi], cuda, pool)
                                             for m in store.model_names}
 
     copy_stream = torch.cuda.Stream(device) if cuda else None

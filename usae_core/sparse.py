@@ -76,9 +76,10 @@ class _SparseDecodeLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, dictionary, bias, code: SparseCode, target, kind: str, compute_dtype: torch.dtype):
         table = dictionary.detach().to(compute_dtype)
-        loss_sum, sse, grad = decode_loss_terms(code.indices, values.detach(), table, bias.detach(), target.detach(), kind)
+        loss_sum, sse, grad, grad_colsum = decode_loss_terms(code.indices, values.detach(), table, bias.detach(),
+                                                             target.detach(), kind)
         n = target.numel()
-        ctx.code, ctx.table, ctx.grad = code, table, grad
+        ctx.code, ctx.table, ctx.grad, ctx.grad_colsum = code, table, grad, grad_colsum
         ctx.dtypes = (dictionary.dtype, bias.dtype)
         ctx.scale = (1.0 if kind == "l1" else 2.0) / n  # d(mean |diff|) = sign / n, d(mean diff^2) = 2 diff / n
         ctx.save_for_backward(values)
@@ -91,10 +92,9 @@ class _SparseDecodeLoss(torch.autograd.Function):
         code, grad = ctx.code, ctx.grad
         g_values, g_dict = decode_backward(code.order, code.indices, values, grad, ctx.table)
         scale = g_loss * ctx.scale  # a device scalar: no host sync
-        acc = torch.float64 if ctx.table.dtype == torch.float64 else torch.float32
-        g_bias = grad.sum(0, dtype=acc)
         dict_dtype, bias_dtype = ctx.dtypes
-        return ((g_values * scale).to(values.dtype), (g_dict * scale).to(dict_dtype), (g_bias * scale).to(bias_dtype),
+        return ((g_values * scale).to(values.dtype), (g_dict * scale).to(dict_dtype),
+                (ctx.grad_colsum * scale).to(bias_dtype),
                 None, None, None, None)
 
 
@@ -152,7 +152,7 @@ def _normalised_preactivation(x, weight, bias, bn, sync_stats):
     """x_hat = (x W^T + b - mean_h) / s from the input moments; updates bn's running stats."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     count = torch.full((), float(x.shape[0]), dtype=acc, device=x.device)  # no host copy: CUDA-graph safe
-    total = x.to(acc).sum(0)
+    total = x.sum(0, dtype=acc)  # no float32 copy of the batch
     if sync_stats:
         dist.all_reduce(total)
         dist.all_reduce(count)

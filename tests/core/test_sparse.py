@@ -80,7 +80,8 @@ def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) ->
     bias = torch.randn(dim, generator=gen)
     diff = z @ t64 + bias.double() - r64
     for kind, want_loss, want_grad in (("l1", diff.abs().sum(), torch.sign(diff)), ("mse", diff.square().sum(), diff)):
-        loss, sse, grad = decode_loss_terms(idx, w, table.to(table_dtype), bias, rows.to(dtype), kind)
+        loss, sse, grad, colsum = decode_loss_terms(idx, w, table.to(table_dtype), bias, rows.to(dtype), kind)
+        torch.testing.assert_close(colsum.double(), want_grad.sum(0), rtol=tol * 10, atol=tol * 10)
         torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol)
         torch.testing.assert_close(sse.double(), diff.square().sum(), rtol=tol, atol=tol)
         if kind == "l1":

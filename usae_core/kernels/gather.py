@@ -113,13 +113,14 @@ def decode_backward(order: ConceptOrder, indices: torch.Tensor, weights: torch.T
 
 
 def decode_loss_terms(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, bias: torch.Tensor,
-                      target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over a decode and its reconstruction loss, without keeping the reconstruction.
 
     With diff = gather_decode(...) + bias - target, returns float32 scalars
-    (`sum |diff|` for "l1" or `sum diff^2` for "mse", and `sum diff^2`) and the loss gradient
-    per element up to its constant factor: int8 `sign(diff)` for "l1" (exact, and a quarter of
-    float32's bytes for the backward to read), `diff` in `table.dtype` for "mse"."""
+    (`sum |diff|` for "l1" or `sum diff^2` for "mse", and `sum diff^2`), the loss gradient per
+    element up to its constant factor: int8 `sign(diff)` for "l1" (exact, and a quarter of
+    float32's bytes for the backward to read), `diff` in `table.dtype` for "mse", and that
+    gradient's column sums (the bias gradient, float32)."""
     if kind not in ("l1", "mse"):
         raise ValueError(f"unknown loss {kind!r}")
     if use_triton(table) and _kernel_dtypes(table, weights, bias, target):
@@ -129,8 +130,9 @@ def decode_loss_terms(indices: torch.Tensor, weights: torch.Tensor, table: torch
     diff = decoded + bias.to(acc) - target.to(acc)
     sse = diff.square().sum()
     if kind == "l1":
-        return diff.abs().sum(), sse, torch.sign(diff).to(torch.int8)
-    return sse, sse, diff.to(table.dtype)
+        signs = torch.sign(diff)
+        return diff.abs().sum(), sse, signs.to(torch.int8), signs.sum(0)
+    return sse, sse, diff.to(table.dtype), diff.sum(0)
 
 
 def residual_sq(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
@@ -227,7 +229,7 @@ if HAVE_TRITON:
         tl.atomic_add(out_ptr + concept * stride_o + cols, tl.sum(acc, axis=0), mask=cmask, sem="relaxed")
 
     @triton.jit
-    def _decode_loss_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, target_ptr, grad_ptr, part_ptr,
+    def _decode_loss_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, target_ptr, grad_ptr, part_ptr, colsum_ptr,
                             B, D, stride_t, stride_x, stride_g,
                             K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -242,12 +244,13 @@ if HAVE_TRITON:
         diff = tl.where(mask, acc - x.to(tl.float32), 0.0)
         sq = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
         if L1:
-            grad = tl.where(diff > 0, 1, tl.where(diff < 0, -1, 0)).to(tl.int8)
+            grad = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
             loss = tl.sum(tl.sum(tl.abs(diff), axis=1), axis=0)
         else:
-            grad = diff.to(grad_ptr.dtype.element_ty)
+            grad = diff
             loss = sq
-        tl.store(grad_ptr + rows64[:, None] * stride_g + cols[None, :], grad, mask=mask)
+        tl.store(grad_ptr + rows64[:, None] * stride_g + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(colsum_ptr + tl.program_id(0) * D + cols, tl.sum(grad, axis=0), mask=cmask)
         part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 2
         tl.store(part_ptr + part, loss)
         tl.store(part_ptr + part + 1, sq)
@@ -279,18 +282,22 @@ def _residual_sq_triton(indices, weights, table, target):
     return out
 
 
-_BLOCK_E = 16  # entries per loop iteration of a work item
+# (columns per program, entries per loop iteration) of a work item, from a sweep on the H200
+# (docs/benchmarks.md): the decode backward also gathers dictionary rows and adds to g_w.
+_DECODE_TILE = (128, 16)
+_SUM_TILE = (512, 8)
 
 
 def _concept_items(order: ConceptOrder, weights, rows, out, k, table=None, g_w=None) -> None:
     n_concepts, d = len(order.starts) - 1, rows.shape[1]
-    block_d = 128 if d >= 128 else max(16, triton.next_power_of_2(d))
     dot = table is not None
+    tile_d, block_e = _DECODE_TILE if dot else _SUM_TILE
+    block_d = min(tile_d, max(16, triton.next_power_of_2(d)))
     grid = (max(1, order.max_items()), triton.cdiv(d, block_d))
     _concept_item_kernel[grid](
         order.items, order.starts, order.slots, weights, rows, table if dot else rows, out, g_w if dot else out,
         n_concepts, d, rows.stride(0), table.stride(0) if dot else 0, out.stride(0),
-        K=k, ITEM=_ITEM, SEARCH=max(1, n_concepts.bit_length()), BLOCK_E=_BLOCK_E, BLOCK_D=block_d, DOT=dot,
+        K=k, ITEM=_ITEM, SEARCH=max(1, n_concepts.bit_length()), BLOCK_E=block_e, BLOCK_D=block_d, DOT=dot,
         num_warps=4,
     )
 
@@ -316,8 +323,9 @@ def _decode_loss_triton(indices, weights, table, bias, target, kind):
     block_b = 32
     grid = (triton.cdiv(n, block_b), triton.cdiv(d, _BLOCK_D))
     parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=table.device)
-    _decode_loss_kernel[grid](indices, weights, table, bias.contiguous(), target, grad, parts, n, d,
+    colsums = torch.empty(grid[0], d, dtype=torch.float32, device=table.device)
+    _decode_loss_kernel[grid](indices, weights, table, bias.contiguous(), target, grad, parts, colsums, n, d,
                               table.stride(0), target.stride(0), grad.stride(0),
                               K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, L1=l1, num_warps=8)
     loss, sse = parts.sum(0)
-    return loss, sse, grad
+    return loss, sse, grad, colsums.sum(0)

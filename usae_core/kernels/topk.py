@@ -10,7 +10,7 @@ Both Triton kernels find the k-th largest value by a binary search over its floa
 ties at the threshold go to the lowest column, so the result is a valid `torch.topk`.
 
 The main selection runs one warp per row (no block-wide barriers). A first pass takes the
-maximum of each of 256 column slots; the k-th largest slot maximum is a lower bound L of the
+maximum of each of 128 or 256 column slots; the k-th largest slot maximum is a lower bound L of the
 row's k-th largest value (those k maxima are k distinct elements >= L), and only a few
 elements reach it (~1.1-2.3 k for rows in random column order). A second pass compacts them
 into a per-row scratch buffer, and the exact search runs over those candidates alone. Rows with
@@ -220,6 +220,12 @@ if HAVE_TRITON:
                                       val_ptr, pre_ptr, idx_ptr, C)
 
 
+def _slots(k: int) -> int:
+    """Fewer slots make the lower-bound search cheaper (7% at k = 32, H200) but the bound
+    looser; at most k / 4 of them may be taken, so candidates stay well within the scratch."""
+    return 128 if 4 * k <= 128 else _SLOTS
+
+
 def _relu_topk_warp_triton(h, k, gamma, beta) -> TopK:
     h = h.contiguous()
     n, c = h.shape
@@ -232,7 +238,7 @@ def _relu_topk_warp_triton(h, k, gamma, beta) -> TopK:
     _relu_topk_warp_kernel[(n,)](
         h, gamma.contiguous() if affine else h, beta.contiguous() if affine else h,
         out.values, out.pre, out.indices, cand_keys, cand_cols, c, h.stride(0),
-        K=k, SLOTS=_SLOTS, CAND=_CANDIDATES, AFFINE=affine, num_warps=1,
+        K=k, SLOTS=_slots(k), CAND=_CANDIDATES, AFFINE=affine, num_warps=1,
     )
     return out
 
