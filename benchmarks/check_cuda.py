@@ -93,6 +93,23 @@ def kernels(dev: torch.device) -> None:
         check(f"residual_sq n={n} c={c} d={d}", rel_err(gather.residual_sq(idx, w, table, target), want_err), 1e-5)
 
 
+def mining_rows(dev: torch.device) -> None:
+    """Mining's one-pass standardisation against float64."""
+    from usae_core.kernels.standardize import standardize_rows
+
+    gen = torch.Generator(dev).manual_seed(4)
+    raw = (torch.randn(65536, 768, generator=gen, device=dev) * 3 + 1).to(torch.float16)
+    mean = torch.randn(768, generator=gen, device=dev)
+    scale = torch.tensor(2.0, device=dev)
+    bias = 0.1 * torch.randn(768, generator=gen, device=dev)
+    got = standardize_rows(raw, mean, scale, bias, torch.bfloat16)
+    x64 = (raw.double() - mean.double()) / scale.double()
+    check("standardize_rows x (bf16)", rel_err(got.x, x64), 5e-3)
+    check("standardize_rows target", rel_err(got.target, x64 - bias.double()), 1e-6)
+    check("standardize_rows column sums", rel_err(got.col_sum, x64.sum(0)), 1e-5)
+    check("standardize_rows column sums of squares", rel_err(got.col_sq, x64.square().sum(0)), 1e-5)
+
+
 def inference_encode(dev: torch.device) -> None:
     """Eval-mode `USAE.encode` (BatchNorm folded into the Triton TopK) against the plain modules."""
     from usae_core.model import USAE
@@ -212,6 +229,7 @@ def main() -> None:
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), torch.__version__)
     kernels(dev)
+    mining_rows(dev)
     inference_encode(dev)
     encoder_gradients(dev)
     training_steps(dev)

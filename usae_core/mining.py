@@ -27,6 +27,7 @@ from usae_core.errors import UsaeError
 from usae_core.host_copy import copy_rows
 from usae_core.kernels.code_stats import CodeStats
 from usae_core.kernels.gather import residual_sq
+from usae_core.kernels.standardize import standardize_rows
 from usae_core.metrics import EvalResult
 from usae_core.prefetch import prefetch
 
@@ -135,11 +136,11 @@ def _host_tensor(raw: np.ndarray, pin: bool, pool: ThreadPoolExecutor) -> torch.
 
 def iter_image_batches(store, batch_images: int, device: torch.device,
                        read_threads: int | None = None) -> Iterator[tuple[int, int, dict]]:
-    """`(first_image, n_images, {model: float32 [n_images * tokens, dim]})` in store order.
+    """`(first_image, n_images, {model: [n_images * tokens, dim]})` in store order, in the
+    store's dtype (bfloat16 rows as torch.bfloat16).
 
     A side thread copies the next batches out of the memory-mapped shards while the current
-    one computes. On CUDA the upload runs on a copy stream, one batch ahead, and the dtype
-    conversion happens on the device."""
+    one computes. On CUDA the upload runs on a copy stream, one batch ahead."""
     t = store.tokens_per_image
     cuda = device.type == "cuda"
     threads = read_threads or (min(8, os.cpu_count() or 1) if cuda else 1)
@@ -174,11 +175,7 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
                 for r in raw.values():  # allocated on the copy stream, read on the compute stream
                     r.record_stream(torch.cuda.current_stream(device))
             pending = next((upload(b) for b in batches), None)  # overlaps this batch's compute
-            yield first, n, {m: _as_float(r, store.dtype) for m, r in raw.items()}
-
-
-def _as_float(raw: torch.Tensor, dtype: str) -> torch.Tensor:
-    return (raw.view(torch.bfloat16) if dtype == "bfloat16" else raw).float()
+            yield first, n, {m: r.view(torch.bfloat16) if store.dtype == "bfloat16" else r for m, r in raw.items()}
 
 
 def load_image_tokens(store, model: str, image_indices: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -299,25 +296,28 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
     tables = [d.detach().to(torch.bfloat16 if device.type == "cuda" else torch.float32) for d in model.dictionaries]
     n_tokens = 0
     bar = tqdm(total=store.n_images, desc="mine", unit="img", disable=not progress)
+    autocast = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
+    compute = torch.bfloat16 if autocast else torch.float32
     for first, n_img, batch in iter_image_batches(store, cfg.batch_images, device):
-        x = {m: model.standardize(batch[m], m) for m in names}
-        # Reconstruction targets: the decoder bias comes off once, not once per source model.
-        centred = {m: x[m] - model.decoder_biases[j] for j, m in enumerate(names)}
+        # Encoder inputs, reconstruction targets (the decoder bias comes off once, not once per
+        # source model) and the R^2 denominator's sums, in one pass over the stored rows.
+        rows = {m: standardize_rows(batch[m], *model.standardization(m), model.decoder_biases[j], compute)
+                for j, m in enumerate(names)}
         cover = _defect_coverage(masks, first, n_img, store.grid, device, cfg.defect_cell_fraction) if masks else None
         codes = []
         # Nothing below reads a result back to the host, so the loop never waits for the device.
         for i, m in enumerate(names):
-            values, indices = encode(model, x[m], m, cfg)
+            values, indices = encode(model, rows[m].x, m, cfg)
             best, where = acc.codes.add(i, values, indices, t, cover)
             acc.top[i].update(best, where, first)
             for j, target in enumerate(names):
-                err = residual_sq(indices, values, tables[j], centred[target])
+                err = residual_sq(indices, values, tables[j], rows[target].target)
                 acc.resid[i, j] += err.sum(dtype=torch.float64)
             codes.append((values, indices))
         acc.codes.add_cofire(codes)
         for j, target in enumerate(names):
-            acc.sum_x[j] += x[target].sum(0).double()
-            acc.sum_x2[j] += x[target].square().sum(0).double()
+            acc.sum_x[j] += rows[target].col_sum.double()
+            acc.sum_x2[j] += rows[target].col_sq.double()
         if cover is not None:
             acc.mask_total += cover.sum(0).double()
         n_tokens += n_img * t

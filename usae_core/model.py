@@ -85,9 +85,14 @@ class USAE(nn.Module):
             getattr(self, f"mean_{i}").copy_(torch.as_tensor(stats[name]["mean"]))
             getattr(self, f"scale_{i}").copy_(torch.as_tensor(stats[name]["scale"]))
 
-    def standardize(self, x: torch.Tensor, model: str) -> torch.Tensor:
+    def standardization(self, model: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean [dim], scale [])`: `standardize(x) = (x - mean) / scale`."""
         i = self.index(model)
-        return (x - getattr(self, f"mean_{i}")) / getattr(self, f"scale_{i}")
+        return getattr(self, f"mean_{i}"), getattr(self, f"scale_{i}")
+
+    def standardize(self, x: torch.Tensor, model: str) -> torch.Tensor:
+        mean, scale = self.standardization(model)
+        return (x - mean) / scale
 
     def destandardize(self, x: torch.Tensor, model: str) -> torch.Tensor:
         i = self.index(model)
