@@ -28,8 +28,6 @@ import torch.nn.functional as F
 
 from usae_core.kernels import HAVE_TRITON, use_triton
 
-
-
 _ITEM = 1024
 """Entries per work item of the per-concept kernels: a frequent concept is split over several
 programs, so one concept firing on most tokens no longer leaves a single program running long
