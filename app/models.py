@@ -5,10 +5,11 @@ How mined data is laid out (docs/formats.md, "Database"):
 
 - `concepts` and `concept_model_stats` always hold the *active* mined statistics of a run,
   next to the human labels, so the concept browser sorts and filters on one table.
-- Bulky per-concept detail (top images, heatmaps, histograms, neighbours, defect IoU) belongs
-  to a `MiningGeneration`. A mine writes a new generation in many small transactions, then
-  flips `Run.active_generation_id` (and the concept statistics) in one final transaction,
-  so a crash at any point leaves the previous generation untouched.
+- Bulky per-concept detail (top images, heatmaps, histograms, neighbours, defect IoU, the
+  browser's precomputed cards) belongs to a `MiningGeneration`. A mine writes a new
+  generation in many small transactions, then flips `Run.active_generation_id` (and the
+  concept statistics) in one final transaction, so a crash at any point leaves the previous
+  generation untouched.
   **Readers filter generation-scoped tables on `generation_id == run.active_generation_id`.**
 """
 
@@ -315,6 +316,21 @@ class ConceptTopImage(Base):
 
     image: Mapped[Image] = relationship()
     run_model: Mapped[RunModel] = relationship()
+
+
+class ConceptCardData(Base):
+    """What a concept's card in the browser shows of one mining generation, written with it:
+    per-model firing statistics and the top thumbnails, as the JSON of
+    `app.schemas.concepts.MinedCard`. One row per card instead of several queries and their
+    assembly; labels and tags are not in it (they change without a mine)."""
+
+    __tablename__ = "concept_cards"
+
+    generation_id: Mapped[int] = mapped_column(ForeignKey("mining_generations.id", ondelete="CASCADE"),
+                                               primary_key=True)
+    concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"), primary_key=True,
+                                            index=True)
+    payload: Mapped[str] = mapped_column(Text)
 
 
 class ConceptHistogram(Base):

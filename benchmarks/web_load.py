@@ -12,6 +12,9 @@ first with one client, then with 32 clients in parallel (each a thread with its 
 connection). Clients and server share the machine's cores, as they would on a laptop demo.
 
     python benchmarks/web_load.py [--concepts 32768] [--images 100000] [--requests 300] [--workers 2]
+
+`--server-cpu N` measures instead the server's CPU time per page: one server process, N random
+pages of each kind requested one after another, the process's user + system time from /proc.
 """
 
 from __future__ import annotations
@@ -156,6 +159,19 @@ def load(port: int, cookie: str, urls: list[str], clients: int) -> list[float]:
     return [t for r in results for t in r]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(port: int, pid: int, cookie: str, urls: list[str]) -> float:
+    """Milliseconds of server CPU per request, the requests sent one at a time."""
+    before = process_cpu_seconds(pid)
+    timed_requests(port, cookie, urls)
+    return (process_cpu_seconds(pid) - before) * 1000 / len(urls)
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
@@ -168,7 +184,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Server processes (`usae serve --workers`).")
     parser.add_argument("--data-dir", type=Path, help="Keep the seeded database here (reused next time).")
     parser.add_argument("--json", type=Path, help="Also write the results to this file.")
+    parser.add_argument("--server-cpu", type=int, metavar="N",
+                        help="Instead: server CPU time per page over N pages of each kind (one server process).")
     args = parser.parse_args()
+    if args.server_cpu:
+        args.workers = 1
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="usae-web-load-")) / "usae-data"
     run_id = build_database(data_dir, args.concepts, args.images)
@@ -179,6 +199,11 @@ def main() -> None:
         rng = random.Random(0)
         warm = browser_urls(run_id, args.concepts, rng, 20) + concept_urls(run_id, args.concepts, rng, 20)
         load(port, cookie, warm, 4)
+        if args.server_cpu:
+            for name, make in (("concept browser", browser_urls), ("concept page", concept_urls)):
+                ms = server_cpu(port, server.pid, cookie, make(run_id, args.concepts, rng, args.server_cpu))
+                print(f"{name}: {ms:.1f} ms of server CPU per request ({args.server_cpu} requests)", flush=True)
+            return
         results = {}
         for clients in (1, 32):
             for name, make in (("concept browser", browser_urls), ("concept page", concept_urls)):

@@ -55,6 +55,15 @@ class Thumb(BaseModel):
     image_key: str
 
 
+class MinedCard(BaseModel):
+    """The part of a concept's card that only a mine changes, stored as JSON in
+    `concept_cards` (one row per concept and mining generation): firing per model in the
+    run's model order, and the card's top thumbnails by model order, then rank."""
+
+    firing: list[ModelFiring]
+    thumbs: list[Thumb]
+
+
 class ConceptCard(BaseModel):
     index: int
     label: str

@@ -2,7 +2,9 @@
 
 Statistics shown are the run's active mined statistics (on `concepts` and
 `concept_model_stats`); images, histograms, neighbours and defect IoU come from the run's
-active mining generation.
+active mining generation. What a card shows of a mine (firing per model, top thumbnails) is
+read as one precomputed `concept_cards` row per concept, written by the mine; labels and tags
+are read from their own tables on every request, so an edit shows at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from app.lru import LruCache
 from app.models import (
     CamImage,
     Concept,
+    ConceptCardData,
     ConceptDefectIoU,
     ConceptHistogram,
     ConceptModelStats,
@@ -35,6 +38,7 @@ from app.schemas.concepts import (
     ConceptFilters,
     ConceptPage,
     DefectIoU,
+    MinedCard,
     ModelColumn,
     ModelFiring,
     Neighbour,
@@ -143,14 +147,13 @@ def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = N
 # The per-request queries of the browser and the concept page, built once with bound
 # parameters: building and cache-keying a statement costs more Python time than SQLite
 # takes to run most of these.
-_FIRING = select(ConceptModelStats.concept_id, ConceptModelStats.run_model_id, ConceptModelStats.fire_count,
-                 ConceptModelStats.frequency, ConceptModelStats.share, ConceptModelStats.cofire,
-                 ConceptModelStats.max_activation).where(ConceptModelStats.concept_id.in_(bindparam("ids")))
-_THUMBS = (select(ConceptTopImage.concept_id, ConceptTopImage.run_model_id, ConceptTopImage.rank,
-                  ConceptTopImage.activation, ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
-           .join(Image, Image.id == ConceptTopImage.image_id)
-           .where(ConceptTopImage.concept_id.in_(bindparam("ids")), ConceptTopImage.generation_id == bindparam("gen"),
-                  ConceptTopImage.rank < bindparam("max_rank")))
+_MINED_CARDS = select(ConceptCardData.concept_id, ConceptCardData.payload).where(
+    ConceptCardData.concept_id.in_(bindparam("ids")), ConceptCardData.generation_id == bindparam("gen"))
+_TOP_IMAGES = (select(ConceptTopImage.run_model_id, ConceptTopImage.rank, ConceptTopImage.activation,
+                      ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
+               .join(Image, Image.id == ConceptTopImage.image_id)
+               .where(ConceptTopImage.concept_id == bindparam("concept"),
+                      ConceptTopImage.generation_id == bindparam("gen")))
 _TAGS = (select(ConceptTag.concept_id, ConceptTag.tag).where(ConceptTag.concept_id.in_(bindparam("ids")))
          .order_by(ConceptTag.tag))
 _CONCEPT = select(Concept).where(Concept.run_id == bindparam("run"), Concept.index == bindparam("index"))
@@ -166,37 +169,6 @@ _DEFECT_IOU = (select(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_i
                .where(ConceptDefectIoU.concept_id == bindparam("concept"),
                       ConceptDefectIoU.generation_id == bindparam("gen"))
                .order_by(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_id))
-_ALL_RANKS = 2**31 - 1
-
-
-def _firing_by_concept(session: Session, run: Run, concept_ids: Sequence[int]) -> dict[int, list[ModelFiring]]:
-    """Per concept, the firing statistics of each model, in model order."""
-    names = {m.id: m.name for m in run.models}
-    order = {m.id: m.position for m in run.models}
-    rows = session.execute(_FIRING, {"ids": list(concept_ids)})
-    firing: dict[int, list[tuple[int, ModelFiring]]] = defaultdict(list)
-    for concept_id, model_id, count, frequency, share, cofire, max_activation in rows:
-        firing[concept_id].append((order[model_id], ModelFiring(
-            model=names[model_id], fire_count=count, frequency=frequency, share=share, cofire=cofire,
-            max_activation=max_activation)))
-    return {cid: [f for _, f in sorted(items, key=lambda item: item[0])] for cid, items in firing.items()}
-
-
-def _thumbs(session: Session, run: Run, concept_ids: Sequence[int],
-            max_rank: int | None = None) -> dict[int, list[Thumb]]:
-    """Top images of each concept (with rank < max_rank when given), by model order then rank."""
-    if run.active_generation_id is None or not concept_ids:
-        return {}
-    names = {m.id: m.name for m in run.models}
-    order = {m.id: m.position for m in run.models}
-    rows = session.execute(_THUMBS, {"ids": list(concept_ids), "gen": run.active_generation_id,
-                                     "max_rank": _ALL_RANKS if max_rank is None else max_rank})
-    thumbs: dict[int, list[tuple[tuple[int, int], Thumb]]] = defaultdict(list)
-    for concept_id, model_id, rank, activation, heatmap, thumbnail, key in rows:
-        thumbs[concept_id].append(((order[model_id], rank), Thumb(
-            model=names[model_id], rank=rank, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
-            image_key=key)))
-    return {cid: [t for _, t in sorted(items, key=lambda item: item[0])] for cid, items in thumbs.items()}
 
 
 def card_ranks(n_models: int) -> int:
@@ -204,29 +176,38 @@ def card_ranks(n_models: int) -> int:
     return {1: 4, 2: 2}.get(n_models, 1)
 
 
-def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any],
-                  thumbs: dict[int, list[Thumb]] | None = None) -> list[ConceptCard]:
-    """Cards for `concepts` (rows or Concept objects with the `_CARD_COLUMNS` attributes)."""
+def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> list[ConceptCard]:
+    """Cards for `concepts` (rows or Concept objects with the `_CARD_COLUMNS` attributes). A
+    concept without a card row of the active generation (a run not mined yet) has no firing
+    statistics and no thumbnails, as it has no rows in the tables the card is made from."""
     ids = [c.id for c in concepts]
-    firing = _firing_by_concept(session, run, ids)
-    if thumbs is None:
-        thumbs = _thumbs(session, run, ids, card_ranks(len(run.models)))
+    mined = {concept_id: MinedCard.model_validate_json(payload) for concept_id, payload
+             in session.execute(_MINED_CARDS, {"ids": ids, "gen": run.active_generation_id})}
     tags: dict[int, list[str]] = defaultdict(list)
     for concept_id, tag in session.execute(_TAGS, {"ids": ids}):
         tags[concept_id].append(tag)
-    per_card = card_ranks(len(run.models))
-    return [_card(c, firing.get(c.id, []), [t for t in thumbs.get(c.id, []) if t.rank < per_card],
-                  tags.get(c.id, [])) for c in concepts]
+    return [_card(c, mined.get(c.id) or MinedCard(firing=[], thumbs=[]), tags.get(c.id, [])) for c in concepts]
 
 
-def _card(c: Any, firing: list[ModelFiring], thumbs: list[Thumb], tags: list[str]) -> ConceptCard:
-    dominant = max(firing, key=lambda f: f.share).model if firing and not c.dead else None
+def _card(c: Any, mined: MinedCard, tags: list[str]) -> ConceptCard:
+    dominant = max(mined.firing, key=lambda f: f.share).model if mined.firing and not c.dead else None
     return ConceptCard(
         index=c.index, label=c.label, tags=tags, energy=c.energy, firing_entropy=c.firing_entropy,
         cofire=c.cofire, frequency=c.frequency, dead=c.dead,
         universal=not c.dead and c.firing_entropy >= UNIVERSAL_ENTROPY, dominant_model=dominant,
-        firing=firing, thumbs=thumbs,
+        firing=mined.firing, thumbs=mined.thumbs,
     )
+
+
+def _top_images(session: Session, run: Run, concept: Concept) -> list[Thumb]:
+    """Every top image of the concept in the active generation, by model order then rank."""
+    names = {m.id: m.name for m in run.models}
+    order = {m.id: m.position for m in run.models}
+    rows = session.execute(_TOP_IMAGES, {"concept": concept.id, "gen": run.active_generation_id})
+    return [Thumb(model=names[model_id], rank=rank, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
+                  image_key=key)
+            for model_id, rank, activation, heatmap, thumbnail, key
+            in sorted(rows, key=lambda row: (order[row[0]], row[1]))]
 
 
 def get_concept(session: Session, *, run_id: int, index: int) -> Concept | None:
@@ -266,9 +247,8 @@ def _prev_next(session: Session, run: Run, index: int, scope: Collection[int] | 
 def concept_detail(session: Session, *, run: Run, concept: Concept,
                    scope: Collection[int] | None = None) -> ConceptDetail:
     """Everything the concept page shows; neighbours and prev/next stay inside `scope`."""
-    thumbs = _thumbs(session, run, [concept.id])
-    card = concept_cards(session, run=run, concepts=[concept], thumbs=thumbs)[0]
-    top_images = thumbs.get(concept.id, [])
+    card = concept_cards(session, run=run, concepts=[concept])[0]
+    top_images = _top_images(session, run, concept)
     gen = run.active_generation_id
     histograms = {h.run_model_id: h for h in session.scalars(_HISTOGRAMS, {"concept": concept.id, "gen": gen})}
     cams: dict[int, str] = {model_id: path for model_id, path in session.execute(_CAMS, {"concept": concept.id})}

@@ -1,7 +1,8 @@
 """Writing a mined run into the database and the media directory, crash-safely.
 
 A mine builds a new `MiningGeneration`: rendered files go under its own media folder, and its
-rows are written one transaction per batch of concepts. Nothing of it is visible until one
+rows (top images, histograms, neighbours, defect IoU and each concept's precomputed browser
+card) are written one transaction per batch of concepts. Nothing of it is visible until one
 final transaction points the run at it and swaps in the new concept statistics; only then is
 the previous generation deleted. A crash or kill at any earlier point leaves the previous
 generation as it was; the half-built one is cleaned up by the next mine.
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image as PILImage
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from app.db import session_factory
 from app.models import (
     Concept,
+    ConceptCardData,
     ConceptDefectIoU,
     ConceptHistogram,
     ConceptModelStats,
@@ -40,6 +42,8 @@ from app.models import (
     Run,
     utcnow,
 )
+from app.schemas.concepts import MinedCard, ModelFiring, Thumb
+from app.services.concepts import card_ranks
 from app.services.runs import register_run
 from app.services.runs_view import mining_owner
 from usae_core import render
@@ -70,8 +74,20 @@ class _RunIds:
     media_prefix: str
     models: list[int]
     """run_models.id in the USAE's model order."""
+    model_names: list[str]
+    """Model names in the USAE's model order."""
+    display_order: list[int]
+    """Positions in the USAE's model order, listed in the run's model order (the explorer's)."""
     concepts: dict[int, int]
     """concept index -> concepts.id."""
+
+
+class _StoredImage(NamedTuple):
+    """An `images` row of the generation being built."""
+
+    id: int
+    key: str
+    thumbnail: str
 
 
 def mine_run(url: str, media_dir: Path, run_dir: Path, store, model, *, cfg: MiningConfig | None = None,
@@ -130,12 +146,14 @@ def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, sto
         s.flush()
         generation.media_prefix = f"runs/{run.id}/g{generation.id}"
         _ensure_concepts(s, run.id, model.cfg.n_concepts)
-        by_name = {m.name: m.id for m in run.models}
+        by_name = {m.name: m for m in run.models}
         return _RunIds(
             run_id=run.id,
             generation_id=generation.id,
             media_prefix=generation.media_prefix,
-            models=[by_name[n] for n in model.names],
+            models=[by_name[n].id for n in model.names],
+            model_names=list(model.names),
+            display_order=sorted(range(len(model.names)), key=lambda i: by_name[model.names[i]].position),
             concepts=dict(s.execute(select(Concept.index, Concept.id).where(Concept.run_id == run.id)).all()),
         )
 
@@ -191,7 +209,8 @@ def _write_concept_batches(Session: sessionmaker, media_dir: Path, ids: _RunIds,
                            cfg: MiningConfig, device: str, batch_concepts: int, progress: bool,
                            report: ProgressCallback) -> int:
     views = _ImageViews(store, THUMBNAIL_SIZE)
-    image_rows: dict[int, int] = {}
+    images: dict[int, _StoredImage] = {}  # store index -> its row, for the images written so far
+    model_stats = _ModelStatistics(result)
     vmax = result.top_values[:, :, 0]
     n_top = 0
     concepts = list(range(result.n_concepts))
@@ -199,7 +218,7 @@ def _write_concept_batches(Session: sessionmaker, media_dir: Path, ids: _RunIds,
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         for done, batch in enumerate(tqdm(batches, desc="render", unit="batch", disable=not progress)):
             heat = top_image_heatmaps(model, store, result, batch, cfg, device=device)
-            new_images = sorted({int(result.top_images[i, c, r]) for i, c, r in heat} - set(image_rows))
+            new_images = sorted({int(result.top_images[i, c, r]) for i, c, r in heat} - set(images))
             files = {key: f"{ids.media_prefix}/heatmaps/{model.names[key[0]]}/{key[1]}/{key[2]}.png" for key in heat}
             thumbs = {img: f"{ids.media_prefix}/thumbs/{img}.jpg" for img in new_images}
             jobs = [(media_dir / files[key], lambda key=key: render.heatmap_layer(
@@ -208,28 +227,31 @@ def _write_concept_batches(Session: sessionmaker, media_dir: Path, ids: _RunIds,
             list(pool.map(lambda job: write_image(job[0], job[1]()), jobs))
             with Session.begin() as s:
                 if new_images:
-                    rows = s.execute(insert(Image).returning(Image.store_index, Image.id), [
+                    rows = s.execute(insert(Image).returning(Image.store_index, Image.id, Image.image_key,
+                                                             Image.thumbnail_path), [
                         {"generation_id": ids.generation_id, "store_index": img, "image_key": store.image_ids[img],
                          "thumbnail_path": thumbs[img]} for img in new_images])
-                    image_rows.update(dict(rows.all()))
-                n_top += _insert_concept_rows(s, ids, result, batch, heat, files, image_rows)
+                    images.update({index: _StoredImage(*row) for index, *row in rows})
+                n_top += _insert_concept_rows(s, ids, result, model_stats, batch, heat, files, images)
             report(0.5 + 0.5 * (done + 1) / len(batches), f"rendered {min((done + 1) * batch_concepts, len(concepts))}"
                    f" of {len(concepts)} concepts")
     return n_top
 
 
-def _insert_concept_rows(s: Session, ids: _RunIds, result: MiningResult, batch: list[int],
-                         heat: dict, files: dict, image_rows: dict[int, int]) -> int:
+def _insert_concept_rows(s: Session, ids: _RunIds, result: MiningResult, model_stats: _ModelStatistics,
+                         batch: list[int], heat: dict, files: dict, images: dict[int, _StoredImage]) -> int:
     gen = ids.generation_id
-    tops, hists, neighbours, ious = [], [], [], []
+    tops, hists, neighbours, ious, cards = [], [], [], [], []
     edges = result.hist_edges
     for c in batch:
         cid = ids.concepts[c]
+        cards.append({"generation_id": gen, "concept_id": cid,
+                      "payload": _mined_card(ids, result, model_stats, c, heat, files, images).model_dump_json()})
         for i, model_id in enumerate(ids.models):
             common = {"generation_id": gen, "concept_id": cid, "run_model_id": model_id}
             for r in range(result.top_images.shape[2]):
                 if (i, c, r) in heat:
-                    tops.append({**common, "rank": r, "image_id": image_rows[int(result.top_images[i, c, r])],
+                    tops.append({**common, "rank": r, "image_id": images[int(result.top_images[i, c, r])].id,
                                  "activation": float(result.top_values[i, c, r]),
                                  "max_token": int(result.top_tokens[i, c, r]), "heatmap_path": files[(i, c, r)]})
             counts = result.hist_counts[i, c]
@@ -243,10 +265,47 @@ def _insert_concept_rows(s: Session, ids: _RunIds, result: MiningResult, batch: 
                 ious += [{**common, "defect_type": kind, "iou": float(result.defect_iou[i, c, d])}
                          for d, kind in enumerate(result.defect_types)]
     for table, rows in ((ConceptTopImage, tops), (ConceptHistogram, hists), (ConceptNeighbour, neighbours),
-                        (ConceptDefectIoU, ious)):
+                        (ConceptDefectIoU, ious), (ConceptCardData, cards)):
         if rows:
             s.execute(insert(table), rows)
     return len(tops)
+
+
+class _ModelStatistics:
+    """A concept's statistics in one model, as `concept_model_stats` stores them and its card
+    shows them (one computation for both, so they are the same numbers)."""
+
+    def __init__(self, result: MiningResult):
+        self._stats = result.stats
+        self._max_activation = result.max_activation
+        self._totals = result.stats.fire_counts.sum(0)
+        self._n_tokens = max(result.stats.n_tokens, 1)
+
+    def of(self, concept: int, model: int) -> dict[str, int | float]:
+        stats, c, i = self._stats, concept, model
+        fires, total = stats.fire_counts[i, c], self._totals[c]
+        return {"fire_count": int(fires), "frequency": float(fires / self._n_tokens),
+                "share": float(fires / total) if total else 0.0, "cofire": float(stats.cofire[i, c]),
+                "mean_activation": float(stats.code_sums[i, c] / self._n_tokens),
+                "max_activation": float(self._max_activation[i, c])}
+
+
+def _mined_card(ids: _RunIds, result: MiningResult, model_stats: _ModelStatistics, c: int, heat: dict, files: dict,
+                images: dict[int, _StoredImage]) -> MinedCard:
+    """Concept `c`'s card as the browser shows it: firing and the first top images of each model."""
+    firing, thumbs = [], []
+    for i in ids.display_order:
+        name = ids.model_names[i]
+        stats = model_stats.of(c, i)
+        firing.append(ModelFiring(model=name, fire_count=stats["fire_count"], frequency=stats["frequency"],
+                                  share=stats["share"], cofire=stats["cofire"],
+                                  max_activation=stats["max_activation"]))
+        for r in range(min(card_ranks(len(ids.models)), result.top_images.shape[2])):
+            if (i, c, r) in heat:
+                image = images[int(result.top_images[i, c, r])]
+                thumbs.append(Thumb(model=name, rank=r, activation=float(result.top_values[i, c, r]),
+                                    heatmap=files[(i, c, r)], thumbnail=image.thumbnail, image_key=image.key))
+    return MinedCard(firing=firing, thumbs=thumbs)
 
 
 def write_image(path: Path, image: PILImage.Image) -> None:
@@ -274,8 +333,8 @@ def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: Mi
     """One transaction: new concept statistics, the run points at the new generation."""
     stats = result.stats
     n_models = len(result.models)
-    fire = stats.fire_counts
-    total = fire.sum(0)
+    total = stats.fire_counts.sum(0)
+    model_stats = _ModelStatistics(result)
     concept_table = Concept.__table__
     with Session.begin() as s:
         s.execute(
@@ -291,11 +350,7 @@ def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: Mi
         concept_ids = select(Concept.id).where(Concept.run_id == ids.run_id)
         s.execute(delete(ConceptModelStats).where(ConceptModelStats.concept_id.in_(concept_ids)))
         s.execute(insert(ConceptModelStats), [
-            {"concept_id": ids.concepts[c], "run_model_id": model_id, "fire_count": int(fire[i, c]),
-             "frequency": float(fire[i, c] / max(stats.n_tokens, 1)),
-             "share": float(fire[i, c] / total[c]) if total[c] else 0.0, "cofire": float(stats.cofire[i, c]),
-             "mean_activation": float(stats.code_sums[i, c] / max(stats.n_tokens, 1)),
-             "max_activation": float(result.max_activation[i, c])}
+            {"concept_id": ids.concepts[c], "run_model_id": model_id, **model_stats.of(c, i)}
             for c in range(result.n_concepts) for i, model_id in enumerate(ids.models)
         ])
         run = s.get(Run, ids.run_id)

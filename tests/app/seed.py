@@ -2,7 +2,8 @@
 
 Until a real mine is cheap enough for every web test, this is the explorer's test data. It
 fills every table the pages read (run, models, generation, images, concepts with per-model
-statistics, top images with heatmaps, histograms, neighbours, defect IoU, one CAM image) with
+statistics, top images with heatmaps, histograms, neighbours, defect IoU, the browser's card
+rows, one CAM image) with
 values whose meaning the tests know: concept 0 is universal, concept 1 fires only in the first
 model, the last two concepts are dead, and so on (see `SeedRun`).
 
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.models import (
     CamImage,
     Concept,
+    ConceptCardData,
     ConceptDefectIoU,
     ConceptHistogram,
     ConceptModelStats,
@@ -35,7 +37,9 @@ from app.models import (
     RunModel,
     User,
 )
+from app.schemas.concepts import MinedCard, ModelFiring, Thumb
 from app.security import hash_password
+from app.services.concepts import card_ranks
 
 MODEL_SPECS = [("vit_s", "vit", 384), ("cnn_m", "resnet", 512), ("clip_b", "clip", 768)]
 DEFECTS = ["crack", "scratch"]
@@ -127,6 +131,26 @@ def _detail_rows(concepts: range, concept_ids: dict[int, int], gen_id: int, mode
     return rows
 
 
+def _card_rows(rows: dict[type, list[dict]], gen_id: int, model_names: dict[int, str],
+               images: dict[int, tuple[str, str]]) -> list[dict]:
+    """The browser card of each concept in `rows`, as a mine writes it (`images`: images.id ->
+    (image key, thumbnail path)). Rows are in model order, top images by rank."""
+    per_card = card_ranks(len(model_names))
+    cards: dict[int, MinedCard] = {}
+    for stats in rows[ConceptModelStats]:
+        card = cards.setdefault(stats["concept_id"], MinedCard(firing=[], thumbs=[]))
+        card.firing.append(ModelFiring(model=model_names[stats["run_model_id"]], **{
+            key: stats[key] for key in ("fire_count", "frequency", "share", "cofire", "max_activation")}))
+    for top in rows[ConceptTopImage]:
+        if top["rank"] < per_card:
+            key, thumbnail = images[top["image_id"]]
+            cards[top["concept_id"]].thumbs.append(Thumb(
+                model=model_names[top["run_model_id"]], rank=top["rank"], activation=top["activation"],
+                heatmap=top["heatmap_path"], thumbnail=thumbnail, image_key=key))
+    return [{"generation_id": gen_id, "concept_id": concept_id, "payload": card.model_dump_json()}
+            for concept_id, card in cards.items()]
+
+
 def create_analyst(session: Session, username: str = "alice", password: str = PASSWORD) -> User:
     user = User(username=username, password_hash=hash_password(password))
     session.add(user)
@@ -164,6 +188,8 @@ def seed_run(session: Session, media_dir: Path, *, name: str = "demo-run", n_con
                    "thumbnail_path": f"{prefix}/thumbs/{i:05d}.png"} for i in range(n_images)]
     session.execute(insert(Image), image_rows)
     image_ids = dict(session.execute(select(Image.store_index, Image.id).where(Image.generation_id == gen.id)).all())
+    images = {image_ids[i]: (row["image_key"], row["thumbnail_path"]) for i, row in enumerate(image_rows)}
+    model_names = {rm.id: rm.name for rm in run.models}
     if write_files:
         for i in range(n_images):
             _png(media_dir / image_rows[i]["thumbnail_path"], (40 + 8 * i % 200, 90, 140))
@@ -176,6 +202,7 @@ def seed_run(session: Session, media_dir: Path, *, name: str = "demo-run", n_con
     for start in range(0, n_concepts, chunk):
         rows = _detail_rows(range(start, min(n_concepts, start + chunk)), concept_ids, gen.id, model_ids, n_images,
                             n_tokens, top_n, prefix, image_ids, rng)
+        rows[ConceptCardData] = _card_rows(rows, gen.id, model_names, images)
         for table, table_rows in rows.items():
             if table_rows:
                 session.execute(insert(table), table_rows)

@@ -1,0 +1,227 @@
+"""The concept browser's precomputed cards (`concept_cards`), on runs really mined by
+`mine_run`: they hold what the tables they replace say, label edits show at once and escaped,
+a re-mine replaces them, an interrupted mine keeps the old ones, and the migration that adds
+them fills them in for runs mined before it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from fastapi.testclient import TestClient
+
+from app.db import get_engine, session_factory
+from app.main import create_app
+from app.migrations import alembic_config, upgrade_database
+from app.models import (
+    Concept,
+    ConceptCardData,
+    ConceptModelStats,
+    ConceptTopImage,
+    Image,
+    Run,
+)
+from app.schemas.concepts import MinedCard, ModelFiring, Thumb
+from app.services import mining as mining_service
+from app.services.concepts import card_ranks, concept_cards
+from app.services.mining import mine_run
+from app.settings import Settings
+from tests.app.seed import create_analyst
+from tests.app.webapp import login
+from tests.core.planted_concept import Planted, build_planted
+from usae_core.mining import MiningConfig
+
+IMAGE_HW = (48, 64)
+
+
+def _planted(root: Path, dims: dict[str, int] | None = None) -> tuple[Planted, Path]:
+    planted = build_planted(root, image_files=IMAGE_HW, n_concepts=12, dims=dims)
+    run_dir = root / "runs" / "planted"
+    planted.model.save_pretrained(run_dir)
+    return planted, run_dir
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory) -> tuple[Planted, Path]:
+    return _planted(tmp_path_factory.mktemp("cards-planted"))
+
+
+def _mine(url: str, media: Path, planted_run, **kwargs):
+    planted, run_dir = planted_run
+    return mine_run(url, media, run_dir, planted.store, planted.model, **kwargs)
+
+
+def tables_card(session, run: Run, concept_id: int) -> MinedCard:
+    """A card as the browser assembled it before `concept_cards` existed: firing from
+    `concept_model_stats` in the run's model order, thumbnails from the active generation's
+    top images (the first `card_ranks` of each model) by model order, then rank."""
+    names = {m.id: m.name for m in run.models}
+    order = {m.id: m.position for m in run.models}
+    stats = session.execute(sa.select(ConceptModelStats).where(ConceptModelStats.concept_id == concept_id)).scalars()
+    firing = [ModelFiring(model=names[s.run_model_id], fire_count=s.fire_count, frequency=s.frequency, share=s.share,
+                          cofire=s.cofire, max_activation=s.max_activation)
+              for s in sorted(stats, key=lambda s: order[s.run_model_id])]
+    tops = session.execute(sa.select(ConceptTopImage, Image).join(Image, Image.id == ConceptTopImage.image_id).where(
+        ConceptTopImage.concept_id == concept_id, ConceptTopImage.generation_id == run.active_generation_id,
+        ConceptTopImage.rank < card_ranks(len(run.models)))).all()
+    thumbs = [Thumb(model=names[t.run_model_id], rank=t.rank, activation=t.activation, heatmap=t.heatmap_path,
+                    thumbnail=image.thumbnail_path, image_key=image.image_key)
+              for t, image in sorted(tops, key=lambda row: (order[row[0].run_model_id], row[0].rank))]
+    return MinedCard(firing=firing, thumbs=thumbs)
+
+
+def stored_cards(url: str) -> dict[int, MinedCard]:
+    """Concept index -> the card the browser reads for it (active generation)."""
+    with session_factory(url)() as s:
+        run = s.scalars(sa.select(Run)).one()
+        concepts = s.scalars(sa.select(Concept).where(Concept.run_id == run.id).order_by(Concept.index)).all()
+        return {c.index: MinedCard(firing=card.firing, thumbs=card.thumbs)
+                for c, card in zip(concepts, concept_cards(s, run=run, concepts=concepts))}
+
+
+def card_rows(url: str) -> list[tuple[int, int, str]]:
+    """Every row of `concept_cards`, whatever its generation: (generation, concept index, payload)."""
+    with session_factory(url)() as s:
+        return sorted(s.execute(sa.select(ConceptCardData.generation_id, Concept.index, ConceptCardData.payload)
+                                .join(Concept, Concept.id == ConceptCardData.concept_id)).all())
+
+
+@pytest.mark.parametrize("dims", [None, {"vit": 8, "dino": 12}], ids=["3 models", "2 models"])
+def test_cards_hold_what_the_mined_tables_say(db_url, data_dir, tmp_path, dims):
+    planted, run_dir = _planted(tmp_path, dims)
+    mine_run(db_url, data_dir / "media", run_dir, planted.store, planted.model, cfg=MiningConfig(top_n=5),
+             batch_concepts=5)
+    cards = stored_cards(db_url)
+    with session_factory(db_url)() as s:
+        run = s.scalars(sa.select(Run)).one()
+        ids = dict(s.execute(sa.select(Concept.index, Concept.id).where(Concept.run_id == run.id)).all())
+        expected = {index: tables_card(s, run, concept_id) for index, concept_id in ids.items()}
+    assert cards == expected  # exact: the same float64 numbers, paths and order
+    # The planted concept fires on three images only.
+    per_model = min(card_ranks(len(planted.store.model_names)), len(planted.images))
+    card = cards[planted.concept]
+    assert [f.model for f in card.firing] == planted.store.model_names
+    assert [(t.model, t.rank) for t in card.thumbs] == [(m, r) for m in planted.store.model_names
+                                                       for r in range(per_model)]
+    assert [t.image_key for t in card.thumbs[:per_model]] == [planted.store.image_ids[i]
+                                                            for i in planted.images[:per_model]]
+    assert all((data_dir / "media" / t.heatmap).is_file() and (data_dir / "media" / t.thumbnail).is_file()
+               for c in cards.values() for t in c.thumbs)
+    assert len(card_rows(db_url)) == 12
+
+
+def test_a_label_edit_shows_on_the_card_at_once_and_escaped(tmp_path, planted_run):
+    settings = Settings(data_dir=tmp_path / "data", secret_key="test-secret", database_url=None)
+    upgrade_database(settings.db_url)
+    with session_factory(settings.db_url).begin() as s:
+        create_analyst(s)
+    _mine(settings.db_url, settings.media_dir, planted_run, cfg=MiningConfig(top_n=3))
+    planted, _ = planted_run
+    concept = planted.concept
+    cards_before = card_rows(settings.db_url)
+    with TestClient(create_app(settings)) as client:
+        login(client, "alice")
+        with session_factory(settings.db_url)() as s:
+            run_id = s.scalars(sa.select(Run.id)).one()
+        browser = f"/runs/{run_id}/concepts?sort=index"
+        assert "Unlabelled" in _card_html(client.get(browser).text, concept)  # also puts the page in the cache
+        page = client.get(f"/runs/{run_id}/concepts/{concept}").text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        version = re.search(r'name="version" value="(\d+)"', page).group(1)
+        r = client.put(f"/api/runs/{run_id}/concepts/{concept}/label", headers={"X-CSRF-Token": token}, json={
+            "label": "<script>alert(1)</script> blob", "description": "", "tags": ["Planted<b>"],
+            "version": int(version)})
+        assert r.status_code == 200, r.text
+        card = _card_html(client.get(browser).text, concept)
+        assert "&lt;script&gt;alert(1)&lt;/script&gt; blob" in card and "<script>" not in card
+        assert "planted&lt;b&gt;" in card and "planted<b>" not in card
+        api = client.get(f"/api/runs/{run_id}/concepts?sort=index").json()
+        by_index = {c["index"]: c for c in api["concepts"]}
+        assert by_index[concept]["label"] == "<script>alert(1)</script> blob"
+        assert by_index[concept]["tags"] == ["planted<b>"]
+        assert by_index[concept]["thumbs"] and by_index[concept]["firing"]
+    # The edit did not need (nor touch) the mined card rows.
+    assert card_rows(settings.db_url) == cards_before
+    get_engine(settings.db_url).dispose()
+
+
+def _card_html(page: str, index: int) -> str:
+    start = page.index(f'data-concept="{index}"')
+    return page[start:page.index("</a>", start)]
+
+
+def test_a_remine_replaces_the_cards(db_url, data_dir, planted_run):
+    media = data_dir / "media"
+    first = _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=4))
+    old_prefix = f"runs/{first.run_id}/g{first.generation_id}"
+    assert all(t.heatmap.startswith(old_prefix) for c in stored_cards(db_url).values() for t in c.thumbs)
+    second = _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=2))
+    rows = card_rows(db_url)
+    assert {gen for gen, _, _ in rows} == {second.generation_id} and len(rows) == 12
+    cards = stored_cards(db_url)
+    new_prefix = f"runs/{second.run_id}/g{second.generation_id}/"
+    thumbs = [t for c in cards.values() for t in c.thumbs]
+    assert thumbs and all(t.heatmap.startswith(new_prefix) and (media / t.heatmap).is_file() for t in thumbs)
+    assert not (media / old_prefix).exists()
+    with session_factory(db_url)() as s:
+        run = s.scalars(sa.select(Run)).one()
+        assert cards == {c.index: tables_card(s, run, c.id) for c in s.scalars(sa.select(Concept))}
+
+
+def _fail_in_second_batch_after_its_cards(monkeypatch, written: list[int]) -> None:
+    """The second concept batch writes its rows (cards included), then fails in its transaction;
+    `written` gets the number of card rows the building generation had at that moment."""
+    real = mining_service._insert_concept_rows
+    calls = []
+
+    def insert_then_fail(s, ids, *args, **kwargs):
+        calls.append(1)
+        result = real(s, ids, *args, **kwargs)
+        if len(calls) == 2:
+            written.append(s.scalar(sa.select(sa.func.count()).select_from(ConceptCardData)
+                                    .where(ConceptCardData.generation_id == ids.generation_id)))
+            raise RuntimeError("disk on fire")
+        return result
+
+    monkeypatch.setattr(mining_service, "_insert_concept_rows", insert_then_fail)
+
+
+def test_an_interrupted_mine_keeps_the_old_cards(db_url, data_dir, planted_run, monkeypatch):
+    media = data_dir / "media"
+    _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=4))
+    rows_before, cards_before = card_rows(db_url), stored_cards(db_url)
+    written: list[int] = []
+    _fail_in_second_batch_after_its_cards(monkeypatch, written)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=2), batch_concepts=3)
+    assert written == [6], "the failed mine had written cards of its own"
+    assert card_rows(db_url) == rows_before and stored_cards(db_url) == cards_before
+    # The failure in the final switch (statistics swapped, then an error) is covered by
+    # test_mine.py's snapshot of every mined table; check the cards there too.
+    monkeypatch.undo()
+    monkeypatch.setattr(mining_service, "utcnow", _raise)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=2))
+    assert card_rows(db_url) == rows_before and stored_cards(db_url) == cards_before
+
+
+def _raise() -> None:
+    raise RuntimeError("disk on fire")
+
+
+def test_the_migration_fills_in_cards_of_runs_mined_before_it(db_url, data_dir, planted_run):
+    _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=4))
+    mined = stored_cards(db_url)
+    cfg = alembic_config(db_url)
+    with get_engine(db_url).begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0003")
+        assert "concept_cards" not in sa.inspect(connection).get_table_names()
+    upgrade_database(db_url)
+    assert stored_cards(db_url) == mined
+    with session_factory(db_url)() as s:
+        active = s.scalars(sa.select(Run.active_generation_id)).one()
+    assert [gen for gen, _, _ in card_rows(db_url)] == [active] * 12
