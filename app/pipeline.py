@@ -146,9 +146,12 @@ def mine(settings: Settings, plan: DemoPlan, run_dir: Path, store, model, device
 
 
 def _mined_summary(metrics: dict) -> str:
+    def r2(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.2f}"
+
     live = metrics.get("live_concepts")
-    return (f"R² self {metrics.get('r2_self', float('nan')):.2f} / cross {metrics.get('r2_cross', float('nan')):.2f}, "
-            f"{live:,} live concepts" if live is not None else "mined")
+    return f"R² self {r2('r2_self')} / cross {r2('r2_cross')}, {live:,} live concepts" if live is not None else "mined"
 
 
 def ensure_analyst(settings: Settings) -> tuple[str, str | None]:

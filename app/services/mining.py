@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -363,8 +364,20 @@ def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: Mi
         generation.status, generation.finished_at = "active", utcnow()
         run.active_generation_id = generation.id
         run.status, run.error, run.mined_at = "mined", None, utcnow()
-        run.metrics = {**stats.summary(), "top_n": cfg.top_n}
+        run.metrics = _json_safe({**stats.summary(), "top_n": cfg.top_n})
     return old
+
+
+def _json_safe(value):
+    """`value` with NaN / infinity as None: Postgres rejects them in JSON (a one-model run has
+    no cross R², a constant target no R² at all), and readers treat None as "not defined"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _record_failure(Session: sessionmaker, media_dir: Path, ids: _RunIds, exc: BaseException) -> None:
