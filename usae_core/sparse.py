@@ -1,11 +1,14 @@
 """Sparse-code primitives on the training hot path.
 
 `sparse_decode` is the plain reference (one `embedding_bag`). The fused training path is
-`topk_encode` + `SparseCode.decode`: the encoder output is computed once, TopK'd in one pass,
-and every gradient is formed from the k selected entries per token only:
+`topk_encode` + `SparseCode.decode_loss` (or `SparseCode.decode` when the reconstruction itself
+is needed, as AuxK's residual is): the encoder output is computed once, TopK'd in one pass, and
+every gradient is formed from the k selected entries per token only:
 
 - decode: gather k dictionary rows per token; backward gathers them again for the value
-  gradient and sums `value * grad` per concept for the dictionary gradient;
+  gradient and sums `value * grad` per concept for the dictionary gradient. `decode_loss`
+  reduces the decode to its L1 / MSE loss in the same pass and keeps only the per-element loss
+  gradient (an int8 sign for L1) for that backward;
 - encoder: TopK passes gradient only to the selected pre-activations, so the weight gradient
   is `G^T X` with G k-sparse per row (a per-concept sum, not a dense `[tokens, n_concepts]` GEMM).
   BatchNorm (train mode) is folded in analytically: its batch statistics come from the input
