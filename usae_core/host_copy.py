@@ -6,8 +6,10 @@ releases the GIL while it copies, so pieces of one copy run in parallel on sever
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import numpy as np
+import torch
 
 PIECE_BYTES = 16 << 20
 """Rows per piece are chosen so that a piece moves about this many bytes."""
@@ -24,3 +26,17 @@ def copy_rows(pool: ThreadPoolExecutor, pairs: list[tuple[np.ndarray, np.ndarray
         pieces += [(dst[lo : lo + step], src[lo : lo + step]) for lo in range(0, len(src), step)]
     for _ in pool.map(lambda p: np.copyto(*p), pieces):
         pass
+
+
+def read_rows(pool: ThreadPoolExecutor, parts: Sequence[np.ndarray], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """The rows of `parts` (memory-mapped shard slices in a store's storage dtype; bfloat16 as
+    its uint16 bit patterns) concatenated into one CPU tensor of `dtype`, pinned when `pin`
+    (for fast asynchronous upload)."""
+    out = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=dtype, pin_memory=pin)
+    view = out.view(torch.int16).numpy() if dtype == torch.bfloat16 else out.numpy()
+    pairs, at = [], 0
+    for p in parts:
+        pairs.append((view[at : at + len(p)], p.view(view.dtype)))
+        at += len(p)
+    copy_rows(pool, pairs)
+    return out

@@ -24,12 +24,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from usae_core.errors import UsaeError
-from usae_core.host_copy import copy_rows
+from usae_core.host_copy import read_rows
 from usae_core.kernels.code_stats import CodeStats
 from usae_core.kernels.gather import residual_sq
 from usae_core.kernels.standardize import standardize_rows
 from usae_core.metrics import EvalResult
 from usae_core.prefetch import prefetch
+from usae_core.store import TORCH_DTYPES
 
 
 @dataclass
@@ -50,7 +51,7 @@ class MiningConfig:
     """A token cell counts as showing a defect when the defect covers at least this fraction of
     it. Binary cells keep thin defects (cracks, scratches) from capping the IoU far below 1."""
     autocast: bool | None = None
-    """bf16 encoder matmuls; None means on for CUDA, off for CPU."""
+    """bf16 encoder matmuls; None means on for CUDA, off for CPU (see `compute_dtype`)."""
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -63,6 +64,11 @@ class MiningConfig:
             raise UsaeError("histogram needs hist_bins >= 1 and 0 < hist_min < hist_max")
         if self.neighbours < 0:
             raise UsaeError(f"neighbours must be >= 0, got {self.neighbours}")
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The encoder's input dtype on `device`: bfloat16 under autocast, else float32."""
+        autocast = self.autocast if self.autocast is not None else device.type == "cuda"
+        return torch.bfloat16 if autocast else torch.float32
 
     def hist_edges(self) -> np.ndarray:
         return np.geomspace(self.hist_min, self.hist_max, self.hist_bins + 1)
@@ -120,20 +126,6 @@ class MiningResult:
 # --------------------------------------------------------------------------- reading the store
 
 
-_TORCH_STORAGE = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
-                  np.dtype(np.int16): torch.int16}
-
-
-def _host_tensor(raw: np.ndarray, pin: bool, pool: ThreadPoolExecutor) -> torch.Tensor:
-    """Copy storage rows out of the memory map into a (pinned, for fast upload) CPU tensor,
-    split over the pool's threads (usae_core.host_copy)."""
-    if raw.dtype == np.uint16:
-        raw = raw.view(np.int16)  # bfloat16 bit patterns, reinterpreted on the device
-    t = torch.empty(raw.shape, dtype=_TORCH_STORAGE[raw.dtype], pin_memory=pin)
-    copy_rows(pool, [(t.numpy(), raw)])
-    return t
-
-
 def iter_image_batches(store, batch_images: int, device: torch.device,
                        read_threads: int | None = None) -> Iterator[tuple[int, int, dict]]:
     """`(first_image, n_images, {model: [n_images * tokens, dim]})` in store order, in the
@@ -143,6 +135,7 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
     one computes. On CUDA the upload runs on a copy stream, one batch ahead."""
     t = store.tokens_per_image
     cuda = device.type == "cuda"
+    dtype = TORCH_DTYPES[store.dtype]
     threads = read_threads or (min(8, os.cpu_count() or 1) if cuda else 1)
 
     def read(pool: ThreadPoolExecutor) -> Iterator[tuple[int, int, dict]]:
@@ -150,7 +143,7 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
             for start in range(span.start, span.stop, batch_images):
                 stop = min(start + batch_images, span.stop)
                 lo, hi = (start - span.start) * t, (stop - span.start) * t
-                yield start, stop - start, {m: _host_tensor(store.shard(m, span.index)[lo:hi], cuda, pool)
+                yield start, stop - start, {m: read_rows(pool, [store.shard(m, span.index)[lo:hi]], dtype, cuda)
                                             for m in store.model_names}
 
     copy_stream = torch.cuda.Stream(device) if cuda else None
@@ -175,7 +168,7 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
                 for r in raw.values():  # allocated on the copy stream, read on the compute stream
                     r.record_stream(torch.cuda.current_stream(device))
             pending = next((upload(b) for b in batches), None)  # overlaps this batch's compute
-            yield first, n, {m: r.view(torch.bfloat16) if store.dtype == "bfloat16" else r for m, r in raw.items()}
+            yield first, n, raw
 
 
 def load_image_tokens(store, model: str, image_indices: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -185,7 +178,7 @@ def load_image_tokens(store, model: str, image_indices: Sequence[int], device: t
 
 def encode(model, x_std: torch.Tensor, name: str, cfg: MiningConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse codes `(values float32, indices)` `[tokens, k]`, with bf16 matmuls when configured."""
-    autocast = cfg.autocast if cfg.autocast is not None else x_std.device.type == "cuda"
+    autocast = cfg.compute_dtype(x_std.device) == torch.bfloat16
     with torch.autocast(x_std.device.type, dtype=torch.bfloat16, enabled=autocast):
         values, indices = model.encode(x_std, name)
     return values.float(), indices
@@ -296,8 +289,7 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
     tables = [d.detach().to(torch.bfloat16 if device.type == "cuda" else torch.float32) for d in model.dictionaries]
     n_tokens = 0
     bar = tqdm(total=store.n_images, desc="mine", unit="img", disable=not progress)
-    autocast = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
-    compute = torch.bfloat16 if autocast else torch.float32
+    compute = cfg.compute_dtype(device)
     for first, n_img, batch in iter_image_batches(store, cfg.batch_images, device):
         # Encoder inputs, reconstruction targets (the decoder bias comes off once, not once per
         # source model) and the R^2 denominator's sums, in one pass over the stored rows.

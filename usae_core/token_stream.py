@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from usae_core.host_copy import copy_rows
+from usae_core.host_copy import read_rows
 from usae_core.store import TORCH_DTYPES
 
 
@@ -43,19 +43,8 @@ def _groups(store, seed: int, start_batch: int, batch_size: int, shuffle_shards:
 
 def _read_group(store, models: list[str], group, pin: bool, pool: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
     """The group's rows in storage dtype, concatenated in shard order, in (pinned) host memory."""
-    out, pairs = {}, []
-    for model in models:
-        parts = [store.shard(model, store.spans[s].index) for s in group]
-        host = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=TORCH_DTYPES[store.dtype],
-                           pin_memory=pin)
-        view = host.view(torch.int16).numpy() if store.dtype == "bfloat16" else host.numpy()
-        at = 0
-        for p in parts:
-            pairs.append((view[at : at + len(p)], p.view(view.dtype)))
-            at += len(p)
-        out[model] = host
-    copy_rows(pool, pairs)
-    return out
+    dtype = TORCH_DTYPES[store.dtype]
+    return {m: read_rows(pool, [store.shard(m, store.spans[s].index) for s in group], dtype, pin) for m in models}
 
 
 def device_token_batches(
