@@ -17,7 +17,6 @@ from typing import Any
 from sqlalchemy import ColumnElement, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.lru import LruCache
 from app.models import (
     CamImage,
     Concept,
@@ -44,6 +43,7 @@ from app.schemas.concepts import (
     Neighbour,
     Thumb,
 )
+from app.services.concept_order import ordered_ids
 from app.services.labels import label_history
 from app.services.runs_view import run_summary
 
@@ -97,40 +97,44 @@ _CARD_COLUMNS = (Concept.id, Concept.index, Concept.label, Concept.energy, Conce
                  Concept.frequency, Concept.dead)
 
 
-def _count_key(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> tuple | None:
-    """Match counts of filters that depend only on mined statistics (not on labels, tags or
-    search) are cached under this key, with the run's active generation: mining replaces those
-    statistics only together with the generation, so a cached count can never be stale."""
+def _order_key(session: Session, run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> tuple | None:
+    """Views whose concepts and order depend only on mined statistics are paged from a cached
+    id list under this key: the database, the run's active generation and the view
+    (app/services/concept_order.py). None for views that filter on labels, tags or search text."""
     if filters.q.strip() or filters.tag or filters.labelled != "any":
         return None
-    return (run.id, run.active_generation_id, filters.show_dead, filters.min_entropy, filters.mostly,
-            None if scope is None else tuple(sorted(scope)))
+    return (session.get_bind(), run.id, run.active_generation_id, filters.sort, filters.show_dead,
+            filters.min_entropy, filters.mostly, None if scope is None else tuple(sorted(scope)))
 
 
-_counts: LruCache[int] = LruCache(512)
+_CARD_ROWS = select(*_CARD_COLUMNS).where(Concept.id.in_(bindparam("ids", expanding=True)))
 
 
-def _count(session: Session, run: Run, filters: ConceptFilters, scope: Collection[int] | None,
-           where: list[ColumnElement[bool]]) -> int:
-    key = _count_key(run, filters, scope)
-    cached = _counts.get(key) if key is not None else None
-    if cached is not None:
-        return cached
-    count = session.scalar(select(func.count()).select_from(Concept).where(*where)) or 0
+def _page_rows(session: Session, run: Run, filters: ConceptFilters, scope: Collection[int] | None,
+               where: list[ColumnElement[bool]]) -> tuple[int, list[Any]]:
+    """(matching concepts, this page's card rows in browser order)."""
+    order = (_SORT_COLUMNS[filters.sort], Concept.index.asc())
+    offset = (filters.page - 1) * filters.per_page
+    key = _order_key(session, run, filters, scope)
     if key is not None:
-        _counts.put(key, count)
-    return count
+        # Core, not ORM, execution: a whole run's ids are read (about 15 ms for 32,768, ORM 21).
+        ids = ordered_ids(key, lambda: session.connection().execute(
+            select(Concept.id).where(*where).order_by(*order)).scalars().all())
+        page_ids = ids[offset:offset + filters.per_page].tolist()
+        by_id = {row.id: row for row in session.execute(_CARD_ROWS, {"ids": page_ids})} if page_ids else {}
+        return len(ids), [by_id[i] for i in page_ids if i in by_id]
+    total = session.scalar(select(func.count()).select_from(Concept).where(*where)) or 0
+    rows = session.execute(select(*_CARD_COLUMNS).where(*where).order_by(*order)
+                           .limit(filters.per_page).offset(offset)).all()
+    return total, list(rows)
 
 
 def browse_concepts(session: Session, *, run: Run, filters: ConceptFilters,
                     scope: Collection[int] | None = None) -> ConceptPage:
     """One page of concepts matching `filters`, within `scope` (a share's concept indices)."""
     where = _conditions(run, filters, scope)
-    total = _count(session, run, filters, scope, where)
+    total, rows = _page_rows(session, run, filters, scope, where)
     pages = max(1, math.ceil(total / filters.per_page))
-    rows = session.execute(select(*_CARD_COLUMNS).where(*where)
-                           .order_by(_SORT_COLUMNS[filters.sort], Concept.index.asc())
-                           .limit(filters.per_page).offset((filters.page - 1) * filters.per_page)).all()
     return ConceptPage(run=run_summary(run), filters=filters, total=total, pages=pages,
                        concepts=concept_cards(session, run=run, concepts=rows),
                        tags=run_tags(session, run_id=run.id, scope=scope))

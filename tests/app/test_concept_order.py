@@ -1,0 +1,83 @@
+"""The browser pages views of mined statistics from a cached id list per view and active
+generation (app/services/concept_order.py). Its pages must be exactly those of the
+ORDER BY / OFFSET query it replaces, ties included, on both backends; a re-mine must change
+them, and label edits must show without a re-mine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import session_factory
+from app.models import Concept, MiningGeneration, Run
+from app.schemas.concepts import ConceptFilters, SortKey
+from app.services import concepts as concept_service
+from app.services.concepts import browse_concepts
+from app.services.runs_view import get_run
+from tests.app.seed import seed_run
+
+SORTS: list[SortKey] = ["energy", "entropy", "cofire", "frequency", "index"]
+VIEWS = [{}, {"show_dead": True}, {"min_entropy": 0.8}, {"mostly": "vit_s"}, {"mostly": "cnn_m", "min_entropy": 0.0}]
+
+
+@pytest.fixture
+def run_url(db_url: str, data_dir: Path) -> str:
+    with session_factory(db_url)() as s:
+        run = seed_run(s, data_dir / "media", n_concepts=47, write_files=False)
+        # Ties in every statistic, broken by the concept index in both paths.
+        s.execute(sa.update(Concept).where(Concept.run_id == run.run_id, Concept.index.in_([3, 9, 20, 21, 30]))
+                  .values(energy=0.5, firing_entropy=0.9, cofire=0.25, frequency=0.01))
+        s.commit()
+    return db_url
+
+
+def _pages(url: str, filters: dict, per_page: int, scope: frozenset[int] | None = None) -> list[list[int]]:
+    """Every page of the view, each as concept indices, and the totals each page reported."""
+    with session_factory(url)() as s:
+        run = get_run(s, run_id=1)
+        first = browse_concepts(s, run=run, filters=ConceptFilters(per_page=per_page, **filters), scope=scope)
+        pages = [browse_concepts(s, run=run, filters=ConceptFilters(per_page=per_page, page=n, **filters), scope=scope)
+                 for n in range(1, first.pages + 2)]  # one page past the end: empty
+        assert {p.total for p in pages} == {first.total}
+        return [[c.index for c in p.concepts] for p in pages]
+
+
+def _without_order_cache(monkeypatch) -> None:
+    monkeypatch.setattr(concept_service, "_order_key", lambda *args: None)
+
+
+@pytest.mark.parametrize("sort", SORTS)
+def test_cached_orders_page_exactly_like_order_by_offset(run_url, monkeypatch, sort):
+    scope = frozenset({0, 1, 3, 9, 20, 21, 30, 45, 46})
+    cases = [(dict(view, sort=sort), per_page, None) for view in VIEWS for per_page in (1, 7, 200)]
+    cases += [({"sort": sort, "show_dead": True}, 4, scope), ({"sort": sort}, 2, scope)]
+    cached = [_pages(run_url, filters, per_page, scope) for filters, per_page, scope in cases]
+    with monkeypatch.context() as m:
+        _without_order_cache(m)
+        offset = [_pages(run_url, filters, per_page, scope) for filters, per_page, scope in cases]
+    assert cached == offset
+    assert all(pages[-1] == [] for pages in cached)
+
+
+def test_a_remine_changes_the_order_and_a_label_edit_shows_at_once(run_url):
+    def first_page() -> list[tuple[int, str]]:
+        with session_factory(run_url)() as s:
+            page = browse_concepts(s, run=get_run(s, run_id=1), filters=ConceptFilters(per_page=3))
+            return [(c.index, c.label) for c in page.concepts]
+
+    before = first_page()
+    with session_factory(run_url)() as s:
+        s.execute(sa.update(Concept).where(Concept.index == before[-1][0]).values(label="edited"))
+        s.commit()
+    assert first_page() == [*before[:2], (before[-1][0], "edited")]
+    with session_factory(run_url)() as s:  # what a mine's final transaction does
+        run = s.get(Run, 1)
+        generation = MiningGeneration(run_id=1, status="active", params={}, media_prefix="runs/1/generation-2")
+        s.add(generation)
+        s.flush()
+        run.active_generation_id = generation.id
+        s.execute(sa.update(Concept).where(Concept.run_id == 1, Concept.index == 40).values(energy=1e6))
+        s.commit()
+    assert first_page()[0] == (40, "")
