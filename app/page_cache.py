@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Hashable
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -34,11 +34,15 @@ PAGE_CACHE_BYTES = 64 * 2**20
 """Per server process: about 700 concept-browser pages of a three-model run."""
 
 
+_DATA_VERSION = select(Run.status, Run.active_generation_id, Run.mined_at,
+                       select(func.max(LabelHistory.id)).scalar_subquery()).where(Run.id == bindparam("run"))
+"""Built once, and run on the session's connection (Core, not ORM, execution): read on every
+analyst page, where building it and the ORM layer cost twice what the query does (~60 us vs ~190)."""
+
+
 def data_version(session: Session, run_id: int) -> tuple[Hashable, ...] | None:
     """What the run's pages show changes only when this does; None when there is no such run."""
-    newest_edit = select(func.max(LabelHistory.id)).scalar_subquery()
-    row = session.execute(select(Run.status, Run.active_generation_id, Run.mined_at, newest_edit)
-                          .where(Run.id == run_id)).one_or_none()
+    row = session.connection().execute(_DATA_VERSION, {"run": run_id}).one_or_none()
     return None if row is None else tuple(row)
 
 

@@ -20,8 +20,9 @@ from app.viewer import Viewer
 from usae_core.errors import UsaeError
 
 
-def concept_filters(request: Request) -> ConceptFilters:
-    """Filters from the query string. Empty fields (an untouched form input) mean 'not set'."""
+async def concept_filters(request: Request) -> ConceptFilters:
+    """Filters from the query string. Empty fields (an untouched form input) mean 'not set'.
+    Async because it only parses: a sync dependency costs a hop to a worker thread and back."""
     raw = {k: v for k, v in request.query_params.items() if v != "" and k in ConceptFilters.model_fields}
     try:
         return ConceptFilters.model_validate(raw)
