@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, func, or_, select
+from sqlalchemy import ColumnElement, Select, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.models import (
@@ -239,12 +239,27 @@ def _neighbours(session: Session, run: Run, concept: Concept,
     return found
 
 
+def _neighbour_indices(scoped: bool) -> Select:
+    """The previous and next concept index of the run (within a share's concepts when
+    `scoped`), as one statement: each side is one probe of the (run_id, index) key."""
+    def side(bound: Any, other: Any) -> Any:
+        where = [Concept.run_id == bindparam("run"), bound]
+        if scoped:
+            where.append(Concept.index.in_(bindparam("scope", expanding=True)))
+        return select(other).where(*where).scalar_subquery()
+
+    return select(side(Concept.index < bindparam("index"), func.max(Concept.index)),
+                  side(Concept.index > bindparam("index"), func.min(Concept.index)))
+
+
+_PREV_NEXT = {scoped: _neighbour_indices(scoped) for scoped in (False, True)}
+
+
 def _prev_next(session: Session, run: Run, index: int, scope: Collection[int] | None) -> tuple[int | None, int | None]:
-    base = select(Concept.index).where(Concept.run_id == run.id)
+    params: dict[str, Any] = {"run": run.id, "index": index}
     if scope is not None:
-        base = base.where(Concept.index.in_(sorted(scope)))
-    prev = session.scalar(base.where(Concept.index < index).order_by(Concept.index.desc()).limit(1))
-    nxt = session.scalar(base.where(Concept.index > index).order_by(Concept.index.asc()).limit(1))
+        params["scope"] = sorted(scope)
+    prev, nxt = session.execute(_PREV_NEXT[scope is not None], params).one()
     return prev, nxt
 
 

@@ -1,7 +1,7 @@
 """The browser pages views of mined statistics from a cached id list per view and active
 generation (app/services/concept_order.py). Its pages must be exactly those of the
 ORDER BY / OFFSET query it replaces, ties included, on both backends; a re-mine must change
-them, and label edits must show without a re-mine."""
+them, and label edits must show without a re-mine. Previous / next on the concept page too."""
 
 from __future__ import annotations
 
@@ -81,3 +81,14 @@ def test_a_remine_changes_the_order_and_a_label_edit_shows_at_once(run_url):
         s.execute(sa.update(Concept).where(Concept.run_id == 1, Concept.index == 40).values(energy=1e6))
         s.commit()
     assert first_page()[0] == (40, "")
+
+
+@pytest.mark.parametrize("scope", [None, frozenset({0, 3, 9, 46})], ids=["whole run", "share"])
+def test_previous_and_next_concepts(run_url, scope):
+    indices = sorted(scope) if scope is not None else list(range(47))
+    with session_factory(run_url)() as s:
+        run = get_run(s, run_id=1)
+        for index in [0, 3, 9, 20, 46]:
+            expected = (max((i for i in indices if i < index), default=None),
+                        min((i for i in indices if i > index), default=None))
+            assert concept_service._prev_next(s, run, index, scope) == expected
