@@ -1,12 +1,14 @@
-"""Row copies between host arrays split over a thread pool.
+"""Getting stored rows to the device: host copies split over a thread pool, and uploads on a
+side CUDA stream.
 
 One thread copying out of the page cache moves about 5 GB/s; a GPU step consumes more. NumPy
-releases the GIL while it copies, so pieces of one copy run in parallel on several cores."""
+releases the GIL while it copies, so pieces of one copy run in parallel on several cores. The
+upload of the next batch then runs on its own stream while the current batch computes."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -40,3 +42,40 @@ def read_rows(pool: ThreadPoolExecutor, parts: Sequence[np.ndarray], dtype: torc
         at += len(p)
     copy_rows(pool, pairs)
     return out
+
+
+class Upload(NamedTuple):
+    tensors: dict
+    """Device tensors (the host tensors themselves when there is no side stream)."""
+    done: "torch.cuda.Event | None"
+    host: Mapping | None
+    """The pinned sources, referenced until the upload is consumed."""
+
+
+class SideStreamUpload:
+    """Host tensors copied to `device` on a side stream, so the next batch's copy overlaps the
+    current batch's compute. On CPU the tensors pass through unchanged."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, host: Mapping) -> Upload:
+        """Queue the copies of `host` ({key: pinned tensor}) and return at once."""
+        if self.stream is None:
+            return Upload(dict(host), None, None)
+        with torch.cuda.stream(self.stream):
+            tensors = {key: t.to(self.device, non_blocking=True) for key, t in host.items()}
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return Upload(tensors, done, host)
+
+    def ready(self, upload: Upload) -> dict:
+        """The uploaded tensors, safe to use on the current stream: it waits for the copies, and
+        the caching allocator learns that these side-stream tensors are used there."""
+        if upload.done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(upload.done)
+            for t in upload.tensors.values():
+                t.record_stream(current)
+        return upload.tensors

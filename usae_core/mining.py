@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from usae_core.errors import UsaeError
-from usae_core.host_copy import read_rows
+from usae_core.host_copy import SideStreamUpload, read_rows
 from usae_core.kernels.code_stats import CodeStats
 from usae_core.kernels.gather import residual_sq
 from usae_core.kernels.standardize import standardize_rows
@@ -146,28 +146,14 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
                 yield start, stop - start, {m: read_rows(pool, [store.shard(m, span.index)[lo:hi]], dtype, cuda)
                                             for m in store.model_names}
 
-    copy_stream = torch.cuda.Stream(device) if cuda else None
-
-    def upload(item):
-        first, n, host = item
-        if copy_stream is None:
-            return first, n, host, None
-        with torch.cuda.stream(copy_stream):
-            dev = {m: h.to(device, non_blocking=True) for m, h in host.items()}
-            done = torch.cuda.Event()
-            done.record(copy_stream)
-        return first, n, dev, (done, host)  # the host buffers stay referenced until the copy is done
-
+    uploads = SideStreamUpload(device)
     with ThreadPoolExecutor(threads) as pool:
-        batches = prefetch(read(pool), depth=3)
-        pending = next((upload(b) for b in batches), None)
+        started = ((first, n, uploads.start(host)) for first, n, host in prefetch(read(pool), depth=3))
+        pending = next(started, None)
         while pending is not None:
-            first, n, raw, fence = pending
-            if fence is not None:
-                torch.cuda.current_stream(device).wait_event(fence[0])
-                for r in raw.values():  # allocated on the copy stream, read on the compute stream
-                    r.record_stream(torch.cuda.current_stream(device))
-            pending = next((upload(b) for b in batches), None)  # overlaps this batch's compute
+            first, n, upload = pending
+            raw = uploads.ready(upload)
+            pending = next(started, None)  # the next upload overlaps this batch's compute
             yield first, n, raw
 
 

@@ -19,8 +19,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from usae_core.host_copy import read_rows
+from usae_core.host_copy import SideStreamUpload, read_rows
 from usae_core.store import TORCH_DTYPES
+
+_INDEX = "#permutation"
+"""Key of the group's row permutation among its uploaded tensors (never a valid model name)."""
 
 
 def _groups(store, seed: int, start_batch: int, batch_size: int, shuffle_shards: int, rank: int, world_size: int):
@@ -75,33 +78,22 @@ def device_token_batches(
                 ready.put(exc)
 
     threading.Thread(target=produce, daemon=True).start()
-    copy_stream = torch.cuda.Stream(device) if pin else None
+    uploads = SideStreamUpload(device)
 
     def upload():
         item = ready.get()
         if isinstance(item, BaseException):
             raise item
         host, perm = item
-        if copy_stream is None:
-            return host, torch.from_numpy(perm), None
-        with torch.cuda.stream(copy_stream):
-            dev = {m: t.to(device, non_blocking=True) for m, t in host.items()}
-            index = torch.from_numpy(perm).pin_memory().to(device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(copy_stream)
-        return dev, index, (done, host)  # host buffers stay referenced until the copy is done
+        index = torch.from_numpy(perm)
+        return uploads.start({**host, _INDEX: index.pin_memory() if pin else index})
 
     try:
         leftover: dict[str, torch.Tensor] | None = None
         pending = upload()
         while True:
-            raw, index, fence = pending
-            if fence is not None:
-                torch.cuda.current_stream(device).wait_event(fence[0])
-            chunk = {m: raw[m].index_select(0, index).float() for m in models}
-            if fence is not None:  # allocated on the copy stream, read on the compute stream
-                for t in [*raw.values(), index]:
-                    t.record_stream(torch.cuda.current_stream(device))
+            raw = uploads.ready(pending)
+            chunk = {m: raw[m].index_select(0, raw[_INDEX]).float() for m in models}
             pending = upload()  # the next group's copy overlaps this group's training
             if leftover is not None:
                 chunk = {m: torch.cat([leftover[m], chunk[m]]) for m in models}

@@ -98,6 +98,9 @@ def _check_topk() -> None:
         h = torch.randn(5, n_concepts, generator=gen)
         h[:2] = torch.round(h[:2] * 2) / 2  # many exact ties
         h[2] = -1.0  # fewer than k positive values: zeros fill the code
+        # Rows 1 (ties) and 3: the winners share one column slot (column mod 128), more than the
+        # 4 a slot holds; the kernel must notice and take its exact fallback.
+        h[[1, 3], ::128] = 10.0 + torch.arange(len(range(0, n_concepts, 128)), dtype=h.dtype)
         gamma = torch.rand(n_concepts, generator=gen) + 0.5
         beta = 0.1 * torch.randn(n_concepts, generator=gen)
         dead = torch.rand(n_concepts, generator=gen) < 0.3
@@ -120,7 +123,7 @@ def kernel_checks() -> None:
 
     assert use_triton(torch.zeros(1)), "interpreter mode did not enable the kernels"
     _check_topk()
-    topk._CANDIDATES = 4  # every row overflows the candidate buffer: the streamed exact search
+    topk._CANDIDATES = 4  # a fallback overflows the candidate buffer: the streamed exact search
     _check_topk()
     _check_products(torch.float32, torch.float32, 1e-4)
     _check_products(torch.bfloat16, torch.bfloat16, 1e-4)

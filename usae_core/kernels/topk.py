@@ -7,14 +7,15 @@ columns counting as 0, exactly as `topk(y * dead_mask)`.
 
 Both Triton kernels find the k-th largest value by a binary search over its float bit pattern
 (non-negative floats order like their int32 bits), then place the winners with prefix sums;
-ties at the threshold go to the lowest column, so the result is a valid `torch.topk`.
+as many ties at the threshold are taken as k needs, so the result is a valid `torch.topk`.
 
-The main selection runs one warp per row (no block-wide barriers). A first pass takes the
-maximum of each of 128 or 256 column slots; the k-th largest slot maximum is a lower bound L of the
-row's k-th largest value (those k maxima are k distinct elements >= L), and only a few
-elements reach it (~1.1-2.3 k for rows in random column order). A second pass compacts them
-into a per-row scratch buffer, and the exact search runs over those candidates alone. Rows with
-more candidates than the buffer holds fall back to an exact search streamed over the whole row.
+The main selection reads each row once, one warp per row, and keeps in registers the 4 largest
+keys of each of 128 or 256 column slots (slot = column mod slots). The k-th largest held key T is
+exact unless some slot's 4th key exceeds T (that slot may have dropped a key above T; with the k
+winners spread over the slots at random that happens in about 1 row in 1,000). Then T is still
+a lower bound: the keys >= T are compacted into a per-row scratch buffer and searched exactly,
+and rows with more candidates than the buffer holds (heavy ties) fall back to an exact search
+streamed over the whole row.
 The AuxK selection (rare: only while dead latents exist) uses the block-per-row kernel.
 """
 
@@ -116,26 +117,50 @@ if HAVE_TRITON:
             _select_topk(aux_keys, cols, pre, row * K_AUX, K_AUX, aux_val_ptr, aux_pre_ptr, aux_idx_ptr)
 
 
-_SLOTS = 256  # columns per streamed chunk = slots of the lower-bound pass; k <= _SLOTS
-_CANDIDATES = 256  # per-row scratch for the compacted candidates
+_SLOTS = 256  # columns per chunk = slots of the per-slot top keys; k <= _SLOTS
+_CANDIDATES = 256  # per-row scratch of the fallback's compacted candidates
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE: tl.constexpr):
-        """int32 bit patterns of ReLU(gamma * h + beta) for one chunk; -1 past the row's end."""
-        inside = cols < C
-        y = tl.load(h_ptr + row_off + cols, mask=inside, other=0.0).to(tl.float32)
-        if AFFINE:
-            y = y * tl.load(gamma_ptr + cols, mask=inside, other=1.0) + tl.load(beta_ptr + cols, mask=inside, other=0.0)
-        y = tl.where(y > 0.0, y, 0.0)
-        return tl.where(inside, y.to(tl.int32, bitcast=True), -1)
+    def _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE: tl.constexpr, MASKED: tl.constexpr):
+        """int32 bit patterns of ReLU(gamma * h + beta) for one chunk; -1 past the row's end.
+        Whole chunks (MASKED=False) skip the bounds test."""
+        if MASKED:
+            inside = cols < C
+            y = tl.load(h_ptr + row_off + cols, mask=inside, other=0.0).to(tl.float32)
+            if AFFINE:
+                y = y * tl.load(gamma_ptr + cols, mask=inside, other=1.0) + tl.load(beta_ptr + cols, mask=inside, other=0.0)
+            y = tl.where(y > 0.0, y, 0.0)
+            return tl.where(inside, y.to(tl.int32, bitcast=True), -1)
+        else:
+            y = tl.load(h_ptr + row_off + cols).to(tl.float32)
+            if AFFINE:
+                y = y * tl.load(gamma_ptr + cols) + tl.load(beta_ptr + cols)
+            y = tl.where(y > 0.0, y, 0.0)  # also maps -0.0 and NaN to +0.0
+            return y.to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _insert(x, xc, t1, t2, t3, t4, c1, c2, c3, c4):
+        """Insert x (column xc) into each slot's sorted top 4 (t1 >= t2 >= t3 >= t4); on ties the
+        earlier column stays ahead."""
+        g1 = x > t1
+        g2 = x > t2
+        g3 = x > t3
+        g4 = x > t4
+        n4 = tl.where(g3, t3, tl.where(g4, x, t4))
+        d4 = tl.where(g3, c3, tl.where(g4, xc, c4))
+        n3 = tl.where(g2, t2, tl.where(g3, x, t3))
+        d3 = tl.where(g2, c2, tl.where(g3, xc, c3))
+        n2 = tl.where(g1, t1, tl.where(g2, x, t2))
+        d2 = tl.where(g1, c1, tl.where(g2, xc, c2))
+        return tl.where(g1, x, t1), n2, n3, n4, tl.where(g1, xc, c1), d2, d3, d4
 
     @triton.jit
     def _kth_largest(keys, K: tl.constexpr):
         """Largest bit pattern T with count(keys >= T) >= K."""
         lo = tl.full([], 0, tl.int32)
-        hi = tl.full([], 0x7F800001, tl.int32)
+        hi = tl.full([], 0x7F800001, tl.int32)  # one past +inf: nothing is >= it
         for _ in range(31):
             mid = lo + (hi - lo) // 2
             enough = tl.sum((keys >= mid).to(tl.int32), axis=0) >= K
@@ -144,41 +169,51 @@ if HAVE_TRITON:
         return lo
 
     @triton.jit
+    def _kth_largest_held(t1, t2, t3, t4, K: tl.constexpr):
+        """`_kth_largest` over the four levels of the per-slot top 4 at once."""
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0x7F800001, tl.int32)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            at_least = (t1 >= mid).to(tl.int32) + (t2 >= mid).to(tl.int32) + (t3 >= mid).to(tl.int32) \
+                + (t4 >= mid).to(tl.int32)
+            enough = tl.sum(at_least, axis=0) >= K
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        return lo
+
+    @triton.jit
+    def _count_above(keys, threshold):
+        return tl.sum((keys > threshold).to(tl.int32), axis=0)
+
+    @triton.jit
     def _emit(keys, cols, threshold, need, ties_before, written, out_off, h_ptr, row_off,
-              val_ptr, pre_ptr, idx_ptr, C):
-        """Write the entries > threshold, and ties in column order while `need` allows."""
+              val_ptr, pre_ptr, idx_ptr):
+        """Write the entries > threshold, and ties in order while `need` allows."""
         above = keys > threshold
         tied = keys == threshold
         tie_rank = ties_before + tl.cumsum(tied.to(tl.int32), axis=0) - 1
         chosen = above | (tied & (tie_rank < need))
         slot = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        pre = tl.load(h_ptr + row_off + cols, mask=chosen & (cols < C), other=0.0).to(tl.float32)
+        pre = tl.load(h_ptr + row_off + cols, mask=chosen, other=0.0).to(tl.float32)
         tl.store(val_ptr + out_off + slot, keys.to(tl.float32, bitcast=True), mask=chosen)
         tl.store(pre_ptr + out_off + slot, pre, mask=chosen)
         tl.store(idx_ptr + out_off + slot, cols.to(tl.int64), mask=chosen)
         return written + tl.sum(chosen.to(tl.int32), axis=0), ties_before + tl.sum(tied.to(tl.int32), axis=0)
 
     @triton.jit
-    def _relu_topk_warp_kernel(
-        h_ptr, gamma_ptr, beta_ptr, val_ptr, pre_ptr, idx_ptr, cand_key_ptr, cand_col_ptr,
-        C, stride_h,
-        K: tl.constexpr, SLOTS: tl.constexpr, CAND: tl.constexpr, AFFINE: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        row_off = row * stride_h
-        out_off = row * K
+    def _select_from_bound(h_ptr, gamma_ptr, beta_ptr, row, row_off, out_off, bound,
+                           val_ptr, pre_ptr, idx_ptr, cand_key_ptr, cand_col_ptr, C,
+                           K: tl.constexpr, SLOTS: tl.constexpr, CAND: tl.constexpr, AFFINE: tl.constexpr):
+        """Exact selection given a lower bound of the row's K-th largest key: compact the
+        candidates (>= bound) into scratch and search them; with more than CAND candidates
+        (heavy ties, e.g. fewer than K positive values), search the whole row, streamed."""
         lanes = tl.arange(0, SLOTS)
-        # Pass 1: slot maxima; their K-th largest is a lower bound of the row's K-th largest.
-        slot_max = tl.full([SLOTS], -1, tl.int32)
-        for c0 in range(0, C, SLOTS):
-            slot_max = tl.maximum(slot_max, _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE))
-        bound = _kth_largest(slot_max, K)
-        # Pass 2: compact the candidates (>= bound) into this row's scratch.
         cand_off = row * CAND
         n_cand = tl.full([], 0, tl.int32)
         for c0 in range(0, C, SLOTS):
             cols = c0 + lanes
-            keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE)
+            keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE, True)
             is_cand = keys >= bound
             at = n_cand + tl.cumsum(is_cand.to(tl.int32), axis=0) - 1
             fits = is_cand & (at < CAND)
@@ -191,38 +226,79 @@ if HAVE_TRITON:
             keys = tl.load(cand_key_ptr + cand_off + offs, mask=offs < n_cand, other=-1)
             cols = tl.load(cand_col_ptr + cand_off + offs, mask=offs < n_cand, other=0)
             threshold = _kth_largest(keys, K)
-            need = K - tl.sum((keys > threshold).to(tl.int32), axis=0)
-            _emit(keys, cols, threshold, need, zero, zero, out_off, h_ptr, row_off, val_ptr, pre_ptr, idx_ptr, C)
+            _emit(keys, cols, threshold, K - _count_above(keys, threshold), zero, zero, out_off, h_ptr, row_off,
+                  val_ptr, pre_ptr, idx_ptr)
         else:
-            # Too many candidates (heavy ties, e.g. fewer than K positive values): exact search
-            # streamed over the whole row.
             lo = tl.full([], 0, tl.int32)
             hi = tl.full([], 0x7F800001, tl.int32)
             for _ in range(31):
                 mid = lo + (hi - lo) // 2
                 count = tl.full([], 0, tl.int32)
                 for c0 in range(0, C, SLOTS):
-                    keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE)
+                    keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE, True)
                     count += tl.sum((keys >= mid).to(tl.int32), axis=0)
                 enough = count >= K
                 lo = tl.where(enough, mid, lo)
                 hi = tl.where(enough, hi, mid)
             n_above = tl.full([], 0, tl.int32)
             for c0 in range(0, C, SLOTS):
-                keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE)
-                n_above += tl.sum((keys > lo).to(tl.int32), axis=0)
+                n_above += _count_above(_chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE, True), lo)
             written = zero
             ties = zero
             for c0 in range(0, C, SLOTS):
                 cols = c0 + lanes
-                keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE)
+                keys = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, cols, C, AFFINE, True)
                 written, ties = _emit(keys, cols, lo, K - n_above, ties, written, out_off, h_ptr, row_off,
-                                      val_ptr, pre_ptr, idx_ptr, C)
+                                      val_ptr, pre_ptr, idx_ptr)
+
+    @triton.jit
+    def _relu_topk_warp_kernel(
+        h_ptr, gamma_ptr, beta_ptr, val_ptr, pre_ptr, idx_ptr, cand_key_ptr, cand_col_ptr,
+        C, stride_h,
+        K: tl.constexpr, SLOTS: tl.constexpr, CAND: tl.constexpr, AFFINE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_off = row * stride_h
+        out_off = row * K
+        lanes = tl.arange(0, SLOTS)
+        # One pass over the row keeps each slot's 4 largest keys (slot = column mod SLOTS).
+        t1 = tl.full([SLOTS], -1, tl.int32)
+        t2 = t1
+        t3 = t1
+        t4 = t1
+        c1 = tl.full([SLOTS], 0, tl.int32)
+        c2 = c1
+        c3 = c1
+        c4 = c1
+        whole = C - C % SLOTS
+        for c0 in range(0, whole, SLOTS):
+            x = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, c0 + lanes, C, AFFINE, False)
+            t1, t2, t3, t4, c1, c2, c3, c4 = _insert(x, c0 + lanes, t1, t2, t3, t4, c1, c2, c3, c4)
+        if whole < C:
+            x = _chunk_keys(h_ptr, gamma_ptr, beta_ptr, row_off, whole + lanes, C, AFFINE, True)
+            t1, t2, t3, t4, c1, c2, c3, c4 = _insert(x, whole + lanes, t1, t2, t3, t4, c1, c2, c3, c4)
+        threshold = _kth_largest_held(t1, t2, t3, t4, K)
+        # A slot whose 4th key exceeds the threshold may have dropped a key above it too; else
+        # every key above the threshold is held, and it is the row's K-th largest.
+        if _count_above(t4, threshold) == 0:
+            need = K - _count_above(t1, threshold) - _count_above(t2, threshold) - _count_above(t3, threshold) \
+                - _count_above(t4, threshold)
+            written = tl.full([], 0, tl.int32)
+            ties = written
+            written, ties = _emit(t1, c1, threshold, need, ties, written, out_off, h_ptr, row_off, val_ptr, pre_ptr, idx_ptr)
+            written, ties = _emit(t2, c2, threshold, need, ties, written, out_off, h_ptr, row_off, val_ptr, pre_ptr, idx_ptr)
+            written, ties = _emit(t3, c3, threshold, need, ties, written, out_off, h_ptr, row_off, val_ptr, pre_ptr, idx_ptr)
+            _emit(t4, c4, threshold, need, ties, written, out_off, h_ptr, row_off, val_ptr, pre_ptr, idx_ptr)
+        else:
+            # The threshold of the held keys is still a lower bound of the row's K-th largest.
+            _select_from_bound(h_ptr, gamma_ptr, beta_ptr, row, row_off, out_off, threshold,
+                               val_ptr, pre_ptr, idx_ptr, cand_key_ptr, cand_col_ptr, C, K, SLOTS, CAND, AFFINE)
 
 
 def _slots(k: int) -> int:
-    """Fewer slots make the lower-bound search cheaper (7% at k = 32, H200) but the bound
-    looser; at most k / 4 of them may be taken, so candidates stay well within the scratch."""
+    """Fewer slots make the per-row work smaller, but more of the k winners share a slot: with
+    k balls in `slots` bins, a slot gets more than 4 of them in ~7e-4 of rows at k = 32 over 128
+    slots (~2e-3 at k = 64 over 256), and only those rows' programs take the fallback."""
     return 128 if 4 * k <= 128 else _SLOTS
 
 
