@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (renames into it) to disk."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -42,7 +43,7 @@ def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[
                 os.fsync(fh.fileno())
         os.replace(tmp_path, target)
         if durable:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -78,7 +79,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,11 @@ model's token grid to one common grid (antialiased bilinear, as the paper does f
 side thread, so decoding, compute and writing overlap. Finished shards survive an interruption
 and a rerun skips them. Under torchrun, rank r extracts shards r, r + world_size, ... and rank 0
 finalises the store after a barrier.
+
+There is no up-front test decode of the folder: a file that fails to decode in a worker gets
+zero rows and is named in its shard's done marker, and finalising the store drops those images
+(`usae_core.store_compact`; under torchrun every rank rewrites its share of the shards first),
+so every image is decoded once.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from tqdm.auto import tqdm
 from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
 from usae_core.errors import UsaeError
-from usae_core.images import FolderSource, defect_types, square_view
+from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
 from usae_core.store import TORCH_DTYPES, ActivationStore, ShardSpan, StoreWriter, non_finite_error
+from usae_core.store_compact import plan_compaction, stage_shards, start_staging
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +56,15 @@ def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int
 
 
 class _SquareViews(Dataset):
-    """Image `i` -> (i, uint8 square views [3, S, S], one per distinct view)."""
+    """Store image `i` -> (i, uint8 square views [3, S, S], one per distinct view, failure).
 
-    def __init__(self, source: FolderSource, indices: Sequence[int], views: Sequence[View]):
+    `failure` is "" when the image decoded, else why not ("ExceptionType: message"); the views
+    are then zeros, so the batch keeps its shape and the main loop zeroes that image's rows."""
+
+    def __init__(self, source: FolderSource, image_ids: Sequence[str], indices: Sequence[int],
+                 views: Sequence[View]):
         self.source = source
+        self.image_ids = image_ids
         self.indices = list(indices)
         self.views = list(views)
         self.draft = max(side for side, _ in self.views)
@@ -61,10 +72,15 @@ class _SquareViews(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor]]:
+    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor], str]:
         index = self.indices[i]
-        img = self.source.load(self.source.ids[index], min_size=self.draft)
-        return index, [pil_to_uint8(square_view(img, side, interp)) for side, interp in self.views]
+        try:
+            img = load_image(self.source.path(self.image_ids[index]), max_pixels=self.source.max_pixels,
+                             min_size=self.draft)
+            return index, [pil_to_uint8(square_view(img, side, interp)) for side, interp in self.views], ""
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means "leave this image out"
+            return index, [torch.zeros(3, side, side, dtype=torch.uint8) for side, _ in self.views], \
+                failure_reason(exc)
 
 
 def _as_backbones(backbones: Sequence[str | Backbone], weights: Mapping[str, str], layers: Mapping[str, str],
@@ -115,14 +131,19 @@ class _ShardAssembler:
         self.pin = pin
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.non_finite: dict[int, dict[str, torch.Tensor]] = {}
+        self.failed: dict[int, dict[str, str]] = {}
         self.filled: dict[int, int] = {}
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         self.allocated, self.capacity = 0, write_threads + 2
         self.pool = ThreadPoolExecutor(max_workers=write_threads)
         self.futures: list[Future] = []
 
-    def add(self, image_indices: Sequence[int], outputs: Mapping[str, torch.Tensor]) -> None:
-        """Store the rows of one batch; its images are consecutive, in shard order."""
+    def add(self, image_indices: Sequence[int], outputs: Mapping[str, torch.Tensor],
+            failed: Sequence[tuple[int, str, str]] = ()) -> None:
+        """Store the rows of one batch; its images are consecutive, in shard order. `failed`
+        names its images that could not be read, as (image index, image id, reason)."""
+        for index, image_id, reason in failed:
+            self.failed.setdefault(index // self.shard_images, {})[image_id] = reason
         row = 0
         while row < len(image_indices):
             shard = image_indices[row] // self.shard_images
@@ -169,10 +190,11 @@ class _ShardAssembler:
             copied = torch.cuda.Event()
             copied.record()
         self.futures = [f for f in self.futures if not f.done() or f.exception() is not None]
-        self.futures.append(self.pool.submit(self._write, shard, self.buffers.pop(shard), flags, copied))
+        self.futures.append(self.pool.submit(self._write, shard, self.buffers.pop(shard), flags, copied,
+                                             self.failed.pop(shard, {})))
 
     def _write(self, shard: int, buffers: dict[str, torch.Tensor], non_finite: dict[str, torch.Tensor],
-               copied: torch.cuda.Event | None) -> None:
+               copied: torch.cuda.Event | None, failed: dict[str, str]) -> None:
         try:
             if copied is not None:
                 copied.synchronize()
@@ -182,7 +204,7 @@ class _ShardAssembler:
             n = self.spans[shard].n_images
             # numpy views for float16/float32 avoid a copy; numpy has no bfloat16, the store converts it.
             self.writer.write_shard(shard, {name: (t[:n] if t.dtype == torch.bfloat16 else t[:n].numpy())
-                                            for name, t in buffers.items()}, finite_checked=True)
+                                            for name, t in buffers.items()}, finite_checked=True, failed=failed)
         finally:
             self.free.put(buffers)
 
@@ -222,7 +244,9 @@ def extract_store(
 
     `backbones` are registry names or built Backbone objects; `weights`/`layers` map a name to a
     local weight path / layer. `grid` defaults to the smallest native grid. A rerun resumes an
-    unfinished store with the same layout; `overwrite` starts again.
+    unfinished store with the same layout; `overwrite` starts again. A folder path is only
+    listed, not test-decoded: files that fail to decode during extraction are dropped from the
+    store, listed in `meta["skipped_images"]` and named in one warning.
     """
     if batch_size < 1:
         raise UsaeError(f"--batch-size must be >= 1, got {batch_size}")
@@ -230,7 +254,7 @@ def extract_store(
         raise UsaeError("give at least one backbone (--models)")
     if dtype not in TORCH_DTYPES:
         raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
-    source = source if isinstance(source, FolderSource) else FolderSource(source)
+    source = source if isinstance(source, FolderSource) else FolderSource(source, check=False)
     models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
     grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
     rank, world_size = _dist_info()
@@ -254,10 +278,29 @@ def extract_store(
         _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=_resolve_device(device),
              num_workers=num_workers, progress=progress and rank == 0, compile=compile)
     _barrier(world_size)
+    if world_size > 1:
+        _stage_compaction_on_every_rank(writer, rank, world_size)
     if rank == 0:
-        writer.finalize()
+        store = writer.finalize()
+        warn_skipped(source.root, {i: why for i, why in store.meta.get("skipped_images", {}).items()
+                                   if i not in source.skipped})  # a checked source named its own
     _barrier(world_size)
     return ActivationStore.open(out)
+
+
+def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: int) -> None:
+    """When some images failed, every rank writes its share of the compacted shards before
+    rank 0 finalises: the rewrite is split over the ranks, and none waits at a barrier for all
+    of it. Every rank reads the same done markers, so all take the same branch."""
+    failed = writer.failures()
+    if not failed:
+        return
+    plan = plan_compaction(writer.manifest, writer.image_ids, failed)
+    if rank == 0:
+        start_staging(writer.root, plan)
+    _barrier(world_size)
+    stage_shards(writer.root, writer.manifest, plan, rank=rank, world_size=world_size)
+    _barrier(world_size)
 
 
 def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, spans: list[ShardSpan], *,
@@ -267,13 +310,14 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     views: list[View] = sorted({(m.input_size, m.interpolation) for m in models})
     view_of = {m.store_name: views.index((m.input_size, m.interpolation)) for m in models}
     indices = [i for s in spans for i in range(s.start, s.stop)]
+    image_ids = writer.image_ids
     if num_workers is None:
         # On a GPU decoding must keep up with the backbones; on a small CPU the backbones need
         # every core, and decoding in the main process costs less than feeding a worker.
         cores = os.cpu_count() or 1
         num_workers = min(16, cores) if cuda else (0 if cores <= 4 else 2)
-    loader = DataLoader(_SquareViews(source, indices, views), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=cuda, prefetch_factor=4 if num_workers else None,
+    loader = DataLoader(_SquareViews(source, image_ids, indices, views), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
     for m in models:
         m.to(device).eval()
@@ -283,8 +327,9 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     storage = TORCH_DTYPES[writer.dtype]
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
     try:
-        for image_indices, batch_views in loader:
+        for image_indices, batch_views, failures in loader:
             n = len(image_indices)
+            failed = [(i, image_ids[i], why) for i, why in zip(image_indices.tolist(), failures) if why]
             on_device = [v.to(device, non_blocking=True) for v in batch_views]
             if compile and n < batch_size:  # keep one batch shape so compiled graphs are reused
                 on_device = [torch.cat([v, v[-1:].expand(batch_size - n, *v.shape[1:])]) for v in on_device]
@@ -293,7 +338,10 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
                 for m in models:
                     tokens = runners[m.store_name](m.normalize(on_device[view_of[m.store_name]]))
                     outputs[m.store_name] = resample_grid(tokens[:n], m.native_grid, grid).to(storage)
-            assembler.add(image_indices.tolist(), outputs)
+                if failed:  # zero rows until finalize drops them
+                    bad = torch.tensor([bool(why) for why in failures], device=device)[:, None, None]
+                    outputs = {name: out.masked_fill(bad, 0) for name, out in outputs.items()}
+            assembler.add(image_indices.tolist(), outputs, failed)
             bar.update(n)
     finally:
         bar.close()

@@ -3,9 +3,10 @@
 `square_view` crops the centre square and resizes it, so token-grid cell (r, c) covers the same
 image region in every model, and mining draws heatmaps on the same view. `FolderSource` reads a
 folder of images (recursively) with stable relative-path ids; unreadable files are skipped and
-named in a warning instead of stopping a long extraction. A folder that holds a `demo.json`
-is a demo set (see `usae_core.demo_images`): its images live in `images/` and its per-defect
-ground-truth masks in `masks/`.
+named in a warning instead of stopping a long extraction (found by a test decode when the source
+is opened, or, in extraction, by the one decode extraction does anyway). A folder that holds a
+`demo.json` is a demo set (see `usae_core.demo_images`): its images live in `images/` and its
+per-defect ground-truth masks in `masks/`.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def _read_demo_manifest(root: Path) -> dict:
 class FolderSource:
     """Images under `root`, recursively, as stable relative POSIX ids (sorted).
 
-    Every file is test-decoded once at construction (in threads); files that cannot be decoded are
-    left out of `ids`, listed in `skipped` (id -> reason) and named in one warning.
+    With `check` (the default) every file is test-decoded once at construction (in threads or
+    processes); files that cannot be decoded are left out of `ids`, listed in `skipped`
+    (id -> reason) and named in one warning. `check=False` only lists the files: `ids` may then
+    hold unreadable ones, for callers that decode every image anyway and handle failures there
+    (extraction does, so each image is decoded once, not twice).
     """
 
     def __init__(self, root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, check: bool = True,
@@ -128,10 +132,7 @@ class FolderSource:
             problems = _check_files([str(self.root / i) for i in candidates], max_pixels, check_threads)
             self.skipped = {i: p for i, p in zip(candidates, problems) if p is not None}
         self.ids = [i for i in candidates if i not in self.skipped]
-        if self.skipped:
-            names = ", ".join(f"{i} ({why})" for i, why in list(self.skipped.items())[:10])
-            more = f" and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
-            log.warning("skipped %d unreadable image(s) in %s: %s%s", len(self.skipped), self.root, names, more)
+        warn_skipped(self.root, self.skipped)
         if not self.ids:
             raise UsaeError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
 
@@ -148,13 +149,26 @@ class FolderSource:
             raise UsaeError(f"cannot read image {self.path(image_id)}: {exc}") from None
 
 
+def warn_skipped(root: Path, skipped: dict[str, str]) -> None:
+    """One warning naming the skipped files (the first ten) and why."""
+    if skipped:
+        names = ", ".join(f"{i} ({why})" for i, why in list(skipped.items())[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        log.warning("skipped %d unreadable image(s) in %s: %s%s", len(skipped), root, names, more)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A decoder failure as one short line: `ExceptionType: message`."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
 def _file_problem(path: str, max_pixels: int) -> str | None:
     """Why `path` cannot be used as an image, or None when it decodes."""
     try:
         # Decoding at a small draft size still reads every byte of a JPEG, so truncation shows.
         load_image(path, max_pixels=max_pixels, min_size=64)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "skip this file"
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        return failure_reason(exc)
     return None
 
 

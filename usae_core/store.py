@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -20,6 +19,16 @@ import torch
 
 from usae_core.atomic import atomic_path, atomic_write_json
 from usae_core.errors import UsaeError
+from usae_core.store_compact import compact_failed_images, finish_compaction
+from usae_core.store_layout import (
+    ShardSpan,
+    done_marker,
+    read_done_marker,
+    shard_file,
+    shard_shape,
+    shard_spans,
+    write_done_marker,
+)
 
 FORMAT = "usae-activation-store"
 VERSION = 1
@@ -64,15 +73,6 @@ def non_finite_error(shard: int, model: str, dtype: str) -> UsaeError:
                      "(for values beyond the float16 range, use dtype bfloat16 or float32)")
 
 
-def _shard_shape(path: Path) -> tuple[int, ...] | None:
-    """Shape of a complete shard file, or None when it is missing, damaged or cut short."""
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    return tuple(arr.shape)
-
-
 def check_model_name(name: str) -> None:
     if not _MODEL_NAME.match(name):
         raise UsaeError(
@@ -80,43 +80,19 @@ def check_model_name(name: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class ShardSpan:
-    index: int
-    start: int
-    """First image of the shard."""
-    stop: int
-    """One past the last image."""
-
-    @property
-    def n_images(self) -> int:
-        return self.stop - self.start
-
-
-def _shard_spans(n_images: int, shard_images: int) -> list[ShardSpan]:
-    return [
-        ShardSpan(i, start, min(start + shard_images, n_images))
-        for i, start in enumerate(range(0, n_images, shard_images))
-    ]
-
-
-def _shard_file(root: Path, model: str, index: int) -> Path:
-    return root / model / f"shard-{index:06d}.npy"
-
-
-def _done_marker(root: Path, index: int) -> Path:
-    return root / "done" / f"shard-{index:06d}"
-
-
 class StoreWriter:
     """Fills a store shard by shard. Each shard is written atomically and marked done, so an
     interrupted writer resumes by skipping finished shards; several processes may fill
-    disjoint shards of one store (distributed extraction)."""
+    disjoint shards of one store (distributed extraction).
+
+    A writer may leave images out after all (an extractor's decode failed): it writes zero rows
+    for them and names them in the shard's done marker; `finalize` then drops them from the
+    store (`usae_core.store_compact`)."""
 
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
-        self.spans = _shard_spans(manifest["n_images"], manifest["shard_images"])
+        self.spans = shard_spans(manifest["n_images"], manifest["shard_images"])
 
     @property
     def dtype(self) -> str:
@@ -130,23 +106,29 @@ class StoreWriter:
     def dims(self) -> dict[str, int]:
         return {m["name"]: m["dim"] for m in self.manifest["models"]}
 
+    @property
+    def image_ids(self) -> list[str]:
+        return json.loads((self.root / "image_ids.json").read_text())
+
     def is_done(self, index: int) -> bool:
         """The shard's marker exists and every model's file holds the whole shard (shards are
         written without a disk flush, so a power loss can leave a marker before its data)."""
-        if not _done_marker(self.root, index).exists():
+        if not done_marker(self.root, index).exists():
             return False
         rows = self.spans[index].n_images * self.tokens_per_image
-        return all(_shard_shape(_shard_file(self.root, m, index)) == (rows, d) for m, d in self.dims.items())
+        return all(shard_shape(shard_file(self.root, m, index)) == (rows, d) for m, d in self.dims.items())
 
     def pending(self) -> list[ShardSpan]:
         return [s for s in self.spans if not self.is_done(s.index)]
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray | torch.Tensor], *,
-                    finite_checked: bool = False) -> None:
+                    finite_checked: bool = False, failed: Mapping[str, str] | None = None) -> None:
         """Write every model's activations for shard `index`: `[n_images, tokens, dim]` each.
 
         `finite_checked` skips the NaN/Inf scan for callers that checked the values in storage
-        dtype already (the extractor does it on the GPU)."""
+        dtype already (the extractor does it on the GPU). `failed` names images of this shard
+        that could not be read (image id -> reason): their rows hold zeros, the done marker
+        records them, and `finalize` drops them."""
         span = self.spans[index]
         dims = self.dims
         if set(arrays) != set(dims):
@@ -162,22 +144,34 @@ class StoreWriter:
                 raise non_finite_error(index, name, self.dtype)
             converted[name] = flat
         for name, flat in converted.items():
-            target = _shard_file(self.root, name, index)
+            target = shard_file(self.root, name, index)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target, durable=False) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, flat)
-        marker = _done_marker(self.root, index)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(marker, durable=False) as tmp:
-            tmp.write_text("ok\n")
+        write_done_marker(done_marker(self.root, index), failed)
+
+    def failures(self) -> dict[str, str]:
+        """Images that done shards could not read (image id -> reason), in image order."""
+        out: dict[str, str] = {}
+        for span in self.spans:
+            marker = done_marker(self.root, span.index)
+            if marker.exists():
+                out.update(read_done_marker(marker))
+        return out
 
     def finalize(self) -> "ActivationStore":
+        """Mark the store complete once every shard is done; images that failed are dropped
+        first (the store is compacted), so no reader ever sees their zero rows."""
         missing = [s.index for s in self.pending()]
         if missing:
             raise UsaeError(f"store {self.root} is missing shards {missing[:8]}{'...' if len(missing) > 8 else ''}")
-        self.manifest["complete"] = True
-        atomic_write_json(self.root / "manifest.json", self.manifest)
+        failed = self.failures()
+        if failed:
+            self.manifest = compact_failed_images(self.root, self.manifest, self.image_ids, failed)
+        else:
+            self.manifest["complete"] = True
+            atomic_write_json(self.root / "manifest.json", self.manifest)
         return ActivationStore.open(self.root)
 
 
@@ -187,7 +181,7 @@ class ActivationStore:
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
-        self.spans = _shard_spans(manifest["n_images"], manifest["shard_images"])
+        self.spans = shard_spans(manifest["n_images"], manifest["shard_images"])
         self._image_ids: list[str] | None = None
         self._mmaps: dict[tuple[str, int], np.ndarray] = {}
 
@@ -207,7 +201,10 @@ class ActivationStore:
         overwrite: bool = False,
         resume: bool = False,
     ) -> StoreWriter:
-        """Start a store (or, with `resume`, reopen an unfinished one with the same layout)."""
+        """Start a store (or, with `resume`, reopen an unfinished one with the same layout).
+
+        A store that dropped images it could not read (`meta["skipped_images"]`) still matches
+        the image list it was created with; those images stay left out until `overwrite`."""
         root = Path(path)
         if not models:
             raise UsaeError("a store needs at least one model")
@@ -239,12 +236,15 @@ class ActivationStore:
         if root.exists() and any(root.iterdir()):
             existing = root / "manifest.json"
             if resume and existing.exists():
+                finish_compaction(root)  # a compaction that committed before a crash
                 old = json.loads(existing.read_text())
+                skipped = old.get("meta", {}).get("skipped_images", {})
+                kept = [i for i in image_ids if i not in skipped]
                 same = {k: old.get(k) for k in ("models", "grid", "dtype", "n_images", "shard_images")} == {
-                    k: manifest[k] for k in ("models", "grid", "dtype", "n_images", "shard_images")
+                    **{k: manifest[k] for k in ("models", "grid", "dtype", "shard_images")}, "n_images": len(kept)
                 }
                 old_ids = json.loads((root / "image_ids.json").read_text())
-                if not same or old_ids != list(image_ids):
+                if not same or old_ids != kept:
                     raise UsaeError(
                         f"{root} holds a store with a different layout; pass --overwrite to start again"
                     )
@@ -325,7 +325,7 @@ class ActivationStore:
         if key not in self._mmaps:
             if model not in self.dims:
                 raise UsaeError(f"model {model!r} is not in the store (has {', '.join(self.model_names)})")
-            path = _shard_file(self.root, model, index)
+            path = shard_file(self.root, model, index)
             try:
                 self._mmaps[key] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:

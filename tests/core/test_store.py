@@ -194,3 +194,30 @@ def test_shard_writes_reject_non_finite_values_in_every_dtype(tmp_path, dtype):
     with pytest.raises(UsaeError, match="NaN or Inf"):
         writer.write_shard(0, {"a": bad})
     assert not writer.is_done(0)
+
+
+def test_finalize_drops_the_images_a_writer_could_not_read(tmp_path):
+    """Images named as failed in the done markers (one alone, a whole shard, the last one) are
+    dropped at finalize: the store equals one built without them, bit for bit (bf16 included)."""
+    arrays = _aligned_arrays()
+    ids = [f"img-{i:02d}.png" for i in range(20)]
+    failed = {3, 6, 7, 8, 9, 10, 11, 19}
+    writer = ActivationStore.create(tmp_path / "s", models={"a": 6, "b": 8}, grid=(3, 3), image_ids=ids,
+                                    dtype="bfloat16", shard_images=6)
+    for span in writer.spans:
+        mine = [i for i in range(span.start, span.stop) if i in failed]
+        rows = {m: a[span.start : span.stop].copy() for m, a in arrays.items()}
+        for m in rows:
+            rows[m][[i - span.start for i in mine]] = 0
+        writer.write_shard(span.index, rows, failed={ids[i]: f"bad {i}" for i in mine})
+    store = writer.finalize()
+    kept = [i for i in range(20) if i not in failed]
+    ref = import_activations(tmp_path / "r", {m: a[kept] for m, a in arrays.items()},
+                             image_ids=[ids[i] for i in kept], dtype="bfloat16", shard_images=6)
+    assert store.image_ids == ref.image_ids and store.n_images == 12 and len(store.spans) == 2
+    assert store.meta["skipped_images"] == {ids[i]: f"bad {i}" for i in sorted(failed)}
+    for m in ("a", "b"):
+        for span in store.spans:
+            np.testing.assert_array_equal(store.shard(m, span.index), ref.shard(m, span.index))
+    assert sorted(p.name for p in (tmp_path / "s" / "a").iterdir()) == ["shard-000000.npy", "shard-000001.npy"]
+    assert [p.read_text() for p in sorted((tmp_path / "s" / "done").iterdir())] == ["ok\n", "ok\n"]
