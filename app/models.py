@@ -321,8 +321,9 @@ class ConceptTopImage(Base):
 class ConceptCardData(Base):
     """What a concept's card in the browser shows of one mining generation, written with it:
     per-model firing statistics and the top thumbnails, as the JSON of
-    `app.schemas.concepts.MinedCard`. One row per card instead of several queries and their
-    assembly; labels and tags are not in it (they change without a mine)."""
+    `app.schemas.concepts.MinedCard`, and the same as the browser's markup, rendered by the
+    mine (`app/services/card_html.py`, migration 0005). One row per card instead of several
+    queries and their assembly; labels and tags are not in it (they change without a mine)."""
 
     __tablename__ = "concept_cards"
 
@@ -331,6 +332,10 @@ class ConceptCardData(Base):
     concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"), primary_key=True,
                                             index=True)
     payload: Mapped[str] = mapped_column(Text)
+    thumbs_html: Mapped[str | None] = mapped_column(Text)
+    firing_html: Mapped[str | None] = mapped_column(Text)
+    html_format: Mapped[str | None] = mapped_column(String(32))
+    """`card_html.FORMAT` of the template the HTML was rendered with; None before migration 0005."""
 
 
 class ConceptHistogram(Base):

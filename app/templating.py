@@ -8,12 +8,14 @@ from typing import Any
 
 import jinja2
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from app import charts
 from app.models import utcnow
 from app.security import csrf_token
+from app.urls import Urls
 from app.viewer import Viewer
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -54,6 +56,13 @@ def page_window(number: int, pages: int, radius: int = 2) -> list[int | None]:
     return window
 
 
+def stored_html(html: str, urls: Urls) -> Markup:
+    """Markup rendered earlier with an analyst's media links (`/media/...`, the browser's card
+    rows), with `urls`' links instead. Every value in it was escaped when it was rendered, so
+    `src="/media/` occurs only where a template wrote it."""
+    return Markup(html.replace('src="/media/', f'src="{urls.prefix}/media/') if urls.prefix else html)
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
@@ -64,7 +73,7 @@ def _environment() -> jinja2.Environment:
         auto_reload=False,  # templates ship with the code: no file checks on every page
     )
     env.filters.update(datetime=_datetime, date=_date, percent=_percent, number=_number)
-    env.globals.update(charts=charts, page_window=page_window)
+    env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html)
     return env
 
 

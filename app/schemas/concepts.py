@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from app.schemas.runs import RunSummary
 
@@ -77,6 +77,11 @@ class ConceptCard(BaseModel):
     dominant_model: str | None
     firing: list[ModelFiring]
     thumbs: list[Thumb]
+    _mined_html: tuple[str, str] = PrivateAttr(("", ""))
+    """The browser's markup of `thumbs` and `firing` (app/services/card_html.py); not in the API."""
+
+    def mined_html(self) -> tuple[str, str]:
+        return self._mined_html
 
     def frequencies(self) -> dict[str, float]:
         return {f.model: f.frequency for f in self.firing}

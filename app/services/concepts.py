@@ -43,6 +43,7 @@ from app.schemas.concepts import (
     Neighbour,
     Thumb,
 )
+from app.services import card_html
 from app.services.concept_order import ordered_ids
 from app.services.labels import label_history
 from app.services.runs_view import run_summary
@@ -151,7 +152,8 @@ def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = N
 # The per-request queries of the browser and the concept page, built once with bound
 # parameters: building and cache-keying a statement costs more Python time than SQLite
 # takes to run most of these.
-_MINED_CARDS = select(ConceptCardData.concept_id, ConceptCardData.payload).where(
+_MINED_CARDS = select(ConceptCardData.concept_id, ConceptCardData.payload, ConceptCardData.thumbs_html,
+                      ConceptCardData.firing_html, ConceptCardData.html_format).where(
     ConceptCardData.concept_id.in_(bindparam("ids")), ConceptCardData.generation_id == bindparam("gen"))
 _TOP_IMAGES = (select(ConceptTopImage.run_model_id, ConceptTopImage.rank, ConceptTopImage.activation,
                       ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
@@ -185,22 +187,29 @@ def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> lis
     concept without a card row of the active generation (a run not mined yet) has no firing
     statistics and no thumbnails, as it has no rows in the tables the card is made from."""
     ids = [c.id for c in concepts]
-    mined = {concept_id: MinedCard.model_validate_json(payload) for concept_id, payload
-             in session.execute(_MINED_CARDS, {"ids": ids, "gen": run.active_generation_id})}
+    mined: dict[int, tuple[MinedCard, tuple[str, str] | None]] = {
+        concept_id: (MinedCard.model_validate_json(payload),
+                     (thumbs, firing) if fmt == card_html.FORMAT else None)
+        for concept_id, payload, thumbs, firing, fmt
+        in session.execute(_MINED_CARDS, {"ids": ids, "gen": run.active_generation_id})}
     tags: dict[int, list[str]] = defaultdict(list)
     for concept_id, tag in session.execute(_TAGS, {"ids": ids}):
         tags[concept_id].append(tag)
-    return [_card(c, mined.get(c.id) or MinedCard(firing=[], thumbs=[]), tags.get(c.id, [])) for c in concepts]
+    empty = (MinedCard(firing=[], thumbs=[]), None)
+    return [_card(c, *mined.get(c.id, empty), tags.get(c.id, []), len(run.models)) for c in concepts]
 
 
-def _card(c: Any, mined: MinedCard, tags: list[str]) -> ConceptCard:
+def _card(c: Any, mined: MinedCard, html: tuple[str, str] | None, tags: list[str], n_models: int) -> ConceptCard:
     dominant = max(mined.firing, key=lambda f: f.share).model if mined.firing and not c.dead else None
-    return ConceptCard(
+    card = ConceptCard(
         index=c.index, label=c.label, tags=tags, energy=c.energy, firing_entropy=c.firing_entropy,
         cofire=c.cofire, frequency=c.frequency, dead=c.dead,
         universal=not c.dead and c.firing_entropy >= UNIVERSAL_ENTROPY, dominant_model=dominant,
         firing=mined.firing, thumbs=mined.thumbs,
     )
+    # A row of another template (or none) is rendered now, so the markup is always current.
+    card._mined_html = html or card_html.render(mined, n_models)
+    return card
 
 
 def _top_images(session: Session, run: Run, concept: Concept) -> list[Thumb]:

@@ -44,6 +44,7 @@ from app.models import (
     utcnow,
 )
 from app.schemas.concepts import MinedCard, ModelFiring, Thumb
+from app.services import card_html
 from app.services.concepts import card_ranks
 from app.services.runs import register_run
 from app.services.runs_view import mining_owner
@@ -246,8 +247,10 @@ def _insert_concept_rows(s: Session, ids: _RunIds, result: MiningResult, model_s
     edges = result.hist_edges
     for c in batch:
         cid = ids.concepts[c]
-        cards.append({"generation_id": gen, "concept_id": cid,
-                      "payload": _mined_card(ids, result, model_stats, c, heat, files, images).model_dump_json()})
+        card = _mined_card(ids, result, model_stats, c, heat, files, images)
+        thumbs_html, firing_html = card_html.render(card, len(ids.models))
+        cards.append({"generation_id": gen, "concept_id": cid, "payload": card.model_dump_json(),
+                      "thumbs_html": thumbs_html, "firing_html": firing_html, "html_format": card_html.FORMAT})
         for i, model_id in enumerate(ids.models):
             common = {"generation_id": gen, "concept_id": cid, "run_model_id": model_id}
             for r in range(result.top_images.shape[2]):

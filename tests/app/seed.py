@@ -39,6 +39,7 @@ from app.models import (
 )
 from app.schemas.concepts import MinedCard, ModelFiring, Thumb
 from app.security import hash_password
+from app.services import card_html
 from app.services.concepts import card_ranks
 
 MODEL_SPECS = [("vit_s", "vit", 384), ("cnn_m", "resnet", 512), ("clip_b", "clip", 768)]
@@ -147,7 +148,9 @@ def _card_rows(rows: dict[type, list[dict]], gen_id: int, model_names: dict[int,
             cards[top["concept_id"]].thumbs.append(Thumb(
                 model=model_names[top["run_model_id"]], rank=top["rank"], activation=top["activation"],
                 heatmap=top["heatmap_path"], thumbnail=thumbnail, image_key=key))
-    return [{"generation_id": gen_id, "concept_id": concept_id, "payload": card.model_dump_json()}
+    return [{"generation_id": gen_id, "concept_id": concept_id, "payload": card.model_dump_json(),
+             **dict(zip(("thumbs_html", "firing_html"), card_html.render(card, len(model_names)))),
+             "html_format": card_html.FORMAT}
             for concept_id, card in cards.items()]
 
 

@@ -25,6 +25,7 @@ from app.models import (
     Run,
 )
 from app.schemas.concepts import MinedCard, ModelFiring, Thumb
+from app.services import card_html
 from app.services import mining as mining_service
 from app.services.concepts import card_ranks, concept_cards
 from app.services.mining import mine_run
@@ -227,3 +228,47 @@ def test_the_migration_fills_in_cards_of_runs_mined_before_it(db_url, data_dir, 
     with session_factory(db_url)() as s:
         active = s.scalars(sa.select(Run.active_generation_id)).one()
     assert [gen for gen, _, _ in card_rows(db_url)] == [active] * 12
+
+
+def test_cards_carry_their_markup_rendered_by_the_mine(db_url, data_dir, planted_run):
+    _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=5), batch_concepts=5)
+    with session_factory(db_url)() as s:
+        run = s.scalars(sa.select(Run)).one()
+        rows = s.execute(sa.select(ConceptCardData)).scalars().all()
+        assert rows and {r.html_format for r in rows} == {card_html.FORMAT}
+        for row in rows:
+            assert (row.thumbs_html, row.firing_html) == card_html.render(
+                MinedCard.model_validate_json(row.payload), len(run.models))
+
+
+def test_cards_of_another_template_are_rendered_when_shown(tmp_path, planted_run):
+    """A row rendered by an older fragment template (or before migration 0005) shows exactly
+    what a current row shows; share-link holders get their own media links either way."""
+    settings = Settings(data_dir=tmp_path / "data", secret_key="test-secret", database_url=None)
+    upgrade_database(settings.db_url)
+    _mine(settings.db_url, settings.media_dir, planted_run)
+    with session_factory(settings.db_url)() as s:
+        create_analyst(s)
+        s.commit()
+
+    def pages() -> tuple[str, str]:
+        with TestClient(create_app(settings)) as client:  # a new app: no page cache
+            login(client, "alice")
+            analyst = client.get("/runs/1/concepts?per_page=200")
+            token = client.post("/api/shares", json={"run_id": 1, "scope": "run"},
+                                headers={"X-CSRF-Token": client.get("/api/auth/csrf").json()["csrf_token"]})
+            holder = client.get(f"/s/{token.json()['token']}/runs/1/concepts?per_page=200")
+            assert analyst.status_code == holder.status_code == 200
+            return (re.sub(r'"csrf_token" value="[^"]+"|"X-CSRF-Token": "[^"]+"', "", analyst.text),
+                    re.sub(r"/s/[A-Za-z0-9_-]+", "/s/TOKEN", re.sub(r"printed [^<]+", "", holder.text)))
+
+    stored = pages()
+    assert 'src="/media/' in stored[0] and 'src="/media/' not in stored[1] and 'src="/s/TOKEN/media/' in stored[1]
+    engine = get_engine(settings.db_url)
+    with engine.begin() as connection:
+        connection.execute(sa.update(ConceptCardData).values(thumbs_html="stale", firing_html="stale",
+                                                             html_format="0ld"))
+    assert pages() == stored
+    with engine.begin() as connection:
+        connection.execute(sa.update(ConceptCardData).values(thumbs_html=None, firing_html=None, html_format=None))
+    assert pages() == stored

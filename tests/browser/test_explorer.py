@@ -33,6 +33,13 @@ def test_log_in_browse_and_filter(new_context, site):
     page.reload()  # the URL alone restores the view
     assert page.locator("#min_entropy").input_value() == "0.8"
     assert page.locator("#concept-grid .card").count() == len(universal)
+    # Firing bars (stored with the card rows, scaled in CSS): the page's most frequent model
+    # fills its track, every bar is its frequency's part of that.
+    bars = page.locator("#concept-grid .fire-bar").evaluate_all("""bars => bars.map(b => [
+        b.querySelector('.fill').getBoundingClientRect().width / b.querySelector('.track').getBoundingClientRect().width,
+        parseFloat(getComputedStyle(b.querySelector('.fill')).getPropertyValue('--f'))])""")
+    top = max(f for _, f in bars)
+    assert top > 0 and all(abs(ratio - f / top) < 0.02 for ratio, f in bars)
 
 
 def test_concept_page_shows_every_models_images(analyst, site):

@@ -1,0 +1,31 @@
+"""A browser card's mined part (top thumbnails, firing bars) as HTML, rendered once by the
+mine and stored with the card row instead of on every page: those two loops were the larger
+part of the browser template's time (docs/benchmarks.md, 2026-12-03).
+
+Rows carry the `FORMAT` they were rendered with, a hash of the fragment template; a row of an
+older template (or of a mine before migration 0005) is rendered from its JSON when shown, so a
+page always has the current markup and only the speed waits for the next mine. Media links are
+an analyst's; `templating.stored_html` gives a share-link holder theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from app.schemas.concepts import MinedCard
+from app.templating import TEMPLATES_DIR, templates
+from app.urls import ANALYST_URLS
+
+FRAGMENT = "concepts/_card_mined.html"
+FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes()).hexdigest()[:16]
+
+
+def card_columns(n_models: int) -> int:
+    """Thumbnail columns of a card: one per model for three or four models, else four."""
+    return min(n_models, 4) if n_models > 2 else 4
+
+
+def render(mined: MinedCard, n_models: int) -> tuple[str, str]:
+    """(thumbnails, firing bars) of one card, with an analyst's media links."""
+    fragment = templates.env.get_template(FRAGMENT).module
+    return str(fragment.thumbs(mined, card_columns(n_models), ANALYST_URLS)), str(fragment.firing(mined))
