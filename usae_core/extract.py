@@ -10,8 +10,8 @@ finalises the store after a barrier.
 
 There is no up-front test decode of the folder: a file that fails to decode in a worker gets
 zero rows and is named in its shard's done marker, and finalising the store drops those images
-(`usae_core.store_compact`; under torchrun every rank rewrites its share of the shards first),
-so every image is decoded once.
+(`usae_core.store_compact`: only the shards that held them are rewritten; under torchrun every
+rank rewrites its share of those first), so every image is decoded once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from usae_core.errors import UsaeError
 from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
 from usae_core.store import TORCH_DTYPES, ActivationStore, ShardSpan, StoreWriter, non_finite_error
 from usae_core.store_compact import plan_compaction, stage_shards, start_staging
+from usae_core.store_layout import span_of_image
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class _ShardAssembler:
                  write_threads: int, pin: bool):
         self.writer = writer
         self.spans = {s.index: s for s in spans}
-        self.shard_images = writer.manifest["shard_images"]
+        self.buffer_images = max(s.n_images for s in spans)
+        """Images in a buffer set: the largest shard to fill."""
         self.dims = {m.store_name: m.dim for m in models}
         self.dtype = TORCH_DTYPES[dtype]
         self.pin = pin
@@ -143,10 +145,10 @@ class _ShardAssembler:
         """Store the rows of one batch; its images are consecutive, in shard order. `failed`
         names its images that could not be read, as (image index, image id, reason)."""
         for index, image_id, reason in failed:
-            self.failed.setdefault(index // self.shard_images, {})[image_id] = reason
+            self.failed.setdefault(self._shard_of(index), {})[image_id] = reason
         row = 0
         while row < len(image_indices):
-            shard = image_indices[row] // self.shard_images
+            shard = self._shard_of(image_indices[row])
             span = self.spans[shard]
             start = image_indices[row] - span.start
             take = min(len(image_indices) - row, span.n_images - start)
@@ -164,6 +166,9 @@ class _ShardAssembler:
             if self.filled[shard] == span.n_images:
                 self._submit(shard)
 
+    def _shard_of(self, image_index: int) -> int:
+        return span_of_image(self.writer.spans, image_index).index
+
     def _free_buffers(self) -> dict[str, torch.Tensor]:
         """A whole-shard buffer set: a recycled one, a new one while the ring is not full, or
         the next one a writer returns (re-raising a writer's error instead of waiting forever)."""
@@ -173,7 +178,7 @@ class _ShardAssembler:
             pass
         if self.allocated < self.capacity:
             self.allocated += 1
-            return {name: torch.empty(self.shard_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
+            return {name: torch.empty(self.buffer_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
                                       pin_memory=self.pin) for name, dim in self.dims.items()}
         while True:
             try:
@@ -274,6 +279,11 @@ def extract_store(
     _barrier(world_size)
     writer = ActivationStore.create(out, **layout, resume=True)
     mine = [s for s in writer.spans if s.index % world_size == rank and not writer.is_done(s.index)]
+    for span in mine:
+        if not span.n_images:  # a shard a compaction emptied, its file lost since: nothing to extract
+            writer.write_shard(span.index, {n: torch.zeros(0, writer.tokens_per_image, d)
+                                            for n, d in writer.dims.items()})
+    mine = [s for s in mine if s.n_images]
     if mine:
         _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=_resolve_device(device),
              num_workers=num_workers, progress=progress and rank == 0, compile=compile)

@@ -23,10 +23,12 @@ from usae_core.store_compact import compact_failed_images, finish_compaction
 from usae_core.store_layout import (
     ShardSpan,
     done_marker,
+    manifest_spans,
     read_done_marker,
     shard_file,
     shard_shape,
-    shard_spans,
+    shard_sizes,
+    span_of_image,
     write_done_marker,
 )
 
@@ -92,7 +94,8 @@ class StoreWriter:
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
-        self.spans = shard_spans(manifest["n_images"], manifest["shard_images"])
+        self.spans = manifest_spans(manifest)
+        """Every shard, empty ones included (a compaction's shard whose images all failed)."""
 
     @property
     def dtype(self) -> str:
@@ -181,7 +184,9 @@ class ActivationStore:
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
-        self.spans = shard_spans(manifest["n_images"], manifest["shard_images"])
+        self.spans = [s for s in manifest_spans(manifest) if s.n_images]
+        """The shards that hold images, in image order. A span's `index` names its files; after a
+        compaction emptied a shard, it differs from the span's position in this list."""
         self._image_ids: list[str] | None = None
         self._mmaps: dict[tuple[str, int], np.ndarray] = {}
 
@@ -273,6 +278,9 @@ class ActivationStore:
             raise UsaeError(f"{root}: store version {manifest.get('version')} is not supported (want {VERSION})")
         if not manifest.get("complete"):
             raise UsaeError(f"{root} is unfinished (extraction was interrupted); rerun it to resume")
+        sizes = shard_sizes(manifest)
+        if sum(sizes) != manifest["n_images"] or min(sizes, default=0) < 0:
+            raise UsaeError(f"{mf}: shard_sizes add up to {sum(sizes)} images, n_images says {manifest['n_images']}")
         return cls(root, manifest)
 
     # ----------------------------------------------------------------- layout
@@ -335,7 +343,7 @@ class ActivationStore:
 
     def image_tokens(self, model: str, image_index: int) -> np.ndarray:
         """float32 `[tokens, dim]` activations of one image."""
-        span = self.spans[image_index // self.manifest["shard_images"]]
+        span = span_of_image(self.spans, image_index)
         t = self.tokens_per_image
         local = image_index - span.start
         return from_storage(self.shard(model, span.index)[local * t : (local + 1) * t], self.dtype)

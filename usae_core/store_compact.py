@@ -2,27 +2,32 @@
 
 Extraction decodes each image once, in its DataLoader workers, instead of test-decoding every
 file up front. An image that fails there gets zero rows in its shard and is named in the
-shard's done marker. `StoreWriter.finalize` then calls `compact_failed_images`: the failed
-images' rows are dropped, later rows move up, and every shard from the first failure on is
-rewritten, so the result is the store that the folder without those files would have given.
+shard's done marker. `StoreWriter.finalize` then calls `compact_failed_images`: each shard that
+holds a failed image is rewritten without those rows and shrinks by as many images; every other
+shard stays as it is, byte for byte. The manifest records the new sizes (`shard_sizes`), so the
+cost of a failure is one shard, wherever it sits, and the result holds the same rows, image for
+image, as the store that the folder without those files would have given (only the shard
+boundaries differ). A shard whose images all failed stays, as an empty file: no later shard is
+renumbered, so nothing but the failed shards' files is touched. Readers skip empty shards.
 
 Crash safety, in this order:
-1. Staging: the new shards are written under `STORE/.compact/` (same layout, each file atomic,
-   each shard with its own done marker), after the new `image_ids.json` and `manifest.json`.
-   The store itself is not touched, so a crash here leaves it as it was (every shard done,
-   `complete: false`); the rerun's finalize resumes staging where it stopped.
-2. Commit: `.compact/COMMITTED` is written durably. From here on the staged store is the truth.
+1. Staging: the rewritten shards are written under `STORE/.compact/` (same layout, each file
+   atomic, each shard with its own done marker), after the new `image_ids.json` and
+   `manifest.json`. The store itself is not touched, so a crash here leaves it as it was (every
+   shard done, `complete: false`); the rerun's finalize resumes staging where it stopped.
+2. Commit: `.compact/COMMITTED` (naming the rewritten shards) is written durably. From here on
+   the staged store is the truth.
 3. Roll forward (`finish_compaction`, idempotent): staged shards are renamed over the old ones,
-   rewritten shards' markers become `ok`, shards and markers past the new end are deleted, the
-   directories are flushed, then `image_ids.json` and last `manifest.json` (`complete: true`)
-   are moved in, and the staging directory is removed. A crash anywhere here is finished by the
-   next run that opens the store for writing (`ActivationStore.create` calls
-   `finish_compaction` before it compares layouts or looks at shards).
+   their markers become `ok`, the directories are flushed, then `image_ids.json` and last
+   `manifest.json` (`complete: true`) are moved in, and the staging directory is removed. A
+   crash anywhere here is finished by the next run that opens the store for writing
+   (`ActivationStore.create` calls `finish_compaction` before it compares layouts or looks at
+   shards).
 
 Memory stays bounded: each new shard file is written run by run from the memory-mapped old
-shards, without a shard-sized buffer. Under torchrun every rank stages its share of the new
-shards (`stage_shards` with a rank) before rank 0 commits, so the rewrite is split over the
-ranks and none of them waits at a barrier for all of it.
+shard, without a shard-sized buffer. Under torchrun every rank stages its share of the
+rewritten shards (`stage_shards` with a rank) before rank 0 commits, so the rewrite is split
+over the ranks and none of them waits at a barrier for all of it.
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ from usae_core.atomic import atomic_path, atomic_write_json, fsync_dir
 from usae_core.errors import UsaeError
 from usae_core.store_layout import (
     done_marker,
+    manifest_spans,
     shard_file,
-    shard_index,
     shard_shape,
-    shard_spans,
+    span_of_image,
+    with_shard_sizes,
     write_done_marker,
 )
 
@@ -53,42 +59,46 @@ COMMITTED = "COMMITTED"
 
 @dataclass(frozen=True)
 class CompactionPlan:
-    """What the store becomes: old image `keep[i]` is new image i; shards before `first_shard`
-    stay as they are."""
+    """What the store becomes: shard `s` of `keep` is rewritten with only its images
+    `keep[s]` (offsets within the shard, ascending); every other shard stays as it is."""
 
     manifest: dict
     """The new manifest, complete."""
     image_ids: list[str]
-    keep: np.ndarray
-    first_shard: int
+    keep: dict[int, np.ndarray]
 
 
 def plan_compaction(manifest: dict, image_ids: Sequence[str], failed: Mapping[str, str]) -> CompactionPlan:
     """The store without the images in `failed` (image id -> reason), which join
     `meta["skipped_images"]`."""
-    position = {image_id: i for i, image_id in enumerate(image_ids)}
-    drop = sorted(position[i] for i in failed)
-    keep = np.delete(np.arange(len(image_ids)), drop)
-    if len(keep) == 0:
+    if len(failed) >= len(image_ids):
         first_id = next(iter(failed))
         raise UsaeError(f"none of the {len(image_ids)} images could be read (e.g. {first_id}: {failed[first_id]})")
+    position = {image_id: i for i, image_id in enumerate(image_ids)}
+    spans = manifest_spans(manifest)
+    dropped: dict[int, list[int]] = {}
+    for image_id in failed:
+        span = span_of_image(spans, position[image_id])
+        dropped.setdefault(span.index, []).append(position[image_id] - span.start)
+    keep = {s: np.setdiff1d(np.arange(spans[s].n_images), local) for s, local in sorted(dropped.items())}
+    sizes = [len(keep[s.index]) if s.index in keep else s.n_images for s in spans]
     meta = dict(manifest.get("meta", {}))
     skipped = {**meta.get("skipped_images", {}), **failed}
     meta["skipped_images"] = {i: skipped[i] for i in sorted(skipped)}
-    new_manifest = json.loads(json.dumps({**manifest, "n_images": len(keep), "meta": meta, "complete": True}))
-    return CompactionPlan(new_manifest, [image_ids[i] for i in keep], keep, drop[0] // manifest["shard_images"])
+    new_manifest = json.loads(json.dumps(with_shard_sizes({**manifest, "meta": meta, "complete": True}, sizes)))
+    return CompactionPlan(new_manifest, [i for i in image_ids if i not in failed], keep)
 
 
 def compact_failed_images(root: Path, manifest: dict, image_ids: Sequence[str], failed: Mapping[str, str]) -> dict:
-    """Rewrite the store at `root` (every shard done) without the images in `failed`
-    (image id -> reason); returns its new manifest. Shards that other processes staged already
-    (`stage_shards` with a rank) are kept."""
+    """Rewrite the shards of the store at `root` (every shard done) that hold images in
+    `failed` (image id -> reason), without them; returns the store's new manifest. Shards that
+    other processes staged already (`stage_shards` with a rank) are kept."""
     if finish_compaction(root):  # a committed compaction of this store is already the truth
         return json.loads((root / "manifest.json").read_text())
     plan = plan_compaction(manifest, image_ids, failed)
     start_staging(root, plan)
     stage_shards(root, manifest, plan)
-    atomic_write_json(root / STAGING / COMMITTED, {"first_shard": plan.first_shard})
+    atomic_write_json(root / STAGING / COMMITTED, {"shards": list(plan.keep)})
     finish_compaction(root)
     return plan.manifest
 
@@ -110,45 +120,38 @@ def start_staging(root: Path, plan: CompactionPlan) -> None:
 
 
 def stage_shards(root: Path, manifest: dict, plan: CompactionPlan, *, rank: int = 0, world_size: int = 1) -> None:
-    """Write the new shards from `plan.first_shard` on (with a rank, every world_size-th of
-    them) under the staging area that `start_staging` began; `manifest` is the old one."""
+    """Write the rewritten shards (with a rank, every world_size-th of them) under the staging
+    area that `start_staging` began; `manifest` is the old one."""
     staging = root / STAGING
     dims = {m["name"]: m["dim"] for m in manifest["models"]}
     tokens = manifest["tokens_per_image"]
-    per_shard = manifest["shard_images"]
-    for span in shard_spans(len(plan.keep), per_shard)[plan.first_shard :]:
-        if span.index % world_size != rank:
+    for k, (index, kept) in enumerate(plan.keep.items()):
+        if k % world_size != rank:
             continue
-        rows = span.n_images * tokens
-        marker = done_marker(staging, span.index)
-        if marker.exists() and all(shard_shape(shard_file(staging, m, span.index)) == (rows, d)
-                                   for m, d in dims.items()):
+        rows = len(kept) * tokens
+        marker = done_marker(staging, index)
+        if marker.exists() and all(shard_shape(shard_file(staging, m, index)) == (rows, d) for m, d in dims.items()):
             continue  # staged before an interruption, or by another rank
-        runs = _runs(plan.keep[span.start : span.stop], per_shard)
         for model, dim in dims.items():
-            sources = {s: np.load(shard_file(root, model, s), mmap_mode="r") for s, _, _ in runs}
-            dtype = next(iter(sources.values())).dtype
-            target = shard_file(staging, model, span.index)
+            source = np.load(shard_file(root, model, index), mmap_mode="r")
+            target = shard_file(staging, model, index)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target, durable=False) as tmp:
                 with open(tmp, "wb") as fh:
-                    # An .npy header, then whole runs of kept rows straight from the old files'
+                    # An .npy header, then whole runs of kept rows straight from the old file's
                     # pages: no gather and no shard-sized buffer.
-                    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
+                    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(source.dtype),
                                                               "fortran_order": False, "shape": (rows, dim)})
-                    for s, lo, hi in runs:
-                        fh.write(memoryview(sources[s][lo * tokens : hi * tokens]))
+                    for lo, hi in _runs(kept):
+                        fh.write(memoryview(source[lo * tokens : hi * tokens]))
         write_done_marker(marker)
 
 
-def _runs(old: np.ndarray, per_shard: int) -> list[tuple[int, int, int]]:
-    """Sorted old image indices as runs of consecutive images within one old shard:
-    (old shard, first local image, one past the last)."""
-    shard = old // per_shard
-    breaks = np.flatnonzero((np.diff(old) != 1) | (np.diff(shard) != 0)) + 1
-    starts, stops = np.r_[0, breaks], np.r_[breaks, len(old)]
-    return [(int(shard[a]), int(old[a] - shard[a] * per_shard), int(old[b - 1] - shard[a] * per_shard + 1))
-            for a, b in zip(starts, stops)]
+def _runs(kept: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending image offsets as runs of consecutive images: (first, one past the last)."""
+    breaks = np.flatnonzero(np.diff(kept) != 1) + 1
+    starts, stops = np.r_[0, breaks], np.r_[breaks, len(kept)]
+    return [(int(kept[a]), int(kept[b - 1]) + 1) for a, b in zip(starts, stops) if b > a]
 
 
 def finish_compaction(root: Path) -> bool:
@@ -158,22 +161,16 @@ def finish_compaction(root: Path) -> bool:
     commit = staging / COMMITTED
     if not commit.exists():
         return False
-    first_shard = json.loads(commit.read_text())["first_shard"]
+    rewritten = json.loads(commit.read_text())["shards"]
     staged_manifest = staging / "manifest.json"
     manifest = json.loads((staged_manifest if staged_manifest.exists() else root / "manifest.json").read_text())
     models = [m["name"] for m in manifest["models"]]
-    n_shards = len(shard_spans(manifest["n_images"], manifest["shard_images"]))
     for model in models:
         for staged in sorted((staging / model).glob("shard-*.npy")):
             os.replace(staged, root / model / staged.name)
-    for index in range(first_shard, n_shards):
+    for index in rewritten:
         write_done_marker(done_marker(root, index))  # rewritten shards hold no failed image
-    folders = [root / "done", *(root / m for m in models)]
-    for folder in folders:
-        for path in folder.glob("shard-*"):
-            index = shard_index(path)
-            if index is not None and index >= n_shards:
-                path.unlink()
+    for folder in [root / "done", *(root / m for m in models)]:
         fsync_dir(folder)  # the new shards are in place on disk before the manifest says so
     if (staging / "image_ids.json").exists():
         os.replace(staging / "image_ids.json", root / "image_ids.json")

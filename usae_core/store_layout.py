@@ -1,13 +1,14 @@
-"""Where a store's files live and how a shard's done marker reads: shared by the store's writer
-(`usae_core.store`) and the compaction that drops images which failed to decode
-(`usae_core.store_compact`). The format is documented in docs/formats.md."""
+"""Where a store's files live, which shard holds which image, and how a shard's done marker
+reads: shared by the store's writer (`usae_core.store`) and the compaction that drops images
+which failed to decode (`usae_core.store_compact`). The format is documented in docs/formats.md."""
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -27,11 +28,46 @@ class ShardSpan:
         return self.stop - self.start
 
 
-def shard_spans(n_images: int, shard_images: int) -> list[ShardSpan]:
-    return [
-        ShardSpan(i, start, min(start + shard_images, n_images))
-        for i, start in enumerate(range(0, n_images, shard_images))
-    ]
+def fixed_shard_sizes(n_images: int, shard_images: int) -> list[int]:
+    """`shard_images` images a shard, the last one shorter: the layout an extraction writes."""
+    return [min(shard_images, n_images - start) for start in range(0, n_images, shard_images)]
+
+
+def shard_sizes(manifest: Mapping) -> list[int]:
+    """Images in each shard: the manifest's `shard_sizes` when a compaction made shards shrink,
+    else the fixed layout (every store written before `shard_sizes` existed)."""
+    sizes = manifest.get("shard_sizes")
+    return list(sizes) if sizes is not None else fixed_shard_sizes(manifest["n_images"], manifest["shard_images"])
+
+
+def spans_of(sizes: Sequence[int]) -> list[ShardSpan]:
+    """Consecutive shards of the given image counts (a count may be 0: a shard whose images all
+    failed to decode, kept as an empty file so that no later shard is renumbered)."""
+    stops = np.cumsum(sizes, dtype=np.int64).tolist()
+    return [ShardSpan(i, stop - n, stop) for i, (n, stop) in enumerate(zip(sizes, stops))]
+
+
+def manifest_spans(manifest: Mapping) -> list[ShardSpan]:
+    return spans_of(shard_sizes(manifest))
+
+
+def with_shard_sizes(manifest: dict, sizes: Sequence[int]) -> dict:
+    """`manifest` laid out in shards of `sizes`: `shard_sizes` is recorded only where it differs
+    from the fixed layout, so a store that never shrank reads as before."""
+    out = {k: v for k, v in manifest.items() if k != "shard_sizes"}
+    out["n_images"] = int(sum(sizes))
+    if list(sizes) != fixed_shard_sizes(out["n_images"], out["shard_images"]):
+        out["shard_sizes"] = [int(n) for n in sizes]
+    return out
+
+
+def span_of_image(spans: Sequence[ShardSpan], image_index: int) -> ShardSpan:
+    """The shard holding image `image_index` (bisection over the spans' starts; an empty shard
+    is never the answer, because the shard after it starts where it does)."""
+    at = bisect.bisect_right(spans, image_index, key=lambda s: s.start) - 1
+    if image_index < 0 or at < 0 or image_index >= spans[at].stop:
+        raise IndexError(f"image {image_index} is not in the store ({spans[-1].stop if spans else 0} images)")
+    return spans[at]
 
 
 def shard_file(root: Path, model: str, index: int) -> Path:
@@ -40,13 +76,6 @@ def shard_file(root: Path, model: str, index: int) -> Path:
 
 def done_marker(root: Path, index: int) -> Path:
     return root / "done" / f"shard-{index:06d}"
-
-
-def shard_index(path: Path) -> int | None:
-    """The index in a shard file's or marker's name (`shard-000012[.npy]`), None for other names."""
-    stem = path.name.removesuffix(".npy")
-    digits = stem.removeprefix("shard-")
-    return int(digits) if stem.startswith("shard-") and digits.isdigit() else None
 
 
 def shard_shape(path: Path) -> tuple[int, ...] | None:

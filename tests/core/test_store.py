@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,28 +199,143 @@ def test_shard_writes_reject_non_finite_values_in_every_dtype(tmp_path, dtype):
     assert not writer.is_done(0)
 
 
-def test_finalize_drops_the_images_a_writer_could_not_read(tmp_path):
-    """Images named as failed in the done markers (one alone, a whole shard, the last one) are
-    dropped at finalize: the store equals one built without them, bit for bit (bf16 included)."""
-    arrays = _aligned_arrays()
-    ids = [f"img-{i:02d}.png" for i in range(20)]
-    failed = {3, 6, 7, 8, 9, 10, 11, 19}
-    writer = ActivationStore.create(tmp_path / "s", models={"a": 6, "b": 8}, grid=(3, 3), image_ids=ids,
-                                    dtype="bfloat16", shard_images=6)
+def _finalize_with_failures(root, arrays, failed, *, shard_images, dtype):
+    """A store written shard by shard whose images `failed` (indices) could not be read: zero
+    rows, named in the done markers. Returns the writer, ready to finalize."""
+    n_images = len(arrays["a"])
+    ids = [f"img-{i:02d}.png" for i in range(n_images)]
+    writer = ActivationStore.create(root, models={"a": 6, "b": 8}, grid=(3, 3), image_ids=ids, dtype=dtype,
+                                    shard_images=shard_images)
     for span in writer.spans:
         mine = [i for i in range(span.start, span.stop) if i in failed]
         rows = {m: a[span.start : span.stop].copy() for m, a in arrays.items()}
         for m in rows:
             rows[m][[i - span.start for i in mine]] = 0
         writer.write_shard(span.index, rows, failed={ids[i]: f"bad {i}" for i in mine})
-    store = writer.finalize()
-    kept = [i for i in range(20) if i not in failed]
+    return writer
+
+
+def _rows(store, model):
+    return np.concatenate([store.shard(model, span.index) for span in store.spans])
+
+
+VARIABLE_FAILED = {3, 6, 7, 8, 9, 10, 11, 19}
+"""Of 20 images in shards of 6: one alone, all of shard 1, the last one -> shard sizes [5, 0, 6, 1]."""
+
+
+def test_finalize_drops_the_images_a_writer_could_not_read(tmp_path):
+    """Images named as failed in the done markers are dropped at finalize: the store equals one
+    built without them, image by image and bit for bit (bf16 included). Only the shards that held
+    them are rewritten; a shard that lost every image stays, empty."""
+    arrays = _aligned_arrays()
+    store = _finalize_with_failures(tmp_path / "s", arrays, VARIABLE_FAILED, shard_images=6,
+                                    dtype="bfloat16").finalize()
+    kept = [i for i in range(20) if i not in VARIABLE_FAILED]
+    ids = [f"img-{i:02d}.png" for i in range(20)]
     ref = import_activations(tmp_path / "r", {m: a[kept] for m, a in arrays.items()},
                              image_ids=[ids[i] for i in kept], dtype="bfloat16", shard_images=6)
-    assert store.image_ids == ref.image_ids and store.n_images == 12 and len(store.spans) == 2
-    assert store.meta["skipped_images"] == {ids[i]: f"bad {i}" for i in sorted(failed)}
+    assert store.image_ids == ref.image_ids and store.n_images == 12
+    assert store.manifest["shard_sizes"] == [5, 0, 6, 1]
+    assert [(s.index, s.start, s.stop) for s in store.spans] == [(0, 0, 5), (2, 5, 11), (3, 11, 12)]
+    assert store.meta["skipped_images"] == {ids[i]: f"bad {i}" for i in sorted(VARIABLE_FAILED)}
     for m in ("a", "b"):
-        for span in store.spans:
-            np.testing.assert_array_equal(store.shard(m, span.index), ref.shard(m, span.index))
-    assert sorted(p.name for p in (tmp_path / "s" / "a").iterdir()) == ["shard-000000.npy", "shard-000001.npy"]
-    assert [p.read_text() for p in sorted((tmp_path / "s" / "done").iterdir())] == ["ok\n", "ok\n"]
+        np.testing.assert_array_equal(_rows(store, m), _rows(ref, m))
+    assert sorted(p.name for p in (tmp_path / "s" / "a").iterdir()) == [f"shard-{i:06d}.npy" for i in range(4)]
+    assert np.load(tmp_path / "s" / "a" / "shard-000001.npy").shape == (0, 6)
+    assert [p.read_text() for p in sorted((tmp_path / "s" / "done").iterdir())] == ["ok\n"] * 4
+    # A resumed writer with the first layout keeps every shard, the empty one included.
+    again = ActivationStore.create(tmp_path / "s", models={"a": 6, "b": 8}, grid=(3, 3), image_ids=ids,
+                                   dtype="bfloat16", shard_images=6, resume=True)
+    assert again.pending() == [] and again.failures() == {}
+
+
+def test_compaction_rewrites_only_the_shards_that_held_failed_images(tmp_path, monkeypatch):
+    """Ten shards, a failure in shard 4 and all of shard 7: no other shard file is written, and
+    the store equals one built without those images, image by image."""
+    arrays = _aligned_arrays(n_images=30)
+    failed = {13, 21, 22, 23}
+    writer = _finalize_with_failures(tmp_path / "s", arrays, failed, shard_images=3, dtype="float16")
+    root = tmp_path / "s"
+    shards = sorted(root.glob("[ab]/shard-*.npy"))
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in shards}
+    written = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        written.append(Path(dst).relative_to(root).as_posix())
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    store = writer.finalize()
+    monkeypatch.setattr(os, "replace", real_replace)
+    moved_into_the_store = sorted(w for w in written if w.endswith(".npy") and not w.startswith(".compact"))
+    assert moved_into_the_store == ["a/shard-000004.npy", "a/shard-000007.npy",
+                                    "b/shard-000004.npy", "b/shard-000007.npy"]
+    for p, (ino, mtime, data) in before.items():
+        if p.name not in ("shard-000004.npy", "shard-000007.npy"):
+            assert (p.stat().st_ino, p.stat().st_mtime_ns) == (ino, mtime), p
+            assert p.read_bytes() == data
+    assert store.manifest["shard_sizes"] == [3, 3, 3, 3, 2, 3, 3, 0, 3, 3]
+    kept = [i for i in range(30) if i not in failed]
+    assert store.n_images == 26 and len(store.spans) == 9
+    for m in ("a", "b"):
+        want = to_storage(arrays[m][kept], "float16")
+        for i in range(26):
+            np.testing.assert_array_equal(store.image_tokens(m, i), from_storage(want[i], "float16"))
+
+
+def test_readers_of_a_store_with_shards_of_different_sizes(tmp_path):
+    """Every reader maps images to shards by the manifest's sizes, and skips the empty shard."""
+    import torch
+
+    from usae_core.mining import iter_image_batches
+    from usae_core.token_stream import device_token_batches
+
+    arrays = _aligned_arrays()
+    store = _finalize_with_failures(tmp_path / "s", arrays, VARIABLE_FAILED, shard_images=6,
+                                    dtype="float32").finalize()
+    kept = {m: a[[i for i in range(20) if i not in VARIABLE_FAILED]] for m, a in arrays.items()}
+    assert [s.n_images for s in store.spans] == [5, 6, 1]
+    for i in range(12):
+        np.testing.assert_array_equal(store.image_tokens("b", i), kept["b"][i])
+    with pytest.raises(IndexError):
+        store.image_tokens("a", 12)
+    starts = []
+    for start, batch in store.iter_images(batch_images=4):
+        np.testing.assert_array_equal(batch["a"], kept["a"][start : start + len(batch["a"])])
+        starts.append(start)
+    assert starts == [0, 4, 5, 9, 11]
+    mined = list(iter_image_batches(store, 4, torch.device("cpu")))
+    assert [(first, n) for first, n, _ in mined] == [(0, 4), (4, 1), (5, 4), (9, 2), (11, 1)]
+    np.testing.assert_array_equal(torch.cat([rows["b"] for _, _, rows in mined]).numpy(),
+                                  kept["b"].reshape(-1, 8))
+    # One epoch (12 images * 9 tokens = 9 batches of 12) visits every kept token once, rows aligned.
+    epoch = list(itertools.islice(store.iter_token_batches(12, seed=4, shuffle_shards=2), 9))
+    for batch in epoch:
+        np.testing.assert_array_equal(batch["b"][:, :6], batch["a"] * 2)
+    assert sorted(map(tuple, np.concatenate([b["a"] for b in epoch]))) == sorted(map(tuple, kept["a"].reshape(-1, 6)))
+    for kwargs in ({}, {"start_batch": 5}, {"rank": 2, "world_size": 3, "shuffle_shards": 1}):
+        want = itertools.islice(store.iter_token_batches(10, seed=3, **kwargs), 25)  # > one epoch
+        got = itertools.islice(device_token_batches(store, 10, seed=3, device="cpu", **kwargs), 25)
+        for w, g in zip(want, got, strict=True):
+            np.testing.assert_array_equal(g["a"].numpy(), w["a"])
+    ranks = [set(map(tuple, next(store.iter_token_batches(9, seed=1, rank=r, world_size=3))["a"])) for r in range(3)]
+    assert len(set.union(*ranks)) == 27  # one shard each, disjoint
+    with pytest.raises(UsaeError, match="3 shards, fewer than the 4 ranks"):
+        next(store.iter_token_batches(9, rank=0, world_size=4))
+
+
+def test_a_store_without_shard_sizes_keeps_the_fixed_layout(tmp_path):
+    """Stores written before `shard_sizes` existed (and any store no compaction shrank) read as
+    `shard_images` images a shard; a compaction that leaves that layout does not record sizes."""
+    store = import_activations(tmp_path / "s", _aligned_arrays(), dtype="float32", shard_images=6)
+    assert "shard_sizes" not in store.manifest
+    assert [(s.start, s.stop) for s in ActivationStore.open(tmp_path / "s").spans] == [(0, 6), (6, 12), (12, 18),
+                                                                                        (18, 20)]
+    last_failed = _finalize_with_failures(tmp_path / "t", _aligned_arrays(), {19}, shard_images=6,
+                                          dtype="float32").finalize()
+    assert "shard_sizes" not in last_failed.manifest and last_failed.n_images == 19
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "shard_sizes": [6, 6, 6]}))
+    with pytest.raises(UsaeError, match="add up to 18 images, n_images says 20"):
+        ActivationStore.open(tmp_path / "s")
