@@ -13,7 +13,7 @@ from app.deps import AnalystViewer, SessionDep, get_run_or_404
 from app.models import Concept, Run
 from app.schemas.concepts import ConceptDetail, ConceptFilters, ConceptPage
 from app.schemas.labels import LabelConflictBody, LabelEdit, LabelState
-from app.services.concepts import browse_concepts, concept_detail, get_concept
+from app.services.concepts import browse_concepts, browse_page, concept_detail, get_concept
 from app.services.labels import LabelConflict, parse_tags, update_label
 from app.templating import render
 from app.viewer import Viewer
@@ -42,11 +42,11 @@ def _run_and_concept(session: Session, viewer: Viewer, run_id: int, index: int) 
     return run, concept
 
 
-def _browse(session: Session, viewer: Viewer, run_id: int, filters: ConceptFilters) -> ConceptPage:
+def _browsed_run(session: Session, viewer: Viewer, run_id: int, filters: ConceptFilters) -> Run:
     run = get_run_or_404(session, viewer, run_id)
     if filters.mostly and filters.mostly not in {m.name for m in run.models}:
         raise HTTPException(400, f"Run {run.name} has no model {filters.mostly!r}.")
-    return browse_concepts(session, run=run, filters=filters, scope=viewer.concept_scope)
+    return run
 
 
 def _save_label(session: Session, concept: Concept, viewer: Viewer, draft: dict[str, str],
@@ -74,7 +74,9 @@ def pages(viewer_dep: Any) -> APIRouter:
     @router.get("/runs/{run_id}/concepts", response_class=HTMLResponse)
     def browser_page(request: Request, run_id: int, filters: FiltersDep, session: SessionDep, viewer: ViewerDep):
         return request.app.state.page_cache.respond(request, session, viewer, run_id, lambda: render(
-            request, viewer, "concepts/browser.html", nav="runs", page=_browse(session, viewer, run_id, filters)))
+            request, viewer, "concepts/browser.html", nav="runs", page=browse_page(
+                session, run=_browsed_run(session, viewer, run_id, filters), filters=filters,
+                scope=viewer.concept_scope)))
 
     @router.get("/runs/{run_id}/concepts/{index}", response_class=HTMLResponse)
     def concept_page(request: Request, run_id: int, index: int, session: SessionDep, viewer: ViewerDep):
@@ -120,7 +122,8 @@ def api(viewer_dep: Any) -> APIRouter:
     @router.get("/runs/{run_id}/concepts", response_model=ConceptPage, summary="Browse concepts")
     def browser_api(run_id: int, filters: FiltersDep, session: SessionDep, viewer: ViewerDep) -> ConceptPage:
         """The concept browser: the same query parameters as the page's URL."""
-        return _browse(session, viewer, run_id, filters)
+        return browse_concepts(session, run=_browsed_run(session, viewer, run_id, filters), filters=filters,
+                               scope=viewer.concept_scope)
 
     @router.get("/runs/{run_id}/concepts/{index}", response_model=ConceptDetail, summary="One concept")
     def concept_api(run_id: int, index: int, session: SessionDep, viewer: ViewerDep) -> ConceptDetail:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field
 
 from app.schemas.runs import RunSummary
 
@@ -77,11 +78,6 @@ class ConceptCard(BaseModel):
     dominant_model: str | None
     firing: list[ModelFiring]
     thumbs: list[Thumb]
-    _mined_html: tuple[str, str] = PrivateAttr(("", ""))
-    """The browser's markup of `thumbs` and `firing` (app/services/card_html.py); not in the API."""
-
-    def mined_html(self) -> tuple[str, str]:
-        return self._mined_html
 
     def frequencies(self) -> dict[str, float]:
         return {f.model: f.frequency for f in self.firing}
@@ -97,9 +93,40 @@ class ConceptPage(BaseModel):
     concepts: list[ConceptCard]
     tags: list[str] = Field(description="Tags in use in this run, for the tag filter")
 
+
+@dataclass(frozen=True, slots=True)
+class BrowserCard:
+    """A card as the browser *page* shows it: its mined part as stored markup
+    (app/services/card_html.py) instead of the firing and thumbnail lists of `ConceptCard`.
+    A plain object: building 36 pydantic cards, and parsing their JSON, cost about 0.9 ms of a
+    5 ms page (docs/benchmarks.md, 2026-12-03)."""
+
+    concept: Any
+    """The concept's card columns (index, label, energy, firing_entropy, cofire, frequency,
+    dead): the database row as read, not copied into fields."""
+    tags: list[str]
+    universal: bool
+    dominant_model: str | None
+    thumbs_html: str
+    firing_html: str
+    max_frequency: float
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserPage:
+    """One page of the concept browser as the page shows it (`ConceptPage` is the API's)."""
+
+    run: RunSummary
+    filters: ConceptFilters
+    total: int
+    pages: int
+    concepts: list[BrowserCard]
+    tags: list[str]
+
+    @property
     def max_frequency(self) -> float:
         """Scale of the firing bars: the most frequent model-concept pair on the page."""
-        return max((f.frequency for c in self.concepts for f in c.firing), default=0.0)
+        return max((c.max_frequency for c in self.concepts), default=0.0)
 
 
 class HistoryEntry(BaseModel):

@@ -32,6 +32,8 @@ from app.models import (
     RunModel,
 )
 from app.schemas.concepts import (
+    BrowserCard,
+    BrowserPage,
     ConceptCard,
     ConceptDetail,
     ConceptFilters,
@@ -130,15 +132,28 @@ def _page_rows(session: Session, run: Run, filters: ConceptFilters, scope: Colle
     return total, list(rows)
 
 
+def _browse(session: Session, run: Run, filters: ConceptFilters,
+            scope: Collection[int] | None) -> tuple[int, int, list[Any], list[str]]:
+    """(matching concepts, pages, this page's card rows, tags in use) of a browser view."""
+    where = _conditions(run, filters, scope)
+    total, rows = _page_rows(session, run, filters, scope, where)
+    return total, max(1, math.ceil(total / filters.per_page)), rows, run_tags(session, run_id=run.id, scope=scope)
+
+
 def browse_concepts(session: Session, *, run: Run, filters: ConceptFilters,
                     scope: Collection[int] | None = None) -> ConceptPage:
     """One page of concepts matching `filters`, within `scope` (a share's concept indices)."""
-    where = _conditions(run, filters, scope)
-    total, rows = _page_rows(session, run, filters, scope, where)
-    pages = max(1, math.ceil(total / filters.per_page))
+    total, pages, rows, tags = _browse(session, run, filters, scope)
     return ConceptPage(run=run_summary(run), filters=filters, total=total, pages=pages,
-                       concepts=concept_cards(session, run=run, concepts=rows),
-                       tags=run_tags(session, run_id=run.id, scope=scope))
+                       concepts=concept_cards(session, run=run, concepts=rows), tags=tags)
+
+
+def browse_page(session: Session, *, run: Run, filters: ConceptFilters,
+                scope: Collection[int] | None = None) -> BrowserPage:
+    """The same page as `browse_concepts`, as the browser page shows it (stored card markup)."""
+    total, pages, rows, tags = _browse(session, run, filters, scope)
+    return BrowserPage(run=run_summary(run), filters=filters, total=total, pages=pages,
+                       concepts=browser_cards(session, run=run, concepts=rows), tags=tags)
 
 
 def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = None) -> list[str]:
@@ -152,8 +167,10 @@ def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = N
 # The per-request queries of the browser and the concept page, built once with bound
 # parameters: building and cache-keying a statement costs more Python time than SQLite
 # takes to run most of these.
-_MINED_CARDS = select(ConceptCardData.concept_id, ConceptCardData.payload, ConceptCardData.thumbs_html,
-                      ConceptCardData.firing_html, ConceptCardData.html_format).where(
+_CARD_PAYLOADS = select(ConceptCardData.concept_id, ConceptCardData.payload).where(
+    ConceptCardData.concept_id.in_(bindparam("ids")), ConceptCardData.generation_id == bindparam("gen"))
+_BROWSER_CARDS = select(ConceptCardData.concept_id, ConceptCardData.thumbs_html, ConceptCardData.firing_html,
+                        ConceptCardData.html_format, ConceptCardData.top_model, ConceptCardData.max_frequency).where(
     ConceptCardData.concept_id.in_(bindparam("ids")), ConceptCardData.generation_id == bindparam("gen"))
 _TOP_IMAGES = (select(ConceptTopImage.run_model_id, ConceptTopImage.rank, ConceptTopImage.activation,
                       ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
@@ -182,34 +199,64 @@ def card_ranks(n_models: int) -> int:
     return {1: 4, 2: 2}.get(n_models, 1)
 
 
+def _card_tags(session: Session, ids: list[int]) -> dict[int, list[str]]:
+    tags: dict[int, list[str]] = defaultdict(list)
+    for concept_id, tag in session.execute(_TAGS, {"ids": ids}):
+        tags[concept_id].append(tag)
+    return tags
+
+
 def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> list[ConceptCard]:
     """Cards for `concepts` (rows or Concept objects with the `_CARD_COLUMNS` attributes). A
     concept without a card row of the active generation (a run not mined yet) has no firing
     statistics and no thumbnails, as it has no rows in the tables the card is made from."""
     ids = [c.id for c in concepts]
-    mined: dict[int, tuple[MinedCard, tuple[str, str] | None]] = {
-        concept_id: (MinedCard.model_validate_json(payload),
-                     (thumbs, firing) if fmt == card_html.FORMAT else None)
-        for concept_id, payload, thumbs, firing, fmt
-        in session.execute(_MINED_CARDS, {"ids": ids, "gen": run.active_generation_id})}
-    tags: dict[int, list[str]] = defaultdict(list)
-    for concept_id, tag in session.execute(_TAGS, {"ids": ids}):
-        tags[concept_id].append(tag)
-    empty = (MinedCard(firing=[], thumbs=[]), None)
-    return [_card(c, *mined.get(c.id, empty), tags.get(c.id, []), len(run.models)) for c in concepts]
+    mined = {concept_id: MinedCard.model_validate_json(payload)
+             for concept_id, payload in session.execute(_CARD_PAYLOADS, {"ids": ids, "gen": run.active_generation_id})}
+    tags = _card_tags(session, ids)
+    empty = MinedCard(firing=[], thumbs=[])
+    cards = []
+    for c in concepts:
+        card = mined.get(c.id, empty)
+        cards.append(ConceptCard(
+            index=c.index, label=c.label, tags=tags.get(c.id, []), energy=c.energy, firing_entropy=c.firing_entropy,
+            cofire=c.cofire, frequency=c.frequency, dead=c.dead, universal=_universal(c),
+            dominant_model=None if c.dead else card_html.top_model(card), firing=card.firing, thumbs=card.thumbs))
+    return cards
 
 
-def _card(c: Any, mined: MinedCard, html: tuple[str, str] | None, tags: list[str], n_models: int) -> ConceptCard:
-    dominant = max(mined.firing, key=lambda f: f.share).model if mined.firing and not c.dead else None
-    card = ConceptCard(
-        index=c.index, label=c.label, tags=tags, energy=c.energy, firing_entropy=c.firing_entropy,
-        cofire=c.cofire, frequency=c.frequency, dead=c.dead,
-        universal=not c.dead and c.firing_entropy >= UNIVERSAL_ENTROPY, dominant_model=dominant,
-        firing=mined.firing, thumbs=mined.thumbs,
-    )
-    # A row of another template (or none) is rendered now, so the markup is always current.
-    card._mined_html = html or card_html.render(mined, n_models)
-    return card
+def _universal(c: Any) -> bool:
+    return not c.dead and c.firing_entropy >= UNIVERSAL_ENTROPY
+
+
+_Stored = tuple[str, str, str | None, float]
+"""A card's mined part on the browser page: thumbnails and firing-bar markup, top model, largest frequency."""
+
+
+def browser_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> list[BrowserCard]:
+    """The browser page's cards for `concepts` (rows with the `_CARD_COLUMNS` attributes):
+    stored markup as is; a row of another fragment template, of a mine before migration 0006,
+    or a concept without a row (a run not mined yet) is made from its JSON now, so the page
+    always shows current markup and only its speed waits for the next mine."""
+    ids = [c.id for c in concepts]
+    gen = run.active_generation_id
+    stored: dict[int, _Stored] = {
+        concept_id: (thumbs, firing, top, fmax)
+        for concept_id, thumbs, firing, fmt, top, fmax in session.execute(_BROWSER_CARDS, {"ids": ids, "gen": gen})
+        if fmt == card_html.FORMAT and fmax is not None}
+    stale = [i for i in ids if i not in stored]
+    if stale:
+        mined = {concept_id: MinedCard.model_validate_json(payload)
+                 for concept_id, payload in session.execute(_CARD_PAYLOADS, {"ids": stale, "gen": gen})}
+        for concept_id in stale:
+            card = mined.get(concept_id) or MinedCard(firing=[], thumbs=[])
+            stored[concept_id] = (*card_html.render(card, len(run.models)), card_html.top_model(card),
+                                  card_html.max_frequency(card))
+    tags = _card_tags(session, ids)
+    return [BrowserCard(concept=c, tags=tags.get(c.id, []), universal=_universal(c),
+                        dominant_model=None if c.dead else top, thumbs_html=thumbs, firing_html=firing,
+                        max_frequency=fmax)
+            for c in concepts for thumbs, firing, top, fmax in (stored[c.id],)]
 
 
 def _top_images(session: Session, run: Run, concept: Concept) -> list[Thumb]:

@@ -248,9 +248,7 @@ def _insert_concept_rows(s: Session, ids: _RunIds, result: MiningResult, model_s
     for c in batch:
         cid = ids.concepts[c]
         card = _mined_card(ids, result, model_stats, c, heat, files, images)
-        thumbs_html, firing_html = card_html.render(card, len(ids.models))
-        cards.append({"generation_id": gen, "concept_id": cid, "payload": card.model_dump_json(),
-                      "thumbs_html": thumbs_html, "firing_html": firing_html, "html_format": card_html.FORMAT})
+        cards.append({"generation_id": gen, "concept_id": cid, **card_html.stored_row(card, len(ids.models))})
         for i, model_id in enumerate(ids.models):
             common = {"generation_id": gen, "concept_id": cid, "run_model_id": model_id}
             for r in range(result.top_images.shape[2]):

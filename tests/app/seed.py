@@ -148,9 +148,7 @@ def _card_rows(rows: dict[type, list[dict]], gen_id: int, model_names: dict[int,
             cards[top["concept_id"]].thumbs.append(Thumb(
                 model=model_names[top["run_model_id"]], rank=top["rank"], activation=top["activation"],
                 heatmap=top["heatmap_path"], thumbnail=thumbnail, image_key=key))
-    return [{"generation_id": gen_id, "concept_id": concept_id, "payload": card.model_dump_json(),
-             **dict(zip(("thumbs_html", "firing_html"), card_html.render(card, len(model_names)))),
-             "html_format": card_html.FORMAT}
+    return [{"generation_id": gen_id, "concept_id": concept_id, **card_html.stored_row(card, len(model_names))}
             for concept_id, card in cards.items()]
 
 

@@ -237,13 +237,30 @@ def test_cards_carry_their_markup_rendered_by_the_mine(db_url, data_dir, planted
         rows = s.execute(sa.select(ConceptCardData)).scalars().all()
         assert rows and {r.html_format for r in rows} == {card_html.FORMAT}
         for row in rows:
-            assert (row.thumbs_html, row.firing_html) == card_html.render(
-                MinedCard.model_validate_json(row.payload), len(run.models))
+            mined = MinedCard.model_validate_json(row.payload)
+            assert (row.thumbs_html, row.firing_html) == card_html.render(mined, len(run.models))
+            assert (row.top_model, row.max_frequency) == (card_html.top_model(mined), card_html.max_frequency(mined))
+            assert row.top_model in {m.name for m in run.models} and row.max_frequency > 0
+
+
+def test_migration_0006_fills_top_model_and_bar_scale_from_the_json(db_url, data_dir, planted_run):
+    _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=5), batch_concepts=5)
+    columns = sa.select(ConceptCardData.concept_id, ConceptCardData.top_model, ConceptCardData.max_frequency)
+    with get_engine(db_url).connect() as connection:
+        mined = set(connection.execute(columns).all())
+    cfg = alembic_config(db_url)
+    with get_engine(db_url).begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0005")
+        assert "top_model" not in {c["name"] for c in sa.inspect(connection).get_columns("concept_cards")}
+    upgrade_database(db_url)
+    with get_engine(db_url).connect() as connection:
+        assert set(connection.execute(columns).all()) == mined and len(mined) == 12
 
 
 def test_cards_of_another_template_are_rendered_when_shown(tmp_path, planted_run):
-    """A row rendered by an older fragment template (or before migration 0005) shows exactly
-    what a current row shows; share-link holders get their own media links either way."""
+    """A row rendered by an older fragment template (or before migration 0005 or 0006) shows
+    exactly what a current row shows; share-link holders get their own media links either way."""
     settings = Settings(data_dir=tmp_path / "data", secret_key="test-secret", database_url=None)
     upgrade_database(settings.db_url)
     _mine(settings.db_url, settings.media_dir, planted_run)
@@ -271,4 +288,8 @@ def test_cards_of_another_template_are_rendered_when_shown(tmp_path, planted_run
     assert pages() == stored
     with engine.begin() as connection:
         connection.execute(sa.update(ConceptCardData).values(thumbs_html=None, firing_html=None, html_format=None))
+    assert pages() == stored
+    with engine.begin() as connection:  # current markup, but a mine before migration 0006 and no backfill
+        connection.execute(sa.update(ConceptCardData).values(html_format=card_html.FORMAT, thumbs_html="stale",
+                                                             firing_html="stale", top_model=None, max_frequency=None))
     assert pages() == stored
