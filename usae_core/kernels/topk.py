@@ -72,8 +72,8 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _select_topk(keys, cols, pre, out_off, K: tl.constexpr, val_ptr, pre_ptr, idx_ptr):
-        # Largest bit pattern T with count(keys >= T) >= K is the K-th largest value.
+    def _kth_largest(keys, K: tl.constexpr):
+        """Largest bit pattern T with count(keys >= T) >= K."""
         lo = tl.full([], 0, tl.int32)
         hi = tl.full([], 0x7F800001, tl.int32)  # one past +inf: nothing is >= it
         for _ in range(31):
@@ -81,6 +81,12 @@ if HAVE_TRITON:
             enough = tl.sum((keys >= mid).to(tl.int32), axis=0) >= K
             lo = tl.where(enough, mid, lo)
             hi = tl.where(enough, hi, mid)
+        return lo
+
+    @triton.jit
+    def _select_topk(keys, cols, pre, out_off, K: tl.constexpr, val_ptr, pre_ptr, idx_ptr):
+        """Write the K largest of a whole row held in registers (ties in column order)."""
+        lo = _kth_largest(keys, K)
         above = keys > lo
         tied = keys == lo
         need = K - tl.sum(above.to(tl.int32), axis=0)
@@ -155,18 +161,6 @@ if HAVE_TRITON:
         n2 = tl.where(g1, t1, tl.where(g2, x, t2))
         d2 = tl.where(g1, c1, tl.where(g2, xc, c2))
         return tl.where(g1, x, t1), n2, n3, n4, tl.where(g1, xc, c1), d2, d3, d4
-
-    @triton.jit
-    def _kth_largest(keys, K: tl.constexpr):
-        """Largest bit pattern T with count(keys >= T) >= K."""
-        lo = tl.full([], 0, tl.int32)
-        hi = tl.full([], 0x7F800001, tl.int32)  # one past +inf: nothing is >= it
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            enough = tl.sum((keys >= mid).to(tl.int32), axis=0) >= K
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid)
-        return lo
 
     @triton.jit
     def _kth_largest_held(t1, t2, t3, t4, K: tl.constexpr):
