@@ -148,13 +148,17 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
 
     uploads = SideStreamUpload(device)
     with ThreadPoolExecutor(threads) as pool:
-        started = ((first, n, uploads.start(host)) for first, n, host in prefetch(read(pool), depth=3))
-        pending = next(started, None)
-        while pending is not None:
-            first, n, upload = pending
-            raw = uploads.ready(upload)
-            pending = next(started, None)  # the next upload overlaps this batch's compute
-            yield first, n, raw
+        batches = prefetch(read(pool), depth=3)
+        try:
+            started = ((first, n, uploads.start(host)) for first, n, host in batches)
+            pending = next(started, None)
+            while pending is not None:
+                first, n, upload = pending
+                raw = uploads.ready(upload)
+                pending = next(started, None)  # the next upload overlaps this batch's compute
+                yield first, n, raw
+        finally:  # stop the reader before its pool shuts down under it
+            batches.close()
 
 
 def load_image_tokens(store, model: str, image_indices: Sequence[int], device: torch.device) -> torch.Tensor:

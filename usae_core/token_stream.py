@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from usae_core.host_copy import SideStreamUpload, read_rows
+from usae_core.prefetch import stoppable_put
 from usae_core.store import TORCH_DTYPES
 
 _INDEX = "#permutation"
@@ -65,19 +66,13 @@ def device_token_batches(
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
             try:
                 for group, perm in _groups(store, seed, start_batch, batch_size, shuffle_shards, rank, world_size):
-                    item = (_read_group(store, models, group, pin, pool), perm)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not stoppable_put(ready, (_read_group(store, models, group, pin, pool), perm), stop):
                         return
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                ready.put(exc)
+                stoppable_put(ready, exc, stop)
 
-    threading.Thread(target=produce, daemon=True).start()
+    producer = threading.Thread(target=produce, name="token-stream", daemon=True)
+    producer.start()
     uploads = SideStreamUpload(device)
 
     def upload():
@@ -102,5 +97,6 @@ def device_token_batches(
                 yield {m: chunk[m][pos : pos + batch_size] for m in models}
                 pos += batch_size
             leftover = {m: chunk[m][pos:] for m in models}
-    finally:
+    finally:  # see prefetch(): never leave the reader running inside torch
         stop.set()
+        producer.join()

@@ -333,30 +333,33 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
                    dynamic_ncols=True)
         t0, tokens_since_log = time.perf_counter(), 0
-        while self.step < cfg.steps:
-            raw = next(stream)
-            with torch.no_grad():
-                batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
-            source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
-            out = self.train_step(batch, source)
-            self.step += 1
-            tokens_since_log += cfg.batch_size * self.world_size
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                if self.device.type == "cuda":  # time finished work, not queued kernels
-                    torch.cuda.synchronize(self.device)
-                elapsed = time.perf_counter() - t0
-                record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
-                t0, tokens_since_log = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{record['loss']:.4f}", r2_self=f"{record['r2'][source]:.3f}")
-                if self.rank == 0:
-                    with open(metrics_file, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                for cb in self.callbacks:
-                    cb(record)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            while self.step < cfg.steps:
+                raw = next(stream)
+                with torch.no_grad():
+                    batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
+                source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
+                out = self.train_step(batch, source)
+                self.step += 1
+                tokens_since_log += cfg.batch_size * self.world_size
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self.device.type == "cuda":  # time finished work, not queued kernels
+                        torch.cuda.synchronize(self.device)
+                    elapsed = time.perf_counter() - t0
+                    record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
+                    t0, tokens_since_log = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", r2_self=f"{record['r2'][source]:.3f}")
+                    if self.rank == 0:
+                        with open(metrics_file, "a") as fh:
+                            fh.write(json.dumps(record) + "\n")
+                    for cb in self.callbacks:
+                        cb(record)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        finally:  # stops the reader thread even when a callback or a step raises
+            stream.close()
+            bar.close()
         self.save_checkpoint()
         if self.rank == 0:
             model.save_pretrained(self.out, extra_config=self.run_config())
