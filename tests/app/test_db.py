@@ -10,7 +10,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.db import get_engine, session_factory
+from app.db import get_engine, make_engine, session_factory
 from app.migrations import alembic_config, upgrade_database
 from app.models import Base, Concept, MiningGeneration, Run, User
 
@@ -49,6 +49,22 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path) -> None:
     with get_engine(url).connect() as conn:
         assert conn.execute(sa.text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar_one() == 1
+
+
+def test_sqlite_keeps_a_connection_per_request_thread_open(tmp_path) -> None:
+    """A busy server holds one session per request thread; returning them must not close and
+    reopen SQLite connections (each reopen repeats the pragmas and a schema parse)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'pool.db'}")
+    opened = []
+    sa.event.listen(engine, "connect", lambda *_: opened.append(1))
+    for _ in range(3):  # three bursts of 32 concurrent sessions
+        connections = [engine.connect() for _ in range(32)]
+        for connection in connections:
+            connection.execute(sa.text("SELECT 1"))
+        for connection in connections:
+            connection.close()
+    assert len(opened) == 32
+    engine.dispose()
 
 
 def test_foreign_keys_are_enforced_and_cascade(db_url: str) -> None:
