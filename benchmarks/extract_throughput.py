@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from usae_core.backbones import Backbone, create_backbone, default_backbones
-from usae_core.extract import extract_store
+from usae_core.extract import ExtractTimings, extract_store
 from usae_core.train import resolve_device
 
 log = logging.getLogger("extract_throughput")
@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      args.compile)
         log.info("extraction")
         start = time.perf_counter()
+        timings = ExtractTimings()
         store = extract_store(images, models, work / "store", batch_size=batch_size, device=str(device),
-                              num_workers=args.workers, dtype=args.dtype, progress=True, compile=args.compile)
+                              num_workers=args.workers, dtype=args.dtype, progress=True, compile=args.compile,
+                              timings=timings)
         seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "extract_img_s": round(extract_rate, 1),
         "extract_seconds": round(seconds, 2),
         "extract_vs_forward": round(extract_rate / forward["all"], 3),
+        "extract_stages_s": {k: round(v, 2) for k, v in vars(timings).items() if k != "images"},
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      **_optional_versions()},
     }

@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -41,6 +43,32 @@ log = logging.getLogger(__name__)
 
 View = tuple[int, str]
 """(side, interpolation) of a square view some backbone reads."""
+
+
+@dataclass
+class ExtractTimings:
+    """Where an extraction's time went, in seconds; filled in by `extract_store(timings=...)`.
+
+    The loop is fast when `backbones` is close to `loop`: then the device never waits for
+    images (more `--workers` help when `waiting_for_images` is large) or for the writers."""
+
+    images: int = 0
+    loop: float = 0.0
+    """From starting the image loader to the last shard written."""
+    first_batch: float = 0.0
+    """Until the first batch of decoded images arrived (worker start-up, one batch decoded)."""
+    waiting_for_images: float = 0.0
+    """After the first batch: the loop blocked on the image loader."""
+    backbones: float = 0.0
+    """Device time of the forward passes and grid resampling (CUDA events on a GPU)."""
+    waiting_for_writes: float = 0.0
+    """The loop blocked on a free shard buffer, and on the last writes at the end."""
+
+    def summary(self) -> str:
+        rate = self.images / self.loop if self.loop > 0 else 0.0
+        return (f"{self.images:,} images in {self.loop:.1f} s ({rate:,.0f} images/s): backbones {self.backbones:.1f} s, "
+                f"first batch {self.first_batch:.1f} s, waiting for images {self.waiting_for_images:.1f} s, "
+                f"waiting for writes {self.waiting_for_writes:.1f} s")
 
 
 def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -139,6 +167,8 @@ class _ShardAssembler:
         self.allocated, self.capacity = 0, write_threads + 2
         self.pool = ThreadPoolExecutor(max_workers=write_threads)
         self.futures: list[Future] = []
+        self.waited = 0.0
+        """Seconds the caller spent blocked on a free buffer or on the last writes."""
 
     def add(self, image_indices: Sequence[int], outputs: Mapping[str, torch.Tensor],
             failed: Sequence[tuple[int, str, str]] = ()) -> None:
@@ -180,13 +210,17 @@ class _ShardAssembler:
             self.allocated += 1
             return {name: torch.empty(self.buffer_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
                                       pin_memory=self.pin) for name, dim in self.dims.items()}
-        while True:
-            try:
-                return self.free.get(timeout=0.5)
-            except queue.Empty:
-                for f in self.futures:
-                    if f.done() and f.exception() is not None:
-                        raise f.exception()
+        started = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return self.free.get(timeout=0.5)
+                except queue.Empty:
+                    for f in self.futures:
+                        if f.done() and f.exception() is not None:
+                            raise f.exception()
+        finally:
+            self.waited += time.perf_counter() - started
 
     def _submit(self, shard: int) -> None:
         flags = {n: f.to("cpu", non_blocking=self.pin) for n, f in self.non_finite.pop(shard).items()}
@@ -214,11 +248,13 @@ class _ShardAssembler:
             self.free.put(buffers)
 
     def close(self) -> None:
+        started = time.perf_counter()
         try:
             for f in self.futures:
                 f.result()
         finally:
             self.pool.shutdown(wait=True)
+            self.waited += time.perf_counter() - started
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -244,6 +280,7 @@ def extract_store(
     layers: Mapping[str, str] | None = None,
     random_init: bool = False,
     compile: bool = False,
+    timings: ExtractTimings | None = None,
 ) -> ActivationStore:
     """Extract every image of `source` through every backbone into the store at `out`.
 
@@ -251,7 +288,8 @@ def extract_store(
     local weight path / layer. `grid` defaults to the smallest native grid. A rerun resumes an
     unfinished store with the same layout; `overwrite` starts again. A folder path is only
     listed, not test-decoded: files that fail to decode during extraction are dropped from the
-    store, listed in `meta["skipped_images"]` and named in one warning.
+    store, listed in `meta["skipped_images"]` and named in one warning. `timings`, when given,
+    is filled in with where this rank's extraction loop spent its time.
     """
     if batch_size < 1:
         raise UsaeError(f"--batch-size must be >= 1, got {batch_size}")
@@ -286,7 +324,8 @@ def extract_store(
     mine = [s for s in mine if s.n_images]
     if mine:
         _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=_resolve_device(device),
-             num_workers=num_workers, progress=progress and rank == 0, compile=compile)
+             num_workers=num_workers, progress=progress and rank == 0, compile=compile,
+             timings=timings if timings is not None else ExtractTimings())
     _barrier(world_size)
     if world_size > 1:
         _stage_compaction_on_every_rank(writer, rank, world_size)
@@ -315,7 +354,7 @@ def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: 
 
 def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, spans: list[ShardSpan], *,
          grid: tuple[int, int], batch_size: int, device: torch.device, num_workers: int | None, progress: bool,
-         compile: bool) -> None:
+         compile: bool, timings: ExtractTimings) -> None:
     cuda = device.type == "cuda"
     views: list[View] = sorted({(m.input_size, m.interpolation) for m in models})
     view_of = {m.store_name: views.index((m.input_size, m.interpolation)) for m in models}
@@ -336,15 +375,27 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=8 if cuda else 1, pin=cuda)
     storage = TORCH_DTYPES[writer.dtype]
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
+    clock = _DeviceClock(device)
+    started = time.perf_counter()
+    batches = iter(loader)
     try:
-        for image_indices, batch_views, failures in loader:
+        while True:
+            waiting = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            if timings.images:
+                timings.waiting_for_images += time.perf_counter() - waiting
+            else:
+                timings.first_batch = time.perf_counter() - started
+            image_indices, batch_views, failures = batch
             n = len(image_indices)
             failed = [(i, image_ids[i], why) for i, why in zip(image_indices.tolist(), failures) if why]
             on_device = [v.to(device, non_blocking=True) for v in batch_views]
             if compile and n < batch_size:  # keep one batch shape so compiled graphs are reused
                 on_device = [torch.cat([v, v[-1:].expand(batch_size - n, *v.shape[1:])]) for v in on_device]
             outputs = {}
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with clock, torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 for m in models:
                     tokens = runners[m.store_name](m.normalize(on_device[view_of[m.store_name]]))
                     outputs[m.store_name] = resample_grid(tokens[:n], m.native_grid, grid).to(storage)
@@ -352,7 +403,40 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
                     bad = torch.tensor([bool(why) for why in failures], device=device)[:, None, None]
                     outputs = {name: out.masked_fill(bad, 0) for name, out in outputs.items()}
             assembler.add(image_indices.tolist(), outputs, failed)
+            timings.images += n
             bar.update(n)
     finally:
         bar.close()
         assembler.close()
+    timings.loop = time.perf_counter() - started
+    timings.backbones = clock.seconds()
+    timings.waiting_for_writes = assembler.waited
+
+
+class _DeviceClock:
+    """Summed time of the `with` blocks as the device ran them: CUDA events on a GPU (read once
+    at the end, so timing adds no synchronisation), the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.total = 0.0
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self.started = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.total += time.perf_counter() - self.started
+
+    def seconds(self) -> float:
+        if self.cuda and self.events:
+            self.events[-1][1].synchronize()
+            return self.total + sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        return self.total

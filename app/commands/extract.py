@@ -56,13 +56,14 @@ def extract_cmd(
     from usae_core.backbones import default_backbones
     from usae_core.demo_images import build_demo_set
     from usae_core.distributed import distributed_context
-    from usae_core.extract import extract_store
+    from usae_core.extract import ExtractTimings, extract_store
 
     settings = settings_for(data_dir)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_backbones()
     if small and images != "demo":
         raise UsaeError("--small applies only to --images demo")
     target = resolve_store(out, settings)
+    timings = ExtractTimings()
     with distributed_context(distributed, device=device) as ctx:
         source = Path(images)
         if images == "demo":
@@ -76,13 +77,15 @@ def extract_cmd(
             source, names, target, grid=parse_grid(grid) if grid else None, batch_size=batch_size,
             device=ctx.device, num_workers=workers, dtype=dtype, shard_images=shard_images, overwrite=overwrite,
             weights=parse_assignments(weights, "--weights"), layers=parse_assignments(layer, "--layer"),
-            random_init=random_init, compile=compile,
+            random_init=random_init, compile=compile, timings=timings,
         )
     if ctx.rank == 0:
         skipped = store.meta.get("skipped_images", {})
         typer.echo(f"wrote {store.root}: {store.n_images} images x {store.grid[0]}x{store.grid[1]} tokens, models "
                    + ", ".join(f"{n} ({d})" for n, d in store.dims.items())
                    + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""))
+        if timings.images:  # nothing to say when every shard was already done
+            typer.echo(timings.summary())
 
 
 @models_cli.command("list")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from usae_core.backbones import create_backbone
 from usae_core.errors import UsaeError
-from usae_core.extract import extract_store, resample_grid
+from usae_core.extract import ExtractTimings, extract_store, resample_grid
 from usae_core.images import FolderSource, load_masks
 from usae_core.store import ActivationStore
 from tests.core.test_images import save_exif_rotated, upright_pattern
@@ -107,6 +108,22 @@ def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobil
             ia, it = store.image_ids.index(a), store.image_ids.index(twin)
             np.testing.assert_allclose(store.image_tokens(b.store_name, ia), store.image_tokens(b.store_name, it),
                                        atol=1e-5, err_msg=a)
+
+
+def test_timings_account_for_the_loop(folder, mobilenet, tmp_path):
+    """The stage timings add up: a backbone made 50 ms slower per batch shows as backbone time."""
+    hook = mobilenet.register_forward_hook(lambda *_: time.sleep(0.05))
+    timings = ExtractTimings()
+    try:
+        store = extract_store(folder, [mobilenet], tmp_path / "store", batch_size=2, shard_images=2, num_workers=0,
+                              progress=False, timings=timings)
+    finally:
+        hook.remove()
+    assert timings.images == 8 and store.n_images == 6  # two unreadable files were decoded, then dropped
+    assert timings.backbones >= 4 * 0.05  # 4 batches of 2
+    parts = timings.first_batch + timings.waiting_for_images + timings.backbones + timings.waiting_for_writes
+    assert 0 < timings.first_batch and parts <= timings.loop + 1e-3
+    assert "8 images in" in timings.summary() and "backbones" in timings.summary()
 
 
 def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet, tmp_path):
@@ -203,6 +220,10 @@ def test_cli_extract_and_models_list(folder, data_dir):
                                  "--workers", "0", "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
     assert "6 images x 14x14 tokens" in result.output and "skipped 2 unreadable" in result.output
+    assert "8 images in" in result.output and "waiting for images" in result.output  # where the time went
+    again = runner.invoke(cli, ["extract", "--images", str(folder), "--models", "mobilenet_v2", "--out", "messy",
+                                "--workers", "0", "--data-dir", str(data_dir)])
+    assert again.exit_code == 0 and "images in" not in again.output  # finished: nothing extracted again
     assert ActivationStore.open(data_dir / "stores" / "messy").dims == {"mobilenet_v2": 96}
     listing = runner.invoke(cli, ["models", "list", "--json", "--data-dir", str(data_dir)])
     rows = {r["name"]: r for r in json.loads(listing.output)}
