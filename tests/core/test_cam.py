@@ -1,0 +1,267 @@
+"""Coordinated activation maximisation (usae_core/cam.py) on tiny models with known answers.
+
+The planted backbones turn each patch into two colour-opponent features (red minus the other
+channels, blue minus the other channels) and the planted USAE reads one of them per concept, so the
+image that maximises a concept must be red, or blue (as red or blue as the fixed magnitude's DC
+term lets the mean colour go: about 60 levels above the other channels here). Random tiny models check that the
+optimisation climbs, that the Fourier magnitude never moves, and that a seed fixes every byte."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.core.test_extract import tiny_dinov2
+from usae_core.backbones.base import Backbone
+from usae_core.cam import (
+    CamConfig,
+    MacoImage,
+    concept_response,
+    coordinated_activation_maximization,
+    maximize_concept,
+    natural_magnitude,
+)
+from usae_core.config import USAEConfig
+from usae_core.errors import UsaeError
+from usae_core.model import USAE
+
+RED, BLUE = 0, 1
+FAST = {"steps": 30, "image_size": 32, "crops": 4}
+
+
+def colour_backbone(name: str, patch: int, input_size: int) -> Backbone:
+    """Per patch: [mean R - mean(G, B), mean B - mean(R, G)] of the pixels in [0, 1]."""
+    conv = nn.Conv2d(3, 2, patch, stride=patch, bias=False)
+    opponents = torch.tensor([[1.0, -0.5, -0.5], [-0.5, -0.5, 1.0]])
+    with torch.no_grad():
+        conv.weight.copy_(opponents[:, :, None, None].expand(2, 3, patch, patch) / patch**2)
+    return Backbone(name=name, family="planted", model=nn.Sequential(conv), input_size=input_size, mean=(0.0,) * 3,
+                    std=(1.0,) * 3, interpolation="bilinear", layer="0", default_layer="0", weights_source="planted")
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Two colour backbones at different patch sizes and a USAE whose concept 0 reads 'red' and
+    concept 1 reads 'blue' in both (identity standardisation, no BatchNorm)."""
+    backbones = {"coarse": colour_backbone("coarse", 8, 32), "fine": colour_backbone("fine", 4, 16)}
+    usae = USAE(USAEConfig(model_dims={"coarse": 2, "fine": 2}, n_concepts=4, k=1, encoder="linear")).eval()
+    with torch.no_grad():
+        for encoder in usae.encoders:
+            encoder.linear.weight.zero_()
+            encoder.linear.bias.zero_()
+            encoder.linear.weight[RED, 0] = encoder.linear.weight[BLUE, 1] = 1.0
+    return usae, backbones
+
+
+class TinyCNN(Backbone):
+    """A random two-layer CNN (stride 4, 8 x 8 grid at 32 px)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, 2, 1))
+        super().__init__(name="tiny-cnn", family="test", model=model, input_size=32, mean=(0.5,) * 3,
+                         std=(0.25,) * 3, interpolation="bilinear", layer="2", default_layer="2",
+                         weights_source="random")
+
+
+@pytest.fixture(scope="module")
+def random_models():
+    """A random tiny ViT (DINOv2-shaped, 16 x 16 tokens at 224 px) and a random tiny CNN, under a
+    random USAE with BatchNorm whose running statistics are not the identity."""
+    backbones = {"vit": tiny_dinov2(), "cnn": TinyCNN()}
+    torch.manual_seed(0)
+    usae = USAE(USAEConfig(model_dims={"vit": 32, "cnn": 12}, n_concepts=16, k=4, encoder="mlp_bn")).eval()
+    with torch.no_grad():
+        for encoder in usae.encoders:
+            encoder.bn.running_mean.normal_(0, 0.3)
+            encoder.bn.running_var.uniform_(0.5, 2)
+            encoder.bn.weight.uniform_(0.5, 1.5)
+            encoder.bn.bias.normal_(0, 0.1)
+    return usae, backbones
+
+
+def mean_rgb(image: np.ndarray) -> np.ndarray:
+    return image.reshape(-1, 3).astype(np.float64).mean(0)
+
+
+# ----------------------------------------------------------------------------- 1. the magnitude is fixed
+def assert_natural_magnitude(image: MacoImage) -> None:
+    """|rfft2| of the image before the pixel mapping, in float64: the fixed magnitude at every
+    frequency but DC, which is the channel's (real) mean and may only shrink: m * |cos(phase)|."""
+    with torch.no_grad():
+        spectrum = torch.fft.rfft2(image.spectral_image().double()).abs()
+        magnitude = natural_magnitude(image.size)
+        dc = magnitude[:, 0, 0] * torch.cos(image.phase[:, 0, 0].double()).abs()
+    ac = torch.ones_like(magnitude, dtype=torch.bool)
+    ac[:, 0, 0] = False
+    torch.testing.assert_close(spectrum[ac], magnitude[ac], rtol=1e-9, atol=1e-9 * float(magnitude.max()))
+    torch.testing.assert_close(spectrum[:, 0, 0], dc, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_start_image_has_the_natural_magnitude_at_every_frequency(size):
+    assert_natural_magnitude(MacoImage(size, seed=3, dtype=torch.float64))
+
+
+def test_optimisation_changes_only_the_phase(planted):
+    usae, backbones = planted
+    image = MacoImage(32, seed=0, dtype=torch.float64)
+    before = image.phase.detach().clone()
+    maximize_concept(usae, backbones["coarse"], "coarse", RED, CamConfig(**{**FAST, "steps": 5}), image=image)
+    assert (image.phase.detach() - before).abs().max() > 0.1  # it did move
+    assert_natural_magnitude(image)
+
+
+def test_natural_magnitude_is_deterministic_and_mirror_symmetric():
+    from usae_core.cam import _natural_magnitude
+
+    first = natural_magnitude(32)
+    _natural_magnitude.cache_clear()
+    again = natural_magnitude(32)
+    assert torch.equal(first, again)
+    mirrored = first[:, (-torch.arange(32)) % 32]
+    assert torch.equal(first, mirrored)  # (k, l) and (-k, -l) alike, as a real image's spectrum must be
+    assert (first > 0).all()
+    # Natural images: energy falls with frequency.
+    assert first[:, 1, 1].mean() > 5 * first[:, 12, 12].mean()
+
+
+# ----------------------------------------------------------------------------- 2. planted ground truth
+def test_concept_response_is_pre_codes_before_the_relu(random_models):
+    usae, _ = random_models
+    x = torch.randn(50, 32)
+    response = torch.stack([concept_response(usae, x, "vit", c) for c in range(16)], 1)
+    torch.testing.assert_close(response.relu(), usae.pre_codes(x, "vit"))
+    assert (response < 0).any()  # the part CAM still climbs where the concept is off
+
+
+@pytest.mark.parametrize(("concept", "colour"), [(RED, 0), (BLUE, 2)])
+def test_planted_colour_concept_gives_an_image_of_that_colour_in_every_model(planted, concept, colour):
+    usae, backbones = planted
+    results = coordinated_activation_maximization(usae, backbones, concept, CamConfig(**FAST))
+    assert list(results) == ["coarse", "fine"]
+    for name, result in results.items():
+        assert result.model == name
+        assert result.image.shape == (32, 32, 3) and result.image.dtype == np.uint8
+        rgb = mean_rgb(result.image)
+        assert rgb[colour] > np.delete(rgb, colour).max() + 30, (name, rgb)
+        # The opponent feature of the saved image, e.g. mean R - mean(G, B) for red, over 1/5 of the range.
+        assert result.final_activation > max(result.start_activation, 0.2), (name, result)
+
+
+def test_planted_activation_matches_the_colour_of_the_saved_image(planted):
+    """final_activation is the concept measured on the uint8 image itself: here mean R - mean(G, B)."""
+    usae, backbones = planted
+    results = coordinated_activation_maximization(usae, {"coarse": backbones["coarse"]}, RED, CamConfig(**FAST))
+    result = results["coarse"]
+    rgb = mean_rgb(result.image) / 255
+    assert result.final_activation == pytest.approx(rgb[0] - (rgb[1] + rgb[2]) / 2, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- 3. it maximises
+def test_random_tiny_models_climb(random_models):
+    usae, backbones = random_models
+    calls = []
+    results = coordinated_activation_maximization(usae, backbones, 5, CamConfig(**FAST),
+                                                  grids={"vit": (8, 8), "cnn": (8, 8)},
+                                                  on_step=lambda *args: calls.append(args))
+    assert calls == [(m, s, 30) for m in ("vit", "cnn") for s in range(1, 31)]
+    for name, result in results.items():
+        trace = result.activation_trace
+        assert len(trace) == 30
+        assert np.mean(trace[-5:]) > np.mean(trace[:5]) + 0.1, (name, trace)
+        assert result.final_activation > result.start_activation + 0.1, (name, result)
+
+
+# ----------------------------------------------------------------------------- 4. reproducible
+def test_same_seed_same_bytes_other_seed_other_image(random_models):
+    usae, backbones = random_models
+    cfg = CamConfig(**{**FAST, "steps": 8})
+    first = coordinated_activation_maximization(usae, backbones, 2, cfg)
+    again = coordinated_activation_maximization(usae, backbones, 2, cfg)
+    other = coordinated_activation_maximization(usae, backbones, 2, CamConfig(**{**FAST, "steps": 8, "seed": 1}))
+    for name in backbones:
+        assert first[name].image.tobytes() == again[name].image.tobytes()
+        assert first[name].activation_trace == again[name].activation_trace
+        assert np.abs(first[name].image.astype(int) - other[name].image.astype(int)).mean() > 10
+
+
+def test_runs_the_same_inside_inference_mode(planted):
+    """A web worker may call it under inference_mode or no_grad; the phase still gets gradients."""
+    usae, backbones = planted
+    cfg = CamConfig(**{**FAST, "steps": 5})
+    plain = coordinated_activation_maximization(usae, backbones, RED, cfg)
+    with torch.inference_mode():
+        inside = coordinated_activation_maximization(usae, backbones, RED, cfg)
+    for name in backbones:
+        assert inside[name].image.tobytes() == plain[name].image.tobytes()
+
+
+# ----------------------------------------------------------------------------- frozen models
+def test_models_are_unchanged_and_their_flags_restored(random_models):
+    usae, backbones = random_models
+    usae.train()  # BatchNorm in train mode would update its running statistics if it were used
+    backbones["cnn"].model[0].weight.requires_grad_(False)  # a mix of flags, all to be restored
+    states = {name: copy.deepcopy(b.state_dict()) for name, b in backbones.items()}
+    usae_state = copy.deepcopy(usae.state_dict())
+    flags = {name: [m.training for m in b.modules()] for name, b in backbones.items()}
+    grads = {name: [p.requires_grad for p in b.parameters()] for name, b in backbones.items()}
+    try:
+        coordinated_activation_maximization(usae, backbones, 1, CamConfig(**{**FAST, "steps": 3}))
+        assert usae.training and all(m.training for m in usae.modules())
+        assert all(p.requires_grad for p in usae.parameters())
+        for k, v in usae.state_dict().items():
+            assert torch.equal(v, usae_state[k]), k
+        for name, backbone in backbones.items():
+            assert [m.training for m in backbone.modules()] == flags[name]
+            assert [p.requires_grad for p in backbone.parameters()] == grads[name]
+            assert all(p.grad is None for p in backbone.parameters())
+            for k, v in backbone.state_dict().items():
+                assert torch.equal(v, states[name][k]), (name, k)
+    finally:
+        usae.eval()
+        backbones["cnn"].model[0].weight.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------- 5. errors
+@pytest.mark.parametrize(("concept", "message"), [(4, "concept 4 is out of range: this USAE has concepts 0 to 3"),
+                                                  (-1, "concept -1 is out of range"), (True, "concept True")])
+def test_concept_out_of_range(planted, concept, message):
+    usae, backbones = planted
+    with pytest.raises(UsaeError, match=message):
+        coordinated_activation_maximization(usae, backbones, concept, CamConfig(**FAST))
+
+
+def test_unknown_model_wrong_backbone_and_missing_grid(planted, random_models):
+    usae, backbones = planted
+    with pytest.raises(UsaeError, match=r"model 'other' is not in this USAE \(has coarse, fine\)"):
+        coordinated_activation_maximization(usae, {"other": backbones["coarse"]}, 0, CamConfig(**FAST))
+    with pytest.raises(UsaeError, match="gives 12-dim tokens but the USAE's model 'coarse' reads 2-dim"):
+        coordinated_activation_maximization(usae, {"coarse": random_models[1]["cnn"]}, 0, CamConfig(**FAST))
+    with pytest.raises(UsaeError, match="no token grid given for model 'fine'"):
+        coordinated_activation_maximization(usae, backbones, 0, CamConfig(**FAST), grids={"coarse": (4, 4)})
+    with pytest.raises(UsaeError, match="at least one model"):
+        coordinated_activation_maximization(usae, {}, 0, CamConfig(**FAST))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("steps", 0, "steps must be an integer >= 1"),
+    ("steps", 2.5, "steps must be an integer"),
+    ("image_size", 8, r"image_size must be an integer in \[16, 2048\]"),
+    ("crops", 0, "crops must be an integer >= 1"),
+    ("crop_scale", (0.5, 0.25), "crop_scale must be"),
+    ("crop_scale", (0.0, 1.0), "crop_scale must be"),
+    ("crop_scale", (0.5, 1.5), "crop_scale must be"),
+    ("noise", -0.1, "noise must be a finite number >= 0"),
+    ("lr", 0.0, "lr must be a finite number > 0"),
+    ("lr", float("nan"), "lr must be"),
+    ("seed", -1, "seed must be an integer"),
+    ("device", "gpu0", "device 'gpu0' is not a torch device"),
+])
+def test_bad_config_values(field, value, message):
+    with pytest.raises(UsaeError, match=message):
+        CamConfig(**{field: value})
