@@ -33,6 +33,15 @@ RED, BLUE = 0, 1
 FAST = {"steps": 30, "image_size": 32, "crops": 4}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Many small ops: with two threads on a busy 2-core machine they ran 10x slower than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def colour_backbone(name: str, patch: int, input_size: int) -> Backbone:
     """Per patch: [mean R - mean(G, B), mean B - mean(R, G)] of the pixels in [0, 1]."""
     conv = nn.Conv2d(3, 2, patch, stride=patch, bias=False)
