@@ -25,7 +25,7 @@ from app.db import get_engine, session_factory
 from app.deps import LoginRequired, analyst_viewer, share_viewer
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
-from app.routes import auth, compare, concepts, explain, media, runs, shares
+from app.routes import auth, compare, concepts, explain, jobs, media, runs, shares
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, SESSION_USER_KEY, LoginThrottle
 from app.services.explain import ModelCache
 from app.services.shares import ShareGone
@@ -101,7 +101,7 @@ def _include_routes(app: FastAPI) -> None:
         app.include_router(module.pages(share_viewer), prefix=share_prefix)
         app.include_router(module.api(analyst_viewer), prefix="/api")
         app.include_router(module.api(share_viewer), prefix="/api" + share_prefix)
-    for module in (runs, concepts, shares, explain):
+    for module in (runs, concepts, shares, explain, jobs):
         app.include_router(module.analyst_pages())
         app.include_router(module.analyst_api(), prefix="/api")
     app.include_router(auth.pages())

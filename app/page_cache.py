@@ -3,7 +3,8 @@
 A page is stored under its path and query string, the analyst and their session's CSRF token
 (which the page embeds), and the run's *data version*: the run's status and active mining
 generation (a re-mine replaces every statistic, image and neighbour together with the
-generation) and the newest label-history id (every label, description or tag edit adds one).
+generation), the newest label-history id (every label, description or tag edit adds one) and
+the newest CAM image id (a CAM job replaces a concept's rows with new ones).
 The version is read from the database on every request, so an edit made by any worker
 process, or by `usae mine`, is visible on the next request.
 
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from app.lru import LruCache
-from app.models import LabelHistory, Run
+from app.models import CamImage, LabelHistory, Run
 from app.security import csrf_token
 from app.viewer import Viewer
 
@@ -35,7 +36,8 @@ PAGE_CACHE_BYTES = 64 * 2**20
 
 
 _DATA_VERSION = select(Run.status, Run.active_generation_id, Run.mined_at,
-                       select(func.max(LabelHistory.id)).scalar_subquery()).where(Run.id == bindparam("run"))
+                       select(func.max(LabelHistory.id)).scalar_subquery(),
+                       select(func.max(CamImage.id)).scalar_subquery()).where(Run.id == bindparam("run"))
 """Built once, and run on the session's connection (Core, not ORM, execution): read on every
 analyst page, where building it and the ORM layer cost twice what the query does (~60 us vs ~190)."""
 

@@ -38,6 +38,7 @@ def demo_cmd(
         return
     import uvicorn
 
+    from app.jobs import worker_process
     from app.main import create_app
 
     typer.echo(f"serving the explorer on {url}  (Ctrl+C to stop)")
@@ -46,7 +47,8 @@ def demo_cmd(
             webbrowser.open(url)
         except webbrowser.Error:
             pass
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    with worker_process(settings):  # runs the CAM jobs analysts start from concept pages
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 
 def register(cli: typer.Typer) -> None:

@@ -25,17 +25,28 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[Optional[int], typer.Option(
         help="Server processes (default: one per CPU core, which serves the most users).")] = None,
+    job_worker: Annotated[bool, typer.Option(
+        "--job-worker/--no-job-worker",
+        help="Also run `usae worker` for background jobs (CAM images); turn off when workers run elsewhere.")] = True,
     data_dir: DataDir = None,
 ) -> None:
     """Serve the concept explorer (pages, JSON API at /api, API docs at /docs)."""
+    from contextlib import nullcontext
+
+    from app.jobs import worker_process
+
+    settings = settings_for(data_dir)
+    typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
+    with worker_process(settings) if job_worker else nullcontext():
+        _serve(settings, host, port, workers or os.cpu_count() or 1)
+
+
+def _serve(settings, host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from app.main import create_app
     from app.migrations import upgrade_database
 
-    settings = settings_for(data_dir)
-    workers = workers or os.cpu_count() or 1
-    typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
         return
@@ -150,6 +161,19 @@ def user_add_cmd(
     typer.echo(f"created analyst {name!r}")
 
 
+def worker_cmd(
+    threads: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
+    data_dir: DataDir = None,
+) -> None:
+    """Run background jobs (CAM images) queued from the explorer, until stopped."""
+    from app.jobs import run_worker
+
+    settings = settings_for(data_dir)
+    typer.echo(f"job worker for {settings.data_dir.resolve()} ({threads} at a time)")
+    run_worker(settings, threads=threads)
+
+
 def register(cli: typer.Typer) -> None:
     cli.command("serve")(serve_cmd)
+    cli.command("worker")(worker_cmd)
     cli.add_typer(user_cli, name="user")

@@ -157,6 +157,7 @@ class ModelColumn(BaseModel):
     histogram_edges: list[float]
     histogram_counts: list[int]
     cam_image: str | None = Field(description="Path under /media, once a CAM image was made")
+    cam_activation: float | None = Field(None, description="The concept's activation on its CAM image")
     neighbours: list[Neighbour]
 
 

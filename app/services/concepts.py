@@ -182,7 +182,8 @@ _TAGS = (select(ConceptTag.concept_id, ConceptTag.tag).where(ConceptTag.concept_
 _CONCEPT = select(Concept).where(Concept.run_id == bindparam("run"), Concept.index == bindparam("index"))
 _HISTOGRAMS = select(ConceptHistogram).where(ConceptHistogram.concept_id == bindparam("concept"),
                                              ConceptHistogram.generation_id == bindparam("gen"))
-_CAMS = select(CamImage.run_model_id, CamImage.file_path).where(CamImage.concept_id == bindparam("concept"))
+_CAMS = select(CamImage.run_model_id, CamImage.file_path, CamImage.params).where(
+    CamImage.concept_id == bindparam("concept"))
 _NEIGHBOURS = (select(ConceptNeighbour.run_model_id, ConceptNeighbour.cosine, Concept.index, Concept.label)
                .join(Concept, Concept.id == ConceptNeighbour.neighbour_id)
                .where(ConceptNeighbour.concept_id == bindparam("concept"),
@@ -326,7 +327,7 @@ def concept_detail(session: Session, *, run: Run, concept: Concept,
     top_images = _top_images(session, run, concept)
     gen = run.active_generation_id
     histograms = {h.run_model_id: h for h in session.scalars(_HISTOGRAMS, {"concept": concept.id, "gen": gen})}
-    cams: dict[int, str] = {model_id: path for model_id, path in session.execute(_CAMS, {"concept": concept.id})}
+    cams = {model_id: (path, params) for model_id, path, params in session.execute(_CAMS, {"concept": concept.id})}
     neighbours = _neighbours(session, run, concept, scope)
     firing = {f.model: f for f in card.firing}
     columns = []
@@ -338,7 +339,9 @@ def concept_detail(session: Session, *, run: Run, concept: Concept,
             firing=firing.get(model.name) or ModelFiring(model=model.name, fire_count=0, frequency=0.0, share=0.0,
                                                          cofire=0.0, max_activation=0.0),
             top_images=[t for t in top_images if t.model == model.name],
-            histogram_edges=edges, histogram_counts=counts, cam_image=cams.get(model.id),
+            histogram_edges=edges, histogram_counts=counts,
+            cam_image=cams[model.id][0] if model.id in cams else None,
+            cam_activation=cams[model.id][1].get("final") if model.id in cams else None,
             neighbours=neighbours.get(model.id, []),
         ))
     prev_index, next_index = _prev_next(session, run, concept.index, scope)

@@ -99,11 +99,11 @@ class ModelCache:
         with self._lock:
             if key not in self._runs:
                 self._runs[key] = _Loaded(USAE.from_pretrained(run_dir).eval(),
-                                          {m.name: _load_backbone(m) for m in run.models})
+                                          {m.name: load_backbone(m) for m in run.models})
             return self._runs[key]
 
 
-def _load_backbone(model: RunModel) -> object:
+def load_backbone(model: RunModel) -> object:
     """The model's backbone as the store recorded it, or a message saying why not."""
     name = model.info.get("registry_name")
     if not name:

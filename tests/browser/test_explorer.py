@@ -60,6 +60,25 @@ def test_concept_page_shows_every_models_images(analyst, site):
     assert page.locator(".lightbox:target").count() == 0
 
 
+def test_start_and_cancel_a_cam_job(analyst, site):
+    """The CAM panel: start a job, watch it wait for a worker (none runs here), cancel it."""
+    page = analyst
+    page.goto(f"{site.base}/runs/{site.run_id}/concepts/{site.concept}")
+    panel = page.locator("#cam-panel")  # loaded by htmx after the page
+    panel.locator("select[name=steps]").select_option("64")
+    panel.locator("button:has-text('Make CAM images')").click()
+    page.wait_for_selector("#cam-panel progress")
+    assert "queued" in panel.inner_text() and "Waiting for a worker" in panel.inner_text()
+    screenshot(page, "concept-cam-queued")
+    panel.locator("button:has-text('Cancel')").click()
+    page.wait_for_url(re.compile(rf".*/concepts/{site.concept}#cam$"))
+    page.wait_for_selector("#cam-panel:has-text('was cancelled')")
+    page.goto(f"{site.base}/jobs")
+    row = page.locator("#jobs tbody tr").first
+    assert "cancelled" in row.inner_text() and f"concept {site.concept}" in row.inner_text()
+    screenshot(page, "jobs")
+
+
 def test_label_a_concept_and_see_it_in_history(analyst, site):
     page = analyst
     page.goto(f"{site.base}/runs/{site.run_id}/concepts/{site.concept}")

@@ -1,0 +1,89 @@
+"""The background job queue: Huey with its SQLite storage in the data directory.
+
+The `jobs` table is what pages and the API show (status, progress, outcome, who started it);
+the queue only carries "run job N" messages to a worker process, `usae worker` (which `usae
+serve` starts for you unless told `--no-worker`). Jobs run outside the web server's processes
+because they are long and CPU- or GPU-heavy: a CAM job must not slow down page serving.
+
+A job is enqueued after its row is committed, so the worker always finds it. A running job's
+row is touched every few seconds (a heartbeat); a worker that dies mid-job stops touching it,
+and the next worker to start marks such rows failed ("interrupted"), so nothing stays
+`running` forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from huey import SqliteHuey
+from huey.api import TaskWrapper
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+QUEUE_FILE = "jobs-queue.sqlite"
+
+
+@dataclass(frozen=True)
+class JobQueue:
+    huey: SqliteHuey
+    run_job: TaskWrapper
+    """Calling it with a job id enqueues that job."""
+
+
+def job_queue(settings: Settings) -> JobQueue:
+    """The queue of the data directory, with its one task registered. The web app (which
+    enqueues) and `usae worker` (which runs) each build it from the same settings."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    huey = SqliteHuey("usae-jobs", filename=str(settings.data_dir / QUEUE_FILE), results=False, utc=True)
+
+    @huey.task(name="run_job")
+    def run_job(job_id: int) -> None:
+        from app.services.job_runner import run_job as run
+
+        run(settings, job_id)
+
+    return JobQueue(huey, run_job)
+
+
+def enqueue_job(settings: Settings, job_id: int) -> None:
+    """Hand a committed job row to the workers."""
+    job_queue(settings).run_job(job_id)
+
+
+def run_worker(settings: Settings, threads: int = 1) -> None:
+    """Run jobs until interrupted (SIGINT/SIGTERM finish the job in hand first)."""
+    from app.db import session_factory
+    from app.migrations import upgrade_database
+    from app.services.jobs import fail_interrupted_jobs
+
+    upgrade_database(settings.db_url)
+    with session_factory(settings.db_url)() as session:
+        for job in fail_interrupted_jobs(session):
+            log.warning("job %s (%s) was interrupted: marked failed", job.id, job.kind)
+        session.commit()
+    consumer = job_queue(settings).huey.create_consumer(workers=threads, worker_type="thread", periodic=False,
+                                                   graceful_signal="TERM")
+    consumer.run()
+
+
+@contextmanager
+def worker_process(settings: Settings) -> Iterator[subprocess.Popen | None]:
+    """`usae worker` for the data directory as a child process, stopped (after its job in hand,
+    up to a minute) when the block ends. What `usae serve` and `usae demo` run beside the server."""
+    command = [sys.executable, "-m", "app.cli", "worker", "--data-dir", str(settings.data_dir.resolve())]
+    worker = subprocess.Popen(command)
+    try:
+        yield worker
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()

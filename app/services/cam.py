@@ -1,0 +1,129 @@
+"""CAM jobs: one coordinated-activation-maximisation image per model of a run, for one concept.
+
+The run's USAE and backbones are loaded as the explain page loads them (a model whose
+backbone is unavailable is skipped and named in the result), `usae_core.cam` optimises the
+images, and the outcome lands atomically: each PNG is written to a temporary file and renamed
+into `media/cam/run-R/concept-C/`, then one transaction replaces the concept's CAM rows and
+marks the job done. Files of the replaced images are removed only after that commit, so a
+crash at any point leaves the previous images or the new ones in place, never a mixture of
+rows and missing files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+from PIL import Image
+from pydantic import BaseModel, Field
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.models import CamImage, Job, RunModel
+from app.services.concepts import get_concept
+from app.services.explain import load_backbone
+from app.services.jobs import JobCancelled, finish_job
+from app.services.runs_view import get_run
+from app.settings import Settings
+from usae_core.atomic import atomic_write_bytes
+from usae_core.errors import UsaeError
+
+log = logging.getLogger(__name__)
+KIND = "cam"
+
+
+class CamRequest(BaseModel):
+    """What an analyst may choose for a CAM job (the rest are `usae_core.cam.CamConfig` defaults)."""
+
+    steps: int = Field(128, ge=8, le=2048, description="Optimisation steps per model")
+    image_size: int = Field(224, ge=64, le=512, description="Side of each image in pixels")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Same seed, same images")
+
+
+def cam_dir(run_id: int, concept_index: int) -> str:
+    """Where a concept's CAM images live, relative to the media directory."""
+    return f"cam/run-{run_id}/concept-{concept_index}"
+
+
+def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, progress) -> str:
+    """Make the images, then in one transaction replace the concept's CAM rows and finish the job."""
+    import torch
+
+    from usae_core.cam import CamConfig, coordinated_activation_maximization
+    from usae_core.model import USAE
+    from usae_core.train import resolve_device
+
+    request = CamRequest.model_validate(job.params)
+    index = job.concept_index
+    with sessions() as session:
+        run = get_run(session, run_id=job.run_id) if job.run_id is not None else None
+        if run is None:
+            raise UsaeError("the run of this job no longer exists")
+        if index is None or get_concept(session, run_id=run.id, index=index) is None:
+            raise UsaeError(f"run {run.name} has no concept {index}")
+        models: list[RunModel] = list(run.models)
+        run_dir, run_id = Path(run.run_dir), run.id
+    progress(0.0, "Loading the USAE and the backbones.")
+    device = resolve_device(settings.device)
+    usae = USAE.from_pretrained(run_dir).eval().to(device)
+    backbones, skipped = {}, {}
+    for model in models:
+        loaded = load_backbone(model)
+        if isinstance(loaded, str):
+            skipped[model.name] = loaded
+        else:
+            backbones[model.name] = loaded.to(device)
+    if not backbones:
+        raise UsaeError("no model of this run has a backbone to optimise images for: " + " ".join(skipped.values()))
+
+    names = list(backbones)
+
+    def on_step(model: str, step: int, total: int) -> None:
+        done = names.index(model) + step / max(total, 1)
+        progress(done / len(names), f"Optimising the image for {model} (step {step} of {total}).")
+
+    cfg = CamConfig(steps=request.steps, image_size=request.image_size, seed=request.seed, device=str(device))
+    with torch.inference_mode(False):
+        results = coordinated_activation_maximization(
+            usae, backbones, index, cfg, grids={m.name: (m.grid_h, m.grid_w) for m in models if m.name in backbones},
+            on_step=on_step)
+
+    relative_dir = cam_dir(run_id, index)
+    written: dict[str, str] = {}
+    for name, result in results.items():
+        relative = f"{relative_dir}/{name}-job{job.id}.png"
+        buffer = io.BytesIO()
+        Image.fromarray(result.image).save(buffer, format="PNG")
+        atomic_write_bytes(settings.media_dir / relative, buffer.getvalue())
+        written[name] = relative
+
+    activations = {name: {"start": r.start_activation, "final": r.final_activation} for name, r in results.items()}
+    summary = ", ".join(f"{n} {a['start']:.3g} → {a['final']:.3g}" for n, a in activations.items())
+    message = f"Made {len(written)} image(s); concept activation {summary}."
+    if skipped:
+        message += f" Skipped {', '.join(skipped)} (no backbone)."
+    result = {"images": written, "activations": activations, "skipped": skipped}
+    model_ids = {m.name: m.id for m in models}
+    with sessions.begin() as session:
+        concept = get_concept(session, run_id=run_id, index=index)
+        if concept is None:
+            raise UsaeError(f"concept {index} was removed while its images were made")
+        replaced = list(session.scalars(select(CamImage.file_path).where(
+            CamImage.concept_id == concept.id, CamImage.run_model_id.in_([model_ids[n] for n in written]))))
+        session.execute(delete(CamImage).where(CamImage.concept_id == concept.id,
+                                               CamImage.run_model_id.in_([model_ids[n] for n in written])))
+        session.add_all(CamImage(concept_id=concept.id, run_model_id=model_ids[name], file_path=path, job_id=job.id,
+                                 params={**request.model_dump(), **activations[name]})
+                        for name, path in written.items())
+        finished = finish_job(session, job.id, result, message)
+        if not finished:  # cancelled while the last step ran: keep nothing of it
+            session.rollback()
+    if not finished:
+        for path in written.values():
+            (settings.media_dir / path).unlink(missing_ok=True)
+        raise JobCancelled()
+    for path in replaced:
+        if path not in written.values():
+            (settings.media_dir / path).unlink(missing_ok=True)
+    return message

@@ -1,0 +1,90 @@
+"""What a worker does with "run job N": claim the row, run the job's kind, record the outcome.
+
+The row is touched every `HEARTBEAT_S` seconds while the job runs, so a job whose worker died
+can be told from a slow one (`fail_interrupted_jobs`). Progress is written at most once a
+second; every write also tells the job whether an analyst cancelled it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import session_factory
+from app.models import Job
+from app.services.jobs import HEARTBEAT_S, JobCancelled, claim_job, fail_job, report_progress
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+"""progress(fraction, message); raises JobCancelled once the job was cancelled."""
+
+
+Runner = Callable[[Settings, sessionmaker[Session], Job, Progress], str]
+"""runner(settings, sessions, job, progress) -> a one-line outcome for the log. A runner finishes
+its job itself (`finish_job`), in the transaction that stores what it made."""
+
+
+def _runners() -> dict[str, Runner]:
+    from app.services.cam import run_cam_job
+
+    return {"cam": run_cam_job}
+
+
+def run_job(settings: Settings, job_id: int) -> None:
+    sessions = session_factory(settings.db_url)
+    with sessions() as session:
+        job = claim_job(session, job_id)
+        session.commit()
+    if job is None:
+        log.info("job %s: nothing to do (cancelled, taken or gone)", job_id)
+        return
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(sessions, job_id, stop), name=f"job-{job_id}-heartbeat",
+                     daemon=True).start()
+    try:
+        runner = _runners().get(job.kind)
+        if runner is None:
+            raise ValueError(f"no runner for jobs of kind {job.kind!r}")
+        message = runner(settings, sessions, job, _throttled_progress(sessions, job_id))
+        log.info("job %s (%s) done: %s", job_id, job.kind, message)
+    except JobCancelled:
+        log.info("job %s (%s) cancelled", job_id, job.kind)
+    except Exception as exc:  # noqa: BLE001 - any failure is the job's outcome, shown to the analyst
+        log.exception("job %s (%s) failed", job_id, job.kind)
+        with sessions.begin() as session:
+            fail_job(session, job_id, f"{type(exc).__name__}: {exc}")
+    finally:
+        stop.set()
+
+
+def _throttled_progress(sessions: sessionmaker[Session], job_id: int, every_s: float = 1.0) -> Progress:
+    last = [0.0]
+
+    def progress(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] < every_s and fraction < 1.0:
+            return
+        last[0] = now
+        with sessions.begin() as session:
+            report_progress(session, job_id, fraction, message)
+
+    return progress
+
+
+def _heartbeat(sessions: sessionmaker[Session], job_id: int, stop: threading.Event) -> None:
+    from sqlalchemy import update
+
+    from app.models import utcnow
+
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            with sessions.begin() as session:
+                session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(updated_at=utcnow()))
+        except Exception:  # noqa: BLE001 - a missed beat is retried; the job itself goes on
+            log.warning("job %s: heartbeat failed", job_id, exc_info=True)
