@@ -56,10 +56,16 @@ def enqueue_job(settings: Settings, job_id: int) -> None:
     job_queue(settings).run_job(job_id)
 
 
+SHUTDOWN_TIMEOUT_S = 30
+"""How long SIGTERM lets the jobs in hand run on before the worker stops anyway."""
+
+
 def run_worker(settings: Settings, threads: int = 1) -> None:
-    """Run jobs until interrupted (SIGINT/SIGTERM finish the job in hand first)."""
+    """Run jobs until stopped. SIGTERM lets the jobs in hand finish (up to SHUTDOWN_TIMEOUT_S),
+    SIGINT stops at once; a job still running then is marked failed, never left 'running'."""
     from app.db import session_factory
     from app.migrations import upgrade_database
+    from app.services.job_runner import fail_jobs_in_hand
     from app.services.jobs import fail_interrupted_jobs
 
     upgrade_database(settings.db_url)
@@ -68,14 +74,18 @@ def run_worker(settings: Settings, threads: int = 1) -> None:
             log.warning("job %s (%s) was interrupted: marked failed", job.id, job.kind)
         session.commit()
     consumer = job_queue(settings).huey.create_consumer(workers=threads, worker_type="thread", periodic=False,
-                                                   graceful_signal="TERM")
-    consumer.run()
+                                                   graceful_signal="TERM", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    try:
+        consumer.run()
+    finally:
+        for job_id in fail_jobs_in_hand(settings):
+            log.warning("job %s was still running when the worker stopped: marked failed", job_id)
 
 
 @contextmanager
 def worker_process(settings: Settings) -> Iterator[subprocess.Popen | None]:
     """`usae worker` for the data directory as a child process, stopped (after its job in hand,
-    up to a minute) when the block ends. What `usae serve` and `usae demo` run beside the server."""
+    up to SHUTDOWN_TIMEOUT_S) when the block ends. What `usae serve` and `usae demo` run beside the server."""
     command = [sys.executable, "-m", "app.cli", "worker", "--data-dir", str(settings.data_dir.resolve())]
     worker = subprocess.Popen(command)
     try:
@@ -83,7 +93,7 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen | None]:
     finally:
         worker.terminate()
         try:
-            worker.wait(timeout=60)
+            worker.wait(timeout=SHUTDOWN_TIMEOUT_S + 30)
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()

@@ -34,9 +34,13 @@ def serve_cmd(
     from contextlib import nullcontext
 
     from app.jobs import worker_process
+    from app.migrations import upgrade_database
 
     settings = settings_for(data_dir)
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
+    # The job worker migrates as it starts: migrate first, so it never races the server to create
+    # the tables of a new database.
+    upgrade_database(settings.db_url)
     with worker_process(settings) if job_worker else nullcontext():
         _serve(settings, host, port, workers or os.cpu_count() or 1)
 
@@ -45,16 +49,14 @@ def _serve(settings, host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from app.main import create_app
-    from app.migrations import upgrade_database
 
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
         return
     # Worker processes build their own app from the environment. The secret key file is created
-    # and the database migrated now, before they start, so every worker reads the same key and
-    # no two workers race to create the same tables in a new database.
+    # now (and the database was migrated by serve_cmd), before they start, so every worker reads
+    # the same key and no two workers race to create the same tables in a new database.
     settings.resolved_secret_key()
-    upgrade_database(settings.db_url)
     os.environ["USAE_DATA_DIR"] = str(settings.data_dir.resolve())
     if hasattr(socket, "SO_REUSEPORT"):
         serve_workers(host, port, workers)

@@ -77,6 +77,7 @@ def analyst_pages() -> APIRouter:
         """Cancel, then go back where the button was (a local path only: never an open redirect)."""
         _job_or_404(session, job_id)
         cancel_job(session, job_id)
+        session.commit()  # before the redirect: the page the browser lands on must show it cancelled
         local = back.startswith("/") and not back.startswith("//") and "\\" not in back
         return RedirectResponse(back if local else "/jobs", status_code=303)
 

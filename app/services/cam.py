@@ -28,6 +28,7 @@ from app.services.runs_view import get_run
 from app.settings import Settings
 from usae_core.atomic import atomic_write_bytes
 from usae_core.errors import UsaeError
+from usae_core.store import check_model_name
 
 log = logging.getLogger(__name__)
 KIND = "cam"
@@ -63,6 +64,8 @@ def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, p
         if index is None or get_concept(session, run_id=run.id, index=index) is None:
             raise UsaeError(f"run {run.name} has no concept {index}")
         models: list[RunModel] = list(run.models)
+        for model in models:  # names become file names below: never a path (a hand-edited manifest)
+            check_model_name(model.name)
         run_dir, run_id = Path(run.run_dir), run.id
     progress(0.0, "Loading the USAE and the backbones.")
     device = resolve_device(settings.device)

@@ -30,6 +30,10 @@ Runner = Callable[[Settings, sessionmaker[Session], Job, Progress], str]
 its job itself (`finish_job`), in the transaction that stores what it made."""
 
 
+_in_hand: set[int] = set()
+"""Jobs this process has claimed and not yet ended: what `fail_jobs_in_hand` fails when the worker stops."""
+
+
 def _runners() -> dict[str, Runner]:
     from app.services.cam import run_cam_job
 
@@ -44,6 +48,7 @@ def run_job(settings: Settings, job_id: int) -> None:
     if job is None:
         log.info("job %s: nothing to do (cancelled, taken or gone)", job_id)
         return
+    _in_hand.add(job_id)
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(sessions, job_id, stop), name=f"job-{job_id}-heartbeat",
                      daemon=True).start()
@@ -61,6 +66,18 @@ def run_job(settings: Settings, job_id: int) -> None:
             fail_job(session, job_id, f"{type(exc).__name__}: {exc}")
     finally:
         stop.set()
+        _in_hand.discard(job_id)
+
+
+def fail_jobs_in_hand(settings: Settings) -> list[int]:
+    """Mark failed the jobs this process is still running, when the worker stops before they end
+    (their threads die with the process); the ids of those it failed."""
+    failed = []
+    with session_factory(settings.db_url).begin() as session:
+        for job_id in sorted(_in_hand):
+            if fail_job(session, job_id, "Interrupted: the worker stopped. Start it again."):
+                failed.append(job_id)
+    return failed
 
 
 def _throttled_progress(sessions: sessionmaker[Session], job_id: int, every_s: float = 1.0) -> Progress:

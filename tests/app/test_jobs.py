@@ -1,21 +1,27 @@
-"""Background jobs: row transitions on SQLite and Postgres, the CAM endpoints' rules, and a CAM
-job run end to end by a real `usae worker` process on a real backbone."""
+"""Background jobs: row transitions on SQLite and Postgres, the CAM endpoints' rules, a CAM
+job run end to end by a real `usae worker` process on a real backbone, what a CAM job does with
+its images (rows swapped, cached pages replaced, nothing kept when cancelled at the end, no path
+from a model name), and how `usae serve` starts its worker and a stopped worker leaves its job."""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
+import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy import func, select
 
 from app.db import session_factory
 from app.jobs import job_queue
-from app.models import Concept, Job, Run, RunModel
+from app.models import CamImage, Concept, Job, Run, RunModel, User
+from app.services.cam import cam_dir, run_cam_job
 from app.services.jobs import (
     JobCancelled,
     cancel_job,
@@ -27,6 +33,7 @@ from app.services.jobs import (
 )
 from tests.app.seed import create_analyst
 from tests.app.webapp import csrf_from
+from usae_core.errors import UsaeError
 
 
 def test_job_rows_move_through_their_states_once(db_url):
@@ -169,3 +176,192 @@ def test_a_worker_makes_cam_images_for_every_model_with_a_backbone(web_client, s
     polled = web_client.get(f"/runs/{run_id}/concepts/5/cam?polling=1")
     assert polled.headers.get("HX-Refresh") == "true" and "Make new CAM images" in polled.text
     assert "csrf_token" in polled.text and csrf_from(polled.text)
+
+
+class _Loaded:
+    """Stands in for a loaded USAE or backbone: the CAM job only moves it to the device."""
+
+    def eval(self):
+        return self
+
+    def to(self, _device):
+        return self
+
+
+def _fake_cam(monkeypatch, on_run=None) -> None:
+    """run_cam_job with the optimisation replaced by solid images: what the job does with them
+    (files, rows, the job's outcome) is what these tests check."""
+    import usae_core.cam
+    from app.services import cam as cam_service
+    from usae_core.cam import CamResult
+    from usae_core.model import USAE
+
+    def optimise(usae, backbones, concept, cfg, grids=None, on_step=None):
+        if on_run is not None:
+            on_run()
+        return {name: CamResult(model=name, image=np.full((8, 8, 3), 128, np.uint8), start_activation=0.0,
+                                final_activation=1.0) for name in backbones}
+
+    monkeypatch.setattr(USAE, "from_pretrained", classmethod(lambda cls, run_dir: _Loaded()))
+    monkeypatch.setattr(cam_service, "load_backbone", lambda model: _Loaded())
+    monkeypatch.setattr(usae_core.cam, "coordinated_activation_maximization", optimise)
+
+
+def _run_cam(settings, run_id: int, index: int) -> int:
+    """Create, claim and run one CAM job in this process; its id."""
+    sessions = session_factory(settings.db_url)
+    with sessions() as session:
+        alice = session.scalar(select(User).where(User.username == "alice"))
+        job = create_job(session, kind="cam", params={"steps": 8, "image_size": 64}, run_id=run_id,
+                         concept_index=index, user=alice)
+        session.commit()
+        job = claim_job(session, job.id)
+        session.commit()
+    run_cam_job(settings, sessions, job, lambda fraction, message: None)
+    return job.id
+
+
+def test_a_second_cam_job_shows_at_once_on_the_cached_concept_page(web_client, seeded, monkeypatch):
+    """Each job replaces the concept's CAM rows. On SQLite the new rows may take the ids of the
+    rows just deleted, so the page cache must not take the newest id alone as the CAM version."""
+    _fake_cam(monkeypatch)
+    run_id, page = seeded.run.run_id, f"/runs/{seeded.run.run_id}/concepts/2"
+    for _ in range(2):
+        job_id = _run_cam(seeded.settings, run_id, 2)
+        assert f"-job{job_id}.png" in web_client.get(page).text
+
+
+def test_a_cam_job_cancelled_after_its_last_step_keeps_nothing(seeded, monkeypatch):
+    run_id, sessions = seeded.run.run_id, session_factory(seeded.settings.db_url)
+    _fake_cam(monkeypatch)
+    first = _run_cam(seeded.settings, run_id, 2)
+
+    def cancel_now():  # an analyst cancels while the worker is past its last progress report
+        with sessions.begin() as session:
+            cancel_job(session, session.scalar(select(func.max(Job.id))))
+
+    _fake_cam(monkeypatch, on_run=cancel_now)
+    with pytest.raises(JobCancelled):
+        _run_cam(seeded.settings, run_id, 2)
+    files = sorted(p.name for p in (seeded.settings.media_dir / cam_dir(run_id, 2)).iterdir())
+    assert files and all(f"-job{first}.png" in name for name in files)
+    with sessions() as session:
+        concept = session.scalar(select(Concept).where(Concept.run_id == run_id, Concept.index == 2))
+        paths = session.scalars(select(CamImage.file_path).where(CamImage.concept_id == concept.id)).all()
+        assert paths and all(f"-job{first}.png" in path for path in paths)
+
+
+def test_a_cam_job_writes_no_file_outside_the_media_directory(seeded, monkeypatch):
+    """Model names come from the store's manifest; one that is not a safe file name fails the
+    job instead of naming a path."""
+    run_id, sessions = seeded.run.run_id, session_factory(seeded.settings.db_url)
+    with sessions.begin() as session:
+        model = session.scalar(select(RunModel).where(RunModel.run_id == run_id).order_by(RunModel.position))
+        model.name = "../../../../../escaped"  # from media/cam/run-R/concept-C: out of the data directory
+    _fake_cam(monkeypatch)
+    with pytest.raises(UsaeError, match="invalid model name"):
+        _run_cam(seeded.settings, run_id, 2)
+    assert not list(seeded.settings.data_dir.parent.rglob("escaped-job*.png"))
+
+
+_SLOW_WORKER = """
+import sys, time
+from app.services import job_runner
+from app.jobs import run_worker
+from app.settings import settings_for
+
+def forever(settings, sessions, job, progress):  # a job that reports progress until stopped
+    while True:
+        progress(0.5, "working")
+        time.sleep(0.05)
+
+job_runner._runners = lambda: {"cam": forever}
+run_worker(settings_for(sys.argv[1]))
+"""
+
+
+def test_a_worker_stopped_by_ctrl_c_fails_the_job_in_hand(seeded):
+    """Ctrl+C in the terminal of `usae serve` reaches its job worker too; the job it was running
+    must not stay 'running' (and block new CAM jobs of the concept) after the worker is gone."""
+    from app.jobs import enqueue_job
+
+    sessions = session_factory(seeded.settings.db_url)
+    with sessions.begin() as session:
+        alice = session.scalar(select(User).where(User.username == "alice"))
+        job_id = create_job(session, kind="cam", params={}, run_id=seeded.run.run_id, concept_index=2, user=alice).id
+    enqueue_job(seeded.settings, job_id)
+    worker = subprocess.Popen([sys.executable, "-c", _SLOW_WORKER, str(seeded.data_dir)])
+    try:
+        deadline = time.monotonic() + 120
+        while (status := _status(sessions, job_id)) != "running":
+            assert status == "queued" and worker.poll() is None and time.monotonic() < deadline, status
+            time.sleep(0.2)
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=60) is not None
+    finally:
+        worker.kill()
+        worker.wait()
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "failed" and "worker stopped" in job.error
+
+
+def _status(sessions, job_id: int) -> str:
+    with sessions() as session:
+        return session.get(Job, job_id).status
+
+
+def test_serve_migrates_a_new_database_before_its_job_worker_starts(tmp_path, monkeypatch):
+    """The job worker migrates the database as it starts; were `usae serve` to migrate only after
+    starting it, the two would race to create the same tables in a new data directory."""
+    from contextlib import contextmanager
+
+    import sqlalchemy
+
+    import app.jobs
+    from app.commands import web
+    from app.db import get_engine
+    from app.settings import settings_for
+
+    seen = []
+
+    @contextmanager
+    def worker_process(settings):
+        seen.append(sqlalchemy.inspect(get_engine(settings.db_url)).has_table("jobs"))
+        yield None
+
+    monkeypatch.setattr(app.jobs, "worker_process", worker_process)
+    monkeypatch.setattr(web, "_serve", lambda *args: None)
+    web.serve_cmd(workers=1, data_dir=tmp_path / "data")
+    get_engine(settings_for(tmp_path / "data").db_url).dispose()
+    assert seen == [True]
+
+
+def test_the_cancel_button_commits_before_it_redirects(seeded):
+    """The browser follows the redirect at once: the page it lands on must show the job cancelled
+    (the request's session commits only after the response has been sent)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.app.webapp import sign_in_as
+
+    sessions = session_factory(seeded.settings.db_url)
+    with sessions.begin() as session:
+        alice = session.scalar(select(User).where(User.username == "alice"))
+        job_id = create_job(session, kind="cam", params={"steps": 64}, run_id=seeded.run.run_id, concept_index=2,
+                            user=alice).id
+    app, seen = create_app(seeded.settings), []
+
+    async def app_watching_the_response(scope, receive, send):
+        async def watched_send(message):
+            if message["type"] == "http.response.start" and scope["path"].endswith("/cancel"):
+                seen.append(_status(sessions, job_id))
+            await send(message)
+
+        await app(scope, receive, watched_send)
+
+    with TestClient(app_watching_the_response) as client:
+        sign_in_as(client, seeded, "alice")
+        token = csrf_from(client.get("/jobs").text)
+        r = client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token, "back": "/jobs"}, follow_redirects=False)
+    assert r.status_code == 303 and seen == ["cancelled"]
