@@ -14,6 +14,7 @@ and the next worker to start marks such rows failed ("interrupted"), so nothing 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -86,7 +87,10 @@ def run_worker(settings: Settings, threads: int = 1) -> None:
 def worker_process(settings: Settings) -> Iterator[subprocess.Popen | None]:
     """`usae worker` for the data directory as a child process, stopped (after its job in hand,
     up to SHUTDOWN_TIMEOUT_S) when the block ends. What `usae serve` and `usae demo` run beside the server."""
-    command = [sys.executable, "-m", "app.cli", "worker", "--data-dir", str(settings.data_dir.resolve())]
+    # Half the cores for jobs: the server beside it keeps the rest, so pages stay fast while a
+    # CAM job runs on a CPU-only machine.
+    command = [sys.executable, "-m", "app.cli", "worker", "--data-dir", str(settings.data_dir.resolve()),
+               "--torch-threads", str(max(1, (os.cpu_count() or 2) // 2))]
     worker = subprocess.Popen(command)
     try:
         yield worker

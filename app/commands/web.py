@@ -165,11 +165,19 @@ def user_add_cmd(
 
 def worker_cmd(
     threads: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
+    torch_threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads a job's PyTorch may use (default: PyTorch's own choice, every core).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run background jobs (CAM images) queued from the explorer, until stopped."""
     from app.jobs import run_worker
 
+    if torch_threads is not None:
+        if torch_threads < 1:
+            raise UsaeError(f"--torch-threads must be >= 1, got {torch_threads}")
+        import torch
+
+        torch.set_num_threads(torch_threads)
     settings = settings_for(data_dir)
     typer.echo(f"job worker for {settings.data_dir.resolve()} ({threads} at a time)")
     run_worker(settings, threads=threads)

@@ -365,3 +365,18 @@ def test_the_cancel_button_commits_before_it_redirects(seeded):
         token = csrf_from(client.get("/jobs").text)
         r = client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token, "back": "/jobs"}, follow_redirects=False)
     assert r.status_code == 303 and seen == ["cancelled"]
+
+
+def test_jobs_page_and_worker_options_refuse_nothing_silently(web_client, seeded):
+    with session_factory(seeded.settings.db_url)() as session:  # a row written by an older version
+        session.add(Job(kind="cam", params={}, run_id=seeded.run.run_id, concept_index=1, message="old"))
+        session.commit()
+    page = web_client.get("/jobs")
+    assert page.status_code == 200 and "concept 1" in page.text and "steps)" not in page.text
+
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    bad = CliRunner().invoke(cli, ["worker", "--torch-threads", "0", "--data-dir", str(seeded.data_dir)])
+    assert bad.exit_code != 0 and "--torch-threads must be >= 1" in str(bad.exception)
