@@ -17,6 +17,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +61,29 @@ def enqueue_job(settings: Settings, job_id: int) -> None:
 
 SHUTDOWN_TIMEOUT_S = 30
 """How long SIGTERM lets the jobs in hand run on before the worker stops anyway."""
+ALIVE_FILE = "jobs-worker.alive"
+ALIVE_EVERY_S = 10.0
+ALIVE_WITHIN_S = 45.0
+
+
+def worker_alive(settings: Settings) -> bool:
+    """Whether some `usae worker` of this data directory showed signs of life lately (it touches
+    ALIVE_FILE every ALIVE_EVERY_S seconds), so pages can say why queued jobs do not start."""
+    try:
+        return time.time() - (settings.data_dir / ALIVE_FILE).stat().st_mtime < ALIVE_WITHIN_S
+    except OSError:
+        return False
+
+
+def _keep_alive(settings: Settings, stop: threading.Event) -> None:
+    path = settings.data_dir / ALIVE_FILE
+    while True:
+        try:
+            path.touch()
+        except OSError:
+            log.warning("cannot touch %s", path, exc_info=True)
+        if stop.wait(ALIVE_EVERY_S):
+            return
 
 
 def run_worker(settings: Settings, threads: int = 1) -> None:
@@ -76,9 +101,12 @@ def run_worker(settings: Settings, threads: int = 1) -> None:
         session.commit()
     consumer = job_queue(settings).huey.create_consumer(workers=threads, worker_type="thread", periodic=False,
                                                    graceful_signal="TERM", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    stop = threading.Event()
+    threading.Thread(target=_keep_alive, args=(settings, stop), name="worker-alive", daemon=True).start()
     try:
         consumer.run()
     finally:
+        stop.set()
         for job_id in fail_jobs_in_hand(settings):
             log.warning("job %s was still running when the worker stopped: marked failed", job_id)
 

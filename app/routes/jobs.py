@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.deps import AnalystViewer, SessionDep, SettingsDep, get_run_or_404
-from app.jobs import enqueue_job
+from app.jobs import enqueue_job, worker_alive
 from app.models import Job
 from app.schemas.jobs import JobOut
 from app.services.cam import KIND as CAM, CamRequest
@@ -54,23 +54,28 @@ def analyst_pages() -> APIRouter:
             raise HTTPException(422, "; ".join(e["msg"] for e in exc.errors())) from None
         _start_cam(session, settings, viewer, run_id, index, cam)
         if request.headers.get("HX-Request") == "true":
-            return cam_status(request, run_id, index, session, viewer)
+            return cam_status(request, run_id, index, session, settings, viewer)
         return RedirectResponse(viewer.urls.concept(run_id, index) + "#cam", status_code=303)
 
     @router.get("/runs/{run_id}/concepts/{index}/cam", response_class=HTMLResponse)
-    def cam_status(request: Request, run_id: int, index: int, session: SessionDep, viewer: AnalystViewer,
-                   polling: bool = False):
+    def cam_status(request: Request, run_id: int, index: int, session: SessionDep, settings: SettingsDep,
+                   viewer: AnalystViewer, polling: bool = False):
         """The concept page's CAM panel, polled while a job is queued or running."""
         run = get_run_or_404(session, viewer, run_id)
         job = latest_job(session, kind=CAM, run_id=run.id, concept_index=index)
-        response = render(request, viewer, "concepts/_cam_panel.html", run_id=run.id, index=index, job=job)
+        response = render(request, viewer, "concepts/_cam_panel.html", run_id=run.id, index=index, job=job,
+                          worker_missing=job is not None and job.status == "queued" and not worker_alive(settings),
+                          data_dir=settings.data_dir)
         if polling and job is not None and job.status == "done":
             response.headers["HX-Refresh"] = "true"  # the page shows the new images
         return response
 
     @router.get("/jobs", response_class=HTMLResponse)
-    def jobs_page(request: Request, session: SessionDep, viewer: AnalystViewer):
-        return render(request, viewer, "jobs/list.html", nav="jobs", jobs=list_jobs(session))
+    def jobs_page(request: Request, session: SessionDep, settings: SettingsDep, viewer: AnalystViewer):
+        jobs = list_jobs(session)
+        waiting = any(j.status == "queued" for j in jobs)
+        return render(request, viewer, "jobs/list.html", nav="jobs", jobs=jobs, data_dir=settings.data_dir,
+                      worker_missing=waiting and not worker_alive(settings))
 
     @router.post("/jobs/{job_id}/cancel")
     def cancel(job_id: int, session: SessionDep, viewer: AnalystViewer, back: Annotated[str, Form()] = "/jobs"):

@@ -19,7 +19,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from app.db import session_factory
-from app.jobs import job_queue
+from app.jobs import ALIVE_FILE, job_queue
 from app.models import CamImage, Concept, Job, Run, RunModel, User
 from app.services.cam import cam_dir, run_cam_job
 from app.services.jobs import (
@@ -93,6 +93,10 @@ def test_starting_cam_jobs_needs_an_analyst_and_queues_once(web_client, seeded):
 
     panel = web_client.get(f"/runs/{run_id}/concepts/3/cam")
     assert "queued" in panel.text and 'hx-trigger="every 2s"' in panel.text and "Cancel" in panel.text
+    assert "No job worker is running" in panel.text and "No job worker" in web_client.get("/jobs").text
+    (seeded.data_dir / ALIVE_FILE).touch()  # what a running `usae worker` does every few seconds
+    assert "No job worker" not in web_client.get(f"/runs/{run_id}/concepts/3/cam").text
+    assert "No job worker" not in web_client.get("/jobs").text
     cancelled = web_client.post(f"/api/jobs/{job['id']}/cancel", headers=_api_headers(web_client)).json()
     assert cancelled["status"] == "cancelled"
     panel = web_client.get(f"/runs/{run_id}/concepts/3/cam").text
@@ -161,6 +165,7 @@ def test_a_worker_makes_cam_images_for_every_model_with_a_backbone(web_client, s
         worker.terminate()
         worker.wait(timeout=60)
     assert job["status"] == "done", job
+    assert time.time() - (seeded.data_dir / ALIVE_FILE).stat().st_mtime < 30  # the worker said it was alive
     assert set(job["result"]["images"]) == {"mnet"} and "imported" in job["result"]["skipped"]
     activation = job["result"]["activations"]["mnet"]
     assert activation["final"] > activation["start"]
