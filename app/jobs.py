@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -111,18 +111,43 @@ def run_worker(settings: Settings, threads: int = 1) -> None:
             log.warning("job %s was still running when the worker stopped: marked failed", job_id)
 
 
+RESTARTS_WITHOUT_PROGRESS = 5
+"""A worker that keeps dying within a minute of starting is given up after this many restarts."""
+
+
 @contextmanager
-def worker_process(settings: Settings) -> Iterator[subprocess.Popen | None]:
-    """`usae worker` for the data directory as a child process, stopped (after its job in hand,
-    up to SHUTDOWN_TIMEOUT_S) when the block ends. What `usae serve` and `usae demo` run beside the server."""
+def worker_process(settings: Settings) -> Iterator[Callable[[], subprocess.Popen]]:
+    """`usae worker` for the data directory as a child process, replaced when it dies, stopped
+    (after its job in hand, up to SHUTDOWN_TIMEOUT_S) when the block ends. What `usae serve`
+    and `usae demo` run beside the server. Yields a function returning the current process."""
     # Half the cores for jobs: the server beside it keeps the rest, so pages stay fast while a
     # CAM job runs on a CPU-only machine.
     command = [sys.executable, "-m", "app.cli", "worker", "--data-dir", str(settings.data_dir.resolve()),
                "--torch-threads", str(max(1, (os.cpu_count() or 2) // 2))]
-    worker = subprocess.Popen(command)
+    current = [subprocess.Popen(command)]
+    stop = threading.Event()
+
+    def supervise() -> None:
+        started, quick_deaths = time.monotonic(), 0
+        while not stop.wait(1.0):
+            if current[0].poll() is None:
+                continue
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < 60 else 1
+            if quick_deaths > RESTARTS_WITHOUT_PROGRESS:
+                log.error("the job worker keeps exiting (code %s); jobs will wait until it is started again",
+                          current[0].returncode)
+                return
+            log.warning("the job worker exited with code %s; starting another", current[0].returncode)
+            current[0], started = subprocess.Popen(command), time.monotonic()
+
+    supervisor = threading.Thread(target=supervise, name="job-worker-supervisor", daemon=True)
+    supervisor.start()
     try:
-        yield worker
+        yield lambda: current[0]
     finally:
+        stop.set()
+        supervisor.join()
+        worker = current[0]
         worker.terminate()
         try:
             worker.wait(timeout=SHUTDOWN_TIMEOUT_S + 30)

@@ -385,3 +385,23 @@ def test_jobs_page_and_worker_options_refuse_nothing_silently(web_client, seeded
 
     bad = CliRunner().invoke(cli, ["worker", "--torch-threads", "0", "--data-dir", str(seeded.data_dir)])
     assert bad.exit_code != 0 and "--torch-threads must be >= 1" in str(bad.exception)
+
+
+def test_the_servers_job_worker_is_replaced_when_it_dies(tmp_path):
+    from app.jobs import worker_process
+    from app.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "usae-data", database_url=None)
+    with worker_process(settings) as current:
+        first = current()
+        deadline = time.monotonic() + 60
+        while not (settings.data_dir / ALIVE_FILE).exists():  # up and running
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.1)
+        first.kill()
+        while current() is first:
+            assert time.monotonic() < deadline, "no new worker was started"
+            time.sleep(0.1)
+        second = current()
+        assert second.poll() is None
+    assert second.poll() is not None  # stopped with the block
