@@ -20,9 +20,9 @@ cli = typer.Typer(
 
 
 def _register_all() -> None:
-    from app.commands import core, demo, extract, mine, web
+    from app.commands import cam, core, demo, extract, mine, web
 
-    for module in (core, extract, mine, web, demo):
+    for module in (core, extract, mine, cam, web, demo):
         module.register(cli)
 
 

@@ -72,7 +72,7 @@ def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, p
     usae = USAE.from_pretrained(run_dir).eval().to(device)
     backbones, skipped = {}, {}
     for model in models:
-        loaded = load_backbone(model)
+        loaded = load_backbone(model.name, model.info)
         if isinstance(loaded, str):
             skipped[model.name] = loaded
         else:

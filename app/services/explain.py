@@ -99,22 +99,23 @@ class ModelCache:
         with self._lock:
             if key not in self._runs:
                 self._runs[key] = _Loaded(USAE.from_pretrained(run_dir).eval(),
-                                          {m.name: load_backbone(m) for m in run.models})
+                                          {m.name: load_backbone(m.name, m.info) for m in run.models})
             return self._runs[key]
 
 
-def load_backbone(model: RunModel) -> object:
-    """The model's backbone as the store recorded it, or a message saying why not."""
-    name = model.info.get("registry_name")
+def load_backbone(model: str, info: dict) -> object:
+    """A run model's backbone as its store recorded it (`info`: the store's model info), or a
+    message saying why not."""
+    name = info.get("registry_name")
     if not name:
-        return (f"The store does not record which backbone produced {model.name} (its activations were imported), "
+        return (f"The store does not record which backbone produced {model} (its activations were imported), "
                 "so new images cannot be run through it.")
     try:
         from usae_core.backbones import create_backbone
 
-        return create_backbone(name, layer=model.info.get("layer")).eval()
+        return create_backbone(name, layer=info.get("layer")).eval()
     except (UsaeError, ImportError, OSError, RuntimeError) as exc:
-        log.warning("explain: backbone %s for %s unavailable: %s", name, model.name, exc)
+        log.warning("backbone %s for %s unavailable: %s", name, model, exc)
         return f"The backbone {name} could not be loaded: {exc}"
 
 
