@@ -54,6 +54,9 @@ def test_run_link_shows_the_run_read_only(web_client, holder, seeded):
     concept = holder.get(f"{path}/runs/{run.run_id}/concepts/0")
     assert "Shiny rim" in concept.text
     assert 'id="label-form"' not in concept.text and "csrf_token" not in concept.text
+    # CAM images are shown with what they are, never the controls; no panel where there are none.
+    assert 'id="cam"' in concept.text and "Make CAM images" not in concept.text and "Make one" not in concept.text
+    assert 'id="cam"' not in holder.get(f"{path}/runs/{run.run_id}/concepts/3").text
     assert holder.get(f"{path}/runs/{run.run_id}/compare").status_code == 200
     for img in re.findall(r'<img src="([^"]+)"', concept.text):
         assert img.startswith(path + "/media/"), img
