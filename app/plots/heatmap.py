@@ -52,5 +52,5 @@ def _legend(canvas: Canvas, x: float, y: float, width: float, lo: float, hi: flo
     for i in range(steps):
         colour = hex_color(blues(i / (steps - 1)))
         canvas.add(f'<rect x="{x + i * step_w:.1f}" y="{y:.1f}" width="{step_w + 0.5:.1f}" height="8" fill="{colour}"/>')
-    canvas.text(x, y + 22, f"{lo:g}", cls="tick")
-    canvas.text(x + width, y + 22, f"{hi:g}", cls="tick", anchor="end")
+    canvas.text(x, y + 22, f"{lo:.2g}", cls="tick")  # the ends are data values: -0.215014 reads as noise
+    canvas.text(x + width, y + 22, f"{hi:.2g}", cls="tick", anchor="end")
