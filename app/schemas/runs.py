@@ -57,6 +57,13 @@ class ScatterConcept(BaseModel):
     firing_entropy: float
 
 
+class LabelledConcept(BaseModel):
+    index: int
+    label: str
+    tags: list[str]
+    frequency: dict[str, float] = Field(description="Model name -> share of its tokens the concept fires on")
+
+
 class RunOverview(BaseModel):
     run: RunSummary
     r2: list[list[float | None]] = Field(description="[source][target] R² from the last mine")
@@ -70,3 +77,6 @@ class RunOverview(BaseModel):
     cofire_energy: list[ScatterConcept] = Field(description="Live concepts with the most energy")
     cofire_energy_total: int = Field(description="Live concepts in the run (the scatter may show fewer)")
     best_per_defect: list[DefectBest]
+    labelled: list[LabelledConcept] = Field(
+        description="Labelled live concepts with the most energy, with each model's firing: what each model relies on")
+    labelled_total: int = Field(description="Labelled live concepts in the run (the list may show fewer)")

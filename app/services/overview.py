@@ -1,4 +1,5 @@
-"""The run overview: R² matrix, concept kinds, entropy histogram, co-fire vs energy, defects."""
+"""The run overview: R² matrix, concept kinds, entropy histogram, co-fire vs energy, defects, and the
+labelled concepts with each model's firing (what an auditor asks: which concepts does each model rely on)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Concept, ConceptDefectIoU, Run
-from app.schemas.runs import ConceptRef, DefectBest, HistogramData, RunOverview, ScatterConcept
-from app.services.concepts import UNIVERSAL_ENTROPY
+from app.schemas.runs import ConceptRef, DefectBest, HistogramData, LabelledConcept, RunOverview, ScatterConcept
+from app.services.concepts import UNIVERSAL_ENTROPY, concept_cards
 from app.services.runs_view import effective_status, run_summary
 
 ENTROPY_BINS = 20
 SCATTER_MAX_POINTS = 1500
+LABELLED_SHOWN = 40
 
 
 def _finite_or_none(value: object) -> float | None:
@@ -46,6 +48,11 @@ def run_overview(session: Session, *, run: Run) -> RunOverview:
         cofire_energy=[ScatterConcept(index=i, label=label, energy=e, cofire=c, firing_entropy=h)
                        for i, label, e, c, h in strongest],
         cofire_energy_total=len(entropies), best_per_defect=_best_per_defect(session, run),
+        labelled=[LabelledConcept(index=c.index, label=c.label, tags=c.tags, frequency=c.frequencies())
+                  for c in concept_cards(session, run=run, concepts=list(session.scalars(
+                      select(Concept).where(live, Concept.label != "").order_by(Concept.energy.desc(), Concept.index)
+                      .limit(LABELLED_SHOWN))))],
+        labelled_total=session.scalar(select(func.count()).where(live, Concept.label != "")) or 0,
     )
 
 

@@ -152,3 +152,27 @@ def test_missing_things_are_404(client, data):
     assert client.get("/api/runs/999/concepts").json()["detail"] == "No such run."
     r = client.get("/no/such/page")
     assert r.status_code == 404 and "Not found" in r.text
+
+
+def test_overview_lists_labelled_concepts_with_each_models_firing(web_client, seeded):
+    run = seeded.run
+    assert 'id="labelled"' not in web_client.get(f"/runs/{run.run_id}").text  # nothing labelled yet
+    headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
+    first = run.only_first[0]
+    for index, label in ((run.universal[0], "Crack <edge>"), (first, "Stain")):
+        r = web_client.put(f"/api/runs/{run.run_id}/concepts/{index}/label", headers=headers,
+                           json={"label": label, "description": "", "tags": ["defect"], "version": 1})
+        assert r.status_code == 200, r.text
+    body = web_client.get(f"/api/runs/{run.run_id}").json()
+    assert body["labelled_total"] == 2
+    rows = {c["index"]: c for c in body["labelled"]}
+    assert set(rows) == {run.universal[0], first} and rows[first]["tags"] == ["defect"]
+    firing = rows[first]["frequency"]  # fires only in the first model
+    assert firing[run.models[0]] > 0 and all(firing.get(m, 0) == 0 for m in run.models[1:])
+    detail = web_client.get(f"/api/runs/{run.run_id}/concepts/{first}").json()
+    assert firing == {f["model"]: f["frequency"] for f in detail["card"]["firing"]}
+
+    panel = web_client.get(f"/runs/{run.run_id}").text.split('id="labelled"')[1]
+    assert "Crack &lt;edge&gt;" in panel and "<edge>" not in panel
+    assert f'href="/runs/{run.run_id}/concepts/{first}"' in panel
+    assert all(f"<th>{m}</th>" in panel for m in run.models)
