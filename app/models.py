@@ -398,7 +398,7 @@ class CamImage(Base):
     """A coordinated-activation-maximisation image of a concept for one model."""
 
     __tablename__ = "cam_images"
-    __table_args__ = (UniqueConstraint("concept_id", "run_model_id"),)
+    __table_args__ = (UniqueConstraint("concept_id", "run_model_id"), Index("ix_cam_images_created_at", "created_at"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"))
