@@ -78,6 +78,15 @@ def test_start_and_cancel_a_cam_job(analyst, site):
     assert "cancelled" in row.inner_text() and f"concept {site.concept}" in row.inner_text()
     screenshot(page, "jobs")
 
+    # /jobs follows a queued job by itself: cancel one through the API, the open page updates.
+    token = page.request.get(f"{site.base}/api/auth/csrf").json()["csrf_token"]
+    job = page.request.post(f"{site.base}/api/runs/{site.run_id}/concepts/{site.concept}/cam",
+                            headers={"X-CSRF-Token": token}, data={"steps": 16}).json()
+    page.goto(f"{site.base}/jobs")
+    assert "queued" in page.locator(f"tr[data-job='{job['id']}']").inner_text()
+    page.request.post(f"{site.base}/api/jobs/{job['id']}/cancel", headers={"X-CSRF-Token": token})
+    page.wait_for_selector(f"tr[data-job='{job['id']}']:has-text('cancelled')", timeout=10_000)
+
 
 def test_label_a_concept_and_see_it_in_history(analyst, site):
     page = analyst
