@@ -29,7 +29,7 @@ def cam_cmd(
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from app.services.explain import load_backbone
+    from app.services.explain import load_backbones
     from usae_core.atomic import atomic_path
     from usae_core.cam import CamConfig, coordinated_activation_maximization
     from usae_core.errors import UsaeError
@@ -52,13 +52,9 @@ def cam_cmd(
     for name in usae.names:
         check_model_name(name)  # it becomes a file name
     cfg = CamConfig(steps=steps, image_size=image_size, seed=seed, device=str(dev))
-    backbones = {}
-    for name in usae.names:
-        loaded = load_backbone(name, activations.model_info(name))
-        if isinstance(loaded, str):
-            typer.echo(f"skipping {name}: {loaded}", err=True)
-        else:
-            backbones[name] = loaded
+    backbones, skipped = load_backbones({name: activations.model_info(name) for name in usae.names})
+    for name, why in skipped.items():
+        typer.echo(f"skipping {name}: {why}", err=True)
     if not backbones:
         raise UsaeError("no model of this run has a backbone to optimise images for")
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import CamImage, Job, RunModel
 from app.services.concepts import get_concept
-from app.services.explain import load_backbone
+from app.services.explain import load_backbones
 from app.services.jobs import JobCancelled, finish_job
 from app.services.runs_view import get_run
 from app.settings import Settings
@@ -70,13 +70,8 @@ def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, p
     progress(0.0, "Loading the USAE and the backbones.")
     device = resolve_device(settings.device)
     usae = USAE.from_pretrained(run_dir).eval().to(device)
-    backbones, skipped = {}, {}
-    for model in models:
-        loaded = load_backbone(model.name, model.info)
-        if isinstance(loaded, str):
-            skipped[model.name] = loaded
-        else:
-            backbones[model.name] = loaded.to(device)
+    backbones, skipped = load_backbones({m.name: m.info for m in models})
+    backbones = {name: backbone.to(device) for name, backbone in backbones.items()}
     if not backbones:
         raise UsaeError("no model of this run has a backbone to optimise images for: " + " ".join(skipped.values()))
 
@@ -112,10 +107,9 @@ def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, p
         concept = get_concept(session, run_id=run_id, index=index)
         if concept is None:
             raise UsaeError(f"concept {index} was removed while its images were made")
-        replaced = list(session.scalars(select(CamImage.file_path).where(
-            CamImage.concept_id == concept.id, CamImage.run_model_id.in_([model_ids[n] for n in written]))))
-        session.execute(delete(CamImage).where(CamImage.concept_id == concept.id,
-                                               CamImage.run_model_id.in_([model_ids[n] for n in written])))
+        these = (CamImage.concept_id == concept.id, CamImage.run_model_id.in_([model_ids[n] for n in written]))
+        replaced = list(session.scalars(select(CamImage.file_path).where(*these)))
+        session.execute(delete(CamImage).where(*these))
         session.add_all(CamImage(concept_id=concept.id, run_model_id=model_ids[name], file_path=path, job_id=job.id,
                                  params={**request.model_dump(), **activations[name]})
                         for name, path in written.items())

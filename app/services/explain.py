@@ -119,6 +119,18 @@ def load_backbone(model: str, info: dict) -> object:
         return f"The backbone {name} could not be loaded: {exc}"
 
 
+def load_backbones(models: dict[str, dict]) -> tuple[dict[str, object], dict[str, str]]:
+    """`{model: store info}` -> (the backbones that load, {model: why not} for the others)."""
+    loaded, missing = {}, {}
+    for name, info in models.items():
+        backbone = load_backbone(name, info)
+        if isinstance(backbone, str):
+            missing[name] = backbone
+        else:
+            loaded[name] = backbone
+    return loaded, missing
+
+
 @torch.no_grad()
 def _token_codes(usae: USAE, backbone, model: RunModel, image: Image.Image) -> torch.Tensor:
     """Dense concept codes `[grid_h * grid_w, n_concepts]` of the image's tokens in one model."""

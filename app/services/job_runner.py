@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_factory
 from app.models import Job
-from app.services.jobs import HEARTBEAT_S, JobCancelled, claim_job, fail_job, report_progress
+from app.services.jobs import HEARTBEAT_S, JobCancelled, claim_job, fail_job, report_progress, touch_job
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,9 @@ def _throttled_progress(sessions: sessionmaker[Session], job_id: int, every_s: f
 
 
 def _heartbeat(sessions: sessionmaker[Session], job_id: int, stop: threading.Event) -> None:
-    from sqlalchemy import update
-
-    from app.models import utcnow
-
     while not stop.wait(HEARTBEAT_S):
         try:
             with sessions.begin() as session:
-                session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(updated_at=utcnow()))
+                touch_job(session, job_id)
         except Exception:  # noqa: BLE001 - a missed beat is retried; the job itself goes on
             log.warning("job %s: heartbeat failed", job_id, exc_info=True)

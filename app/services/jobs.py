@@ -55,6 +55,11 @@ def report_progress(session: Session, job_id: int, fraction: float, message: str
         raise JobCancelled()
 
 
+def touch_job(session: Session, job_id: int) -> bool:
+    """A running job's heartbeat (see `fail_interrupted_jobs`)."""
+    return _transition(session, job_id, ("running",))
+
+
 def finish_job(session: Session, job_id: int, result: dict[str, Any], message: str) -> bool:
     return _transition(session, job_id, ("running",), status="done", progress=1.0, message=message,
                        result=result, finished_at=utcnow())

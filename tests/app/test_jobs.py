@@ -208,7 +208,7 @@ def _fake_cam(monkeypatch, on_run=None) -> None:
                                 final_activation=1.0) for name in backbones}
 
     monkeypatch.setattr(USAE, "from_pretrained", classmethod(lambda cls, run_dir: _Loaded()))
-    monkeypatch.setattr(cam_service, "load_backbone", lambda name, info: _Loaded())
+    monkeypatch.setattr(cam_service, "load_backbones", lambda models: ({n: _Loaded() for n in models}, {}))
     monkeypatch.setattr(usae_core.cam, "coordinated_activation_maximization", optimise)
 
 
