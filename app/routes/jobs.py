@@ -12,7 +12,7 @@ from app.deps import AnalystViewer, SessionDep, SettingsDep, get_run_or_404
 from app.jobs import enqueue_job, worker_alive
 from app.models import Job
 from app.schemas.jobs import JobOut
-from app.services.cam import KIND as CAM, CamRequest
+from app.services.cam import KIND as CAM, CamRequest, cam_unavailable
 from app.services.concepts import get_concept
 from app.services.jobs import cancel_job, create_job, latest_job, list_jobs
 from app.settings import Settings
@@ -25,6 +25,9 @@ def _start_cam(session: Session, settings: Settings, viewer: Viewer, run_id: int
     run = get_run_or_404(session, viewer, run_id)
     if get_concept(session, run_id=run.id, index=index) is None:
         raise HTTPException(404, f"Run {run.name} has no concept {index}.")
+    unavailable = cam_unavailable(list(run.models))
+    if unavailable:
+        raise HTTPException(422, unavailable)
     active = latest_job(session, kind=CAM, run_id=run.id, concept_index=index)
     if active is not None and active.status in ("queued", "running"):
         raise HTTPException(409, f"CAM images for concept {index} are already being made (job {active.id}).")
@@ -64,6 +67,7 @@ def analyst_pages() -> APIRouter:
         run = get_run_or_404(session, viewer, run_id)
         job = latest_job(session, kind=CAM, run_id=run.id, concept_index=index)
         response = render(request, viewer, "concepts/_cam_panel.html", run_id=run.id, index=index, job=job,
+                          unavailable=cam_unavailable(list(run.models)),
                           worker_missing=job is not None and job.status == "queued" and not worker_alive(settings),
                           data_dir=settings.data_dir)
         if polling and job is not None and job.status == "done":
@@ -94,7 +98,8 @@ def analyst_api() -> APIRouter:
 
     @router.post("/runs/{run_id}/concepts/{index}/cam", response_model=JobOut, status_code=202,
                  summary="Make CAM images of a concept",
-                 responses={409: {"description": "A CAM job for this concept is already queued or running"}})
+                 responses={409: {"description": "A CAM job for this concept is already queued or running"},
+                            422: {"description": "No model of the run records its backbone (imported activations)"}})
     def start_cam_api(run_id: int, index: int, cam: CamRequest, session: SessionDep, settings: SettingsDep,
                       viewer: AnalystViewer) -> Job:
         """Queue a job that optimises one image per model for the concept (coordinated activation

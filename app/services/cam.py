@@ -42,6 +42,17 @@ class CamRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Same seed, same images")
 
 
+def cam_unavailable(models: list[RunModel]) -> str | None:
+    """Why no CAM image can be made for a run, or None. Only the recorded backbone names are
+    read here (loading the networks takes seconds, so a backbone that fails to load is found
+    by the job, which skips it and says so)."""
+    if any(m.info.get("registry_name") for m in models):
+        return None
+    return ("CAM images need the networks themselves, and none of this run's models records the backbone "
+            "that produced its activations (they were imported). Extract the activations with `usae extract` "
+            "to make CAM images.")
+
+
 def cam_dir(run_id: int, concept_index: int) -> str:
     """Where a concept's CAM images live, relative to the media directory."""
     return f"cam/run-{run_id}/concept-{concept_index}"

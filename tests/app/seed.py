@@ -172,7 +172,7 @@ def seed_run(session: Session, media_dir: Path, *, name: str = "demo-run", n_con
               config={}, metrics={"r2": r2, "r2_self": 0.9, "r2_cross": float(np.mean([r2[i][j] for i in range(m) for j in range(m) if i != j])),
                                   "tau": 0.1, "l0": [8.0] * m, "dead_fraction": 2 / n_concepts, "n_tokens": n_tokens},
               status="mined", created_at=now, mined_at=now)
-    run.models = [RunModel(position=i, name=n, family=f, dim=d, grid_h=4, grid_w=4, info={"family": f})
+    run.models = [RunModel(position=i, name=n, family=f, dim=d, grid_h=4, grid_w=4, info={"family": f, "registry_name": f"seeded:{n}"})
                   for i, (n, f, d) in enumerate(MODEL_SPECS)]
     session.add(run)
     session.flush()

@@ -124,6 +124,23 @@ def test_starting_cam_jobs_needs_an_analyst_and_queues_once(web_client, seeded):
     assert page.status_code == 303 and "/login" in page.headers["location"]
 
 
+def test_cam_is_refused_upfront_for_a_run_of_imported_activations(web_client, seeded):
+    """Without a recorded backbone there is no network to optimise for: say so before queueing."""
+    run_id = seeded.run.run_id
+    with session_factory(seeded.settings.db_url)() as session:
+        for model in session.get(Run, run_id).models:
+            model.info = {"family": model.family}  # what `usae import-activations` records
+        session.commit()
+    panel = web_client.get(f"/runs/{run_id}/concepts/3/cam").text
+    assert "records the backbone" in panel and "Make CAM images" not in panel and "<form" not in panel
+    r = web_client.post(f"/api/runs/{run_id}/concepts/3/cam", json={"steps": 16}, headers=_api_headers(web_client))
+    assert r.status_code == 422 and "imported" in r.json()["detail"]
+    r = web_client.post(f"/runs/{run_id}/concepts/3/cam", data={"csrf_token": csrf_from(web_client.get(
+        f"/runs/{run_id}/concepts/3").text), "steps": "64"}, follow_redirects=False)
+    assert r.status_code == 422
+    assert web_client.get("/api/jobs").json() == [] and job_queue(seeded.settings).huey.pending_count() == 0
+
+
 @pytest.mark.slow
 def test_a_worker_makes_cam_images_for_every_model_with_a_backbone(web_client, seeded, tmp_path):
     """mobilenet_v2 (real weights) plus a model whose activations were imported (no backbone):

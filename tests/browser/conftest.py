@@ -41,6 +41,21 @@ class Site:
     data_dir: Path
 
 
+def record_backbone(site: Site, model: str) -> None:
+    """Mark one model of the site's run as extracted by a backbone (the planted store was
+    imported), as `usae extract` records it; no worker runs here, so it is never loaded."""
+    from app.db import session_factory
+    from app.models import Run
+    from app.settings import Settings
+
+    db_url = Settings(data_dir=site.data_dir, secret_key="browser-test-secret", database_url=None).db_url
+    with session_factory(db_url)() as session:
+        for run_model in session.get(Run, site.run_id).models:
+            if run_model.name == model:
+                run_model.info = {**run_model.info, "registry_name": "torchvision:mobilenet_v2"}
+        session.commit()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

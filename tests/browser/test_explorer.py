@@ -8,7 +8,7 @@ from urllib.parse import urljoin, urlparse
 
 import pytest
 
-from tests.browser.conftest import LAPTOP, images_all_loaded, screenshot, sign_in
+from tests.browser.conftest import LAPTOP, images_all_loaded, record_backbone, screenshot, sign_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -61,10 +61,15 @@ def test_concept_page_shows_every_models_images(analyst, site):
 
 
 def test_start_and_cancel_a_cam_job(analyst, site):
-    """The CAM panel: start a job, watch it wait for a worker (none runs here), cancel it."""
+    """The CAM panel: refused while no model records its backbone; then start a job, watch it
+    wait for a worker (none runs here), cancel it."""
     page = analyst
     page.goto(f"{site.base}/runs/{site.run_id}/concepts/{site.concept}")
     panel = page.locator("#cam-panel")  # loaded by htmx after the page
+    page.wait_for_selector("#cam-unavailable")  # the planted store was imported: no network to optimise
+    assert panel.locator("button").count() == 0 and "usae extract" in panel.inner_text()
+    record_backbone(site, site.models[0])
+    page.reload()
     panel.locator("select[name=steps]").select_option("64")
     panel.locator("button:has-text('Make CAM images')").click()
     page.wait_for_selector("#cam-panel progress")
