@@ -13,6 +13,7 @@ from app.deps import AnalystViewer, SessionDep, get_run_or_404
 from app.models import Concept, Run
 from app.schemas.concepts import ConceptDetail, ConceptFilters, ConceptPage
 from app.schemas.labels import LabelConflictBody, LabelEdit, LabelState
+from app.services.cam import cam_unavailable
 from app.services.concepts import browse_concepts, browse_page, concept_detail, get_concept
 from app.services.labels import LabelConflict, parse_tags, update_label
 from app.templating import render
@@ -83,7 +84,8 @@ def pages(viewer_dep: Any) -> APIRouter:
         def render_page() -> HTMLResponse:
             run, concept = _run_and_concept(session, viewer, run_id, index)
             detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
-            return render(request, viewer, "concepts/page.html", nav="runs", detail=detail, draft=None, notice=None)
+            return render(request, viewer, "concepts/page.html", nav="runs", detail=detail, draft=None, notice=None,
+                          cam_unavailable=cam_unavailable(list(run.models)))
 
         return request.app.state.page_cache.respond(request, session, viewer, run_id, render_page)
 
@@ -110,7 +112,8 @@ def analyst_pages() -> APIRouter:
         # htmx only swaps 2xx responses, so its partial comes back as 200 with the notice in it.
         return render(request, viewer, "concepts/_label_panel.html" if is_htmx else "concepts/page.html",
                       status_code=200 if is_htmx else status, nav="runs", detail=detail,
-                      draft=None if status == 200 else draft, notice=notice)
+                      draft=None if status == 200 else draft, notice=notice,
+                      cam_unavailable=cam_unavailable(list(run.models)))
 
     return router
 

@@ -68,6 +68,8 @@ def test_start_and_cancel_a_cam_job(analyst, site):
     panel = page.locator("#cam-panel")  # loaded by htmx after the page
     page.wait_for_selector("#cam-unavailable")  # the planted store was imported: no network to optimise
     assert panel.locator("button").count() == 0 and "usae extract" in panel.inner_text()
+    assert "Make one" not in page.locator(".cam-slot").first.inner_text()
+    screenshot(page, "concept-cam-unavailable")
     record_backbone(site, site.models[0])
     page.reload()
     panel.locator("select[name=steps]").select_option("64")
