@@ -361,10 +361,12 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     indices = [i for s in spans for i in range(s.start, s.stop)]
     image_ids = writer.image_ids
     if num_workers is None:
-        # On a GPU decoding must keep up with the backbones; on a small CPU the backbones need
-        # every core, and decoding in the main process costs less than feeding a worker.
+        # On a GPU 8 workers decode ~6,000 images/s, enough for the backbones, and leave cores to
+        # the main thread and the writers (16 were slower on the H200, docs/benchmarks.md); on a
+        # small CPU the backbones need every core, and decoding in the main process costs less
+        # than feeding a worker.
         cores = os.cpu_count() or 1
-        num_workers = min(16, cores) if cuda else (0 if cores <= 4 else 2)
+        num_workers = min(8, cores) if cuda else (0 if cores <= 4 else 2)
     loader = DataLoader(_SquareViews(source, image_ids, indices, views), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)

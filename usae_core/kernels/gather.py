@@ -254,7 +254,12 @@ if HAVE_TRITON:
         tl.store(part_ptr + part + 1, sq)
 
 
-_BLOCK_D = 128
+# (rows, columns, warps) per program of the token-major kernels. The loss and residual tiles come
+# from a sweep on the H200 (docs/benchmarks.md, 2026-12-03: 16 x 128 on 4 warps beat 32 x 128 on
+# 8 by 4% and 16%); the plain decode was not swept.
+_DECODE_ROWS = (32, 128, 8)
+_LOSS_ROWS = (16, 128, 4)
+_RESIDUAL_ROWS = (16, 128, 4)
 
 
 def _gather_decode_triton(indices, weights, table, out_dtype):
@@ -262,10 +267,10 @@ def _gather_decode_triton(indices, weights, table, out_dtype):
     n, k = indices.shape
     d = table.shape[1]
     out = torch.empty(n, d, dtype=out_dtype, device=table.device)
-    block_b = 32
-    grid = (triton.cdiv(n, block_b), triton.cdiv(d, _BLOCK_D))
+    block_b, block_d, warps = _DECODE_ROWS
+    grid = (triton.cdiv(n, block_b), triton.cdiv(d, block_d))
     _gather_decode_kernel[grid](indices, weights, table, out, n, d, table.stride(0), out.stride(0),
-                                K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, num_warps=8)
+                                K=k, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
     return out
 
 
@@ -273,30 +278,33 @@ def _residual_sq_triton(indices, weights, table, target):
     indices, weights, table, target = indices.contiguous(), weights.contiguous(), table.contiguous(), target.contiguous()
     n, k = indices.shape
     out = torch.empty(n, dtype=torch.float32, device=table.device)
-    block_b = 32
+    block_b, block_d, warps = _RESIDUAL_ROWS
     _residual_sq_kernel[(triton.cdiv(n, block_b),)](indices, weights, table, target, out, n, table.shape[1],
                                                    table.stride(0), target.stride(0),
-                                                   K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, num_warps=8)
+                                                   K=k, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
     return out
 
 
-# (columns per program, entries per loop iteration) of a work item, from a sweep on the H200
-# (docs/benchmarks.md): the decode backward also gathers dictionary rows and adds to g_w.
-_DECODE_TILE = (128, 16)
-_SUM_TILE = (512, 8)
+# (columns per program, entries per loop iteration, warps) of a work item, from sweeps on the
+# H200 (docs/benchmarks.md): the decode backward also gathers dictionary rows and adds to g_w;
+# the plain sum's best tile depends on the row width (2026-12-03: 10-15% over (512, 8, 4)).
+_DECODE_TILE = (128, 16, 4)
+_SUM_TILE_WIDE = (256, 8, 2)
+"""Rows of 512 columns or more."""
+_SUM_TILE_NARROW = (128, 32, 4)
 
 
 def _concept_items(order: ConceptOrder, weights, rows, out, k, table=None, g_w=None) -> None:
     n_concepts, d = len(order.starts) - 1, rows.shape[1]
     dot = table is not None
-    tile_d, block_e = _DECODE_TILE if dot else _SUM_TILE
+    tile_d, block_e, warps = _DECODE_TILE if dot else _SUM_TILE_WIDE if d >= 512 else _SUM_TILE_NARROW
     block_d = min(tile_d, max(16, triton.next_power_of_2(d)))
     grid = (max(1, order.max_items()), triton.cdiv(d, block_d))
     _concept_item_kernel[grid](
         order.items, order.starts, order.slots, weights, rows, table if dot else rows, out, g_w if dot else out,
         n_concepts, d, rows.stride(0), table.stride(0) if dot else 0, out.stride(0),
         K=k, ITEM=_ITEM, SEARCH=max(1, n_concepts.bit_length()), BLOCK_E=block_e, BLOCK_D=block_d, DOT=dot,
-        num_warps=4,
+        num_warps=warps,
     )
 
 
@@ -318,12 +326,12 @@ def _decode_loss_triton(indices, weights, table, bias, target, kind):
     d = table.shape[1]
     l1 = kind == "l1"
     grad = torch.empty(n, d, dtype=torch.int8 if l1 else table.dtype, device=table.device)
-    block_b = 32
-    grid = (triton.cdiv(n, block_b), triton.cdiv(d, _BLOCK_D))
+    block_b, block_d, warps = _LOSS_ROWS
+    grid = (triton.cdiv(n, block_b), triton.cdiv(d, block_d))
     parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=table.device)
     colsums = torch.empty(grid[0], d, dtype=torch.float32, device=table.device)
     _decode_loss_kernel[grid](indices, weights, table, bias.contiguous(), target, grad, parts, colsums, n, d,
                               table.stride(0), target.stride(0), grad.stride(0),
-                              K=k, BLOCK_B=block_b, BLOCK_D=_BLOCK_D, L1=l1, num_warps=8)
+                              K=k, BLOCK_B=block_b, BLOCK_D=block_d, L1=l1, num_warps=warps)
     loss, sse = parts.sum(0)
     return loss, sse, grad, colsums.sum(0)
