@@ -63,12 +63,19 @@ class ExtractTimings:
     """Device time of the forward passes and grid resampling (CUDA events on a GPU)."""
     waiting_for_writes: float = 0.0
     """The loop blocked on a free shard buffer, and on the last writes at the end."""
+    setup: float = 0.0
+    """Before the loop: listing the folder, opening the store, moving the models, the loader."""
+    stopping_loader: float = 0.0
+    """After the loop: shutting the image loader's worker processes down."""
+    finalizing: float = 0.0
+    """After the loop: finalising the store (dropping failed images) and reopening it."""
 
     def summary(self) -> str:
         rate = self.images / self.loop if self.loop > 0 else 0.0
         return (f"{self.images:,} images in {self.loop:.1f} s ({rate:,.0f} images/s): backbones {self.backbones:.1f} s, "
                 f"first batch {self.first_batch:.1f} s, waiting for images {self.waiting_for_images:.1f} s, "
-                f"waiting for writes {self.waiting_for_writes:.1f} s")
+                f"waiting for writes {self.waiting_for_writes:.1f} s; around the loop: setup {self.setup:.1f} s, "
+                f"stopping the loader {self.stopping_loader:.1f} s, finalising {self.finalizing:.1f} s")
 
 
 def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -291,6 +298,8 @@ def extract_store(
     store, listed in `meta["skipped_images"]` and named in one warning. `timings`, when given,
     is filled in with where this rank's extraction loop spent its time.
     """
+    called = time.perf_counter()
+    timings = timings if timings is not None else ExtractTimings()
     if batch_size < 1:
         raise UsaeError(f"--batch-size must be >= 1, got {batch_size}")
     if not backbones:
@@ -324,9 +333,10 @@ def extract_store(
     mine = [s for s in mine if s.n_images]
     if mine:
         _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=_resolve_device(device),
-             num_workers=num_workers, progress=progress and rank == 0, compile=compile,
-             timings=timings if timings is not None else ExtractTimings())
+             num_workers=num_workers, progress=progress and rank == 0, compile=compile, timings=timings,
+             called=called)
     _barrier(world_size)
+    finishing = time.perf_counter()
     if world_size > 1:
         _stage_compaction_on_every_rank(writer, rank, world_size)
     if rank == 0:
@@ -334,7 +344,9 @@ def extract_store(
         warn_skipped(source.root, {i: why for i, why in store.meta.get("skipped_images", {}).items()
                                    if i not in source.skipped})  # a checked source named its own
     _barrier(world_size)
-    return ActivationStore.open(out)
+    store = ActivationStore.open(out)
+    timings.finalizing = time.perf_counter() - finishing
+    return store
 
 
 def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: int) -> None:
@@ -354,7 +366,7 @@ def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: 
 
 def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, spans: list[ShardSpan], *,
          grid: tuple[int, int], batch_size: int, device: torch.device, num_workers: int | None, progress: bool,
-         compile: bool, timings: ExtractTimings) -> None:
+         compile: bool, timings: ExtractTimings, called: float) -> None:
     cuda = device.type == "cuda"
     views: list[View] = sorted({(m.input_size, m.interpolation) for m in models})
     view_of = {m.store_name: views.index((m.input_size, m.interpolation)) for m in models}
@@ -379,6 +391,7 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
     clock = _DeviceClock(device)
     started = time.perf_counter()
+    timings.setup = started - called
     batches = iter(loader)
     try:
         while True:
@@ -413,6 +426,8 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     timings.loop = time.perf_counter() - started
     timings.backbones = clock.seconds()
     timings.waiting_for_writes = assembler.waited
+    del batches  # shuts the loader's workers down now, so the time is counted here
+    timings.stopping_loader = time.perf_counter() - started - timings.loop
 
 
 class _DeviceClock:

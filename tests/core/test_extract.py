@@ -114,16 +114,22 @@ def test_timings_account_for_the_loop(folder, mobilenet, tmp_path):
     """The stage timings add up: a backbone made 50 ms slower per batch shows as backbone time."""
     hook = mobilenet.register_forward_hook(lambda *_: time.sleep(0.05))
     timings = ExtractTimings()
+    started = time.perf_counter()
     try:
         store = extract_store(folder, [mobilenet], tmp_path / "store", batch_size=2, shard_images=2, num_workers=0,
                               progress=False, timings=timings)
     finally:
         hook.remove()
+    wall = time.perf_counter() - started
     assert timings.images == 8 and store.n_images == 6  # two unreadable files were decoded, then dropped
     assert timings.backbones >= 4 * 0.05  # 4 batches of 2
     parts = timings.first_batch + timings.waiting_for_images + timings.backbones + timings.waiting_for_writes
     assert 0 < timings.first_batch and parts <= timings.loop + 1e-3
     assert "8 images in" in timings.summary() and "backbones" in timings.summary()
+    # Around the loop: the compaction that drops the two failed images counts as finalising.
+    assert timings.setup > 0 and timings.finalizing > 0 and timings.stopping_loader >= 0
+    assert timings.setup + timings.loop + timings.stopping_loader + timings.finalizing <= wall
+    assert "finalising" in timings.summary()
 
 
 def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet, tmp_path):
