@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -379,7 +379,10 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
         # than feeding a worker.
         cores = os.cpu_count() or 1
         num_workers = min(8, cores) if cuda else (0 if cores <= 4 else 2)
-    loader = DataLoader(_SquareViews(source, image_ids, indices, views), batch_size=batch_size,
+    # Workers decode quarter batches, joined on the device: the first batch then takes four
+    # workers a quarter of the time, instead of one worker a whole batch (~0.5 s at 256 images).
+    chunk = -(-batch_size // 4) if num_workers > 1 else batch_size
+    loader = DataLoader(_SquareViews(source, image_ids, indices, views), batch_size=chunk,
                         num_workers=num_workers, pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
     for m in models:
@@ -392,7 +395,7 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     clock = _DeviceClock(device)
     started = time.perf_counter()
     timings.setup = started - called
-    batches = iter(loader)
+    batches = _joined_batches(loader, device, batch_size)
     try:
         while True:
             waiting = time.perf_counter()
@@ -403,10 +406,9 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
                 timings.waiting_for_images += time.perf_counter() - waiting
             else:
                 timings.first_batch = time.perf_counter() - started
-            image_indices, batch_views, failures = batch
+            image_indices, on_device, failures = batch
             n = len(image_indices)
-            failed = [(i, image_ids[i], why) for i, why in zip(image_indices.tolist(), failures) if why]
-            on_device = [v.to(device, non_blocking=True) for v in batch_views]
+            failed = [(i, image_ids[i], why) for i, why in zip(image_indices, failures) if why]
             if compile and n < batch_size:  # keep one batch shape so compiled graphs are reused
                 on_device = [torch.cat([v, v[-1:].expand(batch_size - n, *v.shape[1:])]) for v in on_device]
             outputs = {}
@@ -417,17 +419,47 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
                 if failed:  # zero rows until finalize drops them
                     bad = torch.tensor([bool(why) for why in failures], device=device)[:, None, None]
                     outputs = {name: out.masked_fill(bad, 0) for name, out in outputs.items()}
-            assembler.add(image_indices.tolist(), outputs, failed)
+            assembler.add(image_indices, outputs, failed)
             timings.images += n
             bar.update(n)
     finally:
         bar.close()
-        assembler.close()
-    timings.loop = time.perf_counter() - started
+        try:
+            assembler.close()
+        finally:
+            loop_end = time.perf_counter()
+            batches.close()  # the loader's workers stop now, on errors too, and the time is counted apart
+    timings.loop = loop_end - started
+    timings.stopping_loader = time.perf_counter() - loop_end
     timings.backbones = clock.seconds()
     timings.waiting_for_writes = assembler.waited
-    del batches  # shuts the loader's workers down now, so the time is counted here
-    timings.stopping_loader = time.perf_counter() - started - timings.loop
+
+
+def _joined_batches(loader: DataLoader, device: torch.device, batch_size: int
+                    ) -> Iterator[tuple[list[int], list[torch.Tensor], list[str]]]:
+    """The loader's chunks moved to the device (asynchronously from pinned memory) and joined
+    into batches of at most `batch_size` consecutive images: (image indices, views, failures)."""
+    parts: list[tuple[list[int], list[torch.Tensor], list[str]]] = []
+    count = 0
+    chunks = iter(loader)
+    try:
+        for indices, views, failures in chunks:
+            parts.append((indices.tolist(), [v.to(device, non_blocking=True) for v in views], list(failures)))
+            count += len(indices)
+            if count + loader.batch_size > batch_size:  # the next chunk would not fit
+                yield _join(parts)
+                parts, count = [], 0
+        if parts:
+            yield _join(parts)
+    finally:
+        del chunks  # the workers stop as soon as the consumer does
+
+
+def _join(parts: list[tuple[list[int], list[torch.Tensor], list[str]]]) -> tuple[list[int], list[torch.Tensor], list[str]]:
+    if len(parts) == 1:
+        return parts[0]
+    views = [torch.cat([p[1][v] for p in parts]) for v in range(len(parts[0][1]))]
+    return [i for p in parts for i in p[0]], views, [f for p in parts for f in p[2]]
 
 
 class _DeviceClock:

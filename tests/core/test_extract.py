@@ -87,8 +87,10 @@ def test_resampling_matches_pil_bilinear():
 def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobilenet, tmp_path, caplog):
     dino = tiny_dinov2()
     with caplog.at_level(logging.WARNING):
-        store = extract_store(folder, [mobilenet, dino], tmp_path / "store", batch_size=3, shard_images=2,
-                              num_workers=1, progress=False, dtype="float32")  # decoding in a worker process
+        # Two worker processes decode chunks of 2 images, joined into batches of 4 that span
+        # shards and carry the corrupt files' zero rows.
+        store = extract_store(folder, [mobilenet, dino], tmp_path / "store", batch_size=5, shard_images=2,
+                              num_workers=2, progress=False, dtype="float32")
     assert "corrupt.jpg" in caplog.text and "truncated.png" in caplog.text
     assert set(store.meta["skipped_images"]) == {"corrupt.jpg", "truncated.png"}
     assert store.image_ids == sorted(n for pair in TWINS for n in pair)
@@ -264,3 +266,17 @@ def test_demo_extract_train_eval_round_trip(tmp_path):
     assert result.models == list(store.dims) and np.isfinite(result.r2).all()
     # Each model is reconstructed from its own code and from the others' (about 0.49 / 0.35 here).
     assert result.r2_self > 0.3 and result.r2_cross > 0.2, result.r2
+
+
+def test_loader_chunks_are_joined_into_whole_batches_in_order():
+    """Chunks of 2 images join into batches of at most 5 (so 4), views and failures aligned."""
+    from torch.utils.data import DataLoader
+
+    from usae_core.extract import _joined_batches
+
+    items = [(i, [torch.full((3, 2, 2), i, dtype=torch.uint8)], "bad" if i == 6 else "") for i in range(11)]
+    batches = list(_joined_batches(DataLoader(items, batch_size=2), torch.device("cpu"), 5))
+    assert [b[0] for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    for indices, views, failures in batches:
+        assert views[0][:, 0, 0, 0].tolist() == indices
+        assert failures == ["bad" if i == 6 else "" for i in indices]
