@@ -120,3 +120,24 @@ def test_empty_or_missing_folders_are_clear_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"xx")
     with pytest.raises(UsaeError, match="no readable images"):
         FolderSource(tmp_path)
+
+
+def test_listing_matches_rglob_and_survives_a_link_cycle(tmp_path):
+    """The fast listing gives what `Path.rglob` + `is_file` gave (the reference): linked files
+    in, linked folders not entered, so a link back up the tree cannot trap it."""
+    from usae_core.images import IMAGE_EXTENSIONS, list_image_files
+
+    root = tmp_path / "images"
+    for rel in ("a/b/x.JPG", "a/y.png", "a/.hidden.png", "a/notes.txt", "top.webp", ".git/z.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "linked").symlink_to(root / "a", target_is_directory=True)
+    (root / "broken.png").symlink_to(tmp_path / "missing.png")
+    (root / "alias.png").symlink_to(root / "a" / "y.png")
+    want = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
+    got = list_image_files(root, root)
+    assert got == want and "alias.png" in got and ".git/z.png" in got and "a/b/x.JPG" in got
+    assert "broken.png" not in got and not any(i.startswith("linked/") for i in got)
+    (root / "a" / "b" / "up").symlink_to(root / "a", target_is_directory=True)  # a cycle
+    assert list_image_files(root, root) == got
