@@ -381,7 +381,8 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
         num_workers = min(8, cores) if cuda else (0 if cores <= 4 else 2)
     # Workers decode quarter batches, joined on the device: the first batch then takes four
     # workers a quarter of the time, instead of one worker a whole batch (~0.5 s at 256 images).
-    chunk = -(-batch_size // 4) if num_workers > 1 else batch_size
+    # Only exact quarters: joined batches stay whole, so compiled graphs see one shape unpadded.
+    chunk = batch_size // 4 if num_workers > 1 and batch_size % 4 == 0 else batch_size
     loader = DataLoader(_SquareViews(source, image_ids, indices, views), batch_size=chunk,
                         num_workers=num_workers, pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)

@@ -87,9 +87,9 @@ def test_resampling_matches_pil_bilinear():
 def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobilenet, tmp_path, caplog):
     dino = tiny_dinov2()
     with caplog.at_level(logging.WARNING):
-        # Two worker processes decode chunks of 2 images, joined into batches of 4 that span
+        # Two worker processes decode chunks of 2 images, joined into batches of 8 that span
         # shards and carry the corrupt files' zero rows.
-        store = extract_store(folder, [mobilenet, dino], tmp_path / "store", batch_size=5, shard_images=2,
+        store = extract_store(folder, [mobilenet, dino], tmp_path / "store", batch_size=8, shard_images=2,
                               num_workers=2, progress=False, dtype="float32")
     assert "corrupt.jpg" in caplog.text and "truncated.png" in caplog.text
     assert set(store.meta["skipped_images"]) == {"corrupt.jpg", "truncated.png"}
