@@ -85,7 +85,7 @@ def pages(viewer_dep: Any) -> APIRouter:
             run, concept = _run_and_concept(session, viewer, run_id, index)
             detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
             return render(request, viewer, "concepts/page.html", nav="runs", detail=detail, draft=None, notice=None,
-                          cam_unavailable=cam_unavailable(list(run.models)))
+                          cam_unavailable=cam_unavailable(run.models))
 
         return request.app.state.page_cache.respond(request, session, viewer, run_id, render_page)
 
@@ -113,7 +113,7 @@ def analyst_pages() -> APIRouter:
         return render(request, viewer, "concepts/_label_panel.html" if is_htmx else "concepts/page.html",
                       status_code=200 if is_htmx else status, nav="runs", detail=detail,
                       draft=None if status == 200 else draft, notice=notice,
-                      cam_unavailable=cam_unavailable(list(run.models)))
+                      cam_unavailable=cam_unavailable(run.models))
 
     return router
 

@@ -25,7 +25,7 @@ def _start_cam(session: Session, settings: Settings, viewer: Viewer, run_id: int
     run = get_run_or_404(session, viewer, run_id)
     if get_concept(session, run_id=run.id, index=index) is None:
         raise HTTPException(404, f"Run {run.name} has no concept {index}.")
-    unavailable = cam_unavailable(list(run.models))
+    unavailable = cam_unavailable(run.models)
     if unavailable:
         raise HTTPException(422, unavailable)
     active = latest_job(session, kind=CAM, run_id=run.id, concept_index=index)
@@ -67,7 +67,7 @@ def analyst_pages() -> APIRouter:
         run = get_run_or_404(session, viewer, run_id)
         job = latest_job(session, kind=CAM, run_id=run.id, concept_index=index)
         response = render(request, viewer, "concepts/_cam_panel.html", run_id=run.id, index=index, job=job,
-                          unavailable=cam_unavailable(list(run.models)),
+                          unavailable=cam_unavailable(run.models),
                           worker_missing=job is not None and job.status == "queued" and not worker_alive(settings),
                           data_dir=settings.data_dir)
         if polling and job is not None and job.status == "done":

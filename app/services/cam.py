@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
@@ -42,7 +43,7 @@ class CamRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Same seed, same images")
 
 
-def cam_unavailable(models: list[RunModel]) -> str | None:
+def cam_unavailable(models: Iterable[RunModel]) -> str | None:
     """Why no CAM image can be made for a run, or None. Only the recorded backbone names are
     read here (loading the networks takes seconds, so a backbone that fails to load is found
     by the job, which skips it and says so)."""

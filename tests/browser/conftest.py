@@ -39,6 +39,7 @@ class Site:
     n_concepts: int
     models: list[str]
     data_dir: Path
+    db_url: str
 
 
 def record_backbone(site: Site, model: str) -> None:
@@ -46,10 +47,8 @@ def record_backbone(site: Site, model: str) -> None:
     imported), as `usae extract` records it; no worker runs here, so it is never loaded."""
     from app.db import session_factory
     from app.models import Run
-    from app.settings import Settings
 
-    db_url = Settings(data_dir=site.data_dir, secret_key="browser-test-secret", database_url=None).db_url
-    with session_factory(db_url)() as session:
+    with session_factory(site.db_url)() as session:
         for run_model in session.get(Run, site.run_id).models:
             if run_model.name == model:
                 run_model.info = {**run_model.info, "registry_name": "torchvision:mobilenet_v2"}
@@ -99,7 +98,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
         time.sleep(0.05)
     try:
         yield Site(f"http://127.0.0.1:{port}", outcome.run_id, planted.concept, outcome.n_concepts,
-                   list(planted.model.names), settings.data_dir)
+                   list(planted.model.names), settings.data_dir, settings.db_url)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
