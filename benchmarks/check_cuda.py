@@ -80,7 +80,7 @@ def kernels(dev: torch.device) -> None:
         target = torch.randn(n, d, generator=gen, device=dev)
         diff = z.double() @ t16.double() + bias.double() - target.double()
         for kind in ("l1", "mse"):
-            loss, sse, grad, colsum = gather.decode_loss_terms(idx, w, t16, bias, target, kind)
+            loss, sse, grad, colsum, row_dots = gather.decode_loss_terms(idx, w, t16, bias, target, kind)
             want_loss = diff.abs().sum() if kind == "l1" else diff.square().sum()
             check(f"decode_loss_terms {kind} loss n={n} d={d}", rel_err(loss, want_loss), 1e-5)
             check(f"decode_loss_terms {kind} sse n={n} d={d}", rel_err(sse, diff.square().sum()), 1e-5)
@@ -88,6 +88,10 @@ def kernels(dev: torch.device) -> None:
             # a sign may flip where |diff| is at float32 rounding; bf16 rounding for mse
             check(f"decode_loss_terms {kind} grad n={n} d={d}", rel_err(grad, want_grad), 1e-3 if kind == "l1" else 1e-2)
             check(f"decode_loss_terms {kind} column sums n={n} d={d}", rel_err(colsum, want_grad.sum(0)), 1e-3)
+            check(f"decode_loss_terms {kind} row dots n={n} d={d}",
+                  rel_err(row_dots, (grad.double() @ t16.double().T).gather(1, idx)), 1e-5)
+            g_table = gather.concept_sum(order, idx, w, grad, c)
+            check(f"concept_sum of the {kind} gradient n={n} d={d}", rel_err(g_table, z.double().T @ grad.double()), 1e-5)
         target = torch.randn(n, d, generator=gen, device=dev)
         want_err = (target.double() - z.double() @ table.double()).square().sum(1)
         check(f"residual_sq n={n} c={c} d={d}", rel_err(gather.residual_sq(idx, w, table, target), want_err), 1e-5)
@@ -108,6 +112,37 @@ def mining_rows(dev: torch.device) -> None:
     check("standardize_rows target", rel_err(got.target, x64 - bias.double()), 1e-6)
     check("standardize_rows column sums", rel_err(got.col_sum, x64.sum(0)), 1e-5)
     check("standardize_rows column sums of squares", rel_err(got.col_sq, x64.square().sum(0)), 1e-5)
+
+
+def mining_pass(dev: torch.device) -> None:
+    """A whole mining pass on CUDA (float32 encoders) against the CPU pass, and at two batch sizes
+    (the first batches ramp up, results must not depend on where batches are cut)."""
+    import tempfile
+
+    import numpy as np
+    from mine_throughput import PAPER_DIMS, synthetic_store
+
+    from usae_core.mining import MiningConfig, mine_store
+    from usae_core.model import USAE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = synthetic_store(Path(tmp) / "s", 300, (4, 4), "float16", shard_images=128)
+        torch.manual_seed(0)
+        model = USAE(USAEConfig(model_dims=PAPER_DIMS, n_concepts=512, k=8, encoder="mlp_bn")).eval()
+        results = {(d, b): mine_store(model, store, MiningConfig(top_n=8, batch_images=b, autocast=False), device=d)
+                   for d, b in (("cpu", 64), (dev, 64), (dev, 7))}
+    cpu, gpu, small = results[("cpu", 64)], results[(dev, 64)], results[(dev, 7)]
+    for label, other in (("CUDA vs CPU", gpu), ("CUDA batch 7 vs 64", small)):
+        ref = cpu if other is gpu else gpu
+        check(f"mining {label}: R^2", rel_err(torch.from_numpy(other.stats.r2), torch.from_numpy(ref.stats.r2)), 1e-4)
+        check(f"mining {label}: fire counts (fraction differing)",
+              float(np.mean(other.stats.fire_counts != ref.stats.fire_counts)), 0.01)
+        check(f"mining {label}: top images (fraction differing)",
+              float(np.mean(other.top_images != ref.top_images)), 0.01)
+        check(f"mining {label}: top values", rel_err(torch.from_numpy(other.top_values),
+                                                     torch.from_numpy(ref.top_values)), 1e-4)
+        check(f"mining {label}: neighbours (fraction differing)",
+              float(np.mean(other.neighbours != ref.neighbours)), 0.01)
 
 
 def inference_encode(dev: torch.device) -> None:
@@ -162,11 +197,19 @@ def training_steps(dev: torch.device) -> None:
     gen = torch.Generator(dev).manual_seed(2)
     batches = [{m: torch.randn(2048, d, generator=gen, device=dev) for m, d in ucfg.model_dims.items()}
                for _ in range(6)]
-    for dead in (True, False):  # AuxK active, and the fused decode + loss path
-        _training_steps(dev, ucfg, batches, dead)
+    from usae_core import sparse
+
+    below = sparse.ROW_DOTS_IN_FORWARD_BELOW
+    # AuxK active; the fused decode + loss path with its value gradient in the loss kernel (16
+    # entries per concept here), then in the backward.
+    for dead, dots_in_forward in ((True, True), (False, True), (False, False)):
+        sparse.ROW_DOTS_IN_FORWARD_BELOW = below if dots_in_forward else 0
+        _training_steps(dev, ucfg, batches, dead, "AuxK" if dead else
+                        f"no dead latents, value gradient in the {'forward' if dots_in_forward else 'backward'}")
+    sparse.ROW_DOTS_IN_FORWARD_BELOW = below
 
 
-def _training_steps(dev, ucfg, batches, dead: bool) -> None:
+def _training_steps(dev, ucfg, batches, dead: bool, label: str) -> None:
     grads, params = {}, {}
     for autocast in (False, True):
         tcfg = TrainConfig(steps=100, batch_size=2048, device=str(dev), aux="auxk", aux_k=64,
@@ -184,7 +227,6 @@ def _training_steps(dev, ucfg, batches, dead: bool) -> None:
                         [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
             params[autocast, fused] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     reference = grads[False, False]
-    label = "AuxK" if dead else "no dead latents"
     check(f"[{label}] fused vs plain: first-step gradients, float32", rel_err(grads[False, True], reference), 1e-4)
     plain_bf16 = rel_err(grads[True, False], reference)
     print(f"     plain bf16 gradient vs float32: {plain_bf16:.2e}")
@@ -255,6 +297,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(dev), torch.__version__)
     kernels(dev)
     mining_rows(dev)
+    mining_pass(dev)
     inference_encode(dev)
     encoder_gradients(dev)
     training_steps(dev)

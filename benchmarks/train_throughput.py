@@ -40,6 +40,7 @@ CONFIGS = {
     "paper-100k": {"n_concepts": 6144, "k": 32, "batch": 100352},
     "wide": {"n_concepts": 32768, "k": 64, "batch": 12544},
     "wide-50k": {"n_concepts": 32768, "k": 64, "batch": 50176},
+    "wide-100k": {"n_concepts": 32768, "k": 64, "batch": 100352},
 }
 IMPLS = ("ours", "ours-eager", "ours-plain", "ours-dead10", "reference-fp32", "reference-bf16")
 

@@ -30,16 +30,23 @@ def copy_rows(pool: ThreadPoolExecutor, pairs: list[tuple[np.ndarray, np.ndarray
         pass
 
 
-def read_rows(pool: ThreadPoolExecutor, parts: Sequence[np.ndarray], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """The rows of `parts` (memory-mapped shard slices in a store's storage dtype; bfloat16 as
-    its uint16 bit patterns) concatenated into one CPU tensor of `dtype`, pinned when `pin`
-    (for fast asynchronous upload)."""
-    out = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=dtype, pin_memory=pin)
-    view = out.view(torch.int16).numpy() if dtype == torch.bfloat16 else out.numpy()
-    pairs, at = [], 0
-    for p in parts:
-        pairs.append((view[at : at + len(p)], p.view(view.dtype)))
-        at += len(p)
+def read_rows(pool: ThreadPoolExecutor, parts: Mapping[str, Sequence[np.ndarray]], dtype: torch.dtype,
+              pin: bool) -> dict[str, torch.Tensor]:
+    """For each key, the rows of its `parts` (memory-mapped shard slices in a store's storage
+    dtype; bfloat16 as its uint16 bit patterns) concatenated into one CPU tensor of `dtype`,
+    pinned when `pin` (for fast asynchronous upload).
+
+    The pieces of every key go to the pool together: one model's rows alone are too few pieces
+    to keep all the threads busy."""
+    out, pairs = {}, []
+    for key, key_parts in parts.items():
+        rows = torch.empty(sum(len(p) for p in key_parts), key_parts[0].shape[1], dtype=dtype, pin_memory=pin)
+        view = rows.view(torch.int16).numpy() if dtype == torch.bfloat16 else rows.numpy()
+        at = 0
+        for p in key_parts:
+            pairs.append((view[at : at + len(p)], p.view(view.dtype)))
+            at += len(p)
+        out[key] = rows
     copy_rows(pool, pairs)
     return out
 

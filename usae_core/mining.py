@@ -126,10 +126,23 @@ class MiningResult:
 # --------------------------------------------------------------------------- reading the store
 
 
+def batch_bounds(spans, batch_images: int) -> Iterator[tuple[int, int, int]]:
+    """`(span index, first image, stop)` of each batch in store order: batches never cross a
+    shard, and the first ones are smaller (1/8, 1/4, 1/2 of `batch_images`) so the device
+    starts computing after a fraction of a full batch's read instead of waiting for all of it."""
+    size = max(1, batch_images // 8)
+    for span_i, span in enumerate(spans):
+        start = span.start
+        while start < span.stop:
+            stop = min(start + size, span.stop)
+            yield span_i, start, stop
+            start, size = stop, min(batch_images, size * 2)
+
+
 def iter_image_batches(store, batch_images: int, device: torch.device,
                        read_threads: int | None = None) -> Iterator[tuple[int, int, dict]]:
-    """`(first_image, n_images, {model: [n_images * tokens, dim]})` in store order, in the
-    store's dtype (bfloat16 rows as torch.bfloat16).
+    """`(first_image, n_images, {model: [n_images * tokens, dim]})` in store order (see
+    `batch_bounds`), in the store's dtype (bfloat16 rows as torch.bfloat16).
 
     A side thread copies the next batches out of the memory-mapped shards while the current
     one computes. On CUDA the upload runs on a copy stream, one batch ahead."""
@@ -139,12 +152,11 @@ def iter_image_batches(store, batch_images: int, device: torch.device,
     threads = read_threads or (min(8, os.cpu_count() or 1) if cuda else 1)
 
     def read(pool: ThreadPoolExecutor) -> Iterator[tuple[int, int, dict]]:
-        for span in store.spans:
-            for start in range(span.start, span.stop, batch_images):
-                stop = min(start + batch_images, span.stop)
-                lo, hi = (start - span.start) * t, (stop - span.start) * t
-                yield start, stop - start, {m: read_rows(pool, [store.shard(m, span.index)[lo:hi]], dtype, cuda)
-                                            for m in store.model_names}
+        for span_i, start, stop in batch_bounds(store.spans, batch_images):
+            span = store.spans[span_i]
+            lo, hi = (start - span.start) * t, (stop - span.start) * t
+            parts = {m: [store.shard(m, span.index)[lo:hi]] for m in store.model_names}
+            yield start, stop - start, read_rows(pool, parts, dtype, cuda)
 
     uploads = SideStreamUpload(device)
     with ThreadPoolExecutor(threads) as pool:
@@ -312,43 +324,65 @@ def _finish(model, store, cfg: MiningConfig, acc: _Accumulators, n_tokens: int,
             masks: DefectMasks | None) -> MiningResult:
     names = list(model.names)
     codes = acc.codes
+    shape = (len(names), model.cfg.n_concepts, cfg.hist_bins)
+    on_device = dict(
+        r2=_r2_matrix(acc, n_tokens),
+        fire=codes.fire, cofire=codes.cofire, code_sums=codes.code_sums, l0=codes.active / max(n_tokens, 1),
+        top_values=torch.stack([tk.values for tk in acc.top]),
+        top_images=torch.stack([tk.images for tk in acc.top]),
+        top_tokens=torch.stack([tk.tokens for tk in acc.top]),
+        max_act=codes.max_act, hist=codes.hist.view(shape),
+    )
+    if masks:
+        on_device["iou"] = best_threshold_iou(codes.hist.view(shape), codes.intersection.view(*shape, -1),
+                                              acc.mask_total)
+    host = to_host(on_device)
     stats = EvalResult(
         models=names,
         n_tokens=n_tokens,
         tau=cfg.tau,
-        r2=_r2_matrix(acc, n_tokens),
-        fire_counts=codes.fire.cpu().numpy().astype(np.int64),
-        cofire_counts=codes.cofire.cpu().numpy().astype(np.int64),
-        code_sums=codes.code_sums.cpu().numpy(),
-        l0=(codes.active / max(n_tokens, 1)).cpu().numpy(),
+        r2=host["r2"],
+        fire_counts=host["fire"].astype(np.int64),
+        cofire_counts=host["cofire"].astype(np.int64),
+        code_sums=host["code_sums"],
+        l0=host["l0"],
     )
-    iou = None
-    if masks:
-        iou = best_threshold_iou(codes.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins),
-                                 codes.intersection.view(len(names), model.cfg.n_concepts, cfg.hist_bins, -1),
-                                 acc.mask_total).cpu().numpy()
     neighbours, cosine = nearest_concepts(model, cfg.neighbours)
     return MiningResult(
         stats=stats,
         n_images=store.n_images,
-        top_values=torch.stack([tk.values for tk in acc.top]).cpu().numpy(),
-        top_images=torch.stack([tk.images for tk in acc.top]).cpu().numpy(),
-        top_tokens=torch.stack([tk.tokens for tk in acc.top]).cpu().numpy(),
-        max_activation=codes.max_act.cpu().numpy(),
+        top_values=host["top_values"],
+        top_images=host["top_images"],
+        top_tokens=host["top_tokens"],
+        max_activation=host["max_act"],
         hist_edges=cfg.hist_edges(),
-        hist_counts=codes.hist.view(len(names), model.cfg.n_concepts, cfg.hist_bins).cpu().numpy().astype(np.int64),
+        hist_counts=host["hist"].astype(np.int64),
         neighbours=neighbours,
         neighbour_cosine=cosine,
         defect_types=list(masks.defect_types) if masks else [],
-        defect_iou=iou,
+        defect_iou=host.get("iou"),
     )
 
 
-def _r2_matrix(acc: _Accumulators, n_tokens: int) -> np.ndarray:
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every tensor as a NumPy array, with one wait for the device instead of one per tensor:
+    CUDA tensors are copied into pinned memory asynchronously, then the stream is synchronised."""
+    cuda = [t.device for t in tensors.values() if t.device.type == "cuda"]
+    if not cuda:
+        return {key: t.numpy() for key, t in tensors.items()}
+    host = {}
+    for key, t in tensors.items():
+        host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host[key].copy_(t, non_blocking=True)
+    torch.cuda.current_stream(cuda[0]).synchronize()
+    return {key: t.numpy() for key, t in host.items()}
+
+
+def _r2_matrix(acc: _Accumulators, n_tokens: int) -> torch.Tensor:
     """R^2 [source, target] with a per-dimension mean (usae_core.metrics.r2_score, streamed)."""
     total = torch.stack([(s2 - s * s / max(n_tokens, 1)).sum() for s, s2 in zip(acc.sum_x, acc.sum_x2)])
     r2 = 1.0 - acc.resid / total[None, :]
-    return torch.where(total[None, :] > 0, r2, torch.nan).cpu().numpy()
+    return torch.where(total[None, :] > 0, r2, torch.nan)
 
 
 @torch.no_grad()
@@ -357,9 +391,8 @@ def nearest_concepts(model, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.n
     indices `[models, concepts, k]` and cosines, computed in row chunks."""
     c = model.cfg.n_concepts
     k = min(k, c - 1)
-    idx = np.zeros((len(model.names), c, k), np.int64)
-    cos = np.zeros((len(model.names), c, k), np.float32)
-    for i, name in enumerate(model.names):
+    idx, cos = [], []
+    for name in model.names:
         d = model.dictionary(name).float()
         d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
         for lo in range(0, c, chunk):
@@ -367,9 +400,11 @@ def nearest_concepts(model, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.n
             rows = torch.arange(sim.shape[0], device=sim.device)
             sim[rows, rows + lo] = -math.inf  # never your own neighbour
             top = torch.topk(sim, k, dim=1)
-            idx[i, lo : lo + chunk] = top.indices.cpu().numpy()
-            cos[i, lo : lo + chunk] = top.values.cpu().numpy()
-    return idx, cos
+            idx.append(top.indices)
+            cos.append(top.values)
+    m = len(model.names)
+    host = to_host({"idx": torch.cat(idx).view(m, c, k), "cos": torch.cat(cos).view(m, c, k)})
+    return host["idx"], host["cos"]
 
 
 # --------------------------------------------------------------------------- heatmaps

@@ -8,7 +8,8 @@ every gradient is formed from the k selected entries per token only:
 - decode: gather k dictionary rows per token; backward gathers them again for the value
   gradient and sums `value * grad` per concept for the dictionary gradient. `decode_loss`
   reduces the decode to its L1 / MSE loss in the same pass and keeps only the per-element loss
-  gradient (an int8 sign for L1) for that backward;
+  gradient (an int8 sign for L1); for codes with few entries per concept it takes the value
+  gradient there too (`ROW_DOTS_IN_FORWARD_BELOW`), leaving the per-concept sum to the backward;
 - encoder: TopK passes gradient only to the selected pre-activations, so the weight gradient
   is `G^T X` with G k-sparse per row (a per-concept sum, not a dense `[tokens, n_concepts]` GEMM).
   BatchNorm (train mode) is folded in analytically: its batch statistics come from the input
@@ -75,29 +76,43 @@ class _SparseDecode(torch.autograd.Function):
         return g_values, g_dict.to(ctx.dict_dtype), None, None
 
 
+ROW_DOTS_IN_FORWARD_BELOW = 224
+"""Take the value gradient in the loss kernel while a code has fewer entries per concept
+(tokens x k / concepts) than this, else in the concept-major backward. The backward reads one
+dictionary row per work item, which pays off only over many entries of a concept; the loss
+kernel gathers every token's k rows a second time. Measured on the H200 (docs/benchmarks.md,
+2026-12-03): the forward wins at 24-196 entries per concept (up to 35% less time for both
+passes), the backward at 261 and 523."""
+
+
 class _SparseDecodeLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, dictionary, bias, code: SparseCode, target, kind: str, compute_dtype: torch.dtype):
         table = dictionary.detach().to(compute_dtype)
-        loss_sum, sse, grad, grad_colsum = decode_loss_terms(code.indices, values.detach(), table, bias.detach(),
-                                                             target.detach(), kind)
+        row_dots = values.numel() < ROW_DOTS_IN_FORWARD_BELOW * code.n_concepts
+        terms = decode_loss_terms(code.indices, values.detach(), table, bias.detach(), target.detach(), kind,
+                                  row_dots=row_dots)
         n = target.numel()
-        ctx.code, ctx.table, ctx.grad, ctx.grad_colsum = code, table, grad, grad_colsum
-        ctx.dtypes = (dictionary.dtype, bias.dtype)
+        ctx.code, ctx.terms, ctx.table = code, terms, None if row_dots else table
+        ctx.dtypes = (values.dtype, dictionary.dtype, bias.dtype)
         ctx.scale = (1.0 if kind == "l1" else 2.0) / n  # d(mean |diff|) = sign / n, d(mean diff^2) = 2 diff / n
         ctx.save_for_backward(values)
-        ctx.mark_non_differentiable(sse)
-        return loss_sum / n, sse
+        ctx.mark_non_differentiable(terms.sse)
+        return terms.loss / n, terms.sse
 
     @staticmethod
     def backward(ctx, g_loss, _g_sse):
         (values,) = ctx.saved_tensors
-        code, grad = ctx.code, ctx.grad
-        g_values, g_dict = decode_backward(code.order, code.indices, values, grad, ctx.table)
+        code, terms = ctx.code, ctx.terms
+        if terms.row_dots is not None:
+            g_values = terms.row_dots
+            g_dict = concept_sum(code.order, code.indices, values, terms.grad, code.n_concepts)
+        else:
+            g_values, g_dict = decode_backward(code.order, code.indices, values, terms.grad, ctx.table)
         scale = g_loss * ctx.scale  # a device scalar: no host sync
-        dict_dtype, bias_dtype = ctx.dtypes
-        return ((g_values * scale).to(values.dtype), (g_dict * scale).to(dict_dtype),
-                (ctx.grad_colsum * scale).to(bias_dtype),
+        values_dtype, dict_dtype, bias_dtype = ctx.dtypes
+        return ((g_values * scale).to(values_dtype), (g_dict * scale).to(dict_dtype),
+                (terms.grad_colsum * scale).to(bias_dtype),
                 None, None, None, None)
 
 

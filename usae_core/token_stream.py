@@ -48,7 +48,7 @@ def _groups(store, seed: int, start_batch: int, batch_size: int, shuffle_shards:
 def _read_group(store, models: list[str], group, pin: bool, pool: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
     """The group's rows in storage dtype, concatenated in shard order, in (pinned) host memory."""
     dtype = TORCH_DTYPES[store.dtype]
-    return {m: read_rows(pool, [store.shard(m, store.spans[s].index) for s in group], dtype, pin) for m in models}
+    return read_rows(pool, {m: [store.shard(m, store.spans[s].index) for s in group] for m in models}, dtype, pin)
 
 
 def device_token_batches(

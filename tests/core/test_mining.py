@@ -18,6 +18,7 @@ from usae_core.metrics import evaluate_usae, r2_score
 from usae_core.mining import (
     DefectMasks,
     MiningConfig,
+    batch_bounds,
     mask_grid_coverage,
     mine_store,
     nearest_concepts,
@@ -25,6 +26,7 @@ from usae_core.mining import (
 )
 from usae_core.model import USAE
 from usae_core.store import ActivationStore, import_activations
+from usae_core.store_layout import ShardSpan
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,16 @@ def test_streaming_pass_matches_brute_force_reference(planted) -> None:
     assert np.array_equal(res.stats.fire_counts, ev.fire_counts)
     np.testing.assert_allclose(res.stats.firing_entropy, ev.firing_entropy)
     np.testing.assert_allclose(res.stats.energy, ev.energy, rtol=1e-6)
+
+
+def test_batches_ramp_up_then_tile_every_shard_in_order() -> None:
+    spans = [ShardSpan(0, 0, 40), ShardSpan(1, 40, 100), ShardSpan(2, 100, 103)]
+    bounds = list(batch_bounds(spans, 16))
+    assert [stop - start for _, start, stop in bounds] == [2, 4, 8, 16, 10, 16, 16, 16, 12, 3]
+    assert [start for _, start, _ in bounds] == [0, 2, 6, 14, 30, 40, 56, 72, 88, 100]
+    for span_i, start, stop in bounds:  # never across a shard
+        assert spans[span_i].start <= start < stop <= spans[span_i].stop
+    assert [stop - start for _, start, stop in batch_bounds([ShardSpan(0, 0, 5)], 4)] == [1, 2, 2]
 
 
 def test_heatmaps_match_dense_codes(planted) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from usae_core import sparse
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.kernels import HAVE_TRITON
 from usae_core.kernels import gather
@@ -74,14 +75,20 @@ def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) ->
         g_w, g_table = decode_backward(order, idx, w, signs, table.to(table_dtype))
         torch.testing.assert_close(g_w.double(), (signs.double() @ t64.T).gather(1, idx), rtol=tol, atol=tol)
         torch.testing.assert_close(g_table.double(), z.T @ signs.double(), rtol=tol, atol=tol)
+        summed = concept_sum(order, idx, w, signs, n_concepts)  # the L1 loss backward's dictionary gradient
+        torch.testing.assert_close(summed.double(), z.T @ signs.double(), rtol=tol, atol=tol)
     gather._ITEM = 1024
     err = residual_sq(idx, w, table.to(table_dtype), rows.to(dtype))
     torch.testing.assert_close(err.double(), (r64 - z @ t64).square().sum(1), rtol=tol, atol=tol)
     bias = torch.randn(dim, generator=gen)
     diff = z @ t64 + bias.double() - r64
     for kind, want_loss, want_grad in (("l1", diff.abs().sum(), torch.sign(diff)), ("mse", diff.square().sum(), diff)):
-        loss, sse, grad, colsum = decode_loss_terms(idx, w, table.to(table_dtype), bias, rows.to(dtype), kind)
+        loss, sse, grad, colsum, row_dots = decode_loss_terms(idx, w, table.to(table_dtype), bias, rows.to(dtype), kind)
         torch.testing.assert_close(colsum.double(), want_grad.sum(0), rtol=tol * 10, atol=tol * 10)
+        # The value gradient, of the gradient as returned (bf16-rounded for mse on a bf16 table).
+        torch.testing.assert_close(row_dots.double(), (grad.double() @ t64.T).gather(1, idx), rtol=tol, atol=tol)
+        alone = decode_loss_terms(idx, w, table.to(table_dtype), bias, rows.to(dtype), kind, row_dots=False)
+        assert alone.row_dots is None and torch.equal(alone.grad, grad) and torch.equal(alone.loss, loss)
         torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol)
         torch.testing.assert_close(sse.double(), diff.square().sum(), rtol=tol, atol=tol)
         if kind == "l1":
@@ -215,10 +222,13 @@ def test_auxk_width_above_the_dead_count_gives_the_exact_auxk_loss():
     torch.testing.assert_close(narrow, full)
 
 
-@pytest.mark.parametrize("encoder,loss,dead", [("mlp_bn", "l1", True), ("linear", "l1", True),
-                                               ("mlp_bn", "l1", False), ("mlp_bn", "mse", False)])
-def test_fused_training_step_matches_the_plain_step(encoder, loss, dead):
-    """With dead latents (AuxK active) and without (the fused decode + loss path)."""
+@pytest.mark.parametrize("encoder,loss,dead,dots_in_forward", [
+    ("mlp_bn", "l1", True, True), ("linear", "l1", True, True), ("mlp_bn", "l1", False, True),
+    ("mlp_bn", "mse", False, True), ("mlp_bn", "l1", False, False), ("mlp_bn", "mse", False, False)])
+def test_fused_training_step_matches_the_plain_step(encoder, loss, dead, dots_in_forward, monkeypatch):
+    """With dead latents (AuxK active) and without (the fused decode + loss path, its value
+    gradient taken in the loss pass or in the backward)."""
+    monkeypatch.setattr(sparse, "ROW_DOTS_IN_FORWARD_BELOW", 10**9 if dots_in_forward else 0)
     ucfg = USAEConfig(model_dims={"a": 12, "b": 20, "c": 8}, n_concepts=40, k=4, encoder=encoder)
     tcfg = TrainConfig(steps=10, batch_size=64, lr=1e-2, device="cpu", aux="auxk", aux_k=16, loss=loss,
                        dead_after_tokens=0 if dead else 10**9, warmup_steps=0, log_every=3)

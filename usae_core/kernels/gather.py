@@ -10,7 +10,9 @@ With a code given as `indices, weights` (`[batch, k]` each) and a table `[n_conc
 - `residual_sq`:    out[b] = || target[b] - sum_j weights[b, j] * table[indices[b, j]] ||^2
   (reconstruction error without materialising the reconstruction; mining's R^2 matrix)
 - `decode_loss_terms`: a decode plus bias against a target, reduced to the L1 or MSE loss, the
-  squared error and the per-element loss gradient (training never writes the reconstruction).
+  squared error, the per-element loss gradient and its row dots with the k gathered rows (the
+  value gradient), in one pass: training never writes the reconstruction, and its backward is
+  a `concept_sum` of that gradient.
 
 `concept_sum` and `decode_backward` walk the code sorted by concept (a `ConceptOrder`, built
 once per code and shared by every product over it) in work items of at most `_ITEM` entries
@@ -22,6 +24,7 @@ kernels accumulate in float32 whatever the input dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +86,13 @@ def row_dot(indices: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> t
 
 def concept_sum(order: ConceptOrder, indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
                 n_concepts: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 (float64 for float64 input) `[n_concepts, dim]`; added into `out` when given."""
-    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    """float32 (float64 when rows or weights are float64) `[n_concepts, dim]`; added into `out` when given.
+
+    `rows` may be int8 (the signs an L1 loss leaves, see `decode_loss_terms`)."""
+    acc = torch.float64 if torch.float64 in (rows.dtype, weights.dtype) else torch.float32
     if out is None:
         out = torch.zeros(n_concepts, rows.shape[1], dtype=acc, device=rows.device)
-    if use_triton(rows) and _kernel_dtypes(rows, weights):
+    if use_triton(rows) and _kernel_dtypes(weights) and (rows.dtype == torch.int8 or _kernel_dtypes(rows)):
         _concept_sum_triton(order, weights, rows, out, indices.shape[1])
         return out
     # Fallback: the table gradient of an embedding_bag is exactly this per-concept sum.
@@ -111,26 +116,41 @@ def decode_backward(order: ConceptOrder, indices: torch.Tensor, weights: torch.T
 
 
 def decode_loss_terms(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, bias: torch.Tensor,
-                      target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over a decode and its reconstruction loss, without keeping the reconstruction.
-
-    With diff = gather_decode(...) + bias - target, returns float32 scalars
-    (`sum |diff|` for "l1" or `sum diff^2` for "mse", and `sum diff^2`), the loss gradient per
-    element up to its constant factor: int8 `sign(diff)` for "l1" (exact, and a quarter of
-    float32's bytes for the backward to read), `diff` in `table.dtype` for "mse", and that
-    gradient's column sums (the bias gradient, float32)."""
+                      target: torch.Tensor, kind: str, row_dots: bool = True) -> LossTerms:
+    """One pass over a decode and its reconstruction loss, without keeping the reconstruction
+    (see `LossTerms`); `row_dots=False` leaves the value gradient to `decode_backward`."""
     if kind not in ("l1", "mse"):
         raise ValueError(f"unknown loss {kind!r}")
     if use_triton(table) and _kernel_dtypes(table, weights, bias, target):
-        return _decode_loss_triton(indices, weights, table, bias, target, kind)
+        return _decode_loss_triton(indices, weights, table, bias, target, kind, row_dots)
     acc = torch.float64 if table.dtype == torch.float64 else torch.float32
     decoded = F.embedding_bag(indices, table.to(acc), per_sample_weights=weights.to(acc), mode="sum")
     diff = decoded + bias.to(acc) - target.to(acc)
     sse = diff.square().sum()
     if kind == "l1":
         signs = torch.sign(diff)
-        return diff.abs().sum(), sse, signs.to(torch.int8), signs.sum(0)
-    return sse, sse, diff.to(table.dtype), diff.sum(0)
+        dots = row_dot(indices, signs, table) if row_dots else None
+        return LossTerms(diff.abs().sum(), sse, signs.to(torch.int8), signs.sum(0), dots)
+    grad = diff.to(table.dtype)
+    return LossTerms(sse, sse, grad, diff.sum(0), row_dot(indices, grad, table) if row_dots else None)
+
+
+class LossTerms(NamedTuple):
+    """What `decode_loss_terms` returns. With diff = gather_decode(...) + bias - target, the loss
+    gradient per element is known up to its constant factor: sign(diff) for "l1", diff for "mse"."""
+
+    loss: torch.Tensor
+    """float32 scalar: `sum |diff|` for "l1", `sum diff^2` for "mse"."""
+    sse: torch.Tensor
+    """float32 scalar `sum diff^2`."""
+    grad: torch.Tensor
+    """The per-element gradient: int8 signs for "l1" (exact, and a quarter of float32's bytes for
+    the backward to read), diff in `table.dtype` for "mse"."""
+    grad_colsum: torch.Tensor
+    """float32 `[dim]` column sums of the gradient (the bias gradient)."""
+    row_dots: torch.Tensor | None
+    """float32 `[batch, k]`: `<gradient row b, table[indices[b, j]]>` (the value gradient), taken
+    right after the decode gathered the k rows (None when not asked for)."""
 
 
 def residual_sq(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
@@ -227,9 +247,10 @@ if HAVE_TRITON:
         tl.atomic_add(out_ptr + concept * stride_o + cols, tl.sum(acc, axis=0), mask=cmask, sem="relaxed")
 
     @triton.jit
-    def _decode_loss_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, target_ptr, grad_ptr, part_ptr, colsum_ptr,
+    def _decode_loss_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, target_ptr, grad_ptr, part_ptr, colsum_ptr, dots_ptr,
                             B, D, stride_t, stride_x, stride_g,
-                            K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr):
+                            K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                            L1: tl.constexpr, ROW_DOTS: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < B
@@ -252,6 +273,17 @@ if HAVE_TRITON:
         part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 2
         tl.store(part_ptr + part, loss)
         tl.store(part_ptr + part + 1, sq)
+        if ROW_DOTS:  # the value gradient over this column block
+            if not L1:
+                grad = grad.to(grad_ptr.dtype.element_ty).to(tl.float32)  # the rounded gradient the backward sums
+            slots = tl.arange(0, K_POW2)
+            dots = tl.zeros([BLOCK_B, K_POW2], dtype=tl.float32)
+            for j in range(K):
+                c = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0)
+                t = tl.load(table_ptr + c[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dots = tl.where(slots[None, :] == j, tl.sum(grad * t, axis=1)[:, None], dots)
+            dots_at = dots_ptr + (tl.program_id(1) * B + rows64[:, None]) * K + slots[None, :]
+            tl.store(dots_at, dots, mask=rmask[:, None] & (slots < K)[None, :])
 
 
 # (rows, columns, warps) per program of the token-major kernels. The loss and residual tiles come
@@ -320,7 +352,7 @@ def _concept_sum_triton(order, weights, rows, out, k):
     _concept_items(order, weights.contiguous(), rows.contiguous(), out, k)
 
 
-def _decode_loss_triton(indices, weights, table, bias, target, kind):
+def _decode_loss_triton(indices, weights, table, bias, target, kind, row_dots):
     indices, weights, table, target = indices.contiguous(), weights.contiguous(), table.contiguous(), target.contiguous()
     n, k = indices.shape
     d = table.shape[1]
@@ -330,8 +362,10 @@ def _decode_loss_triton(indices, weights, table, bias, target, kind):
     grid = (triton.cdiv(n, block_b), triton.cdiv(d, block_d))
     parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=table.device)
     colsums = torch.empty(grid[0], d, dtype=torch.float32, device=table.device)
-    _decode_loss_kernel[grid](indices, weights, table, bias.contiguous(), target, grad, parts, colsums, n, d,
+    dots = torch.empty(grid[1] if row_dots else 0, n, k, dtype=torch.float32, device=table.device)
+    _decode_loss_kernel[grid](indices, weights, table, bias.contiguous(), target, grad, parts, colsums, dots, n, d,
                               table.stride(0), target.stride(0), grad.stride(0),
-                              K=k, BLOCK_B=block_b, BLOCK_D=block_d, L1=l1, num_warps=warps)
+                              K=k, K_POW2=triton.next_power_of_2(k), BLOCK_B=block_b, BLOCK_D=block_d, L1=l1,
+                              ROW_DOTS=row_dots, num_warps=warps)
     loss, sse = parts.sum(0)
-    return loss, sse, grad, colsums.sum(0)
+    return LossTerms(loss, sse, grad, colsums.sum(0), dots.sum(0) if row_dots else None)
