@@ -161,10 +161,14 @@ def r2_matrix(reconstruct, batches: list[dict]) -> list[list[float]]:
 def quality_suite(args, device: torch.device) -> dict:
     """Same planted tokens, same learning-rate schedule shape: compare R^2 after training.
 
-    The reference trains on the paper's 6272-token batches at lr 3e-4; ours on the batches of
-    `--quality-config` at `--quality-lr` (a large-batch run sees the same tokens in fewer steps:
-    token i of the stream is the same for both)."""
-    ref_cfg, our_cfg = CONFIGS["paper"], CONFIGS[args.quality_config]
+    The reference trains on the batches of `--quality-reference` (the paper's 6272 tokens by
+    default) at lr 3e-4; ours on the batches of `--quality-config` at `--quality-lr`, with the
+    same dictionary (a large-batch run sees the same tokens in fewer steps: token i of the stream
+    is the same for both)."""
+    ref_cfg, our_cfg = CONFIGS[args.quality_reference], CONFIGS[args.quality_config]
+    if (ref_cfg["n_concepts"], ref_cfg["k"]) != (our_cfg["n_concepts"], our_cfg["k"]):
+        raise SystemExit(f"--quality-config {args.quality_config} and --quality-reference {args.quality_reference} "
+                         "must have the same concepts and k")
     names = list(PAPER_DIMS)
     stream = PlantedStream(PAPER_DIMS, device, seed=1)
     unit = ref_cfg["batch"]
@@ -276,6 +280,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--quality-tokens", type=int, default=0)
     parser.add_argument("--quality-config", default="paper", help="our batch size for the quality suite")
+    parser.add_argument("--quality-reference", default="paper",
+                        help="the reference's configuration in the quality suite (same concepts and k as ours)")
     parser.add_argument("--quality-lr", type=float, default=3e-4, help="our learning rate for the quality suite")
     parser.add_argument("--e2e-images", type=int, default=0, help="images in the on-disk store (256 tokens each)")
     parser.add_argument("--e2e-configs", default="paper-50k", type=lambda s: s.split(","))
@@ -285,7 +291,8 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    unknown = [i for i in args.impls if i not in IMPLS] + [c for c in args.configs if c not in CONFIGS]
+    unknown = ([i for i in args.impls if i not in IMPLS]
+               + [c for c in [*args.configs, args.quality_config, args.quality_reference] if c not in CONFIGS])
     if unknown:
         parser.error(f"unknown impls/configs: {unknown}")
     if args.threads:
