@@ -10,9 +10,9 @@ With a code given as `indices, weights` (`[batch, k]` each) and a table `[n_conc
 - `residual_sq`:    out[b] = || target[b] - sum_j weights[b, j] * table[indices[b, j]] ||^2
   (reconstruction error without materialising the reconstruction; mining's R^2 matrix)
 - `decode_loss_terms`: a decode plus bias against a target, reduced to the L1 or MSE loss, the
-  squared error, the per-element loss gradient and its row dots with the k gathered rows (the
-  value gradient), in one pass: training never writes the reconstruction, and its backward is
-  a `concept_sum` of that gradient.
+  squared error, the per-element loss gradient and, when asked, that gradient's row dots with
+  the k gathered rows (the value gradient), in one pass: training never writes the
+  reconstruction, and its backward is then a `concept_sum` of the gradient.
 
 `concept_sum` and `decode_backward` walk the code sorted by concept (a `ConceptOrder`, built
 once per code and shared by every product over it) in work items of at most `_ITEM` entries
