@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from app.deps import SessionDep, get_run_or_404
+from app.params import PathInt
 from app.schemas.compare import Comparison
 from app.services.compare import compare_models
 from app.templating import render
@@ -29,7 +30,7 @@ def pages(viewer_dep: Any) -> APIRouter:
     ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
 
     @router.get("/runs/{run_id}/compare", response_class=HTMLResponse)
-    def compare_page(request: Request, run_id: int, session: SessionDep, viewer: ViewerDep,
+    def compare_page(request: Request, run_id: PathInt, session: SessionDep, viewer: ViewerDep,
                      a: str | None = None, b: str | None = None):
         """Without a pair in the URL, compare the run's first two models."""
         run = get_run_or_404(session, viewer, run_id, whole_run=True)
@@ -49,7 +50,7 @@ def api(viewer_dep: Any) -> APIRouter:
     ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
 
     @router.get("/runs/{run_id}/compare", response_model=Comparison, summary="Compare two models")
-    def compare_api(run_id: int, session: SessionDep, viewer: ViewerDep,
+    def compare_api(run_id: PathInt, session: SessionDep, viewer: ViewerDep,
                     a: Annotated[str, Query(description="Model A")],
                     b: Annotated[str, Query(description="Model B")]) -> Comparison:
         """Cross R² both ways, shared and unique concepts ranked, per-concept firing frequencies."""

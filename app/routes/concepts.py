@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.deps import AnalystViewer, SessionDep, get_run_or_404
 from app.models import Concept, Run
+from app.params import FormInt, PathInt
 from app.schemas.concepts import ConceptDetail, ConceptFilters, ConceptPage
 from app.schemas.labels import LabelConflictBody, LabelEdit, LabelState
 from app.services.cam import cam_unavailable
@@ -73,14 +74,14 @@ def pages(viewer_dep: Any) -> APIRouter:
     ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
 
     @router.get("/runs/{run_id}/concepts", response_class=HTMLResponse)
-    def browser_page(request: Request, run_id: int, filters: FiltersDep, session: SessionDep, viewer: ViewerDep):
+    def browser_page(request: Request, run_id: PathInt, filters: FiltersDep, session: SessionDep, viewer: ViewerDep):
         return request.app.state.page_cache.respond(request, session, viewer, run_id, lambda: render(
             request, viewer, "concepts/browser.html", nav="runs", page=browse_page(
                 session, run=_browsed_run(session, viewer, run_id, filters), filters=filters,
                 scope=viewer.concept_scope)))
 
     @router.get("/runs/{run_id}/concepts/{index}", response_class=HTMLResponse)
-    def concept_page(request: Request, run_id: int, index: int, session: SessionDep, viewer: ViewerDep):
+    def concept_page(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, viewer: ViewerDep):
         def render_page() -> HTMLResponse:
             run, concept = _run_and_concept(session, viewer, run_id, index)
             detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
@@ -96,8 +97,8 @@ def analyst_pages() -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
     @router.post("/runs/{run_id}/concepts/{index}/label", response_class=HTMLResponse)
-    def save_label(request: Request, run_id: int, index: int, session: SessionDep, viewer: AnalystViewer,
-                   version: Annotated[int, Form()], label: Annotated[str, Form()] = "",
+    def save_label(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, viewer: AnalystViewer,
+                   version: FormInt, label: Annotated[str, Form()] = "",
                    description: Annotated[str, Form()] = "", tags: Annotated[str, Form()] = ""):
         """Save from the concept page. htmx swaps in the label panel; without JavaScript the
         browser is redirected back to the page (or shown it again with the problem)."""
@@ -123,13 +124,13 @@ def api(viewer_dep: Any) -> APIRouter:
     ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
 
     @router.get("/runs/{run_id}/concepts", response_model=ConceptPage, summary="Browse concepts")
-    def browser_api(run_id: int, filters: FiltersDep, session: SessionDep, viewer: ViewerDep) -> ConceptPage:
+    def browser_api(run_id: PathInt, filters: FiltersDep, session: SessionDep, viewer: ViewerDep) -> ConceptPage:
         """The concept browser: the same query parameters as the page's URL."""
         return browse_concepts(session, run=_browsed_run(session, viewer, run_id, filters), filters=filters,
                                scope=viewer.concept_scope)
 
     @router.get("/runs/{run_id}/concepts/{index}", response_model=ConceptDetail, summary="One concept")
-    def concept_api(run_id: int, index: int, session: SessionDep, viewer: ViewerDep) -> ConceptDetail:
+    def concept_api(run_id: PathInt, index: PathInt, session: SessionDep, viewer: ViewerDep) -> ConceptDetail:
         run, concept = _run_and_concept(session, viewer, run_id, index)
         return concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
 
@@ -141,7 +142,7 @@ def analyst_api() -> APIRouter:
 
     @router.put("/runs/{run_id}/concepts/{index}/label", response_model=LabelState, summary="Edit a label",
                 responses={409: {"model": LabelConflictBody, "description": "Someone saved first"}})
-    def label_api(run_id: int, index: int, edit: LabelEdit, session: SessionDep, viewer: AnalystViewer):
+    def label_api(run_id: PathInt, index: PathInt, edit: LabelEdit, session: SessionDep, viewer: AnalystViewer):
         """Send the `version` you read; a stale version gets 409 with the current label."""
         _, concept = _run_and_concept(session, viewer, run_id, index)
         try:

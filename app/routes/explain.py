@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from app.deps import AnalystViewer, SessionDep, SettingsDep
+from app.params import FormInt
 from app.schemas.explain import Explanation
 from app.services.explain import ModelCache, UploadRejected, explain_image, validate_upload
 from app.services.runs_view import get_run, list_runs
@@ -44,7 +45,7 @@ def analyst_pages() -> APIRouter:
 
     @router.post("/explain", response_class=HTMLResponse)
     async def explain_page(request: Request, session: SessionDep, viewer: AnalystViewer, settings: SettingsDep,
-                           run_id: Annotated[int, Form()], image: Annotated[UploadFile, File()]):
+                           run_id: FormInt, image: Annotated[UploadFile, File()]):
         data = await _read_limited(image, settings.max_upload_bytes)
         explanation, error, status = None, None, 200
         try:
@@ -64,7 +65,7 @@ def analyst_api() -> APIRouter:
     @router.post("/explain", response_model=Explanation, summary="Explain an image",
                  responses={422: {"description": "Not an accepted image, too large, or the run cannot be loaded"}})
     async def explain_api(request: Request, session: SessionDep, viewer: AnalystViewer, settings: SettingsDep,
-                          run_id: Annotated[int, Form()], image: Annotated[UploadFile, File()]) -> Explanation:
+                          run_id: FormInt, image: Annotated[UploadFile, File()]) -> Explanation:
         """Upload a PNG, JPEG or WebP image; get each model's strongest concepts with heatmaps."""
         data = await _read_limited(image, settings.max_upload_bytes)
         try:

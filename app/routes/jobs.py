@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.deps import AnalystViewer, SessionDep, SettingsDep, get_run_or_404
 from app.jobs import enqueue_job, worker_alive
 from app.models import Job
+from app.params import PathInt
 from app.schemas.jobs import JobOut
 from app.services.cam import KIND as CAM, CamRequest, cam_unavailable
 from app.services.concepts import get_concept
@@ -49,7 +50,7 @@ def analyst_pages() -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
     @router.post("/runs/{run_id}/concepts/{index}/cam", response_class=HTMLResponse)
-    def start_cam(request: Request, run_id: int, index: int, session: SessionDep, settings: SettingsDep,
+    def start_cam(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, settings: SettingsDep,
                   viewer: AnalystViewer, steps: Annotated[int, Form()] = 128):
         try:
             cam = CamRequest(steps=steps)
@@ -61,7 +62,7 @@ def analyst_pages() -> APIRouter:
         return RedirectResponse(viewer.urls.concept(run_id, index) + "#cam", status_code=303)
 
     @router.get("/runs/{run_id}/concepts/{index}/cam", response_class=HTMLResponse)
-    def cam_status(request: Request, run_id: int, index: int, session: SessionDep, settings: SettingsDep,
+    def cam_status(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, settings: SettingsDep,
                    viewer: AnalystViewer, polling: bool = False):
         """The concept page's CAM panel, polled while a job is queued or running."""
         run = get_run_or_404(session, viewer, run_id)
@@ -82,7 +83,7 @@ def analyst_pages() -> APIRouter:
                       worker_missing=waiting and not worker_alive(settings))
 
     @router.post("/jobs/{job_id}/cancel")
-    def cancel(job_id: int, session: SessionDep, viewer: AnalystViewer, back: Annotated[str, Form()] = "/jobs"):
+    def cancel(job_id: PathInt, session: SessionDep, viewer: AnalystViewer, back: Annotated[str, Form()] = "/jobs"):
         """Cancel, then go back where the button was (a local path only: never an open redirect)."""
         _job_or_404(session, job_id)
         cancel_job(session, job_id)
@@ -100,7 +101,7 @@ def analyst_api() -> APIRouter:
                  summary="Make CAM images of a concept",
                  responses={409: {"description": "A CAM job for this concept is already queued or running"},
                             422: {"description": "No model of the run records its backbone (imported activations)"}})
-    def start_cam_api(run_id: int, index: int, cam: CamRequest, session: SessionDep, settings: SettingsDep,
+    def start_cam_api(run_id: PathInt, index: PathInt, cam: CamRequest, session: SessionDep, settings: SettingsDep,
                       viewer: AnalystViewer) -> Job:
         """Queue a job that optimises one image per model for the concept (coordinated activation
         maximisation). Follow it at `/api/jobs/{id}`; when done, the concept's `cam_image` fields
@@ -112,11 +113,11 @@ def analyst_api() -> APIRouter:
         return list_jobs(session)
 
     @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job")
-    def job_api(job_id: int, session: SessionDep, viewer: AnalystViewer) -> Job:
+    def job_api(job_id: PathInt, session: SessionDep, viewer: AnalystViewer) -> Job:
         return _job_or_404(session, job_id)
 
     @router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a job")
-    def cancel_api(job_id: int, session: SessionDep, viewer: AnalystViewer) -> Job:
+    def cancel_api(job_id: PathInt, session: SessionDep, viewer: AnalystViewer) -> Job:
         """A queued job never starts; a running one stops at its next progress report. Finished
         jobs are left as they are."""
         _job_or_404(session, job_id)

@@ -13,14 +13,17 @@ from app.deps import AnalystViewer, SessionDep, SettingsDep, ShareScope
 from app.services.media import clean_relative_path, resolve_media_file, share_may_fetch
 
 NOT_FOUND = "No such file."
-CACHE = {"Cache-Control": "private, max-age=3600"}
+ANALYST_CACHE = {"Cache-Control": "private, max-age=3600"}
+SHARE_CACHE = {"Cache-Control": "private, no-cache"}
+"""A share holder's browser asks again every time, so a revoked or expired link stops showing
+images at once instead of when an hour's cache runs out."""
 
 
-def _file_response(settings: SettingsDep, relative: str | None) -> FileResponse:
+def _file_response(settings: SettingsDep, relative: str | None, headers: dict[str, str]) -> FileResponse:
     path = resolve_media_file(settings.media_dir, relative) if relative else None
     if path is None:
         raise HTTPException(404, NOT_FOUND)
-    return FileResponse(path, headers=CACHE)
+    return FileResponse(path, headers=headers)
 
 
 def router() -> APIRouter:
@@ -28,7 +31,7 @@ def router() -> APIRouter:
 
     @r.get("/media/{path:path}")
     def analyst_media(path: str, settings: SettingsDep, viewer: AnalystViewer) -> FileResponse:
-        return _file_response(settings, clean_relative_path(path))
+        return _file_response(settings, clean_relative_path(path), ANALYST_CACHE)
 
     @r.get("/s/{token}/media/{path:path}")
     def shared_media(path: str, settings: SettingsDep, session: SessionDep, viewer: ShareScope) -> FileResponse:
@@ -36,6 +39,6 @@ def router() -> APIRouter:
         if relative is None or viewer.share is None or not share_may_fetch(session, grant=viewer.share,
                                                                              relative=relative):
             raise HTTPException(404, NOT_FOUND)
-        return _file_response(settings, relative)
+        return _file_response(settings, relative, SHARE_CACHE)
 
     return r

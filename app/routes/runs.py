@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app.deps import AnalystViewer, SessionDep, get_run_or_404
+from app.params import PathInt
 from app.schemas.runs import RunOverview, RunSummary
 from app.services.overview import run_overview
 from app.services.runs_view import list_runs
@@ -21,7 +22,7 @@ def pages(viewer_dep: Any) -> APIRouter:
     ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
 
     @router.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run_page(request: Request, run_id: int, session: SessionDep, viewer: ViewerDep):
+    def run_page(request: Request, run_id: PathInt, session: SessionDep, viewer: ViewerDep):
         run = get_run_or_404(session, viewer, run_id, whole_run=True)
         return render(request, viewer, "runs/overview.html", nav="runs", overview=run_overview(session, run=run))
 
@@ -47,7 +48,7 @@ def api(viewer_dep: Any) -> APIRouter:
     ViewerDep = Annotated[Viewer, Depends(viewer_dep)]
 
     @router.get("/runs/{run_id}", response_model=RunOverview, summary="Run overview")
-    def run_api(run_id: int, session: SessionDep, viewer: ViewerDep) -> RunOverview:
+    def run_api(run_id: PathInt, session: SessionDep, viewer: ViewerDep) -> RunOverview:
         """R² matrix, concept counts by kind, firing-entropy histogram, co-fire vs energy and the
         best concept per defect type."""
         return run_overview(session, run=get_run_or_404(session, viewer, run_id, whole_run=True))

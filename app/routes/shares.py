@@ -9,9 +9,11 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app.deps import AnalystViewer, SessionDep, ShareScope
+from app.params import DB_INT_MAX, FormInt, PathInt
 from app.schemas.shares import ShareCreate, ShareCreated, ShareInfo, SharedScope
 from app.services.runs_view import get_run, list_runs
-from app.services.shares import ShareNotFound, create_share, list_shares, revoke_share
+from app.services.shares import (DEFAULT_SHARE_DAYS, MAX_SHARE_DAYS, ShareNotFound, create_share, list_shares,
+                                 revoke_share)
 from app.templating import render
 from app.viewer import Viewer
 from usae_core.errors import UsaeError
@@ -21,9 +23,13 @@ def _parse_indices(text: str) -> list[int]:
     """'3, 17 42' -> [3, 17, 42]."""
     parts = text.replace(",", " ").split()
     try:
-        return [int(p) for p in parts]
+        indices = [int(p) for p in parts]
     except ValueError:
         raise UsaeError("concept numbers must be whole numbers separated by commas or spaces") from None
+    for index in indices:
+        if not 0 <= index <= DB_INT_MAX:
+            raise UsaeError(f"there is no concept {index}")
+    return indices
 
 
 def _end_of_day(day: dt.date | None) -> dt.datetime | None:
@@ -48,10 +54,20 @@ def _revoke(session: SessionDep, share_id: int) -> ShareInfo:
         raise HTTPException(404, "No such audit link.") from None
 
 
+def _expiry_days() -> tuple[dt.date, dt.date, dt.date]:
+    """The form's first, default and last expiry dates (UTC); a link valid through its last day
+    stays within MAX_SHARE_DAYS."""
+    today = dt.datetime.now(dt.timezone.utc).date()
+    return (today, today + dt.timedelta(days=DEFAULT_SHARE_DAYS),
+            today + dt.timedelta(days=MAX_SHARE_DAYS - 1))
+
+
 def _shares_page(request: Request, session: SessionDep, viewer: Viewer, *, form: dict[str, object],
                  error: str | None = None, status_code: int = 200) -> HTMLResponse:
+    first, _, last = _expiry_days()
     return render(request, viewer, "shares/list.html", status_code=status_code, nav="shares",
-                  shares=list_shares(session), runs=list_runs(session), form=form, error=error)
+                  shares=list_shares(session), runs=list_runs(session), form=form, error=error,
+                  expiry_range=(first.isoformat(), last.isoformat()))
 
 
 def analyst_pages() -> APIRouter:
@@ -62,12 +78,12 @@ def analyst_pages() -> APIRouter:
                     concepts: str = ""):
         """`?run=ID&concepts=1,2` pre-fills the form (from a run or concept page)."""
         form = {"run_id": run, "scope": "concepts" if concepts else "run", "concepts": concepts, "note": "",
-                "expires_on": ""}
+                "expires_on": _expiry_days()[1].isoformat()}
         return _shares_page(request, session, viewer, form=form)
 
     @router.post("/shares", response_class=HTMLResponse)
     def create_share_page(request: Request, session: SessionDep, viewer: AnalystViewer,
-                          run_id: Annotated[int, Form()], scope: Annotated[Literal["run", "concepts"], Form()],
+                          run_id: FormInt, scope: Annotated[Literal["run", "concepts"], Form()],
                           concepts: Annotated[str, Form()] = "", note: Annotated[str, Form(max_length=500)] = "",
                           expires_on: Annotated[str, Form()] = ""):
         form = {"run_id": run_id, "scope": scope, "concepts": concepts, "note": note, "expires_on": expires_on}
@@ -82,7 +98,7 @@ def analyst_pages() -> APIRouter:
                       full_url=str(request.base_url).rstrip("/") + created.url)
 
     @router.post("/shares/{share_id}/revoke", response_class=HTMLResponse)
-    def revoke_page(request: Request, share_id: int, session: SessionDep, viewer: AnalystViewer):
+    def revoke_page(request: Request, share_id: PathInt, session: SessionDep, viewer: AnalystViewer):
         share = _revoke(session, share_id)
         if request.headers.get("HX-Request") == "true":
             return render(request, viewer, "shares/_row.html", share=share)
@@ -122,7 +138,7 @@ def analyst_api() -> APIRouter:
             raise HTTPException(422, str(exc)) from None
 
     @router.post("/{share_id}/revoke", response_model=ShareInfo, summary="Revoke an audit link")
-    def revoke_api(share_id: int, session: SessionDep, viewer: AnalystViewer) -> ShareInfo:
+    def revoke_api(share_id: PathInt, session: SessionDep, viewer: AnalystViewer) -> ShareInfo:
         return _revoke(session, share_id)
 
     return router

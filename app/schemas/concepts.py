@@ -10,6 +10,9 @@ from pydantic import BaseModel, Field
 
 from app.schemas.runs import RunSummary
 
+MAX_PAGE = 10**9
+"""Far beyond any run; a larger page would overflow the database's OFFSET."""
+
 SortKey = Literal["energy", "entropy", "cofire", "frequency", "index"]
 LabelFilter = Literal["any", "labelled", "unlabelled"]
 
@@ -24,7 +27,7 @@ class ConceptFilters(BaseModel):
     labelled: LabelFilter = "any"
     tag: str | None = None
     show_dead: bool = False
-    page: int = Field(1, ge=1)
+    page: int = Field(1, ge=1, le=MAX_PAGE)
     per_page: int = Field(36, ge=1, le=200)
 
     def query(self, **changes: object) -> dict[str, object]:

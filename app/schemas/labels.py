@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from app.params import BodyInt
+
 MAX_LABEL = 200
 MAX_DESCRIPTION = 5000
 MAX_TAG = 64
@@ -14,7 +16,7 @@ class LabelEdit(BaseModel):
     label: str = Field("", max_length=MAX_LABEL)
     description: str = Field("", max_length=MAX_DESCRIPTION)
     tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
-    version: int = Field(description="The concept version the edit was made on")
+    version: BodyInt = Field(description="The concept version the edit was made on")
 
 
 class LabelState(BaseModel):

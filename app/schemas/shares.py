@@ -7,13 +7,16 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.params import BodyInt
+
 
 class ShareCreate(BaseModel):
-    run_id: int
+    run_id: BodyInt
     scope: Literal["run", "concepts"] = "run"
-    concept_indices: list[int] = Field(default_factory=list, description="Needed when scope is 'concepts'")
+    concept_indices: list[BodyInt] = Field(default_factory=list, description="Needed when scope is 'concepts'")
     note: str = Field("", max_length=500)
-    expires_at: dt.datetime | None = Field(None, description="Timezone-aware; omitted means no expiry")
+    expires_at: dt.datetime | None = Field(
+        None, description="Timezone-aware, at most 365 days ahead; omitted means 30 days from now")
 
 
 class ShareInfo(BaseModel):

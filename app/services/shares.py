@@ -24,6 +24,9 @@ from usae_core.errors import UsaeError
 
 TOKEN_BYTES = 32
 MAX_SHARED_CONCEPTS = 500
+DEFAULT_SHARE_DAYS = 30
+"""How long a link works when its creator names no expiry: every link expires."""
+MAX_SHARE_DAYS = 365
 
 
 class ShareNotFound(Exception):
@@ -78,11 +81,15 @@ def create_share(session: Session, *, run: Run, creator: User, scope: str, conce
             raise UsaeError(f"run {run.name!r} has no concept {', '.join(map(str, missing[:5]))}")
     elif scope != "run":
         raise UsaeError(f"scope must be 'run' or 'concepts', got {scope!r}")
-    if expires_at is not None:
-        if expires_at.tzinfo is None:
-            raise UsaeError("the expiry needs a time zone")
-        if expires_at <= utcnow():
-            raise UsaeError("the expiry is in the past")
+    now = utcnow()
+    if expires_at is None:
+        expires_at = now + dt.timedelta(days=DEFAULT_SHARE_DAYS)
+    if expires_at.tzinfo is None:
+        raise UsaeError("the expiry needs a time zone")
+    if expires_at <= now:
+        raise UsaeError("the expiry is in the past")
+    if expires_at > now + dt.timedelta(days=MAX_SHARE_DAYS):
+        raise UsaeError(f"a link can work for at most {MAX_SHARE_DAYS} days; choose an earlier expiry")
     token = secrets.token_urlsafe(TOKEN_BYTES)
     link = ShareLink(token_hash=hash_token(token), scope=scope, run_id=run.id, concept_indices=indices,
                      note=note.strip(), created_by=creator.id, expires_at=expires_at)

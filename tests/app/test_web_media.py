@@ -13,6 +13,20 @@ def test_analyst_gets_media(reader):
     web_client, seeded = reader
     r = web_client.get(f"/media/{seeded.run.media_prefix}/heatmaps/0/vit_s-0.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+    assert r.headers["cache-control"] == "private, max-age=3600"
+
+
+def test_shared_media_is_never_served_from_the_browser_cache(web_client, seeded):
+    """A revoked link must stop showing images at once, not when a cached copy runs out."""
+    page = web_client.get("/shares").text
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), "scope": "run"})
+    share = re.search(r'id="share-url" value="http://testserver(/s/[^"]+)"', r.text).group(1)
+    share_id = re.search(r'id="share-(\d+)"', web_client.get("/shares").text).group(1)
+    image = f"{share}/media/{seeded.run.media_prefix}/heatmaps/0/vit_s-0.png"
+    shown = web_client.get(image)
+    assert shown.status_code == 200 and shown.headers["cache-control"] == "private, no-cache"
+    web_client.post(f"/shares/{share_id}/revoke", data={"csrf_token": csrf_from(web_client.get("/shares").text)})
+    assert web_client.get(image).status_code == 410
 
 
 @pytest.mark.parametrize("path", [

@@ -147,6 +147,25 @@ def test_bad_share_requests_get_clear_messages(web_client, seeded):
         assert r.status_code == 422 and message in r.text, fields
 
 
+def test_every_link_expires_within_a_year(web_client, seeded):
+    headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
+    now = dt.datetime.now(dt.timezone.utc)
+    r = web_client.post("/api/shares", json={"run_id": seeded.run.run_id}, headers=headers)
+    assert r.status_code == 201
+    expires = dt.datetime.fromisoformat(r.json()["expires_at"])
+    assert abs(expires - (now + dt.timedelta(days=30))) < dt.timedelta(minutes=5)
+    # The form proposes the same default and offers no day past the limit.
+    today = now.date()
+    form = web_client.get("/shares").text
+    assert f'value="{today + dt.timedelta(days=30)}" min="{today}" max="{today + dt.timedelta(days=364)}"' in form
+    for too_late in ("9999-12-31T23:00:00-05:00", (now + dt.timedelta(days=366)).isoformat()):
+        r = web_client.post("/api/shares", json={"run_id": seeded.run.run_id, "expires_at": too_late}, headers=headers)
+        assert r.status_code == 422 and "at most 365 days" in r.json()["detail"], too_late
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(form), "run_id": str(seeded.run.run_id),
+                                         "scope": "run", "expires_on": str(today + dt.timedelta(days=400))})
+    assert r.status_code == 422 and "at most 365 days" in r.text
+
+
 def test_share_api(web_client, holder, seeded):
     headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
     r = web_client.post("/api/shares", json={"run_id": seeded.run.run_id, "scope": "concepts",
