@@ -18,6 +18,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from app.models import Concept, LabelHistory, User, utcnow
 from app.schemas.concepts import HistoryEntry
 from app.schemas.labels import MAX_TAG, MAX_TAGS, LabelEdit, LabelState
+from app.services.text import storable
 from usae_core.errors import UsaeError
 
 
@@ -61,8 +62,8 @@ def _last_editor(session: Session, concept_id: int) -> str:
 def update_label(session: Session, *, concept: Concept, editor: User, edit: LabelEdit) -> LabelState:
     """Apply `edit` and record it in the history; LabelConflict when `edit.version` is stale.
     An edit that changes nothing is accepted without a new version or history entry."""
-    label, description = edit.label.strip(), edit.description.strip()
-    tags = normalize_tags(edit.tags)
+    label, description = storable(edit.label.strip(), "label"), storable(edit.description.strip(), "description")
+    tags = [storable(tag, "tag") for tag in normalize_tags(edit.tags)]
     if edit.version != concept.version:
         raise LabelConflict(label_state(concept), _last_editor(session, concept.id))
     old = label_state(concept)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.models import Concept, Run, ShareLink, User, utcnow
 from app.schemas.shares import ShareCreated, ShareInfo
+from app.services.text import storable
 from app.urls import share_urls
 from app.viewer import ShareGrant
 from usae_core.errors import UsaeError
@@ -92,7 +93,7 @@ def create_share(session: Session, *, run: Run, creator: User, scope: str, conce
         raise UsaeError(f"a link can work for at most {MAX_SHARE_DAYS} days; choose an earlier expiry")
     token = secrets.token_urlsafe(TOKEN_BYTES)
     link = ShareLink(token_hash=hash_token(token), scope=scope, run_id=run.id, concept_indices=indices,
-                     note=note.strip(), created_by=creator.id, expires_at=expires_at)
+                     note=storable(note.strip(), "note"), created_by=creator.id, expires_at=expires_at)
     link.run, link.creator = run, creator
     session.add(link)
     session.flush()

@@ -155,3 +155,28 @@ def test_sqlite_migrations_keep_existing_rows(tmp_path) -> None:
         s.add(MiningGeneration(run_id=1, media_prefix="x"))
     with Session() as s:
         assert s.scalars(sa.select(MiningGeneration.id)).one() == 8
+
+
+def test_text_a_database_cannot_store_is_refused_before_writing(db_url: str) -> None:
+    """PostgreSQL text cannot hold NUL characters; both backends refuse them the same way, with
+    nothing written, instead of SQLite storing them and Postgres failing at the flush."""
+    from app.schemas.labels import LabelEdit
+    from app.services.labels import update_label
+    from app.services.shares import create_share
+    from usae_core.errors import UsaeError
+
+    Session = session_factory(db_url)
+    with Session.begin() as s:
+        run = _make_run(s)
+        s.add(Concept(run_id=run.id, index=0))
+        s.add(User(username="alice", password_hash="x"))
+    with Session() as s:
+        concept, alice, run = s.scalars(sa.select(Concept)).one(), s.scalars(sa.select(User)).one(), s.get(Run, 1)
+        for edit in (LabelEdit(label="cr\x00ack", version=1), LabelEdit(description="a\x00b", version=1),
+                     LabelEdit(tags=["ru\x00st"], version=1)):
+            with pytest.raises(UsaeError, match="NUL"):
+                update_label(s, concept=concept, editor=alice, edit=edit)
+        with pytest.raises(UsaeError, match="NUL"):
+            create_share(s, run=run, creator=alice, scope="run", concept_indices=[], note="Q3\x00", expires_at=None)
+        assert update_label(s, concept=concept, editor=alice, edit=LabelEdit(label="crack", version=1)).version == 2
+        s.commit()

@@ -89,6 +89,12 @@ def test_label_api_with_versions(web_client, seeded):
     assert web_client.put(base, json={"label": "Other", "version": 2}).status_code == 403  # no CSRF header
     too_long = web_client.put(base, json={"label": "x" * 201, "version": 2}, headers=headers)
     assert too_long.status_code == 422
+    nul = web_client.put(base, json={"label": "Ed\x00ge", "version": 2}, headers=headers)
+    assert nul.status_code == 422 and "NUL" in nul.json()["detail"]
+    page = web_client.get(f"/runs/{seeded.run.run_id}/concepts/7").text
+    form = web_client.post(f"/runs/{seeded.run.run_id}/concepts/7/label", data={
+        "csrf_token": csrf_from(page), "version": "2", "label": "Edge", "tags": "edge, li\x00ne"})
+    assert form.status_code == 422 and "NUL character" in form.text
 
 
 def test_browser_search_and_tag_filter(web_client, seeded):
