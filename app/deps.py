@@ -18,6 +18,10 @@ from app.urls import ANALYST_URLS, share_urls
 from app.viewer import Viewer
 
 
+MAX_TOKEN_LENGTH = 200
+"""Real tokens have 43 characters; longer ones are not hashed, just not found."""
+
+
 class LoginRequired(Exception):
     """Raised for a visitor without a session: pages redirect to the log-in form, the API says 401."""
 
@@ -93,10 +97,12 @@ async def analyst_viewer(user: CurrentAnalyst) -> Viewer:
     return Viewer(urls=ANALYST_URLS, user=user)
 
 
-def share_viewer(session: SessionDep,
-                 token: Annotated[str, Path(description="The audit link's token", max_length=200)]) -> Viewer:
-    """A share-link holder; unknown tokens are 404, revoked or expired ones 410 (ShareGone)."""
+def share_viewer(session: SessionDep, token: Annotated[str, Path(description="The audit link's token")]) -> Viewer:
+    """A share-link holder; unknown tokens (of any length) are 404, revoked or expired ones 410
+    (ShareGone)."""
     try:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise ShareNotFound()
         grant = resolve_share(session, token=token)
     except ShareNotFound:
         raise HTTPException(404, "There is no audit link at this address. Check that it was copied completely.") from None

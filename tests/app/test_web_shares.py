@@ -134,7 +134,9 @@ def test_expired_link_says_so(web_client, holder, seeded):
 
 
 def test_unknown_token_is_404(holder):
-    assert holder.get("/s/" + "A" * 43).status_code == 404
+    for token in ("A" * 43, "A" * 5000):
+        assert holder.get("/s/" + token).status_code == 404
+        assert holder.get(f"/api/s/{token}/runs/1/concepts").status_code == 404
 
 
 def test_bad_share_requests_get_clear_messages(web_client, seeded):
