@@ -9,7 +9,7 @@ from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from app.models import Run, User
-from app.security import SESSION_USER_KEY, csrf_is_valid
+from app.security import csrf_is_valid, session_user
 from app.services.runs_view import get_run
 from app.services.shares import ShareNotFound, resolve_share
 from app.services.users import active_user
@@ -61,10 +61,11 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def optional_analyst(request: Request, session: SessionDep) -> User | None:
-    user_id = request.session.get(SESSION_USER_KEY)
-    if not isinstance(user_id, int):
+    signed_in = session_user(request)
+    if signed_in is None:
         return None
-    user = active_user(session, user_id=user_id)
+    user_id, epoch = signed_in
+    user = active_user(session, user_id=user_id, epoch=epoch)
     _release_connection(session)
     return user
 

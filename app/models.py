@@ -85,6 +85,8 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    session_epoch: Mapped[int] = mapped_column(default=0, server_default="0")
+    """Sessions carry the epoch they began in; signing out moves it on, ending them all."""
 
 
 # --------------------------------------------------------------------------- runs

@@ -20,6 +20,7 @@ from starlette.requests import Request
 SESSION_COOKIE = "usae_session"
 SESSION_MAX_AGE_S = 14 * 24 * 3600
 SESSION_USER_KEY = "user_id"
+SESSION_EPOCH_KEY = "epoch"
 CSRF_SESSION_KEY = "csrf"
 CSRF_FORM_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
@@ -65,11 +66,18 @@ async def csrf_is_valid(request: Request) -> bool:
     return isinstance(sent, str) and hmac.compare_digest(sent, expected)
 
 
-def start_session(request: Request, user_id: int) -> None:
+def start_session(request: Request, user_id: int, epoch: int) -> None:
     """Log in: a fresh session (new CSRF token) so a token planted before log-in is useless."""
     request.session.clear()
     request.session[SESSION_USER_KEY] = user_id
+    request.session[SESSION_EPOCH_KEY] = epoch
     csrf_token(request)
+
+
+def session_user(request: Request) -> tuple[int, int] | None:
+    """(user id, epoch) the session was started with, if any."""
+    user_id, epoch = request.session.get(SESSION_USER_KEY), request.session.get(SESSION_EPOCH_KEY)
+    return (user_id, epoch) if isinstance(user_id, int) and isinstance(epoch, int) else None
 
 
 def end_session(request: Request) -> None:

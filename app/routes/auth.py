@@ -12,7 +12,7 @@ from app.deps import CsrfChecked, CurrentAnalyst, OptionalAnalyst, SessionDep
 from app.models import User
 from app.schemas.auth import CsrfToken, LoginBody, Me
 from app.security import LoginThrottle, csrf_token, end_session, start_session
-from app.services.users import authenticate
+from app.services.users import authenticate, end_all_sessions
 from app.templating import render
 from app.urls import ANALYST_URLS
 from app.viewer import Viewer
@@ -42,8 +42,15 @@ def _sign_in(request: Request, session: Session, username: str, password: str) -
         throttle.record_failure(key)
         return None
     throttle.reset(key)
-    start_session(request, user.id)
+    start_session(request, user.id, user.session_epoch)
     return user
+
+
+def _sign_out(request: Request, session: Session, user: User | None) -> None:
+    """Ends every session of the analyst, not only this cookie: a copy of it stops working too."""
+    if user is not None:
+        end_all_sessions(session, user=user)
+    end_session(request)
 
 
 def _login_form(request: Request, *, next_url: str, username: str = "", error: str | None = None,
@@ -75,8 +82,8 @@ def pages() -> APIRouter:
         return RedirectResponse(_safe_next(next), status_code=303)
 
     @router.post("/logout", dependencies=[CsrfChecked])
-    def logout(request: Request) -> RedirectResponse:
-        end_session(request)
+    def logout(request: Request, session: SessionDep, user: OptionalAnalyst) -> RedirectResponse:
+        _sign_out(request, session, user)
         return RedirectResponse("/login", status_code=303)
 
     return router
@@ -104,8 +111,9 @@ def api() -> APIRouter:
         return Me(id=user.id, username=user.username)
 
     @router.post("/logout", status_code=204, dependencies=[CsrfChecked], summary="Sign out")
-    def logout_api(request: Request) -> None:
-        end_session(request)
+    def logout_api(request: Request, session: SessionDep, user: OptionalAnalyst) -> None:
+        """Ends every session of this analyst (other devices and copies of the cookie too)."""
+        _sign_out(request, session, user)
 
     @router.get("/me", response_model=Me, summary="The signed-in analyst")
     def me_api(user: CurrentAnalyst) -> Me:

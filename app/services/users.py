@@ -45,6 +45,14 @@ def authenticate(session: Session, *, username: str, password: str) -> User | No
     return user if verify_password(user.password_hash, password) else None
 
 
-def active_user(session: Session, *, user_id: int) -> User | None:
+def active_user(session: Session, *, user_id: int, epoch: int) -> User | None:
+    """The analyst of a session started in `epoch`, while the account is active and has not
+    signed out since."""
     user = session.get(User, user_id)
-    return user if user is not None and user.is_active else None
+    return user if user is not None and user.is_active and user.session_epoch == epoch else None
+
+
+def end_all_sessions(session: Session, *, user: User) -> None:
+    """Sign the analyst out everywhere: every session cookie issued so far stops working."""
+    user.session_epoch += 1
+    session.flush()

@@ -24,6 +24,22 @@ def test_login_sets_session_and_logout_ends_it(web):
     r = web.post("/logout", data={"csrf_token": csrf_from(runs.text)}, follow_redirects=False)
     assert r.status_code == 303
     assert web.get("/api/auth/me").status_code == 401
+    # A copy of the signed cookie (another device, or one taken before sign-out) ends with it.
+    web.cookies.set(SESSION_COOKIE, cookie)
+    assert web.get("/api/auth/me").status_code == 401
+    assert web.get("/runs", follow_redirects=False).status_code == 303
+
+
+def test_signing_out_ends_every_session_of_that_analyst_only(web, seeded):
+    sign_in_as(web, seeded, "bob")
+    token = web.get("/api/auth/csrf").json()["csrf_token"]
+    assert web.post("/api/auth/logout", headers={"X-CSRF-Token": token}).status_code == 204
+    for name, still_in in (("bob", False), ("alice", True)):
+        sign_in_as(web, seeded, name)
+        assert (web.get("/api/auth/me").status_code == 200) is still_in, name
+    web.cookies.clear()
+    login(web, "bob")  # a new sign-in works at once
+    assert web.get("/api/auth/me").json()["username"] == "bob"
 
 
 def test_wrong_password_and_unknown_user_look_the_same(web):
