@@ -19,8 +19,9 @@ SHARE_CACHE = {"Cache-Control": "private, no-cache"}
 images at once instead of when an hour's cache runs out."""
 
 
-def _file_response(settings: SettingsDep, relative: str | None, headers: dict[str, str]) -> FileResponse:
-    path = resolve_media_file(settings.media_dir, relative) if relative else None
+def _file_response(settings: SettingsDep, relative: str | None, headers: dict[str, str], *,
+                   follow_links: bool = True) -> FileResponse:
+    path = resolve_media_file(settings.media_dir, relative, follow_links=follow_links) if relative else None
     if path is None:
         raise HTTPException(404, NOT_FOUND)
     return FileResponse(path, headers=headers)
@@ -39,6 +40,6 @@ def router() -> APIRouter:
         if relative is None or viewer.share is None or not share_may_fetch(session, grant=viewer.share,
                                                                              relative=relative):
             raise HTTPException(404, NOT_FOUND)
-        return _file_response(settings, relative, SHARE_CACHE)
+        return _file_response(settings, relative, SHARE_CACHE, follow_links=False)
 
     return r

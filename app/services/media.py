@@ -26,11 +26,16 @@ def clean_relative_path(raw: str) -> str | None:
     return str(path)
 
 
-def resolve_media_file(media_dir: Path, relative: str) -> Path | None:
-    """The file under `media_dir`, or None if it is missing or resolves outside (symlinks too)."""
+def resolve_media_file(media_dir: Path, relative: str, *, follow_links: bool = True) -> Path | None:
+    """The file under `media_dir`, or None if it is missing or resolves outside (symlinks too).
+
+    Without `follow_links` a path through any symbolic link inside the media directory is None
+    as well: a share's scope is decided on the path's text, so the text must be the file."""
     root = media_dir.resolve()
     candidate = (root / relative).resolve()
     if not candidate.is_relative_to(root) or not candidate.is_file():
+        return None
+    if not follow_links and candidate != root / relative:
         return None
     return candidate
 

@@ -65,3 +65,19 @@ def test_traversal_through_a_share_is_404(web_client, seeded):
     prefix = seeded.run.media_prefix
     for evil in (f"{prefix}/..%2F..%2F..%2Fusae.db", f"{prefix}/%2e%2e/%2e%2e/{seeded.other.media_prefix}/heatmaps/0/vit_s-0.png"):
         assert web_client.get(f"{path}/media/{evil}").status_code == 404
+
+
+def test_a_share_never_follows_a_link_out_of_its_scope(web_client, seeded):
+    """A symbolic link inside a shared run's folder to another run's file is not served through
+    the share, though its path text lies inside the scope."""
+    page = web_client.get("/shares").text
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), "scope": "run"})
+    path = re.search(r'id="share-url" value="http://testserver(/s/[^"]+)"', r.text).group(1)
+    media = seeded.settings.media_dir
+    (media / seeded.run.media_prefix / "borrowed.png").symlink_to(
+        media / seeded.other.media_prefix / "heatmaps" / "0" / "vit_s-0.png")
+    assert web_client.get(f"/media/{seeded.run.media_prefix}/borrowed.png").status_code == 200  # analysts see all
+    web_client.cookies.clear()
+    assert web_client.get(f"{path}/media/{seeded.run.media_prefix}/heatmaps/0/vit_s-0.png").status_code == 200
+    assert web_client.get(f"{path}/media/{seeded.run.media_prefix}/borrowed.png").status_code == 404
+
