@@ -62,7 +62,11 @@ class Scale:
         if not self.log:
             return nice_ticks(self.lo, self.hi, count)
         first, last = math.floor(math.log10(self.lo)), math.ceil(math.log10(self.hi))
-        return [10.0**e for e in range(first, last + 1) if self.lo <= 10.0**e <= self.hi]
+        decades = [10.0**e for e in range(first, last + 1)]
+        ticks = [t for t in decades if self.lo <= t <= self.hi]
+        if len(ticks) < 3:  # a narrow range: 1, 2, 5 steps, so the axis still reads
+            ticks = sorted(m * t for t in decades for m in (1, 2, 5) if self.lo <= m * t <= self.hi)
+        return ticks
 
 
 @dataclass

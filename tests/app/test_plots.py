@@ -11,3 +11,14 @@ def test_r2_heatmap_prints_short_values_and_marks_missing_cells():
     assert ">-0.22<" in svg and "0.215014" not in svg  # legend ends, rounded like the cells
     assert ">0.50<" in svg and ">–<" in svg
     assert "a → b: 0.50" in svg  # each cell names its pair in a tooltip
+
+
+def test_log_axes_label_narrow_ranges_in_1_2_5_steps():
+    from app.plots.svg import Scale
+
+    def ticks(lo, hi):
+        return [round(t, 9) for t in Scale(lo, hi, 0, 100, log=True).ticks()]
+
+    assert ticks(0.001, 1000) == [0.001, 0.01, 0.1, 1, 10, 100, 1000]  # wide: powers of ten only
+    assert ticks(0.05, 3) == [0.05, 0.1, 0.2, 0.5, 1, 2]  # one decade and a bit: 1-2-5
+    assert ticks(0.3, 0.9) == [0.5]
