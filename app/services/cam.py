@@ -50,8 +50,8 @@ def cam_unavailable(models: Iterable[RunModel]) -> str | None:
     if any(m.info.get("registry_name") for m in models):
         return None
     return ("CAM images need the networks themselves, and none of this run's models records the backbone "
-            "that produced its activations (they were imported). Extract them with usae extract to make "
-            "CAM images.")
+            "that produced its activations (they were imported). Extract them with the `usae extract` "
+            "command to make CAM images.")
 
 
 def cam_dir(run_id: int, concept_index: int) -> str:
