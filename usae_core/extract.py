@@ -307,6 +307,9 @@ def extract_store(
     if dtype not in TORCH_DTYPES:
         raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     source = source if isinstance(source, FolderSource) else FolderSource(source, check=False)
+    store_root = Path(out).resolve()
+    if store_root.is_relative_to(source.root) or source.root.is_relative_to(store_root):
+        raise UsaeError(f"the store {out} and the image folder {source.root} overlap; write the store elsewhere")
     models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
     grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
     rank, world_size = _dist_info()

@@ -256,6 +256,7 @@ class ActivationStore:
                 return StoreWriter(root, old)
             if not overwrite:
                 raise UsaeError(f"{root} already exists; pass --overwrite to replace it")
+            check_replaceable_store(root)
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / "image_ids.json", list(image_ids))
@@ -438,6 +439,14 @@ class ActivationStore:
         return out
 
 
+def check_replaceable_store(root: Path) -> None:
+    """`--overwrite` replaces an activation store, never any other folder: a folder with files
+    but no store manifest (a typo'd path, the image folder itself) is refused untouched."""
+    if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").exists():
+        raise UsaeError(f"{root} is not empty and holds no activation store; --overwrite only replaces a store, "
+                        "so write to a new or empty folder")
+
+
 def import_activations(
     out: str | Path,
     arrays: Mapping[str, str | Path | np.ndarray],
@@ -497,6 +506,8 @@ def import_activations(
     image_ids = list(image_ids) if image_ids is not None else [f"img-{i:07d}" for i in range(n_img)]
     if len(image_ids) != n_img:
         raise UsaeError(f"{len(image_ids)} image ids for {n_img} images")
+    if overwrite:
+        check_replaceable_store(Path(out))
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = ActivationStore.create(
             tmp,

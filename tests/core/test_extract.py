@@ -179,6 +179,15 @@ def test_activations_beyond_the_store_dtype_stop_with_a_clear_error(folder, tmp_
     assert not list((tmp_path / "store").rglob("*.npy"))
 
 
+def test_a_store_never_overlaps_its_image_folder(folder, mobilenet, tmp_path):
+    """Writing (or overwriting) a store over the images it reads would destroy them."""
+    images = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    for out, overwrite in ((Path(folder), True), (Path(folder) / "store", False), (Path(folder).parent, True)):
+        with pytest.raises(UsaeError, match="overlap"):
+            extract_store(folder, [mobilenet], out, num_workers=0, progress=False, overwrite=overwrite)
+    assert sorted(p for p in Path(folder).rglob("*") if p.is_file()) == images
+
+
 def test_a_different_layout_needs_overwrite(folder, mobilenet, tmp_path):
     out = tmp_path / "store"
     extract_store(folder, [mobilenet], out, num_workers=0, progress=False)

@@ -128,6 +128,20 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(tmp_pat
     assert ActivationStore.open(tmp_path / "s").n_images == 2
 
 
+def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path):
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(UsaeError, match="holds no activation store"):
+        import_activations(precious, _good(), overwrite=True)
+    with pytest.raises(UsaeError, match="holds no activation store"):
+        ActivationStore.create(precious, models={"a": 4}, grid=(1, 3), image_ids=["x"], overwrite=True)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"] and (precious / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert import_activations(empty, _good(), overwrite=True).n_images == 4
+
+
 def test_unfinished_store_cannot_be_opened_and_resumes(tmp_path):
     arrays = _good()
     ids = [f"i{i}" for i in range(4)]
