@@ -188,17 +188,24 @@ class USAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "USAE":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
         cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not cfg_path.exists() or not weights.exists():
             raise UsaeError(f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        config = json.loads(cfg_path.read_text())
-        if config.get("format") != CHECKPOINT_FORMAT:
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsaeError(f"{cfg_path} is damaged (not valid JSON: {exc}); retrain or restore the run") from None
+        if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
             raise UsaeError(f"{cfg_path} is not a USAE checkpoint config")
         model = cls(USAEConfig.from_dict(config["usae"]))
-        tensors = load_file(str(weights), device=str(map_location))
+        try:
+            tensors = load_file(str(weights), device=str(map_location))
+        except (SafetensorError, OSError) as exc:
+            raise UsaeError(f"{weights} is damaged ({exc}); retrain or restore the run") from None
         mine = model.tensors_by_name()
         missing = sorted(set(mine) - set(tensors))
         if missing:

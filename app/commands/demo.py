@@ -17,7 +17,7 @@ def demo_cmd(
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the explorer when done.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8000,
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open a browser where one exists.")] = True,
     data_dir: DataDir = None,
 ) -> None:

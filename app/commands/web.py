@@ -22,9 +22,9 @@ user_cli = typer.Typer(help="Analyst accounts.", no_args_is_help=True)
 
 def serve_cmd(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[Optional[int], typer.Option(
-        help="Server processes (default: one per CPU core, which serves the most users).")] = None,
+        min=1, help="Server processes (default: one per CPU core, which serves the most users).")] = None,
     job_worker: Annotated[bool, typer.Option(
         "--job-worker/--no-job-worker",
         help="Also run `usae worker` for background jobs (CAM images); turn off when workers run elsewhere.")] = True,
@@ -164,7 +164,7 @@ def user_add_cmd(
 
 
 def worker_cmd(
-    threads: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Jobs run at once.")] = 1,
     torch_threads: Annotated[Optional[int], typer.Option(
         help="CPU threads a job's PyTorch may use (default: PyTorch's own choice, every core).")] = None,
     data_dir: DataDir = None,

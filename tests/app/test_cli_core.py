@@ -79,3 +79,12 @@ def test_existing_store_requires_overwrite(tmp_path, npy):
     proc = _cli_error("import-activations", "--out", out, "--model", f"resnet={npy['resnet']}")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert _run("import-activations", "--out", out, "--model", f"dino={npy['dino']}", "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize("args", [("serve", "--port", "70000"), ("serve", "--port", "-1"), ("serve", "--workers", "-2"),
+                                  ("worker", "--threads", "0"), ("demo", "--port", "0"),
+                                  ("extract", "--images", "x", "--out", "y", "--workers", "-1")])
+def test_out_of_range_sizes_are_refused_before_anything_starts(args):
+    result = _run(*args)
+    assert result.exit_code == 2 and "Invalid value for" in result.output, result.output
+

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from usae_core.config import USAEConfig
+from usae_core.errors import UsaeError
 from usae_core.metrics import (
     R2Accumulator,
     cofire_proportion,
@@ -103,3 +104,12 @@ def test_evaluate_matches_a_float64_brute_force(tmp_path):
     np.testing.assert_allclose(res.l0, [(z[n] > tau).sum(1).mean() for n in names], rtol=1e-6)
     np.testing.assert_allclose(res.firing_entropy, firing_entropy(fire))
     assert res.dead_fraction == pytest.approx((fire.sum(0) == 0).mean())
+
+
+def test_evaluating_on_a_store_of_other_models_is_a_clear_error(tmp_path):
+    rng = np.random.default_rng(2)
+    store = import_activations(tmp_path / "s", {"a": rng.standard_normal((3, 4, 5)).astype(np.float32)})
+    model = USAE(USAEConfig(model_dims={"a": 6}, n_concepts=8, k=2, encoder="linear"))
+    with pytest.raises(UsaeError, match="trained on models"):
+        evaluate_usae(model, store)
+

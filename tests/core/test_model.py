@@ -92,6 +92,18 @@ def test_loading_a_non_run_is_a_clear_error(tmp_path):
         USAE.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_loading_a_damaged_run_is_a_clear_error(tmp_path, damage):
+    _model().save_pretrained(tmp_path)
+    if damage == "config":
+        (tmp_path / "config.json").write_text("{not json")
+    else:
+        weights = tmp_path / "usae.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    with pytest.raises(UsaeError, match="damaged"):
+        USAE.from_pretrained(tmp_path)
+
+
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(UsaeError, match="not in this USAE"):
         _model().dictionary("dino")
