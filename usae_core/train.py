@@ -131,24 +131,35 @@ class Trainer:
             shutil.rmtree(path, ignore_errors=True)
 
     def load_latest_checkpoint(self) -> bool:
-        ckpts = sorted((self.out / CHECKPOINT_DIR).glob("step-*"))
-        if not ckpts:
-            return False
-        latest = ckpts[-1]
-        loaded = USAE.from_pretrained(latest, map_location=self.device)
-        if loaded.cfg != self.model.cfg:
-            raise UsaeError(f"{latest} was trained with a different USAE shape; start a new run")
-        self.model.load_state_dict(loaded.state_dict())
-        state = torch.load(latest / TRAINER_STATE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._bind_lr()
-        self._graphs.clear()
-        self.since_fired.copy_(state["since_fired"])
-        self.step = int(state["step"])
-        self._truncate_metrics(self.step)
-        log.info("resumed %s at step %d", self.out, self.step)
-        return True
+        """Resume from the newest readable checkpoint. Checkpoints are written atomically, but a
+        disk can still damage one: then the one before it is used (KEEP_CHECKPOINTS are kept).
+        Temporaries of a write that was killed are removed."""
+        directory = self.out / CHECKPOINT_DIR
+        for stale in directory.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        ckpts = sorted(directory.glob("step-*"))
+        for ckpt in reversed(ckpts):
+            try:
+                loaded = USAE.from_pretrained(ckpt, map_location=self.device)
+                state = torch.load(ckpt / TRAINER_STATE, map_location=self.device, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways (zip, pickle, struct, ...)
+                log.warning("checkpoint %s cannot be read (%s); trying the one before it", ckpt, exc)
+                continue
+            if loaded.cfg != self.model.cfg:
+                raise UsaeError(f"{ckpt} was trained with a different USAE shape; start a new run")
+            self.model.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self._bind_lr()
+            self._graphs.clear()
+            self.since_fired.copy_(state["since_fired"])
+            self.step = int(state["step"])
+            self._truncate_metrics(self.step)
+            log.info("resumed %s at step %d", self.out, self.step)
+            return True
+        if ckpts:
+            raise UsaeError(f"no checkpoint in {directory} can be read; start again with --overwrite")
+        return False
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / METRICS_FILE

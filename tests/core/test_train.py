@@ -136,6 +136,29 @@ def test_checkpoints_are_complete_and_leave_no_temporaries(planted, tmp_path):
     assert config["step"] == 30 and config["usae"]["n_concepts"] == 16
 
 
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged(planted, tmp_path):
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 30)
+    straight = train_usae(store, tmp_path / "straight", ucfg, tcfg)
+    ucfg, tcfg = _small_cfgs(store, 30)
+    train_usae(store, tmp_path / "run", ucfg, tcfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    state = ckpts / "step-00000030" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])  # damaged on disk
+    (ckpts / ".step-00000040.abcd.tmp").mkdir()  # left by a write that was killed
+    trainer_steps = []
+    resumed = train_usae(store, tmp_path / "run", ucfg, tcfg, resume=True,
+                         callbacks=[lambda record: trainer_steps.append(record["step"])])
+    assert trainer_steps and min(trainer_steps) > 20  # resumed from step 20, not from scratch
+    for key, value in straight.state_dict().items():  # and training from there is exact
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert not list(ckpts.glob(".*.tmp"))
+    for name in ("step-00000020", "step-00000030"):
+        (ckpts / name / "trainer_state.pt").write_bytes(b"junk")
+    with pytest.raises(UsaeError, match="no checkpoint .* can be read"):
+        train_usae(store, tmp_path / "run", ucfg, tcfg, resume=True)
+
+
 def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
     _, store = planted
     ucfg, tcfg = _small_cfgs(store, 5)
