@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+"""The process's umask: temporary files and folders are created private (0600 / 0700), and are
+given the permissions a plain `open` or `mkdir` would have given them before they are renamed
+into place, so a server running as another user can read what the CLI wrote."""
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory's entries (renames into it) to disk."""
     with contextlib.suppress(OSError):
@@ -34,6 +41,7 @@ def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -70,6 +78,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         raise UsaeError(f"{target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
         if target.exists():

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from app.services.concepts import card_ranks
 from app.services.runs import register_run
 from app.services.runs_view import mining_owner
 from usae_core import render
+from usae_core.atomic import atomic_path
 from usae_core.mining import DefectMasks, MiningConfig, MiningResult, mine_store, top_image_heatmaps
 
 log = logging.getLogger(__name__)
@@ -318,14 +318,8 @@ def write_image(path: Path, image: PILImage.Image) -> None:
         image.convert("RGB").save(buf, format="JPEG", quality=88)
     else:
         image.save(buf, format="PNG", compress_level=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path, durable=False) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 # --------------------------------------------------------------------------- flip and cleanup

@@ -1,0 +1,53 @@
+"""Atomic writes: the new file or folder appears whole, with ordinary permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from usae_core import atomic
+from usae_core.atomic import atomic_directory, atomic_path, atomic_write_json
+from usae_core.store import import_activations
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask_022(monkeypatch):
+    """A umask of 022 for plain writes, and for the atomic writes (which read it at import)."""
+    old = os.umask(0o022)
+    monkeypatch.setattr(atomic, "_UMASK", 0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_and_folders_get_the_permissions_of_a_plain_write(tmp_path, umask_022):
+    """Temporary files are private; what is renamed into place must not stay so, or a server
+    running as another user cannot read what the command line wrote."""
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    with atomic_path(tmp_path / "b.bin", durable=False) as tmp:
+        tmp.write_bytes(b"data")
+    with atomic_directory(tmp_path / "folder") as tmp:
+        (tmp / "inside.txt").write_text("hi")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    (tmp_path / "plain-dir").mkdir()
+    assert _mode(tmp_path / "a.json") == _mode(tmp_path / "b.bin") == _mode(plain) == 0o644
+    assert _mode(tmp_path / "folder") == _mode(tmp_path / "plain-dir") == 0o755
+    store = import_activations(tmp_path / "store", {"m": np.zeros((2, 4, 3), np.float32)})
+    assert _mode(store.root) == 0o755 and _mode(store.root / "manifest.json") == 0o644
+
+
+def test_a_failed_block_leaves_the_old_file_and_no_temporary(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"version": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert (tmp_path / "a.json").read_text().strip().startswith("{") and "1" in (tmp_path / "a.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
