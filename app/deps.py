@@ -60,12 +60,17 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def optional_analyst(request: Request, session: SessionDep) -> User | None:
-    signed_in = session_user(request)
+def signed_in_user(request: Request, session: Session) -> User | None:
+    """The active analyst whose session this request carries, if any."""
+    signed_in = session_user(request) if "session" in request.scope else None
     if signed_in is None:
         return None
     user_id, epoch = signed_in
-    user = active_user(session, user_id=user_id, epoch=epoch)
+    return active_user(session, user_id=user_id, epoch=epoch)
+
+
+def optional_analyst(request: Request, session: SessionDep) -> User | None:
+    user = signed_in_user(request, session)
     _release_connection(session)
     return user
 

@@ -22,14 +22,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import get_engine, session_factory
-from app.deps import LoginRequired, analyst_viewer, share_viewer
+from app.deps import LoginRequired, analyst_viewer, share_viewer, signed_in_user
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
 from app.routes import auth, compare, concepts, explain, jobs, media, runs, shares
-from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle, session_user
+from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle
 from app.services.explain import ModelCache
 from app.services.shares import ShareGone
-from app.services.users import active_user
 from app.settings import Settings, get_settings
 from app.templating import render
 from app.urls import ANALYST_URLS
@@ -117,11 +116,8 @@ def _is_api(request: Request) -> bool:
 
 def _error_viewer(request: Request) -> Viewer:
     """Error pages show the analyst's navigation when someone is signed in."""
-    signed_in = session_user(request) if "session" in request.scope else None
-    if signed_in is None:
-        return Viewer(urls=ANALYST_URLS)
     with request.app.state.sessionmaker() as session:
-        return Viewer(urls=ANALYST_URLS, user=active_user(session, user_id=signed_in[0], epoch=signed_in[1]))
+        return Viewer(urls=ANALYST_URLS, user=signed_in_user(request, session))
 
 
 def _error_page(request: Request, status_code: int, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from usae_core.errors import UsaeError
-
 
 def r2_score(x: np.ndarray | torch.Tensor, x_hat: np.ndarray | torch.Tensor) -> float:
     """R^2 with a per-dimension mean, computed in float64."""
@@ -155,8 +153,7 @@ def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, dev
     """One streaming pass over the store: R^2 matrix, L0, and per-concept firing statistics."""
     from tqdm.auto import tqdm
 
-    if model.cfg.model_dims != store.dims:
-        raise UsaeError(f"the USAE was trained on models {model.cfg.model_dims}, the store has {store.dims}")
+    model.check_store(store)
     model = model.to(device).eval()
     names = model.names
     m, c = len(names), model.cfg.n_concepts

@@ -280,8 +280,7 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
     """Stream the store once and gather everything per concept (see the module docstring)."""
     cfg = cfg or MiningConfig()
     device = torch.device(device)
-    if model.cfg.model_dims != store.dims:
-        raise UsaeError(f"the USAE was trained on models {model.cfg.model_dims}, the store has {store.dims}")
+    model.check_store(store)
     model = model.to(device).eval()
     names = list(model.names)
     t = store.tokens_per_image

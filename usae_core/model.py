@@ -78,6 +78,11 @@ class USAE(nn.Module):
     def dictionary(self, model: str) -> torch.Tensor:
         return self.dictionaries[self.index(model)]
 
+    def check_store(self, store) -> None:
+        """UsaeError unless `store` holds exactly the models (names and dims) this USAE was trained on."""
+        if self.cfg.model_dims != store.dims:
+            raise UsaeError(f"the USAE was trained on models {self.cfg.model_dims}, the store has {store.dims}")
+
     def set_stats(self, stats: dict[str, dict]) -> None:
         """Load per-model `mean` [dim] and `scale` [] (from `ActivationStore.compute_stats`)."""
         for name in self.names:
