@@ -31,7 +31,7 @@ SHARD_IMAGES = 256
 def write_store(root: Path, dims: dict[str, int], n_images: int, stream) -> ActivationStore:
     tokens = GRID[0] * GRID[1]
     writer = ActivationStore.create(root, models=dims, grid=GRID, image_ids=[f"img-{i:07d}" for i in range(n_images)],
-                                    dtype="float16", shard_images=SHARD_IMAGES, overwrite=True)
+                                    dtype="float16", shard_images=SHARD_IMAGES)
     for span in writer.spans:
         batch = stream.batch(span.index, span.n_images * tokens)
         writer.write_shard(span.index, {m: a.view(span.n_images, tokens, -1).half().cpu() for m, a in batch.items()})

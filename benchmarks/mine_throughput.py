@@ -19,6 +19,7 @@ import datetime
 import io
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from usae_core.config import USAEConfig  # noqa: E402
 from usae_core.errors import UsaeError  # noqa: E402
 from usae_core.mining import MiningConfig, mine_store, nearest_concepts, top_image_heatmaps  # noqa: E402
 from usae_core.model import USAE  # noqa: E402
-from usae_core.store import ActivationStore  # noqa: E402
+from usae_core.store import ActivationStore, check_replaceable_store  # noqa: E402
 from usae_core.train import resolve_device  # noqa: E402
 
 PAPER_DIMS = {"dinov2": 384, "siglip": 768, "vit": 768}
@@ -49,8 +50,10 @@ def synthetic_store(root: Path, n_images: int, grid: tuple[int, int], dtype: str
             return store
     except UsaeError:
         pass
+    check_replaceable_store(root)  # a benchmark store of another layout is rewritten, never any other folder
+    shutil.rmtree(root, ignore_errors=True)
     writer = ActivationStore.create(root, models=PAPER_DIMS, grid=grid, dtype=dtype, shard_images=shard_images,
-                                    image_ids=[f"bench-{i:07d}" for i in range(n_images)], overwrite=True)
+                                    image_ids=[f"bench-{i:07d}" for i in range(n_images)])
     rng = np.random.default_rng(0)
     t = grid[0] * grid[1]
     for span in writer.spans:

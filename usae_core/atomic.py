@@ -67,28 +67,67 @@ def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name and move it into place only on success.
+    """Build a directory beside `target` and move it into place only on success.
 
-    With `overwrite`, an existing `target` is replaced only after the new one is complete.
+    With `overwrite`, an existing `target` is replaced only after the new one is complete
+    (`swap_in_replacement`); a block that fails leaves `target` as it was and removes the
+    partial folder.
     """
     target = Path(target)
     if target.exists() and not overwrite:
         from usae_core.errors import UsaeError
 
         raise UsaeError(f"{target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o777 & ~_UMASK)
+    tmp = start_replacement(target)
     try:
         yield tmp
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, trash / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in_replacement(target)
+
+
+def replacement_folders(target: Path) -> tuple[Path, Path]:
+    """(new, old): where a replacement of the folder `target` is built, and where the folder it
+    replaces is renamed before it is deleted. Both are hidden siblings of `target`, so every
+    rename stays inside one directory of one file system."""
+    return target.parent / f".{target.name}.replacing", target.parent / f".{target.name}.replaced"
+
+
+def start_replacement(target: Path) -> Path:
+    """An empty folder to build a replacement of `target` in. What earlier replacements left is
+    cleaned up first: a swap cut between its renames is finished, an abandoned build deleted."""
+    new, _ = replacement_folders(target)
+    finish_replacement(target)
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    return new
+
+
+def swap_in_replacement(target: Path) -> None:
+    """Move the finished replacement of `target` into place: the old folder is renamed aside,
+    the new one renamed in, then the old one deleted. A crash between the two renames leaves
+    `target` missing with both folders beside it; `finish_replacement` completes the swap."""
+    new, old = replacement_folders(target)
+    if not target.exists():
+        os.replace(new, target)
         fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(old, ignore_errors=True)  # left by an earlier swap that stopped before deleting it
+    os.replace(target, old)
+    finish_replacement(target)  # the second rename, and the deletion of the old folder
+
+
+def finish_replacement(target: Path) -> None:
+    """Complete a swap that a crash cut short. With `target` missing and the old folder aside,
+    the replacement (complete before the swap began) moves in, or, without one, the old folder
+    moves back; an old folder left beside `target` is deleted. A replacement still being built
+    is never touched, so readers may call this too."""
+    new, old = replacement_folders(target)
+    if not old.exists():
+        return
+    if not target.exists():
+        with contextlib.suppress(FileNotFoundError):  # another process finished it first
+            os.replace(new if new.exists() else old, target)
+        fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

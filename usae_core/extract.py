@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,11 +32,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from usae_core.atomic import finish_replacement, replacement_folders, start_replacement, swap_in_replacement
 from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
 from usae_core.errors import UsaeError
 from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
-from usae_core.store import TORCH_DTYPES, ActivationStore, ShardSpan, StoreWriter, non_finite_error
+from usae_core.store import (
+    TORCH_DTYPES,
+    ActivationStore,
+    ShardSpan,
+    StoreWriter,
+    check_replaceable_store,
+    non_finite_error,
+)
 from usae_core.store_compact import plan_compaction, stage_shards, start_staging
 from usae_core.store_layout import span_of_image
 
@@ -293,7 +302,8 @@ def extract_store(
 
     `backbones` are registry names or built Backbone objects; `weights`/`layers` map a name to a
     local weight path / layer. `grid` defaults to the smallest native grid. A rerun resumes an
-    unfinished store with the same layout; `overwrite` starts again. A folder path is only
+    unfinished store with the same layout; `overwrite` starts again, building the new store
+    beside an existing one, which is replaced only once the new one is complete. A folder path is only
     listed, not test-decoded: files that fail to decode during extraction are dropped from the
     store, listed in `meta["skipped_images"]` and named in one warning. `timings`, when given,
     is filled in with where this rank's extraction loop spent its time.
@@ -324,10 +334,51 @@ def extract_store(
     }
     layout = dict(models={m.store_name: m.dim for m in models}, grid=grid, image_ids=source.ids, dtype=dtype,
                   shard_images=shard_images, model_info={m.store_name: m.info() for m in models}, meta=meta)
+    out = Path(out)
+    replacing = _replaces_a_store(out, overwrite, rank, world_size)
+    # --overwrite builds the new store beside the old one, which stays whole until the swap.
+    build = replacement_folders(out)[0] if replacing else out
     if rank == 0:
-        ActivationStore.create(out, **layout, overwrite=overwrite, resume=not overwrite)
+        if replacing:
+            start_replacement(out)
+        ActivationStore.create(build, **layout, resume=not replacing)
     _barrier(world_size)
-    writer = ActivationStore.create(out, **layout, resume=True)
+    writer = ActivationStore.create(build, **layout, resume=True)
+    try:
+        finishing = _fill(source, models, writer, rank, world_size, grid=grid, batch_size=batch_size,
+                          device=device, num_workers=num_workers, progress=progress, compile=compile,
+                          timings=timings, called=called)
+    except BaseException:
+        if replacing and world_size == 1:  # the old store is untouched; --overwrite starts again anyway
+            shutil.rmtree(build, ignore_errors=True)
+        raise
+    if rank == 0 and replacing:
+        swap_in_replacement(out)
+    _barrier(world_size)
+    store = ActivationStore.open(out)
+    timings.finalizing = time.perf_counter() - finishing
+    return store
+
+
+def _replaces_a_store(out: Path, overwrite: bool, rank: int, world_size: int) -> bool:
+    """Whether this extraction replaces a store already at `out` (only ever a store), decided
+    the same on every rank before rank 0 writes anything. A swap an earlier --overwrite left
+    cut between its renames is finished first."""
+    if rank == 0:
+        finish_replacement(out)
+    _barrier(world_size)
+    replacing = overwrite and out.is_dir() and any(out.iterdir())
+    if replacing:
+        check_replaceable_store(out)
+    _barrier(world_size)
+    return replacing
+
+
+def _fill(source: FolderSource, models: list[Backbone], writer: StoreWriter, rank: int, world_size: int, *,
+          grid: tuple[int, int], batch_size: int, device: str, num_workers: int | None, progress: bool,
+          compile: bool, timings: ExtractTimings, called: float) -> float:
+    """Extract this rank's unfinished shards, then (rank 0) finalise the store; returns when
+    finalising began (time.perf_counter)."""
     mine = [s for s in writer.spans if s.index % world_size == rank and not writer.is_done(s.index)]
     for span in mine:
         if not span.n_images:  # a shard a compaction emptied, its file lost since: nothing to extract
@@ -346,10 +397,7 @@ def extract_store(
         store = writer.finalize()
         warn_skipped(source.root, {i: why for i, why in store.meta.get("skipped_images", {}).items()
                                    if i not in source.skipped})  # a checked source named its own
-    _barrier(world_size)
-    store = ActivationStore.open(out)
-    timings.finalizing = time.perf_counter() - finishing
-    return store
+    return finishing
 
 
 def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: int) -> None:

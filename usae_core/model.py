@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usae_core.atomic import atomic_path, atomic_write_json
+from usae_core.atomic import atomic_path, atomic_write_json, finish_replacement
 from usae_core.config import USAEConfig
 from usae_core.errors import UsaeError
 from usae_core.kernels.topk import relu_topk
@@ -198,6 +198,8 @@ class USAE(nn.Module):
 
         directory = Path(directory)
         cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not cfg_path.exists():
+            finish_replacement(directory)  # a `train --overwrite` whose swap was cut between its renames
         if not cfg_path.exists() or not weights.exists():
             raise UsaeError(f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from usae_core.atomic import atomic_path, atomic_write_json
+from usae_core.atomic import atomic_path, atomic_write_json, finish_replacement
 from usae_core.errors import UsaeError
 from usae_core.store_compact import compact_failed_images, finish_compaction
 from usae_core.store_layout import (
@@ -203,13 +202,14 @@ class ActivationStore:
         shard_images: int = 256,
         model_info: Mapping[str, dict] | None = None,
         meta: dict | None = None,
-        overwrite: bool = False,
         resume: bool = False,
     ) -> StoreWriter:
-        """Start a store (or, with `resume`, reopen an unfinished one with the same layout).
+        """Start a store in a new or empty folder (or, with `resume`, reopen an unfinished one
+        with the same layout). Replacing a store is the caller's business: it builds the new one
+        beside the old and swaps them (`usae_core.atomic.swap_in_replacement`).
 
         A store that dropped images it could not read (`meta["skipped_images"]`) still matches
-        the image list it was created with; those images stay left out until `overwrite`."""
+        the image list it was created with; those images stay left out until it is replaced."""
         root = Path(path)
         if not models:
             raise UsaeError("a store needs at least one model")
@@ -254,10 +254,7 @@ class ActivationStore:
                         f"{root} holds a store with a different layout; pass --overwrite to start again"
                     )
                 return StoreWriter(root, old)
-            if not overwrite:
-                raise UsaeError(f"{root} already exists; pass --overwrite to replace it")
-            check_replaceable_store(root)
-            shutil.rmtree(root)
+            raise UsaeError(f"{root} already exists; pass --overwrite to replace it")
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / "image_ids.json", list(image_ids))
         atomic_write_json(root / "manifest.json", manifest)
@@ -267,6 +264,8 @@ class ActivationStore:
     def open(cls, path: str | Path) -> "ActivationStore":
         root = Path(path)
         mf = root / "manifest.json"
+        if not mf.exists():
+            finish_replacement(root)  # a replacement whose swap was cut between its two renames
         if not mf.exists():
             raise UsaeError(f"{root} is not an activation store (no manifest.json)")
         try:
@@ -517,7 +516,6 @@ def import_activations(
             dtype=dtype,
             shard_images=shard_images,
             meta={"source": "import-activations"},
-            overwrite=True,
         )
         for span in writer.spans:
             writer.write_shard(span.index, {n: np.asarray(a[span.start : span.stop]) for n, a in loaded.items()})

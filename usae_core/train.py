@@ -20,7 +20,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from usae_core.atomic import atomic_directory, atomic_path
+from usae_core.atomic import (
+    atomic_directory,
+    atomic_path,
+    finish_replacement,
+    replacement_folders,
+    start_replacement,
+    swap_in_replacement,
+)
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
@@ -135,7 +142,9 @@ class Trainer:
         disk can still damage one: then the one before it is used (KEEP_CHECKPOINTS are kept).
         Temporaries of a write that was killed are removed."""
         directory = self.out / CHECKPOINT_DIR
-        for stale in directory.glob(".step-*.tmp"):
+        for aside in directory.glob(".step-*.replaced"):  # a rewrite of a checkpoint cut between its renames
+            finish_replacement(directory / aside.name.removeprefix(".").removesuffix(".replaced"))
+        for stale in directory.glob(".step-*"):  # hidden: never a finished checkpoint
             shutil.rmtree(stale, ignore_errors=True)
         ckpts = sorted(directory.glob("step-*"))
         for ckpt in reversed(ckpts):
@@ -404,21 +413,42 @@ def train_usae(
     """Train a USAE on `store` into the run directory `out_dir` and return it (in eval mode).
 
     `resume` continues from the newest checkpoint in `out_dir` exactly as if never stopped.
+    `overwrite` trains a new run beside an existing one, which is replaced only once the new
+    run is complete; an interrupted overwrite leaves the old run as it was.
     """
     out = Path(out_dir)
     if set(usae_cfg.model_dims) != set(store.model_names) or any(
         usae_cfg.model_dims[m] != store.dims[m] for m in store.model_names
     ):
         raise UsaeError(f"USAE models {usae_cfg.model_dims} do not match the store's {store.dims}")
-    has_run = (out / CHECKPOINT_DIR).exists() or (out / "config.json").exists()
-    if has_run and not resume:
-        if not overwrite:
-            raise UsaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(store, out, usae_cfg, cfg, callbacks or [])
-    if not (resume and trainer.load_latest_checkpoint()):
-        stats = store.compute_stats()
-        trainer.model.set_stats(stats)
-        (out / METRICS_FILE).unlink(missing_ok=True)
-    return trainer.run()
+    writes = not dist.is_initialized() or dist.get_rank() == 0  # only rank 0 writes the run's files
+    build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, writes=writes)
+    trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
+    try:
+        if not (resume and trainer.load_latest_checkpoint()):
+            stats = store.compute_stats()
+            trainer.model.set_stats(stats)
+            (build / METRICS_FILE).unlink(missing_ok=True)
+        model = trainer.run()
+    except BaseException:
+        if replacing and writes:  # the old run is untouched; --overwrite starts again anyway
+            shutil.rmtree(build, ignore_errors=True)
+        raise
+    if replacing and writes:
+        swap_in_replacement(out)
+    return model
+
+
+def _training_folder(out: Path, *, resume: bool, overwrite: bool, writes: bool) -> tuple[Path, bool]:
+    """The folder to train in, and whether it replaces a run at `out`: --overwrite trains the
+    new run beside the old one, which stays whole until the finished new run is swapped in."""
+    if writes:
+        finish_replacement(out)  # an earlier --overwrite cut between its renames
+    replacing = ((out / CHECKPOINT_DIR).exists() or (out / "config.json").exists()) and not resume
+    if replacing and not overwrite:
+        raise UsaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    build = replacement_folders(out)[0] if replacing else out
+    if replacing and writes:
+        start_replacement(out)
+    build.mkdir(parents=True, exist_ok=True)
+    return build, replacing

@@ -46,7 +46,7 @@ def extract_cmd(
     shard_images: Annotated[int, typer.Option(help="Images per store shard (the unit of resuming).")] = 256,
     random_init: Annotated[bool, typer.Option(help="Random weights (benchmarks and tests only).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (GPU).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store instead of resuming it.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store instead of resuming it (the old one stays until the new one is complete).")] = False,
     distributed: Annotated[bool, typer.Option(help="Split shards over torchrun ranks.")] = False,
     data_dir: DataDir = None,
 ) -> None:

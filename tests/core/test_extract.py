@@ -200,6 +200,35 @@ def test_a_different_layout_needs_overwrite(folder, mobilenet, tmp_path):
         extract_store(folder, [mobilenet, mobilenet], tmp_path / "dup", num_workers=0, progress=False)
 
 
+def test_a_failed_overwrite_leaves_the_old_store_whole(folder, mobilenet, tmp_path):
+    """--overwrite builds the new store beside the old one: a backbone that fails midway leaves
+    the old store readable, row for row, and nothing else beside it."""
+    out = tmp_path / "store"
+    old = extract_store(folder, [mobilenet], out, shard_images=2, num_workers=0, progress=False)
+    rows = [old.image_tokens("mobilenet_v2", i) for i in range(old.n_images)]
+    calls = []
+
+    def fail_on_the_second_batch(_module, _inputs, _output):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("backbone on fire")
+
+    handle = mobilenet.register_forward_hook(fail_on_the_second_batch)
+    try:
+        with pytest.raises(RuntimeError, match="backbone on fire"):
+            extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, grid=(7, 7), num_workers=0,
+                          progress=False, overwrite=True)
+    finally:
+        handle.remove()
+    kept = ActivationStore.open(out)
+    assert kept.grid == (14, 14) and kept.n_images == len(rows)
+    for i, want in enumerate(rows):
+        np.testing.assert_array_equal(kept.image_tokens("mobilenet_v2", i), want)
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+    replaced = extract_store(folder, [mobilenet], out, grid=(7, 7), num_workers=0, progress=False, overwrite=True)
+    assert replaced.grid == (7, 7) and [p.name for p in tmp_path.iterdir()] == ["store"]
+
+
 # ----------------------------------------------------------------------------- torchrun-style sharding
 def _rank_main(rank: int, world_size: int, init_file: str, folder: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from usae_core.errors import UsaeError
 from usae_core.extract import extract_store
 from usae_core.store import ActivationStore
 from usae_core.store_compact import STAGING
+from tests.core.crash import stopped_at_rename
 from tests.core.test_extract import tiny_dinov2
 
 BAD = "05-bad.jpg"
@@ -189,29 +189,11 @@ def test_compaction_cut_short_at_any_rename_is_finished_by_a_rerun(folders, back
                                                                    tmp_path, monkeypatch):
     """Every file move of the compaction (atomic writes and the roll-forward) fails in turn; the
     store is never readable in a wrong state, and the next run completes it."""
-    real_replace = os.replace
     crash_points = 0
     for fail_at in range(1, 100):
         work = tmp_path / f"crash-{fail_at}"
         shutil.copytree(uncompacted, work)
-        calls = 0
-
-        def failing_replace(src, dst, *, _at=fail_at):
-            nonlocal calls
-            calls += 1
-            if calls == _at:
-                raise OSError("simulated crash")
-            return real_replace(src, dst)
-
-        monkeypatch.setattr(os, "replace", failing_replace)
-        try:
-            _extract(folders[1], backbone, work)
-            crashed = False
-        except OSError:
-            crashed = True
-        finally:
-            monkeypatch.setattr(os, "replace", real_replace)
-        if not crashed:
+        if not stopped_at_rename(monkeypatch, fail_at, lambda: _extract(folders[1], backbone, work)):
             break
         crash_points += 1
         try:

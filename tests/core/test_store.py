@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.core.crash import stopped_at_rename
 from usae_core.errors import UsaeError
 from usae_core.store import ActivationStore, from_storage, import_activations, to_storage
 
@@ -134,12 +135,33 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path):
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(UsaeError, match="holds no activation store"):
         import_activations(precious, _good(), overwrite=True)
-    with pytest.raises(UsaeError, match="holds no activation store"):
-        ActivationStore.create(precious, models={"a": 4}, grid=(1, 3), image_ids=["x"], overwrite=True)
+    with pytest.raises(UsaeError, match="already exists"):
+        ActivationStore.create(precious, models={"a": 4}, grid=(1, 3), image_ids=["x"])
     assert [p.name for p in precious.iterdir()] == ["notes.txt"] and (precious / "notes.txt").read_text() == "keep me"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert import_activations(empty, _good(), overwrite=True).n_images == 4
+
+
+def test_an_overwrite_cut_at_any_rename_leaves_the_old_or_the_new_store(tmp_path, monkeypatch):
+    """The new store is built beside the old one and swapped in by renames; a crash at any of
+    them leaves a whole store for the next reader (the old one, or the new one moved in), and
+    the next writer leaves nothing but the store behind."""
+    old, new = _good(), {"a": _good()["a"][:2]}
+    outcomes = set()
+    for fail_at in itertools.count(1):
+        work = tmp_path / f"crash-{fail_at}"
+        work.mkdir()
+        import_activations(work / "s", old)
+        if not stopped_at_rename(monkeypatch, fail_at, lambda: import_activations(work / "s", new, overwrite=True)):
+            break
+        n_images = ActivationStore.open(work / "s").n_images  # never a missing or mixed store
+        assert n_images in (2, 4)
+        outcomes.add(n_images)
+        import_activations(work / "s", old, overwrite=True)  # the next run
+        assert [p.name for p in work.iterdir()] == ["s"] and ActivationStore.open(work / "s").n_images == 4
+    assert fail_at > 3  # the shard, its marker, the manifests and the swap's renames were all cut
+    assert outcomes == {2, 4}  # cut before the swap: the old store; between its renames: the new one
 
 
 def test_unfinished_store_cannot_be_opened_and_resumes(tmp_path):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -166,6 +171,39 @@ def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
     with pytest.raises(UsaeError, match="--resume.*--overwrite"):
         train_usae(store, tmp_path / "run", ucfg, tcfg)
     train_usae(store, tmp_path / "run", ucfg, tcfg, overwrite=True)
+
+
+def test_an_overwrite_killed_midway_leaves_the_old_run_and_the_next_one_cleans_up(planted, tmp_path):
+    """`usae train --overwrite` trains the new run beside the old one: SIGKILL while it trains
+    leaves the old run loadable and unchanged, and the next --overwrite leaves only the run."""
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 10)
+    old = train_usae(store, tmp_path / "run", ucfg, tcfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "train", "--store", str(store.root), "--out", str(tmp_path / "run"),
+         "--overwrite", "--concepts", "16", "--k", "3", "--steps", "1000000", "--batch-size", "64",
+         "--checkpoint-every", "5", "--device", "cpu"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.rglob("step-00000005")):  # the new run has written a checkpoint
+            assert proc.poll() is None, f"train exited early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the new run never wrote a checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    kept = USAE.from_pretrained(tmp_path / "run")
+    for key, value in old.state_dict().items():
+        assert torch.equal(value, kept.state_dict()[key]), key
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] == 10
+    ucfg, tcfg = _small_cfgs(store, 20)
+    train_usae(store, tmp_path / "run", ucfg, tcfg, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] == 20
 
 
 def test_resume_refuses_a_different_shape(planted, tmp_path):
