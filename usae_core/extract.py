@@ -338,6 +338,7 @@ def extract_store(
     replacing = _replaces_a_store(out, overwrite, rank, world_size)
     # --overwrite builds the new store beside the old one, which stays whole until the swap.
     build = replacement_folders(out)[0] if replacing else out
+    existed = build.exists()
     if rank == 0:
         if replacing:
             start_replacement(out)
@@ -349,8 +350,8 @@ def extract_store(
                           device=device, num_workers=num_workers, progress=progress, compile=compile,
                           timings=timings, called=called)
     except BaseException:
-        if replacing and world_size == 1:  # the old store is untouched; --overwrite starts again anyway
-            shutil.rmtree(build, ignore_errors=True)
+        if world_size == 1:  # under torchrun other ranks may still be writing
+            _discard_failed_build(writer, replacing=replacing, existed=existed)
         raise
     if rank == 0 and replacing:
         swap_in_replacement(out)
@@ -358,6 +359,19 @@ def extract_store(
     store = ActivationStore.open(out)
     timings.finalizing = time.perf_counter() - finishing
     return store
+
+
+def _discard_failed_build(writer: StoreWriter, *, replacing: bool, existed: bool) -> None:
+    """What a failed extraction leaves: a replacement is deleted (the old store is untouched,
+    and --overwrite starts again anyway), and so is a new store without one finished shard.
+    A store with finished shards stays, marked unfinished, for a rerun to resume."""
+    try:
+        if replacing:
+            shutil.rmtree(writer.root, ignore_errors=True)
+        else:
+            writer.discard_if_unstarted(keep_folder=existed)
+    except OSError as exc:  # the extraction's own error matters more
+        log.warning("could not remove the unfinished store %s (%s)", writer.root, exc)
 
 
 def _replaces_a_store(out: Path, overwrite: bool, rank: int, world_size: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -122,6 +123,21 @@ class StoreWriter:
 
     def pending(self) -> list[ShardSpan]:
         return [s for s in self.spans if not self.is_done(s.index)]
+
+    def discard_if_unstarted(self, *, keep_folder: bool) -> None:
+        """Delete this unfinished store when not one shard of it is done: nothing in it is worth
+        resuming, and its manifest left behind would still look like a store. Everything in the
+        folder is the store's (a store is only created in a new or empty folder); the folder
+        itself stays when `keep_folder` (it was there before)."""
+        if any(done_marker(self.root, s.index).exists() for s in self.spans):
+            return
+        for child in self.root.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        if not keep_folder:
+            self.root.rmdir()
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray | torch.Tensor], *,
                     finite_checked: bool = False, failed: Mapping[str, str] | None = None) -> None:
@@ -277,7 +293,8 @@ class ActivationStore:
         if manifest.get("version") != VERSION:
             raise UsaeError(f"{root}: store version {manifest.get('version')} is not supported (want {VERSION})")
         if not manifest.get("complete"):
-            raise UsaeError(f"{root} is unfinished (extraction was interrupted); rerun it to resume")
+            raise UsaeError(f"activation store {root} is unfinished (its extraction was interrupted or failed); "
+                            "rerun the same `usae extract` command to finish it (finished shards are kept)")
         sizes = shard_sizes(manifest)
         if sum(sizes) != manifest["n_images"] or min(sizes, default=0) < 0:
             raise UsaeError(f"{mf}: shard_sizes add up to {sum(sizes)} images, n_images says {manifest['n_images']}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -61,6 +63,23 @@ def folder(tmp_path_factory) -> Path:
 
 
 TWINS = [("alpha.png", "alpha_flat.png"), ("grey.png", "grey_rgb.png"), ("rotated.png", "upright.png")]
+
+
+@contextlib.contextmanager
+def failing_at_batch(backbone, n: int, error: BaseException) -> Iterator[None]:
+    """Inside the block, the backbone's `n`-th forward pass raises `error`."""
+    calls = []
+
+    def hook(_module, _inputs, _output):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def direct_tokens(backbone, src: FolderSource, image_id: str, grid: tuple[int, int]) -> np.ndarray:
@@ -166,6 +185,41 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet,
     assert not seen  # a complete store is left as it is
 
 
+@pytest.mark.parametrize("error", [RuntimeError("backbone on fire"), KeyboardInterrupt()])
+def test_a_first_extraction_that_fails_before_any_shard_leaves_nothing(folder, mobilenet, tmp_path, error):
+    """Nothing finished, nothing to resume: no stub that could pass for a store, and a folder
+    that was there (empty) before stays as it was."""
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        with failing_at_batch(mobilenet, 1, error), pytest.raises(type(error)):
+            extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, num_workers=0, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not list((tmp_path / "empty").iterdir())
+
+
+def test_an_unfinished_store_is_refused_by_train_mine_and_eval_with_the_way_out(folder, mobilenet, tmp_path):
+    """A store whose extraction stopped after some shards stays, to be resumed; the commands
+    that read a store refuse it, naming it and the command that finishes it."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from usae_core.config import USAEConfig
+    from usae_core.model import USAE
+
+    out = tmp_path / "store"
+    with failing_at_batch(mobilenet, 3, RuntimeError("backbone on fire")), pytest.raises(RuntimeError):
+        extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, num_workers=0, progress=False)
+    assert list((out / "done").iterdir())  # finished shards are kept for the rerun
+    run = tmp_path / "run"
+    USAE(USAEConfig(model_dims={"mobilenet_v2": 96}, n_concepts=8, k=2)).save_pretrained(run)
+    common = ["--store", str(out), "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+    for args in (["train", "--out", str(tmp_path / "new-run"), "--steps", "1"], ["mine", str(run)], ["eval", str(run)]):
+        result = CliRunner().invoke(cli, args + common)
+        assert result.exit_code != 0, args
+        message = str(result.exception)
+        assert str(out) in message and "unfinished" in message and "usae extract" in message, (args, message)
+    assert not (tmp_path / "new-run").exists() and not (tmp_path / "data" / "usae.db").exists()
+
+
 def test_activations_beyond_the_store_dtype_stop_with_a_clear_error(folder, tmp_path):
     """The extractor checks finiteness itself (on the device) and skips the store's host scan,
     so its check must still refuse values that overflow float16, and write no shard."""
@@ -176,7 +230,7 @@ def test_activations_beyond_the_store_dtype_stop_with_a_clear_error(folder, tmp_
             extract_store(folder, [backbone], tmp_path / "store", batch_size=3, num_workers=0, progress=False)
     finally:
         handle.remove()
-    assert not list((tmp_path / "store").rglob("*.npy"))
+    assert not (tmp_path / "store").exists()
 
 
 def test_a_store_never_overlaps_its_image_folder(folder, mobilenet, tmp_path):
@@ -206,20 +260,9 @@ def test_a_failed_overwrite_leaves_the_old_store_whole(folder, mobilenet, tmp_pa
     out = tmp_path / "store"
     old = extract_store(folder, [mobilenet], out, shard_images=2, num_workers=0, progress=False)
     rows = [old.image_tokens("mobilenet_v2", i) for i in range(old.n_images)]
-    calls = []
-
-    def fail_on_the_second_batch(_module, _inputs, _output):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("backbone on fire")
-
-    handle = mobilenet.register_forward_hook(fail_on_the_second_batch)
-    try:
-        with pytest.raises(RuntimeError, match="backbone on fire"):
-            extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, grid=(7, 7), num_workers=0,
-                          progress=False, overwrite=True)
-    finally:
-        handle.remove()
+    with failing_at_batch(mobilenet, 2, RuntimeError("backbone on fire")), pytest.raises(RuntimeError):
+        extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, grid=(7, 7), num_workers=0,
+                      progress=False, overwrite=True)
     kept = ActivationStore.open(out)
     assert kept.grid == (14, 14) and kept.n_images == len(rows)
     for i, want in enumerate(rows):
