@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,8 @@ LAYER_SIZE = 64
 THUMBNAIL_SIZE = 224
 """Pixels of an image's thumbnail (one per image, shared by every concept it is a top image of)."""
 ProgressCallback = Callable[[float, str], None]
+_GENERATION_FOLDER = re.compile(r"g[0-9]+")
+"""The name of a generation's media folder (`_media_prefix`)."""
 
 
 @dataclass
@@ -136,6 +139,7 @@ def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, sto
         leftovers = list(s.scalars(others))
     # Half-built or retired generations of earlier mines that were interrupted.
     _drop_generations(Session, media_dir, leftovers)
+    _remove_orphaned_media(Session, media_dir, run.id)
     with Session.begin() as s:
         run = s.get(Run, run.id)
         run.status, run.error = "mining", None
@@ -146,7 +150,7 @@ def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, sto
         })
         s.add(generation)
         s.flush()
-        generation.media_prefix = f"runs/{run.id}/g{generation.id}"
+        generation.media_prefix = _media_prefix(run.id, generation.id)
         _ensure_concepts(s, run.id, model.cfg.n_concepts)
         by_name = {m.name: m for m in run.models}
         return _RunIds(
@@ -389,9 +393,20 @@ def _record_failure(Session: sessionmaker, media_dir: Path, ids: _RunIds, exc: B
         log.exception("could not clean up after the failed mine of run %s", ids.run_id)
 
 
+def _run_media(run_id: int) -> str:
+    """The folder of a run's generation media folders, relative to the media directory."""
+    return f"runs/{run_id}"
+
+
+def _media_prefix(run_id: int, generation_id: int) -> str:
+    """A generation's media folder, relative to the media directory."""
+    return f"{_run_media(run_id)}/g{generation_id}"
+
+
 def _drop_generations(Session: sessionmaker, media_dir: Path, generation_ids: list[int]) -> None:
     """Delete generations (their rows cascade) and then their rendered files; a generation
-    that is some run's active one is never dropped."""
+    that is some run's active one is never dropped. A process killed between the two leaves
+    a folder no row points at, which `_remove_orphaned_media` deletes at the next mine."""
     for gid in generation_ids:
         with Session.begin() as s:
             generation = s.get(MiningGeneration, gid)
@@ -401,3 +416,15 @@ def _drop_generations(Session: sessionmaker, media_dir: Path, generation_ids: li
             s.delete(generation)
         if prefix:
             shutil.rmtree(media_dir / prefix, ignore_errors=True)
+
+
+def _remove_orphaned_media(Session: sessionmaker, media_dir: Path, run_id: int) -> None:
+    """Delete the run's generation media folders that no generation row points at any more
+    (left by a mine killed after deleting a generation's rows, before its files). The active
+    generation always has its row, so its folder is never touched."""
+    with Session() as s:
+        kept = set(s.scalars(select(MiningGeneration.media_prefix).where(MiningGeneration.run_id == run_id)))
+    run_media = media_dir / _run_media(run_id)
+    for folder in run_media.iterdir() if run_media.is_dir() else []:
+        if _GENERATION_FOLDER.fullmatch(folder.name) and f"{_run_media(run_id)}/{folder.name}" not in kept:
+            shutil.rmtree(folder, ignore_errors=True)

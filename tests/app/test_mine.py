@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -238,6 +239,32 @@ def test_a_mine_that_fails_midway_leaves_the_previous_run_intact(db_url, data_di
         run = s.scalars(sa.select(Run)).one()
         assert run.status == "failed" and "disk on fire" in run.error
         assert s.scalar(sa.select(sa.func.count()).select_from(MiningGeneration)) == 1
+
+
+def test_the_next_mine_removes_media_a_mine_stopped_after_its_switch_left_behind(db_url, data_dir, planted_run,
+                                                                                   monkeypatch):
+    """A mine stopped after the switch, between deleting the old generation's rows and its
+    files, leaves a media folder nothing points at; the next mine deletes it, and only it."""
+    media = data_dir / "media"
+    _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=2))
+    old = snapshot(db_url)["planted"]["generation"]
+
+    def stopped(_path, **_kwargs):
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) just before the old generation's files go
+
+    monkeypatch.setattr(mining_service, "shutil", SimpleNamespace(rmtree=stopped))
+    with pytest.raises(KeyboardInterrupt):
+        _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=3))
+    monkeypatch.undo()
+    switched = snapshot(db_url)["planted"]
+    assert switched["generation"] != old and (media / old).is_dir()
+    with session_factory(db_url)() as s:
+        assert s.scalar(sa.select(MiningGeneration).where(MiningGeneration.media_prefix == old)) is None
+    _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=3))
+    after = snapshot(db_url)["planted"]
+    assert not (media / old).exists() and not (media / switched["generation"]).exists()
+    assert [p.name for p in (media / after["generation"]).parent.iterdir()] == [after["generation"].split("/")[-1]]
+    assert all((media / t[5]).is_file() and (media / t[8]).is_file() for t in after["top_images"])
 
 
 @pytest.mark.slow
