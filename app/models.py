@@ -117,6 +117,8 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(20), default="registered")
     """registered | mining | mined | failed."""
     error: Mapped[str | None] = mapped_column(Text)
+    """Why the last mine did not finish (its error, or that a re-mine was interrupted, which
+    leaves `status` as it was); None after a mine that finished."""
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     mined_at: Mapped[dt.datetime | None]

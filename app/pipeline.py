@@ -136,7 +136,9 @@ def mine(settings: Settings, plan: DemoPlan, run_dir: Path, store, model, device
     Session = session_factory(settings.db_url)
     with Session() as s:
         run = s.scalars(select(Run).where(Run.run_dir == str(run_dir.resolve()))).first()
-        if run is not None and run.status == "mined" and not rebuild:
+        # An interrupted re-mine leaves the run "mined" on its previous mine, noted in `error`:
+        # only a mine that finished last is current.
+        if run is not None and run.status == "mined" and run.error is None and not rebuild:
             return run.id, _mined_summary(run.metrics), True
     outcome = mine_run(settings.db_url, settings.media_dir, run_dir, store, model,
                        cfg=MiningConfig(top_n=plan.top_n), device=device, progress=True)

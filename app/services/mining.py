@@ -85,6 +85,8 @@ class _RunIds:
     """Positions in the USAE's model order, listed in the run's model order (the explorer's)."""
     concepts: dict[int, int]
     """concept index -> concepts.id."""
+    previous_status: str
+    """The run's status before this mine, which an interrupted re-mine leaves it in."""
 
 
 class _StoredImage(NamedTuple):
@@ -142,6 +144,7 @@ def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, sto
     _remove_orphaned_media(Session, media_dir, run.id)
     with Session.begin() as s:
         run = s.get(Run, run.id)
+        previous_status = run.status
         run.status, run.error = "mining", None
         generation = MiningGeneration(run_id=run.id, status="building", media_prefix="", params={
             "top_n": cfg.top_n, "tau": cfg.tau, "hist_bins": cfg.hist_bins, "neighbours": cfg.neighbours,
@@ -161,6 +164,7 @@ def _start_generation(Session: sessionmaker, media_dir: Path, run_dir: Path, sto
             model_names=list(model.names),
             display_order=sorted(range(len(model.names)), key=lambda i: by_name[model.names[i]].position),
             concepts=dict(s.execute(select(Concept.index, Concept.id).where(Concept.run_id == run.id)).all()),
+            previous_status=previous_status,
         )
 
 
@@ -380,17 +384,32 @@ def _json_safe(value):
 
 
 def _record_failure(Session: sessionmaker, media_dir: Path, ids: _RunIds, exc: BaseException) -> None:
-    """Best effort: note the error on the run and drop the half-built generation (the next
-    mine drops it anyway if this process cannot)."""
+    """Best effort: note how the mine ended on the run and drop the half-built generation (the
+    next mine drops it anyway if this process cannot)."""
     try:
         with Session.begin() as s:
             run = s.get(Run, ids.run_id)
             if run.active_generation_id == ids.generation_id:
                 return  # interrupted after the switch: the new generation is complete
-            run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+            run.status, run.error = _status_after_stopping(run, ids, exc)
         _drop_generations(Session, media_dir, [ids.generation_id])
     except Exception:  # noqa: BLE001 - the original error matters more than this note
         log.exception("could not clean up after the failed mine of run %s", ids.run_id)
+
+
+def _status_after_stopping(run: Run, ids: _RunIds, exc: BaseException) -> tuple[str, str]:
+    """(status, error) of a run whose mine stopped before its switch. A re-mine interrupted by
+    the user (Ctrl-C) leaves the run's status as it was: its active generation is intact and
+    still shown, so only the error notes the interruption. A first mine, and a mine that failed
+    with an error, mark the run failed."""
+    if not isinstance(exc, KeyboardInterrupt):
+        return "failed", f"{type(exc).__name__}: {exc}"[:2000]
+    if run.active_generation_id is None:
+        return "failed", "the first mine was interrupted (KeyboardInterrupt); mine the run again"
+    log.warning("mine of run %s interrupted; it still shows its previous mine", run.name)
+    # "mining" was a mine killed before this one: the run shows what it showed then, a finished mine.
+    status = "mined" if ids.previous_status == "mining" else ids.previous_status
+    return status, "a re-mine was interrupted (KeyboardInterrupt); the previous mine is still shown"
 
 
 def _run_media(run_id: int) -> str:

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
+from app import pipeline
 from app.cli import cli
 from app.db import session_factory
 from app.migrations import upgrade_database
@@ -35,6 +36,7 @@ from app.models import (
 from app.services import mining as mining_service
 from app.services.mining import LAYER_SIZE, THUMBNAIL_SIZE, mine_run
 from app.services.runs_view import list_runs
+from app.settings import Settings
 from tests.core.planted_concept import Planted, build_planted
 from usae_core.images import load_image, square_view
 from usae_core.mining import MiningConfig, mine_store
@@ -200,8 +202,8 @@ def test_remining_replaces_mined_data_and_keeps_labels(db_url, data_dir, planted
         assert s.scalar(sa.select(sa.func.count()).select_from(Image)) == len({t[4] for t in snap["top_images"]})
 
 
-def _fail_in_second_batch(monkeypatch) -> None:
-    """The second concept batch writes its rows, then fails inside its transaction."""
+def _stop_in_second_batch(monkeypatch, error: BaseException) -> None:
+    """The second concept batch writes its rows, then `error` is raised inside its transaction."""
     real = mining_service._insert_concept_rows
     calls = []
 
@@ -209,10 +211,14 @@ def _fail_in_second_batch(monkeypatch) -> None:
         calls.append(1)
         written = real(*args, **kwargs)
         if len(calls) == 2:
-            raise RuntimeError("disk on fire")
+            raise error
         return written
 
     monkeypatch.setattr(mining_service, "_insert_concept_rows", insert_then_fail)
+
+
+def _fail_in_second_batch(monkeypatch) -> None:
+    _stop_in_second_batch(monkeypatch, RuntimeError("disk on fire"))
 
 
 def _fail_in_final_flip(monkeypatch) -> None:
@@ -224,21 +230,57 @@ def _fail_in_final_flip(monkeypatch) -> None:
     monkeypatch.setattr(mining_service, "utcnow", fail)
 
 
-@pytest.mark.parametrize("inject", [_fail_in_second_batch, _fail_in_final_flip])
-def test_a_mine_that_fails_midway_leaves_the_previous_run_intact(db_url, data_dir, planted_run, monkeypatch, inject):
-    media = data_dir / "media"
+def _remine_stopped_midway(db_url: str, media: Path, planted_run, monkeypatch, stop, error: type) -> Run:
+    """Mine, then re-mine with `stop(monkeypatch)` making it raise `error` before its switch:
+    the previous mine must be exactly as it was. Returns the run's row afterwards."""
     _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=4))
     before = snapshot(db_url)
     files_before = sorted(p for p in media.rglob("*") if p.is_file())
-    inject(monkeypatch)
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    stop(monkeypatch)
+    with pytest.raises(error):
         _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=2), batch_concepts=3)
+    monkeypatch.undo()
     assert snapshot(db_url) == before
     assert sorted(p for p in media.rglob("*") if p.is_file()) == files_before
     with session_factory(db_url)() as s:
-        run = s.scalars(sa.select(Run)).one()
-        assert run.status == "failed" and "disk on fire" in run.error
         assert s.scalar(sa.select(sa.func.count()).select_from(MiningGeneration)) == 1
+        return s.scalars(sa.select(Run)).one()
+
+
+@pytest.mark.parametrize("inject", [_fail_in_second_batch, _fail_in_final_flip])
+def test_a_mine_that_fails_midway_leaves_the_previous_run_intact(db_url, data_dir, planted_run, monkeypatch, inject):
+    run = _remine_stopped_midway(db_url, data_dir / "media", planted_run, monkeypatch, inject, RuntimeError)
+    assert run.status == "failed" and "disk on fire" in run.error
+
+
+def test_ctrl_c_during_a_re_mine_leaves_the_run_as_it_was(db_url, data_dir, planted_run, monkeypatch):
+    """The previous mine is still active and whole, so the run stays "mined" (the list and the
+    overview show it so); only the error notes the interruption."""
+    run = _remine_stopped_midway(db_url, data_dir / "media", planted_run, monkeypatch,
+                                 lambda patch: _stop_in_second_batch(patch, KeyboardInterrupt()), KeyboardInterrupt)
+    assert run.status == "mined" and "interrupted" in run.error
+    with session_factory(db_url)() as s:
+        assert [r.status for r in list_runs(s)] == ["mined"]
+    # `usae demo` reuses a finished mine only: this one it mines again.
+    planted, run_dir = planted_run
+    _, _, reused = pipeline.mine(Settings(data_dir=data_dir, database_url=db_url), pipeline.SMALL, run_dir,
+                                 planted.store, planted.model, "cpu", rebuild=False)
+    assert not reused
+    with session_factory(db_url)() as s:
+        run = s.scalars(sa.select(Run)).one()
+        assert run.status == "mined" and run.error is None
+
+
+def test_ctrl_c_during_a_first_mine_marks_the_run_failed(db_url, data_dir, planted_run, monkeypatch):
+    media = data_dir / "media"
+    _stop_in_second_batch(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        _mine(db_url, media, planted_run, cfg=MiningConfig(top_n=2), batch_concepts=3)
+    with session_factory(db_url)() as s:
+        run = s.scalars(sa.select(Run)).one()
+        assert run.status == "failed" and "interrupted" in run.error and run.active_generation_id is None
+        assert s.scalar(sa.select(sa.func.count()).select_from(MiningGeneration)) == 0
+    assert not list(media.rglob("*.png"))
 
 
 def test_the_next_mine_removes_media_a_mine_stopped_after_its_switch_left_behind(db_url, data_dir, planted_run,
