@@ -179,28 +179,48 @@ def quality_suite(args, device: torch.device) -> dict:
     results = {"tokens": chunks * unit, "reference_batch": unit, "ours_batch": our_cfg["batch"], "ours_lr": args.quality_lr}
     runs = {"ours": (make_ours(our_cfg, device, steps=chunks * unit // our_cfg["batch"], lr=args.quality_lr), our_cfg),
             "reference-bf16": (make_reference(ref_cfg, device, bf16=True, steps=chunks), ref_cfg)}
+    steps_ours = chunks * unit // our_cfg["batch"]
+    # R^2 at evenly spaced token counts, both runs at the same counts: a learning curve that
+    # still says something when a long run is cut short.
+    marks = sorted({steps_ours * (i + 1) // args.quality_checkpoints for i in range(args.quality_checkpoints)} - {0})
     for label, (impl, cfg) in runs.items():
         t0 = time.perf_counter()
         per_step = cfg["batch"] // unit
+        curve = []
         for s in range(chunks // per_step):
             parts = [stream.batch(s * per_step + i, unit) for i in range(per_step)]
             batch = {m: torch.cat([p[m] for p in parts]) for m in names}
             impl.train_step(batch, names[source_for_step(0, s, len(names))])
+            done_tokens = (s + 1) * cfg["batch"]
+            if done_tokens % our_cfg["batch"] == 0 and done_tokens // our_cfg["batch"] in marks:
+                r2 = r2_matrix(reconstruction(label, impl), held_out)
+                curve.append({"tokens": done_tokens, **r2_summary(r2)})
+                print(label, json.dumps(curve[-1]), flush=True)
         sync(device)
-        if label == "ours":
-            model = impl.model.eval()
-
-            def recon(x, src, tgt, model=model):
-                values, indices = model.encode(x, src)
-                return model.decode(values, indices, tgt)
-        else:
-            recon = impl.reconstruct
-        r2 = r2_matrix(recon, held_out)
-        results[label] = {"r2": r2, "seconds_including_data": time.perf_counter() - t0,
-                          "cross_mean": sum(r2[i][j] for i in range(3) for j in range(3) if i != j) / 6,
-                          "self_mean": sum(r2[i][i] for i in range(3)) / 3}
+        results[label] = {**curve[-1], "curve": curve, "seconds_including_data": time.perf_counter() - t0}
         print(label, json.dumps(results[label]), flush=True)
     return results
+
+
+def reconstruction(label: str, impl):
+    """source -> target reconstruction of a trainer in the quality suite (eval mode)."""
+    if label != "ours":
+        return impl.reconstruct
+    model = impl.model
+
+    def recon(x, src, tgt):
+        model.eval()
+        values, indices = model.encode(x, src)
+        out = model.decode(values, indices, tgt)
+        model.train()
+        return out
+    return recon
+
+
+def r2_summary(r2: list[list[float]]) -> dict:
+    n = len(r2)
+    return {"r2": r2, "self_mean": sum(r2[i][i] for i in range(n)) / n,
+            "cross_mean": sum(r2[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)}
 
 
 def profile_suite(args, device: torch.device) -> str:
@@ -283,6 +303,8 @@ def main() -> None:
     parser.add_argument("--quality-reference", default="paper",
                         help="the reference's configuration in the quality suite (same concepts and k as ours)")
     parser.add_argument("--quality-lr", type=float, default=3e-4, help="our learning rate for the quality suite")
+    parser.add_argument("--quality-checkpoints", type=int, default=1,
+                        help="R^2 of both runs at this many evenly spaced token counts")
     parser.add_argument("--e2e-images", type=int, default=0, help="images in the on-disk store (256 tokens each)")
     parser.add_argument("--e2e-configs", default="paper-50k", type=lambda s: s.split(","))
     parser.add_argument("--e2e-steps", type=int, default=100)
