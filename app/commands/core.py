@@ -20,7 +20,7 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data direct
 def import_activations_cmd(
     out: Annotated[str, typer.Option("--out", help="Store to create (a path, or a name under DATA_DIR/stores).")],
     model: Annotated[list[str], typer.Option("--model", help="NAME=FILE.npy with shape (n_images, n_tokens, dim); repeat per model.")],
-    grid: Annotated[Optional[str], typer.Option(help="Token grid HxW (default: square).")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="Token grid HxW (default: square when the token count is a square, else 1xN).")] = None,
     dtype: Annotated[str, typer.Option(help="On-disk dtype: float16, bfloat16 or float32.")] = "float16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
     data_dir: DataDir = None,

@@ -40,7 +40,7 @@ def extract_cmd(
     small: Annotated[bool, typer.Option("--small", help="With --images demo: a few hundred images instead of thousands.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the demo set.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: up to 16 on GPU; 0-2 on CPU).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: up to 8 on GPU; on CPU none with 4 cores or fewer, else 2).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="On-disk dtype: float16, bfloat16 or float32.")] = "float16",
     shard_images: Annotated[int, typer.Option(help="Images per store shard (the unit of resuming).")] = 256,
