@@ -2,7 +2,7 @@
 
 The `jobs` table is what pages and the API show (status, progress, outcome, who started it);
 the queue only carries "run job N" messages to a worker process, `usae worker` (which `usae
-serve` starts for you unless told `--no-worker`). Jobs run outside the web server's processes
+serve` starts for you unless told `--no-job-worker`). Jobs run outside the web server's processes
 because they are long and CPU- or GPU-heavy: a CAM job must not slow down page serving.
 
 A job is enqueued after its row is committed, so the worker always finds it. A running job's

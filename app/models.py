@@ -464,7 +464,7 @@ class ShareLink(Base):
 
 
 class Job(Base):
-    """A background task (mine, train, CAM, ...) with its progress and outcome."""
+    """A background task (today only `cam`: one CAM image per model) with its progress and outcome."""
 
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
 
     @property
     def media_dir(self) -> Path:
-        """Rendered files served to the browser: thumbnails, heatmaps, CAM images, uploads."""
+        """Rendered files served to the browser: thumbnails, heatmaps, CAM images."""
         return self.data_dir / "media"
 
     def resolved_secret_key(self) -> str:

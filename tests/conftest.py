@@ -22,7 +22,14 @@ from typing import Iterator
 
 import pytest
 
-PG_BIN = Path(os.environ.get("USAE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _debian_pg_bin() -> Path:
+    """The newest PostgreSQL that Debian's packages installed (any major version)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+                   if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = Path(os.environ.get("USAE_PG_BIN") or _debian_pg_bin())
 PG_OS_USER = "postgres"
 
 
