@@ -21,3 +21,20 @@ document.addEventListener("keydown", (event) => {
     location.hash = "closed";
   }
 });
+
+// However a lightbox closes (Escape, Close, the backdrop), keyboard focus goes back to the
+// thumbnail that opened it, not to the top of the page.
+window.addEventListener("hashchange", (event) => {
+  const closed = new URL(event.oldURL).hash;
+  if (!closed.startsWith("#zoom-") || location.hash === closed) return;
+  const opener = document.querySelector(`.top-images a[href="${CSS.escape(closed)}"]`);
+  if (opener) opener.focus({ preventScroll: true });
+});
+
+// A field that only makes sense with one choice picks that choice when typed into (the audit-link
+// form: concept numbers mean "only these concepts"). The server refuses the contradiction anyway.
+document.addEventListener("input", (event) => {
+  const id = event.target.dataset && event.target.dataset.checks;
+  const choice = id && document.getElementById(id);
+  if (choice && event.target.value.trim()) choice.checked = true;
+});

@@ -32,14 +32,19 @@ def pages(viewer_dep: Any) -> APIRouter:
     @router.get("/runs/{run_id}/compare", response_class=HTMLResponse)
     def compare_page(request: Request, run_id: PathInt, session: SessionDep, viewer: ViewerDep,
                      a: str | None = None, b: str | None = None):
-        """Without a pair in the URL, compare the run's first two models."""
+        """Without a pair in the URL, compare the run's first two models. The same model picked
+        twice (easy with two menus) shows it against the next one, saying so, rather than an error page."""
         run = get_run_or_404(session, viewer, run_id, whole_run=True)
         names = [m.name for m in run.models]
         if len(names) < 2:
             raise HTTPException(400, f"Run {run.name} has only one model; there is nothing to compare.")
         a = a or names[0]
+        notice = None
+        if b == a and a in names:
+            b = None
+            notice = f"Model A and model B were both {a}: pick two different models."
         b = b or next(n for n in names if n != a)
-        return render(request, viewer, "compare.html", nav="runs", models=names,
+        return render(request, viewer, "compare.html", nav="runs", models=names, notice=notice,
                       comparison=_compare(session, viewer, run_id, a, b))
 
     return router

@@ -113,7 +113,7 @@ def analyst_pages() -> APIRouter:
         # htmx only swaps 2xx responses, so its partial comes back as 200 with the notice in it.
         return render(request, viewer, "concepts/_label_panel.html" if is_htmx else "concepts/page.html",
                       status_code=200 if is_htmx else status, nav="runs", detail=detail,
-                      draft=None if status == 200 else draft, notice=notice,
+                      draft=None if status == 200 else draft, notice=notice, swap_heading=is_htmx,
                       cam_unavailable=cam_unavailable(run.models))
 
     return router

@@ -41,7 +41,7 @@ def analyst_pages() -> APIRouter:
     def explain_form(request: Request, session: SessionDep, viewer: AnalystViewer, settings: SettingsDep,
                      run: int | None = None):
         return render(request, viewer, "explain/page.html", nav="explain", runs=list_runs(session), run_id=run,
-                      explanation=None, error=None, max_mb=settings.max_upload_bytes / 1e6)
+                      explanation=None, filename="", error=None, max_mb=settings.max_upload_bytes / 1e6)
 
     @router.post("/explain", response_class=HTMLResponse)
     async def explain_page(request: Request, session: SessionDep, viewer: AnalystViewer, settings: SettingsDep,
@@ -54,7 +54,7 @@ def analyst_pages() -> APIRouter:
             error, status = str(exc), 422
         return render(request, viewer, "explain/page.html", status_code=status, nav="explain",
                       runs=list_runs(session), run_id=run_id, explanation=explanation, error=error,
-                      max_mb=settings.max_upload_bytes / 1e6)
+                      filename=image.filename or "", max_mb=settings.max_upload_bytes / 1e6)
 
     return router
 

@@ -88,6 +88,10 @@ def analyst_pages() -> APIRouter:
                           expires_on: Annotated[str, Form()] = ""):
         form = {"run_id": run_id, "scope": scope, "concepts": concepts, "note": note, "expires_on": expires_on}
         try:
+            if scope == "run" and concepts.strip():
+                # The numbers say "these concepts", the choice says "everything": never guess the wider one.
+                raise UsaeError("you listed concepts but chose “the whole run”; choose “only these concepts” "
+                                "to share just those, or clear the numbers to share the whole run")
             expires = _end_of_day(dt.date.fromisoformat(expires_on)) if expires_on else None
             body = ShareCreate(run_id=run_id, scope=scope, note=note, expires_at=expires,
                                concept_indices=_parse_indices(concepts) if scope == "concepts" else [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import select
@@ -48,6 +50,10 @@ def test_wrong_password_and_unknown_user_look_the_same(web):
     nobody = web.post("/login", data={"username": "mallory", "password": "nope-nope", "csrf_token": token})
     assert wrong.status_code == nobody.status_code == 401
     assert "do not match" in wrong.text and "do not match" in nobody.text
+    # The name stays filled in and the cursor waits in the password field, to type it again.
+    assert re.search(r'<input id="password"[^>]* autofocus>', wrong.text) and 'value="alice"' in wrong.text
+    assert not re.search(r'<input id="username"[^>]* autofocus>', wrong.text)
+    assert re.search(r'<input id="username"[^>]* autofocus>', web.get("/login").text)
     assert web.get("/api/auth/me").status_code == 401
 
 

@@ -104,6 +104,7 @@ def test_explain_with_a_real_backbone(web_client, seeded, tmp_path):
 
     page = web_client.get("/explain")
     r = web_client.post("/explain", data={"csrf_token": csrf_from(page.text), "run_id": str(run_id)},
-                        files={"image": ("photo.jpg", image, "image/jpeg")})
+                        files={"image": ("photo <1>.jpg", image, "image/jpeg")})
     assert r.status_code == 200 and r.text.count('class="explain-item"') == len(concepts)
+    assert '<p class="small" id="explained-file" style="margin-bottom: 0.4rem">photo &lt;1&gt;.jpg</p>' in r.text
     assert "<b>" not in r.text.split('id="explanation"')[1]  # labels escaped

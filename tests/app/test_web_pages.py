@@ -97,6 +97,20 @@ def test_browser_paginates_and_keeps_filters_in_links(client, data):
     assert _indices(second.text) == run.universal[10:20]
 
 
+def test_browser_page_past_the_end_says_so(client, data):
+    """A page number beyond the last (an old bookmark) is not "no concept matches": it names the
+    real count and links to the last page, keeping the filters."""
+    run = data.run
+    r = client.get(f"/runs/{run.run_id}/concepts?sort=index&per_page=10&page=99")
+    assert r.status_code == 200 and _indices(r.text) == []
+    pages = -(-(run.n_concepts - len(run.dead)) // 10)
+    assert "No concept matches" not in r.text and "page 99 of" not in r.text
+    assert "There is no page 99" in r.text and f"on {pages} pages" in r.text
+    last = f"/runs/{run.run_id}/concepts?sort=index&amp;page={pages}&amp;per_page=10"
+    assert f'href="{last}">Go to the last page' in r.text
+    assert 'aria-label="Pages"' not in r.text  # no pager of pages that are not there
+
+
 def test_browser_rejects_bad_filters_plainly(client, data):
     r = client.get(f"/runs/{data.run.run_id}/concepts?min_entropy=lots")
     assert r.status_code == 400 and "min_entropy" in r.text
@@ -143,7 +157,12 @@ def test_compare_page_and_api(client, data):
     html = client.get(f"/runs/{run.run_id}/compare?a=cnn_m&b=vit_s").text
     assert 'id="r2-ab">0.650<' in html
     assert f'<a href="/runs/{run.run_id}/concepts/1">' in html  # scatter points link to concepts
-    assert client.get(f"/runs/{run.run_id}/compare?a=vit_s&b=vit_s").status_code == 400
+    # The same model in both menus: the page stays, says so and shows that model against another.
+    same = client.get(f"/runs/{run.run_id}/compare?a=vit_s&b=vit_s")
+    assert same.status_code == 200 and 'id="compare-notice"' in same.text and "both vit_s" in same.text
+    assert '<option selected>vit_s</option>' in same.text.split('id="b"')[0]
+    assert '<option selected>vit_s</option>' not in same.text.split('id="b"')[1].split("</select>")[0]
+    assert client.get(f"/api/runs/{run.run_id}/compare", params={"a": "vit_s", "b": "vit_s"}).status_code == 400
 
 
 def test_missing_things_are_404(client, data):
@@ -156,8 +175,15 @@ def test_missing_things_are_404(client, data):
 
 def test_overview_lists_labelled_concepts_with_each_models_firing(web_client, seeded):
     run = seeded.run
-    assert 'id="labelled"' not in web_client.get(f"/runs/{run.run_id}").text  # nothing labelled yet
     headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
+    # Nothing labelled yet: the panel says so, and how to change that (analysts) or what will show (holders).
+    empty = web_client.get(f"/runs/{run.run_id}").text
+    assert 'id="labelled-empty"' in empty and "Label" in empty.split('id="labelled-empty"')[1].split("</p>")[0]
+    token = web_client.post("/api/shares", json={"run_id": run.run_id}, headers=headers).json()["token"]
+    with TestClient(web_client.app) as holder:
+        shared = holder.get(f"/s/{token}/runs/{run.run_id}").text
+    empty_shared = shared.split('id="labelled-empty"')[1].split("</p>")[0]
+    assert "Once the analysts name concepts" in empty_shared and "Label" not in empty_shared
     first = run.only_first[0]
     for index, label in ((run.universal[0], "Crack <edge>"), (first, "Stain")):
         r = web_client.put(f"/api/runs/{run.run_id}/concepts/{index}/label", headers=headers,
@@ -173,6 +199,7 @@ def test_overview_lists_labelled_concepts_with_each_models_firing(web_client, se
     assert firing == {f["model"]: f["frequency"] for f in detail["card"]["firing"]}
 
     panel = web_client.get(f"/runs/{run.run_id}").text.split('id="labelled"')[1]
+    assert 'id="labelled-empty"' not in panel
     assert "Crack &lt;edge&gt;" in panel and "<edge>" not in panel
     assert f'href="/runs/{run.run_id}/concepts/{first}"' in panel
     assert all(f"<th>{m}</th>" in panel for m in run.models)

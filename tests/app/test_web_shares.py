@@ -56,7 +56,10 @@ def test_run_link_shows_the_run_read_only(web_client, holder, seeded):
     assert 'id="label-form"' not in concept.text and "csrf_token" not in concept.text
     # CAM images are shown with what they are, never the controls; no panel where there are none.
     assert 'id="cam"' in concept.text and "Make CAM images" not in concept.text and "Make one" not in concept.text
-    assert 'id="cam"' not in holder.get(f"{path}/runs/{run.run_id}/concepts/3").text
+    no_cam = holder.get(f"{path}/runs/{run.run_id}/concepts/3").text
+    assert 'id="cam"' not in no_cam
+    assert "No CAM image yet" not in no_cam and 'class="cam-slot"' not in no_cam  # no empty slot per model
+    assert concept.text.count('class="cam-slot"') == len(run.models)  # one has an image: all columns say
     assert holder.get(f"{path}/runs/{run.run_id}/compare").status_code == 200
     for img in re.findall(r'<img src="([^"]+)"', concept.text):
         assert img.startswith(path + "/media/"), img
@@ -146,7 +149,20 @@ def test_bad_share_requests_get_clear_messages(web_client, seeded):
                             ({"scope": "concepts", "concepts": "one"}, "whole numbers"),
                             ({"scope": "run", "expires_on": "2001-01-01"}, "the expiry is in the past")]:
         r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), **fields})
-        assert r.status_code == 422 and message in r.text, fields
+        assert r.status_code == 422 and message in r.text.lower(), fields  # shown as a sentence
+
+
+def test_listed_concepts_with_whole_run_chosen_are_not_shared_as_the_run(web_client, seeded):
+    """Concept numbers typed while "the whole run" stays chosen would share far more than the
+    analyst listed: refused with the choice spelled out, nothing created, the numbers kept."""
+    page = web_client.get("/shares").text
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id),
+                                         "scope": "run", "concepts": "3, 0"})
+    assert r.status_code == 422 and "only these concepts" in r.text and 'value="3, 0"' in r.text
+    assert 'id="shares"' not in r.text  # no link was made
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id),
+                                         "scope": "run", "concepts": "  "})
+    assert r.status_code == 201 and "the whole run" in r.text
 
 
 def test_every_link_expires_within_a_year(web_client, seeded):

@@ -58,6 +58,9 @@ def test_concept_page_shows_every_models_images(analyst, site):
     assert len(widths) == 2 and min(widths) > 0
     page.keyboard.press("Escape")
     assert page.locator(".lightbox:target").count() == 0
+    # Keyboard users carry on from the thumbnail they opened, not from the top of the page.
+    page.wait_for_function("() => document.activeElement.matches('.top-images a')")
+    assert first.evaluate("a => a === document.activeElement")
 
 
 def test_start_and_cancel_a_cam_job(analyst, site):
@@ -104,6 +107,9 @@ def test_label_a_concept_and_see_it_in_history(analyst, site):
     page.click("button:has-text('Save label')")
     page.wait_for_selector("#label-notice:has-text('Label saved.')")  # htmx swapped the panel in
     assert page.locator("#label-name").inner_text() == "Planted streak"
+    # The heading and the tab title name the concept too: they follow the save, not the old page.
+    assert page.locator("h1").inner_text() == f"Planted streak #{site.concept}"
+    assert page.title().startswith("Planted streak · ")
     assert "Planted streak" in page.locator("#label-history li").first.inner_text()
     page.reload()
     assert page.locator("#label-history li").first.inner_text().startswith("alice")
@@ -148,6 +154,18 @@ def test_share_link_read_only_then_revoked(analyst, new_context, watch, site):
     response = manager.goto(url)
     assert response.status == 410
     assert "This audit link was revoked" in manager.locator("main").inner_text()
+
+
+def test_typing_concept_numbers_shares_only_those(analyst, site):
+    """On the audit-link form reached from the menu ("the whole run" chosen), typing concept
+    numbers chooses "only these concepts": the link is for those two, not the run."""
+    page = analyst
+    page.goto(f"{site.base}/shares")
+    assert page.locator("input[name=scope][value=run]").is_checked()
+    page.fill("#concepts", f"{site.concept}, 0")
+    assert page.locator("#scope-concepts").is_checked()
+    page.click("button:has-text('Create link')")
+    assert "can read 2 concepts of" in page.locator("main").inner_text()
 
 
 def test_label_html_renders_escaped(analyst, site):
