@@ -110,6 +110,8 @@ def test_label_a_concept_and_see_it_in_history(analyst, site):
     # The heading and the tab title name the concept too: they follow the save, not the old page.
     assert page.locator("h1").inner_text() == f"Planted streak #{site.concept}"
     assert page.title().startswith("Planted streak · ")
+    # Focus stays on the Save button the panel was swapped around (keyboard users keep their place).
+    assert page.evaluate("document.activeElement.id") == "label-save"
     assert "Planted streak" in page.locator("#label-history li").first.inner_text()
     page.reload()
     assert page.locator("#label-history li").first.inner_text().startswith("alice")
