@@ -119,6 +119,7 @@ def test_revoked_link_says_so(web_client, holder, seeded):
     assert r.status_code == 303
     gone = holder.get(path)
     assert gone.status_code == 410 and "This audit link was revoked on" in gone.text
+    assert "Ask whoever shared it with you for a new link." in gone.text  # what the holder can do now
     assert holder.get(f"{path}/runs/{seeded.run.run_id}/concepts/0").status_code == 410
     assert holder.get(f"/api{path}").status_code == 410
     assert f'id="share-{share_id}" data-status="revoked"' in web_client.get("/shares").text
