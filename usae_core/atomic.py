@@ -127,7 +127,10 @@ def finish_replacement(target: Path) -> None:
     if not old.exists():
         return
     if not target.exists():
-        with contextlib.suppress(FileNotFoundError):  # another process finished it first
+        try:
             os.replace(new if new.exists() else old, target)
+        except OSError:  # another process finished it first (its target is in place, not empty)
+            if not target.exists():
+                raise
         fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)

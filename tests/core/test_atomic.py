@@ -51,3 +51,27 @@ def test_a_failed_block_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("crash")
     assert (tmp_path / "a.json").read_text().strip().startswith("{") and "1" in (tmp_path / "a.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_finishing_a_cut_swap_that_another_process_finishes_first(tmp_path, monkeypatch):
+    """Two readers may both find a swap cut between its renames: the one that loses the race to
+    move the replacement in must accept the winner's result, not fail."""
+    from pathlib import Path
+
+    target = tmp_path / "store"
+    new, old = atomic.replacement_folders(target)
+    for folder, text in ((new, "new"), (old, "old")):
+        folder.mkdir()
+        (folder / "which").write_text(text)
+    real_exists = Path.exists
+
+    def exists(self, *args, **kwargs):
+        if self == new and real_exists(new):
+            os.replace(new, target)  # the other reader moves the replacement in right now
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    atomic.finish_replacement(target)
+    monkeypatch.undo()
+    assert (target / "which").read_text() == "new"
+    assert not old.exists() and not new.exists()
