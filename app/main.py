@@ -15,8 +15,9 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
@@ -50,7 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
         freeze_startup_objects()
         yield
 
-    app = FastAPI(title="USAE Concept Explorer", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="USAE Concept Explorer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Browse, compare, label and share the concepts of Universal Sparse Autoencoder runs. "
                               "Sign in through `/api/auth/login`; writes need the `X-CSRF-Token` header "
                               "(from `/api/auth/csrf`). Audit-link holders read under `/api/s/{token}/...`.")
@@ -63,8 +64,23 @@ def create_app(settings: Settings) -> FastAPI:
                        max_age=SESSION_MAX_AGE_S, same_site="lax", https_only=settings.secure_cookies)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _include_routes(app)
+    _install_api_docs(app)
     _install_error_pages(app)
     return app
+
+
+def _install_api_docs(app: FastAPI) -> None:
+    """The interactive API page at /docs, served from static/vendor: FastAPI's own page loads
+    Swagger UI from a CDN, which leaves it blank offline and breaks "nothing from another origin"."""
+    vendor = "/static/vendor/swagger-ui"
+
+    @app.get("/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                                   swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{vendor}/swagger-ui.css",
+                                   swagger_favicon_url=f"{vendor}/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no spec sent out to be validated
 
 
 def refresh_planner_statistics(url: str) -> None:

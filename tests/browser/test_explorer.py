@@ -255,3 +255,16 @@ def test_layout_fits_laptop_and_projector(new_context, analyst_state, site):
             page.goto(site.base + path)
             overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, (viewport, path, overflow)
+
+
+def test_the_api_page_works_offline_from_this_origin(new_context, site):
+    """/docs renders the API's operations with Swagger UI served from static/vendor: no request
+    leaves the site (FastAPI's default page loads it from a CDN and stays blank offline)."""
+    page = new_context().new_page()
+    origins = []
+    page.on("request", lambda r: origins.append(urlparse(r.url).netloc))
+    page.goto(f"{site.base}/docs")
+    page.wait_for_selector(".opblock", timeout=15_000)
+    assert page.locator(".opblock").count() > 10
+    assert page.title() == "USAE Concept Explorer: API"
+    assert set(origins) == {urlparse(site.base).netloc}, set(origins)
