@@ -19,7 +19,8 @@ def r2_matrix(overview: RunOverview) -> Markup:
     names = [m.name for m in overview.run.models]
     values = [v for row in overview.r2 for v in row if v is not None]
     return matrix_heatmap(overview.r2, names, names, title="R² matrix: encode from the row model, decode into the column model",
-                          row_title="encode from", col_title="decode into", lo=min([0.0, *values]), hi=1.0)
+                          row_title="encode from", col_title="decode into", value_label="R²",
+                          lo=min([0.0, *values]), hi=1.0)
 
 
 def entropy_histogram(overview: RunOverview) -> Markup:
