@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -130,6 +131,16 @@ def _is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/") or request.url.path == "/api"
 
 
+_SHARE_SUBPAGE = re.compile(r"^/s/([A-Za-z0-9_-]+)/.")
+
+
+def _shared_view_of(request: Request, status_code: int) -> str | None:
+    """Where a link holder who hit an error inside an audit link gets back to: the link's own
+    landing page (not for a revoked or expired link, whose landing page is gone too)."""
+    match = _SHARE_SUBPAGE.match(request.url.path)
+    return f"/s/{match.group(1)}" if match and status_code != 410 else None
+
+
 def _error_viewer(request: Request) -> Viewer:
     """Error pages show the analyst's navigation when someone is signed in."""
     with request.app.state.sessionmaker() as session:
@@ -141,7 +152,7 @@ def _error_page(request: Request, status_code: int, message: str, headers: dict[
         return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
     response = render(request, _error_viewer(request), "error.html", status_code=status_code,
                       heading=ERROR_HEADINGS.get(status_code, "Something went wrong"), message=message,
-                      status_code_shown=status_code)
+                      status_code_shown=status_code, shared_view=_shared_view_of(request, status_code))
     if headers:
         response.headers.update(headers)
     return response

@@ -87,6 +87,9 @@ def test_concept_link_shows_only_its_concepts(web_client, holder, seeded):
     for url in (f"{path}/runs/{run.run_id}/concepts/1", f"{path}/runs/{run.run_id}",
                 f"{path}/runs/{run.run_id}/compare", f"/api{path}/runs/{run.run_id}/concepts/1"):
         assert holder.get(url).status_code == 404, url
+    outside = holder.get(f"{path}/runs/{run.run_id}/concepts/1").text  # the error page leads back
+    assert f'id="back-to-shared-view" href="{path}"' in outside and "Back to the runs" not in outside
+    assert holder.get(path, follow_redirects=False).status_code == 303  # ... to a page that opens
     api = holder.get(f"/api{path}").json()
     assert api["scope"] == "concepts" and api["concept_indices"] == [0, 3]
 
