@@ -23,6 +23,7 @@ class ConceptFilters(BaseModel):
     q: str = Field("", description="Search in labels and descriptions")
     sort: SortKey = "energy"
     min_entropy: float | None = Field(None, ge=0, le=1, description="Universal: firing entropy at least this")
+    max_entropy: float | None = Field(None, ge=0, le=1, description="Model-specific: firing entropy below this")
     mostly: str | None = Field(None, description="Model name: at least half of the concept's firings are in it")
     labelled: LabelFilter = "any"
     tag: str | None = None

@@ -77,6 +77,8 @@ def _conditions(run: Run, filters: ConceptFilters, scope: Collection[int] | None
         where.append(Concept.dead.is_(False))
     if filters.min_entropy is not None:
         where.append(Concept.firing_entropy >= filters.min_entropy)
+    if filters.max_entropy is not None:
+        where.append(Concept.firing_entropy < filters.max_entropy)
     if filters.mostly:
         model_id = next((m.id for m in run.models if m.name == filters.mostly), -1)
         # IN (subquery) rather than a correlated EXISTS: the matching ids come from one index range.
@@ -107,7 +109,7 @@ def _order_key(session: Session, run: Run, filters: ConceptFilters, scope: Colle
     if filters.q.strip() or filters.tag or filters.labelled != "any":
         return None
     return (session.get_bind(), run.id, run.active_generation_id, filters.sort, filters.show_dead,
-            filters.min_entropy, filters.mostly, None if scope is None else tuple(sorted(scope)))
+            filters.min_entropy, filters.max_entropy, filters.mostly, None if scope is None else tuple(sorted(scope)))
 
 
 _CARD_ROWS = select(*_CARD_COLUMNS).where(Concept.id.in_(bindparam("ids", expanding=True)))

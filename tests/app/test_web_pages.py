@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -47,6 +48,10 @@ def test_runs_list_and_overview(client, data):
     assert count("dead") == len(data.run.dead)
     assert count("universal") == len(data.run.universal)
     assert count("specific") == len(data.run.only_first)
+    # Each count opens the browser on exactly the concepts it counts.
+    specific = html.unescape(re.search(r'<a class="stat" href="([^"]+)">\s*<div class="label">Model-specific',
+                                       r.text).group(1))
+    assert sorted(_indices(client.get(specific + "&per_page=200").text)) == sorted(data.run.only_first)
     assert r.text.count("<svg") >= 3  # R² heatmap, entropy histogram, co-fire scatter
     defects = r.text[r.text.index('id="defects"'):]
     assert all(d in defects for d in DEFECTS)
@@ -76,14 +81,16 @@ def test_browser_hides_dead_and_sorts_by_energy(client, data):
 
 @pytest.mark.parametrize("query, expected", [
     ("min_entropy=0.8", "universal"),
+    ("max_entropy=0.8", "not_universal"),
     ("mostly=vit_s&min_entropy=", "only_first"),
     ("labelled=unlabelled", "live"),
     ("labelled=labelled", "none"),
 ])
 def test_browser_filters(client, data, query, expected):
     run = data.run
-    want = {"universal": run.universal, "only_first": run.only_first, "none": [],
-            "live": [c for c in range(run.n_concepts) if c not in run.dead]}[expected]
+    live = [c for c in range(run.n_concepts) if c not in run.dead]
+    want = {"universal": run.universal, "only_first": run.only_first, "none": [], "live": live,
+            "not_universal": [c for c in live if c not in run.universal]}[expected]
     shown = _indices(client.get(f"/runs/{run.run_id}/concepts?{query}&per_page=200").text)
     assert sorted(shown) == sorted(want)
 
