@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from markupsafe import Markup
 
-from app.plots import ScatterPoint, histogram, matrix_heatmap, scatter
+from app.plots import ScatterPoint, histogram, line_chart, matrix_heatmap, scatter
 from app.schemas.compare import Comparison
 from app.schemas.concepts import ModelColumn
 from app.schemas.runs import RunOverview
@@ -21,6 +21,21 @@ def r2_matrix(overview: RunOverview) -> Markup:
     return matrix_heatmap(overview.r2, names, names, title="R² matrix: encode from the row model, decode into the column model",
                           row_title="encode from", col_title="decode into", value_label="R²",
                           lo=min([0.0, *values]), hi=1.0)
+
+
+def training_loss(overview: RunOverview) -> Markup:
+    t = overview.training
+    positive = [v for v in t.loss if v is not None and v > 0]
+    # A log axis only where the loss falls by more than a decade; a narrow range reads better linear.
+    log = bool(positive) and max(positive) > 20 * min(positive)
+    return line_chart(t.step, {"loss": t.loss}, title="Training loss at each logged step", x_label="step",
+                      y_label="loss (log)" if log else "loss", log_y=log)
+
+
+def training_r2(overview: RunOverview) -> Markup:
+    t = overview.training
+    return line_chart(t.step, t.r2, title="Batch R² of each model at each logged step (from that step's source model)",
+                      x_label="step", y_label="batch R²")
 
 
 def entropy_histogram(overview: RunOverview) -> Markup:

@@ -45,6 +45,23 @@ KEEP_CHECKPOINTS = 2
 Callback = Callable[[dict], None]
 
 
+def read_training_log(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (see docs/formats.md), in the order written; a line
+    cut short by a crash, or anything else that is not a JSON object with a step, is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

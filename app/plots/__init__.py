@@ -5,6 +5,7 @@ Every function returns `markupsafe.Markup`; text that comes from data is escaped
 
 from app.plots.heatmap import matrix_heatmap
 from app.plots.histogram import histogram
+from app.plots.lines import line_chart
 from app.plots.scatter import ScatterPoint, scatter
 
-__all__ = ["ScatterPoint", "histogram", "matrix_heatmap", "scatter"]
+__all__ = ["ScatterPoint", "histogram", "line_chart", "matrix_heatmap", "scatter"]

@@ -27,3 +27,12 @@ def text_color_on(rgb: tuple[int, int, int]) -> str:
     """Black or white, whichever contrasts more with the background (relative luminance)."""
     r, g, b = (c / 255 for c in rgb)
     return "#111" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.5 else "#fff"
+
+
+SERIES = ["#2f5bd3", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#6b7280"]
+"""Line colours for one series per model: the accent blue, then the Okabe-Ito colours, which stay
+apart for colour-blind readers."""
+
+
+def series_color(i: int) -> str:
+    return SERIES[i % len(SERIES)]

@@ -49,6 +49,13 @@ class HistogramData(BaseModel):
     counts: list[int]
 
 
+class TrainingCurve(BaseModel):
+    step: list[int]
+    loss: list[float | None] = Field(description="Training loss at each logged step")
+    r2: dict[str, list[float | None]] = Field(
+        description="Per target model, the batch R² of that step's reconstruction (from that step's source model)")
+
+
 class ScatterConcept(BaseModel):
     index: int
     label: str
@@ -80,3 +87,4 @@ class RunOverview(BaseModel):
     labelled: list[LabelledConcept] = Field(
         description="Labelled live concepts with the most energy, with each model's firing: what each model relies on")
     labelled_total: int = Field(description="Labelled live concepts in the run (the list may show fewer)")
+    training: TrainingCurve | None = Field(None, description="The training log, thinned (None: none was found when mined)")

@@ -46,7 +46,7 @@ from app.models import (
 from app.schemas.concepts import MinedCard, ModelFiring, Thumb
 from app.services import card_html
 from app.services.concepts import card_ranks
-from app.services.runs import register_run
+from app.services.runs import register_run, training_curve
 from app.services.runs_view import mining_owner
 from usae_core import render
 from usae_core.atomic import atomic_path
@@ -115,7 +115,7 @@ def mine_run(url: str, media_dir: Path, run_dir: Path, store, model, *, cfg: Min
         # Rendered files were renamed into place without per-file fsync (hundreds of
         # thousands of them); make them durable once, before the database points at them.
         os.sync()
-        old_generation = _activate(Session, ids, result, cfg)
+        old_generation = _activate(Session, ids, result, cfg, training_curve(run_dir))
     except BaseException as exc:
         _record_failure(Session, media_dir, ids, exc)
         raise
@@ -333,7 +333,8 @@ def write_image(path: Path, image: PILImage.Image) -> None:
 # --------------------------------------------------------------------------- flip and cleanup
 
 
-def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: MiningConfig) -> int | None:
+def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: MiningConfig,
+              training: dict | None) -> int | None:
     """One transaction: new concept statistics, the run points at the new generation."""
     stats = result.stats
     n_models = len(result.models)
@@ -367,7 +368,7 @@ def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: Mi
         generation.status, generation.finished_at = "active", utcnow()
         run.active_generation_id = generation.id
         run.status, run.error, run.mined_at = "mined", None, utcnow()
-        run.metrics = _json_safe({**stats.summary(), "top_n": cfg.top_n})
+        run.metrics = _json_safe({**stats.summary(), "top_n": cfg.top_n, "training": training})
     return old
 
 

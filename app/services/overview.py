@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Concept, ConceptDefectIoU, Run
-from app.schemas.runs import ConceptRef, DefectBest, HistogramData, LabelledConcept, RunOverview, ScatterConcept
+from app.schemas.runs import (ConceptRef, DefectBest, HistogramData, LabelledConcept, RunOverview, ScatterConcept,
+                              TrainingCurve)
 from app.services.concepts import UNIVERSAL_ENTROPY, concept_cards
 from app.services.runs_view import effective_status, run_summary
 
@@ -53,6 +54,7 @@ def run_overview(session: Session, *, run: Run) -> RunOverview:
                       select(Concept).where(live, Concept.label != "").order_by(Concept.energy.desc(), Concept.index)
                       .limit(LABELLED_SHOWN))))],
         labelled_total=session.scalar(select(func.count()).where(live, Concept.label != "")) or 0,
+        training=TrainingCurve(**run.metrics["training"]) if run.metrics.get("training") else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from sqlalchemy import select
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.models import Run, RunModel
 from usae_core.errors import UsaeError
 from usae_core.model import CONFIG_FILE
+from usae_core.train import read_training_log
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -75,3 +77,26 @@ def _sync_models(run: Run, store) -> None:
         row.info = info
         rows.append(row)
     run.models = rows
+
+
+TRAINING_CURVE_POINTS = 300
+"""Logged steps kept for the overview's training charts (evenly spaced, the last always)."""
+
+
+def training_curve(run_dir: str | Path) -> dict | None:
+    """`{"step": [...], "loss": [...], "r2": {model: [...]}}` from the run's training log, thinned
+    to at most TRAINING_CURVE_POINTS records; None when the run has no log."""
+    records = read_training_log(run_dir)
+    if not records:
+        return None
+    n = len(records)
+    keep = sorted({round(i * (n - 1) / (TRAINING_CURVE_POINTS - 1)) for i in range(TRAINING_CURVE_POINTS)}) \
+        if n > TRAINING_CURVE_POINTS else range(n)
+    kept = [records[i] for i in keep]
+    models = list(kept[-1].get("r2", {}))
+
+    def number(value) -> float | None:
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    return {"step": [r["step"] for r in kept], "loss": [number(r.get("loss")) for r in kept],
+            "r2": {m: [number(r.get("r2", {}).get(m)) for r in kept] for m in models}}

@@ -384,3 +384,31 @@ def test_cli_refuses_a_run_that_does_not_match_the_store(tmp_path, planted_run):
                                    "--data-dir", str(tmp_path / "data"), "--device", "cpu"])
     assert res.exit_code != 0
     assert "has" in str(res.exception) and "store" in str(res.exception)
+
+
+def test_mine_keeps_the_training_log_thinned_for_the_overview(db_url, data_dir, planted_run, tmp_path):
+    import json
+    import shutil
+
+    from app.services.runs import TRAINING_CURVE_POINTS, training_curve
+
+    planted, run_dir = planted_run
+    logged = tmp_path / "runs" / "logged"
+    shutil.copytree(run_dir, logged)
+    models = planted.store.model_names
+    n = 2 * TRAINING_CURVE_POINTS + 5
+    with open(logged / "metrics.jsonl", "w") as fh:
+        for s in range(1, n + 1):
+            r2 = {m: (float("nan") if (s == n and i == 0) else 1 - 1 / s - 0.01 * i) for i, m in enumerate(models)}
+            fh.write(json.dumps({"step": 10 * s, "loss": 1 / s, "r2": r2}) + "\n")
+    curve = training_curve(logged)
+    assert len(curve["step"]) == TRAINING_CURVE_POINTS
+    assert curve["step"][0] == 10 and curve["step"][-1] == 10 * n  # the first and the last are kept
+    assert curve["step"] == sorted(set(curve["step"]))
+    assert curve["loss"] == [pytest.approx(10 / s) for s in curve["step"]]
+    assert list(curve["r2"]) == models and curve["r2"][models[0]][-1] is None  # NaN is no value
+    mine_run(db_url, data_dir / "media", logged, planted.store, planted.model, cfg=MiningConfig(top_n=2))
+    with session_factory(db_url)() as s:
+        run = s.scalars(sa.select(Run).where(Run.name == "logged")).one()
+        assert run.metrics["training"] == curve
+    assert training_curve(run_dir) is None  # a run without a log: no curve, no chart

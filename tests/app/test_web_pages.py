@@ -210,3 +210,24 @@ def test_overview_lists_labelled_concepts_with_each_models_firing(web_client, se
     assert "Crack &lt;edge&gt;" in panel and "<edge>" not in panel
     assert f'href="/runs/{run.run_id}/concepts/{first}"' in panel
     assert all(f"<th>{m}</th>" in panel for m in run.models)
+
+
+def test_overview_plots_the_training_log_when_the_mine_kept_one(web_client, seeded):
+    import sqlalchemy as sa
+
+    from app.db import session_factory
+    from app.models import Run
+
+    path = f"/runs/{seeded.run.run_id}"
+    assert 'id="training"' not in web_client.get(path).text  # the seeded mine kept no log
+    with session_factory(seeded.settings.db_url)() as s:
+        run = s.get(Run, seeded.run.run_id)
+        names = [m.name for m in run.models]
+        curve = {"step": [50, 100, 150], "loss": [0.9, 0.5, 0.4], "r2": {m: [0.1, 0.5, 0.6] for m in names}}
+        run.metrics = {**run.metrics, "training": curve}
+        s.commit()
+    page = web_client.get(path).text
+    training = page[page.index('id="training"'):]
+    assert "3 logged steps, up to step 150" in training
+    assert training.count("<polyline") == 1 + len(names)  # the loss, then one line per model
+    assert web_client.get(f"/api{path}").json()["training"] == curve

@@ -248,3 +248,12 @@ def test_cuda_request_without_cuda_is_a_clear_error(planted, tmp_path):
     tcfg.device = "cuda"
     with pytest.raises(UsaeError, match="no CUDA device"):
         train_usae(store, tmp_path / "run", ucfg, tcfg)
+
+
+def test_the_training_log_reads_back_in_order_without_a_line_cut_short(tmp_path):
+    from usae_core.train import METRICS_FILE, read_training_log
+
+    assert read_training_log(tmp_path) == []  # no log yet
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (10, 20, 30)]
+    (tmp_path / METRICS_FILE).write_text("\n".join(lines) + '\n{"step": 40, "lo\n[1, 2]\n')  # a crash mid-line
+    assert [r["step"] for r in read_training_log(tmp_path)] == [10, 20, 30]
