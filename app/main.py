@@ -33,7 +33,7 @@ from app.services.explain import ModelCache
 from app.services.shares import ShareGone
 from app.settings import Settings, get_settings
 from app.templating import render
-from app.urls import ANALYST_URLS
+from app.urls import ANALYST_URLS, share_urls
 from app.viewer import Viewer
 
 log = logging.getLogger(__name__)
@@ -131,18 +131,16 @@ def _is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/") or request.url.path == "/api"
 
 
-_SHARE_SUBPAGE = re.compile(r"^/s/([A-Za-z0-9_-]+)/.")
-
-
-def _shared_view_of(request: Request, status_code: int) -> str | None:
-    """Where a link holder who hit an error inside an audit link gets back to: the link's own
-    landing page (not for a revoked or expired link, whose landing page is gone too)."""
-    match = _SHARE_SUBPAGE.match(request.url.path)
-    return f"/s/{match.group(1)}" if match and status_code != 410 else None
+_SHARE_PAGE = re.compile(r"^/s/([A-Za-z0-9_-]+)(/|$)")
 
 
 def _error_viewer(request: Request) -> Viewer:
-    """Error pages show the analyst's navigation when someone is signed in."""
+    """Inside an audit link, errors are shown to a link holder: every link stays inside the
+    link, and no session is started. Elsewhere the analyst's navigation shows when someone is
+    signed in."""
+    share = _SHARE_PAGE.match(request.url.path)
+    if share:
+        return Viewer(urls=share_urls(share.group(1)))
     with request.app.state.sessionmaker() as session:
         return Viewer(urls=ANALYST_URLS, user=signed_in_user(request, session))
 
@@ -152,7 +150,7 @@ def _error_page(request: Request, status_code: int, message: str, headers: dict[
         return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
     response = render(request, _error_viewer(request), "error.html", status_code=status_code,
                       heading=ERROR_HEADINGS.get(status_code, "Something went wrong"), message=message,
-                      status_code_shown=status_code, shared_view=_shared_view_of(request, status_code))
+                      status_code_shown=status_code)
     if headers:
         response.headers.update(headers)
     return response

@@ -84,7 +84,7 @@ def render(request: Request, viewer: Viewer, name: str, *, status_code: int = 20
            **context: Any) -> HTMLResponse:
     """A page for `viewer`. Analysts get the session's CSRF token for forms and htmx requests;
     share-link holders get no session at all."""
-    csrf = csrf_token(request) if viewer.share is None else None
+    csrf = csrf_token(request) if viewer.share is None and not viewer.urls.prefix else None
     return templates.TemplateResponse(
         request, name, {"viewer": viewer, "urls": viewer.urls, "csrf": csrf, "now": utcnow(), "nav": None, **context},
         status_code=status_code,

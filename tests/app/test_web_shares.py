@@ -87,8 +87,10 @@ def test_concept_link_shows_only_its_concepts(web_client, holder, seeded):
     for url in (f"{path}/runs/{run.run_id}/concepts/1", f"{path}/runs/{run.run_id}",
                 f"{path}/runs/{run.run_id}/compare", f"/api{path}/runs/{run.run_id}/concepts/1"):
         assert holder.get(url).status_code == 404, url
-    outside = holder.get(f"{path}/runs/{run.run_id}/concepts/1").text  # the error page leads back
-    assert f'id="back-to-shared-view" href="{path}"' in outside and "Back to the runs" not in outside
+    outside = holder.get(f"{path}/runs/{run.run_id}/concepts/1")  # the error page leads back, and only there
+    assert f'id="back-to-shared-view" href="{path}"' in outside.text and "Back to the runs" not in outside.text
+    assert f'class="brand" href="{path}"' in outside.text
+    assert "set-cookie" not in outside.headers  # a holder gets no session, not even on an error page
     assert holder.get(path, follow_redirects=False).status_code == 303  # ... to a page that opens
     api = holder.get(f"/api{path}").json()
     assert api["scope"] == "concepts" and api["concept_indices"] == [0, 3]
