@@ -268,3 +268,14 @@ def test_the_api_page_works_offline_from_this_origin(new_context, site):
     assert page.locator(".opblock").count() > 10
     assert page.title() == "USAE Concept Explorer: API"
     assert set(origins) == {urlparse(site.base).netloc}, set(origins)
+
+
+def test_every_navigation_link_shows_on_a_phone(new_context, analyst_state, site):
+    page = new_context({"width": 390, "height": 844}, analyst_state).new_page()
+    page.goto(f"{site.base}/runs")
+    links = page.locator(".topbar nav a")
+    assert links.count() >= 5
+    for i in range(links.count()):
+        box = links.nth(i).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (links.nth(i).inner_text(), box)
+    screenshot(page, "phone-nav")
