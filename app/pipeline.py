@@ -175,9 +175,17 @@ def ensure_analyst(settings: Settings) -> tuple[str, str | None]:
     return DEMO_USER, password
 
 
+_STAGES = ("extract", "train", "mine")
+
+
+def _stale_marker(settings: Settings, plan: DemoPlan) -> Path:
+    return settings.data_dir / f".demo-{plan.name}-stale"
+
+
 def run_demo(settings: Settings, *, small: bool = False, device: str = "auto", seed: int = 0,
              echo: Echo = print) -> DemoResult:
     from app.migrations import upgrade_database
+    from usae_core.atomic import atomic_write_bytes
     from usae_core.train import resolve_device
 
     plan = SMALL if small else FULL
@@ -186,28 +194,45 @@ def run_demo(settings: Settings, *, small: bool = False, device: str = "auto", s
     upgrade_database(settings.db_url)
     stages: list[StageReport] = []
 
-    # A stage that ran again invalidates every stage after it.
+    # A stage that ran again invalidates every stage after it, also across runs: its old outputs
+    # stay complete on disk until replaced, so a rebuild cut short would leave them looking
+    # current. The marker names the first stage still to redo until the last one finishes.
+    stale = _stale_marker(settings, plan)
+    redo_from = stale.read_text().strip() if stale.exists() else None
     box: dict = {"rebuild": False}
+
+    def rebuild(stage: str) -> bool:
+        return box["rebuild"] or (redo_from is not None and _STAGES.index(stage) >= _STAGES.index(
+            redo_from if redo_from in _STAGES else _STAGES[0]))
+
+    def ran_again(next_stage: str) -> None:
+        """A stage was built again: it is current, every stage from `next_stage` on is stale."""
+        box["rebuild"] = True
+        atomic_write_bytes(stale, next_stage.encode())
 
     def images_stage():
         box["images"], summary, reused = build_images(settings, plan, seed)
-        box["rebuild"] |= not reused
+        if not reused:
+            ran_again("extract")
         return summary, reused
 
     def extract_stage():
-        box["store"], summary, reused = extract(settings, plan, box["images"], device, box["rebuild"])
-        box["rebuild"] |= not reused
+        box["store"], summary, reused = extract(settings, plan, box["images"], device, rebuild("extract"))
+        if not reused:
+            ran_again("train")
         return summary, reused
 
     def train_stage():
         box["model"], box["run_dir"], summary, reused = train(settings, plan, box["store"], device, seed,
-                                                              box["rebuild"])
-        box["rebuild"] |= not reused
+                                                              rebuild("train"))
+        if not reused:
+            ran_again("mine")
         return summary, reused
 
     def mine_stage():
         box["run_id"], summary, reused = mine(settings, plan, box["run_dir"], box["store"], box["model"], device,
-                                              box["rebuild"])
+                                              rebuild("mine"))
+        stale.unlink(missing_ok=True)  # every stage is current again
         return summary, reused
 
     _timed(stages, echo, "1/4 images", images_stage)

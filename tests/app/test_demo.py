@@ -88,3 +88,25 @@ def test_a_changed_plan_retrains_and_re_mines_but_keeps_the_images_and_store(dem
     assert "[1/4 images] reused:" in proc.stdout and "[2/4 extract] reused:" in proc.stdout, proc.stdout
     assert "[3/4 train] reused:" not in proc.stdout and "[4/4 mine] reused:" not in proc.stdout, proc.stdout
     assert json.loads(config.read_text())["usae"]["n_concepts"] == saved["usae"]["n_concepts"] - 1
+
+
+def test_a_rebuild_cut_short_does_not_leave_old_outputs_looking_current(demo, monkeypatch):
+    """New images make the store stale. If the rerun is stopped while extracting, the old store
+    is still complete on disk (an overwrite only swaps at the end); the next run must extract
+    again, not reuse it. (Runs last: it leaves the module's demo on other images.)"""
+    import usae_core.extract
+    from app.pipeline import run_demo
+
+    data_dir, _ = demo
+    settings = Settings(data_dir=data_dir)
+    calls = []
+
+    def stopped(*args, **kwargs):
+        calls.append(kwargs.get("overwrite"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(usae_core.extract, "extract_store", stopped)
+    for _ in range(2):  # new images (seed 1), stopped in extraction; then the same command again
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(settings, small=True, device="cpu", seed=1, echo=lambda line: None)
+    assert calls == [True, True]  # the second run did not take the old store for current
