@@ -78,9 +78,17 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         from usae_core.errors import UsaeError
 
         raise UsaeError(f"{target} already exists; pass --overwrite to replace it")
-    tmp = start_replacement(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    finish_replacement(target)
+    # A folder of its own, so two processes building the same target never share one; it takes
+    # the replacement's fixed name only for the swap.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
+    tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
+        new, _ = replacement_folders(target)
+        shutil.rmtree(new, ignore_errors=True)  # an abandoned build of an earlier process
+        os.replace(tmp, new)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -75,3 +75,36 @@ def test_finishing_a_cut_swap_that_another_process_finishes_first(tmp_path, monk
     monkeypatch.undo()
     assert (target / "which").read_text() == "new"
     assert not old.exists() and not new.exists()
+
+
+def test_two_builders_of_one_folder_each_finish_with_a_whole_folder(tmp_path):
+    """Two processes building the same target (two `usae demo` at once) must not delete each
+    other's half-built folder; the target ends up as one builder's complete folder."""
+    import threading
+
+    target = tmp_path / "set"
+    a_started, b_done = threading.Event(), threading.Event()
+    errors = []
+
+    def builder(name: str, first: bool) -> None:
+        try:
+            with atomic_directory(target, overwrite=True) as tmp:
+                (tmp / "one").write_text(name)
+                if first:
+                    a_started.set()
+                    b_done.wait(10)
+                (tmp / "two").write_text(name)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            if not first:
+                b_done.set()
+
+    a = threading.Thread(target=builder, args=("a", True))
+    a.start()
+    a_started.wait(10)
+    builder("b", False)
+    a.join(10)
+    assert errors == []
+    assert {(target / f).read_text() for f in ("one", "two")} in ({"a"}, {"b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no build folders left
