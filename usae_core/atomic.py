@@ -73,7 +73,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     (`swap_in_replacement`); a block that fails leaves `target` as it was and removes the
     partial folder.
     """
-    target = Path(target)
+    target = _real(Path(target))
     if target.exists() and not overwrite:
         from usae_core.errors import UsaeError
 
@@ -97,9 +97,23 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
 
 def replacement_folders(target: Path) -> tuple[Path, Path]:
     """(new, old): where a replacement of the folder `target` is built, and where the folder it
-    replaces is renamed before it is deleted. Both are hidden siblings of `target`, so every
+    replaces is renamed before it is deleted. Both are hidden siblings of `target` (of the folder
+    it links to, for a symbolic link: the link stays, and the data stays on its disk), so every
     rename stays inside one directory of one file system."""
+    target = _real(target)
     return target.parent / f".{target.name}.replacing", target.parent / f".{target.name}.replaced"
+
+
+def _real(target: Path) -> Path:
+    """The folder a symbolic link points to (even while that folder is missing mid-swap)."""
+    return Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_replacement(target: Path) -> Path:
@@ -107,7 +121,7 @@ def start_replacement(target: Path) -> Path:
     cleaned up first: a swap cut between its renames is finished, an abandoned build deleted."""
     new, _ = replacement_folders(target)
     finish_replacement(target)
-    shutil.rmtree(new, ignore_errors=True)
+    _remove(new)
     new.mkdir(parents=True)
     return new
 
@@ -116,12 +130,13 @@ def swap_in_replacement(target: Path) -> None:
     """Move the finished replacement of `target` into place: the old folder is renamed aside,
     the new one renamed in, then the old one deleted. A crash between the two renames leaves
     `target` missing with both folders beside it; `finish_replacement` completes the swap."""
+    target = _real(target)
     new, old = replacement_folders(target)
     if not target.exists():
         os.replace(new, target)
         fsync_dir(target.parent)
         return
-    shutil.rmtree(old, ignore_errors=True)  # left by an earlier swap that stopped before deleting it
+    _remove(old)  # left by an earlier swap that stopped before deleting it
     os.replace(target, old)
     finish_replacement(target)  # the second rename, and the deletion of the old folder
 
@@ -131,8 +146,9 @@ def finish_replacement(target: Path) -> None:
     the replacement (complete before the swap began) moves in, or, without one, the old folder
     moves back; an old folder left beside `target` is deleted. A replacement still being built
     is never touched, so readers may call this too."""
+    target = _real(target)
     new, old = replacement_folders(target)
-    if not old.exists():
+    if not old.exists() and not old.is_symlink():
         return
     if not target.exists():
         try:
@@ -141,4 +157,4 @@ def finish_replacement(target: Path) -> None:
             if not target.exists():
                 raise
         fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)

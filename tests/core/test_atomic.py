@@ -108,3 +108,18 @@ def test_two_builders_of_one_folder_each_finish_with_a_whole_folder(tmp_path):
     assert errors == []
     assert {(target / f).read_text() for f in ("one", "two")} in ({"a"}, {"b"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no build folders left
+
+
+def test_overwriting_a_linked_folder_replaces_what_it_links_to_and_keeps_the_link(tmp_path):
+    """A store kept on another disk behind a symbolic link: overwrites rebuild it there, twice."""
+    real, link = tmp_path / "big" / "store", tmp_path / "data" / "store"
+    real.mkdir(parents=True)
+    (real / "which").write_text("old")
+    link.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    for version in ("first", "second"):
+        with atomic_directory(link, overwrite=True) as tmp:
+            (tmp / "which").write_text(version)
+        assert link.is_symlink() and (link / "which").read_text() == version
+    assert sorted(p.name for p in real.parent.iterdir()) == ["store"]
+    assert sorted(p.name for p in link.parent.iterdir()) == ["store"]
