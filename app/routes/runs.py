@@ -24,7 +24,9 @@ def pages(viewer_dep: Any) -> APIRouter:
     @router.get("/runs/{run_id}", response_class=HTMLResponse)
     def run_page(request: Request, run_id: PathInt, session: SessionDep, viewer: ViewerDep):
         run = get_run_or_404(session, viewer, run_id, whole_run=True)
-        return render(request, viewer, "runs/overview.html", nav="runs", overview=run_overview(session, run=run))
+        # Why the last mine stopped is for analysts: the message can name paths and internals.
+        return render(request, viewer, "runs/overview.html", nav="runs", overview=run_overview(session, run=run),
+                      last_mine_error=run.error if viewer.can_edit else None)
 
     return router
 

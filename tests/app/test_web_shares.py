@@ -204,3 +204,20 @@ def test_share_api(web_client, holder, seeded):
     revoked = web_client.post(f"/api/shares/{created['id']}/revoke", headers=headers).json()
     assert revoked["status"] == "revoked"
     assert holder.get(f"/api{created['url']}/runs/{seeded.run.run_id}/concepts").status_code == 410
+
+
+def test_a_mine_that_did_not_finish_is_told_to_analysts_not_to_link_holders(web_client, holder, seeded):
+    from app.models import Run
+
+    run_id = seeded.run.run_id
+    with session_factory(seeded.settings.db_url)() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(
+            error="a re-mine was interrupted (KeyboardInterrupt) <at /srv/x>"))
+        s.commit()
+    analyst = web_client.get(f"/runs/{run_id}").text
+    note = analyst[analyst.index('id="last-mine-error"'):]
+    assert "did not finish.</strong>" in note and "These pages show the mine of" in note
+    assert "(KeyboardInterrupt) &lt;at /srv/x&gt;" in note  # escaped
+    path = _create(web_client, seeded, scope="run")
+    shared = holder.get(f"{path}/runs/{run_id}").text
+    assert "last-mine-error" not in shared and "KeyboardInterrupt" not in shared  # internals stay inside
