@@ -198,12 +198,12 @@ def run_demo(settings: Settings, *, small: bool = False, device: str = "auto", s
     # stay complete on disk until replaced, so a rebuild cut short would leave them looking
     # current. The marker names the first stage still to redo until the last one finishes.
     stale = _stale_marker(settings, plan)
-    redo_from = stale.read_text().strip() if stale.exists() else None
+    marked = stale.read_text().strip() if stale.exists() else None
+    redo_from = len(_STAGES) if marked is None else _STAGES.index(marked) if marked in _STAGES else 0
     box: dict = {"rebuild": False}
 
     def rebuild(stage: str) -> bool:
-        return box["rebuild"] or (redo_from is not None and _STAGES.index(stage) >= _STAGES.index(
-            redo_from if redo_from in _STAGES else _STAGES[0]))
+        return box["rebuild"] or _STAGES.index(stage) >= redo_from
 
     def ran_again(next_stage: str) -> None:
         """A stage was built again: it is current, every stage from `next_stage` on is stale."""

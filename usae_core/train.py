@@ -191,15 +191,9 @@ class Trainer:
         path = self.out / METRICS_FILE
         if not path.exists():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue
+        kept = [r for r in read_training_log(self.out) if r["step"] <= step]
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------ one step
     def train_step(self, batch: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
