@@ -6,6 +6,7 @@ A crash at any point leaves either the old file or the new one, never a half-wri
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -29,6 +30,32 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def start_writeback(fh) -> None:
+    """Ask the kernel to start writing the open file `fh` to disk now, without waiting for it.
+
+    Bulk files written without a flush (store shards) otherwise stay dirty in the page cache
+    until the kernel's writeback timer, and the next durable write (the store's manifest) can
+    then wait for gigabytes at once. Started as each file is written, the disk works while the
+    job goes on. Linux's `sync_file_range(SYNC_FILE_RANGE_WRITE)`; a no-op where it is missing."""
+    fh.flush()
+    if _sync_file_range is not None:
+        _sync_file_range(fh.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)  # best effort: errors change nothing
+
+
+def _load_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 @contextlib.contextmanager

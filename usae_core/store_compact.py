@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from usae_core.atomic import atomic_path, atomic_write_json, fsync_dir
+from usae_core.atomic import atomic_path, atomic_write_json, fsync_dir, start_writeback
 from usae_core.errors import UsaeError
 from usae_core.store_layout import (
     done_marker,
@@ -144,6 +144,7 @@ def stage_shards(root: Path, manifest: dict, plan: CompactionPlan, *, rank: int 
                                                               "fortran_order": False, "shape": (rows, dim)})
                     for lo, hi in _runs(kept):
                         fh.write(memoryview(source[lo * tokens : hi * tokens]))
+                    start_writeback(fh)
         write_done_marker(marker)
 
 

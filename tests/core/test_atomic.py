@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from usae_core import atomic
-from usae_core.atomic import atomic_directory, atomic_path, atomic_write_json
+from tests.core.page_cache import dirty_pages
+from usae_core.atomic import atomic_directory, atomic_path, atomic_write_json, start_writeback
 from usae_core.store import import_activations
 
 
@@ -123,3 +124,19 @@ def test_overwriting_a_linked_folder_replaces_what_it_links_to_and_keeps_the_lin
         assert link.is_symlink() and (link / "which").read_text() == version
     assert sorted(p.name for p in real.parent.iterdir()) == ["store"]
     assert sorted(p.name for p in link.parent.iterdir()) == ["store"]
+
+
+def test_start_writeback_leaves_no_dirty_pages(tmp_path):
+    """The file's pages go to the disk now (dirty -> writeback), while a file written the same
+    way without it stays dirty."""
+    data = np.random.default_rng(0).bytes(4 << 20)
+    for name in ("control.bin", "flushed.bin"):
+        with open(tmp_path / name, "wb") as fh:
+            fh.write(data)
+            if name == "flushed.bin":
+                start_writeback(fh)
+    control = dirty_pages(tmp_path / "control.bin")
+    if not control:
+        pytest.skip("this kernel or file system does not report dirty pages per file")
+    assert dirty_pages(tmp_path / "flushed.bin") < control // 10
+    assert (tmp_path / "flushed.bin").read_bytes() == data

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.core.crash import stopped_at_rename
+from tests.core.page_cache import dirty_pages
 from usae_core.errors import UsaeError
 from usae_core.store import ActivationStore, from_storage, import_activations, to_storage
 
@@ -207,6 +208,27 @@ def test_a_shard_cut_short_after_its_marker_is_rewritten_on_resume(tmp_path):
     for m in fixed.model_names:
         for i in range(4):
             np.testing.assert_allclose(fixed.image_tokens(m, i), arrays[m][i], atol=1e-2)
+
+
+def test_shard_writes_start_their_writeback_at_once(tmp_path):
+    """A shard leaves no dirty pages behind it: its writeback starts as it is written, so the
+    store's final durable manifest write does not wait for every shard at once. A file written
+    plainly beside it is the control (it stays dirty until the kernel's writeback timer). On ext4
+    the temporary file's truncate-then-write also starts it (`auto_da_alloc`); other file
+    systems rely on `start_writeback` alone, which tests/core/test_atomic.py checks."""
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((2, 64, 4096)).astype(np.float32)}  # 2 MB: 512 pages
+    writer = ActivationStore.create(tmp_path / "s", models={"a": 4096}, grid=(8, 8), image_ids=["x", "y"],
+                                    dtype="float32")
+    control = tmp_path / "control.bin"
+    control.write_bytes(arrays["a"].tobytes())
+    writer.write_shard(0, arrays)
+    control_dirty = dirty_pages(control)
+    if not control_dirty:
+        pytest.skip("this kernel or file system does not report dirty pages per file")
+    shard = next((tmp_path / "s").rglob("*.npy"))
+    assert dirty_pages(shard) < control_dirty // 10
+    np.testing.assert_array_equal(writer.finalize().shard("a", 0), arrays["a"].reshape(-1, 4096))
 
 
 def test_write_shard_checks_shapes(tmp_path):
