@@ -2,7 +2,8 @@
 
     python benchmarks/extract_throughput.py                       # embedded defaults, CPU
     python benchmarks/extract_throughput.py --device cuda --random-init --compile --n-images 20000 \
-        --models timm:vit_small_patch14_dinov2,timm:vit_base_patch16_siglip_224,timm:vit_base_patch16_224
+        --models timm:vit_small_patch14_dinov2,timm:vit_base_patch16_siglip_224,timm:vit_base_patch16_224 \
+        --disk-check-gb 8
 
 Bare forward: uint8 batches already on the device -> normalise -> every backbone (bf16 autocast on
 CUDA), timed after warm-up. Extraction: `extract_store` from image files on disk (JPEGs written
@@ -58,6 +59,38 @@ def write_images(folder: Path, n: int) -> None:
         (folder / f"{i:07d}.jpg").write_bytes(blobs[i % unique])
 
 
+def disk_write_speed(folder: Path, gigabytes: float) -> dict:
+    """The file system under `folder` and its sequential write speed, flushed to disk: what the
+    store's final durable write waits on when extraction produces faster than the disk writes
+    (a store grows by (sum of model dims) x tokens x 2 bytes per image in float16)."""
+    chunk = os.urandom(64 << 20)  # random bytes: a compressing file system cannot shortcut them
+    n = max(1, round(gigabytes * 1e9 / len(chunk)))
+    path = folder / "disk-check.bin"
+    start = time.perf_counter()
+    try:
+        with open(path, "wb") as fh:
+            for _ in range(n):
+                fh.write(chunk)
+            os.fsync(fh.fileno())
+        seconds = time.perf_counter() - start
+    finally:
+        path.unlink(missing_ok=True)
+    return {"file_system": _file_system(folder), "gigabytes": round(n * len(chunk) / 1e9, 2),
+            "seconds": round(seconds, 2), "write_gb_s": round(n * len(chunk) / 1e9 / seconds, 2)}
+
+
+def _file_system(folder: Path) -> str:
+    """`type (mount options)` of the mount holding `folder`, from /proc/mounts (Linux)."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    where = str(folder.resolve())
+    best = max((m for m in mounts if len(m) >= 4 and (where + "/").startswith(m[1].rstrip("/") + "/")),
+               key=lambda m: len(m[1]), default=None)
+    return f"{best[2]} ({best[3]})" if best else "unknown"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -105,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--work-dir", type=Path, default=None, help="where the images and the store go (temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p.add_argument("--disk-check-gb", type=float, default=0.0,
+                   help="first time a flushed sequential write of this many GB in the work folder (0: skip)")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -120,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             images = work / "images"
             log.info("writing %d JPEG images to %s", n_images, images)
             write_images(images, n_images)
+        disk = disk_write_speed(work, args.disk_check_gb) if args.disk_check_gb > 0 else None
         log.info("bare forward of %s on %s", ", ".join(names), device)
         forward = forward_throughput(models, device, batch_size, args.forward_batches or (20 if cuda else 3),
                                      args.compile)
@@ -148,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "extract_seconds": round(seconds, 2),
         "extract_vs_forward": round(extract_rate / forward["all"], 3),
         "extract_stages_s": {k: round(v, 2) for k, v in vars(timings).items() if k != "images"},
+        "disk": disk,
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      **_optional_versions()},
     }

@@ -3,6 +3,8 @@ over an activation store on disk, and heatmaps/s of the rendering step after it.
 
     PYTHONPATH=. python benchmarks/mine_throughput.py --device cpu --images 64
     PYTHONPATH=. python benchmarks/mine_throughput.py --device cuda --images 4096 --batch-images 256 --repeat 3
+    PYTHONPATH=. python benchmarks/mine_throughput.py --device cuda --images 4096 --batch-images 256 \
+        --breakdown 4 --trace mine_trace.json        # where a pass's time goes
 
 Defaults are the paper's configuration: three models of dims 384 / 768 / 768 (DINOv2-S, SigLIP,
 ViT-B), 6144 concepts, k = 32, a 16 x 16 token grid, a float16 store. The store holds random
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from usae_core import render  # noqa: E402
 from usae_core.config import USAEConfig  # noqa: E402
 from usae_core.errors import UsaeError  # noqa: E402
+from usae_core import mining  # noqa: E402
 from usae_core.mining import MiningConfig, mine_store, nearest_concepts, top_image_heatmaps  # noqa: E402
 from usae_core.model import USAE  # noqa: E402
 from usae_core.store import ActivationStore, check_replaceable_store  # noqa: E402
@@ -62,6 +66,51 @@ def synthetic_store(root: Path, n_images: int, grid: tuple[int, int], dtype: str
     return writer.finalize()
 
 
+def _timed(device: torch.device, fn) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def pass_breakdown(model, store, cfg: MiningConfig, device: torch.device, rounds: int, neighbours_s: float) -> dict:
+    """Where a pass's time goes, in tokens/s (medians over `rounds` alternated rounds):
+
+    - `full`: `mine_store` as users run it;
+    - `compute_only`: the same with every batch already on the device (the store read and the
+      uploads taken out), i.e. the pace the pipeline could reach if reading were free;
+    - `read_only`: the batches read and uploaded with no compute, i.e. the data path alone.
+
+    `full` near `compute_only` means the kernels set the pace; `full` well below both means
+    the two interfere. Needs device memory for the whole store (it is held for compute_only)."""
+    held = [(first, n, {m: t.clone() for m, t in batch.items()})
+            for first, n, batch in mining.iter_image_batches(store, cfg.batch_images, device)]
+
+    def compute_only(*_args, **_kwargs):
+        return iter(held)
+
+    def read_only() -> None:
+        for _ in mining.iter_image_batches(store, cfg.batch_images, device):
+            pass
+
+    seconds: dict[str, list[float]] = {"full": [], "compute_only": [], "read_only": []}
+    for _ in range(rounds):
+        seconds["full"].append(_timed(device, lambda: mine_store(model, store, cfg, device=device)))
+        # The benchmark swaps the batch source; mine_store itself has no such switch.
+        with mock.patch.object(mining, "iter_image_batches", compute_only):
+            seconds["compute_only"].append(_timed(device, lambda: mine_store(model, store, cfg, device=device)))
+        seconds["read_only"].append(_timed(device, read_only))
+    del held
+    rates = {}
+    for name, values in seconds.items():
+        work = statistics.median(values) - (0.0 if name == "read_only" else neighbours_s)
+        rates[name] = {"seconds": [round(v, 4) for v in values], "tokens_per_s": round(store.n_tokens / max(work, 1e-9))}
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -77,6 +126,9 @@ def main() -> None:
                     help="concepts whose top images are rendered to time the heatmap step (0: skip)")
     ap.add_argument("--store-dir", type=Path, default=None, help="where to keep the synthetic store")
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="ROUNDS",
+                    help="also time ROUNDS rounds of full / compute-only / read-only passes, alternated")
+    ap.add_argument("--trace", type=Path, default=None, help="write a torch profiler trace of one pass here")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -104,6 +156,15 @@ def main() -> None:
         torch.cuda.synchronize(device)
     neighbours_s = time.perf_counter() - start
     tokens_per_s = store.n_tokens / max(pass_s - neighbours_s, 1e-9)
+
+    breakdown = pass_breakdown(model, store, cfg, device, args.breakdown, neighbours_s) if args.breakdown else None
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            _timed(device, lambda: mine_store(model, store, cfg, device=device))
+        prof.export_chrome_trace(str(args.trace))
 
     heatmaps_per_s = None
     if args.render_concepts:
@@ -134,6 +195,7 @@ def main() -> None:
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_with_neighbours": store.n_tokens / pass_s,
         "heatmaps_per_s": heatmaps_per_s,
+        "breakdown": breakdown,
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
