@@ -13,6 +13,11 @@ from app.schemas.runs import RunSummary
 MAX_PAGE = 10**9
 """Far beyond any run; a larger page would overflow the database's OFFSET."""
 
+CARDS_PER_PAGE = 60
+"""The browser's default page size. Its card grid has 1 to 6 columns (cards at least 250 px
+wide, the page at most 1680 px), and 60 fills the last row at every one of them; 36 left a
+lone card on the last row of the five columns a 1366 px laptop shows."""
+
 SortKey = Literal["energy", "entropy", "cofire", "frequency", "index"]
 LabelFilter = Literal["any", "labelled", "unlabelled"]
 
@@ -29,7 +34,7 @@ class ConceptFilters(BaseModel):
     tag: str | None = None
     show_dead: bool = False
     page: int = Field(1, ge=1, le=MAX_PAGE)
-    per_page: int = Field(36, ge=1, le=200)
+    per_page: int = Field(CARDS_PER_PAGE, ge=1, le=200)
 
     def query(self, **changes: object) -> dict[str, object]:
         """The non-default filters as URL query parameters (with `changes` applied)."""
@@ -102,7 +107,7 @@ class ConceptPage(BaseModel):
 class BrowserCard:
     """A card as the browser *page* shows it: its mined part as stored markup
     (app/services/card_html.py) instead of the firing and thumbnail lists of `ConceptCard`.
-    A plain object: building 36 pydantic cards, and parsing their JSON, cost about 0.9 ms of a
+    A plain object: building a page of 36 pydantic cards, and parsing their JSON, cost about 0.9 ms of a
     5 ms page (docs/benchmarks.md, 2026-12-03)."""
 
     concept: Any

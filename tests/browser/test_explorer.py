@@ -42,6 +42,19 @@ def test_log_in_browse_and_filter(new_context, site):
     assert top > 0 and all(abs(ratio - f / top) < 0.02 for ratio, f in bars)
 
 
+def test_a_page_of_cards_fills_whole_rows(new_context, analyst_state, site):
+    """The browser's page size is a multiple of the card grid's columns at every width, from a
+    phone to a projector, so the last row of a full page is never a lone card (36 cards at
+    the five columns of a 1366 px laptop left one)."""
+    per_page = new_context(storage_state=analyst_state).request.get(
+        f"{site.base}/api/runs/{site.run_id}/concepts").json()["filters"]["per_page"]
+    for width in (390, 700, 1024, 1280, 1366, 1600, 1920, 2560):
+        page = new_context({"width": width, "height": 900}, analyst_state).new_page()
+        page.goto(f"{site.base}/runs/{site.run_id}/concepts")
+        columns = page.locator("#concept-grid").evaluate("g => getComputedStyle(g).gridTemplateColumns.split(' ').length")
+        assert per_page % columns == 0, (width, columns, per_page)
+
+
 def test_concept_page_shows_every_models_images(analyst, site):
     page = analyst
     page.goto(f"{site.base}/runs/{site.run_id}/concepts/{site.concept}")
