@@ -284,11 +284,16 @@ def test_the_api_page_works_offline_from_this_origin(new_context, site):
 
 
 def test_every_navigation_link_shows_on_a_phone(new_context, analyst_state, site):
-    page = new_context({"width": 390, "height": 844}, analyst_state).new_page()
-    page.goto(f"{site.base}/runs")
-    links = page.locator(".topbar nav a")
-    assert links.count() >= 5
-    for i in range(links.count()):
-        box = links.nth(i).bounding_box()
-        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (links.nth(i).inner_text(), box)
-    screenshot(page, "phone-nav")
+    """The site's navigation and a run's tabs wrap on phones, down to 320 px: every link on
+    screen, and the page never scrolls sideways ("Compare models" used to hang off a 320 px
+    screen and drag the whole page with it)."""
+    for width in (320, 390):
+        page = new_context({"width": width, "height": 844}, analyst_state).new_page()
+        page.goto(f"{site.base}/runs/{site.run_id}")
+        links = page.locator(".topbar nav a, nav.tabs a")
+        assert links.count() >= 8
+        for i in range(links.count()):
+            box = links.nth(i).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (links.nth(i).inner_text(), box)
+        assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 0, width
+        screenshot(page, f"phone-nav-{width}")
