@@ -103,6 +103,14 @@ async def analyst_viewer(user: CurrentAnalyst) -> Viewer:
     return Viewer(urls=ANALYST_URLS, user=user)
 
 
+class UnknownAuditLink(HTTPException):
+    """404 for a token that names no audit link. Its error page offers no way "back to the shared
+    view": that view is this same 404."""
+
+    def __init__(self) -> None:
+        super().__init__(404, "There is no audit link at this address. Check that it was copied completely.")
+
+
 def share_viewer(session: SessionDep, token: Annotated[str, Path(description="The audit link's token")]) -> Viewer:
     """A share-link holder; unknown tokens (of any length) are 404, revoked or expired ones 410
     (ShareGone)."""
@@ -111,7 +119,7 @@ def share_viewer(session: SessionDep, token: Annotated[str, Path(description="Th
             raise ShareNotFound()
         grant = resolve_share(session, token=token)
     except ShareNotFound:
-        raise HTTPException(404, "There is no audit link at this address. Check that it was copied completely.") from None
+        raise UnknownAuditLink() from None
     finally:
         _release_connection(session)
     return Viewer(urls=share_urls(token), share=grant)

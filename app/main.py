@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import get_engine, session_factory
-from app.deps import LoginRequired, analyst_viewer, share_viewer, signed_in_user
+from app.deps import LoginRequired, UnknownAuditLink, analyst_viewer, share_viewer, signed_in_user
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
 from app.routes import auth, compare, concepts, explain, jobs, media, runs, shares
@@ -145,12 +145,15 @@ def _error_viewer(request: Request) -> Viewer:
         return Viewer(urls=ANALYST_URLS, user=signed_in_user(request, session))
 
 
-def _error_page(request: Request, status_code: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def _error_page(request: Request, status_code: int, message: str, headers: dict[str, str] | None = None, *,
+                link_opens: bool = True) -> Response:
+    """`link_opens`: inside an audit link, whether its shared view opens, so the page may lead
+    back there (not for a revoked, expired or unknown link)."""
     if _is_api(request):
         return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
     response = render(request, _error_viewer(request), "error.html", status_code=status_code,
                       heading=ERROR_HEADINGS.get(status_code, "Something went wrong"), message=message,
-                      status_code_shown=status_code)
+                      status_code_shown=status_code, link_opens=link_opens)
     if headers:
         response.headers.update(headers)
     return response
@@ -166,12 +169,13 @@ def _install_error_pages(app: FastAPI) -> None:
 
     @app.exception_handler(ShareGone)
     async def share_gone(request: Request, exc: ShareGone) -> Response:
-        return _error_page(request, 410, exc.reason)
+        return _error_page(request, 410, exc.reason, link_opens=False)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else "The request could not be completed."
-        return _error_page(request, exc.status_code, message, exc.headers)
+        return _error_page(request, exc.status_code, message, exc.headers,
+                           link_opens=not isinstance(exc, UnknownAuditLink))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

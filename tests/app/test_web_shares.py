@@ -146,6 +146,11 @@ def test_unknown_token_is_404(holder):
     for token in ("A" * 43, "A" * 5000):
         assert holder.get("/s/" + token).status_code == 404
         assert holder.get(f"/api/s/{token}/runs/1/concepts").status_code == 404
+    # The page offers no "Back to the shared view": that view is this same 404.
+    for path in ("/s/" + "A" * 43, f"/s/{'A' * 43}/runs/1/concepts"):
+        page = holder.get(path)
+        assert page.status_code == 404 and "no audit link at this address" in page.text
+        assert "back-to-shared-view" not in page.text and "Back to the runs" not in page.text, path
 
 
 def test_bad_share_requests_get_clear_messages(web_client, seeded):
