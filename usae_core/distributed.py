@@ -18,6 +18,19 @@ class DistContext:
     device: str
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks: (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier(world_size: int) -> None:
+    """Wait until every rank gets here (nothing to wait for in a single process)."""
+    if world_size > 1:
+        dist.barrier()
+
+
 @contextlib.contextmanager
 def distributed_context(enabled: bool, device: str = "auto") -> Iterator[DistContext]:
     """Initialise the process group from torchrun's environment when `enabled`.

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from usae_core.atomic import finish_replacement, replacement_folders, start_replacement, swap_in_replacement
 from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
+from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
 from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
 from usae_core.store import (
@@ -143,17 +143,6 @@ def _as_backbones(backbones: Sequence[str | Backbone], weights: Mapping[str, str
         if b.keep_cls:
             raise UsaeError(f"backbone {b.name!r}: keep_cls tokens do not fit a store's token grid")
     return built
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        dist.barrier()
 
 
 class _ShardAssembler:
@@ -322,7 +311,7 @@ def extract_store(
         raise UsaeError(f"the store {out} and the image folder {source.root} overlap; write the store elsewhere")
     models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
     grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
-    rank, world_size = _dist_info()
+    rank, world_size = rank_and_world_size()
     meta = {
         "source": "extract",
         "image_root": str(source.root),
@@ -343,7 +332,7 @@ def extract_store(
         if replacing:
             start_replacement(out)
         ActivationStore.create(build, **layout, resume=not replacing)
-    _barrier(world_size)
+    barrier(world_size)
     writer = ActivationStore.create(build, **layout, resume=True)
     try:
         finishing = _fill(source, models, writer, rank, world_size, grid=grid, batch_size=batch_size,
@@ -355,7 +344,7 @@ def extract_store(
         raise
     if rank == 0 and replacing:
         swap_in_replacement(out)
-    _barrier(world_size)
+    barrier(world_size)
     store = ActivationStore.open(out)
     timings.finalizing = time.perf_counter() - finishing
     return store
@@ -380,11 +369,11 @@ def _replaces_a_store(out: Path, overwrite: bool, rank: int, world_size: int) ->
     cut between its renames is finished first."""
     if rank == 0:
         finish_replacement(out)
-    _barrier(world_size)
+    barrier(world_size)
     replacing = overwrite and out.is_dir() and any(out.iterdir())
     if replacing:
         check_replaceable_store(out)
-    _barrier(world_size)
+    barrier(world_size)
     return replacing
 
 
@@ -403,7 +392,7 @@ def _fill(source: FolderSource, models: list[Backbone], writer: StoreWriter, ran
         _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=_resolve_device(device),
              num_workers=num_workers, progress=progress and rank == 0, compile=compile, timings=timings,
              called=called)
-    _barrier(world_size)
+    barrier(world_size)
     finishing = time.perf_counter()
     if world_size > 1:
         _stage_compaction_on_every_rank(writer, rank, world_size)
@@ -424,9 +413,9 @@ def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: 
     plan = plan_compaction(writer.manifest, writer.image_ids, failed)
     if rank == 0:
         start_staging(writer.root, plan)
-    _barrier(world_size)
+    barrier(world_size)
     stage_shards(writer.root, writer.manifest, plan, rank=rank, world_size=world_size)
-    _barrier(world_size)
+    barrier(world_size)
 
 
 def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, spans: list[ShardSpan], *,

@@ -29,6 +29,7 @@ from usae_core.atomic import (
     swap_in_replacement,
 )
 from usae_core.config import TrainConfig, USAEConfig
+from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
 from usae_core.model import USAE
@@ -99,8 +100,7 @@ class Trainer:
         self.store, self.out, self.cfg, self.callbacks = store, out_dir, cfg, callbacks
         self.device = resolve_device(cfg.device)
         self.autocast = cfg.autocast if cfg.autocast is not None else self.device.type == "cuda"
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world_size = rank_and_world_size()
         torch.manual_seed(cfg.seed)
         self.model = USAE(usae_cfg).to(self.device)
         self.names = usae_cfg.model_names
@@ -157,12 +157,12 @@ class Trainer:
     def load_latest_checkpoint(self) -> bool:
         """Resume from the newest readable checkpoint. Checkpoints are written atomically, but a
         disk can still damage one: then the one before it is used (KEEP_CHECKPOINTS are kept).
-        Temporaries of a write that was killed are removed."""
+        Temporaries of a write that was killed are removed (by rank 0: every rank then reads the
+        same checkpoints, and none deletes what rank 0 writes)."""
         directory = self.out / CHECKPOINT_DIR
-        for aside in directory.glob(".step-*.replaced"):  # a rewrite of a checkpoint cut between its renames
-            finish_replacement(directory / aside.name.removeprefix(".").removesuffix(".replaced"))
-        for stale in directory.glob(".step-*"):  # hidden: never a finished checkpoint
-            shutil.rmtree(stale, ignore_errors=True)
+        if self.rank == 0:
+            _clear_unfinished_checkpoints(directory)
+        barrier(self.world_size)
         ckpts = sorted(directory.glob("step-*"))
         for ckpt in reversed(ckpts):
             try:
@@ -180,7 +180,8 @@ class Trainer:
             self._graphs.clear()
             self.since_fired.copy_(state["since_fired"])
             self.step = int(state["step"])
-            self._truncate_metrics(self.step)
+            if self.rank == 0:
+                self._truncate_metrics(self.step)
             log.info("resumed %s at step %d", self.out, self.step)
             return True
         if ckpts:
@@ -411,6 +412,13 @@ class Trainer:
         }
 
 
+def _clear_unfinished_checkpoints(directory: Path) -> None:
+    for aside in directory.glob(".step-*.replaced"):  # a rewrite of a checkpoint cut between its renames
+        finish_replacement(directory / aside.name.removeprefix(".").removesuffix(".replaced"))
+    for stale in directory.glob(".step-*"):  # hidden: never a finished checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def train_usae(
     store,
     out_dir: str | Path,
@@ -432,34 +440,43 @@ def train_usae(
         usae_cfg.model_dims[m] != store.dims[m] for m in store.model_names
     ):
         raise UsaeError(f"USAE models {usae_cfg.model_dims} do not match the store's {store.dims}")
-    writes = not dist.is_initialized() or dist.get_rank() == 0  # only rank 0 writes the run's files
-    build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, writes=writes)
+    rank, world_size = rank_and_world_size()  # only rank 0 writes the run's files
+    build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
     trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
     try:
         if not (resume and trainer.load_latest_checkpoint()):
             stats = store.compute_stats()
             trainer.model.set_stats(stats)
-            (build / METRICS_FILE).unlink(missing_ok=True)
+            if rank == 0:
+                (build / METRICS_FILE).unlink(missing_ok=True)
         model = trainer.run()
     except BaseException:
-        if replacing and writes:  # the old run is untouched; --overwrite starts again anyway
+        if replacing and rank == 0:  # the old run is untouched; --overwrite starts again anyway
             shutil.rmtree(build, ignore_errors=True)
         raise
-    if replacing and writes:
+    if replacing and rank == 0:
         swap_in_replacement(out)
+    barrier(world_size)  # no rank returns before the run is in place
     return model
 
 
-def _training_folder(out: Path, *, resume: bool, overwrite: bool, writes: bool) -> tuple[Path, bool]:
+def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, world_size: int) -> tuple[Path, bool]:
     """The folder to train in, and whether it replaces a run at `out`: --overwrite trains the
-    new run beside the old one, which stays whole until the finished new run is swapped in."""
-    if writes:
+    new run beside the old one, which stays whole until the finished new run is swapped in.
+
+    Only rank 0 changes folders. The others wait for it at barriers: each rank deciding alone
+    could see a swap half-finished by rank 0 and act on it (a rank that created the missing run
+    folder made rank 0 take the swap for done and delete the old run)."""
+    if rank == 0:
         finish_replacement(out)  # an earlier --overwrite cut between its renames
+    barrier(world_size)  # every rank decides from the finished swap
     replacing = ((out / CHECKPOINT_DIR).exists() or (out / "config.json").exists()) and not resume
     if replacing and not overwrite:
         raise UsaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     build = replacement_folders(out)[0] if replacing else out
-    if replacing and writes:
-        start_replacement(out)
-    build.mkdir(parents=True, exist_ok=True)
+    barrier(world_size)  # and has decided before rank 0 changes anything
+    if rank == 0:
+        if replacing:
+            start_replacement(out)
+        build.mkdir(parents=True, exist_ok=True)
     return build, replacing
