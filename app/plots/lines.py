@@ -8,7 +8,12 @@ from collections.abc import Sequence
 from markupsafe import Markup, escape
 
 from app.plots.colors import series_color
-from app.plots.svg import Canvas, Frame, Scale, draw_axes, fmt
+from app.plots.svg import Canvas, Frame, Scale, draw_axes, fmt, nice_ticks
+
+Y_TICKS = 5
+KEY_ROW, KEY_CHAR, KEY_GAP = 16, 6.5, 18
+"""The series key, px: a row's height, a character of its 11 px text (an estimate: SVG text is
+not measured here), the space between two keys."""
 
 
 def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *, title: str, x_label: str,
@@ -16,8 +21,10 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *
     """One polyline per series (a gap where a value is missing, or not positive on a log axis),
     with a colour key above the plot when there is more than one series."""
     canvas = Canvas(width, height, title, "chart chart-lines")
-    keyed = len(series) > 1
-    frame = Frame(left=60, top=30 if keyed else 12, right=width - 14, bottom=height - 40)
+    left, right = 60, width - 14
+    key = _key_positions(list(series), left, right) if len(series) > 1 else []
+    key_rows = max((row for _, row in key), default=-1) + 1
+    frame = Frame(left=left, top=12 + KEY_ROW * key_rows + (6 if key_rows else 0), right=right, bottom=height - 40)
 
     def usable(v: float | None) -> bool:
         return v is not None and math.isfinite(v) and (v > 0 or not log_y)
@@ -29,9 +36,14 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *
     lo, hi = min(values), max(values)
     if lo == hi:
         lo, hi = (lo / 2, hi * 2) if log_y else (lo - 1, hi + 1)
+    if not log_y:  # end the axis on round ticks, so its top is labelled (R² reaches 1, not 0.97)
+        ticks = nice_ticks(lo, hi, Y_TICKS)
+        step = ticks[1] - ticks[0] if len(ticks) > 1 else 0
+        if step:
+            lo, hi = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
     x_scale = Scale(float(min(xs)), float(max(xs)), frame.left, frame.right)
     y_scale = Scale(lo, hi, frame.bottom, frame.top, log=log_y)
-    draw_axes(canvas, frame, x_scale, y_scale, x_label=x_label, y_label=y_label, y_ticks=4)
+    draw_axes(canvas, frame, x_scale, y_scale, x_label=x_label, y_label=y_label, y_ticks=Y_TICKS)
     for i, (name, ys) in enumerate(series.items()):
         colour = series_color(i)
         for run in _runs(xs, ys, usable):
@@ -46,11 +58,26 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *
         if last is not None:  # the final value, where a reader looks first
             canvas.add(f'<circle cx="{x_scale(last[0]):.1f}" cy="{y_scale(last[1]):.1f}" r="3" fill="{colour}">'
                        f"<title>{escape(f'{name} at step {fmt(last[0])}: {last[1]:.4g}')}</title></circle>")
-        if keyed:
-            kx = frame.left + i * (frame.width / len(series))
-            canvas.add(f'<rect x="{kx:.1f}" y="8" width="12" height="4" rx="1" fill="{colour}"/>')
-            canvas.text(kx + 16, 14, name, cls="tick")
+        if key:
+            kx, row = key[i]
+            y = 14 + KEY_ROW * row
+            canvas.add(f'<rect x="{kx:.1f}" y="{y - 6}" width="12" height="4" rx="1" fill="{colour}"/>')
+            canvas.text(kx + 16, y, name, cls="tick")
     return canvas.markup()
+
+
+def _key_positions(names: list[str], left: float, right: float) -> list[tuple[float, int]]:
+    """(x, row) of each series' key: side by side from the left, a new row where one would run
+    past the plot (spread over the whole width, three keys sat far apart and a fourth could
+    overlap its neighbour)."""
+    positions, x, row = [], left, 0
+    for name in names:
+        width = 16 + KEY_CHAR * len(name)
+        if x > left and x + width > right:
+            x, row = left, row + 1
+        positions.append((x, row))
+        x += width + KEY_GAP
+    return positions
 
 
 def _runs(xs: Sequence[float], ys: Sequence[float | None], usable) -> list[list[tuple[float, float]]]:

@@ -66,6 +66,8 @@ class Scale:
         ticks = [t for t in decades if self.lo <= t <= self.hi]
         if len(ticks) < 3:  # a narrow range: 1, 2, 5 steps, so the axis still reads
             ticks = sorted(m * t for t in decades for m in (1, 2, 5) if self.lo <= m * t <= self.hi)
+        if len(ticks) < 2:  # narrower still (activations 6.0 to 6.4 had no label): round linear steps
+            ticks = [t for t in nice_ticks(self.lo, self.hi, count) if t > 0]
         return ticks
 
 
@@ -93,7 +95,7 @@ class Canvas:
     def markup(self) -> Markup:
         # Never drawn wider than designed, so text keeps its size; narrower containers scale it down.
         head = (f'<svg class="{self.css_class}" viewBox="0 0 {self.width} {self.height}" role="img" '
-                f'style="max-width: {self.width}px" xmlns="http://www.w3.org/2000/svg" '
+                f'style="max-width: {self.width}px; --chart-w: {self.width}px" xmlns="http://www.w3.org/2000/svg" '
                 f'preserveAspectRatio="xMidYMid meet"><title>{escape(self.title)}</title>')
         return Markup(head + "".join(self.parts) + "</svg>")
 

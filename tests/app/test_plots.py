@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from app.plots.heatmap import matrix_heatmap
 
 
@@ -23,7 +25,10 @@ def test_log_axes_label_narrow_ranges_in_1_2_5_steps():
 
     assert ticks(0.001, 1000) == [0.001, 0.01, 0.1, 1, 10, 100, 1000]  # wide: powers of ten only
     assert ticks(0.05, 3) == [0.05, 0.1, 0.2, 0.5, 1, 2]  # one decade and a bit: 1-2-5
-    assert ticks(0.3, 0.9) == [0.5]
+    # Narrower than one 1-2-5 step: round linear steps (a concept's activations from 6.0 to 6.37
+    # used to leave its histogram's x axis without a single label).
+    assert ticks(0.3, 0.9) == [0.4, 0.6, 0.8]
+    assert ticks(6.0, 6.37) == [6.0, 6.1, 6.2, 6.3]
 
 
 def test_line_chart_draws_each_series_with_gaps_and_a_key():
@@ -37,3 +42,24 @@ def test_line_chart_draws_each_series_with_gaps_and_a_key():
     log = str(line_chart([1, 2, 3], {"loss": [1.0, 0.0, 0.1]}, title="t", x_label="step", y_label="loss", log_y=True))
     assert log.count("<polyline") == 0 and log.count("<circle") == 3  # zero cannot sit on a log axis: 2 dots + end
     assert "no data" in str(line_chart([], {"loss": []}, title="t", x_label="x", y_label="y"))
+
+
+def test_line_chart_key_sits_together_and_the_axis_ends_on_a_label():
+    from app.plots.lines import line_chart
+
+    series = {"vit": [0.1, 0.5, 0.93], "dino": [0.0, 0.45, 0.91], "clip": [0.05, 0.4, 0.9]}
+    svg = str(line_chart([0, 10, 20], series, title="t", x_label="step", y_label="R²"))
+    keys = [float(x) for x in re.findall(r'<rect x="([\d.]+)" y="8"', svg)]
+    assert len(keys) == 3 and keys[-1] - keys[0] < 150  # side by side, not spread over 520 px
+    assert ">1<" in svg and ">0<" in svg  # R² of 0 to 0.93 is drawn on 0 to 1, both ends labelled
+    many = {f"model-with-a-long-name-{i}": [0.5, 0.6] for i in range(6)}
+    rows = set(re.findall(r'<rect x="[\d.]+" y="(\d+)" width="12"', str(line_chart([0, 1], many, title="t", x_label="x",
+                                                                                   y_label="y"))))
+    assert len(rows) > 1  # a key too long for one row goes on in more rows, above the plot
+
+
+def test_a_chart_tells_css_its_designed_width():
+    svg = str(matrix_heatmap([[1.0]], ["a"], ["a"], title="t", row_title="r", col_title="c", value_label="v"))
+    width = re.search(r'viewBox="0 0 ([\d.]+) ', svg).group(1)
+    # Phones keep wide charts at least 520 px and scroll them; one designed narrower stays its size.
+    assert f"--chart-w: {width}px" in svg
