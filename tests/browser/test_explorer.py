@@ -268,6 +268,16 @@ def test_layout_fits_laptop_and_projector(new_context, analyst_state, site):
             page.goto(site.base + path)
             overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, (viewport, path, overflow)
+    # Beside those labels the comparison's numbers stay on one line ("0.3" over "1%" before), and
+    # on a phone its tables fit their panels: the label is cut short, the numbers stay in view.
+    for viewport in (LAPTOP, {"width": 390, "height": 844}):
+        page = new_context(viewport, analyst_state).new_page()
+        page.goto(f"{site.base}/runs/{site.run_id}/compare")
+        tables = ", ".join(f"#{key} table" for key in ("shared", "unique-a", "unique-b"))
+        lines = page.eval_on_selector_all(tables.replace("table", "td.num"), """tds => tds.map(td => {
+            const range = document.createRange(); range.selectNodeContents(td); return range.getClientRects().length; })""")
+        assert lines and set(lines) == {1}, (viewport, lines)
+        assert page.eval_on_selector_all(tables, "ts => ts.filter(t => t.parentElement.scrollWidth > t.parentElement.clientWidth).length") == 0
 
 
 def test_the_api_page_works_offline_from_this_origin(new_context, site):
