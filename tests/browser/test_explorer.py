@@ -307,3 +307,15 @@ def test_every_navigation_link_shows_on_a_phone(new_context, analyst_state, site
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (links.nth(i).inner_text(), box)
         assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 0, width
         screenshot(page, f"phone-nav-{width}")
+
+
+def test_browser_filters_line_up_on_a_phone(new_context, analyst_state, site):
+    """On a phone the browser's filters are two even columns (search across both), each control
+    as wide as its column, instead of a ragged wrap of fixed widths."""
+    page = new_context({"width": 390, "height": 844}, analyst_state).new_page()
+    page.goto(f"{site.base}/runs/{site.run_id}/concepts")
+    controls = page.locator("#filters .field").evaluate_all("""fields => fields.map(f => {
+        const box = f.querySelector('input, select').getBoundingClientRect(); return [Math.round(box.left), Math.round(box.right)]; })""")
+    search, rest = controls[0], controls[1:]
+    assert len(rest) >= 6 and len({tuple(c) for c in rest}) == 2, controls  # the same two columns, left and right
+    assert search[0] == min(rest)[0] and search[1] == max(rest)[1] <= 390, controls
