@@ -433,13 +433,15 @@ def train_usae(
 
     `resume` continues from the newest checkpoint in `out_dir` exactly as if never stopped.
     `overwrite` trains a new run beside an existing one, which is replaced only once the new
-    run is complete; an interrupted overwrite leaves the old run as it was.
+    run is complete; an interrupted overwrite leaves the old run as it was, and the new one
+    beside it: `resume` then continues the new run (the one last started) and swaps it in.
     """
     out = Path(out_dir)
     if set(usae_cfg.model_dims) != set(store.model_names) or any(
         usae_cfg.model_dims[m] != store.dims[m] for m in store.model_names
     ):
         raise UsaeError(f"USAE models {usae_cfg.model_dims} do not match the store's {store.dims}")
+    resolve_device(cfg.device)  # a wrong --device fails before any folder is made
     rank, world_size = rank_and_world_size()  # only rank 0 writes the run's files
     build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
     trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
@@ -451,8 +453,9 @@ def train_usae(
                 (build / METRICS_FILE).unlink(missing_ok=True)
         model = trainer.run()
     except BaseException:
-        if replacing and rank == 0:  # the old run is untouched; --overwrite starts again anyway
-            shutil.rmtree(build, ignore_errors=True)
+        if replacing and rank == 0:  # kept, as a kill would leave it, for --resume to continue
+            log.warning("the unfinished new run stays in %s beside %s: --resume continues it, "
+                        "--overwrite starts it again", build, out)
         raise
     if replacing and rank == 0:
         swap_in_replacement(out)
@@ -463,6 +466,8 @@ def train_usae(
 def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, world_size: int) -> tuple[Path, bool]:
     """The folder to train in, and whether it replaces a run at `out`: --overwrite trains the
     new run beside the old one, which stays whole until the finished new run is swapped in.
+    A new run an interrupted --overwrite left there is the run the user last started: --resume
+    continues it, --overwrite starts it again, and a run with neither flag is refused.
 
     Only rank 0 changes folders. The others wait for it at barriers: each rank deciding alone
     could see a swap half-finished by rank 0 and act on it (a rank that created the missing run
@@ -470,13 +475,33 @@ def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, wor
     if rank == 0:
         finish_replacement(out)  # an earlier --overwrite cut between its renames
     barrier(world_size)  # every rank decides from the finished swap
-    replacing = ((out / CHECKPOINT_DIR).exists() or (out / "config.json").exists()) and not resume
-    if replacing and not overwrite:
+    new = replacement_folders(out)[0]
+    has_run = (out / CHECKPOINT_DIR).exists() or (out / "config.json").exists()
+    interrupted = new.is_dir()
+    if resume:
+        replacing = interrupted
+    elif interrupted and not overwrite:
+        raise UsaeError(_interrupted_overwrite_message(out, new, has_run))
+    elif has_run and not overwrite:
         raise UsaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    build = replacement_folders(out)[0] if replacing else out
+    else:
+        replacing = has_run or interrupted
+    build = new if replacing else out
     barrier(world_size)  # and has decided before rank 0 changes anything
     if rank == 0:
-        if replacing:
+        if replacing and resume:
+            log.info("continuing the new run that an interrupted --overwrite left in %s; it replaces %s "
+                     "when it finishes", new, out)
+        elif replacing:
             start_replacement(out)
         build.mkdir(parents=True, exist_ok=True)
     return build, replacing
+
+
+def _interrupted_overwrite_message(out: Path, new: Path, has_run: bool) -> str:
+    steps = [int(p.name[5:]) for p in (new / CHECKPOINT_DIR).glob("step-*") if p.name[5:].isdigit()]
+    progress = f"checkpointed at step {max(steps)}" if steps else "no checkpoint yet"
+    keep = f"to keep the run in {out} as it is" if has_run else "to start a run from scratch"
+    return (f"an interrupted --overwrite of {out} left its new run in {new} ({progress}); pass --resume to "
+            f"continue that new run (it replaces {out.name} when it finishes), --overwrite to start it again, "
+            f"or delete {new} {keep}")

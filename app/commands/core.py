@@ -66,7 +66,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed for init, data order and source choice.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: final only).")] = 500,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint (after an interrupted --overwrite: the new run, swapped in when finished).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out (the old one stays until the new one is trained).")] = False,
     distributed: Annotated[bool, typer.Option(help="Data-parallel over torchrun ranks.")] = False,
     data_dir: DataDir = None,

@@ -21,7 +21,7 @@ from usae_core.errors import UsaeError
 from usae_core.metrics import evaluate_usae
 from usae_core.model import USAE
 from usae_core.store import import_activations
-from usae_core.train import train_usae
+from usae_core.train import read_training_log, train_usae
 
 
 @pytest.fixture(scope="module")
@@ -183,22 +183,19 @@ def _has_finished_checkpoint(run_dir: Path) -> bool:
         return False
 
 
-def test_an_overwrite_killed_midway_leaves_the_old_run_and_the_next_one_cleans_up(planted, tmp_path):
-    """`usae train --overwrite` trains the new run beside the old one: SIGKILL while it trains
-    leaves the old run loadable and unchanged, and the next --overwrite leaves only the run."""
-    _, store = planted
-    ucfg, tcfg = _small_cfgs(store, 10)
-    old = train_usae(store, tmp_path / "run", ucfg, tcfg)
+def _kill_an_overwrite_after_its_first_checkpoint(store, run: Path) -> None:
+    """Start `usae train --out RUN --overwrite` (16 concepts, k 3, seed 0) and SIGKILL it once
+    the new run in .RUN.replacing has a finished checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "train", "--store", str(store.root), "--out", str(tmp_path / "run"),
+        [sys.executable, "-m", "app.cli", "train", "--store", str(store.root), "--out", str(run),
          "--overwrite", "--concepts", "16", "--k", "3", "--steps", "1000000", "--batch-size", "64",
          "--checkpoint-every", "5", "--device", "cpu"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 120
-        while not _has_finished_checkpoint(tmp_path / ".run.replacing"):
+        while not _has_finished_checkpoint(run.parent / f".{run.name}.replacing"):
             assert proc.poll() is None, f"train exited early: {proc.stderr.read().decode()[-2000:]}"
             assert time.monotonic() < deadline, "the new run never wrote a checkpoint"
             time.sleep(0.05)
@@ -206,6 +203,15 @@ def test_an_overwrite_killed_midway_leaves_the_old_run_and_the_next_one_cleans_u
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_overwrite_killed_midway_leaves_the_old_run_and_the_next_one_cleans_up(planted, tmp_path):
+    """`usae train --overwrite` trains the new run beside the old one: SIGKILL while it trains
+    leaves the old run loadable and unchanged, and the next --overwrite leaves only the run."""
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 10)
+    old = train_usae(store, tmp_path / "run", ucfg, tcfg)
+    _kill_an_overwrite_after_its_first_checkpoint(store, tmp_path / "run")
     kept = USAE.from_pretrained(tmp_path / "run")
     for key, value in old.state_dict().items():
         assert torch.equal(value, kept.state_dict()[key]), key
@@ -214,6 +220,52 @@ def test_an_overwrite_killed_midway_leaves_the_old_run_and_the_next_one_cleans_u
     train_usae(store, tmp_path / "run", ucfg, tcfg, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] == 20
+
+
+def test_after_a_killed_overwrite_resume_continues_the_new_run_and_a_plain_rerun_says_what_to_do(planted, tmp_path):
+    """The user last asked for a new run (--overwrite, killed while training). --resume continues
+    that new run from its newest checkpoint, leaves the old run whole while it trains, and swaps
+    the new one in when it finishes; a rerun without either flag names both ways on. (--resume
+    used to extend the old run and leave the half-trained new one lying beside it.)"""
+    _, store = planted
+    run, replacement = tmp_path / "run", tmp_path / ".run.replacing"
+    ucfg, tcfg = _small_cfgs(store, 10)
+    train_usae(store, run, ucfg, tcfg)
+    _kill_an_overwrite_after_its_first_checkpoint(store, run)
+    newest = max(int(p.name.removeprefix("step-")) for p in (replacement / "checkpoints").glob("step-*"))
+    logged = [r["step"] for r in read_training_log(replacement) if r["step"] <= newest]
+
+    with pytest.raises(UsaeError, match=rf"interrupted --overwrite .*{replacement}.*--resume.*--overwrite"):
+        train_usae(store, run, ucfg, tcfg)
+
+    old_run_steps = []  # what RUN holds while the new run trains
+    ucfg, tcfg = _small_cfgs(store, newest + 10)
+    train_usae(store, run, ucfg, tcfg, resume=True,
+               callbacks=[lambda _: old_run_steps.append(json.loads((run / "config.json").read_text())["step"])])
+    assert old_run_steps == [10, 10]  # two log lines, the old run still in place
+    assert [r["step"] for r in read_training_log(run)] == logged + [newest + 5, newest + 10]
+    assert json.loads((run / "config.json").read_text())["step"] == newest + 10
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_a_failed_overwrite_keeps_its_new_run_and_resume_finishes_it_exactly(planted, tmp_path):
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 10)
+    train_usae(store, tmp_path / "run", ucfg, tcfg)
+    ucfg, tcfg = _small_cfgs(store, 30)
+    straight = train_usae(store, tmp_path / "straight", ucfg, tcfg)
+
+    def fail_at_25(record: dict) -> None:
+        if record["step"] == 25:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):  # after the checkpoint at step 20
+        train_usae(store, tmp_path / "run", ucfg, tcfg, overwrite=True, callbacks=[fail_at_25])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] == 10
+    resumed = train_usae(store, tmp_path / "run", ucfg, tcfg, resume=True)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "straight"]
 
 
 def test_resume_refuses_a_different_shape(planted, tmp_path):
@@ -258,6 +310,7 @@ def test_cuda_request_without_cuda_is_a_clear_error(planted, tmp_path):
     tcfg.device = "cuda"
     with pytest.raises(UsaeError, match="no CUDA device"):
         train_usae(store, tmp_path / "run", ucfg, tcfg)
+    assert not (tmp_path / "run").exists()  # refused before any folder was made
 
 
 def test_the_training_log_reads_back_in_order_without_a_line_cut_short(tmp_path):
