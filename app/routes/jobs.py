@@ -15,7 +15,7 @@ from app.params import PathInt
 from app.schemas.jobs import JobOut
 from app.services.cam import KIND as CAM, CamRequest, cam_unavailable
 from app.services.concepts import get_concept
-from app.services.jobs import cancel_job, create_job, latest_job, list_jobs
+from app.services.jobs import cancel_job, create_job, job_run_names, latest_job, list_jobs
 from app.settings import Settings
 from app.templating import render
 from app.viewer import Viewer
@@ -80,7 +80,7 @@ def analyst_pages() -> APIRouter:
         jobs = list_jobs(session)
         waiting = any(j.status == "queued" for j in jobs)
         return render(request, viewer, "jobs/list.html", nav="jobs", jobs=jobs, data_dir=settings.data_dir,
-                      worker_missing=waiting and not worker_alive(settings))
+                      worker_missing=waiting and not worker_alive(settings), run_names=job_run_names(session, jobs))
 
     @router.post("/jobs/{job_id}/cancel")
     def cancel(job_id: PathInt, session: SessionDep, viewer: AnalystViewer, back: Annotated[str, Form()] = "/jobs"):

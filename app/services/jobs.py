@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.models import Job, User, utcnow
+from app.models import Job, Run, User, utcnow
 
 HEARTBEAT_S = 10.0
 """How often a running job's row is touched while it runs."""
@@ -86,6 +86,15 @@ def fail_interrupted_jobs(session: Session, *, now: dt.datetime | None = None) -
 
 def list_jobs(session: Session, *, limit: int = 100) -> list[Job]:
     return list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
+
+
+def job_run_names(session: Session, jobs: list[Job]) -> dict[int, str]:
+    """The names of the runs `jobs` are about, by run id, in one query (a job list names the run
+    of each concept)."""
+    run_ids = {job.run_id for job in jobs if job.run_id is not None}
+    if not run_ids:
+        return {}
+    return {run_id: name for run_id, name in session.execute(select(Run.id, Run.name).where(Run.id.in_(run_ids)))}
 
 
 def latest_job(session: Session, *, kind: str, run_id: int, concept_index: int) -> Job | None:
