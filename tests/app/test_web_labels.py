@@ -75,6 +75,9 @@ def test_label_html_is_escaped_everywhere(web_client, seeded):
         html = web_client.get(page).text
         assert "<script>alert" not in html and "<img src=x" not in html, page
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in web_client.get(url).text
+    # The browser card's tooltip (the whole label, which the card cuts short) is escaped too.
+    browser = web_client.get(f"/runs/{seeded.run.run_id}/concepts?sort=index").text
+    assert 'title="&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"' in browser
 
 
 def test_label_api_with_versions(web_client, seeded):
