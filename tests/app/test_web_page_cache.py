@@ -27,7 +27,7 @@ def _urls(seeded) -> tuple[str, str]:
 
 def _card_title(html: str, index: int) -> str:
     card = html[html.index(f'data-concept="{index}"'):]
-    return re.search(r'<div class="title">\s*<strong>(.*?)</strong>', card, re.S).group(1)
+    return re.search(r'<div class="title">\s*<strong[^>]*>(.*?)</strong>', card, re.S).group(1)
 
 
 def _label_name(html: str) -> str:
