@@ -46,6 +46,7 @@ def build_database(data_dir: Path, n_concepts: int, n_images: int) -> int:
     from app.db import get_engine, session_factory
     from app.migrations import upgrade_database
     from app.models import Run, User
+    from app.services.card_html import refresh_stale_cards
     from app.settings import Settings
     from tests.app.seed import create_analyst, seed_run
 
@@ -54,6 +55,10 @@ def build_database(data_dir: Path, n_concepts: int, n_images: int) -> int:
     with session_factory(settings.db_url)() as session:
         run = session.scalar(select(Run).where(Run.name == "load"))
         if run is not None and run.n_concepts == n_concepts and run.n_images == n_images:
+            # Cards of an older card template render live on every page until `usae serve`
+            # re-renders them; time the pages as a served run has them.
+            if refreshed := refresh_stale_cards(session_factory(settings.db_url)):
+                print(f"re-rendered {refreshed:,} stored cards of an older card template")
             return run.id
         if session.scalar(select(User)) is None:
             create_analyst(session)

@@ -33,14 +33,19 @@ def serve_cmd(
     """Serve the concept explorer (pages, JSON API at /api, API docs at /docs)."""
     from contextlib import nullcontext
 
+    from app.db import session_factory
     from app.jobs import worker_process
     from app.migrations import upgrade_database
+    from app.services.card_html import refresh_stale_cards
 
     settings = settings_for(data_dir)
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
     # The job worker migrates as it starts: migrate first, so it never races the server to create
     # the tables of a new database.
     upgrade_database(settings.db_url)
+    refreshed = refresh_stale_cards(session_factory(settings.db_url))
+    if refreshed:
+        typer.echo(f"re-rendered {refreshed:,} concept cards of an older card template")
     with worker_process(settings) if job_worker else nullcontext():
         _serve(settings, host, port, workers or os.cpu_count() or 1)
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import hashlib
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.models import ConceptCardData, MiningGeneration, RunModel
 from app.schemas.concepts import MinedCard
 from app.templating import TEMPLATES_DIR, templates
 from app.urls import ANALYST_URLS
@@ -48,3 +52,26 @@ def render(mined: MinedCard, n_models: int) -> tuple[str, str]:
     """(thumbnails, firing bars) of one card, with an analyst's media links."""
     fragment = templates.env.get_template(FRAGMENT).module
     return str(fragment.thumbs(mined, card_columns(n_models), ANALYST_URLS)), str(fragment.firing(mined))
+
+
+def refresh_stale_cards(sessions: sessionmaker[Session], batch: int = 2000) -> int:
+    """Re-render the stored markup of shown cards that an older fragment template rendered (an
+    app upgrade that changed the card), as their next mine would; returns how many. Until then
+    the browser renders those cards on every page: correct, but at 32 clients on a 32,768-concept
+    run it took the page's p95 from ~170 to ~260 ms (docs/benchmarks.md). `usae serve` runs this
+    once before its workers start. Each batch commits alone and every row is rewritten whole,
+    so an interrupted refresh leaves each card in one format or the other."""
+    stale = (select(ConceptCardData, MiningGeneration.run_id)
+             .join(MiningGeneration, MiningGeneration.id == ConceptCardData.generation_id)
+             .where(MiningGeneration.status == "active", ConceptCardData.html_format.is_distinct_from(FORMAT))
+             .limit(batch))
+    done = 0
+    with sessions() as session:
+        n_models = dict(session.execute(select(RunModel.run_id, func.count()).group_by(RunModel.run_id)).all())
+        while rows := session.execute(stale).all():
+            for card, run_id in rows:
+                for column, value in stored_row(MinedCard.model_validate_json(card.payload), n_models[run_id]).items():
+                    setattr(card, column, value)
+            session.commit()
+            done += len(rows)
+    return done

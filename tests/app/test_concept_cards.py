@@ -311,3 +311,26 @@ def test_a_model_without_top_images_leaves_its_own_thumbnail_slot_blank():
     html, _ = card_html.render(MinedCard(firing=firing[:2], thumbs=two), 2)  # two models: two slots each
     assert [kind for kind, _ in re.findall(r'<span class="(heat|blank)"(?: title="([^"]*)")?', html)] == \
         ["blank", "blank", "heat", "heat"]
+
+
+def test_serve_re_renders_cards_of_an_older_template(db_url, data_dir, planted_run):
+    """Cards an older card template rendered (an app upgrade) are re-rendered once, in batches,
+    to exactly what a mine with the current template stores; a second refresh finds nothing."""
+    _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=5), batch_concepts=5)
+    columns = sa.select(ConceptCardData.concept_id, ConceptCardData.thumbs_html, ConceptCardData.firing_html,
+                        ConceptCardData.html_format, ConceptCardData.top_model, ConceptCardData.max_frequency)
+    engine = get_engine(db_url)
+    with engine.connect() as connection:
+        fresh = set(connection.execute(columns).all())
+    with engine.begin() as connection:
+        connection.execute(sa.update(ConceptCardData).where(ConceptCardData.concept_id % 2 == 0)
+                           .values(thumbs_html="stale", firing_html="stale", html_format="0ld", top_model=None))
+        connection.execute(sa.update(ConceptCardData).where(ConceptCardData.concept_id % 3 == 0)
+                           .values(thumbs_html=None, firing_html=None, html_format=None))
+    with engine.connect() as connection:
+        stale = sum(row.html_format != card_html.FORMAT for row in connection.execute(columns))
+    assert stale >= 6
+    assert card_html.refresh_stale_cards(session_factory(db_url), batch=4) == stale
+    with engine.connect() as connection:
+        assert set(connection.execute(columns).all()) == fresh
+    assert card_html.refresh_stale_cards(session_factory(db_url)) == 0
