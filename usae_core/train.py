@@ -7,6 +7,7 @@ rows, sum the reconstruction losses (+ an auxiliary dead-latent term), and take 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from usae_core.atomic import (
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
+from usae_core.locks import exclusive_lock
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
 from usae_core.model import USAE
 from usae_core.prefetch import prefetch
@@ -443,6 +445,13 @@ def train_usae(
         raise UsaeError(f"USAE models {usae_cfg.model_dims} do not match the store's {store.dims}")
     resolve_device(cfg.device)  # a wrong --device fails before any folder is made
     rank, world_size = rank_and_world_size()  # only rank 0 writes the run's files
+    with exclusive_lock(out, "usae train") if rank == 0 else contextlib.nullcontext():
+        return _train_into(store, out, usae_cfg, cfg, resume=resume, overwrite=overwrite, callbacks=callbacks,
+                           rank=rank, world_size=world_size)
+
+
+def _train_into(store, out: Path, usae_cfg: USAEConfig, cfg: TrainConfig, *, resume: bool, overwrite: bool,
+                callbacks: list[Callback] | None, rank: int, world_size: int) -> USAE:
     build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
     trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
     try:

@@ -18,6 +18,7 @@ import torch
 from tests.core.planted import make_planted
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
+from usae_core.locks import exclusive_lock
 from usae_core.metrics import evaluate_usae
 from usae_core.model import USAE
 from usae_core.store import import_activations
@@ -266,6 +267,22 @@ def test_a_failed_overwrite_keeps_its_new_run_and_resume_finishes_it_exactly(pla
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "straight"]
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(planted, tmp_path):
+    """Two trainers writing one run would interleave checkpoints; the second is refused before
+    it touches anything, and the lock goes with the first one."""
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 10)
+    train_usae(store, tmp_path / "run", ucfg, tcfg)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with exclusive_lock(tmp_path / "run", "usae train"):  # as a trainer in another process holds it
+        for flags in ({"resume": True}, {"overwrite": True}):
+            with pytest.raises(UsaeError, match="being written by another usae train"):
+                train_usae(store, tmp_path / "run", ucfg, _small_cfgs(store, 20)[1], **flags)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != ".run.lock") == before
+    train_usae(store, tmp_path / "run", ucfg, _small_cfgs(store, 20)[1], resume=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_resume_refuses_a_different_shape(planted, tmp_path):

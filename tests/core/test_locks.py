@@ -1,0 +1,44 @@
+"""One job per output: the lock beside it refuses a second holder and dies with its process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from usae_core.errors import UsaeError
+from usae_core.locks import exclusive_lock, lock_path
+
+
+def test_a_second_holder_is_refused_with_the_first_ones_process(tmp_path):
+    target = tmp_path / "run"
+    with exclusive_lock(target, "usae train"):
+        with pytest.raises(UsaeError, match=r"being written by another usae train \(process \d+\)"):
+            with exclusive_lock(target, "usae train"):
+                pass
+    assert not lock_path(target).exists()
+    with exclusive_lock(target, "usae train"):  # free again once the first holder ends
+        assert lock_path(target).exists()
+
+
+def test_a_killed_holder_leaves_the_output_unlocked(tmp_path):
+    target = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from usae_core.locks import exclusive_lock\n"
+        f"with exclusive_lock({str(target)!r}, 'usae train'):\n"
+        "    print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsaeError, match=f"process {holder.pid}"):
+            with exclusive_lock(target, "usae train"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(target).exists()  # a kill leaves the file, but not the lock
+    started = time.monotonic()
+    with exclusive_lock(target, "usae train"):
+        pass
+    assert time.monotonic() - started < 5 and not lock_path(target).exists()
