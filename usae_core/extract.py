@@ -16,6 +16,7 @@ rank rewrites its share of those first), so every image is decoded once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -36,6 +37,7 @@ from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
+from usae_core.locks import exclusive_lock
 from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
 from usae_core.store import (
     TORCH_DTYPES,
@@ -324,6 +326,16 @@ def extract_store(
     layout = dict(models={m.store_name: m.dim for m in models}, grid=grid, image_ids=source.ids, dtype=dtype,
                   shard_images=shard_images, model_info={m.store_name: m.info() for m in models}, meta=meta)
     out = Path(out)
+    with exclusive_lock(out, "usae extract") if rank == 0 else contextlib.nullcontext():
+        return _extract_into(source, models, out, layout, overwrite=overwrite, rank=rank, world_size=world_size,
+                             grid=grid, batch_size=batch_size, device=device, num_workers=num_workers,
+                             progress=progress, compile=compile, timings=timings, called=called)
+
+
+def _extract_into(source: FolderSource, models: list[Backbone], out: Path, layout: dict, *, overwrite: bool,
+                  rank: int, world_size: int, grid: tuple[int, int], batch_size: int, device: str,
+                  num_workers: int | None, progress: bool, compile: bool, timings: ExtractTimings,
+                  called: float) -> ActivationStore:
     replacing = _replaces_a_store(out, overwrite, rank, world_size)
     # --overwrite builds the new store beside the old one, which stays whole until the swap.
     build = replacement_folders(out)[0] if replacing else out

@@ -19,6 +19,7 @@ from usae_core.backbones import create_backbone
 from usae_core.errors import UsaeError
 from usae_core.extract import ExtractTimings, extract_store, resample_grid
 from usae_core.images import FolderSource, load_masks
+from usae_core.locks import exclusive_lock
 from usae_core.store import ActivationStore
 from tests.core.test_images import save_exif_rotated, upright_pattern
 
@@ -252,6 +253,19 @@ def test_a_different_layout_needs_overwrite(folder, mobilenet, tmp_path):
     assert store.model_names == ["mobilenet_v2", "vit_small_patch14_dinov2"] and store.grid == (7, 7)
     with pytest.raises(UsaeError, match="share a store name"):
         extract_store(folder, [mobilenet, mobilenet], tmp_path / "dup", num_workers=0, progress=False)
+
+
+def test_a_second_extraction_into_the_same_store_is_refused(folder, mobilenet, tmp_path):
+    """While one extraction writes a store, another into it (resume or --overwrite) is refused
+    before it creates anything; the lock goes with the first one."""
+    out = tmp_path / "store"
+    with exclusive_lock(out, "usae extract"):  # as an extraction in another process holds it
+        for overwrite in (False, True):
+            with pytest.raises(UsaeError, match="being written by another usae extract"):
+                extract_store(folder, [mobilenet], out, num_workers=0, progress=False, overwrite=overwrite)
+        assert [p.name for p in tmp_path.iterdir()] == [".store.lock"]
+    extract_store(folder, [mobilenet], out, num_workers=0, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
 
 
 def test_a_failed_overwrite_leaves_the_old_store_whole(folder, mobilenet, tmp_path):
