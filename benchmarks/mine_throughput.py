@@ -139,15 +139,10 @@ def main() -> None:
     cfg = MiningConfig(top_n=args.top_n, batch_images=args.batch_images)
 
     mine_store(model, store, cfg, device=device)  # warm-up: page cache, kernels, allocator
-    seconds = []
-    for _ in range(args.repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = mine_store(model, store, cfg, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    results = []
+    seconds = [_timed(device, lambda: results.append(mine_store(model, store, cfg, device=device)))
+               for _ in range(args.repeat)]
+    result = results[-1]
     pass_s = statistics.median(seconds)
     # The decoder-cosine neighbours are a fixed cost per mine, not per token: time them apart.
     start = time.perf_counter()

@@ -16,7 +16,6 @@ rank rewrites its share of those first), so every image is decoded once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -326,39 +325,30 @@ def extract_store(
     layout = dict(models={m.store_name: m.dim for m in models}, grid=grid, image_ids=source.ids, dtype=dtype,
                   shard_images=shard_images, model_info={m.store_name: m.info() for m in models}, meta=meta)
     out = Path(out)
-    with exclusive_lock(out, "usae extract") if rank == 0 else contextlib.nullcontext():
-        return _extract_into(source, models, out, layout, overwrite=overwrite, rank=rank, world_size=world_size,
-                             grid=grid, batch_size=batch_size, device=device, num_workers=num_workers,
-                             progress=progress, compile=compile, timings=timings, called=called)
-
-
-def _extract_into(source: FolderSource, models: list[Backbone], out: Path, layout: dict, *, overwrite: bool,
-                  rank: int, world_size: int, grid: tuple[int, int], batch_size: int, device: str,
-                  num_workers: int | None, progress: bool, compile: bool, timings: ExtractTimings,
-                  called: float) -> ActivationStore:
-    replacing = _replaces_a_store(out, overwrite, rank, world_size)
-    # --overwrite builds the new store beside the old one, which stays whole until the swap.
-    build = replacement_folders(out)[0] if replacing else out
-    existed = build.exists()
-    if rank == 0:
-        if replacing:
-            start_replacement(out)
-        ActivationStore.create(build, **layout, resume=not replacing)
-    barrier(world_size)
-    writer = ActivationStore.create(build, **layout, resume=True)
-    try:
-        finishing = _fill(source, models, writer, rank, world_size, grid=grid, batch_size=batch_size,
-                          device=device, num_workers=num_workers, progress=progress, compile=compile,
-                          timings=timings, called=called)
-    except BaseException:
-        if world_size == 1:  # under torchrun other ranks may still be writing
-            _discard_failed_build(writer, replacing=replacing, existed=existed)
-        raise
-    if rank == 0 and replacing:
-        swap_in_replacement(out)
-    barrier(world_size)
-    store = ActivationStore.open(out)
-    timings.finalizing = time.perf_counter() - finishing
+    with exclusive_lock(out, "usae extract", held=rank == 0):
+        replacing = _replaces_a_store(out, overwrite, rank, world_size)
+        # --overwrite builds the new store beside the old one, which stays whole until the swap.
+        build = replacement_folders(out)[0] if replacing else out
+        existed = build.exists()
+        if rank == 0:
+            if replacing:
+                start_replacement(out)
+            ActivationStore.create(build, **layout, resume=not replacing)
+        barrier(world_size)
+        writer = ActivationStore.create(build, **layout, resume=True)
+        try:
+            finishing = _fill(source, models, writer, rank, world_size, grid=grid, batch_size=batch_size,
+                              device=device, num_workers=num_workers, progress=progress, compile=compile,
+                              timings=timings, called=called)
+        except BaseException:
+            if world_size == 1:  # under torchrun other ranks may still be writing
+                _discard_failed_build(writer, replacing=replacing, existed=existed)
+            raise
+        if rank == 0 and replacing:
+            swap_in_replacement(out)
+        barrier(world_size)
+        store = ActivationStore.open(out)
+        timings.finalizing = time.perf_counter() - finishing
     return store
 
 

@@ -25,10 +25,11 @@ def lock_path(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(target: str | os.PathLike, job: str) -> Iterator[None]:
+def exclusive_lock(target: str | os.PathLike, job: str, *, held: bool = True) -> Iterator[None]:
     """Hold `target`'s lock file for the block; a second holder fails at once with a
-    `UsaeError` that names the process holding it."""
-    if fcntl is None:
+    `UsaeError` that names the process holding it. `held=False` takes no lock (the ranks of a
+    torchrun job other than rank 0, which holds it for all of them)."""
+    if fcntl is None or not held:
         yield
         return
     path = lock_path(Path(target))

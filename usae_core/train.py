@@ -7,14 +7,13 @@ rows, sum the reconstruction losses (+ an auxiliary dead-latent term), and take 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -445,30 +444,24 @@ def train_usae(
         raise UsaeError(f"USAE models {usae_cfg.model_dims} do not match the store's {store.dims}")
     resolve_device(cfg.device)  # a wrong --device fails before any folder is made
     rank, world_size = rank_and_world_size()  # only rank 0 writes the run's files
-    with exclusive_lock(out, "usae train") if rank == 0 else contextlib.nullcontext():
-        return _train_into(store, out, usae_cfg, cfg, resume=resume, overwrite=overwrite, callbacks=callbacks,
-                           rank=rank, world_size=world_size)
-
-
-def _train_into(store, out: Path, usae_cfg: USAEConfig, cfg: TrainConfig, *, resume: bool, overwrite: bool,
-                callbacks: list[Callback] | None, rank: int, world_size: int) -> USAE:
-    build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
-    trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
-    try:
-        if not (resume and trainer.load_latest_checkpoint()):
-            stats = store.compute_stats()
-            trainer.model.set_stats(stats)
-            if rank == 0:
-                (build / METRICS_FILE).unlink(missing_ok=True)
-        model = trainer.run()
-    except BaseException:
-        if replacing and rank == 0:  # kept, as a kill would leave it, for --resume to continue
-            log.warning("the unfinished new run stays in %s beside %s: --resume continues it, "
-                        "--overwrite starts it again", build, out)
-        raise
-    if replacing and rank == 0:
-        swap_in_replacement(out)
-    barrier(world_size)  # no rank returns before the run is in place
+    with exclusive_lock(out, "usae train", held=rank == 0):
+        build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
+        trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
+        try:
+            if not (resume and trainer.load_latest_checkpoint()):
+                stats = store.compute_stats()
+                trainer.model.set_stats(stats)
+                if rank == 0:
+                    (build / METRICS_FILE).unlink(missing_ok=True)
+            model = trainer.run()
+        except BaseException:
+            if replacing and rank == 0:  # kept, as a kill would leave it, for --resume to continue
+                log.warning("the unfinished new run stays in %s beside %s: --resume continues it, "
+                            "--overwrite starts it again", build, out)
+            raise
+        if replacing and rank == 0:
+            swap_in_replacement(out)
+        barrier(world_size)  # no rank returns before the run is in place
     return model
 
 
