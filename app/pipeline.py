@@ -6,6 +6,7 @@ skipped when that output is already complete, so an interrupted demo resumes whe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -106,6 +107,7 @@ def extract(settings: Settings, plan: DemoPlan, images: Path, device: str, rebui
 
 
 def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, rebuild: bool):
+    from usae_core.atomic import atomic_write_json, replacement_folders
     from usae_core.config import TrainConfig, USAEConfig
     from usae_core.model import USAE
     from usae_core.train import train_usae
@@ -120,10 +122,31 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
     tcfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, device=device,
                        warmup_steps=min(100, plan.steps // 10), checkpoint_every=max(plan.steps // 4, 1),
                        dead_after_tokens=20 * plan.batch_size)
-    # Resume an interrupted run of this plan; anything else (new images, another plan) starts again.
-    resume = (run_dir / "checkpoints").exists() and not rebuild and (same_plan or not saved)
+    # A training cut short is continued only if it was started on this very store with this plan:
+    # the record names both, and is written before training starts and removed when it ends.
+    record = _training_record(settings, plan)
+    started = json.loads(json.dumps({"store": _store_fingerprint(store), "usae": ucfg.to_dict(),
+                                     "train": tcfg.to_dict()}))
+    unfinished = replacement_folders(run_dir)[0].is_dir() or not config_path.exists()
+    resume = unfinished and record.exists() and json.loads(record.read_text()) == started
+    if not resume:
+        atomic_write_json(record, started)
     model = train_usae(store, run_dir, ucfg, tcfg, resume=resume, overwrite=not resume)
-    return model, run_dir, f"{plan.concepts:,} concepts, k={plan.k}, {plan.steps:,} steps", False
+    record.unlink()
+    summary = f"{plan.concepts:,} concepts, k={plan.k}, {plan.steps:,} steps"
+    return model, run_dir, summary + (" (continued an interrupted training)" if resume else ""), False
+
+
+def _training_record(settings: Settings, plan: DemoPlan) -> Path:
+    return settings.data_dir / f".demo-{plan.name}-training.json"
+
+
+def _store_fingerprint(store) -> str:
+    """What the store holds, not where: a store extracted again replaces the same folder."""
+    digest = hashlib.sha256()
+    for name in ("manifest.json", "image_ids.json"):
+        digest.update((Path(store.root) / name).read_bytes())
+    return digest.hexdigest()
 
 
 def mine(settings: Settings, plan: DemoPlan, run_dir: Path, store, model, device: str,

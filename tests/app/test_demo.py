@@ -90,6 +90,53 @@ def test_a_changed_plan_retrains_and_re_mines_but_keeps_the_images_and_store(dem
     assert json.loads(config.read_text())["usae"]["n_concepts"] == saved["usae"]["n_concepts"] - 1
 
 
+def test_a_training_rebuild_cut_short_is_continued_not_started_again(demo, monkeypatch):
+    """A retrain stopped after its first checkpoint leaves the new run beside the old one; the
+    same command again continues it from that checkpoint and swaps it in when it finishes."""
+    import json
+
+    import usae_core.train
+    from app.pipeline import run_demo
+
+    data_dir, _ = demo
+    settings = Settings(data_dir=data_dir)
+    run_dir = data_dir / "runs" / "demo-small"
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["usae"]["n_concepts"] += 1  # the finished run no longer matches the plan: retrain
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    real_save = usae_core.train.Trainer.save_checkpoint
+
+    def save_then_stop(trainer):
+        real_save(trainer)
+        if trainer.step > 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(usae_core.train.Trainer, "save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(settings, small=True, device="cpu", echo=lambda line: None)
+    replacing = data_dir / "runs" / ".demo-small.replacing"
+    assert sorted(p.name for p in (replacing / "checkpoints").iterdir()) == ["step-00000150"]
+
+    resumed_at = []
+    real_load = usae_core.train.Trainer.load_latest_checkpoint
+
+    def load_and_note(trainer):
+        found = real_load(trainer)
+        resumed_at.append(trainer.step if found else None)
+        return found
+
+    monkeypatch.setattr(usae_core.train.Trainer, "load_latest_checkpoint", load_and_note)
+    lines = []
+    run_demo(settings, small=True, device="cpu", echo=lines.append)
+    assert resumed_at == [150], lines
+    assert any("[3/4 train]" in line and "continued an interrupted training" in line for line in lines), lines
+    final = json.loads((run_dir / "config.json").read_text())
+    assert final["step"] == 600 and final["usae"]["n_concepts"] == saved["usae"]["n_concepts"] - 1
+    assert not replacing.exists() and not (data_dir / ".demo-demo-small-training.json").exists()
+    assert any(line.startswith("[4/4 mine]") and "reused" not in line for line in lines), lines  # re-mined
+
+
 def test_a_rebuild_cut_short_does_not_leave_old_outputs_looking_current(demo, monkeypatch):
     """New images make the store stale. If the rerun is stopped while extracting, the old store
     is still complete on disk (an overwrite only swaps at the end); the next run must extract
