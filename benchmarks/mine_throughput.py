@@ -46,8 +46,10 @@ from usae_core.train import resolve_device  # noqa: E402
 PAPER_DIMS = {"dinov2": 384, "siglip": 768, "vit": 768}
 
 
-def synthetic_store(root: Path, n_images: int, grid: tuple[int, int], dtype: str, shard_images: int) -> ActivationStore:
-    """Open the store at `root` if its layout matches, else write random activations there."""
+def synthetic_store(root: Path, n_images: int, grid: tuple[int, int], dtype: str, shard_images: int,
+                    device: torch.device) -> ActivationStore:
+    """Open the store at `root` if its layout matches, else write random activations there
+    (drawn on `device` in the store's dtype: a 16,384-image store is 8 G values)."""
     try:
         store = ActivationStore.open(root)
         if store.n_images == n_images and store.grid == grid and store.dims == PAPER_DIMS and store.dtype == dtype:
@@ -58,11 +60,14 @@ def synthetic_store(root: Path, n_images: int, grid: tuple[int, int], dtype: str
     shutil.rmtree(root, ignore_errors=True)
     writer = ActivationStore.create(root, models=PAPER_DIMS, grid=grid, dtype=dtype, shard_images=shard_images,
                                     image_ids=[f"bench-{i:07d}" for i in range(n_images)])
-    rng = np.random.default_rng(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     t = grid[0] * grid[1]
     for span in writer.spans:
-        writer.write_shard(span.index, {m: rng.standard_normal((span.n_images, t, d), dtype=np.float32)
-                                        for m, d in PAPER_DIMS.items()})
+        shard = {}
+        for m, d in PAPER_DIMS.items():
+            values = torch.randn((span.n_images, t, d), generator=gen, device=device).to(getattr(torch, dtype)).cpu()
+            shard[m] = values if dtype == "bfloat16" else values.numpy()  # numpy has no bfloat16
+        writer.write_shard(span.index, shard)
     return writer.finalize()
 
 
@@ -134,7 +139,8 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     store_dir = args.store_dir or Path(tempfile.gettempdir()) / "usae-mine-bench-store"
-    store = synthetic_store(store_dir, args.images, (args.grid, args.grid), args.dtype, shard_images=256)
+    store = synthetic_store(store_dir, args.images, (args.grid, args.grid), args.dtype, shard_images=256,
+                            device=device)
     model = USAE(USAEConfig(model_dims=PAPER_DIMS, n_concepts=args.concepts, k=args.k, encoder="mlp_bn")).eval()
     cfg = MiningConfig(top_n=args.top_n, batch_images=args.batch_images)
 
