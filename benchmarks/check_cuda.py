@@ -126,7 +126,7 @@ def mining_pass(dev: torch.device) -> None:
     from usae_core.model import USAE
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = synthetic_store(Path(tmp) / "s", 300, (4, 4), "float16", shard_images=128)
+        store = synthetic_store(Path(tmp) / "s", 300, (4, 4), "float16", shard_images=128, device=torch.device("cpu"))
         torch.manual_seed(0)
         model = USAE(USAEConfig(model_dims=PAPER_DIMS, n_concepts=512, k=8, encoder="mlp_bn")).eval()
         results = {(d, b): mine_store(model, store, MiningConfig(top_n=8, batch_images=b, autocast=False), device=d)

@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from usae_core.kernels.gather import ConceptOrder, concept_sum, decode_backward, decode_loss_terms, gather_decode
+from usae_core.kernels.gather import (ConceptOrder, concept_sum, concept_totals, decode_backward, decode_loss_terms,
+                                      gather_decode)
 from usae_core.kernels.topk import TopK, relu_topk
 
 
@@ -215,10 +216,9 @@ class _TopKEncodeGrad(torch.autograd.Function):
                 continue
             g = g.to(acc) * (sel.values > 0)  # ReLU: a selected zero passes no gradient
             concept_sum(order, sel.indices, g, state.rows, n_concepts, out=g_rows)
-            flat = sel.indices.reshape(-1)
-            g_beta.index_add_(0, flat, g.reshape(-1))
+            g_beta += concept_totals(order, g)
             if state.scale is not None:
-                g_gamma.index_add_(0, flat, (g * sel.pre.to(acc)).reshape(-1))
+                g_gamma += concept_totals(order, g * sel.pre.to(acc))
         if state.scale is None:  # Linear + ReLU: d/dW = G^T x, d/db = column sums of G
             return g_rows.to(dtype), g_beta.to(dtype), None, None, None, None, None
         # BatchNorm: y = gamma * x_hat + beta with x_hat = (h - mean_h) / s from this batch. Its

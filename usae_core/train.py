@@ -90,7 +90,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def _batch_r2(sse: torch.Tensor, target: torch.Tensor) -> float:
     """R^2 of a reconstruction of `target` whose sum of squared errors is `sse`."""
-    total = (target - target.mean(0)).float().square().sum().clamp_min(1e-12)
+    target = target.float()
+    total = (target - target.mean(0)).square().sum().clamp_min(1e-12)
     return float(1 - sse / total)
 
 
@@ -198,8 +199,17 @@ class Trainer:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------ one step
+    @property
+    def batch_dtype(self) -> torch.dtype | None:
+        """What `train_step` converts batches to: bf16 where the fused step computes in bf16 (its
+        loss kernels then read bf16 targets, and a CUDA graph's input copy moves half the bytes;
+        rounding standardised activations to bf16 moves R^2 by ~1e-6), else None (kept as given)."""
+        return torch.bfloat16 if self.autocast and self.fused else None
+
     def train_step(self, batch: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         """One optimizer step on `batch` (standardised, every model) encoded from `source`."""
+        if self.batch_dtype is not None:
+            batch = {m: t.to(self.batch_dtype) for m, t in batch.items()}
         k_aux = self._auxk_width() if self.fused and self.cfg.aux == "auxk" else 0
         if self.cuda_graphs and self.fused:
             # Warm-up, capture and replay all run on one side stream (capturing work that must
@@ -319,8 +329,9 @@ class Trainer:
                 rec_loss, sse[target] = model.decode_loss_sparse(code, target, batch[target], cfg.loss, compute)
             else:
                 recon = model.decode_sparse(code, target, compute)
-                rec_loss = reconstruction_loss(recon, batch[target], cfg.loss)
-                residual = (batch[target] - recon).detach()
+                x = batch[target].float()  # the residual AuxK fits stays float32, as on the plain path
+                rec_loss = reconstruction_loss(recon, x, cfg.loss)
+                residual = (x - recon).detach()
                 aux_recon = aux_code.decode(model.dictionary(target), compute)
                 total = total + cfg.aux_weight * auxk_residual_loss(aux_recon, residual, dead)
                 sse[target] = residual.square().sum()

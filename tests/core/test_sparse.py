@@ -16,8 +16,8 @@ from usae_core import sparse
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.kernels import HAVE_TRITON
 from usae_core.kernels import gather
-from usae_core.kernels.gather import (ConceptOrder, concept_sum, decode_backward, decode_loss_terms, gather_decode,
-                                      residual_sq, row_dot)
+from usae_core.kernels.gather import (ConceptOrder, concept_sum, concept_totals, decode_backward, decode_loss_terms,
+                                      gather_decode, residual_sq, row_dot)
 from usae_core.kernels.topk import relu_topk
 from usae_core.losses import auxk_loss, auxk_residual_loss
 from usae_core.sparse import sparse_decode, topk_encode
@@ -77,6 +77,9 @@ def _check_products(dtype: torch.dtype, table_dtype: torch.dtype, tol: float) ->
         torch.testing.assert_close(g_table.double(), z.T @ signs.double(), rtol=tol, atol=tol)
         summed = concept_sum(order, idx, w, signs, n_concepts)  # the L1 loss backward's dictionary gradient
         torch.testing.assert_close(summed.double(), z.T @ signs.double(), rtol=tol, atol=tol)
+        totals = concept_totals(order, w)  # per-concept sums of the code's values (BatchNorm's beta gradient)
+        assert totals.dtype == torch.float64
+        torch.testing.assert_close(totals, z.sum(0), rtol=1e-12, atol=1e-12)
     gather._ITEM = 1024
     err = residual_sq(idx, w, table.to(table_dtype), rows.to(dtype))
     torch.testing.assert_close(err.double(), (r64 - z @ t64).square().sum(1), rtol=tol, atol=tol)
@@ -247,3 +250,39 @@ def test_fused_training_step_matches_the_plain_step(encoder, loss, dead, dots_in
     assert plain_losses == pytest.approx(fused_losses, rel=1e-9)
     for name, tensor in plain.items():
         torch.testing.assert_close(fused[name].double(), tensor.double(), rtol=1e-8, atol=1e-8, msg=name)
+
+
+def test_bf16_steps_train_on_the_batch_rounded_to_bf16():
+    """Where the fused step computes in bf16 it converts the batch to bf16 first (its loss kernels
+    then read half the bytes, as does a CUDA graph's input copy): a float32 batch and the same
+    batch rounded to bf16 give the same step, bit for bit. float32 compute keeps the batch."""
+    ucfg = USAEConfig(model_dims={"a": 12, "b": 20}, n_concepts=40, k=4)
+    gen = torch.Generator().manual_seed(3)
+    batch = {m: torch.randn(64, d, generator=gen) * 3 + 1 for m, d in ucfg.model_dims.items()}
+    rounded = {m: t.bfloat16().float() for m, t in batch.items()}
+    assert any(not torch.equal(batch[m], rounded[m]) for m in batch)
+    results = []
+    for given in (batch, rounded):
+        tcfg = TrainConfig(steps=10, batch_size=64, lr=1e-2, device="cpu", autocast=True, warmup_steps=0)
+        trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
+        trainer.model.train()
+        assert trainer.batch_dtype == torch.bfloat16
+        out = trainer.train_step(given, "a")
+        results.append((float(out["loss"]), {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+    assert results[0][0] == results[1][0]
+    for name, tensor in results[0][1].items():
+        assert torch.equal(tensor, results[1][1][name]), name
+    plain = Trainer(None, Path("unused"), ucfg, TrainConfig(steps=10, batch_size=64, device="cpu"), [])
+    assert plain.batch_dtype is None
+
+
+def test_logged_r2_of_a_bf16_batch_is_taken_in_float32():
+    """A bf16 target far from zero mean: centring it in bf16 would cost ~1% of its variance."""
+    from usae_core.train import _batch_r2
+
+    gen = torch.Generator().manual_seed(4)
+    target = (torch.randn(4096, 16, generator=gen, dtype=torch.float64) * 3 + 100).bfloat16()
+    exact = target.double()
+    total = (exact - exact.mean(0)).square().sum()
+    sse = 0.25 * total
+    assert _batch_r2(sse.float(), target) == pytest.approx(0.75, abs=1e-5)

@@ -7,6 +7,7 @@ With a code given as `indices, weights` (`[batch, k]` each) and a table `[n_conc
 - `concept_sum`:    out[c]  = sum_{(b, j): indices[b, j] = c} weights[b, j] * rows[b]
   (the table gradient of a decode, and the encoder weight gradient of a TopK code)
 - `decode_backward`: both gradients of a decode in one pass (each gradient row read once).
+- `concept_totals`: out[c] = sum_{(b, j): indices[b, j] = c} weights[b, j]
 - `residual_sq`:    out[b] = || target[b] - sum_j weights[b, j] * table[indices[b, j]] ||^2
   (reconstruction error without materialising the reconstruction; mining's R^2 matrix)
 - `decode_loss_terms`: a decode plus bias against a target, reduced to the L1 or MSE loss, the
@@ -16,7 +17,10 @@ With a code given as `indices, weights` (`[batch, k]` each) and a table `[n_conc
 
 `concept_sum` and `decode_backward` walk the code sorted by concept (a `ConceptOrder`, built
 once per code and shared by every product over it) in work items of at most `_ITEM` entries
-of one concept; each item adds its partial row with one float32 atomic row addition, so
+of one concept. The weights are put in that order once per call, so a work item reads its
+entries' weights (and adds their value gradients) at consecutive addresses instead of one
+scattered 4-byte access per entry and column block. Each item adds its partial row with one
+float32 atomic row addition, so
 summation order (and the last bits of the result) may vary between CUDA runs. The Triton
 kernels accumulate in float32 whatever the input dtype.
 """
@@ -44,6 +48,8 @@ class ConceptOrder:
 
     slots: torch.Tensor
     """`[batch * k]` int64 flat positions (b * k + j), grouped by concept."""
+    tokens: torch.Tensor
+    """`[batch * k]` int32: the token (row) of each of those entries, `slots // k`."""
     starts: torch.Tensor
     """`[n_concepts + 1]` int64: concept c owns slots[starts[c]:starts[c + 1]]."""
     items: torch.Tensor
@@ -53,15 +59,26 @@ class ConceptOrder:
     def build(cls, indices: torch.Tensor, n_concepts: int) -> "ConceptOrder":
         # int32 keys halve the radix passes of the sort; no host sync anywhere.
         keys, slots = torch.sort(indices.reshape(-1).to(torch.int32))
+        tokens = slots.div(indices.shape[1], rounding_mode="floor").to(torch.int32)
         bounds = torch.arange(n_concepts + 1, dtype=torch.int32, device=indices.device)
         starts = torch.searchsorted(keys, bounds).to(torch.int64)
         items = torch.zeros_like(starts)
         torch.cumsum(starts.diff().add_(_ITEM - 1).div_(_ITEM, rounding_mode="floor"), 0, out=items[1:])
-        return cls(slots, starts, items)
+        return cls(slots, tokens, starts, items)
 
     def max_items(self) -> int:
         """An upper bound of the work items, known without reading the device."""
         return self.slots.numel() // _ITEM + len(self.starts) - 1
+
+
+def concept_totals(order: ConceptOrder, values: torch.Tensor) -> torch.Tensor:
+    """float64 `[n_concepts]`: the sum of `values` (`[batch, k]`, laid out like the code) over
+    each concept's entries. A difference of float64 prefix sums in concept order: unlike an
+    atomic `index_add_` it does not serialise on frequent concepts, and it is deterministic."""
+    ordered = values.reshape(-1)[order.slots].to(torch.float64)
+    prefix = torch.zeros(ordered.numel() + 1, dtype=torch.float64, device=ordered.device)
+    torch.cumsum(ordered, 0, out=prefix[1:])
+    return prefix[order.starts[1:]] - prefix[order.starts[:-1]]
 
 
 def gather_decode(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
@@ -93,7 +110,7 @@ def concept_sum(order: ConceptOrder, indices: torch.Tensor, weights: torch.Tenso
     if out is None:
         out = torch.zeros(n_concepts, rows.shape[1], dtype=acc, device=rows.device)
     if use_triton(rows) and _kernel_dtypes(weights) and (rows.dtype == torch.int8 or _kernel_dtypes(rows)):
-        _concept_sum_triton(order, weights, rows, out, indices.shape[1])
+        _concept_sum_triton(order, weights, rows, out)
         return out
     # Fallback: the table gradient of an embedding_bag is exactly this per-concept sum.
     table = torch.zeros(n_concepts, rows.shape[1], dtype=acc, device=rows.device, requires_grad=True)
@@ -109,7 +126,7 @@ def decode_backward(order: ConceptOrder, indices: torch.Tensor, weights: torch.T
 
     `grad` may be int8 (the signs an L1 loss leaves, see `decode_loss_terms`)."""
     if use_triton(grad) and _kernel_dtypes(weights, table) and (grad.dtype == torch.int8 or _kernel_dtypes(grad)):
-        return _decode_backward_triton(order, weights, grad, table, indices.shape[1])
+        return _decode_backward_triton(order, weights, grad, table)
     n_concepts = table.shape[0]
     rows = grad if grad.is_floating_point() else grad.to(weights.dtype)
     return row_dot(indices, rows, table), concept_sum(order, indices, weights, rows, n_concepts)
@@ -209,13 +226,14 @@ if HAVE_TRITON:
         tl.store(out_ptr + rows64, total, mask=rmask)
 
     @triton.jit
-    def _concept_item_kernel(items_ptr, starts_ptr, slots_ptr, w_ptr, rows_ptr, table_ptr, out_ptr, g_w_ptr,
+    def _concept_item_kernel(items_ptr, starts_ptr, tokens_ptr, w_ptr, rows_ptr, table_ptr, out_ptr, g_w_ptr,
                              C, D, stride_r, stride_t, stride_o,
-                             K: tl.constexpr, ITEM: tl.constexpr, SEARCH: tl.constexpr, BLOCK_E: tl.constexpr,
+                             ITEM: tl.constexpr, SEARCH: tl.constexpr, BLOCK_E: tl.constexpr,
                              BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-        # Program (item, column block): up to ITEM entries (b, j) of one concept c add
-        # sum w[b, j] * rows[b] to out[c] (one atomic row addition per item); with DOT also
-        # g_w[b, j] += <rows[b], table[c]> over this column block.
+        # Program (item, column block): up to ITEM entries e of one concept c (in concept order:
+        # w, tokens and g_w are indexed by e) add sum w[e] * rows[tokens[e]] to out[c] (one atomic
+        # row addition per item); with DOT also g_w[e] += <rows[tokens[e]], table[c]> over this
+        # column block.
         item = tl.program_id(0).to(tl.int64)
         if item >= tl.load(items_ptr + C):
             return  # the grid is an upper bound of the item count
@@ -237,13 +255,13 @@ if HAVE_TRITON:
         for e0 in range(first, last, BLOCK_E):
             entries = e0 + tl.arange(0, BLOCK_E)
             emask = entries < last
-            slot = tl.load(slots_ptr + entries, mask=emask, other=0)
-            w = tl.load(w_ptr + slot, mask=emask, other=0.0).to(tl.float32)
-            r = tl.load(rows_ptr + (slot // K)[:, None] * stride_r + cols[None, :],
+            token = tl.load(tokens_ptr + entries, mask=emask, other=0).to(tl.int64)
+            w = tl.load(w_ptr + entries, mask=emask, other=0.0).to(tl.float32)
+            r = tl.load(rows_ptr + token[:, None] * stride_r + cols[None, :],
                         mask=emask[:, None] & cmask[None, :], other=0).to(tl.float32)
             acc += w[:, None] * r
             if DOT:
-                tl.atomic_add(g_w_ptr + slot, tl.sum(r * t[None, :], axis=1), mask=emask, sem="relaxed")
+                tl.atomic_add(g_w_ptr + entries, tl.sum(r * t[None, :], axis=1), mask=emask, sem="relaxed")
         tl.atomic_add(out_ptr + concept * stride_o + cols, tl.sum(acc, axis=0), mask=cmask, sem="relaxed")
 
     @triton.jit
@@ -326,30 +344,34 @@ _SUM_TILE_WIDE = (256, 8, 2)
 _SUM_TILE_NARROW = (128, 32, 4)
 
 
-def _concept_items(order: ConceptOrder, weights, rows, out, k, table=None, g_w=None) -> None:
+def _concept_items(order: ConceptOrder, weights, rows, out, table=None, g_w=None) -> None:
+    """`out[c] += sum w * rows` per concept; with `table`, `g_w` (in concept order) gets the row dots."""
     n_concepts, d = len(order.starts) - 1, rows.shape[1]
     dot = table is not None
+    weights = weights.reshape(-1)[order.slots]
     tile_d, block_e, warps = _DECODE_TILE if dot else _SUM_TILE_WIDE if d >= 512 else _SUM_TILE_NARROW
     block_d = min(tile_d, max(16, triton.next_power_of_2(d)))
     grid = (max(1, order.max_items()), triton.cdiv(d, block_d))
     _concept_item_kernel[grid](
-        order.items, order.starts, order.slots, weights, rows, table if dot else rows, out, g_w if dot else out,
+        order.items, order.starts, order.tokens, weights, rows, table if dot else rows, out, g_w if dot else out,
         n_concepts, d, rows.stride(0), table.stride(0) if dot else 0, out.stride(0),
-        K=k, ITEM=_ITEM, SEARCH=max(1, n_concepts.bit_length()), BLOCK_E=block_e, BLOCK_D=block_d, DOT=dot,
+        ITEM=_ITEM, SEARCH=max(1, n_concepts.bit_length()), BLOCK_E=block_e, BLOCK_D=block_d, DOT=dot,
         num_warps=warps,
     )
 
 
-def _decode_backward_triton(order, weights, grad, table, k):
+def _decode_backward_triton(order, weights, grad, table):
     weights, grad, table = weights.contiguous(), grad.contiguous(), table.contiguous()
-    g_w = torch.zeros(weights.shape, dtype=torch.float32, device=grad.device)
+    g_w_sorted = torch.zeros(order.slots.numel(), dtype=torch.float32, device=grad.device)
     g_table = torch.zeros(table.shape, dtype=torch.float32, device=grad.device)
-    _concept_items(order, weights, grad, g_table, k, table=table, g_w=g_w)
-    return g_w, g_table
+    _concept_items(order, weights, grad, g_table, table=table, g_w=g_w_sorted)
+    g_w = torch.empty_like(g_w_sorted)
+    g_w[order.slots] = g_w_sorted  # back from concept order (slots is a permutation)
+    return g_w.view(weights.shape), g_table
 
 
-def _concept_sum_triton(order, weights, rows, out, k):
-    _concept_items(order, weights.contiguous(), rows.contiguous(), out, k)
+def _concept_sum_triton(order, weights, rows, out):
+    _concept_items(order, weights.contiguous(), rows.contiguous(), out)
 
 
 def _decode_loss_triton(indices, weights, table, bias, target, kind, row_dots):
