@@ -20,9 +20,8 @@ once per code and shared by every product over it) in work items of at most `_IT
 of one concept. The weights are put in that order once per call, so a work item reads its
 entries' weights (and adds their value gradients) at consecutive addresses instead of one
 scattered 4-byte access per entry and column block. Each item adds its partial row with one
-float32 atomic row addition, so
-summation order (and the last bits of the result) may vary between CUDA runs. The Triton
-kernels accumulate in float32 whatever the input dtype.
+float32 atomic row addition, so summation order (and the last bits of the result) may vary
+between CUDA runs. The Triton kernels accumulate in float32 whatever the input dtype.
 """
 
 from __future__ import annotations
