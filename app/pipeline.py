@@ -128,7 +128,7 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
     started = json.loads(json.dumps({"store": _store_fingerprint(store), "usae": ucfg.to_dict(),
                                      "train": tcfg.to_dict()}))
     unfinished = replacement_folders(run_dir)[0].is_dir() or not config_path.exists()
-    resume = unfinished and record.exists() and json.loads(record.read_text()) == started
+    resume = unfinished and _read_record(record) == started
     if not resume:
         atomic_write_json(record, started)
     model = train_usae(store, run_dir, ucfg, tcfg, resume=resume, overwrite=not resume)
@@ -139,6 +139,13 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
 
 def _training_record(settings: Settings, plan: DemoPlan) -> Path:
     return settings.data_dir / f".demo-{plan.name}-training.json"
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or edited by hand into something else: train afresh
+        return None
 
 
 def _store_fingerprint(store) -> str:
