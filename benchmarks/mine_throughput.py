@@ -3,6 +3,8 @@ over an activation store on disk, and heatmaps/s of the rendering step after it.
 
     PYTHONPATH=. python benchmarks/mine_throughput.py --device cpu --images 64
     PYTHONPATH=. python benchmarks/mine_throughput.py --device cuda --images 4096 --batch-images 256 --repeat 3
+    PYTHONPATH=. python benchmarks/mine_throughput.py --device cuda --images 16384 --batch-images 256 --repeat 3
+        # a 4 M-token store: per-pass fixed costs (first batch, results to the host) weigh less
     PYTHONPATH=. python benchmarks/mine_throughput.py --device cuda --images 4096 --batch-images 256 \
         --breakdown 4 --trace mine_trace.json        # where a pass's time goes
 
