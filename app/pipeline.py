@@ -107,7 +107,7 @@ def extract(settings: Settings, plan: DemoPlan, images: Path, device: str, rebui
 
 
 def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, rebuild: bool):
-    from usae_core.atomic import atomic_write_json, replacement_folders
+    from usae_core.atomic import atomic_write_json
     from usae_core.config import TrainConfig, USAEConfig
     from usae_core.model import USAE
     from usae_core.train import train_usae
@@ -127,18 +127,32 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
     record = _training_record(settings, plan)
     started = json.loads(json.dumps({"store": _store_fingerprint(store), "usae": ucfg.to_dict(),
                                      "train": tcfg.to_dict()}))
-    unfinished = replacement_folders(run_dir)[0].is_dir() or not config_path.exists()
-    resume = unfinished and _read_record(record) == started
+    resume = _read_record(record) == started and _checkpointed_since(record, run_dir)
     if not resume:
         atomic_write_json(record, started)
     model = train_usae(store, run_dir, ucfg, tcfg, resume=resume, overwrite=not resume)
-    record.unlink()
+    record.unlink(missing_ok=True)
     summary = f"{plan.concepts:,} concepts, k={plan.k}, {plan.steps:,} steps"
     return model, run_dir, summary + (" (continued an interrupted training)" if resume else ""), False
 
 
 def _training_record(settings: Settings, plan: DemoPlan) -> Path:
     return settings.data_dir / f".demo-{plan.name}-training.json"
+
+
+def _checkpointed_since(record: Path, run_dir: Path) -> bool:
+    """Whether the unfinished run a resume would continue (an interrupted overwrite's new run,
+    else an unfinished first run) has a checkpoint written after `record`: checkpoints older than
+    the record belong to an earlier training, e.g. one on another store, left behind when the
+    demo stopped between writing the record and starting the new run."""
+    from usae_core.atomic import replacement_folders
+
+    new = replacement_folders(run_dir)[0]
+    build = new if new.is_dir() else run_dir
+    if build == run_dir and (run_dir / "config.json").exists():
+        return False  # a finished run: nothing to continue
+    since = record.stat().st_mtime_ns
+    return any(c.stat().st_mtime_ns >= since for c in (build / "checkpoints").glob("step-*"))
 
 
 def _read_record(path: Path) -> dict | None:

@@ -90,7 +90,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def _batch_r2(sse: torch.Tensor, target: torch.Tensor) -> float:
     """R^2 of a reconstruction of `target` whose sum of squared errors is `sse`."""
-    target = target.float()
+    target = target.to(torch.promote_types(target.dtype, torch.float32))
     total = (target - target.mean(0)).square().sum().clamp_min(1e-12)
     return float(1 - sse / total)
 
@@ -329,7 +329,8 @@ class Trainer:
                 rec_loss, sse[target] = model.decode_loss_sparse(code, target, batch[target], cfg.loss, compute)
             else:
                 recon = model.decode_sparse(code, target, compute)
-                x = batch[target].float()  # the residual AuxK fits stays float32, as on the plain path
+                x = batch[target]  # the residual AuxK fits stays at least float32, as on the plain path
+                x = x.to(torch.promote_types(x.dtype, torch.float32))
                 rec_loss = reconstruction_loss(recon, x, cfg.loss)
                 residual = (x - recon).detach()
                 aux_recon = aux_code.decode(model.dictionary(target), compute)
@@ -382,6 +383,8 @@ class Trainer:
                 raw = next(stream)
                 with torch.no_grad():
                     batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
+                    if self.batch_dtype is not None:  # once here, beside the standardising, not in the step
+                        batch = {m: t.to(self.batch_dtype) for m, t in batch.items()}
                 source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
                 out = self.train_step(batch, source)
                 self.step += 1

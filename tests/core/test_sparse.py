@@ -236,7 +236,7 @@ def test_fused_training_step_matches_the_plain_step(encoder, loss, dead, dots_in
     tcfg = TrainConfig(steps=10, batch_size=64, lr=1e-2, device="cpu", aux="auxk", aux_k=16, loss=loss,
                        dead_after_tokens=0 if dead else 10**9, warmup_steps=0, log_every=3)
     gen = torch.Generator().manual_seed(6)
-    batches = [{m: torch.randn(64, d, generator=gen).double() for m, d in ucfg.model_dims.items()} for _ in range(5)]
+    batches = [{m: torch.randn(64, d, generator=gen, dtype=torch.float64) for m, d in ucfg.model_dims.items()} for _ in range(5)]
     finals = []
     for fused in (False, True):
         trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
