@@ -125,8 +125,8 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
     # A training cut short is continued only if it was started on this very store with this plan:
     # the record names both, and is written before training starts and removed when it ends.
     record = _training_record(settings, plan)
-    started = json.loads(json.dumps({"store": _store_fingerprint(store), "usae": ucfg.to_dict(),
-                                     "train": tcfg.to_dict()}))
+    started = {"store": _store_fingerprint(store), "usae": ucfg.to_dict(), "train": tcfg.to_dict()}
+    started = json.loads(json.dumps(started))  # as read back from the file: tuples become lists
     resume = _read_record(record) == started and _checkpointed_since(record, run_dir)
     if not resume:
         atomic_write_json(record, started)

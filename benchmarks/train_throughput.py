@@ -104,8 +104,8 @@ def time_impl(name: str, cfg: dict, batches: list, device: torch.device, steps: 
         if name == "ours-dead10":  # AuxK active on every step: a tenth of the latents are dead
             trainer.since_fired[:: 10] = 10**12
         step = trainer.train_step
-        if trainer.batch_dtype is not None:  # as Trainer.run hands them over (it converts while it
-            # standardises, outside the timed step, as standardising always was)
+        if trainer.batch_dtype is not None:  # converted before timing, as standardising always was:
+            # train_step's conversion of the loop's float32 batches runs outside its CUDA graph
             batches = [{m: t.to(trainer.batch_dtype) for m, t in b.items()} for b in batches]
     else:
         step = make_reference(cfg, device, bf16=name.endswith("bf16")).train_step

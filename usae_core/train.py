@@ -383,8 +383,6 @@ class Trainer:
                 raw = next(stream)
                 with torch.no_grad():
                     batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
-                    if self.batch_dtype is not None:  # once here, beside the standardising, not in the step
-                        batch = {m: t.to(self.batch_dtype) for m, t in batch.items()}
                 source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
                 out = self.train_step(batch, source)
                 self.step += 1
