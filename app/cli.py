@@ -30,6 +30,9 @@ _register_all()
 
 
 def main() -> None:
+    from usae_core.extract import use_fast_pinning
+
+    use_fast_pinning()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cli()

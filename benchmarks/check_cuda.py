@@ -4,7 +4,8 @@
 
 At training sizes: the Triton kernels against their PyTorch fallbacks, the fused encoder's
 gradients against autograd through the plain modules, and fused training steps against plain
-ones; and a CAM run on CUDA against the same seed on the CPU. Prints one line per check and exits non-zero on the first failure.
+ones; a CAM run on CUDA against the same seed on the CPU; and an extraction on CUDA (bf16,
+rows copied on a side stream) against the same extraction on the CPU. Prints one line per check and exits non-zero on the first failure.
 """
 
 from __future__ import annotations
@@ -292,6 +293,34 @@ def cam_on_cuda(dev: torch.device) -> None:
     check("CAM on CUDA climbs (final <= start counts as error 1)", float(gpu.final_activation <= gpu.start_activation), 0)
 
 
+def extraction_rows(dev: torch.device) -> None:
+    """`extract_store` on CUDA against the CPU run: every row where it belongs, with batches
+    that straddle shards, a short last batch and an unreadable file dropped."""
+    import tempfile
+
+    import numpy as np
+    from extract_throughput import write_images
+
+    from usae_core.backbones import create_backbone
+    from usae_core.extract import extract_store
+
+    torch.manual_seed(0)
+    models = [create_backbone(n, random_init=True) for n in ("timm:vit_small_patch14_dinov2", "torchvision:resnet18")]
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        write_images(images, 333)
+        (images / "0000100.jpg").write_bytes(b"not a jpeg")
+        stores = {d: extract_store(images, models, Path(tmp) / f"store-{d}", batch_size=64, shard_images=100,
+                                   device=d, num_workers=4, progress=False) for d in ("cpu", str(dev))}
+        cpu, gpu = stores["cpu"], stores[str(dev)]
+        check("extraction CUDA vs CPU: image lists differ, or the unreadable file was kept",
+              float(cpu.image_ids != gpu.image_ids or len(gpu.image_ids) != 332), 0)
+        for name in cpu.model_names:
+            got, want = (torch.from_numpy(np.concatenate([b[name] for _, b in s.iter_images(512, [name])]))
+                         for s in (gpu, cpu))
+            check(f"extraction CUDA vs CPU: {name} rows", rel_err(got, want), 3e-2)
+
+
 def main() -> None:
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), torch.__version__)
@@ -303,6 +332,7 @@ def main() -> None:
     training_steps(dev)
     graph_steps(dev)
     cam_on_cuda(dev)
+    extraction_rows(dev)
     if FAILURES:
         print(f"{len(FAILURES)} CUDA checks failed: {FAILURES}")
         sys.exit(1)

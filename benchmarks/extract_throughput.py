@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from usae_core.backbones import Backbone, create_backbone, default_backbones
-from usae_core.extract import ExtractTimings, extract_store
+from usae_core.extract import ExtractTimings, extract_store, use_fast_pinning
 from usae_core.train import resolve_device
 
 log = logging.getLogger("extract_throughput")
@@ -206,5 +206,6 @@ def _optional_versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    use_fast_pinning()  # as the `usae` command does
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

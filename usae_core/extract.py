@@ -17,6 +17,7 @@ rank rewrites its share of those first), so every image is decoded once.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import os
 import queue
 import shutil
@@ -37,6 +38,7 @@ from usae_core.backbones.base import pil_to_uint8
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
 from usae_core.locks import exclusive_lock
+from usae_core.npy_direct import BLOCK
 from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
 from usae_core.store import (
     TORCH_DTYPES,
@@ -86,6 +88,21 @@ class ExtractTimings:
                 f"first batch {self.first_batch:.1f} s, waiting for images {self.waiting_for_images:.1f} s, "
                 f"waiting for writes {self.waiting_for_writes:.1f} s; around the loop: setup {self.setup:.1f} s, "
                 f"stopping the loader {self.stopping_loader:.1f} s, finalising {self.finalizing:.1f} s")
+
+
+FAST_PINNING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+"""PyTorch allocator options: pin host memory by registering it from 8 threads."""
+
+
+def use_fast_pinning(environ: dict | None = None) -> None:
+    """Have CUDA pin host memory (the shard buffers, the loader's batches) with `FAST_PINNING`,
+    unless PYTORCH_CUDA_ALLOC_CONF already says how to pin. Pinning the usual way cost an H200
+    extraction ~0.45 s of its 6 s (docs/benchmarks.md). Read when CUDA starts, so the `usae`
+    command calls this first thing."""
+    environ = os.environ if environ is None else environ
+    conf = environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "pinned_" not in conf:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = f"{conf},{FAST_PINNING}" if conf else FAST_PINNING
 
 
 def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -149,12 +166,14 @@ def _as_backbones(backbones: Sequence[str | Backbone], weights: Mapping[str, str
 class _ShardAssembler:
     """Collects result rows into whole shards and writes each full shard on a side thread.
 
-    On CUDA the rows go straight from the device into pinned shard buffers (asynchronous copies
-    queued behind the batch's compute); a full shard is handed to a writer with an event that
+    On CUDA the rows go straight from the device into pinned shard buffers, copied on a side
+    stream so that they overlap the next batch's compute (0.3 s of 5.5 s on the H200,
+    docs/benchmarks.md); a full shard is handed to a writer with an event that
     the writer waits on, so the main thread never waits for a copy. The NaN/Inf check runs on
     the device too, into one flag per shard, instead of a host scan of every stored value.
     Shard buffers come from a fixed ring (writers + 2 sets), recycled once written: memory stays
-    bounded and pinned memory is allocated a few times, not once per shard."""
+    bounded and pinned memory is allocated a few times, not once per shard. (Filling the ring
+    on a side thread as the loop starts delayed the first batch by ~1.1 s on the H200.)"""
 
     def __init__(self, writer: StoreWriter, spans: Sequence[ShardSpan], models: Sequence[Backbone], dtype: str,
                  write_threads: int, pin: bool):
@@ -175,6 +194,8 @@ class _ShardAssembler:
         self.futures: list[Future] = []
         self.waited = 0.0
         """Seconds the caller spent blocked on a free buffer or on the last writes."""
+        self.copy_stream = torch.cuda.Stream() if pin else None
+        """Device-to-host copies run here, beside the next batch's compute (CUDA only)."""
 
     def add(self, image_indices: Sequence[int], outputs: Mapping[str, torch.Tensor],
             failed: Sequence[tuple[int, str, str]] = ()) -> None:
@@ -182,25 +203,36 @@ class _ShardAssembler:
         names its images that could not be read, as (image index, image id, reason)."""
         for index, image_id, reason in failed:
             self.failed.setdefault(self._shard_of(index), {})[image_id] = reason
-        row = 0
-        while row < len(image_indices):
-            shard = self._shard_of(image_indices[row])
-            span = self.spans[shard]
-            start = image_indices[row] - span.start
-            take = min(len(image_indices) - row, span.n_images - start)
-            if shard not in self.buffers:
-                self.buffers[shard] = self._free_buffers()
-            buffers = self.buffers[shard]
-            flags = self.non_finite.setdefault(shard, {})
-            for name, out in outputs.items():
-                rows = out[row : row + take]
-                bad = ~torch.isfinite(rows).all()
-                flags[name] = bad if name not in flags else flags[name] | bad
-                buffers[name][start : start + take].copy_(rows, non_blocking=self.pin)
-            self.filled[shard] = self.filled.get(shard, 0) + take
-            row += take
-            if self.filled[shard] == span.n_images:
-                self._submit(shard)
+        with self._copying(outputs):
+            row = 0
+            while row < len(image_indices):
+                shard = self._shard_of(image_indices[row])
+                span = self.spans[shard]
+                start = image_indices[row] - span.start
+                take = min(len(image_indices) - row, span.n_images - start)
+                if shard not in self.buffers:
+                    self.buffers[shard] = self._free_buffers()
+                buffers = self.buffers[shard]
+                flags = self.non_finite.setdefault(shard, {})
+                for name, out in outputs.items():
+                    rows = out[row : row + take]
+                    bad = ~torch.isfinite(rows).all()
+                    flags[name] = bad if name not in flags else flags[name] | bad
+                    buffers[name][start : start + take].copy_(rows, non_blocking=self.pin)
+                self.filled[shard] = self.filled.get(shard, 0) + take
+                row += take
+                if self.filled[shard] == span.n_images:
+                    self._submit(shard)
+
+    def _copying(self, outputs: Mapping[str, torch.Tensor]):
+        """On CUDA: the copy stream, once the compute queued so far has run, with `outputs`
+        kept from reuse until the copies are done; elsewhere nothing to switch."""
+        if self.copy_stream is None:
+            return nullcontext()
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        for out in outputs.values():
+            out.record_stream(self.copy_stream)
+        return torch.cuda.stream(self.copy_stream)
 
     def _shard_of(self, image_index: int) -> int:
         return span_of_image(self.writer.spans, image_index).index
@@ -214,8 +246,7 @@ class _ShardAssembler:
             pass
         if self.allocated < self.capacity:
             self.allocated += 1
-            return {name: torch.empty(self.buffer_images, self.writer.tokens_per_image, dim, dtype=self.dtype,
-                                      pin_memory=self.pin) for name, dim in self.dims.items()}
+            return self._new_buffers()
         started = time.perf_counter()
         try:
             while True:
@@ -228,7 +259,22 @@ class _ShardAssembler:
         finally:
             self.waited += time.perf_counter() - started
 
+    def _new_buffers(self) -> dict[str, torch.Tensor]:
+        """One allocation holding each model's rows at a page-aligned offset, so that writers
+        can send the rows to the disk directly (`usae_core.npy_direct`)."""
+        rows = self.buffer_images * self.writer.tokens_per_image
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        offsets, end = {}, 0
+        for name, dim in self.dims.items():
+            offsets[name] = end
+            end += -(-rows * dim * itemsize // BLOCK) * BLOCK
+        flat = torch.empty(end + BLOCK, dtype=torch.uint8, pin_memory=self.pin)
+        flat = flat[-flat.data_ptr() % BLOCK :]  # pinned memory is page-aligned already, the rest not
+        return {name: flat[offsets[name] : offsets[name] + rows * dim * itemsize].view(self.dtype)
+                .view(self.buffer_images, self.writer.tokens_per_image, dim) for name, dim in self.dims.items()}
+
     def _submit(self, shard: int) -> None:
+        """Hand a full shard to a writer; runs inside `add`'s copy stream."""
         flags = {n: f.to("cpu", non_blocking=self.pin) for n, f in self.non_finite.pop(shard).items()}
         copied = None
         if self.pin:

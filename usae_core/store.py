@@ -17,8 +17,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from usae_core.atomic import atomic_path, atomic_write_json, finish_replacement, start_writeback
+from usae_core.atomic import atomic_path, atomic_write_json, finish_replacement
 from usae_core.errors import UsaeError
+from usae_core.npy_direct import save_npy
 from usae_core.store_compact import compact_failed_images, finish_compaction
 from usae_core.store_layout import (
     ShardSpan,
@@ -165,12 +166,7 @@ class StoreWriter:
             target = shard_file(self.root, name, index)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target, durable=False) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, flat)
-                    # On a GPU shards come faster than the writeback timer drains them; started
-                    # now, the disk keeps pace and the final durable manifest write waits for
-                    # the last shards only.
-                    start_writeback(fh)
+                save_npy(tmp, flat)
         write_done_marker(done_marker(self.root, index), failed)
 
     def failures(self) -> dict[str, str]:

@@ -10,6 +10,15 @@ from pathlib import Path
 def dirty_pages(path: Path) -> int | None:
     """Pages of `path` waiting in the page cache to be written (Linux >= 6.5 `cachestat`);
     None where the kernel cannot say."""
+    return _cachestat(path, "dirty")
+
+
+def cached_pages(path: Path) -> int | None:
+    """Pages of `path` in the page cache, dirty or clean; None where the kernel cannot say."""
+    return _cachestat(path, "cache")
+
+
+def _cachestat(path: Path, field: str) -> int | None:
     libc = ctypes.CDLL(None, use_errno=True)
     fields = ("cache", "dirty", "writeback", "evicted", "recently_evicted")
     stat = (ctypes.c_uint64 * len(fields))()
@@ -20,4 +29,4 @@ def dirty_pages(path: Path) -> int | None:
             return None
     finally:
         os.close(fd)
-    return stat[fields.index("dirty")]
+    return stat[fields.index(field)]

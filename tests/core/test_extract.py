@@ -375,3 +375,17 @@ def test_loader_chunks_are_joined_into_whole_batches_in_order():
     for indices, views, failures in batches:
         assert views[0][:, 0, 0, 0].tolist() == indices
         assert failures == ["bad" if i == 6 else "" for i in indices]
+
+
+def test_fast_pinning_is_added_to_the_allocator_options_unless_pinning_is_configured():
+    from usae_core.extract import FAST_PINNING, use_fast_pinning
+
+    env: dict[str, str] = {}
+    use_fast_pinning(env)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == FAST_PINNING
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    use_fast_pinning(env)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == f"expandable_segments:True,{FAST_PINNING}"
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_background_threads:True"}
+    use_fast_pinning(env)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "pinned_use_background_threads:True"
