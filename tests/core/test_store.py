@@ -398,3 +398,30 @@ def test_a_store_without_shard_sizes_keeps_the_fixed_layout(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "shard_sizes": [6, 6, 6]}))
     with pytest.raises(UsaeError, match="add up to 18 images, n_images says 20"):
         ActivationStore.open(tmp_path / "s")
+
+
+def test_large_shards_with_block_headers_are_read_and_compacted(tmp_path):
+    """Shards of 1 MB or more carry a 4 KiB .npy header (usae_core.npy_direct); readers and a
+    compaction take them like NumPy's own files, and the rewritten shard gets NumPy's header."""
+    a = np.random.default_rng(3).standard_normal((16, 64, 1024)).astype(np.float16)  # 1 MB a shard
+    ids = [f"img-{i:02d}.png" for i in range(16)]
+    writer = ActivationStore.create(tmp_path / "s", models={"a": 1024}, grid=(8, 8), image_ids=ids,
+                                    dtype="float16", shard_images=8)
+    for span in writer.spans:
+        rows = a[span.start : span.stop].copy()
+        failed = {}
+        if span.index == 0:
+            rows[3] = 0
+            failed = {ids[3]: "bad"}
+        writer.write_shard(span.index, {"a": rows}, failed=failed)
+    offsets = [np.load(tmp_path / "s" / "a" / f"shard-{i:06d}.npy", mmap_mode="r").offset for i in (0, 1)]
+    assert offsets == [4096, 4096]
+    store = writer.finalize()
+    assert np.load(tmp_path / "s" / "a" / "shard-000000.npy", mmap_mode="r").offset < 4096  # rewritten
+    assert np.load(tmp_path / "s" / "a" / "shard-000001.npy", mmap_mode="r").offset == 4096  # untouched
+    kept = [i for i in range(16) if i != 3]
+    assert store.image_ids == [ids[i] for i in kept]
+    for j, i in enumerate(kept):
+        np.testing.assert_array_equal(store.image_tokens("a", j), a[i].astype(np.float32))
+    batch = next(store.iter_token_batches(64, seed=0))
+    assert batch["a"].shape == (64, 1024) and np.isfinite(batch["a"]).all()
