@@ -340,4 +340,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from usae_core.extract import use_fast_pinning
+
+    use_fast_pinning()  # pin host memory as the `usae` command does
     main()

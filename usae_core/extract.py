@@ -96,13 +96,17 @@ FAST_PINNING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8
 
 def use_fast_pinning(environ: dict | None = None) -> None:
     """Have CUDA pin host memory (the shard buffers, the loader's batches) with `FAST_PINNING`,
-    unless PYTORCH_CUDA_ALLOC_CONF already says how to pin. Pinning the usual way cost an H200
+    unless the allocator settings already say how to pin. Pinning the usual way cost an H200
     extraction ~0.45 s of its 6 s (docs/benchmarks.md). Read when CUDA starts, so the `usae`
-    command calls this first thing."""
+    command calls this first thing. The options join whichever of PYTORCH_CUDA_ALLOC_CONF and
+    the newer PYTORCH_ALLOC_CONF is set (torch reads only the first when both are)."""
     environ = os.environ if environ is None else environ
-    conf = environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if "pinned_" not in conf:
-        environ["PYTORCH_CUDA_ALLOC_CONF"] = f"{conf},{FAST_PINNING}" if conf else FAST_PINNING
+    names = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+    if any("pinned_" in environ.get(n, "") for n in names):
+        return
+    name = next((n for n in names if environ.get(n)), names[0])
+    conf = environ.get(name, "")
+    environ[name] = f"{conf},{FAST_PINNING}" if conf else FAST_PINNING
 
 
 def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -269,7 +273,7 @@ class _ShardAssembler:
             offsets[name] = end
             end += -(-rows * dim * itemsize // BLOCK) * BLOCK
         flat = torch.empty(end + BLOCK, dtype=torch.uint8, pin_memory=self.pin)
-        flat = flat[-flat.data_ptr() % BLOCK :]  # pinned memory is page-aligned already, the rest not
+        flat = flat[-flat.data_ptr() % BLOCK :]  # no allocator promises page alignment
         return {name: flat[offsets[name] : offsets[name] + rows * dim * itemsize].view(self.dtype)
                 .view(self.buffer_images, self.writer.tokens_per_image, dim) for name, dim in self.dims.items()}
 
@@ -437,9 +441,12 @@ def _fill(source: FolderSource, models: list[Backbone], writer: StoreWriter, ran
                                             for n, d in writer.dims.items()})
     mine = [s for s in mine if s.n_images]
     if mine:
-        _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=_resolve_device(device),
-             num_workers=num_workers, progress=progress and rank == 0, compile=compile, timings=timings,
-             called=called)
+        dev = _resolve_device(device)
+        # The copy stream, its events and the compute stream must all be the device's (--device cuda:1).
+        with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+            _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=dev,
+                 num_workers=num_workers, progress=progress and rank == 0, compile=compile, timings=timings,
+                 called=called)
     barrier(world_size)
     finishing = time.perf_counter()
     if world_size > 1:

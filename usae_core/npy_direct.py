@@ -52,6 +52,7 @@ def is_aligned(array: np.ndarray) -> bool:
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> bool:
     """Write `array` to `path` (created or truncated) as an .npy file. Returns whether it went
     to the disk directly (O_DIRECT); otherwise it was written through the page cache."""
+    array = np.ascontiguousarray(array)  # the header says C order; a Fortran-ordered array is copied
     if array.nbytes >= MIN_DIRECT_BYTES and is_aligned(array):
         try:
             _save_direct(Path(path), array)
@@ -64,7 +65,7 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> bool:
             np.save(fh, array, allow_pickle=False)
         else:  # the same bytes as a direct write
             fh.write(padded_header(array))
-            fh.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            fh.write(memoryview(array).cast("B"))
         # Started now, the disk works while the job goes on (`start_writeback`).
         start_writeback(fh)
     return False
@@ -97,4 +98,6 @@ def _save_direct(path: Path, array: np.ndarray) -> None:
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"the disk took 0 of {len(data)} bytes")
         data, offset = data[n:], offset + n

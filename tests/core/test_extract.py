@@ -389,3 +389,27 @@ def test_fast_pinning_is_added_to_the_allocator_options_unless_pinning_is_config
     env = {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_background_threads:True"}
     use_fast_pinning(env)
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "pinned_use_background_threads:True"
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # the newer name: the options join it
+    use_fast_pinning(env)
+    assert env == {"PYTORCH_ALLOC_CONF": f"expandable_segments:True,{FAST_PINNING}"}
+    env = {"PYTORCH_ALLOC_CONF": "pinned_use_background_threads:True"}
+    use_fast_pinning(env)
+    assert env == {"PYTORCH_ALLOC_CONF": "pinned_use_background_threads:True"}
+
+
+def test_shard_buffers_reach_the_writer_page_aligned(folder, mobilenet, tmp_path, monkeypatch):
+    """Every model's rows leave the shard buffers page-aligned, so a large shard can go to the
+    disk directly (usae_core.npy_direct), whatever the buffer's offsets inside its allocation."""
+    import usae_core.store as store_module
+    from usae_core.npy_direct import is_aligned
+
+    handed = []
+    real_save = store_module.save_npy
+
+    def spy(path, array):
+        handed.append(is_aligned(array))
+        return real_save(path, array)
+
+    monkeypatch.setattr(store_module, "save_npy", spy)
+    extract_store(folder, [mobilenet], tmp_path / "store", batch_size=3, shard_images=3, num_workers=0, progress=False)
+    assert handed and all(handed)

@@ -101,3 +101,10 @@ def test_the_padded_header_is_what_numpy_reads():
         assert np.lib.format.read_magic(fh) == (1, 0)
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
         assert (shape, fortran, dtype) == (array.shape, False, array.dtype)
+
+
+def test_fortran_ordered_arrays_are_written_in_their_values(tmp_path):
+    for shape in ((1024, 600), (3, 4)):  # the large path and np.save's
+        array = np.asfortranarray(np.random.default_rng(1).standard_normal(shape).astype(np.float16))
+        save_npy(tmp_path / "f.npy", array)
+        np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), array)
