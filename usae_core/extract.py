@@ -17,12 +17,12 @@ rank rewrites its share of those first), so every image is decoded once.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 import os
 import queue
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -37,9 +37,9 @@ from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
+from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
 from usae_core.locks import exclusive_lock
 from usae_core.npy_direct import BLOCK
-from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
 from usae_core.store import (
     TORCH_DTYPES,
     ActivationStore,
