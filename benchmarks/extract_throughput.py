@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones in both measurements")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--work-dir", type=Path, default=None, help="where the images and the store go (temp dir)")
+    p.add_argument("--store-dir", type=Path, default=None,
+                   help="put the store (and the disk check) in a temp dir here instead, e.g. images on "
+                        "disk and the store on a faster volume")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--disk-check-gb", type=float, default=0.0,
                    help="first time a flushed sequential write of this many GB in the work folder (0: skip)")
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     models = [create_backbone(n, random_init=args.random_init).to(device) for n in names]
     work = Path(tempfile.mkdtemp(prefix="usae-bench-", dir=args.work_dir))
+    store_dir = Path(tempfile.mkdtemp(prefix="usae-bench-store-", dir=args.store_dir)) if args.store_dir else work
     try:
         images = args.images
         n_images = args.n_images or (20000 if cuda else 300)
@@ -155,19 +159,20 @@ def main(argv: list[str] | None = None) -> dict:
             images = work / "images"
             log.info("writing %d JPEG images to %s", n_images, images)
             write_images(images, n_images)
-        disk = disk_write_speed(work, args.disk_check_gb) if args.disk_check_gb > 0 else None
+        disk = disk_write_speed(store_dir, args.disk_check_gb) if args.disk_check_gb > 0 else None
         log.info("bare forward of %s on %s", ", ".join(names), device)
         forward = forward_throughput(models, device, batch_size, args.forward_batches or (20 if cuda else 3),
                                      args.compile)
         log.info("extraction")
         start = time.perf_counter()
         timings = ExtractTimings()
-        store = extract_store(images, models, work / "store", batch_size=batch_size, device=str(device),
+        store = extract_store(images, models, store_dir / "store", batch_size=batch_size, device=str(device),
                               num_workers=args.workers, dtype=args.dtype, progress=True, compile=args.compile,
                               timings=timings)
         seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(store_dir, ignore_errors=True)
     extract_rate = store.n_images / seconds
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile,
         "store_dtype": args.dtype,
         "grid": list(store.grid),
+        "images_on": _file_system(images),
+        "store_on": _file_system(store_dir),
         "forward_img_s": {k: round(v, 1) for k, v in forward.items()},
         "extract_img_s": round(extract_rate, 1),
         "extract_seconds": round(seconds, 2),

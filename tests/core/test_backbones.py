@@ -63,6 +63,7 @@ def test_defaults_have_the_promised_geometry(defaults):
         assert b.native_grid == (14, 14) and b.dim == dims[name], name
         assert STORE_NAME.match(b.store_name) and b.store_name == name
         assert "package" in b.weights_source
+        assert not any(m.training for m in b.modules()), name  # wrapper included: one compiled graph
         assert list_backbones()[[e.name for e in list_backbones()].index(name)].default_layer == b.layer
         assert b(images(1, b.input_size)).shape == (1, 196, b.dim)
 
@@ -207,6 +208,7 @@ def test_timm_vits_drop_prefix_tokens(model_name, prefix, grid):
     torch.manual_seed(0)
     b = create_backbone(f"timm:{model_name}", random_init=True, model_kwargs=TINY_VIT)
     assert (b.native_grid, b.dim, b.num_prefix_tokens, b.family) == (grid, 32, prefix, "timm")
+    assert not any(m.training for m in b.modules())
     x = images()
     with torch.no_grad():
         full = b.model.forward_features(x)
@@ -287,6 +289,7 @@ def test_transformers_towers(kind, prefix, grid, size, tmp_path):
     b = create_backbone(f"hf:{path}")
     assert (b.native_grid, b.dim, b.num_prefix_tokens, b.input_size) == (grid, 32, prefix, size)
     assert b.family == "transformers" and b.store_name == kind
+    assert not any(m.training for m in b.modules())
     x = images(2, size)
     with torch.no_grad():
         out = ref(pixel_values=x, output_hidden_states=True)

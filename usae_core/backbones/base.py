@@ -199,7 +199,10 @@ class Backbone(nn.Module):
         super().__init__()
         self.name = name
         self.family = family
-        self.model = model.eval()
+        self.model = model
+        # The wrapper too, not just the model: a feature extractor has no train mode, and code that
+        # reads `.training` (hooks, compile guards, callers' checks) must not see one.
+        self.eval()
         # NHWC layout: about 2x faster for CNNs on a CPU, and the fast path for bf16 convs on a GPU.
         self.channels_last = channels_last
         if self.channels_last:
