@@ -4,8 +4,9 @@
 
 At training sizes: the Triton kernels against their PyTorch fallbacks, the fused encoder's
 gradients against autograd through the plain modules, and fused training steps against plain
-ones; a CAM run on CUDA against the same seed on the CPU; and an extraction on CUDA (bf16,
-rows copied on a side stream) against the same extraction on the CPU. Prints one line per check and exits non-zero on the first failure.
+ones; a CAM run on CUDA against the same seed on the CPU; ViT patch embeddings as GEMMs against
+the float64 convolution; and an extraction on CUDA (bf16, rows copied on a side stream) against
+the same extraction on the CPU. Prints one line per check and exits non-zero if any failed.
 """
 
 from __future__ import annotations
@@ -321,6 +322,35 @@ def extraction_rows(dev: torch.device) -> None:
             check(f"extraction CUDA vs CPU: {name} rows", rel_err(got, want), 3e-2)
 
 
+def patch_embeddings(dev: torch.device) -> None:
+    """ViT patch embeddings as patchify + GEMM against the float64 convolution, in float32 and
+    under bf16 autocast, at the paper backbones' shapes (batch 256); gradients too (CAM)."""
+    from torch.nn import functional as F
+
+    from usae_core.backbones.patch_conv import PatchConv
+
+    gen = torch.Generator(dev).manual_seed(0)
+    for patch, dim in ((14, 384), (16, 768)):
+        gemm = PatchConv(3, dim, patch, stride=patch).to(dev)
+        with torch.no_grad():
+            gemm.weight.copy_(torch.randn(gemm.weight.shape, generator=gen, device=dev) * 0.02)
+            gemm.bias.copy_(torch.randn(dim, generator=gen, device=dev) * 0.02)
+        x = torch.randn(256, 3, 224, 224, generator=gen, device=dev)
+        want = F.conv2d(x.double(), gemm.weight.double(), gemm.bias.double(), stride=patch)
+        with torch.no_grad():
+            check(f"patch embedding {patch}px float32", rel_err(gemm(x), want), 1e-5)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                check(f"patch embedding {patch}px bf16 autocast", rel_err(gemm(x), want), 1e-2)
+        small = x[:8].clone().requires_grad_(True)
+        out = gemm(small)
+        grad_out = torch.randn(out.shape, generator=gen, device=dev)
+        (got,) = torch.autograd.grad(out, small, grad_out)
+        ref = small.detach().double().requires_grad_(True)
+        (wanted,) = torch.autograd.grad(F.conv2d(ref, gemm.weight.double(), gemm.bias.double(), stride=patch),
+                                        ref, grad_out.double())
+        check(f"patch embedding {patch}px input gradient", rel_err(got, wanted), 1e-5)
+
+
 def main() -> None:
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), torch.__version__)
@@ -332,6 +362,7 @@ def main() -> None:
     training_steps(dev)
     graph_steps(dev)
     cam_on_cuda(dev)
+    patch_embeddings(dev)
     extraction_rows(dev)
     if FAILURES:
         print(f"{len(FAILURES)} CUDA checks failed: {FAILURES}")

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from usae_core.backbones.patch_conv import use_gemm_patch_convs
 from usae_core.errors import UsaeError
 from usae_core.images import square_view
 
@@ -203,6 +204,8 @@ class Backbone(nn.Module):
         # The wrapper too, not just the model: a feature extractor has no train mode, and code that
         # reads `.training` (hooks, compile guards, callers' checks) must not see one.
         self.eval()
+        if not channels_last:  # token models: their patch embedding, measured on ViTs
+            use_gemm_patch_convs(self.model)
         # NHWC layout: about 2x faster for CNNs on a CPU, and the fast path for bf16 convs on a GPU.
         self.channels_last = channels_last
         if self.channels_last:
