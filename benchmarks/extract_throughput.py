@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from usae_core.backbones import Backbone, create_backbone, default_backbones
-from usae_core.extract import ExtractTimings, extract_store, use_fast_pinning
+from usae_core.extract import COMPILE_MODES, ExtractTimings, compiled, extract_store, use_fast_pinning
 from usae_core.train import resolve_device
 
 log = logging.getLogger("extract_throughput")
@@ -97,10 +97,10 @@ def _sync(device: torch.device) -> None:
 
 
 def forward_throughput(models: list[Backbone], device: torch.device, batch_size: int, batches: int,
-                       compile: bool) -> dict[str, float]:
+                       compile: bool | str) -> dict[str, float]:
     """Images/s of normalise + forward on uint8 input already on the device: each model, and all together."""
     cuda = device.type == "cuda"
-    runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
+    runners = {m.store_name: compiled(m, compile) for m in models}
     inputs = {m.input_size: torch.randint(0, 256, (batch_size, 3, m.input_size, m.input_size), dtype=torch.uint8,
                                           device=device) for m in models}
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (extract_store's default if unset)")
     p.add_argument("--forward-batches", type=int, default=None, help="timed batches of the bare forward")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones in both measurements")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="a torch.compile mode (implies --compile)")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--work-dir", type=Path, default=None, help="where the images and the store go (temp dir)")
     p.add_argument("--store-dir", type=Path, default=None,
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--disk-check-gb", type=float, default=0.0,
                    help="first time a flushed sequential write of this many GB in the work folder (0: skip)")
     args = p.parse_args(argv)
+    compile = args.compile_mode or args.compile
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -162,12 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
         disk = disk_write_speed(store_dir, args.disk_check_gb) if args.disk_check_gb > 0 else None
         log.info("bare forward of %s on %s", ", ".join(names), device)
         forward = forward_throughput(models, device, batch_size, args.forward_batches or (20 if cuda else 3),
-                                     args.compile)
+                                     compile)
         log.info("extraction")
         start = time.perf_counter()
         timings = ExtractTimings()
         store = extract_store(images, models, store_dir / "store", batch_size=batch_size, device=str(device),
-                              num_workers=args.workers, dtype=args.dtype, progress=True, compile=args.compile,
+                              num_workers=args.workers, dtype=args.dtype, progress=True, compile=compile,
                               timings=timings)
         seconds = time.perf_counter() - start
     finally:
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n_images": store.n_images,
         "batch_size": batch_size,
         "workers": args.workers,
-        "compile": args.compile,
+        "compile": compile,
         "store_dtype": args.dtype,
         "grid": list(store.grid),
         "images_on": _file_system(images),

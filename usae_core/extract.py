@@ -29,6 +29,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -319,6 +320,18 @@ def _resolve_device(device: str) -> torch.device:
     return resolve_device(device)
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+"""`torch.compile` modes for backbones. The CUDA-graph modes are left out: a graph replay
+overwrites the outputs of the last one, which the shard copies may still be reading."""
+
+
+def compiled(model: Backbone, compile: bool | str) -> nn.Module:
+    """`model` under `torch.compile` when `compile` is True or a mode of COMPILE_MODES."""
+    if not compile:
+        return model
+    return torch.compile(model, mode=compile if isinstance(compile, str) else None)
+
+
 def extract_store(
     source: FolderSource | str | Path,
     backbones: Sequence[str | Backbone],
@@ -335,7 +348,7 @@ def extract_store(
     weights: Mapping[str, str] | None = None,
     layers: Mapping[str, str] | None = None,
     random_init: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
     timings: ExtractTimings | None = None,
 ) -> ActivationStore:
     """Extract every image of `source` through every backbone into the store at `out`.
@@ -346,7 +359,8 @@ def extract_store(
     beside an existing one, which is replaced only once the new one is complete. A folder path is only
     listed, not test-decoded: files that fail to decode during extraction are dropped from the
     store, listed in `meta["skipped_images"]` and named in one warning. `timings`, when given,
-    is filled in with where this rank's extraction loop spent its time.
+    is filled in with where this rank's extraction loop spent its time. `compile` is True or a
+    `torch.compile` mode of COMPILE_MODES.
     """
     called = time.perf_counter()
     timings = timings if timings is not None else ExtractTimings()
@@ -356,6 +370,8 @@ def extract_store(
         raise UsaeError("give at least one backbone (--models)")
     if dtype not in TORCH_DTYPES:
         raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    if isinstance(compile, str) and compile not in COMPILE_MODES:
+        raise UsaeError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
     source = source if isinstance(source, FolderSource) else FolderSource(source, check=False)
     store_root = Path(out).resolve()
     if store_root.is_relative_to(source.root) or source.root.is_relative_to(store_root):
@@ -431,7 +447,7 @@ def _replaces_a_store(out: Path, overwrite: bool, rank: int, world_size: int) ->
 
 def _fill(source: FolderSource, models: list[Backbone], writer: StoreWriter, rank: int, world_size: int, *,
           grid: tuple[int, int], batch_size: int, device: str, num_workers: int | None, progress: bool,
-          compile: bool, timings: ExtractTimings, called: float) -> float:
+          compile: bool | str, timings: ExtractTimings, called: float) -> float:
     """Extract this rank's unfinished shards, then (rank 0) finalise the store; returns when
     finalising began (time.perf_counter)."""
     mine = [s for s in writer.spans if s.index % world_size == rank and not writer.is_done(s.index)]
@@ -475,7 +491,7 @@ def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: 
 
 def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, spans: list[ShardSpan], *,
          grid: tuple[int, int], batch_size: int, device: torch.device, num_workers: int | None, progress: bool,
-         compile: bool, timings: ExtractTimings, called: float) -> None:
+         compile: bool | str, timings: ExtractTimings, called: float) -> None:
     cuda = device.type == "cuda"
     views: list[View] = sorted({(m.input_size, m.interpolation) for m in models})
     view_of = {m.store_name: views.index((m.input_size, m.interpolation)) for m in models}
@@ -497,7 +513,7 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
                         persistent_workers=False)
     for m in models:
         m.to(device).eval()
-    runners = {m.store_name: (torch.compile(m) if compile else m) for m in models}
+    runners = {m.store_name: compiled(m, compile) for m in models}
     # Writers turn full shards into files; on a GPU several of them keep up with the backbones.
     assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=8 if cuda else 1, pin=cuda)
     storage = TORCH_DTYPES[writer.dtype]

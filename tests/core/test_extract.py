@@ -243,6 +243,14 @@ def test_a_store_never_overlaps_its_image_folder(folder, mobilenet, tmp_path):
     assert sorted(p for p in Path(folder).rglob("*") if p.is_file()) == images
 
 
+def test_an_unknown_compile_mode_is_refused_before_anything_is_written(folder, mobilenet, tmp_path):
+    # CUDA-graph modes would let the next replay overwrite outputs the shard copies still read
+    with pytest.raises(UsaeError, match="unknown compile mode 'reduce-overhead'"):
+        extract_store(folder, [mobilenet], tmp_path / "store", num_workers=0, progress=False,
+                      compile="reduce-overhead")
+    assert not (tmp_path / "store").exists()
+
+
 def test_a_different_layout_needs_overwrite(folder, mobilenet, tmp_path):
     out = tmp_path / "store"
     extract_store(folder, [mobilenet], out, num_workers=0, progress=False)
