@@ -202,7 +202,7 @@ class Backbone(nn.Module):
         self.family = family
         self.model = model
         # The wrapper too, not just the model: a feature extractor has no train mode, and code that
-        # reads `.training` (hooks, compile guards, callers' checks) must not see one.
+        # reads `.training` (hooks, callers' checks) must not see one.
         self.eval()
         if not channels_last:  # token models: their patch embedding, measured on ViTs
             use_gemm_patch_convs(self.model)
