@@ -1,5 +1,7 @@
 """Patch embeddings computed as patchify + GEMM equal the convolution they replace."""
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -40,6 +42,28 @@ def test_equals_the_convolution_in_float64(channels, patch, size, bias):
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
     nhwc = x.detach().contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(gemm(nhwc), want.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_inputs_off_the_fast_path_get_the_convolutions_answer():
+    conv = nn.Conv2d(3, 8, 16, stride=16)
+    gemm = as_patch_conv(conv)
+    unbatched = torch.randn(3, 32, 48)
+    torch.testing.assert_close(gemm(unbatched), F.conv2d(unbatched, conv.weight, conv.bias, stride=16))
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        gemm(torch.randn(1, 3, 8, 8))
+
+
+def test_convolutions_with_hooks_are_left_alone():
+    hooked = nn.Conv2d(3, 8, 16, stride=16)
+    seen = []
+    hooked.register_forward_hook(lambda *_: seen.append(1))
+    with warnings.catch_warnings():  # deprecated in favour of parametrizations, still met in checkpoints' code
+        warnings.simplefilter("ignore")
+        legacy_norm = torch.nn.utils.weight_norm(nn.Conv2d(3, 8, 16, stride=16))  # weight set by a pre-hook
+    model = nn.Sequential(hooked, nn.Identity(), legacy_norm)
+    assert use_gemm_patch_convs(model) == 0
+    model[0](torch.randn(1, 3, 16, 16))
+    assert seen == [1]
 
 
 def test_shares_parameters_and_state_dict_keys():

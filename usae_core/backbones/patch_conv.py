@@ -5,7 +5,8 @@ applies one linear map to each: a reshape and a GEMM. On a 3-channel image cuDNN
 direct convolution, slowly: ViT-B/16's at batch 256 took 2.0 ms on an H200 (inductor's
 autotuning log, docs/benchmarks.md), about 8.5% of the whole ViT-B forward, while the GEMM it
 equals (50,176 x 768 x 768) is a small fraction of that. `PatchConv` keeps the convolution's
-parameters, state-dict keys and output shape, so weights, hooks and callers see no difference.
+parameters, state-dict keys and output shape (as a channels-innermost view), so weights and
+callers see no difference; convolutions that carry hooks are left alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class PatchConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.kernel_size
+        if x.ndim != 4 or x.shape[2] < ph or x.shape[3] < pw:
+            return super().forward(x)  # unbatched or smaller than a patch: the convolution's own answer
         b, c, h, w = x.shape
         gh, gw = h // ph, w // pw
         x = x[:, :, : gh * ph, : gw * pw]  # a strided convolution drops the remainder too
@@ -34,7 +37,10 @@ def is_patch_conv(module: nn.Module) -> bool:
     """An image-stem convolution that is exactly patchify + linear."""
     return (type(module) is nn.Conv2d and module.stride == module.kernel_size
             and module.kernel_size != (1, 1) and module.padding in ((0, 0), "valid")
-            and module.dilation == (1, 1) and module.groups == 1 and module.in_channels <= 4)
+            and module.dilation == (1, 1) and module.groups == 1 and module.in_channels <= 4
+            # a plain layer only: hooks (e.g. legacy weight norm) stay with a module we would replace
+            and isinstance(module.weight, nn.Parameter)
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks))
 
 
 def use_gemm_patch_convs(model: nn.Module) -> int:
