@@ -6,7 +6,7 @@ For each backbone: the patch-embedding layer alone and the whole `forward_featur
 the model's own `nn.Conv2d` (the reference), then after `use_gemm_patch_convs`, on the same
 weights and the same input, bf16 autocast on CUDA. With --compile each variant is compiled
 (inductor may pick its own convolution kernel, so the reference is compiled too). Also the
-largest difference between the two outputs. Prints one JSON object.
+relative difference (L2 norm) between the two outputs. Prints one JSON object.
 """
 
 from __future__ import annotations
