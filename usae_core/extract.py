@@ -16,6 +16,7 @@ rank rewrites its share of those first), so every image is decoded once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -111,16 +112,35 @@ def use_fast_pinning(environ: dict | None = None) -> None:
 
 
 def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """`[B, h*w, D]` tokens on `native` -> `[B, H*W, D]` on `grid` (antialiased bilinear, in float32)."""
+    """`[B, h*w, D]` tokens on `native` -> `[B, H*W, D]` on `grid` (antialiased bilinear, in float32).
+
+    The resampling is one fixed linear map of the token axis, applied as a matrix product: no
+    transposes of the `[B, D, h, w]` layout that `F.interpolate` needs, and the device runs it
+    as one GEMM."""
     if tuple(native) == tuple(grid):
         return tokens
     b, t, d = tokens.shape
     h, w = native
     if t != h * w:
         raise UsaeError(f"{t} tokens do not form a {h}x{w} grid")
-    maps = tokens.transpose(1, 2).reshape(b, d, h, w).float()
-    out = F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False, antialias=True)
-    return out.flatten(2).transpose(1, 2)
+    dtype = torch.promote_types(tokens.dtype, torch.float32)
+    matrix = resample_matrix(tuple(native), tuple(grid), tokens.device).to(dtype)
+    with torch.autocast(tokens.device.type, enabled=False):  # autocast would run the product in bf16
+        return torch.matmul(matrix, tokens.to(dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def resample_matrix(native: tuple[int, int], grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The `[H*W, h*w]` float64 matrix of antialiased bilinear resampling from `native` to `grid`
+    (`F.interpolate`'s, align_corners=False), for row-major token order. Antialiased bilinear
+    resizing is separable, so the matrix is the Kronecker product of one matrix per axis."""
+    def axis(n_in: int, n_out: int) -> torch.Tensor:
+        # n_in one-hot channels, 2 pixels wide: torch's CPU antialiased kernel (2.14) gets maps
+        # 1 pixel wide wrong when their strides also read as channels-last.
+        basis = torch.eye(n_in, dtype=torch.float64)[None, :, :, None].expand(1, n_in, n_in, 2).contiguous()
+        out = F.interpolate(basis, size=(n_out, 2), mode="bilinear", align_corners=False, antialias=True)
+        return out[0, :, :, 0].T.contiguous()  # [n_out, n_in]
+    return torch.kron(axis(native[0], grid[0]), axis(native[1], grid[1])).to(device)
 
 
 class _SquareViews(Dataset):

@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from PIL import Image
 
@@ -102,6 +103,23 @@ def test_resampling_matches_pil_bilinear():
         np.testing.assert_allclose(got, want, atol=1e-5)
     same = torch.randn(1, 196, 3)
     assert resample_grid(same, (14, 14), (14, 14)) is same
+
+
+def test_resampling_is_interpolate_in_float64_and_stays_float32_under_autocast():
+    """Reference: F.interpolate's antialiased bilinear on the [B, D, h, w] maps, in float64."""
+    gen = torch.Generator().manual_seed(0)
+    for native, grid in [((16, 16), (14, 14)), ((5, 9), (14, 14)), ((37, 37), (14, 14)), ((1, 6), (14, 14))]:
+        tokens = torch.randn(3, native[0] * native[1], 4, generator=gen, dtype=torch.float64)
+        maps = tokens.transpose(1, 2).reshape(3, 4, *native)
+        want = F.interpolate(maps, size=grid, mode="bilinear", align_corners=False, antialias=True)
+        got = resample_grid(tokens, native, grid)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got.transpose(1, 2).reshape(3, 4, *grid), want, rtol=1e-12, atol=1e-12)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as extraction runs it: bf16 tokens in
+            low = resample_grid(tokens.bfloat16(), native, grid)
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, resample_grid(tokens.bfloat16().double(), native, grid).float(),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobilenet, tmp_path, caplog):
