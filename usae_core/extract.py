@@ -584,40 +584,24 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
 def _joined_batches(loader: DataLoader, device: torch.device, batch_size: int
                     ) -> Iterator[tuple[list[int], list[torch.Tensor], list[str]]]:
     """The loader's chunks moved to the device (asynchronously from pinned memory) and joined
-    into batches of at most `batch_size` consecutive images: (image indices, views, failures).
-
-    On CUDA the copies run on a side stream: queued on the compute stream, each waited for the
-    batches queued before it, and the GPU idled during the copy (0.76 ms per batch of 256 on the
-    H200, docs/benchmarks.md)."""
-    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    into batches of at most `batch_size` consecutive images: (image indices, views, failures)."""
     parts: list[tuple[list[int], list[torch.Tensor], list[str]]] = []
     count = 0
     chunks = iter(loader)
     try:
         for indices, views, failures in chunks:
-            with torch.cuda.stream(copy_stream) if copy_stream else nullcontext():
-                moved = [v.to(device, non_blocking=True) for v in views]
-            parts.append((indices.tolist(), moved, list(failures)))
+            parts.append((indices.tolist(), [v.to(device, non_blocking=True) for v in views], list(failures)))
             count += len(indices)
             if count + loader.batch_size > batch_size:  # the next chunk would not fit
-                yield _join(parts, copy_stream)
+                yield _join(parts)
                 parts, count = [], 0
         if parts:
-            yield _join(parts, copy_stream)
+            yield _join(parts)
     finally:
         del chunks  # the workers stop as soon as the consumer does
 
 
-def _join(parts: list[tuple[list[int], list[torch.Tensor], list[str]]], copy_stream: torch.cuda.Stream | None = None
-          ) -> tuple[list[int], list[torch.Tensor], list[str]]:
-    """One batch from consecutive parts, ready for the current stream: it waits for the parts'
-    copies, and their memory stays reserved until it has used them."""
-    if copy_stream is not None:
-        compute = torch.cuda.current_stream()
-        compute.wait_stream(copy_stream)
-        for _, views, _ in parts:
-            for v in views:
-                v.record_stream(compute)
+def _join(parts: list[tuple[list[int], list[torch.Tensor], list[str]]]) -> tuple[list[int], list[torch.Tensor], list[str]]:
     if len(parts) == 1:
         return parts[0]
     views = [torch.cat([p[1][v] for p in parts]) for v in range(len(parts[0][1]))]
