@@ -124,14 +124,15 @@ def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int
     if t != h * w:
         raise UsaeError(f"{t} tokens do not form a {h}x{w} grid")
     dtype = torch.promote_types(tokens.dtype, torch.float32)
-    matrix = resample_matrix(tuple(native), tuple(grid), tokens.device).to(dtype)
+    matrix = resample_matrix(tuple(native), tuple(grid), tokens.device, dtype)
     with torch.autocast(tokens.device.type, enabled=False):  # autocast would run the product in bf16
         return torch.matmul(matrix, tokens.to(dtype))
 
 
 @functools.lru_cache(maxsize=64)
-def resample_matrix(native: tuple[int, int], grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The `[H*W, h*w]` float64 matrix of antialiased bilinear resampling from `native` to `grid`
+def resample_matrix(native: tuple[int, int], grid: tuple[int, int], device: torch.device,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The `[H*W, h*w]` matrix of antialiased bilinear resampling from `native` to `grid`
     (`F.interpolate`'s, align_corners=False), for row-major token order. Antialiased bilinear
     resizing is separable, so the matrix is the Kronecker product of one matrix per axis."""
     def axis(n_in: int, n_out: int) -> torch.Tensor:
@@ -140,7 +141,10 @@ def resample_matrix(native: tuple[int, int], grid: tuple[int, int], device: torc
         basis = torch.eye(n_in, dtype=torch.float64)[None, :, :, None].expand(1, n_in, n_in, 2).contiguous()
         out = F.interpolate(basis, size=(n_out, 2), mode="bilinear", align_corners=False, antialias=True)
         return out[0, :, :, 0].T.contiguous()  # [n_out, n_in]
-    return torch.kron(axis(native[0], grid[0]), axis(native[1], grid[1])).to(device)
+    # A cached inference tensor could not be saved for a later backward pass (CAM), so the
+    # matrix is an ordinary tensor even when first asked for under inference mode.
+    with torch.inference_mode(False):
+        return torch.kron(axis(native[0], grid[0]), axis(native[1], grid[1])).to(device, dtype)
 
 
 class _SquareViews(Dataset):

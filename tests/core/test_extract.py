@@ -122,6 +122,19 @@ def test_resampling_is_interpolate_in_float64_and_stays_float32_under_autocast()
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_resampling_first_met_under_inference_mode_still_differentiates():
+    """Extraction meets a grid first under inference mode; CAM later differentiates through it."""
+    from usae_core.extract import resample_matrix
+
+    resample_matrix.cache_clear()
+    with torch.inference_mode():
+        resample_grid(torch.randn(1, 48, 2), (6, 8), (5, 5))
+    tokens = torch.randn(1, 48, 2, dtype=torch.float32, requires_grad=True)
+    resample_grid(tokens, (6, 8), (5, 5)).sum().backward()
+    # Each output cell's weights sum to 1, so a token's gradient is its weights' total.
+    torch.testing.assert_close(tokens.grad.sum(), torch.tensor(2 * 25.0))
+
+
 def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobilenet, tmp_path, caplog):
     dino = tiny_dinov2()
     with caplog.at_level(logging.WARNING):
