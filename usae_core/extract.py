@@ -119,8 +119,7 @@ def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int
     as one GEMM."""
     if tuple(native) == tuple(grid):
         return tokens
-    b, t, d = tokens.shape
-    h, w = native
+    t, (h, w) = tokens.shape[1], native
     if t != h * w:
         raise UsaeError(f"{t} tokens do not form a {h}x{w} grid")
     dtype = torch.promote_types(tokens.dtype, torch.float32)
@@ -131,7 +130,7 @@ def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int
 
 @functools.lru_cache(maxsize=64)
 def resample_matrix(native: tuple[int, int], grid: tuple[int, int], device: torch.device,
-                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                    dtype: torch.dtype) -> torch.Tensor:
     """The `[H*W, h*w]` matrix of antialiased bilinear resampling from `native` to `grid`
     (`F.interpolate`'s, align_corners=False), for row-major token order. Antialiased bilinear
     resizing is separable, so the matrix is the Kronecker product of one matrix per axis."""
