@@ -5,8 +5,9 @@
 At training sizes: the Triton kernels against their PyTorch fallbacks, the fused encoder's
 gradients against autograd through the plain modules, and fused training steps against plain
 ones; a CAM run on CUDA against the same seed on the CPU; ViT patch embeddings as GEMMs against
-the float64 convolution; and an extraction on CUDA (bf16, rows copied on a side stream) against
-the same extraction on the CPU. Prints one line per check and exits non-zero if any failed.
+the float64 convolution; and an extraction on CUDA (bf16, rows copied on a side stream), eager
+and compiled, against the same extraction on the CPU. Prints one line per check and exits
+non-zero if any failed.
 """
 
 from __future__ import annotations
@@ -311,15 +312,18 @@ def extraction_rows(dev: torch.device) -> None:
         images = Path(tmp) / "images"
         write_images(images, 333)
         (images / "0000100.jpg").write_bytes(b"not a jpeg")
-        stores = {d: extract_store(images, models, Path(tmp) / f"store-{d}", batch_size=64, shard_images=100,
-                                   device=d, num_workers=4, progress=False) for d in ("cpu", str(dev))}
-        cpu, gpu = stores["cpu"], stores[str(dev)]
-        check("extraction CUDA vs CPU: image lists differ, or the unreadable file was kept",
-              float(cpu.image_ids != gpu.image_ids or len(gpu.image_ids) != 332), 0)
-        for name in cpu.model_names:
-            got, want = (torch.from_numpy(np.concatenate([b[name] for _, b in s.iter_images(512, [name])]))
-                         for s in (gpu, cpu))
-            check(f"extraction CUDA vs CPU: {name} rows", rel_err(got, want), 3e-2)
+        runs = {"cpu": ("cpu", False), "CUDA": (str(dev), False), "compiled CUDA": (str(dev), True)}
+        stores = {run: extract_store(images, models, Path(tmp) / f"store-{i}", batch_size=64, shard_images=100,
+                                     device=d, num_workers=4, progress=False, compile=compile)
+                  for i, (run, (d, compile)) in enumerate(runs.items())}
+        cpu = stores.pop("cpu")
+        for run, gpu in stores.items():
+            check(f"extraction {run} vs CPU: image lists differ, or the unreadable file was kept",
+                  float(cpu.image_ids != gpu.image_ids or len(gpu.image_ids) != 332), 0)
+            for name in cpu.model_names:
+                got, want = (torch.from_numpy(np.concatenate([b[name] for _, b in s.iter_images(512, [name])]))
+                             for s in (gpu, cpu))
+                check(f"extraction {run} vs CPU: {name} rows", rel_err(got, want), 3e-2)
 
 
 def patch_embeddings(dev: torch.device) -> None:

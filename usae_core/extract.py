@@ -123,9 +123,12 @@ def resample_grid(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int
     if t != h * w:
         raise UsaeError(f"{t} tokens do not form a {h}x{w} grid")
     dtype = torch.promote_types(tokens.dtype, torch.float32)
-    matrix = resample_matrix(tuple(native), tuple(grid), tokens.device, dtype)
+    return _resampled(tokens, resample_matrix(tuple(native), tuple(grid), tokens.device, dtype))
+
+
+def _resampled(tokens: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     with torch.autocast(tokens.device.type, enabled=False):  # autocast would run the product in bf16
-        return torch.matmul(matrix, tokens.to(dtype))
+        return torch.matmul(matrix, tokens.to(matrix.dtype))
 
 
 @functools.lru_cache(maxsize=64)
@@ -144,6 +147,31 @@ def resample_matrix(native: tuple[int, int], grid: tuple[int, int], device: torc
     # matrix is an ordinary tensor even when first asked for under inference mode.
     with torch.inference_mode(False):
         return torch.kron(axis(native[0], grid[0]), axis(native[1], grid[1])).to(device, dtype)
+
+
+class GridRows(nn.Module):
+    """One backbone's whole step of extraction, as one module so that `torch.compile` makes it
+    one graph: uint8 square views `[B, 3, S, S]` -> (the store's rows `[B, H*W, D]` on `grid` in
+    `storage` dtype, one NaN/Inf flag per image `[B]`). Compiled, the normalisation fuses into
+    the first layer and the casts and the finiteness check into the last kernels, instead of
+    each being a pass of its own over the batch."""
+
+    def __init__(self, backbone: Backbone, grid: tuple[int, int], storage: torch.dtype):
+        super().__init__()
+        self.backbone = backbone
+        self.storage = storage
+        matrix = None
+        if tuple(backbone.native_grid) != tuple(grid):
+            matrix = resample_matrix(tuple(backbone.native_grid), tuple(grid), torch.device("cpu"), torch.float32)
+        # A buffer, not a call into resample_matrix's cache: the compiled graph reads it as an input.
+        self.register_buffer("matrix", matrix, persistent=False)
+
+    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.backbone(self.backbone.normalize(views))
+        if self.matrix is not None:
+            tokens = _resampled(tokens, self.matrix)
+        rows = tokens.to(self.storage)
+        return rows, ~torch.isfinite(rows).flatten(1).all(1)
 
 
 class _SquareViews(Dataset):
@@ -225,9 +253,10 @@ class _ShardAssembler:
         self.copy_stream = torch.cuda.Stream() if pin else None
         """Device-to-host copies run here, beside the next batch's compute (CUDA only)."""
 
-    def add(self, image_indices: Sequence[int], outputs: Mapping[str, torch.Tensor],
+    def add(self, image_indices: Sequence[int], outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
             failed: Sequence[tuple[int, str, str]] = ()) -> None:
-        """Store the rows of one batch; its images are consecutive, in shard order. `failed`
+        """Store the rows of one batch; its images are consecutive, in shard order. `outputs` maps
+        a model to (rows, one NaN/Inf flag per image), as `GridRows` returns them. `failed`
         names its images that could not be read, as (image index, image id, reason)."""
         for index, image_id, reason in failed:
             self.failed.setdefault(self._shard_of(index), {})[image_id] = reason
@@ -242,11 +271,10 @@ class _ShardAssembler:
                     self.buffers[shard] = self._free_buffers()
                 buffers = self.buffers[shard]
                 flags = self.non_finite.setdefault(shard, {})
-                for name, out in outputs.items():
-                    rows = out[row : row + take]
-                    bad = ~torch.isfinite(rows).all()
+                for name, (out, non_finite) in outputs.items():
+                    bad = non_finite[row : row + take].any()
                     flags[name] = bad if name not in flags else flags[name] | bad
-                    buffers[name][start : start + take].copy_(rows, non_blocking=self.pin)
+                    buffers[name][start : start + take].copy_(out[row : row + take], non_blocking=self.pin)
                 self.filled[shard] = self.filled.get(shard, 0) + take
                 row += take
                 if self.filled[shard] == span.n_images:
@@ -259,7 +287,8 @@ class _ShardAssembler:
             return nullcontext()
         self.copy_stream.wait_stream(torch.cuda.current_stream())
         for out in outputs.values():
-            out.record_stream(self.copy_stream)
+            for t in out:
+                t.record_stream(self.copy_stream)
         return torch.cuda.stream(self.copy_stream)
 
     def _shard_of(self, image_index: int) -> int:
@@ -348,7 +377,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 overwrites the outputs of the last one, which the shard copies may still be reading."""
 
 
-def compiled(model: Backbone, compile: bool | str) -> nn.Module:
+def compiled(model: nn.Module, compile: bool | str) -> nn.Module:
     """`model` under `torch.compile` when `compile` is True or a mode of COMPILE_MODES."""
     if not compile:
         return model
@@ -534,12 +563,10 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     loader = DataLoader(_SquareViews(source, image_ids, indices, views), batch_size=chunk,
                         num_workers=num_workers, pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
-    for m in models:
-        m.to(device).eval()
-    runners = {m.store_name: compiled(m, compile) for m in models}
+    storage = TORCH_DTYPES[writer.dtype]
+    runners = {m.store_name: compiled(GridRows(m, grid, storage).to(device).eval(), compile) for m in models}
     # Writers turn full shards into files; on a GPU several of them keep up with the backbones.
     assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=8 if cuda else 1, pin=cuda)
-    storage = TORCH_DTYPES[writer.dtype]
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
     clock = _DeviceClock(device)
     started = time.perf_counter()
@@ -563,11 +590,12 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
             outputs = {}
             with clock, torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 for m in models:
-                    tokens = runners[m.store_name](m.normalize(on_device[view_of[m.store_name]]))
-                    outputs[m.store_name] = resample_grid(tokens[:n], m.native_grid, grid).to(storage)
-                if failed:  # zero rows until finalize drops them
-                    bad = torch.tensor([bool(why) for why in failures], device=device)[:, None, None]
-                    outputs = {name: out.masked_fill(bad, 0) for name, out in outputs.items()}
+                    rows, non_finite = runners[m.store_name](on_device[view_of[m.store_name]])
+                    outputs[m.store_name] = rows[:n], non_finite[:n]
+                if failed:  # zero rows until finalize drops them, and their values do not count
+                    bad = torch.tensor([bool(why) for why in failures], device=device)
+                    outputs = {name: (rows.masked_fill(bad[:, None, None], 0), non_finite & ~bad)
+                               for name, (rows, non_finite) in outputs.items()}
             assembler.add(image_indices, outputs, failed)
             timings.images += n
             bar.update(n)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from usae_core.backbones import create_backbone
 from usae_core.errors import UsaeError
-from usae_core.extract import ExtractTimings, extract_store, resample_grid
+from usae_core.extract import ExtractTimings, GridRows, extract_store, resample_grid
 from usae_core.images import FolderSource, load_masks
 from usae_core.locks import exclusive_lock
 from usae_core.store import ActivationStore
@@ -133,6 +133,31 @@ def test_resampling_first_met_under_inference_mode_still_differentiates():
     resample_grid(tokens, (6, 8), (5, 5)).sum().backward()
     # Each output cell's weights sum to 1, so a token's gradient is its weights' total.
     torch.testing.assert_close(tokens.grad.sum(), torch.tensor(2 * 25.0))
+
+
+def test_grid_rows_is_the_whole_step_in_the_store_dtype_with_one_flag_per_image():
+    """Extraction's per-batch step (normalise, forward, resample, cast, finiteness flag) against
+    the same steps recomputed in float64, and a NaN planted in one image flags that image only."""
+    backbone = tiny_dinov2().eval()
+    views = torch.randint(0, 256, (3, 3, 224, 224), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        rows, non_finite = GridRows(backbone, (14, 14), torch.float16)(views)
+        reference = resample_grid(backbone.double()(backbone.normalize(views).double()), (16, 16), (14, 14))
+    backbone.float()
+    assert rows.dtype == torch.float16 and rows.shape == (3, 196, 32)
+    torch.testing.assert_close(rows.double(), reference, rtol=2e-3, atol=2e-3)  # float32 compute, float16 storage
+    assert non_finite.tolist() == [False, False, False]
+
+    plant = backbone.register_forward_hook(lambda _m, _i, out: out.index_fill(0, torch.tensor([1]), float("nan")))
+    try:
+        with torch.no_grad():
+            rows, non_finite = GridRows(backbone, (14, 14), torch.float16)(views)
+    finally:
+        plant.remove()
+    assert non_finite.tolist() == [False, True, False]
+    same = GridRows(create_backbone("timm:vit_base_patch16_224", random_init=True, model_kwargs=TINY_VIT), (14, 14),
+                    torch.float32)
+    assert same.matrix is None  # a model already on the grid is not resampled
 
 
 def test_messy_folder_extracts_correctly_and_reports_corrupt_files(folder, mobilenet, tmp_path, caplog):
