@@ -27,7 +27,7 @@ from app.db import get_engine, session_factory
 from app.deps import LoginRequired, UnknownAuditLink, analyst_viewer, share_viewer, signed_in_user
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
-from app.routes import auth, compare, concepts, explain, jobs, media, runs, shares
+from app.routes import auth, compare, concepts, explain, health, jobs, media, runs, shares
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle
 from app.services.explain import ModelCache
 from app.services.shares import ShareGone
@@ -125,6 +125,7 @@ def _include_routes(app: FastAPI) -> None:
     app.include_router(shares.share_pages())
     app.include_router(shares.share_api(), prefix="/api")
     app.include_router(media.router())
+    app.include_router(health.router())
 
 
 def _is_api(request: Request) -> bool:

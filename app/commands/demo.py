@@ -31,7 +31,8 @@ def demo_cmd(
     if result.password:
         typer.secho(f"analyst login: {result.username} / {result.password}", fg=typer.colors.GREEN)
     else:
-        typer.echo(f"analyst login: {result.username} (password set earlier; reset with `usae user add`)")
+        typer.echo(f"analyst login: {result.username} (password set earlier; reset it with "
+                   f"`usae user set-password {result.username}`)")
     url = f"http://{host}:{port}/runs/{result.run_id}"
     if not serve:
         typer.echo(f"explore it with: usae serve --data-dir {settings.data_dir}  ->  {url}")

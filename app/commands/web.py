@@ -1,4 +1,4 @@
-"""`usae serve` (the explorer) and `usae user add` (analyst accounts)."""
+"""`usae serve` (the explorer), `usae worker` (jobs) and `usae user` (analyst accounts)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import signal
 import socket
 import sys
 import threading
-from typing import Annotated, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
 from app.commands.core import DataDir
 from app.settings import settings_for
 from usae_core.errors import UsaeError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 user_cli = typer.Typer(help="Analyst accounts.", no_args_is_help=True)
@@ -147,25 +152,65 @@ def _worker(host: str, port: int) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-@user_cli.command("add")
-def user_add_cmd(
-    name: Annotated[str, typer.Argument(help="User name (letters, digits, '.', '_', '@', '-').")],
-    password: Annotated[Optional[str], typer.Option(help="Password; prompted for (hidden, twice) when omitted.")] = None,
-    data_dir: DataDir = None,
-) -> None:
-    """Create an analyst account."""
+Password = Annotated[Optional[str], typer.Option(help="Password; prompted for (hidden, twice) when omitted.")]
+
+
+@contextmanager
+def _accounts(data_dir: Path | None) -> Iterator[Session]:
+    """A database session on the (migrated) database of `data_dir`, committed on success."""
     from app.db import session_factory
     from app.migrations import upgrade_database
-    from app.services.users import create_user
 
-    if password is None:
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     settings = settings_for(data_dir)
     upgrade_database(settings.db_url)
     with session_factory(settings.db_url)() as session:
-        create_user(session, username=name, password=password)
+        yield session
         session.commit()
+
+
+@user_cli.command("add")
+def user_add_cmd(
+    name: Annotated[str, typer.Argument(help="User name (letters, digits, '.', '_', '@', '-').")],
+    password: Password = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an analyst account."""
+    from app.services.users import create_user
+
+    password = password if password is not None else typer.prompt("Password", hide_input=True,
+                                                                   confirmation_prompt=True)
+    with _accounts(data_dir) as session:
+        create_user(session, username=name, password=password)
     typer.echo(f"created analyst {name!r}")
+
+
+@user_cli.command("set-password")
+def user_set_password_cmd(
+    name: Annotated[str, typer.Argument(help="User name of an existing analyst.")],
+    password: Password = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Give an analyst a new password; their open sessions end."""
+    from app.services.users import set_password
+
+    password = password if password is not None else typer.prompt("New password", hide_input=True,
+                                                                   confirmation_prompt=True)
+    with _accounts(data_dir) as session:
+        set_password(session, username=name, password=password)
+    typer.echo(f"new password set for {name!r}; their open sessions have ended")
+
+
+@user_cli.command("list")
+def user_list_cmd(data_dir: DataDir = None) -> None:
+    """List the analyst accounts."""
+    from app.services.users import list_users
+
+    with _accounts(data_dir) as session:
+        users = [(u.username, u.is_active) for u in list_users(session)]
+    if not users:
+        typer.echo("no analysts yet; add one with `usae user add NAME`")
+    for username, active in users:
+        typer.echo(username if active else f"{username} (disabled)")
 
 
 def worker_cmd(

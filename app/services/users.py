@@ -22,14 +22,34 @@ def create_user(session: Session, *, username: str, password: str) -> User:
     """Add an analyst; one-line UsaeError for a bad name, a short password or a taken name."""
     if not USERNAME_PATTERN.match(username):
         raise UsaeError("user names are 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise UsaeError(f"passwords need at least {MIN_PASSWORD_LENGTH} characters")
+    _check_password(password)
     if find_user(session, username=username) is not None:
         raise UsaeError(f"user {username!r} already exists")
     user = User(username=username, password_hash=hash_password(password))
     session.add(user)
     session.flush()
     return user
+
+
+def set_password(session: Session, *, username: str, password: str) -> User:
+    """Give an analyst a new password and sign them out everywhere (a reset usually means the
+    old one leaked); one-line UsaeError for an unknown name or a short password."""
+    _check_password(password)
+    user = find_user(session, username=username)
+    if user is None:
+        raise UsaeError(f"no analyst named {username!r} (see `usae user list`)")
+    user.password_hash = hash_password(password)
+    end_all_sessions(session, user=user)
+    return user
+
+
+def list_users(session: Session) -> list[User]:
+    return list(session.scalars(select(User).order_by(func.lower(User.username))))
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UsaeError(f"passwords need at least {MIN_PASSWORD_LENGTH} characters")
 
 
 def find_user(session: Session, *, username: str) -> User | None:

@@ -153,6 +153,37 @@ def test_user_add_command(seeded):
     assert users["carol"].password_hash.startswith("$argon2id$") and "erin" not in users
 
 
+def test_user_set_password_ends_sessions_and_user_list_names_the_analysts(web, seeded):
+    """A reset takes effect at once: the new password signs in, the old one and every cookie
+    issued before the reset stop working."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    runner = CliRunner()
+    where = ["--data-dir", str(seeded.data_dir)]
+    sign_in_as(web, seeded, "alice")
+    assert web.get("/api/auth/me").status_code == 200
+    r = runner.invoke(cli, ["user", "set-password", "Alice", *where], input="brand-new-pass\nbrand-new-pass\n")
+    assert r.exit_code == 0, r.output
+    assert web.get("/api/auth/me").status_code == 401  # the cookie from before the reset
+    web.cookies.clear()
+    for password, works in ((PASSWORD, False), ("brand-new-pass", True)):
+        token = csrf_from(web.get("/login").text)
+        r = web.post("/login", data={"username": "alice", "password": password, "csrf_token": token, "next": "/runs"},
+                     follow_redirects=False)
+        assert (r.status_code == 303) is works, (password, r.status_code)
+    r = runner.invoke(cli, ["user", "set-password", "nobody", "--password", "long-enough-1", *where])
+    assert r.exit_code != 0 and "no analyst named 'nobody'" in str(r.exception)
+    r = runner.invoke(cli, ["user", "set-password", "bob", "--password", "short", *where])
+    assert r.exit_code != 0 and "at least 8" in str(r.exception)
+    with session_factory(seeded.settings.db_url)() as session:
+        bob = session.scalar(select(User).where(User.username == "bob"))
+        assert verify_password(bob.password_hash, PASSWORD)  # a refused reset changed nothing
+    r = runner.invoke(cli, ["user", "list", *where])
+    assert r.exit_code == 0 and r.output.split() == ["alice", "bob"]
+
+
 def test_session_cookie_is_https_only_when_configured(tmp_path):
     from fastapi.testclient import TestClient
 
