@@ -38,6 +38,10 @@ from app.viewer import Viewer
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+FORM_BODY_LIMIT = 1024 * 1024
+"""Bytes a request body may have (forms and JSON: labels, links, sign-in); image uploads get
+`USAE_MAX_UPLOAD_BYTES` more. Larger bodies are refused with 413 as they arrive, before
+anything reads them whole."""
 ERROR_HEADINGS = {400: "This request is not valid", 401: "Please sign in", 403: "Not allowed",
                   404: "Not found", 409: "Conflict", 410: "This link no longer works",
                   413: "Too large", 422: "Check your input", 429: "Slow down"}
@@ -53,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
 
     app = FastAPI(title="USAE Concept Explorer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  max_body_size=FORM_BODY_LIMIT,
                   description="Browse, compare, label and share the concepts of Universal Sparse Autoencoder runs. "
                               "Sign in through `/api/auth/login`; writes need the `X-CSRF-Token` header "
                               "(from `/api/auth/csrf`). Audit-link holders read under `/api/s/{token}/...`.")
@@ -64,7 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(SessionMiddleware, secret_key=settings.resolved_secret_key(), session_cookie=SESSION_COOKIE,
                        max_age=SESSION_MAX_AGE_S, same_site="lax", https_only=settings.secure_cookies)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    _include_routes(app)
+    _include_routes(app, upload_body_limit=settings.max_upload_bytes + FORM_BODY_LIMIT)
     _install_api_docs(app)
     _install_error_pages(app)
     return app
@@ -110,7 +115,7 @@ def app_from_environment() -> FastAPI:
     return create_app(get_settings())
 
 
-def _include_routes(app: FastAPI) -> None:
+def _include_routes(app: FastAPI, *, upload_body_limit: int) -> None:
     share_prefix = "/s/{token}"
     for module in (runs, concepts, compare):
         app.include_router(module.pages(analyst_viewer))
@@ -118,8 +123,9 @@ def _include_routes(app: FastAPI) -> None:
         app.include_router(module.api(analyst_viewer), prefix="/api")
         app.include_router(module.api(share_viewer), prefix="/api" + share_prefix)
     for module in (runs, concepts, shares, explain, jobs):
-        app.include_router(module.analyst_pages())
-        app.include_router(module.analyst_api(), prefix="/api")
+        limit = upload_body_limit if module is explain else None  # image uploads
+        app.include_router(module.analyst_pages(), max_body_size=limit)
+        app.include_router(module.analyst_api(), prefix="/api", max_body_size=limit)
     app.include_router(auth.pages())
     app.include_router(auth.api(), prefix="/api")
     app.include_router(shares.share_pages())

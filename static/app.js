@@ -38,3 +38,15 @@ document.addEventListener("input", (event) => {
   const choice = id && document.getElementById(id);
   if (choice && event.target.value.trim()) choice.checked = true;
 });
+
+// A file over the upload limit is refused before it is sent (the server answers a far larger
+// body with a bare 413, and anything over the limit with the same words as here).
+document.addEventListener("change", (event) => {
+  const input = event.target;
+  if (!(input instanceof HTMLInputElement) || input.type !== "file" || !input.dataset.maxBytes) return;
+  const limit = Number(input.dataset.maxBytes);
+  const file = input.files && input.files[0];
+  const mb = (bytes) => (bytes / 1e6).toFixed(1);
+  input.setCustomValidity(file && file.size > limit ? `This file has ${mb(file.size)} MB; the limit is ${mb(limit)} MB.` : "");
+  input.reportValidity();
+});

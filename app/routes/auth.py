@@ -34,14 +34,13 @@ def _safe_next(target: str | None) -> str:
 def _sign_in(request: Request, session: Session, username: str, password: str) -> User | None:
     throttle: LoginThrottle = request.app.state.login_throttle
     key = throttle.key(request.client.host if request.client else "?", username)
-    wait = throttle.retry_after_s(key)
+    wait = throttle.begin(key)
     if wait:
         raise TooManyAttempts(wait)
     user = authenticate(session, username=username, password=password)
     if user is None:
-        throttle.record_failure(key)
         return None
-    throttle.reset(key)
+    throttle.succeeded(key)
     start_session(request, user.id, user.session_epoch)
     return user
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from fastapi.routing import iter_route_contexts
@@ -95,6 +96,52 @@ def test_login_rate_limit_per_ip_and_name(seeded):
         r = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token},
                         follow_redirects=False)
         assert r.status_code == 303
+
+
+def test_concurrent_sign_ins_cannot_pass_the_limit_together():
+    """Attempts arriving together while argon2 runs each take a slot first: exactly the limit
+    gets through, however many race (before, 36 of 40 concurrent wrong passwords were checked)."""
+    import threading
+
+    from app.security import LoginThrottle
+
+    throttle = LoginThrottle(10)
+    key = throttle.key("10.0.0.1", "alice")
+    start, allowed, lock = threading.Barrier(40), [], threading.Lock()
+
+    def attempt() -> None:
+        start.wait()
+        if throttle.begin(key) == 0:
+            with lock:
+                allowed.append(1)
+
+    threads = [threading.Thread(target=attempt) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(allowed) == 10 and throttle.begin(key) > 0
+    throttle.succeeded(key)  # the right password clears the key
+    assert throttle.begin(key) == 0
+
+
+def test_the_throttle_keeps_little_per_name_and_forgets_old_keys(web):
+    """Huge user names cost the throttle 64 characters each, and keys whose attempts left the
+    window are swept once there are many."""
+    from app.security import LoginThrottle
+
+    token = web.get("/api/auth/csrf").json()["csrf_token"]
+    for i in range(3):
+        r = web.post("/api/auth/login", json={"username": f"{i}" + "x" * 1_000_000, "password": "wrong-guess"},
+                     headers={"X-CSRF-Token": token})
+        assert r.status_code == 401
+    throttle: LoginThrottle = web.app.state.login_throttle
+    assert len(throttle) == 3 and all(len(name) <= 64 for _, name in throttle._attempts)
+
+    throttle.window_s, throttle.SWEEP_ABOVE_KEYS = 0.05, 2
+    time.sleep(0.1)
+    assert throttle.begin(throttle.key("10.0.0.2", "carol")) == 0
+    assert len(throttle) == 1  # the three stale keys went; the new attempt stays
 
 
 def test_api_login_flow(web):

@@ -14,7 +14,7 @@ from PIL import Image
 from app.db import session_factory
 from app.models import Concept, Run, RunModel
 from app.services.explain import UploadRejected, validate_upload
-from tests.app.webapp import csrf_from
+from tests.app.webapp import csrf_from, sign_in_as
 from usae_core.backbones import create_backbone
 from usae_core.config import USAEConfig
 from usae_core.extract import resample_grid
@@ -108,3 +108,32 @@ def test_explain_with_a_real_backbone(web_client, seeded, tmp_path):
     assert r.status_code == 200 and r.text.count('class="explain-item"') == len(concepts)
     assert '<p class="small" id="explained-file" style="margin-bottom: 0.4rem">photo &lt;1&gt;.jpg</p>' in r.text
     assert "<b>" not in r.text.split('id="explanation"')[1]  # labels escaped
+
+
+def test_request_bodies_are_limited_before_they_are_read(seeded):
+    """Forms and JSON may have 1 MiB, uploads USAE_MAX_UPLOAD_BYTES more; beyond that 413 as the
+    bytes arrive (declared or streamed), before a sign-in body fills the server's memory or an
+    upload its disk."""
+    from fastapi.testclient import TestClient
+
+    from app.main import FORM_BODY_LIMIT, create_app
+
+    settings = seeded.settings.model_copy(update={"max_upload_bytes": 100_000})
+    with TestClient(create_app(settings), base_url="http://testserver") as client:
+        token = client.get("/api/auth/csrf").json()["csrf_token"]
+        big_name = {"username": "x" * (FORM_BODY_LIMIT + 1), "password": "wrong-guess"}
+        r = client.post("/api/auth/login", json=big_name, headers={"X-CSRF-Token": token})
+        assert r.status_code == 413
+        streamed = (b"x" * 65536 for _ in range(FORM_BODY_LIMIT // 65536 + 2))  # no Content-Length
+        r = client.post("/api/auth/login", content=streamed,
+                        headers={"X-CSRF-Token": token, "Content-Type": "application/json"})
+        assert r.status_code == 413
+        sign_in_as(client, seeded, "alice")
+        page = client.get("/explain")
+        assert page.status_code == 200 and 'id="explain-form"' in page.text
+        upload = {"csrf_token": csrf_from(page.text), "run_id": str(seeded.run.run_id)}
+        r = client.post("/explain", data=upload, files={"image": ("a.png", b"\0" * (100_000 + FORM_BODY_LIMIT + 1))})
+        assert r.status_code == 413
+        # Within the body limit, the upload limit itself still answers in words.
+        r = client.post("/explain", data=upload, files={"image": ("a.png", _image_bytes("PNG", size=(400, 400)))})
+        assert r.status_code == 422 and "the limit is" in r.text

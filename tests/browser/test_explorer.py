@@ -319,3 +319,20 @@ def test_browser_filters_line_up_on_a_phone(new_context, analyst_state, site):
     search, rest = controls[0], controls[1:]
     assert len(rest) >= 6 and len({tuple(c) for c in rest}) == 2, controls  # the same two columns, left and right
     assert search[0] == min(rest)[0] and search[1] == max(rest)[1] <= 390, controls
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_sent(analyst, site):
+    """The explain form checks the file's size in the browser: the server would answer a body far
+    over the limit with a bare 413."""
+    analyst.goto(site.base + "/explain")
+    limit = int(analyst.get_attribute("#image", "data-max-bytes"))
+    sent = []
+    analyst.on("request", lambda r: r.method == "POST" and sent.append(r.url))
+    analyst.set_input_files("#image", files=[{"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * (limit + 1)}])
+    message = analyst.eval_on_selector("#image", "i => i.validationMessage")
+    assert "the limit is" in message and f"{(limit + 1) / 1e6:.1f} MB" in message
+    analyst.click("#explain-form button[type=submit]")
+    analyst.wait_for_timeout(300)
+    assert sent == [] and analyst.url.endswith("/explain")
+    analyst.set_input_files("#image", files=[{"name": "ok.png", "mimeType": "image/png", "buffer": b"\0" * 100}])
+    assert analyst.eval_on_selector("#image", "i => i.validationMessage") == ""
