@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import get_engine, session_factory
+from app.headers import API_DOCS_PATH, SecurityHeaders
 from app.deps import LoginRequired, UnknownAuditLink, analyst_viewer, share_viewer, signed_in_user
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
@@ -66,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
     app.state.explain_models = ModelCache()
     app.state.page_cache = PageCache()
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(SessionMiddleware, secret_key=settings.resolved_secret_key(), session_cookie=SESSION_COOKIE,
                        max_age=SESSION_MAX_AGE_S, same_site="lax", https_only=settings.secure_cookies)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -80,7 +82,7 @@ def _install_api_docs(app: FastAPI) -> None:
     Swagger UI from a CDN, which leaves it blank offline and breaks "nothing from another origin"."""
     vendor = "/static/vendor/swagger-ui"
 
-    @app.get("/docs", include_in_schema=False)
+    @app.get(API_DOCS_PATH, include_in_schema=False)
     def api_docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
                                    swagger_js_url=f"{vendor}/swagger-ui-bundle.js",

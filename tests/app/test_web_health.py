@@ -1,4 +1,4 @@
-"""`/healthz`, which the Docker image's HEALTHCHECK and load balancers call."""
+"""`/healthz`, which the Docker image's HEALTHCHECK and load balancers call, and the security headers."""
 
 from __future__ import annotations
 
@@ -27,3 +27,17 @@ def test_healthz_says_503_when_the_database_is_unreachable(tmp_path, caplog):
         r = client.get("/healthz")
     assert r.status_code == 503 and r.json() == {"status": "unavailable", "database": "unreachable"}
     assert "127.0.0.1" not in r.text and "database unreachable (OperationalError)" in caplog.text
+
+
+def test_every_response_carries_the_security_headers(web, seeded):
+    """Pages, static files, errors and API answers: no framing, no sniffing, no Referer (a share
+    link's URL is its token), scripts only from this site; /docs alone may run its inline script."""
+    for path in ("/login", "/static/app.js", "/runs", "/healthz", "/no-such-page", "/api/auth/csrf",
+                 f"/s/{'x' * 43}/runs/1"):
+        headers = web.get(path, follow_redirects=False).headers
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", path
+        assert headers["referrer-policy"] == "no-referrer", path
+        policy = headers["content-security-policy"]
+        assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy, (path, policy)
+    assert "script-src 'self' 'unsafe-inline'" in web.get("/docs").headers["content-security-policy"]
+    assert web.get("/healthz").headers["cache-control"] == "no-store"  # the endpoint's own headers stay
