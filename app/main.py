@@ -29,7 +29,7 @@ from app.deps import LoginRequired, UnknownAuditLink, analyst_viewer, share_view
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
 from app.routes import auth, compare, concepts, explain, health, jobs, media, runs, shares
-from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle
+from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle, keep_share_tokens_out_of_access_logs
 from app.services.explain import ModelCache
 from app.services.shares import ShareGone
 from app.settings import Settings, get_settings
@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
                               "Sign in through `/api/auth/login`; writes need the `X-CSRF-Token` header "
                               "(from `/api/auth/csrf`). Audit-link holders read under `/api/s/{token}/...`.")
     app.state.settings = settings
+    keep_share_tokens_out_of_access_logs()
     app.state.sessionmaker = session_factory(settings.db_url)
     app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
     app.state.explain_models = ModelCache()

@@ -7,7 +7,10 @@ the session's token in a hidden field and every htmx/API write sends it in a hea
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
+import re
 import secrets
 import threading
 import time
@@ -134,3 +137,30 @@ class LoginThrottle:
     def _sweep(self, now: float) -> None:
         for key in [k for k, times in self._attempts.items() if not times or now - times[-1] >= self.window_s]:
             del self._attempts[key]
+
+
+class ShareTokenLogFilter(logging.Filter):
+    """Keeps audit-link tokens out of the access log: `/s/TOKEN/...` is logged as
+    `/s/#abcdef01/...`, the start of the token's SHA-256, which is what `share_links.token_hash`
+    stores (an administrator can still tell which link was used; the log cannot open it)."""
+
+    _SHARE_PATH = re.compile(r"(/s/)([^/?#\s]+)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "/s/" in a for a in record.args):
+            record.args = tuple(self._SHARE_PATH.sub(self._hashed, a) if isinstance(a, str) else a
+                                for a in record.args)
+        elif isinstance(record.msg, str) and "/s/" in record.msg:
+            record.msg = self._SHARE_PATH.sub(self._hashed, record.msg)
+        return True
+
+    @staticmethod
+    def _hashed(match: re.Match) -> str:
+        return f"{match.group(1)}#{hashlib.sha256(match.group(2).encode()).hexdigest()[:8]}"
+
+
+def keep_share_tokens_out_of_access_logs() -> None:
+    """Install ShareTokenLogFilter on uvicorn's access logger, once per process."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, ShareTokenLogFilter) for f in access.filters):
+        access.addFilter(ShareTokenLogFilter())

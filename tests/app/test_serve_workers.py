@@ -133,3 +133,27 @@ def test_workers_each_listen_and_share_the_clients(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_the_access_log_never_holds_an_audit_link_token(tmp_path):
+    """Served for real (worker processes, uvicorn's own access log): a share URL is logged with
+    the start of its token's hash, the form `share_links.token_hash` stores, never the token."""
+    from app.services.shares import hash_token
+
+    port, token = _free_port(), "SecretShareToken-" + "x" * 26
+    log = tmp_path / "access.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--port", str(port),
+                                   "--no-job-worker", "--data-dir", str(tmp_path / "data")], cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_until(lambda: _get(port) == 200, what="the server")
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("GET", f"/s/{token}/runs/1?x=1")
+            assert connection.getresponse().status == 404  # no such link; the request is logged all the same
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    text = log.read_text()
+    assert f"/s/#{hash_token(token)[:8]}/runs/1" in text, text[-2000:]
+    assert token not in text
