@@ -3,6 +3,7 @@ prefixed `USAE_` (for example `USAE_DATA_DIR`, `USAE_DATABASE_URL`) or a `.env` 
 
 from __future__ import annotations
 
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -46,16 +47,33 @@ class Settings(BaseSettings):
         return self.data_dir / "media"
 
     def resolved_secret_key(self) -> str:
+        """USAE_SECRET_KEY, else the data directory's `secret_key` file, made on first use."""
         if self.secret_key:
             return self.secret_key
         path = self.data_dir / "secret_key"
         if not path.exists():
-            from usae_core.atomic import atomic_write_bytes
-
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, secrets.token_urlsafe(48).encode())
-            path.chmod(0o600)
+            _create_secret_key(path)
         return path.read_text().strip()
+
+
+def _create_secret_key(path: Path) -> None:
+    """Write a new key readable by its owner only from the first byte (whoever reads it can sign
+    session cookies). Server processes starting together may all get here: the key is linked
+    into place, which fails for all but the first, so every process reads the same key."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_urlsafe(48).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @lru_cache

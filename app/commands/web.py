@@ -45,6 +45,9 @@ def serve_cmd(
 
     settings = settings_for(data_dir)
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
+    warning = plain_http_warning(host, settings.secure_cookies)
+    if warning:
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     # The job worker migrates as it starts: migrate first, so it never races the server to create
     # the tables of a new database.
     upgrade_database(settings.db_url)
@@ -53,6 +56,16 @@ def serve_cmd(
         typer.echo(f"re-rendered {refreshed:,} concept cards of an older card template")
     with worker_process(settings) if job_worker else nullcontext():
         _serve(settings, host, port, workers or os.cpu_count() or 1)
+
+
+def plain_http_warning(host: str, secure_cookies: bool) -> str | None:
+    """A warning when other machines can reach the explorer and its session cookie may travel
+    over plain HTTP (then anyone on the network path could take over an analyst's session)."""
+    loopback = host == "localhost" or host.startswith("127.") or host in ("::1", "[::1]")
+    if loopback or secure_cookies:
+        return None
+    return (f"warning: serving on {host} with session cookies that are also sent over plain HTTP. Put the "
+            "explorer behind HTTPS (a reverse proxy) and set USAE_SECURE_COOKIES=true.")
 
 
 def _serve(settings, host: str, port: int, workers: int) -> None:

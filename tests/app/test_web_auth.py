@@ -244,3 +244,12 @@ def test_session_cookie_is_https_only_when_configured(tmp_path):
             cookie = response.headers.get("set-cookie", "")
             assert "usae" in cookie.lower() or "session" in cookie.lower(), cookie
             assert ("secure" in cookie.lower()) == secure, cookie
+
+
+def test_serving_beyond_this_machine_without_secure_cookies_is_warned_about():
+    from app.commands.web import plain_http_warning
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert plain_http_warning(host, secure_cookies=False) is None
+    assert "USAE_SECURE_COOKIES=true" in plain_http_warning("0.0.0.0", secure_cookies=False)
+    assert plain_http_warning("0.0.0.0", secure_cookies=True) is None

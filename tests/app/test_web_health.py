@@ -41,3 +41,31 @@ def test_every_response_carries_the_security_headers(web, seeded):
         assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy, (path, policy)
     assert "script-src 'self' 'unsafe-inline'" in web.get("/docs").headers["content-security-policy"]
     assert web.get("/healthz").headers["cache-control"] == "no-store"  # the endpoint's own headers stay
+
+
+def test_the_secret_key_file_is_private_from_the_start_and_one_for_all_processes(tmp_path):
+    """Made with mode 0600 (never briefly world-readable under umask 022), and server processes
+    starting together all read the one key that won, not each its own."""
+    import os
+    import stat
+    import threading
+
+    old_umask = os.umask(0o022)
+    try:
+        keys, start = [], threading.Barrier(16)
+
+        def resolve() -> None:
+            start.wait()
+            keys.append(Settings(data_dir=tmp_path / "data", secret_key=None).resolved_secret_key())
+
+        threads = [threading.Thread(target=resolve) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        os.umask(old_umask)
+    path = tmp_path / "data" / "secret_key"
+    assert len(set(keys)) == 1 and keys[0] == path.read_text().strip() and len(keys[0]) >= 64
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["secret_key"]  # no temporary files left
