@@ -101,13 +101,31 @@ def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, p
 
     relative_dir = cam_dir(run_id, index)
     written: dict[str, str] = {}
-    for name, result in results.items():
-        relative = f"{relative_dir}/{name}-job{job.id}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(result.image).save(buffer, format="PNG")
-        atomic_write_bytes(settings.media_dir / relative, buffer.getvalue())
-        written[name] = relative
+    try:
+        for name, result in results.items():
+            relative = f"{relative_dir}/{name}-job{job.id}.png"
+            buffer = io.BytesIO()
+            Image.fromarray(result.image).save(buffer, format="PNG")
+            atomic_write_bytes(settings.media_dir / relative, buffer.getvalue())
+            written[name] = relative
+        message, replaced = _swap_in_cam_images(sessions, job, request, run_id, index, models, results, written,
+                                                skipped)
+    except BaseException:  # cancelled, the concept gone, a database error: no row points at these files
+        for path in written.values():
+            (settings.media_dir / path).unlink(missing_ok=True)
+        raise
+    for path in replaced:
+        if path not in written.values():
+            (settings.media_dir / path).unlink(missing_ok=True)
+    return message
 
+
+def _swap_in_cam_images(sessions: sessionmaker[Session], job: Job, request: CamRequest, run_id: int, index: int,
+                        models: list[RunModel], results: dict, written: dict[str, str],
+                        skipped: dict[str, str]) -> tuple[str, list[str]]:
+    """One transaction: replace the concept's CAM rows by the new images and finish the job.
+    Returns (the job's message, files of the replaced rows); raises JobCancelled when the job
+    was cancelled meanwhile (then nothing changed)."""
     activations = {name: {"start": r.start_activation, "final": r.final_activation} for name, r in results.items()}
     summary = ", ".join(f"{n} {a['start']:.3g} → {a['final']:.3g}" for n, a in activations.items())
     message = f"Made {len(written)} image(s); concept activation {summary}."
@@ -129,10 +147,5 @@ def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, p
         if not finished:  # cancelled while the last step ran: keep nothing of it
             session.rollback()
     if not finished:
-        for path in written.values():
-            (settings.media_dir / path).unlink(missing_ok=True)
         raise JobCancelled()
-    for path in replaced:
-        if path not in written.values():
-            (settings.media_dir / path).unlink(missing_ok=True)
-    return message
+    return message, replaced

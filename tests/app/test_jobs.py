@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from app.db import session_factory
 from app.jobs import ALIVE_FILE, job_queue
@@ -272,6 +272,28 @@ def test_a_cam_job_cancelled_after_its_last_step_keeps_nothing(seeded, monkeypat
         concept = session.scalar(select(Concept).where(Concept.run_id == run_id, Concept.index == 2))
         paths = session.scalars(select(CamImage.file_path).where(CamImage.concept_id == concept.id)).all()
         assert paths and all(f"-job{first}.png" in path for path in paths)
+
+
+def test_a_cam_job_that_fails_at_the_end_leaves_no_file(seeded, monkeypatch):
+    """The concept is deleted (a re-mine with a smaller dictionary) while its images are made:
+    the job fails, and the PNGs it had written go with it, like its rows."""
+    run_id, sessions = seeded.run.run_id, session_factory(seeded.settings.db_url)
+    _fake_cam(monkeypatch)
+    first = _run_cam(seeded.settings, run_id, 2)
+    folder = seeded.settings.media_dir / cam_dir(run_id, 2)
+    before = sorted(p.name for p in folder.iterdir())
+
+    def remove_the_concept():
+        with sessions.begin() as session:
+            concept = session.scalar(select(Concept).where(Concept.run_id == run_id, Concept.index == 2))
+            session.execute(delete(CamImage).where(CamImage.concept_id == concept.id))
+            session.delete(concept)
+
+    _fake_cam(monkeypatch, on_run=remove_the_concept)
+    with pytest.raises(UsaeError, match="concept 2 was removed"):
+        _run_cam(seeded.settings, run_id, 2)
+    assert before and all(f"-job{first}.png" in name for name in before)
+    assert sorted(p.name for p in folder.iterdir()) == before  # none of the failed job's files
 
 
 def test_a_cam_job_writes_no_file_outside_the_media_directory(seeded, monkeypatch):
