@@ -64,7 +64,7 @@ def frequency_scatter(comparison: Comparison, urls: Urls) -> Markup:
     a, b = comparison.model_a, comparison.model_b
     points = [ScatterPoint(p.frequency_a, p.frequency_b,
                            f"{_name(p.index, p.label)} · {a} {p.frequency_a:.2%} · {b} {p.frequency_b:.2%}",
-                           urls.concept(comparison.run.id, p.index))
+                           urls.concept(comparison.run.id, p.index), group=p.group.replace("_", "-") or "between")
               for p in comparison.points]
     return scatter(points, title=f"Per-concept firing frequency in {a} against {b}", x_label=f"firing frequency in {a}",
                    y_label=f"firing frequency in {b}", log_x=True, log_y=True, diagonal=True, width=620, height=520)

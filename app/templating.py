@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
@@ -45,6 +46,11 @@ def _number(value: float | int) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:,.3g}"
 
 
+def _breakable(name: str) -> Markup:
+    """An identifier (a model name) that may wrap after '_', '-' or '.' in a narrow column."""
+    return Markup(re.sub(r"([_.-])", r"\1<wbr>", str(escape(name))))
+
+
 def page_window(number: int, pages: int, radius: int = 2) -> list[int | None]:
     """Page numbers to offer: first, last and `radius` around the current one; None marks a gap."""
     shown = sorted({1, pages, *range(max(1, number - radius), min(pages, number + radius) + 1)})
@@ -72,7 +78,8 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         auto_reload=False,  # templates ship with the code: no file checks on every page
     )
-    env.filters.update(datetime=_datetime, date=_date, percent=_percent, number=_number)
+    env.filters.update(datetime=_datetime, date=_date, percent=_percent, number=_number,
+                       breakable=_breakable)
     env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html)
     return env
 

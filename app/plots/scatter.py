@@ -18,6 +18,8 @@ class ScatterPoint:
     tooltip: str
     href: str | None = None
     highlight: bool = False
+    group: str = ""
+    """A CSS class for the point's colour (a category the page's legend names)."""
 
 
 def _bounds(values: list[float], log: bool) -> tuple[float, float]:
@@ -56,7 +58,8 @@ def scatter(points: Sequence[ScatterPoint], *, title: str, x_label: str, y_label
     for p in sorted(points, key=lambda p: p.highlight):
         x = xs(max(p.x, x_lo)) if log_x else xs(p.x)
         y = ys(max(p.y, y_lo)) if log_y else ys(p.y)
-        dot = (f'<circle class="point{" highlight" if p.highlight else ""}" cx="{x:.1f}" cy="{y:.1f}" r="4">'
+        classes = " ".join(["point", *(["highlight"] if p.highlight else []), *([p.group] if p.group else [])])
+        dot = (f'<circle class="{escape(classes)}" cx="{x:.1f}" cy="{y:.1f}" r="4">'
                f"<title>{escape(p.tooltip)}</title></circle>")
         canvas.add(f'<a href="{escape(p.href)}">{dot}</a>' if p.href else dot)
     return canvas.markup()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from app.schemas.runs import RunSummary
@@ -13,6 +15,8 @@ class PairConcept(BaseModel):
     frequency_a: float
     frequency_b: float
     energy: float
+    group: Literal["shared", "only_a", "only_b", ""] = Field(
+        "", description="shared (balanced firing), only_a / only_b (>= 90% of firing in one model), or neither")
 
 
 class Comparison(BaseModel):

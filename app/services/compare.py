@@ -28,6 +28,18 @@ def _r2(run: Run, source: int, target: int) -> float | None:
         return None
 
 
+def pair_group(frequency_a: float, frequency_b: float) -> str:
+    """Where a concept stands between models A and B (see the module's docstring)."""
+    part_a = frequency_a / (frequency_a + frequency_b)
+    if SHARED_BAND[0] <= part_a <= SHARED_BAND[1]:
+        return "shared"
+    if part_a >= UNIQUE_SHARE:
+        return "only_a"
+    if part_a <= 1 - UNIQUE_SHARE:
+        return "only_b"
+    return ""
+
+
 def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) -> Comparison:
     models = {m.name: m for m in run.models}
     for name in (model_a, model_b):
@@ -44,16 +56,11 @@ def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) ->
         .join(stats_b, (stats_b.concept_id == Concept.id) & (stats_b.run_model_id == b.id))
         .where(Concept.run_id == run.id, (stats_a.frequency > 0) | (stats_b.frequency > 0))
     ).all()
-    pairs = [PairConcept(index=i, label=label, energy=e, frequency_a=fa, frequency_b=fb)
+    pairs = [PairConcept(index=i, label=label, energy=e, frequency_a=fa, frequency_b=fb, group=pair_group(fa, fb))
              for i, label, e, fa, fb in rows]
-
-    def part_a(p: PairConcept) -> float:
-        return p.frequency_a / (p.frequency_a + p.frequency_b)
-
-    shared = sorted((p for p in pairs if SHARED_BAND[0] <= part_a(p) <= SHARED_BAND[1]),
-                    key=lambda p: (-(p.frequency_a + p.frequency_b), p.index))
-    unique_a = sorted((p for p in pairs if part_a(p) >= UNIQUE_SHARE), key=lambda p: (-p.frequency_a, p.index))
-    unique_b = sorted((p for p in pairs if part_a(p) <= 1 - UNIQUE_SHARE), key=lambda p: (-p.frequency_b, p.index))
+    shared = sorted((p for p in pairs if p.group == "shared"), key=lambda p: (-(p.frequency_a + p.frequency_b), p.index))
+    unique_a = sorted((p for p in pairs if p.group == "only_a"), key=lambda p: (-p.frequency_a, p.index))
+    unique_b = sorted((p for p in pairs if p.group == "only_b"), key=lambda p: (-p.frequency_b, p.index))
     by_frequency = sorted(pairs, key=lambda p: (-(p.frequency_a + p.frequency_b), p.index))
     return Comparison(
         run=run_summary(run), model_a=model_a, model_b=model_b,

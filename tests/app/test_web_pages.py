@@ -161,9 +161,18 @@ def test_compare_page_and_api(client, data):
     assert body["n_unique_a"] == len(run.only_first) and body["n_unique_b"] == 0
     assert {p["index"] for p in body["shared"]} <= set(run.universal)
     assert body["n_shared"] == len(run.universal)
+    # Each point says which list it belongs to, by the lists' own rule (share of firing in A).
+    for p in body["points"]:
+        part_a = p["frequency_a"] / (p["frequency_a"] + p["frequency_b"])
+        want = "shared" if 0.25 <= part_a <= 0.75 else "only_a" if part_a >= 0.9 else "only_b" if part_a <= 0.1 else ""
+        assert p["group"] == want, p
+    assert {p["group"] for p in body["points"] if p["index"] in run.only_first} == {"only_a"}
     html = client.get(f"/runs/{run.run_id}/compare?a=cnn_m&b=vit_s").text
     assert 'id="r2-ab">0.650<' in html
     assert f'<a href="/runs/{run.run_id}/concepts/1">' in html  # scatter points link to concepts
+    points = re.findall(r'<circle class="point ([a-z-]+)"', html)
+    assert points and set(points) <= {"shared", "only-a", "only-b", "between"} and "shared" in points
+    assert '<span class="swatch only-b"></span> only vit_s' in html  # the legend names the colours
     # The same model in both menus: the page stays, says so and shows that model against another.
     same = client.get(f"/runs/{run.run_id}/compare?a=vit_s&b=vit_s")
     assert same.status_code == 200 and 'id="compare-notice"' in same.text and "both vit_s" in same.text
