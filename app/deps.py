@@ -132,6 +132,10 @@ ShareScope = Annotated[Viewer, Depends(share_viewer)]
 def get_run_or_404(session: Session, viewer: Viewer, run_id: int, *, whole_run: bool = False) -> Run:
     """The run, if it exists and the viewer may see it (the whole run, for run-wide pages).
     Out-of-scope runs are 404, exactly like missing ones, so a link reveals nothing else."""
+    if whole_run and viewer.sees_run(run_id) and not viewer.sees_whole_run(run_id):
+        # The link's own run, so saying so reveals nothing the link does not already show.
+        raise HTTPException(404, "This audit link shares only some concepts of this run, not its run-wide pages. "
+                                 "The shared concepts are in the shared view.")
     allowed = viewer.sees_whole_run(run_id) if whole_run else viewer.sees_run(run_id)
     run = get_run(session, run_id=run_id) if allowed else None
     if run is None:

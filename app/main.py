@@ -28,6 +28,7 @@ from app.headers import API_DOCS_PATH, SecurityHeaders
 from app.deps import LoginRequired, UnknownAuditLink, analyst_viewer, share_viewer, signed_in_user
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
+from app.params import readable_problems
 from app.routes import auth, compare, concepts, explain, health, jobs, media, runs, shares
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle, keep_share_tokens_out_of_access_logs
 from app.services.explain import ModelCache
@@ -43,6 +44,7 @@ FORM_BODY_LIMIT = 1024 * 1024
 """Bytes a request body may have (forms and JSON: labels, links, sign-in); image uploads get
 `USAE_MAX_UPLOAD_BYTES` more. Larger bodies are refused with 413 as they arrive, before
 anything reads them whole."""
+NO_SUCH_PAGE = "There is no page at this address. Check the link, or start again from the menu."
 ERROR_HEADINGS = {400: "This request is not valid", 401: "Please sign in", 403: "Not allowed",
                   404: "Not found", 409: "Conflict", 410: "This link no longer works",
                   413: "Too large", 422: "Check your input", 429: "Slow down"}
@@ -161,9 +163,13 @@ def _error_page(request: Request, status_code: int, message: str, headers: dict[
     back there (not for a revoked, expired or unknown link)."""
     if _is_api(request):
         return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+    # A page asked for with bad query parameters (filters) can be tried again without them.
+    path = request.url.path
+    without_query = path if (request.method == "GET" and request.url.query and status_code in (400, 422)
+                             and path.startswith("/") and not path.startswith("//")) else None
     response = render(request, _error_viewer(request), "error.html", status_code=status_code,
                       heading=ERROR_HEADINGS.get(status_code, "Something went wrong"), message=message,
-                      status_code_shown=status_code, link_opens=link_opens)
+                      status_code_shown=status_code, link_opens=link_opens, without_query=without_query)
     if headers:
         response.headers.update(headers)
     return response
@@ -184,6 +190,8 @@ def _install_error_pages(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else "The request could not be completed."
+        if exc.status_code == 404 and message == "Not Found":  # Starlette's own: no route here
+            message = NO_SUCH_PAGE
         return _error_page(request, exc.status_code, message, exc.headers,
                            link_opens=not isinstance(exc, UnknownAuditLink))
 
@@ -191,5 +199,6 @@ def _install_error_pages(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         if _is_api(request):
             return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
-        problems = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
-        return _error_page(request, 422, f"Some of the input is not valid ({problems}).")
+        if request.method == "GET" and any(e["loc"][0] == "path" for e in exc.errors()):
+            return _error_page(request, 404, NO_SUCH_PAGE)  # /runs/1/concepts/abc names no page
+        return _error_page(request, 422, f"Some of the input is not valid: {readable_problems(exc.errors())}.")

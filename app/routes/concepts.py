@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.deps import AnalystViewer, SessionDep, get_run_or_404
 from app.models import Concept, Run
-from app.params import FormInt, PathInt
+from app.params import FormInt, PathInt, readable_problems
 from app.schemas.concepts import ConceptDetail, ConceptFilters, ConceptPage
 from app.schemas.labels import LabelConflictBody, LabelEdit, LabelState
 from app.services.cam import cam_unavailable
@@ -29,8 +29,7 @@ async def concept_filters(request: Request) -> ConceptFilters:
     try:
         return ConceptFilters.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise HTTPException(400, f"These filters are not valid: {problems}") from None
+        raise HTTPException(400, f"These filters are not valid: {readable_problems(exc.errors())}.") from None
 
 
 FiltersDep = Annotated[ConceptFilters, Depends(concept_filters)]
@@ -60,7 +59,7 @@ def _save_label(session: Session, concept: Concept, viewer: Viewer, draft: dict[
         update_label(session, concept=concept, editor=viewer.user, edit=edit)  # type: ignore[arg-type]
     except LabelConflict as conflict:
         return {"kind": "warn", "text": f"{conflict.editor} saved this label while you were editing it. "
-                "Their version is shown above; your text is still in the form. Review it and save again "
+                "Their version is shown just below; your text is still in the form. Review it and save again "
                 "to replace theirs."}, 409
     except UsaeError as exc:
         return {"kind": "error", "text": f"Not saved: {exc}"}, 422

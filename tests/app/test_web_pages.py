@@ -241,3 +241,21 @@ def test_overview_plots_the_training_log_when_the_mine_kept_one(web_client, seed
     assert "3 logged steps, up to step 150" in training
     assert training.count("<polyline") == 1 + len(names)  # the loss, then one line per model
     assert web_client.get(f"/api{path}").json()["training"] == curve
+
+
+def test_error_pages_speak_plainly_and_offer_a_way_on(client, data):
+    """An address no page has is 404 in words; bad filters name the field and what it takes, and
+    the page offers itself again without them."""
+    from app.main import NO_SUCH_PAGE
+
+    run = data.run.run_id
+    for url in (f"/runs/{run}/concepts/abc", "/no-such-page"):
+        r = client.get(url)
+        assert r.status_code == 404 and html.escape(NO_SUCH_PAGE) in r.text, url
+        assert "Input should" not in r.text and "Not Found" not in r.text
+    r = client.get(f"/runs/{run}/concepts?sort=bogus&q=x")
+    assert r.status_code == 400 and "sort should be &#39;energy&#39;" in r.text and "Input should" not in r.text
+    assert f'id="without-filters" href="/runs/{run}/concepts"' in r.text
+    assert "without-filters" not in client.get(f"/runs/{run}/concepts/99999").text  # a 404 has no filters to drop
+    api = client.get(f"/api/runs/{run}/concepts", params={"sort": "bogus"})
+    assert api.status_code == 400 and api.json()["detail"].startswith("These filters are not valid: sort should be")

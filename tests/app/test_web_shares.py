@@ -87,6 +87,9 @@ def test_concept_link_shows_only_its_concepts(web_client, holder, seeded):
     for url in (f"{path}/runs/{run.run_id}/concepts/1", f"{path}/runs/{run.run_id}",
                 f"{path}/runs/{run.run_id}/compare", f"/api{path}/runs/{run.run_id}/concepts/1"):
         assert holder.get(url).status_code == 404, url
+    overview = holder.get(f"{path}/runs/{run.run_id}").text  # the link's own run: say why, not "no such run"
+    assert "shares only some concepts of this run" in overview and "No such run" not in overview
+    assert "shares only some concepts" not in holder.get(f"{path}/runs/{seeded.other.run_id}").text  # another run
     outside = holder.get(f"{path}/runs/{run.run_id}/concepts/1")  # the error page leads back, and only there
     assert f'id="back-to-shared-view" href="{path}"' in outside.text and "Back to the runs" not in outside.text
     assert f'class="brand" href="{path}"' in outside.text
