@@ -131,11 +131,16 @@ class BrowserPage:
     pages: int
     concepts: list[BrowserCard]
     tags: list[str]
+    run_max_frequency: float | None = None
+    """The run's most frequent model-concept pair, recorded by its mine (None before that was
+    recorded, and for audit links to some concepts, which see only theirs)."""
 
     @property
     def max_frequency(self) -> float:
-        """Scale of the firing bars: the most frequent model-concept pair on the page."""
-        return max((c.max_frequency for c in self.concepts), default=0.0)
+        """Scale of the firing bars: the run's most frequent model-concept pair, so a bar means
+        the same on every page; else the page's."""
+        page = max((c.max_frequency for c in self.concepts), default=0.0)
+        return max(self.run_max_frequency or 0.0, page)
 
 
 class HistoryEntry(BaseModel):

@@ -154,8 +154,10 @@ def browse_page(session: Session, *, run: Run, filters: ConceptFilters,
                 scope: Collection[int] | None = None) -> BrowserPage:
     """The same page as `browse_concepts`, as the browser page shows it (stored card markup)."""
     total, pages, rows, tags = _browse(session, run, filters, scope)
+    run_max = (run.metrics or {}).get("max_frequency") if scope is None else None
     return BrowserPage(run=run_summary(run), filters=filters, total=total, pages=pages,
-                       concepts=browser_cards(session, run=run, concepts=rows), tags=tags)
+                       concepts=browser_cards(session, run=run, concepts=rows), tags=tags,
+                       run_max_frequency=run_max if isinstance(run_max, (int, float)) else None)
 
 
 def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = None) -> list[str]:

@@ -354,10 +354,9 @@ def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: Mi
         s.execute(delete(Concept).where(Concept.run_id == ids.run_id, Concept.index >= result.n_concepts))
         concept_ids = select(Concept.id).where(Concept.run_id == ids.run_id)
         s.execute(delete(ConceptModelStats).where(ConceptModelStats.concept_id.in_(concept_ids)))
-        s.execute(insert(ConceptModelStats), [
-            {"concept_id": ids.concepts[c], "run_model_id": model_id, **model_stats.of(c, i)}
-            for c in range(result.n_concepts) for i, model_id in enumerate(ids.models)
-        ])
+        stats_rows = [{"concept_id": ids.concepts[c], "run_model_id": model_id, **model_stats.of(c, i)}
+                      for c in range(result.n_concepts) for i, model_id in enumerate(ids.models)]
+        s.execute(insert(ConceptModelStats), stats_rows)
         run = s.get(Run, ids.run_id)
         old = run.active_generation_id
         if old is not None:
@@ -368,7 +367,9 @@ def _activate(Session: sessionmaker, ids: _RunIds, result: MiningResult, cfg: Mi
         generation.status, generation.finished_at = "active", utcnow()
         run.active_generation_id = generation.id
         run.status, run.error, run.mined_at = "mined", None, utcnow()
-        run.metrics = _json_safe({**stats.summary(), "top_n": cfg.top_n, "training": training})
+        run.metrics = _json_safe({**stats.summary(), "top_n": cfg.top_n, "training": training,
+                                  # the browser's firing bars share this one scale on every page
+                                  "max_frequency": max((r["frequency"] for r in stats_rows), default=0.0)})
     return old
 
 

@@ -151,6 +151,30 @@ def test_a_label_edit_shows_on_the_card_at_once_and_escaped(tmp_path, planted_ru
     get_engine(settings.db_url).dispose()
 
 
+def test_firing_bars_share_the_runs_scale_on_every_page(tmp_path, planted_run):
+    """The mine records the run's most frequent model-concept pair, and every browser page
+    scales its bars to it (a page of rare concepts no longer shows them as full bars)."""
+    from app.models import ConceptModelStats
+
+    settings = Settings(data_dir=tmp_path / "data", secret_key="test-secret", database_url=None)
+    upgrade_database(settings.db_url)
+    with session_factory(settings.db_url).begin() as s:
+        create_analyst(s)
+    _mine(settings.db_url, settings.media_dir, planted_run, cfg=MiningConfig(top_n=3))
+    with session_factory(settings.db_url)() as s:
+        run = s.scalars(sa.select(Run)).one()
+        highest = s.scalar(sa.select(sa.func.max(ConceptModelStats.frequency)))
+        assert run.metrics["max_frequency"] == pytest.approx(highest) and highest > 0
+    with TestClient(create_app(settings)) as client:
+        login(client, "alice")
+        scales = set()
+        for page in (1, 2, 3):
+            html = client.get(f"/runs/{run.id}/concepts?sort=frequency&per_page=4&page={page}").text
+            scales.add(float(re.search(r'id="concept-grid" style="--fmax: ([0-9.e-]+)"', html).group(1)))
+    assert len(scales) == 1 and scales.pop() == pytest.approx(highest)
+    get_engine(settings.db_url).dispose()
+
+
 def _card_html(page: str, index: int) -> str:
     start = page.index(f'data-concept="{index}"')
     return page[start:page.index("</a>", start)]
