@@ -36,6 +36,11 @@ class ConceptFilters(BaseModel):
     page: int = Field(1, ge=1, le=MAX_PAGE)
     per_page: int = Field(CARDS_PER_PAGE, ge=1, le=200)
 
+    def narrows(self) -> bool:
+        """Whether some concepts are left out (by search or filters; not by order or paging)."""
+        defaults = ConceptFilters()
+        return bool(self.query(page=defaults.page, sort=defaults.sort, per_page=defaults.per_page, show_dead=False))
+
     def query(self, **changes: object) -> dict[str, object]:
         """The non-default filters as URL query parameters (with `changes` applied)."""
         merged = self.model_copy(update=changes)
@@ -131,6 +136,8 @@ class BrowserPage:
     pages: int
     concepts: list[BrowserCard]
     tags: list[str]
+    hidden_dead: int = 0
+    """With no concept shown: how many dead concepts these filters would match if shown."""
     run_max_frequency: float | None = None
     """The run's most frequent model-concept pair, recorded by its mine (None before that was
     recorded, and for audit links to some concepts, which see only theirs)."""

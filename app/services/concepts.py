@@ -155,9 +155,14 @@ def browse_page(session: Session, *, run: Run, filters: ConceptFilters,
     """The same page as `browse_concepts`, as the browser page shows it (stored card markup)."""
     total, pages, rows, tags = _browse(session, run, filters, scope)
     run_max = (run.metrics or {}).get("max_frequency") if scope is None else None
+    hidden_dead = 0
+    if total == 0 and not filters.show_dead:  # would the dead ones match? (only worth asking when nothing does)
+        hidden_dead = session.scalar(select(func.count()).select_from(Concept).where(
+            *_conditions(run, filters.model_copy(update={"show_dead": True}), scope)))
     return BrowserPage(run=run_summary(run), filters=filters, total=total, pages=pages,
                        concepts=browser_cards(session, run=run, concepts=rows), tags=tags,
-                       run_max_frequency=run_max if isinstance(run_max, (int, float)) else None)
+                       run_max_frequency=run_max if isinstance(run_max, (int, float)) else None,
+                       hidden_dead=hidden_dead)
 
 
 def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = None) -> list[str]:

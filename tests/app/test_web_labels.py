@@ -115,6 +115,22 @@ def test_browser_search_and_tag_filter(web_client, seeded):
     assert [c["index"] for c in api["concepts"]] == [3] and api["tags"] == ["defect", "rust", "texture"]
 
 
+def test_an_empty_search_says_whether_hidden_dead_concepts_would_match(web_client, seeded):
+    run = seeded.run
+    dead = run.dead[0]
+    csrf = web_client.get("/api/auth/csrf").json()["csrf_token"]
+    r = web_client.put(f"/api/runs/{run.run_id}/concepts/{dead}/label", json={"label": "Ghost", "version": 1},
+                       headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200
+    page = web_client.get(f"/runs/{run.run_id}/concepts?q=ghost").text
+    assert "No concept matches" in page and "1 dead concept would" in page
+    assert "that match the filters below" in page and "Every concept of" not in page
+    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=ghost&show_dead=1").text) == [dead]
+    nothing = web_client.get(f"/runs/{run.run_id}/concepts?q=no-such-word").text
+    assert "No concept matches these filters.</p>" in nothing  # no hint that would not help
+    assert "Every concept of" in web_client.get(f"/runs/{run.run_id}/concepts?sort=index&page=2").text
+
+
 def test_counts_follow_a_new_mining_generation(web_client, seeded):
     """Match counts are cached per active generation; a re-mine (new generation, new
     statistics) shows the new count at once."""
