@@ -30,7 +30,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
         return [lo]
     raw = (hi - lo) / max(count, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    # The round step whose number of intervals is nearest `count` (0 to 1.05 in steps of 0.2,
+    # not of 0.5: two labelled ticks were too few to read a value off).
+    step = min((m * magnitude for m in (1, 2, 5, 10)), key=lambda s: abs((hi - lo) / s - count))
     first = math.ceil(lo / step - 1e-9) * step
     ticks = []
     value = first
@@ -66,8 +68,8 @@ class Scale:
         ticks = [t for t in decades if self.lo <= t <= self.hi]
         if len(ticks) < 3:  # a narrow range: 1, 2, 5 steps, so the axis still reads
             ticks = sorted(m * t for t in decades for m in (1, 2, 5) if self.lo <= m * t <= self.hi)
-        if len(ticks) < 2:  # narrower still (activations 6.0 to 6.4 had no label): round linear steps
-            ticks = [t for t in nice_ticks(self.lo, self.hi, count) if t > 0]
+        if len(ticks) < 2:  # narrower still (activations 6.0 to 6.4 had no label): a few round linear steps
+            ticks = [t for t in nice_ticks(self.lo, self.hi, 3) if t > 0]
         return ticks
 
 

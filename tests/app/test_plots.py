@@ -63,3 +63,15 @@ def test_a_chart_tells_css_its_designed_width():
     width = re.search(r'viewBox="0 0 ([\d.]+) ', svg).group(1)
     # Phones keep wide charts at least 520 px and scroll them; one designed narrower stays its size.
     assert f"--chart-w: {width}px" in svg
+
+
+def test_linear_ticks_are_round_and_about_as_many_as_asked():
+    from app.plots.svg import nice_ticks
+
+    assert nice_ticks(0, 1.05) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]  # was 0, 0.5, 1: too few to read a value off
+    assert nice_ticks(0, 60) == [0, 10, 20, 30, 40, 50, 60]
+    for lo, hi in ((0, 0.88), (0, 7), (0, 13), (-3, 250), (0.3, 0.31), (1e-3, 2e-3)):
+        ticks = nice_ticks(lo, hi)
+        steps = {round(b - a, 12) for a, b in zip(ticks, ticks[1:])}
+        assert 3 <= len(ticks) <= 8 and len(steps) == 1, (lo, hi, ticks)
+        assert lo <= ticks[0] and ticks[-1] <= hi * (1 + 1e-9) + 1e-12, (lo, hi, ticks)
