@@ -42,6 +42,16 @@ def _percent(value: float) -> str:
     return f"{pct:.2g}%"
 
 
+def _duration(seconds: float) -> str:
+    """How long a job took: 42 s, 3 min 05 s, 2 h 04 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def _number(value: float | int) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:,.3g}"
 
@@ -79,7 +89,7 @@ def _environment() -> jinja2.Environment:
         auto_reload=False,  # templates ship with the code: no file checks on every page
     )
     env.filters.update(datetime=_datetime, date=_date, percent=_percent, number=_number,
-                       breakable=_breakable)
+                       breakable=_breakable, duration=_duration)
     env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html)
     return env
 

@@ -22,6 +22,9 @@ INTERRUPTED_AFTER = dt.timedelta(minutes=2)
 ACTIVE = ("queued", "running")
 
 
+QUEUED_MESSAGE = "Queued: starts when the job worker is free."
+
+
 class JobCancelled(Exception):
     """Raised inside a running job once an analyst has cancelled it."""
 
@@ -29,7 +32,7 @@ class JobCancelled(Exception):
 def create_job(session: Session, *, kind: str, params: dict[str, Any], run_id: int | None, user: User,
                concept_index: int | None = None) -> Job:
     job = Job(kind=kind, params=params, run_id=run_id, concept_index=concept_index, created_by=user.id,
-              message="Waiting for a worker.")
+              message=QUEUED_MESSAGE)
     session.add(job)
     session.flush()
     return job

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -252,6 +253,20 @@ def test_a_second_cam_job_shows_at_once_on_the_cached_concept_page(web_client, s
     for _ in range(2):
         job_id = _run_cam(seeded.settings, run_id, 2)
         assert f"-job{job_id}.png" in web_client.get(page).text
+
+
+def test_the_jobs_page_says_what_a_job_made_and_how_long_it_took(web_client, seeded, monkeypatch):
+    _fake_cam(monkeypatch)
+    job_id = _run_cam(seeded.settings, seeded.run.run_id, 2)
+    row = web_client.get("/jobs").text.split(f'data-job="{job_id}"')[1].split("</tr>")[0]
+    assert "Made 3 images. Concept activation, start → end:" in row and " · " in row
+    assert re.search(r'data-label="Took">\d+ s<', row), row
+
+
+def test_durations_read_plainly():
+    from app.templating import _duration
+
+    assert [_duration(s) for s in (0.4, 42, 185, 3599, 7440)] == ["0 s", "42 s", "3 min 05 s", "59 min 59 s", "2 h 04 min"]
 
 
 def test_a_cam_job_cancelled_after_its_last_step_keeps_nothing(seeded, monkeypatch):

@@ -91,7 +91,7 @@ def test_start_and_cancel_a_cam_job(analyst, site):
     panel.locator("select[name=steps]").select_option("64")
     panel.locator("button:has-text('Make CAM images')").click()
     page.wait_for_selector("#cam-panel progress")
-    assert "queued" in panel.inner_text() and "Waiting for a worker" in panel.inner_text()
+    assert "queued" in panel.inner_text() and "starts when the job worker is free" in panel.inner_text()
     screenshot(page, "concept-cam-queued")
     panel.locator("button:has-text('Cancel')").click()
     page.wait_for_url(re.compile(rf".*/concepts/{site.concept}#cam$"))
