@@ -50,3 +50,41 @@ document.addEventListener("change", (event) => {
   input.setCustomValidity(file && file.size > limit ? `This file has ${mb(file.size)} MB; the limit is ${mb(limit)} MB.` : "");
   input.reportValidity();
 });
+
+// Explain an image: the button says it is working (the first image of a run loads its
+// backbones first), and a result's heatmap shows large in place of the uploaded image.
+document.addEventListener("submit", (event) => {
+  const button = event.target.id === "explain-form" && document.getElementById("explain-submit");
+  if (!button) return;
+  button.disabled = true;
+  button.textContent = "Explaining…";
+});
+window.addEventListener("pageshow", () => {  // back to a page the browser kept: usable again
+  const button = document.getElementById("explain-submit");
+  if (button) { button.disabled = false; button.textContent = "Explain"; }
+});
+function showExplained(heat) {
+  const view = document.getElementById("explain-view");
+  const caption = document.getElementById("explain-view-caption");
+  if (!view || !caption) return;
+  if (!view.dataset.original) view.dataset.original = view.src;
+  document.querySelectorAll(".explain-heat.shown").forEach((h) => h.classList.remove("shown"));
+  if (heat) {
+    view.src = heat.src;
+    heat.classList.add("shown");
+    caption.querySelector("span").textContent = heat.dataset.caption;
+    caption.hidden = false;
+  } else {
+    view.src = view.dataset.original;
+    caption.hidden = true;
+  }
+}
+document.addEventListener("click", (event) => {
+  if (event.target.closest("#explain-view-reset")) { showExplained(null); return; }
+  const heat = event.target.closest(".explain-heat");
+  if (heat) showExplained(heat);
+});
+document.addEventListener("keydown", (event) => {
+  const heat = event.target.closest && event.target.closest(".explain-heat");
+  if (heat && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); showExplained(heat); }
+});

@@ -336,3 +336,57 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_sent(analyst, site):
     assert sent == [] and analyst.url.endswith("/explain")
     analyst.set_input_files("#image", files=[{"name": "ok.png", "mimeType": "image/png", "buffer": b"\0" * 100}])
     assert analyst.eval_on_selector("#image", "i => i.validationMessage") == ""
+
+
+def _explainable_run(site, run_dir) -> int:
+    """A run whose one model is the real MobileNetV2 (weights ship with the package) with a USAE
+    for it, so /explain runs end to end in the site's server."""
+    import torch
+
+    from app.db import session_factory
+    from app.models import Concept, Run, RunModel
+    from usae_core.backbones import create_backbone
+    from usae_core.config import USAEConfig
+    from usae_core.model import USAE
+
+    torch.manual_seed(0)
+    dim = create_backbone("mobilenet_v2").dim
+    USAE(USAEConfig(model_dims={"mnet": dim}, n_concepts=16, k=4, encoder="linear")).save_pretrained(run_dir)
+    with session_factory(site.db_url)() as session:
+        run = Run(name="explainable", run_dir=str(run_dir), store_dir="", n_concepts=16, k=4, status="mined")
+        run.models = [RunModel(position=0, name="mnet", family="torchvision", dim=dim, grid_h=7, grid_w=7,
+                               info={"registry_name": "mobilenet_v2"})]
+        session.add(run)
+        session.flush()
+        session.add_all(Concept(run_id=run.id, index=i, label="") for i in range(16))
+        session.commit()
+        return run.id
+
+
+def test_explaining_says_it_is_busy_then_shows_a_heatmap_large(analyst, site, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    run_id = _explainable_run(site, tmp_path / "run")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(buffer, "PNG")
+    analyst.goto(site.base + "/explain")
+    analyst.select_option("#run_id", str(run_id))
+    analyst.set_input_files("#image", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
+    # Submit handlers run inside requestSubmit, so the button is read before the upload leaves.
+    with analyst.expect_navigation(timeout=60_000):
+        busy = analyst.evaluate("""() => { const b = document.getElementById('explain-submit');
+            document.getElementById('explain-form').requestSubmit(b); return [b.disabled, b.textContent]; }""")
+    assert busy == [True, "Explaining…"]
+    analyst.wait_for_selector("#explanation .explain-heat")
+    original = analyst.get_attribute("#explain-view", "src")
+    heat = analyst.locator(".explain-heat").nth(1)
+    heat.click()
+    assert analyst.get_attribute("#explain-view", "src") == heat.get_attribute("src") != original
+    caption = analyst.inner_text("#explain-view-caption")
+    assert caption.startswith("Concept #") and "in mnet" in caption
+    analyst.click("#explain-view-reset")
+    assert analyst.get_attribute("#explain-view", "src") == original
+    assert analyst.is_hidden("#explain-view-caption")
