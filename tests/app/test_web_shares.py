@@ -51,6 +51,7 @@ def test_run_link_shows_the_run_read_only(web_client, holder, seeded):
     r = holder.get(path)
     assert r.status_code == 200 and str(r.url).endswith(f"{path}/runs/{run.run_id}")
     assert "For the steering meeting" in r.text and "alice" in r.text
+    assert 'id="filters"' in holder.get(f"{path}/runs/{run.run_id}/concepts").text  # a whole run keeps its filters
     concept = holder.get(f"{path}/runs/{run.run_id}/concepts/0")
     assert "Shiny rim" in concept.text
     assert 'id="label-form"' not in concept.text and "csrf_token" not in concept.text
@@ -80,6 +81,7 @@ def test_concept_link_shows_only_its_concepts(web_client, holder, seeded):
     landing = holder.get(path)
     assert str(landing.url).endswith(f"{path}/runs/{run.run_id}/concepts")
     assert sorted(int(i) for i in re.findall(r'data-concept="(\d+)"', landing.text)) == [0, 3]
+    assert 'id="filters"' not in landing.text  # two concepts need no search or filters
     assert holder.get(f"{path}/runs/{run.run_id}/concepts?show_dead=1&per_page=200").text.count("data-concept=") == 2
     page = holder.get(f"{path}/runs/{run.run_id}/concepts/0").text
     assert f'rel="next" href="{path}/runs/{run.run_id}/concepts/3"' in page  # prev/next stay inside the set
