@@ -88,3 +88,19 @@ document.addEventListener("keydown", (event) => {
   const heat = event.target.closest && event.target.closest(".explain-heat");
   if (heat && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); showExplained(heat); }
 });
+
+// On a phone the concept browser's filters fold behind "More filters" (the search stays), so the
+// cards start on the first screen; they stay open while a filter is in use.
+(() => {
+  const filters = document.getElementById("filters");
+  if (!filters || filters.dataset.inUse === "1" || !window.matchMedia("(max-width: 800px)").matches) return;
+  const actions = filters.querySelector(".actions");
+  if (!actions) return;
+  const more = document.createElement("button");
+  more.type = "button";
+  more.id = "more-filters";
+  more.textContent = "More filters";
+  more.addEventListener("click", () => { filters.classList.remove("folded"); more.remove(); });
+  actions.append(more);
+  filters.classList.add("folded");
+})();
