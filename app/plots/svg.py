@@ -9,7 +9,8 @@ from markupsafe import Markup, escape
 
 
 def fmt(value: float) -> str:
-    """Compact tick/tooltip number: 0.25, 1.2k, 3e-05."""
+    """Compact tick/tooltip number: 0.25, 1.2k, 0.0001, 3e-05 (decimals down to 0.0001, so a
+    log axis from 0.0001 to 1 reads alike, not "1e-04" beside "0.001")."""
     if value == 0:
         return "0"
     a = abs(value)
@@ -17,7 +18,7 @@ def fmt(value: float) -> str:
         return f"{value / 1e6:.3g}M"
     if a >= 1e3:
         return f"{value / 1e3:.3g}k"
-    if a < 1e-3:
+    if a < 1e-4 * (1 - 1e-9):
         return f"{value:.0e}"
     return f"{value:.3g}"
 

@@ -75,3 +75,10 @@ def test_linear_ticks_are_round_and_about_as_many_as_asked():
         steps = {round(b - a, 12) for a, b in zip(ticks, ticks[1:])}
         assert 3 <= len(ticks) <= 8 and len(steps) == 1, (lo, hi, ticks)
         assert lo <= ticks[0] and ticks[-1] <= hi * (1 + 1e-9) + 1e-12, (lo, hi, ticks)
+
+
+def test_tick_labels_read_alike_along_a_log_axis():
+    from app.plots.svg import fmt
+
+    assert [fmt(v) for v in (1e-4, 1e-3, 0.01, 0.25, 1, 1200, 3e6)] == ["0.0001", "0.001", "0.01", "0.25", "1", "1.2k", "3M"]
+    assert fmt(3e-5) == "3e-05" and fmt(0) == "0"
