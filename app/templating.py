@@ -35,11 +35,11 @@ def _percent(value: float) -> str:
     pct = 100 * value
     if pct == 0:
         return "0%"
-    if pct >= 10:
+    if round(pct, 1) >= 10:  # 9.96% is "10%", not "10.0%" beside "11%"
         return f"{pct:.0f}%"
-    if pct >= 1:
+    if float(f"{pct:.2g}") >= 1:
         return f"{pct:.1f}%"
-    return f"{pct:.2g}%"
+    return f"{pct:#.2g}%"  # two digits, trailing zero kept: 0.40%, 0.46%
 
 
 def _duration(seconds: float) -> str:

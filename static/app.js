@@ -74,6 +74,9 @@ function showExplained(heat) {
     heat.classList.add("shown");
     caption.querySelector("span").textContent = heat.dataset.caption;
     caption.hidden = false;
+    // On a phone the large view is a screen or more above the results: bring it into sight.
+    const box = view.getBoundingClientRect();
+    if (box.top < 0 || box.bottom > window.innerHeight) view.scrollIntoView({ block: "start", behavior: "smooth" });
   } else {
     view.src = view.dataset.original;
     caption.hidden = true;
@@ -100,7 +103,12 @@ document.addEventListener("keydown", (event) => {
   more.type = "button";
   more.id = "more-filters";
   more.textContent = "More filters";
-  more.addEventListener("click", () => { filters.classList.remove("folded"); more.remove(); });
+  more.addEventListener("click", () => {
+    filters.classList.remove("folded");
+    more.remove();
+    const first = filters.querySelector(".field:nth-child(2) select, .field:nth-child(2) input");
+    if (first) first.focus();  // the button is gone: keep keyboard focus in the filters
+  });
   actions.append(more);
   filters.classList.add("folded");
 })();

@@ -37,9 +37,14 @@ FiltersDep = Annotated[ConceptFilters, Depends(concept_filters)]
 
 def _run_and_concept(session: Session, viewer: Viewer, run_id: int, index: int) -> tuple[Run, Concept]:
     run = get_run_or_404(session, viewer, run_id)
-    concept = get_concept(session, run_id=run.id, index=index) if viewer.sees_concept(run_id, index) else None
+    if not viewer.sees_concept(run_id, index):
+        # Only the link's own concepts are named: the holder sees them in the shared view anyway.
+        shared = sorted(viewer.concept_scope or ())
+        listed = ", ".join(map(str, shared[:12])) + (", …" if len(shared) > 12 else "")
+        raise HTTPException(404, f"This audit link shares only concept{'s' if len(shared) != 1 else ''} {listed} of this run.")
+    concept = get_concept(session, run_id=run.id, index=index)
     if concept is None:
-        raise HTTPException(404, f"Run {run.name} has no concept {index} here.")
+        raise HTTPException(404, f"Run {run.name} has no concept {index}.")
     return run, concept
 
 

@@ -2,7 +2,8 @@
 mine and stored with the card row instead of on every page: those two loops were the larger
 part of the browser template's time (docs/benchmarks.md, 2026-12-03).
 
-Rows carry the `FORMAT` they were rendered with, a hash of the fragment template; a row of an
+Rows carry the `FORMAT` they were rendered with, a hash of the fragment template and of the
+number formatting it uses (`templating._percent`); a row of an
 older template (or of a mine before migration 0005) is rendered from its JSON when shown, so a
 page always has the current markup and only the speed waits for the next mine. Media links are
 an analyst's; `templating.stored_html` gives a share-link holder theirs.
@@ -11,17 +12,20 @@ an analyst's; `templating.stored_html` gives a share-link holder theirs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import ConceptCardData, MiningGeneration, RunModel
 from app.schemas.concepts import MinedCard
+from app import templating
 from app.templating import TEMPLATES_DIR, templates
 from app.urls import ANALYST_URLS
 
 FRAGMENT = "concepts/_card_mined.html"
-FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes()).hexdigest()[:16]
+FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes()
+                        + inspect.getsource(templating._percent).encode()).hexdigest()[:16]
 
 
 def card_columns(n_models: int) -> int:

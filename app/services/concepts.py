@@ -31,6 +31,7 @@ from app.models import (
     Run,
     RunModel,
 )
+from app.params import DB_INT_MAX
 from app.schemas.concepts import (
     BrowserCard,
     BrowserPage,
@@ -91,9 +92,14 @@ def _conditions(run: Run, filters: ConceptFilters, scope: Collection[int] | None
     if filters.tag:
         where.append(Concept.id.in_(select(ConceptTag.concept_id).where(ConceptTag.tag == filters.tag)))
     if filters.q.strip():
-        pattern = f"%{_escape_like(filters.q.strip().lower())}%"
-        where.append(or_(func.lower(Concept.label).like(pattern, escape="\\"),
-                         func.lower(Concept.description).like(pattern, escape="\\")))
+        q = filters.q.strip()
+        pattern = f"%{_escape_like(q.lower())}%"
+        matches = [func.lower(Concept.label).like(pattern, escape="\\"),
+                   func.lower(Concept.description).like(pattern, escape="\\")]
+        number = q.removeprefix("#")
+        if number.isascii() and number.isdigit() and int(number) <= DB_INT_MAX:  # "110" or "#110": that concept too
+            matches.append(Concept.index == int(number))
+        where.append(or_(*matches))
     return where
 
 

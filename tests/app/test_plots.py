@@ -82,3 +82,10 @@ def test_tick_labels_read_alike_along_a_log_axis():
 
     assert [fmt(v) for v in (1e-4, 1e-3, 0.01, 0.25, 1, 1200, 3e6)] == ["0.0001", "0.001", "0.01", "0.25", "1", "1.2k", "3M"]
     assert fmt(3e-5) == "3e-05" and fmt(0) == "0"
+
+
+def test_percentages_keep_one_rule_for_digits():
+    from app.templating import _percent
+
+    values = (0, 0.0999, 0.11, 0.0123, 0.004, 0.0046, 0.00999, 0.000171, 0.26)
+    assert [_percent(v) for v in values] == ["0%", "10%", "11%", "1.2%", "0.40%", "0.46%", "1.0%", "0.017%", "26%"]

@@ -108,6 +108,9 @@ def test_browser_search_and_tag_filter(web_client, seeded):
             "csrf_token": csrf_from(page), "version": "1", "label": label, "description": "", "tags": tags})
         assert r.status_code == 303
     assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=STREAK").text) == [3]
+    for q in ("6", "%236", " 6 "):  # a concept number, with or without '#', finds that concept
+        assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q={q}").text) == [6], q
+    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q={10**30}").text) == []  # beyond any index
     assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=%25").text) == []  # LIKE wildcards are literal
     assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?tag=texture").text) == [6]
     assert sorted(_indices(web_client.get(f"/runs/{run.run_id}/concepts?labelled=labelled").text)) == [3, 6]
