@@ -398,3 +398,15 @@ def test_explaining_says_it_is_busy_then_shows_a_heatmap_large(analyst, site, tm
     analyst.click("#explain-view-reset")
     assert analyst.get_attribute("#explain-view", "src") == original
     assert analyst.is_hidden("#explain-view-caption")
+
+
+def test_charts_fit_a_phone_screen(new_context, analyst_state, site):
+    """On a phone each chart is drawn whole within its panel (it used to scroll sideways, hiding the
+    universal end of the entropy histogram and half of every scatter)."""
+    page = new_context({"width": 390, "height": 844}, analyst_state).new_page()
+    for path in (f"/runs/{site.run_id}", f"/runs/{site.run_id}/compare"):
+        page.goto(site.base + path)
+        spill = page.eval_on_selector_all("svg.chart:not(.compact)", """charts => charts.map(c => {
+            const panel = c.closest('.panel').getBoundingClientRect(), box = c.getBoundingClientRect();
+            return Math.round(box.right - panel.right); })""")
+        assert spill and max(spill) <= 0, (path, spill)
