@@ -25,14 +25,14 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import get_engine, session_factory
 from app.headers import API_DOCS_PATH, SecurityHeaders
-from app.deps import LoginRequired, UnknownAuditLink, analyst_viewer, share_viewer, signed_in_user
+from app.deps import MAX_TOKEN_LENGTH, LoginRequired, UnknownAuditLink, analyst_viewer, share_viewer, signed_in_user
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
 from app.params import readable_problems
 from app.routes import auth, compare, concepts, explain, health, jobs, media, runs, shares
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle, keep_share_tokens_out_of_access_logs
 from app.services.explain import ModelCache
-from app.services.shares import ShareGone
+from app.services.shares import ShareGone, ShareNotFound, resolve_share
 from app.settings import Settings, get_settings
 from app.templating import render
 from app.urls import ANALYST_URLS, share_urls
@@ -151,9 +151,14 @@ def _error_viewer(request: Request) -> Viewer:
     link, and no session is started. Elsewhere the analyst's navigation shows when someone is
     signed in."""
     share = _SHARE_PAGE.match(request.url.path)
-    if share:
-        return Viewer(urls=share_urls(share.group(1)))
     with request.app.state.sessionmaker() as session:
+        if share:
+            token = share.group(1)
+            try:  # a working link keeps its banner (who shared it, until when) on its error pages
+                grant = resolve_share(session, token=token) if len(token) <= MAX_TOKEN_LENGTH else None
+            except (ShareNotFound, ShareGone):
+                grant = None
+            return Viewer(urls=share_urls(token), share=grant)
         return Viewer(urls=ANALYST_URLS, user=signed_in_user(request, session))
 
 

@@ -104,7 +104,7 @@ def test_starting_cam_jobs_needs_an_analyst_and_queues_once(web_client, seeded):
     assert "Make CAM images" in panel
     jobs_page = web_client.get("/jobs").text
     assert "CAM images of" in jobs_page and "cancelled" in jobs_page
-    assert "concept 3</a> of demo-run" in jobs_page  # which run's concept 3: runs share concept numbers
+    assert 'concept 3</a> of <span class="nowrap">demo-run</span>' in jobs_page  # which run's concept 3: runs share concept numbers
 
     # The page's form (no JavaScript): queue, then back to the concept; cancel goes back there too.
     r = web_client.post(f"/runs/{run_id}/concepts/3/cam", data={"csrf_token": csrf_from(panel), "steps": "64"},

@@ -95,6 +95,7 @@ def test_concept_link_shows_only_its_concepts(web_client, holder, seeded):
     outside = holder.get(f"{path}/runs/{run.run_id}/concepts/1")  # the error page leads back, and only there
     assert f'id="back-to-shared-view" href="{path}"' in outside.text and "Back to the runs" not in outside.text
     assert "This audit link shares only concepts 0, 3 of this run." in outside.text
+    assert 'class="share-banner"' in outside.text and "Read-only audit view shared by" in outside.text  # still its page
     assert f'class="brand" href="{path}"' in outside.text
     assert "set-cookie" not in outside.headers  # a holder gets no session, not even on an error page
     assert holder.get(path, follow_redirects=False).status_code == 303  # ... to a page that opens
