@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import get_engine, session_factory
-from app.headers import API_DOCS_PATH, SecurityHeaders
 from app.deps import MAX_TOKEN_LENGTH, LoginRequired, UnknownAuditLink, analyst_viewer, share_viewer, signed_in_user
+from app.headers import API_DOCS_PATH, SecurityHeaders
 from app.migrations import upgrade_database
 from app.page_cache import PageCache
 from app.params import readable_problems
