@@ -30,9 +30,10 @@ from app.migrations import upgrade_database
 from app.page_cache import PageCache
 from app.params import readable_problems
 from app.routes import auth, compare, concepts, explain, health, jobs, media, runs, shares
-from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, LoginThrottle, keep_share_tokens_out_of_access_logs
+from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S, keep_share_tokens_out_of_access_logs
 from app.services.explain import ModelCache
 from app.services.shares import ShareGone, ShareNotFound, resolve_share
+from app.services.sign_in_throttle import LoginThrottle
 from app.settings import Settings, get_settings
 from app.templating import render
 from app.urls import ANALYST_URLS, share_urls
@@ -67,7 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     keep_share_tokens_out_of_access_logs()
     app.state.sessionmaker = session_factory(settings.db_url)
-    app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
+    app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute, app.state.sessionmaker)
     app.state.explain_models = ModelCache()
     app.state.page_cache = PageCache()
     app.add_middleware(SecurityHeaders)

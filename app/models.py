@@ -89,6 +89,19 @@ class User(Base):
     """Sessions carry the epoch they began in; signing out moves it on, ending them all."""
 
 
+class SignInAttempt(Base):
+    """One sign-in attempt still inside the throttle's window (`app.services.sign_in_throttle`),
+    kept in the database so that every server process counts the same attempts."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (Index("ix_sign_in_attempts_key_at", "key_hash", "at"), Index("ix_sign_in_attempts_at", "at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of (client address, user name): any name costs 64 characters, and none is stored."""
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 # --------------------------------------------------------------------------- runs
 
 

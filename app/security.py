@@ -1,4 +1,4 @@
-"""Passwords, the signed session, CSRF tokens and log-in throttling.
+"""Passwords, the signed session, CSRF tokens, and audit-link tokens kept out of the access log.
 
 The session is Starlette's signed cookie (itsdangerous): it holds only the analyst's id and
 the CSRF token, never a password. CSRF uses the synchroniser-token pattern: every form carries
@@ -12,9 +12,6 @@ import hmac
 import logging
 import re
 import secrets
-import threading
-import time
-from collections import deque
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -85,58 +82,6 @@ def session_user(request: Request) -> tuple[int, int] | None:
 
 def end_session(request: Request) -> None:
     request.session.clear()
-
-
-class LoginThrottle:
-    """Sign-in attempts per (client IP, user name) in a sliding one-minute window.
-
-    An attempt takes its place in the window before the password is checked (`begin`), and
-    only a successful sign-in gives it back (`succeeded` clears the key): concurrent attempts
-    cannot all slip past the limit while argon2 runs. Once the limit is reached every attempt
-    for that key is refused, even with the right password, until old attempts leave the window.
-    Memory stays bounded: a key holds at most `USERNAME_KEY_CHARS` of the name, and keys whose
-    attempts have all left the window are dropped once there are more than `SWEEP_ABOVE_KEYS`.
-    """
-
-    window_s = 60.0
-    USERNAME_KEY_CHARS = 64
-    """No account name is longer (app.services.users), so longer names can share a key."""
-    SWEEP_ABOVE_KEYS = 10_000
-
-    def __init__(self, max_failures_per_minute: int):
-        self.max_failures = max_failures_per_minute
-        self._attempts: dict[tuple[str, str], deque[float]] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def key(cls, client_ip: str, username: str) -> tuple[str, str]:
-        return client_ip, username.strip().lower()[: cls.USERNAME_KEY_CHARS]
-
-    def begin(self, key: tuple[str, str]) -> int:
-        """0 when this attempt may go ahead (it now counts against the key), else whole seconds
-        until the next one may."""
-        with self._lock:
-            now = time.monotonic()
-            if len(self._attempts) > self.SWEEP_ABOVE_KEYS:
-                self._sweep(now)
-            times = self._attempts.setdefault(key, deque())
-            while times and now - times[0] >= self.window_s:
-                times.popleft()
-            if len(times) >= self.max_failures:
-                return max(1, int(self.window_s - (now - times[0])) + 1)
-            times.append(now)
-            return 0
-
-    def succeeded(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            self._attempts.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._attempts)
-
-    def _sweep(self, now: float) -> None:
-        for key in [k for k, times in self._attempts.items() if not times or now - times[-1] >= self.window_s]:
-            del self._attempts[key]
 
 
 class ShareTokenLogFilter(logging.Filter):

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 from app.deps import CsrfChecked, CurrentAnalyst, OptionalAnalyst, SessionDep
 from app.models import User
 from app.schemas.auth import CsrfToken, LoginBody, Me
-from app.security import LoginThrottle, csrf_token, end_session, start_session
+from app.security import csrf_token, end_session, start_session
+from app.services.sign_in_throttle import LoginThrottle
 from app.services.users import authenticate, end_all_sessions
 from app.templating import render
 from app.urls import ANALYST_URLS

@@ -98,14 +98,14 @@ def test_login_rate_limit_per_ip_and_name(seeded):
         assert r.status_code == 303
 
 
-def test_concurrent_sign_ins_cannot_pass_the_limit_together():
-    """Attempts arriving together while argon2 runs each take a slot first: exactly the limit
+def test_concurrent_sign_ins_cannot_pass_the_limit_together(seeded):
+    """Attempts arriving together while argon2 runs each take a place first: exactly the limit
     gets through, however many race (before, 36 of 40 concurrent wrong passwords were checked)."""
     import threading
 
-    from app.security import LoginThrottle
+    from app.services.sign_in_throttle import LoginThrottle
 
-    throttle = LoginThrottle(10)
+    throttle = LoginThrottle(10, session_factory(seeded.settings.db_url))
     key = throttle.key("10.0.0.1", "alice")
     start, allowed, lock = threading.Barrier(40), [], threading.Lock()
 
@@ -125,23 +125,40 @@ def test_concurrent_sign_ins_cannot_pass_the_limit_together():
     assert throttle.begin(key) == 0
 
 
-def test_the_throttle_keeps_little_per_name_and_forgets_old_keys(web):
-    """Huge user names cost the throttle 64 characters each, and keys whose attempts left the
-    window are swept once there are many."""
-    from app.security import LoginThrottle
+def test_every_server_process_counts_the_same_attempts(seeded):
+    """Two processes' throttles on one database (as `usae serve` runs one per core) share the
+    window: before, each process allowed the limit on its own."""
+    from app.services.sign_in_throttle import LoginThrottle
+
+    a, b = (LoginThrottle(4, session_factory(seeded.settings.db_url)) for _ in range(2))
+    key = a.key("10.0.0.1", "Alice ")
+    assert key == b.key("10.0.0.1", "alice")
+    assert [a.begin(key), b.begin(key), a.begin(key), b.begin(key)] == [0, 0, 0, 0]
+    assert a.begin(key) > 0 and b.begin(key) > 0
+
+
+def test_the_throttle_stores_little_per_name_and_forgets_old_attempts(web, seeded):
+    """Huge user names cost the throttle one 64-character digest each, and attempts that left
+    the window are deleted as new ones arrive."""
+    import datetime as dt
+
+    from app.models import SignInAttempt
 
     token = web.get("/api/auth/csrf").json()["csrf_token"]
     for i in range(3):
-        r = web.post("/api/auth/login", json={"username": f"{i}" + "x" * 1_000_000, "password": "wrong-guess"},
+        r = web.post("/api/auth/login", json={"username": f"{i}" + "x" * 500_000, "password": "wrong-guess"},
                      headers={"X-CSRF-Token": token})
         assert r.status_code == 401
-    throttle: LoginThrottle = web.app.state.login_throttle
-    assert len(throttle) == 3 and all(len(name) <= 64 for _, name in throttle._attempts)
-
-    throttle.window_s, throttle.SWEEP_ABOVE_KEYS = 0.05, 2
+    sessions = session_factory(seeded.settings.db_url)
+    with sessions() as session:
+        stored = session.scalars(select(SignInAttempt.key_hash)).all()
+    assert len(stored) == 3 and {len(k) for k in stored} == {64}
+    throttle = web.app.state.login_throttle
+    throttle.window = dt.timedelta(milliseconds=50)
     time.sleep(0.1)
     assert throttle.begin(throttle.key("10.0.0.2", "carol")) == 0
-    assert len(throttle) == 1  # the three stale keys went; the new attempt stays
+    with sessions() as session:
+        assert session.scalars(select(SignInAttempt.key_hash)).all() == [throttle.key("10.0.0.2", "carol")]
 
 
 def test_api_login_flow(web):
