@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from usae_core.backbones import Backbone, create_backbone, default_backbones
-from usae_core.extract import COMPILE_MODES, ExtractTimings, compiled, extract_store, use_fast_pinning
+from usae_core.extract import COMPILE_MODES, ExtractTimings, NormalizedBackbone, compiled, extract_store, use_fast_pinning
 from usae_core.train import resolve_device
 
 log = logging.getLogger("extract_throughput")
@@ -97,23 +97,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class NormalizedForward(torch.nn.Module):
-    """uint8 views -> normalise -> backbone: extraction's compiled step without what it adds
-    after the forward (grid resampling, the cast to the store dtype, the NaN/Inf flags)."""
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.backbone.normalize(views))
-
-
 def forward_throughput(models: list[Backbone], device: torch.device, batch_size: int, batches: int,
                        compile: bool | str) -> dict[str, float]:
     """Images/s of normalise + forward on uint8 input already on the device: each model, and all together."""
     cuda = device.type == "cuda"
-    runners = {m.store_name: compiled(NormalizedForward(m), compile) for m in models}
+    runners = {m.store_name: compiled(NormalizedBackbone(m), compile) for m in models}
     inputs = {m.input_size: torch.randint(0, 256, (batch_size, 3, m.input_size, m.input_size), dtype=torch.uint8,
                                           device=device) for m in models}
 

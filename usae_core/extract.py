@@ -149,25 +149,37 @@ def resample_matrix(native: tuple[int, int], grid: tuple[int, int], device: torc
         return torch.kron(axis(native[0], grid[0]), axis(native[1], grid[1])).to(device, dtype)
 
 
-class GridRows(nn.Module):
-    """One backbone's whole step of extraction, as one module so that `torch.compile` makes it
-    one graph: uint8 square views `[B, 3, S, S]` -> (the store's rows `[B, H*W, D]` on `grid` in
-    `storage` dtype, one NaN/Inf flag per image `[B]`). Compiled, the normalisation fuses into
-    the first layer and the casts and the finiteness check into the last kernels, instead of
-    each being a pass of its own over the batch."""
+class NormalizedBackbone(nn.Module):
+    """uint8 square views -> normalise -> backbone tokens: the part of extraction's step that
+    `torch.compile` makes one graph (the normalisation fuses into the first layer)."""
 
-    def __init__(self, backbone: Backbone, grid: tuple[int, int], storage: torch.dtype):
+    def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.backbone.normalize(views))
+
+
+class GridRows(nn.Module):
+    """One backbone's step of extraction: uint8 square views `[B, 3, S, S]` -> (the store's rows
+    `[B, H*W, D]` on `grid` in `storage` dtype, one NaN/Inf flag per image `[B]`).
+
+    With `compile`, only normalisation and backbone are compiled; the resampling product, the
+    cast and the flags run eagerly after it. Compiling them into the same graph made the H200's
+    extraction 22% slower (3,090-3,224 against 3,984-4,036 images/s, docs/benchmarks.md)."""
+
+    def __init__(self, backbone: Backbone, grid: tuple[int, int], storage: torch.dtype, compile: bool | str = False):
+        super().__init__()
+        self.tokens = compiled(NormalizedBackbone(backbone), compile)
         self.storage = storage
         matrix = None
         if tuple(backbone.native_grid) != tuple(grid):
             matrix = resample_matrix(tuple(backbone.native_grid), tuple(grid), torch.device("cpu"), torch.float32)
-        # A buffer, not a call into resample_matrix's cache: the compiled graph reads it as an input.
-        self.register_buffer("matrix", matrix, persistent=False)
+        self.register_buffer("matrix", matrix, persistent=False)  # moves with .to(device)
 
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.backbone(self.backbone.normalize(views))
+        tokens = self.tokens(views)
         if self.matrix is not None:
             tokens = _resampled(tokens, self.matrix)
         rows = tokens.to(self.storage)
@@ -564,7 +576,7 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
                         num_workers=num_workers, pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
     storage = TORCH_DTYPES[writer.dtype]
-    runners = {m.store_name: compiled(GridRows(m, grid, storage).to(device).eval(), compile) for m in models}
+    runners = {m.store_name: GridRows(m, grid, storage, compile).to(device).eval() for m in models}
     # Writers turn full shards into files; on a GPU several of them keep up with the backbones.
     assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=8 if cuda else 1, pin=cuda)
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
