@@ -25,6 +25,12 @@ class Urls:
         base = f"{self.prefix}/runs/{run_id}/concepts"
         return f"{base}?{urlencode(query)}" if query else base
 
+    def concepts_csv(self, run_id: int, query: dict[str, object] | None = None) -> str:
+        """The browser view's concepts, all pages, as a CSV download (paging parameters dropped)."""
+        kept = {k: v for k, v in (query or {}).items() if k not in ("page", "per_page")}
+        base = f"{self.prefix}/runs/{run_id}/concepts.csv"
+        return f"{base}?{urlencode(kept)}" if kept else base
+
     def concept(self, run_id: int, index: int) -> str:
         return f"{self.prefix}/runs/{run_id}/concepts/{index}"
 

@@ -2,10 +2,11 @@
 
 # No `from __future__ import annotations` here: FastAPI must see the locally built
 # `ViewerDep` annotations as objects, not as strings it would look up in module globals.
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
@@ -15,6 +16,7 @@ from app.params import FormInt, PathInt, readable_problems
 from app.schemas.concepts import ConceptDetail, ConceptFilters, ConceptPage
 from app.schemas.labels import LabelConflictBody, LabelEdit, LabelState
 from app.services.cam import cam_unavailable
+from app.services.concept_table import concept_csv
 from app.services.concepts import browse_concepts, browse_page, concept_detail, get_concept
 from app.services.labels import LabelConflict, parse_tags, update_label
 from app.templating import render
@@ -83,6 +85,16 @@ def pages(viewer_dep: Any) -> APIRouter:
             request, viewer, "concepts/browser.html", nav="runs", page=browse_page(
                 session, run=_browsed_run(session, viewer, run_id, filters), filters=filters,
                 scope=viewer.concept_scope)))
+
+    @router.get("/runs/{run_id}/concepts.csv")
+    def browser_csv(run_id: PathInt, filters: FiltersDep, session: SessionDep, viewer: ViewerDep) -> Response:
+        """Every concept the browser view with these filters shows (all its pages), as CSV."""
+        run = _browsed_run(session, viewer, run_id, filters)
+        body = concept_csv(session, run=run, filters=filters, scope=viewer.concept_scope)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", run.name).strip("-.") or f"run-{run.id}"
+        # A byte-order mark, so Excel reads the file as UTF-8 (labels are any language).
+        return Response("\ufeff" + body, media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}-concepts.csv"'})
 
     @router.get("/runs/{run_id}/concepts/{index}", response_class=HTMLResponse)
     def concept_page(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, viewer: ViewerDep):

@@ -66,11 +66,17 @@ _SORT_COLUMNS = {
 }
 
 
+def order_by(filters: ConceptFilters) -> tuple[Any, ...]:
+    """The view's order: its sort key, then concept number."""
+    return _SORT_COLUMNS[filters.sort], Concept.index.asc()
+
+
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _conditions(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> list[ColumnElement[bool]]:
+def conditions(run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> list[ColumnElement[bool]]:
+    """WHERE clauses of the concepts of `run` a view shows: its filters, within `scope`."""
     where: list[ColumnElement[bool]] = [Concept.run_id == run.id]
     if scope is not None:
         where.append(Concept.index.in_(sorted(scope)))
@@ -124,7 +130,7 @@ _CARD_ROWS = select(*_CARD_COLUMNS).where(Concept.id.in_(bindparam("ids", expand
 def _page_rows(session: Session, run: Run, filters: ConceptFilters, scope: Collection[int] | None,
                where: list[ColumnElement[bool]]) -> tuple[int, list[Any]]:
     """(matching concepts, this page's card rows in browser order)."""
-    order = (_SORT_COLUMNS[filters.sort], Concept.index.asc())
+    order = order_by(filters)
     offset = (filters.page - 1) * filters.per_page
     key = _order_key(session, run, filters, scope)
     if key is not None:
@@ -143,7 +149,7 @@ def _page_rows(session: Session, run: Run, filters: ConceptFilters, scope: Colle
 def _browse(session: Session, run: Run, filters: ConceptFilters,
             scope: Collection[int] | None) -> tuple[int, int, list[Any], list[str]]:
     """(matching concepts, pages, this page's card rows, tags in use) of a browser view."""
-    where = _conditions(run, filters, scope)
+    where = conditions(run, filters, scope)
     total, rows = _page_rows(session, run, filters, scope, where)
     return total, max(1, math.ceil(total / filters.per_page)), rows, run_tags(session, run_id=run.id, scope=scope)
 
@@ -164,7 +170,7 @@ def browse_page(session: Session, *, run: Run, filters: ConceptFilters,
     hidden_dead = 0
     if total == 0 and not filters.show_dead:  # would the dead ones match? (only worth asking when nothing does)
         hidden_dead = session.scalar(select(func.count()).select_from(Concept).where(
-            *_conditions(run, filters.model_copy(update={"show_dead": True}), scope)))
+            *conditions(run, filters.model_copy(update={"show_dead": True}), scope)))
     return BrowserPage(run=run_summary(run), filters=filters, total=total, pages=pages,
                        concepts=browser_cards(session, run=run, concepts=rows), tags=tags,
                        run_max_frequency=run_max if isinstance(run_max, (int, float)) else None,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections import deque
+from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import pytest
@@ -40,6 +43,21 @@ def test_log_in_browse_and_filter(new_context, site):
         parseFloat(getComputedStyle(b.querySelector('.fill')).getPropertyValue('--f'))])""")
     top = max(f for _, f in bars)
     assert top > 0 and all(abs(ratio - f / top) < 0.02 for ratio, f in bars)
+
+
+def test_download_the_filtered_concepts_as_csv(new_context, analyst_state, site):
+    """The browser's Download CSV button saves the view's concepts (its filters, every page) as
+    a file a spreadsheet opens."""
+    page = new_context(storage_state=analyst_state).new_page()
+    page.goto(f"{site.base}/runs/{site.run_id}/concepts?min_entropy=0.8&sort=index")
+    shown = [int(i) for i in page.locator("#concept-grid .card").evaluate_all("cards => cards.map(c => c.dataset.concept)")]
+    with page.expect_download() as download:
+        page.click("#download-csv")
+    assert download.value.suggested_filename == "planted-concepts.csv"
+    text = Path(download.value.path()).read_text(encoding="utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [int(r["concept"]) for r in rows] == shown and shown
+    assert all(r["status"] == "universal" and float(r["firing entropy"]) >= 0.8 for r in rows)
 
 
 def test_a_page_of_cards_fills_whole_rows(new_context, analyst_state, site):
@@ -244,7 +262,7 @@ def _crawl(page, site, start: str, label: str, limit: int = 60) -> list[str]:
         for href in page.eval_on_selector_all("a[href]", "links => links.map(a => a.getAttribute('href'))"):
             target = urljoin(page.url, href).split("#")[0].split("?")[0]
             path = urlparse(target).path
-            if (target.startswith(site.base) and "/media/" not in path and path != "/docs"
+            if (target.startswith(site.base) and "/media/" not in path and path != "/docs" and not path.endswith(".csv")
                     and target not in seen and target not in queue):
                 queue.append(target)
     return seen
