@@ -20,9 +20,9 @@ cli = typer.Typer(
 
 
 def _register_all() -> None:
-    from app.commands import cam, core, demo, extract, mine, web
+    from app.commands import cam, core, demo, extract, mine, runs, web
 
-    for module in (core, extract, mine, cam, web, demo):
+    for module in (core, extract, mine, runs, cam, web, demo):
         module.register(cli)
 
 
@@ -34,6 +34,7 @@ def main() -> None:
 
     use_fast_pinning()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # upgrade_database says in one line what it did
     try:
         cli()
     except UsaeError as exc:

@@ -109,6 +109,8 @@ class Run(Base):
     """A trained USAE (a run directory) registered with the store it was mined on."""
 
     __tablename__ = "runs"
+    # Never reuse the id of a deleted run (SQLite would): it names media folders.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)

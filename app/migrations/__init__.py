@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from app.db import get_engine
+
+log = logging.getLogger(__name__)
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
@@ -24,6 +29,12 @@ def upgrade_database(url: str) -> None:
     """Create or upgrade the database at `url` to the newest schema (idempotent)."""
     cfg = alembic_config(url)
     with get_engine(url).connect() as connection:
+        # Every command opens the database this way: one read, when it is current already.
+        current = MigrationContext.configure(connection).get_current_revision()
+        connection.rollback()
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        if current == head:
+            return
         sqlite = connection.dialect.name == "sqlite"
         if sqlite:
             # SQLite alters a table by rebuilding it; with foreign keys on, dropping the old
@@ -43,3 +54,5 @@ def upgrade_database(url: str) -> None:
             if sqlite:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
+    log.info("database %s %s", connection.engine.url.render_as_string(hide_password=True),
+             f"upgraded from revision {current} to {head}" if current else f"created (revision {head})")

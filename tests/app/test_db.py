@@ -155,6 +155,12 @@ def test_sqlite_migrations_keep_existing_rows(tmp_path) -> None:
         s.add(MiningGeneration(run_id=1, media_prefix="x"))
     with Session() as s:
         assert s.scalars(sa.select(MiningGeneration.id)).one() == 8
+    # Nor a deleted run's id (migration 0011), though the run existed before that revision.
+    with Session.begin() as s:
+        s.execute(sa.delete(Run))
+        s.add(Run(name="r2", run_dir="/r2", store_dir="/s", n_concepts=4, k=2))
+    with Session() as s:
+        assert s.scalars(sa.select(Run.id)).one() == 2 and s.scalar(sa.select(sa.func.count(MiningGeneration.id))) == 0
 
 
 def test_text_a_database_cannot_store_is_refused_before_writing(db_url: str) -> None:
