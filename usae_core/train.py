@@ -420,7 +420,7 @@ class Trainer:
             "r2": {m: _batch_r2(out["sse"][m], batch[m]) for m in self.names},
             "l0": float((out["values"] > self.cfg.fire_threshold).sum(1).float().mean()),
             "dead_fraction": float((self.since_fired > self.cfg.dead_after_tokens).float().mean()),
-            "lr": float(self.scheduler.get_last_lr()[0]),  # a device tensor under CUDA graphs
+            "lr": self.cfg.lr * lr_factor(self.step - 1, self.cfg),  # the rate this step used (0-based step - 1)
             "tokens_per_s": tokens_per_s,
         }
 

@@ -133,12 +133,25 @@ def test_mine_ranks_the_planted_images_first_with_heatmaps_on_the_planted_region
     assert out.n_top_images == len(snap["top_images"])
     # The stored statistics are the core pass's numbers.
     result = mine_store(planted.model, planted.store, MiningConfig(top_n=4))
+    stats, n_tokens, n_models = result.stats, planted.store.n_tokens, len(result.models)
     by_index = {c[0]: c for c in snap["concepts"]}
     for c in range(result.n_concepts):
-        assert by_index[c][1] == pytest.approx(result.stats.energy[c])
-        assert by_index[c][2] == pytest.approx(result.stats.firing_entropy[c])
-        assert by_index[c][4] == result.stats.fire_counts[:, c].sum()
-        assert by_index[c][6] == bool(result.stats.dead[c])
+        total = stats.fire_counts[:, c].sum()
+        assert by_index[c][1] == pytest.approx(stats.energy[c])
+        assert by_index[c][2] == pytest.approx(stats.firing_entropy[c])
+        assert by_index[c][3] == pytest.approx(stats.cofire[:, c].mean())  # mean over models
+        assert by_index[c][4] == total
+        assert by_index[c][5] == pytest.approx(total / (n_tokens * n_models))
+        assert by_index[c][6] == bool(stats.dead[c])
+    # concept_model_stats: fire_count, frequency, share, cofire, mean_activation, max_activation.
+    per_model = {(row[0], row[1]): row[2:] for row in snap["model_stats"]}
+    assert len(per_model) == n_models * result.n_concepts
+    for i, m in enumerate(result.models):
+        for c in range(result.n_concepts):
+            fires, total = stats.fire_counts[i, c], stats.fire_counts[:, c].sum()
+            assert per_model[(m, c)] == pytest.approx((
+                fires, fires / n_tokens, fires / total if total else 0.0, stats.cofire[i, c],
+                stats.code_sums[i, c] / n_tokens, result.max_activation[i, c])), (m, c)
     np.testing.assert_allclose(snap["run"][8]["r2"], result.stats.r2, atol=1e-6)
     hist = {(h[0], h[1]): h for h in snap["histograms"]}
     for i, m in enumerate(result.models):

@@ -270,3 +270,29 @@ def test_serving_beyond_this_machine_without_secure_cookies_is_warned_about():
         assert plain_http_warning(host, secure_cookies=False) is None
     assert "USAE_SECURE_COOKIES=true" in plain_http_warning("0.0.0.0", secure_cookies=False)
     assert plain_http_warning("0.0.0.0", secure_cookies=True) is None
+
+
+def test_signing_in_starts_a_fresh_session(web):
+    """A CSRF token handed out before sign-in (one an attacker may have planted) stops working after it."""
+    before = web.get("/api/auth/csrf").json()["csrf_token"]
+    r = web.post("/api/auth/login", json={"username": "alice", "password": PASSWORD}, headers={"X-CSRF-Token": before})
+    assert r.status_code == 200
+    after = web.get("/api/auth/csrf").json()["csrf_token"]
+    assert after != before
+    assert web.post("/logout", data={"csrf_token": before}, follow_redirects=False).status_code == 403
+    assert web.get("/api/auth/me").json()["username"] == "alice"  # still signed in
+    assert web.post("/logout", data={"csrf_token": after}, follow_redirects=False).status_code == 303
+
+
+def test_the_session_cookie_lasts_14_days_and_is_same_site_lax(web):
+    """Signing in sets usae_session with Max-Age 14 days and SameSite=Lax (docs/web.md), HttpOnly."""
+    from http.cookies import SimpleCookie
+
+    token = csrf_from(web.get("/login").text)
+    r = web.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token, "next": "/runs"},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    cookie = SimpleCookie(r.headers["set-cookie"])[SESSION_COOKIE]
+    assert cookie["max-age"] == str(14 * 24 * 3600)
+    assert cookie["samesite"].lower() == "lax"
+    assert cookie["httponly"] is True

@@ -202,15 +202,40 @@ def test_every_link_expires_within_a_year(web_client, seeded):
     assert r.status_code == 422 and "at most 365 days" in r.text
 
 
+def test_a_link_shows_at_most_500_concepts(web_client, seeded):
+    """POST /api/shares with 501 concepts is refused with 422 naming the limit; 500 are accepted."""
+    from tests.app.seed import seed_run
+
+    with session_factory(seeded.settings.db_url)() as session:
+        big = seed_run(session, seeded.settings.media_dir, name="big-run", n_concepts=501, write_files=False)
+        session.commit()
+    headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
+    body = {"run_id": big.run_id, "scope": "concepts"}
+    r = web_client.post("/api/shares", json={**body, "concept_indices": list(range(501))}, headers=headers)
+    assert r.status_code == 422 and "at most 500 concepts" in r.json()["detail"]
+    r = web_client.post("/api/shares", json={**body, "concept_indices": list(range(500))}, headers=headers)
+    assert r.status_code == 201 and r.json()["concept_indices"] == list(range(500))
+
+
+def test_a_link_valid_until_a_day_works_through_the_end_of_that_day_utc(web_client, holder, seeded):
+    """The form's expires_on=D gives a link that expires at D 23:59:59 UTC; today itself is accepted."""
+    today = dt.datetime.now(dt.timezone.utc).date()
+    for day in (today, today + dt.timedelta(days=10)):
+        path = _create(web_client, seeded, scope="run", expires_on=day.isoformat())
+        expires = dt.datetime.fromisoformat(holder.get(f"/api{path}").json()["expires_at"])
+        assert expires == dt.datetime.combine(day, dt.time(23, 59, 59), dt.timezone.utc), day
+
+
 def test_share_api(web_client, holder, seeded):
     headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
     r = web_client.post("/api/shares", json={"run_id": seeded.run.run_id, "scope": "concepts",
-                                             "concept_indices": [3, 0, 3], "note": "two concepts"}, headers=headers)
+                                             "concept_indices": [3, 1, 3], "note": "two concepts"}, headers=headers)
     assert r.status_code == 201
     created = r.json()
-    assert created["concept_indices"] == [0, 3] and created["status"] == "active"
+    assert created["concept_indices"] == [1, 3] and created["status"] == "active"
     body = holder.get(f"/api{created['url']}/runs/{seeded.run.run_id}/concepts").json()
-    assert [c["index"] for c in body["concepts"]] == [0, 3] or sorted(c["index"] for c in body["concepts"]) == [0, 3]
+    # The browser's default order, energy highest first: seeded concept 3 has more energy than concept 1.
+    assert [c["index"] for c in body["concepts"]] == [3, 1]
     listed = web_client.get("/api/shares").json()
     assert [s["id"] for s in listed] == [created["id"]] and "token" not in listed[0]
     revoked = web_client.post(f"/api/shares/{created['id']}/revoke", headers=headers).json()

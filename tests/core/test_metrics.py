@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from usae_core.config import USAEConfig
 from usae_core.errors import UsaeError
 from usae_core.metrics import (
+    EvalResult,
     R2Accumulator,
     cofire_proportion,
     concept_energy,
@@ -67,6 +69,26 @@ def test_cofire_proportion_known_answers():
 def test_energy_is_the_sum_over_models_of_the_mean_code():
     sums = np.array([[10.0, 0.0], [30.0, 4.0]])
     np.testing.assert_allclose(concept_energy(sums, n_tokens=10), [4.0, 0.4])
+
+
+def _result_with_r2(r2: list[list[float]]) -> EvalResult:
+    m = len(r2)
+    return EvalResult(models=[f"m{i}" for i in range(m)], n_tokens=10, tau=0.1, r2=np.array(r2),
+                      fire_counts=np.ones((m, 3), np.int64), cofire_counts=np.ones(3, np.int64),
+                      code_sums=np.ones((m, 3)), l0=np.ones(m))
+
+
+def test_r2_self_averages_the_diagonal_and_r2_cross_the_off_diagonal():
+    """r2_self is the mean of R^2[i, i], r2_cross of R^2[i, j != i] (also in summary()); one model has no cross R^2."""
+    res = _result_with_r2([[1.0, 0.2], [0.4, 0.9]])
+    assert res.r2_self == pytest.approx(0.95) and res.r2_cross == pytest.approx(0.3)
+    summary = res.summary()
+    assert summary["r2_self"] == pytest.approx(0.95) and summary["r2_cross"] == pytest.approx(0.3)
+    one = _result_with_r2([[0.8]])
+    assert one.r2_self == pytest.approx(0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain nan, not NumPy's "mean of empty slice" warning
+        assert math.isnan(one.r2_cross) and math.isnan(one.summary()["r2_cross"])
 
 
 def test_evaluate_matches_a_float64_brute_force(tmp_path):

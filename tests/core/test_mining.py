@@ -172,14 +172,41 @@ def test_defect_iou_finds_the_planted_concept(planted) -> None:
         for r, col in planted.cells:
             truth[img * t + r * grid[1] + col, 0] = 1
         truth[img * t + (grid[0] - 1) * grid[1], 1] = 1
-    # Best threshold among the histogram's bin edges (and "any activation").
-    best = np.zeros_like(res.defect_iou)
+    np.testing.assert_allclose(res.defect_iou, _best_threshold_iou(ref["z"], truth), rtol=1e-6, atol=1e-9)
+
+
+def _best_threshold_iou(z: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """IoU of dense codes `z` [models, tokens, concepts] with defect cells `truth` [tokens, types]
+    at the best threshold among the histogram's bin edges (and "any activation")."""
+    best = np.zeros((z.shape[0], z.shape[2], truth.shape[1]))
     for threshold in [0.0, *MiningConfig().hist_edges()[1:-1]]:
-        fires = ref["z"] > threshold
+        fires = z > threshold
         inter = np.einsum("mtc,td->mcd", fires, truth)
         union = fires.sum(1)[:, :, None] + truth.sum(0)[None, None, :] - inter
         best = np.maximum(best, np.divide(inter, union, out=np.zeros_like(inter, dtype=float), where=union > 0))
-    np.testing.assert_allclose(res.defect_iou, best, rtol=1e-6, atol=1e-9)
+    return best
+
+
+def test_a_cell_shows_a_defect_only_when_the_mask_covers_at_least_a_tenth_of_it(planted) -> None:
+    """Defect truth per token cell is mask coverage >= 10% (defect_cell_fraction): a mask on 20%
+    of one planted cell counts, a 5% sliver of another does not (coverage counted in pixels here)."""
+    gh, gw = planted.store.grid
+    cell = 20  # 80 x 80 masks: 400 pixels per cell
+    (r1, c1), (r2, c2) = planted.cells[:2]
+    mask = np.zeros((gh * cell, gw * cell), bool)
+    mask[r1 * cell : r1 * cell + 8, c1 * cell : c1 * cell + 10] = True  # 80 pixels
+    mask[r2 * cell : r2 * cell + 4, c2 * cell : c2 * cell + 5] = True  # 20 pixels
+    res = mine_store(planted.model, planted.store, MiningConfig(batch_images=6),
+                     masks=DefectMasks(["scratch"], lambda i: {"scratch": mask} if i in planted.images else None))
+    coverage = mask.reshape(gh, cell, gw, cell).mean(axis=(1, 3)).reshape(-1)
+    np.testing.assert_allclose(coverage[[r1 * gw + c1, r2 * gw + c2]], [0.2, 0.05])
+    t = planted.store.tokens_per_image
+    truth = np.zeros((planted.store.n_images * t, 1))
+    for img in planted.images:
+        truth[img * t : (img + 1) * t, 0] = coverage >= 0.1
+    assert truth.sum() == len(planted.images)  # one cell per planted image
+    ref = _reference(planted.model, planted.store, MiningConfig())
+    np.testing.assert_allclose(res.defect_iou, _best_threshold_iou(ref["z"], truth), rtol=1e-6, atol=1e-9)
 
 
 def test_nearest_concepts_by_decoder_cosine() -> None:

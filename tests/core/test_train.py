@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from usae_core.locks import exclusive_lock
 from usae_core.metrics import evaluate_usae
 from usae_core.model import USAE
 from usae_core.store import import_activations
-from usae_core.train import read_training_log, train_usae
+from usae_core.train import Trainer, lr_factor, read_training_log, train_usae
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +338,83 @@ def test_the_training_log_reads_back_in_order_without_a_line_cut_short(tmp_path)
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (10, 20, 30)]
     (tmp_path / METRICS_FILE).write_text("\n".join(lines) + '\n{"step": 40, "lo\n[1, 2]\n')  # a crash mid-line
     assert [r["step"] for r in read_training_log(tmp_path)] == [10, 20, 30]
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_half_cosine_to_its_floor():
+    """lr_factor: (step + 1) / warmup during warmup, then min + (1 - min) (1 + cos(pi p)) / 2."""
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)  # first step: 1 / warmup
+    assert lr_factor(4, cfg) == pytest.approx(0.5)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)  # last warmup step reaches the peak
+    assert lr_factor(10, cfg) == pytest.approx(1.0)  # the cosine starts at the peak
+    assert lr_factor(60, cfg) == pytest.approx(0.55)  # half-way down: (1 + min) / 2
+    # Last step (109): progress 99/100, cos(0.99 pi) = -cos(pi / 100).
+    assert lr_factor(109, cfg) == pytest.approx(0.1 + 0.45 * (1 - math.cos(math.pi / 100)))
+    assert lr_factor(110, cfg) == pytest.approx(0.1) and lr_factor(10_000, cfg) == pytest.approx(0.1)
+
+
+def test_the_logged_learning_rate_is_the_one_that_step_used(planted, tmp_path):
+    """metrics.jsonl's record of step s (1-based) shows cfg.lr * lr_factor(s - 1): the rate the
+    scheduler gave that step (its 0-based index is s - 1), not the next step's."""
+    _, store = planted
+    ucfg = USAEConfig(model_dims=store.dims, n_concepts=16, k=2, encoder="linear")
+    tcfg = TrainConfig(steps=8, batch_size=64, lr=1e-2, warmup_steps=3, min_lr_ratio=0.2, log_every=1,
+                       checkpoint_every=0, seed=0, device="cpu")
+    train_usae(store, tmp_path / "run", ucfg, tcfg)
+    log = read_training_log(tmp_path / "run")
+    assert [r["step"] for r in log] == list(range(1, 9))
+    for record in log:
+        assert record["lr"] == pytest.approx(tcfg.lr * lr_factor(record["step"] - 1, tcfg), rel=1e-6), record
+    assert log[0]["lr"] == pytest.approx(tcfg.lr / 3)  # the first of three warmup steps
+    assert log[2]["lr"] == pytest.approx(tcfg.lr)  # the last warmup step reaches the peak
+    assert log[-1]["lr"] > tcfg.lr * tcfg.min_lr_ratio  # the cosine reaches its floor only after the last step
+
+
+def _trainer(store, out: Path, n_concepts: int, **train) -> Trainer:
+    """A CPU trainer with a linear encoder, standardisation statistics set (as train_usae does)."""
+    ucfg = USAEConfig(model_dims=store.dims, n_concepts=n_concepts, k=2, encoder="linear")
+    trainer = Trainer(store, out, ucfg, TrainConfig(batch_size=64, checkpoint_every=0, seed=0, device="cpu",
+                                                    **train), [])
+    trainer.model.set_stats(store.compute_stats())
+    return trainer
+
+
+def test_a_step_zeroes_the_counter_of_concepts_that_fired_and_ages_the_others_by_its_tokens(planted, tmp_path):
+    """since_fired after a step: 0 for every concept whose code exceeded tau on the batch, the
+    old count + the batch's tokens for the rest (fired set recomputed in float64)."""
+    _, store = planted
+    trainer = _trainer(store, tmp_path, n_concepts=64, fire_threshold=1.2)
+    model, source = trainer.model, store.model_names[0]
+    batch = {m: model.standardize(torch.from_numpy(np.concatenate([store.image_tokens(m, i) for i in range(4)])), m)
+             for m in store.model_names}
+    n = batch[source].shape[0]
+    with torch.no_grad():
+        enc = model.encoders[0].linear
+        values, indices = torch.relu(batch[source].double() @ enc.weight.double().T + enc.bias.double()).topk(2)
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[indices[values > 1.2]] = True
+    assert 0 < fired.sum() < len(indices.unique())  # some selected concepts stay below tau
+    before = torch.arange(64) * 1000 + 7
+    trainer.since_fired.copy_(before)
+    trainer.train_step(batch, source)
+    assert torch.equal(trainer.since_fired, torch.where(fired, 0, before + n))
+
+
+def test_the_logged_dead_fraction_counts_concepts_silent_for_longer_than_dead_after_tokens(planted, tmp_path):
+    """Each record's dead_fraction equals the share of concepts whose tokens-since-firing count,
+    read when the record is written, exceeds dead_after_tokens."""
+    _, store = planted
+    trainer = _trainer(store, tmp_path, n_concepts=64, steps=8, log_every=1, dead_after_tokens=128,
+                       fire_threshold=1.2)
+    counts = []
+    trainer.callbacks.append(lambda record: counts.append(trainer.since_fired.clone()))
+    trainer.run()
+    log = read_training_log(tmp_path)
+    assert len(log) == len(counts) == 8
+    previous = torch.zeros(64, dtype=torch.long)
+    for record, count in zip(log, counts):
+        assert torch.all((count == 0) | (count == previous + 64)), record["step"]  # fired, or 64 tokens older
+        assert (count == 0).any(), record["step"]  # every batch fires some concept
+        assert record["dead_fraction"] == int((count > 128).sum()) / 64, record["step"]
+        previous = count
+    assert max(r["dead_fraction"] for r in log) > 0  # some concept did go quiet
