@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
 
 from app.db import get_engine
 
@@ -25,6 +28,24 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+@contextmanager
+def foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """SQLite alters a table by rebuilding it; with foreign keys on, dropping the old copy
+    would cascade-delete every row that references it. So migrations run with them off (the
+    pragma only takes effect outside a transaction, hence around it) and `env.run_on` checks
+    that none dangles before committing. A no-op on other databases."""
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()
+    try:
+        yield
+    finally:
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
+
+
 def upgrade_database(url: str) -> None:
     """Create or upgrade the database at `url` to the newest schema (idempotent)."""
     cfg = alembic_config(url)
@@ -35,24 +56,8 @@ def upgrade_database(url: str) -> None:
         head = ScriptDirectory.from_config(cfg).get_current_head()
         if current == head:
             return
-        sqlite = connection.dialect.name == "sqlite"
-        if sqlite:
-            # SQLite alters a table by rebuilding it; with foreign keys on, dropping the old
-            # copy would cascade-delete every row that references it. The pragma only takes
-            # effect outside a transaction, hence before `begin`.
-            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            connection.commit()
-        try:
-            with connection.begin():
-                cfg.attributes["connection"] = connection
-                command.upgrade(cfg, "head")
-                if sqlite:
-                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                    if broken:
-                        raise RuntimeError(f"migration left dangling foreign keys: {broken[:5]}")
-        finally:
-            if sqlite:
-                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
-                connection.commit()
+        with foreign_keys_off(connection), connection.begin():
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
     log.info("database %s %s", connection.engine.url.render_as_string(hide_password=True),
              f"upgraded from revision {current} to {head}" if current else f"created (revision {head})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from alembic import context
 
 from app.db import make_engine
+from app.migrations import foreign_keys_off
 from app.models import Base
 
 config = context.config
@@ -17,6 +18,10 @@ def run_on(connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
+        if connection.dialect.name == "sqlite":  # rebuilt tables ran with foreign keys off (foreign_keys_off)
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"migration left dangling foreign keys: {broken[:5]}")
 
 
 def run_migrations_online() -> None:
@@ -26,7 +31,7 @@ def run_migrations_online() -> None:
         return
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     engine = make_engine(url)
-    with engine.connect() as conn:
+    with engine.connect() as conn, foreign_keys_off(conn):
         run_on(conn)
         conn.commit()
     engine.dispose()

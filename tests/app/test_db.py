@@ -163,6 +163,27 @@ def test_sqlite_migrations_keep_existing_rows(tmp_path) -> None:
         assert s.scalars(sa.select(Run.id)).one() == 2 and s.scalar(sa.select(sa.func.count(MiningGeneration.id))) == 0
 
 
+def test_alembic_run_by_hand_keeps_rows_of_rebuilt_tables(tmp_path) -> None:
+    """`alembic upgrade head` run by hand (env.py opens its own connection, foreign keys on by
+    default) rebuilds `runs` in 0011 without cascading away the concepts that point at it."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'by-hand.db'}"
+    cfg = alembic_config(url)
+    with get_engine(url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0010")
+    get_engine(url).dispose()
+    with session_factory(url).begin() as s:
+        s.add(Concept(run_id=_make_run(s).id, index=0, label="kept"))
+    command.upgrade(alembic_config(url), "head")  # no connection handed over: env.py's own
+    with session_factory(url)() as s:
+        assert s.scalars(sa.select(Concept.label)).all() == ["kept"]
+        assert s.scalar(sa.text("SELECT version_num FROM alembic_version")) == _head()
+    with get_engine(url).connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+
+
 def test_text_a_database_cannot_store_is_refused_before_writing(db_url: str) -> None:
     """PostgreSQL text cannot hold NUL characters; both backends refuse them the same way, with
     nothing written, instead of SQLite storing them and Postgres failing at the flush."""

@@ -23,6 +23,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
-        with op.batch_alter_table("runs", recreate="always", table_kwargs={"sqlite_autoincrement": False}):
-            pass
+    # Kept as is: older code works with AUTOINCREMENT, and rebuilding `runs` again would risk
+    # cascading deletes through every table that points at it on a connection with foreign keys on.
+    pass
