@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from usae_core.errors import UsaeError
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="USAE_", env_file=".env", extra="ignore")
@@ -83,4 +85,8 @@ def get_settings() -> Settings:
 
 def settings_for(data_dir: Path | None) -> Settings:
     """Settings with `--data-dir` applied on top of the environment."""
-    return Settings(data_dir=data_dir) if data_dir is not None else get_settings()
+    settings = Settings(data_dir=data_dir) if data_dir is not None else get_settings()
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise UsaeError(f"the data directory {settings.data_dir} is a file, not a folder; "
+                        "pass --data-dir (or set USAE_DATA_DIR) to a folder")
+    return settings

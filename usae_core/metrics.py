@@ -16,10 +16,13 @@ threshold (a concept k fires for model i on a token when Z_k^(i) > tau):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from usae_core.errors import UsaeError
 
 
 def r2_score(x: np.ndarray | torch.Tensor, x_hat: np.ndarray | torch.Tensor) -> float:
@@ -148,11 +151,19 @@ class EvalResult:
 
 
 @torch.no_grad()
+def check_tau(tau: float) -> None:
+    """Codes are never negative (ReLU, then TopK), so a firing threshold below 0 would count
+    every token of every concept as a firing."""
+    if not (math.isfinite(tau) and tau >= 0):
+        raise UsaeError(f"--tau (the firing threshold) must be a number >= 0, got {tau}")
+
+
 def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, device: str | torch.device = "cpu",
                   max_images: int | None = None, progress: bool = False) -> EvalResult:
     """One streaming pass over the store: R^2 matrix, L0, and per-concept firing statistics."""
     from tqdm.auto import tqdm
 
+    check_tau(tau)
     model.check_store(store)
     model = model.to(device).eval()
     names = model.names

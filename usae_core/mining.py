@@ -28,7 +28,7 @@ from usae_core.host_copy import SideStreamUpload, read_rows
 from usae_core.kernels.code_stats import CodeStats
 from usae_core.kernels.gather import residual_sq
 from usae_core.kernels.standardize import standardize_rows
-from usae_core.metrics import EvalResult
+from usae_core.metrics import EvalResult, check_tau
 from usae_core.prefetch import prefetch
 from usae_core.store import TORCH_DTYPES
 
@@ -58,6 +58,7 @@ class MiningConfig:
             raise UsaeError(f"--top-n must be >= 1, got {self.top_n}")
         if self.batch_images < 1:
             raise UsaeError(f"batch_images must be >= 1, got {self.batch_images}")
+        check_tau(self.tau)
         if not 0 < self.defect_cell_fraction <= 1:
             raise UsaeError(f"defect_cell_fraction must be in (0, 1], got {self.defect_cell_fraction}")
         if self.hist_bins < 1 or not 0 < self.hist_min < self.hist_max:

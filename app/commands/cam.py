@@ -11,6 +11,7 @@ import typer
 from app.commands.core import DataDir
 from app.paths import resolve_run, resolve_store
 from app.settings import settings_for
+from usae_core.errors import UsaeError
 
 
 def cam_cmd(
@@ -32,13 +33,14 @@ def cam_cmd(
     from app.services.explain import load_backbones
     from usae_core.atomic import atomic_path
     from usae_core.cam import CamConfig, coordinated_activation_maximization
-    from usae_core.errors import UsaeError
     from usae_core.model import USAE
     from usae_core.store import ActivationStore, check_model_name
     from usae_core.train import resolve_device
 
     settings = settings_for(data_dir)
     run_dir = resolve_run(run, settings)
+    folder = out or run_dir / "cam" / f"concept-{concept}"
+    _check_writable_folder(folder)  # before minutes of optimisation, not after
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
     store_path = resolve_store(store, settings) if store else config.get("store")
     if not store_path:
@@ -69,7 +71,6 @@ def cam_cmd(
                                                   on_step=on_step)
     for bar in bars.values():
         bar.close()
-    folder = out or run_dir / "cam" / f"concept-{concept}"
     folder.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
         target = folder / f"{name}.png"
@@ -77,6 +78,13 @@ def cam_cmd(
             Image.fromarray(result.image).save(tmp, format="PNG")
         typer.echo(f"{target}: concept {concept} activation {result.start_activation:.3g} -> "
                    f"{result.final_activation:.3g}")
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """`folder`, or the nearest part of its path that exists, must be a folder."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsaeError(f"cannot write the CAM images into {folder}: {existing} is a file, not a folder")
 
 
 def register(cli: typer.Typer) -> None:

@@ -1,0 +1,49 @@
+"""Command-line inputs that are refused up front with one clear line, before any work and
+without touching what is there: a data directory that is a file, a CAM output folder that
+cannot be made, a negative firing threshold."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import cli
+from usae_core.errors import UsaeError
+from usae_core.metrics import evaluate_usae
+from usae_core.mining import MiningConfig
+
+
+def test_a_data_directory_that_is_a_file_is_refused(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for args in (["user", "list"], ["runs", "list"], ["extract", "--images", "demo", "--small", "--out", "x"]):
+        result = CliRunner().invoke(cli, [*args, "--data-dir", str(afile)])
+        assert result.exit_code != 0 and isinstance(result.exception, UsaeError), (args, result.output)
+        assert f"the data directory {afile} is a file, not a folder" in str(result.exception)
+    assert afile.read_text() == "mine"
+
+
+def test_cam_refuses_an_output_folder_it_cannot_make_before_optimising(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"usae": {}}))  # no store named: would fail later, not first
+    afile = tmp_path / "picture.png"
+    afile.write_bytes(b"not yours to replace")
+    for out in (afile, afile / "inside"):
+        result = CliRunner().invoke(cli, ["cam", str(run), "--concept", "0", "--out", str(out),
+                                          "--data-dir", str(tmp_path / "data")])
+        assert isinstance(result.exception, UsaeError), result.output
+        assert f"{afile} is a file, not a folder" in str(result.exception)
+    assert afile.read_bytes() == b"not yours to replace"
+
+
+@pytest.mark.parametrize("tau", [-5.0, float("nan"), float("inf")])
+def test_a_firing_threshold_must_be_a_number_at_least_zero(tau):
+    with pytest.raises(UsaeError, match="--tau .* must be a number >= 0"):
+        MiningConfig(tau=tau)
+    with pytest.raises(UsaeError, match="--tau .* must be a number >= 0"):
+        evaluate_usae(None, None, tau=tau)  # refused before the model or store is looked at
+    assert MiningConfig(tau=0.0).tau == 0.0 and np.isfinite(MiningConfig().tau)
