@@ -150,7 +150,6 @@ class EvalResult:
         }
 
 
-@torch.no_grad()
 def check_tau(tau: float) -> None:
     """Codes are never negative (ReLU, then TopK), so a firing threshold below 0 would count
     every token of every concept as a firing."""
@@ -158,6 +157,7 @@ def check_tau(tau: float) -> None:
         raise UsaeError(f"--tau (the firing threshold) must be a number >= 0, got {tau}")
 
 
+@torch.no_grad()
 def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, device: str | torch.device = "cpu",
                   max_images: int | None = None, progress: bool = False) -> EvalResult:
     """One streaming pass over the store: R^2 matrix, L0, and per-concept firing statistics."""
