@@ -59,8 +59,9 @@ def runs_delete_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Remove a run from the explorer: its concepts, labels and their history, mined images,
-    CAM images and audit links. Its run directory and activation store stay on disk."""
+    """Remove a run from the explorer, with its labels, mined images, CAM images and audit links.
+
+    Its run directory and activation store stay on disk: `usae mine` brings it back, unlabelled."""
     from app.services.runs import delete_run, find_run, remove_orphaned_run_media, run_contents
 
     with _database(data_dir) as (session, media_dir):
