@@ -7,6 +7,7 @@ rows, sum the reconstruction losses (+ an auxiliary dead-latent term), and take 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
 from usae_core.locks import exclusive_lock
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
-from usae_core.model import USAE
+from usae_core.model import CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE
 from usae_core.prefetch import prefetch
 from usae_core.token_stream import device_token_batches
 
@@ -43,6 +44,18 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 KEEP_CHECKPOINTS = 2
+RUN_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, CHECKPOINT_DIR})
+"""What a run folder holds (docs/formats.md); an unfinished first run may hold only some of them."""
+REWRITTEN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE)
+"""The run's files written through `atomic_path`: a killed write leaves `.NAME.XXXXXXXX.tmp` beside them."""
+RESUME_MAY_CHANGE = frozenset({"device", "autocast", "checkpoint_every"})
+"""TrainConfig fields --resume accepts changed: where the run trains and how often it saves, not
+what it learns (the same steps on the same batches with the same schedule; exact on the same
+device). Anything else, the store and the USAE's shape included, must match the checkpoint:
+--steps too, since the cosine schedule spans the run's steps (log_every too: it paces AuxK)."""
+_FLAGS = {"n_concepts": "--concepts", "k": "--k", "encoder": "--encoder", "steps": "--steps",
+          "batch_size": "--batch-size", "lr": "--lr", "loss": "--loss", "aux": "--aux", "seed": "--seed"}
+"""The `usae train` option of a setting, for messages (the others are named by their field)."""
 
 Callback = Callable[[dict], None]
 
@@ -134,6 +147,7 @@ class Trainer:
         return {
             "train": self.cfg.to_dict(),
             "store": str(Path(self.store.root).resolve()),
+            "store_fingerprint": store_fingerprint(self.store),
             "store_models": self.store.model_names,
             "grid": list(self.store.grid),
             "step": self.step,
@@ -150,6 +164,8 @@ class Trainer:
                 "optimizer": self._optimizer_state(),
                 "scheduler": self.scheduler.state_dict(),
                 "since_fired": self.since_fired.cpu(),
+                # the AuxK width's dead count and when it is next read: resuming at any step is exact
+                "dead_check": [self._n_dead, self._steps_to_dead_check],
             }
             torch.save(state, tmp / TRAINER_STATE)
         old = sorted((self.out / CHECKPOINT_DIR).glob("step-*"))[:-KEEP_CHECKPOINTS]
@@ -170,9 +186,11 @@ class Trainer:
             try:
                 loaded = USAE.from_pretrained(ckpt, map_location=self.device)
                 state = torch.load(ckpt / TRAINER_STATE, map_location=self.device, weights_only=True)
+                saved = json.loads((ckpt / CONFIG_FILE).read_text())
             except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways (zip, pickle, struct, ...)
                 log.warning("checkpoint %s cannot be read (%s); trying the one before it", ckpt, exc)
                 continue
+            self._check_resume_settings(saved, ckpt)
             if loaded.cfg != self.model.cfg:
                 raise UsaeError(f"{ckpt} was trained with a different USAE shape; start a new run")
             self.model.load_state_dict(loaded.state_dict())
@@ -182,6 +200,7 @@ class Trainer:
             self._graphs.clear()
             self.since_fired.copy_(state["since_fired"])
             self.step = int(state["step"])
+            self._n_dead, self._steps_to_dead_check = state.get("dead_check", (0, 0))  # read at once if absent
             if self.rank == 0:
                 self._truncate_metrics(self.step)
             log.info("resumed %s at step %d", self.out, self.step)
@@ -189,6 +208,26 @@ class Trainer:
         if ckpts:
             raise UsaeError(f"no checkpoint in {directory} can be read; start again with --overwrite")
         return False
+
+    def _check_resume_settings(self, saved: dict, ckpt: Path) -> None:
+        """UsaeError naming every setting that differs from the checkpoint's (saved vs given):
+        a resume with other settings would continue a different training than the one started,
+        and its config.json would then describe neither."""
+        given = {"usae": self.model.cfg.to_dict(), "train": self.cfg.to_dict()}
+        given = json.loads(json.dumps(given))  # as read back from config.json: tuples become lists
+        differences = [
+            f"{_FLAGS.get(key, key)} {old!r} vs {given[part].get(key)!r}"
+            for part in ("usae", "train")
+            for key, old in saved.get(part, {}).items()
+            if key not in RESUME_MAY_CHANGE and old != given[part].get(key)
+        ]
+        store = _store_difference(saved, self.store)
+        differences += [store] if store else []
+        if differences:
+            raise UsaeError(
+                f"--resume continues {ckpt.parent.parent} with the settings it was started with, but these "
+                f"differ (saved vs given): {'; '.join(differences)}; resume with the saved values, or start a new "
+                f"run with --overwrite or another --out (only --device and --checkpoint-every may change)")
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / METRICS_FILE
@@ -432,6 +471,10 @@ def _clear_unfinished_checkpoints(directory: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train_usae`; its message says where training stopped and how to continue."""
+
+
 def train_usae(
     store,
     out_dir: str | Path,
@@ -444,10 +487,12 @@ def train_usae(
 ) -> USAE:
     """Train a USAE on `store` into the run directory `out_dir` and return it (in eval mode).
 
-    `resume` continues from the newest checkpoint in `out_dir` exactly as if never stopped.
+    `resume` continues from the newest checkpoint in `out_dir` exactly as if never stopped; it
+    refuses settings that differ from the checkpoint's (RESUME_MAY_CHANGE lists the exceptions).
     `overwrite` trains a new run beside an existing one, which is replaced only once the new
     run is complete; an interrupted overwrite leaves the old run as it was, and the new one
     beside it: `resume` then continues the new run (the one last started) and swaps it in.
+    Ctrl-C raises `TrainingInterrupted`, which says how to continue.
     """
     out = Path(out_dir)
     if set(usae_cfg.model_dims) != set(store.model_names) or any(
@@ -456,8 +501,12 @@ def train_usae(
         raise UsaeError(f"USAE models {usae_cfg.model_dims} do not match the store's {store.dims}")
     resolve_device(cfg.device)  # a wrong --device fails before any folder is made
     rank, world_size = rank_and_world_size()  # only rank 0 writes the run's files
+    _check_batch_fits(store, cfg.batch_size, world_size)
+    _check_out_folder(out, store)
     with exclusive_lock(out, "usae train", held=rank == 0):
         build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
+        if rank == 0:
+            _clear_stale_temporaries(build)
         trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
         try:
             if not (resume and trainer.load_latest_checkpoint()):
@@ -466,6 +515,8 @@ def train_usae(
                 if rank == 0:
                     (build / METRICS_FILE).unlink(missing_ok=True)
             model = trainer.run()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(_interrupted_message(out, build, replacing, trainer.step, cfg.steps)) from None
         except BaseException:
             if replacing and rank == 0:  # kept, as a kill would leave it, for --resume to continue
                 log.warning("the unfinished new run stays in %s beside %s: --resume continues it, "
@@ -475,6 +526,106 @@ def train_usae(
             swap_in_replacement(out)
         barrier(world_size)  # no rank returns before the run is in place
     return model
+
+
+def _interrupted_message(out: Path, build: Path, replacing: bool, step: int, steps: int) -> str:
+    """Where an interrupted training stopped, and what `--resume` continues from: the newest
+    checkpoint (the steps after it are trained again; nothing is saved on Ctrl-C, since a step
+    cut midway leaves no consistent state to save)."""
+    newest = _newest_checkpoint_step(build)
+    start = f"from its checkpoint of step {newest}" if newest is not None else "from step 0 (no checkpoint yet)"
+    where = f" (the new run in {build}; {out} stays as it was until it finishes)" if replacing else ""
+    return (f"training of {out} interrupted after step {step} of {steps}; rerun the same `usae train` command "
+            f"with --resume instead of --overwrite to continue {start}{where}")
+
+
+def _newest_checkpoint_step(run: Path) -> int | None:
+    steps = [int(p.name[5:]) for p in (run / CHECKPOINT_DIR).glob("step-*") if p.name[5:].isdigit()]
+    return max(steps, default=None)
+
+
+def store_fingerprint(store) -> str:
+    """What the store holds, not where: its manifest (models, grid, shards), image list, and the
+    activations of its first and last image (imported stores of one shape share the rest). A store
+    moved elsewhere keeps it; one extracted or imported again with other data changes it."""
+    digest = hashlib.sha256()
+    for name in ("manifest.json", "image_ids.json"):
+        path = Path(store.root) / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    for model in store.model_names:
+        for image in sorted({0, store.n_images - 1}):
+            digest.update(store.image_tokens(model, image).tobytes())
+    return digest.hexdigest()
+
+
+def _store_difference(saved: dict, store) -> str | None:
+    """How `store` differs from the one a checkpoint was trained on, or None. Compared by content
+    when the checkpoint has a fingerprint (a moved store is the same store), else by path."""
+    given = str(Path(store.root).resolve())
+    if "store_fingerprint" in saved:
+        if saved["store_fingerprint"] == store_fingerprint(store):
+            return None
+        if saved.get("store") == given:
+            return f"--store {given} holds other activations than when the run started (extracted again?)"
+    elif saved.get("store") in (None, given):
+        return None
+    return f"--store {saved.get('store')!r} vs {given!r}"
+
+
+def _check_batch_fits(store, batch_size: int, world_size: int) -> None:
+    """Refuse a batch larger than the tokens a rank reads (its share of the store), before a
+    batch buffer that size is allocated: it would be filled by repeating the store, or exhaust
+    memory trying."""
+    share = store.n_tokens // world_size
+    if batch_size > share:
+        per_rank = f" split over {world_size} ranks ({share:,} each)" if world_size > 1 else ""
+        raise UsaeError(f"--batch-size {batch_size:,} is more than the {store.n_tokens:,} tokens of {store.root}"
+                        f"{per_rank}; use --batch-size {share:,} or less")
+
+
+def _check_out_folder(out: Path, store) -> None:
+    """Refuse an --out that training must not write to or replace: a file, the store itself (or
+    a folder inside it, or one holding it: --overwrite would delete the store), or a folder with
+    other things than a run in it."""
+    if out.exists() and not out.is_dir():
+        raise UsaeError(f"--out {out} is a file, not a run folder; choose a folder path")
+    run, data = out.resolve(), Path(store.root).resolve()
+    if run == data or data in run.parents or run in data.parents:
+        raise UsaeError(f"--out {out} is, or is inside or around, the activation store {store.root}; "
+                        "a run must be a folder of its own (e.g. DATA_DIR/runs/NAME)")
+    if out.is_dir() and not _holds_a_run(out):
+        raise UsaeError(f"{out} is not empty and holds no USAE run; usae train writes only to a new or empty "
+                        "folder or a run's (--overwrite only replaces a run), so choose another --out")
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Whether `folder` is empty or a run: its config.json is a USAE checkpoint's (a finished run,
+    whatever was added to it, e.g. `usae cam` images), it has checkpoints (a run cut short), or it
+    holds only what a run writes (a first run cut short before its first checkpoint)."""
+    if (folder / CHECKPOINT_DIR).is_dir():
+        return True
+    if (folder / CONFIG_FILE).exists():  # written atomically: a run's is whole, another is someone else's
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
+    return all(p.name in RUN_ENTRIES or _is_temporary(p.name) for p in folder.iterdir())
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file `atomic_path` makes for one of the run's files: `.NAME.XXXXXXXX.tmp`."""
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in REWRITTEN_FILES)
+
+
+def _clear_stale_temporaries(run: Path) -> None:
+    """Remove the temporary files a killed write of config.json, usae.safetensors or metrics.jsonl
+    left in the run folder (the caller holds the run's lock: no write of them is under way)."""
+    if run.is_dir():
+        for path in run.iterdir():
+            if _is_temporary(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, world_size: int) -> tuple[Path, bool]:

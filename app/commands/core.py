@@ -66,7 +66,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed for init, data order and source choice.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: final only).")] = 500,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint (after an interrupted --overwrite: the new run, swapped in when finished).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint, with the settings it was started with (only --device and --checkpoint-every may change; after an interrupted --overwrite: the new run, swapped in when finished).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out (the old one stays until the new one is trained).")] = False,
     distributed: Annotated[bool, typer.Option(help="Data-parallel over torchrun ranks.")] = False,
     data_dir: DataDir = None,
@@ -75,16 +75,20 @@ def train_cmd(
     from usae_core.config import TrainConfig, USAEConfig
     from usae_core.distributed import distributed_context
     from usae_core.store import ActivationStore
-    from usae_core.train import train_usae
+    from usae_core.train import TrainingInterrupted, train_usae
 
     settings = settings_for(data_dir)
     st = ActivationStore.open(resolve_store(store, settings))
     ucfg = USAEConfig(model_dims=st.dims, n_concepts=concepts, k=k, encoder=encoder)  # type: ignore[arg-type]
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, loss=loss, aux=aux, seed=seed,  # type: ignore[arg-type]
                        device=device, checkpoint_every=checkpoint_every)
-    with distributed_context(distributed, device=tcfg.device) as ctx:
-        tcfg.device = ctx.device
-        train_usae(st, resolve_run(out, settings), ucfg, tcfg, resume=resume, overwrite=overwrite)
+    try:
+        with distributed_context(distributed, device=tcfg.device) as ctx:
+            tcfg.device = ctx.device
+            train_usae(st, resolve_run(out, settings), ucfg, tcfg, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as exc:  # Ctrl-C: one line on how to continue, no traceback
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"trained {resolve_run(out, settings)}")
 
 

@@ -88,3 +88,58 @@ def test_out_of_range_sizes_are_refused_before_anything_starts(args):
     result = _run(*args)
     assert result.exit_code == 2 and "Invalid value for" in result.output, result.output
 
+
+
+def _store_for_training(tmp_path, npy):
+    store = tmp_path / "store"
+    assert _run("import-activations", "--out", store, "--model", f"resnet={npy['resnet']}",
+                "--model", f"dino={npy['dino']}").exit_code == 0
+    return store
+
+
+@pytest.mark.parametrize("out", ["store", "file"])
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+def test_train_refuses_the_store_or_a_file_as_its_out_in_one_line(tmp_path, npy, out, flags):
+    """`--out` at the store used to write the run into it (and --overwrite then deleted it); a
+    file gave a FileExistsError traceback."""
+    store = _store_for_training(tmp_path, npy)
+    target = store if out == "store" else tmp_path / "notes.txt"
+    if out == "file":
+        target.write_text("keep me")
+    before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
+    proc = _cli_error("train", "--store", store, "--out", target, "--concepts", "16", "--k", "2",
+                      "--batch-size", "64", "--device", "cpu", *flags)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert ("activation store" if out == "store" else "is a file") in proc.stderr
+    assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*")) == before
+
+
+def test_ctrl_c_during_train_says_how_to_continue_in_one_line_and_exits_130(tmp_path, npy):
+    import os
+    import signal
+    import time
+
+    store, run = _store_for_training(tmp_path, npy), tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "train", "--store", str(store), "--out", str(run), "--concepts", "16",
+         "--k", "2", "--steps", "1000000", "--batch-size", "64", "--checkpoint-every", "5", "--device", "cpu"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run / "checkpoints").glob("step-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"training of {run} interrupted after step "), stderr[-2000:]
+    assert "--resume" in lines[0] and "from its checkpoint of step " in lines[0]
+    step = int(lines[0].split("from its checkpoint of step ")[1].split()[0])
+    assert (run / "checkpoints" / f"step-{step:08d}").is_dir()  # the one a resume starts from: the newest
+    assert step == max(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))

@@ -1,0 +1,243 @@
+"""What `train_usae` refuses before it writes, and what it leaves behind: an --out that is or
+holds the store, a file, or a folder that is no run; a resume with other settings or another
+store; a batch larger than the store; stale temporaries; file modes; Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from usae_core import atomic
+from usae_core.config import TrainConfig, USAEConfig
+from usae_core.errors import UsaeError
+from usae_core.store import ActivationStore, import_activations
+from usae_core.train import Trainer, TrainingInterrupted, _check_batch_fits, train_usae
+
+
+def _store(path: Path, seed: int = 0) -> ActivationStore:
+    """64 images x 16 tokens (1,024 tokens) of two models; another seed gives other activations."""
+    rng = np.random.default_rng(seed)
+    arrays = {name: rng.standard_normal((64, 16, dim)).astype(np.float32) for name, dim in {"a": 12, "b": 20}.items()}
+    return import_activations(path, arrays, dtype="float32", shard_images=8)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ActivationStore:
+    return _store(tmp_path_factory.mktemp("data") / "store")
+
+
+def _cfgs(store, **train) -> tuple[USAEConfig, TrainConfig]:
+    settings = dict(steps=30, batch_size=64, lr=1e-3, warmup_steps=5, log_every=5, checkpoint_every=10,
+                    dead_after_tokens=500, seed=3, device="cpu")
+    return USAEConfig(model_dims=store.dims, n_concepts=16, k=3), TrainConfig(**{**settings, **train})
+
+
+def _crash_at(step: int):
+    def callback(record: dict) -> None:
+        if record["step"] == step:
+            raise RuntimeError("killed")
+    return callback
+
+
+def _killed_after_25(store, run: Path) -> None:
+    """A run of 30 steps stopped after step 25: its newest checkpoint is step 20, no config.json."""
+    with pytest.raises(RuntimeError, match="killed"):
+        train_usae(store, run, *_cfgs(store), callbacks=[_crash_at(25)])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ --out
+
+
+@pytest.mark.parametrize("where", ["the store", "inside", "around"])
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_an_out_that_is_inside_or_around_the_store_is_refused_and_the_store_is_untouched(tmp_path, where, flags):
+    """`--out` at the store used to write the run into it, and a later --overwrite deleted every shard."""
+    store = _store(tmp_path / "stores" / "sc")
+    out = {"the store": store.root, "inside": store.root / "run", "around": tmp_path / "stores"}[where]
+    before = _snapshot(tmp_path)
+    with pytest.raises(UsaeError, match="activation store"):
+        train_usae(store, out, *_cfgs(store), **flags)
+    assert _snapshot(tmp_path) == before  # not even a lock file
+    ActivationStore.open(store.root)
+
+
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_an_out_that_is_a_file_is_refused_and_left_as_it_was(store, tmp_path, flags):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    with pytest.raises(UsaeError, match="is a file"):
+        train_usae(store, out, *_cfgs(store), **flags)
+    assert out.read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("content", [{"thesis.tex": "years of work"}, {"config.json": '{"model_type": "vit"}'}])
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_a_folder_that_holds_no_run_is_neither_trained_in_nor_replaced(store, tmp_path, content, flags):
+    out = tmp_path / "folder"
+    out.mkdir()
+    for name, text in content.items():
+        (out / name).write_text(text)
+    with pytest.raises(UsaeError, match="holds no USAE run; .*--overwrite only replaces a run"):
+        train_usae(store, out, *_cfgs(store), **flags)
+    assert _snapshot(out) == {name: text.encode() for name, text in content.items()}
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
+def test_overwrite_replaces_runs_finished_or_not(store, tmp_path):
+    """A finished run (with `usae cam` images added), a run cut short, and a first run stopped
+    before its first checkpoint (only its log) are all runs that --overwrite may replace."""
+    finished = tmp_path / "finished"
+    train_usae(store, finished, *_cfgs(store, steps=10))
+    (finished / "cam").mkdir()
+    (finished / "cam" / "concept-1.png").write_bytes(b"png")
+    _killed_after_25(store, tmp_path / "cut")
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "metrics.jsonl").write_text('{"step": 5}\n')
+    for run in (finished, tmp_path / "cut", early):
+        train_usae(store, run, *_cfgs(store, steps=10), overwrite=True)
+        assert json.loads((run / "config.json").read_text())["step"] == 10
+        assert not (run / "cam").exists()
+
+
+# ------------------------------------------------------------------ --resume
+
+
+def test_resume_with_other_settings_is_refused_naming_each_and_changes_nothing(store, tmp_path):
+    """It used to resume on the old schedule and rewrite config.json with the new values."""
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    before = _snapshot(run)
+    ucfg, tcfg = _cfgs(store, lr=0.01, seed=7, batch_size=32, loss="mse", aux="none", steps=60)
+    with pytest.raises(UsaeError) as info:
+        train_usae(store, run, ucfg, tcfg, resume=True)
+    message = str(info.value)
+    for difference in ("--lr 0.001 vs 0.01", "--seed 3 vs 7", "--batch-size 64 vs 32", "--loss 'l1' vs 'mse'",
+                       "--aux 'auxk' vs 'none'", "--steps 30 vs 60"):
+        assert difference in message
+    assert "--store" not in message and "--overwrite" in message and "\n" not in message
+    assert _snapshot(run) == before
+
+    ucfg, _ = _cfgs(store)
+    with pytest.raises(UsaeError, match="--concepts 16 vs 32; --k 3 vs 4"):
+        train_usae(store, run, USAEConfig(model_dims=store.dims, n_concepts=32, k=4), _cfgs(store)[1], resume=True)
+    assert _snapshot(run) == before
+
+
+def test_resume_may_change_how_often_it_saves_and_still_finishes_exactly(store, tmp_path):
+    """From a checkpoint between two reads of the dead count (step 21, read every 5 steps), with
+    another --checkpoint-every: the same weights as a run never stopped."""
+    straight = train_usae(store, tmp_path / "straight", *_cfgs(store))
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):  # after its checkpoints at 7, 14 and 21
+        train_usae(store, run, *_cfgs(store, checkpoint_every=7), callbacks=[_crash_at(25)])
+    trainer = Trainer(store, run, *_cfgs(store), [])
+    assert trainer.load_latest_checkpoint() and trainer.step == 21
+    assert trainer._steps_to_dead_check == 4  # read at step 20 of every 5 (without the saved state: at once)
+    resumed = train_usae(store, run, *_cfgs(store, checkpoint_every=10), resume=True)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert json.loads((run / "config.json").read_text())["train"]["checkpoint_every"] == 10
+
+
+def test_resume_on_another_store_is_refused_and_on_the_same_store_moved_continues(store, tmp_path):
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    before = _snapshot(run)
+    other = _store(tmp_path / "other", seed=1)  # the same models and dims, other activations
+    with pytest.raises(UsaeError, match=rf"--store '{store.root.resolve()}' vs '{other.root.resolve()}'"):
+        train_usae(other, run, *_cfgs(other), resume=True)
+    assert _snapshot(run) == before
+
+    moved = ActivationStore.open(shutil.copytree(store.root, tmp_path / "moved"))
+    train_usae(moved, run, *_cfgs(moved), resume=True)
+    config = json.loads((run / "config.json").read_text())
+    assert config["step"] == 30 and config["store"] == str(moved.root.resolve())
+
+
+def test_resume_refuses_a_store_extracted_again_in_the_same_place(tmp_path):
+    store = _store(tmp_path / "store")
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    again = import_activations(store.root, {"a": np.ones((64, 16, 12), np.float32), "b": np.ones((64, 16, 20), np.float32)},
+                               dtype="float32", shard_images=4, overwrite=True)
+    with pytest.raises(UsaeError, match="holds other activations than when the run started"):
+        train_usae(again, run, *_cfgs(again), resume=True)
+
+
+# ------------------------------------------------------------------ batch size
+
+
+def test_a_batch_larger_than_the_store_is_refused_before_anything_is_written(store, tmp_path):
+    """It used to be OOM-killed, or fail with a NumPy allocation traceback."""
+    ucfg, tcfg = _cfgs(store, batch_size=100_000_000)
+    with pytest.raises(UsaeError, match="--batch-size 100,000,000 is more than the 1,024 tokens .*1,024 or less"):
+        train_usae(store, tmp_path / "run", ucfg, tcfg)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsaeError, match=r"split over 2 ranks \(512 each\); use --batch-size 512 or less"):
+        _check_batch_fits(store, 513, 2)
+    _check_batch_fits(store, 512, 2)
+    train_usae(store, tmp_path / "run", *_cfgs(store, steps=3, batch_size=1024))  # the whole store is fine
+
+
+# ------------------------------------------------------------------ what a run leaves
+
+
+def test_temporaries_of_killed_writes_are_removed_when_training_resumes(store, tmp_path):
+    """A kill during the final save left `.usae.safetensors.XXXXXXXX.tmp`; --resume kept it."""
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    stale = [run / ".usae.safetensors.k2j3h4g5.tmp", run / ".config.json.a_b1c2d3.tmp", run / ".metrics.jsonl.zz9y8x7w.tmp"]
+    for path in stale:
+        path.write_bytes(b"half written")
+    train_usae(store, run, *_cfgs(store), resume=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "usae.safetensors"]
+
+    (run / "notes.tmp").write_text("mine")  # not a temporary of the run's files: kept
+    stale[0].write_bytes(b"half written")
+    train_usae(store, run, *_cfgs(store), resume=True)  # a finished run: resumed at its last step
+    assert not stale[0].exists() and (run / "notes.tmp").read_text() == "mine"
+
+
+def test_every_file_and_folder_of_a_run_follows_the_umask(store, tmp_path):
+    """safetensors' save_file left usae.safetensors 0600, unreadable to a server of another user."""
+    file_mode, dir_mode = 0o666 & ~atomic._UMASK, 0o777 & ~atomic._UMASK
+    if file_mode == 0o600:
+        pytest.skip("under umask 077 private files are what the umask asks for")
+    run = tmp_path / "run"
+    train_usae(store, run, *_cfgs(store, steps=20))
+    paths = [run, *run.rglob("*")]
+    assert run / "usae.safetensors" in paths and run / "checkpoints" / "step-00000020" / "usae.safetensors" in paths
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == (dir_mode if path.is_dir() else file_mode), path
+
+
+def test_ctrl_c_says_where_training_stopped_and_which_checkpoint_resume_uses(store, tmp_path):
+    def ctrl_c_at_25(record: dict) -> None:
+        if record["step"] == 25:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:
+        train_usae(store, run, *_cfgs(store), callbacks=[ctrl_c_at_25])
+    assert isinstance(info.value, KeyboardInterrupt)  # callers that stop on Ctrl-C still do
+    message = str(info.value)
+    assert f"training of {run} interrupted after step 25 of 30" in message
+    assert "with --resume" in message and "checkpoint of step 20" in message
+    steps = []
+    train_usae(store, run, *_cfgs(store), resume=True, callbacks=[lambda r: steps.append(r["step"])])
+    assert steps == [25, 30]  # it did continue from step 20
+
+    with pytest.raises(TrainingInterrupted, match=r"from step 0 \(no checkpoint yet\) \(the new run in .*\.run\.replacing"):
+        train_usae(store, run, *_cfgs(store, checkpoint_every=0), overwrite=True, callbacks=[ctrl_c_at_25])
+    assert json.loads((run / "config.json").read_text())["step"] == 30  # the old run stays
