@@ -11,9 +11,16 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from usae_core.locks import forget, not_inherited
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: building folders are not locked, and none is removed as abandoned
+    fcntl = None
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -98,28 +105,121 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
 
     With `overwrite`, an existing `target` is replaced only after the new one is complete
     (`swap_in_replacement`); a block that fails leaves `target` as it was and removes the
-    partial folder.
+    partial folder. Building folders that killed builders left are removed first
+    (`remove_abandoned_builds`); those of builders still running are not.
     """
-    target = _real(Path(target))
-    if target.exists() and not overwrite:
-        from usae_core.errors import UsaeError
+    from usae_core.errors import UsaeError
 
+    target = _real(Path(target))
+    if target.exists() and not target.is_dir():
+        raise UsaeError(f"{target} is a file, not a folder; choose another path")
+    if target.exists() and not overwrite:
         raise UsaeError(f"{target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     finish_replacement(target)
-    # A folder of its own, so two processes building the same target never share one; it takes
-    # the replacement's fixed name only for the swap.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
-    tmp.chmod(0o777 & ~_UMASK)
-    try:
-        yield tmp
-        new, _ = replacement_folders(target)
-        shutil.rmtree(new, ignore_errors=True)  # an abandoned build of an earlier process
-        os.replace(tmp, new)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    remove_abandoned_builds(target)
+    with _building_folder(target) as tmp:
+        try:
+            yield tmp
+            new, _ = replacement_folders(target)
+            shutil.rmtree(new, ignore_errors=True)  # an abandoned build of an earlier process
+            os.replace(tmp, new)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     swap_in_replacement(target)
+
+
+_BUILDING, _STARTING = ".building", ".starting"
+_STARTING_MAX_AGE_S = 3600
+"""A `.starting` folder lives for the microseconds between its creation and its rename; one older
+than this was left by a builder killed in between."""
+
+
+@contextlib.contextmanager
+def _building_folder(target: Path) -> Iterator[Path]:
+    """A private folder beside `target` to build it in, locked (`flock`) while this process
+    builds, so `remove_abandoned_builds` tells a live builder's folder from a dead one's: the
+    lock ends with its holder. Each builder has a folder of its own, so two processes building
+    the same target never share one; it takes the replacement's fixed name only for the swap.
+
+    The folder is created as `.starting` and renamed to `.building` only once locked: a cleaner
+    never sees a `.building` folder unlocked while its builder lives."""
+    start = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_STARTING, dir=target.parent))
+    start.chmod(0o777 & ~_UMASK)
+    fd = os.open(start, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            not_inherited(fd)  # a render worker outliving a killed builder must not keep it alive
+        tmp = start.with_name(start.name[: -len(_STARTING)] + _BUILDING)
+        try:
+            os.replace(start, tmp)  # the lock belongs to the open folder, so it moves with it
+        except BaseException:
+            start.rmdir()
+            raise
+        yield tmp
+    finally:
+        forget(fd)
+        os.close(fd)  # ends the lock (the folder is renamed or deleted by now)
+
+
+def remove_abandoned_builds(target: str | os.PathLike) -> list[Path]:
+    """Delete the building folders of `target` that builders killed mid-build left (a killed
+    `import-activations` or demo set build), and return them. A folder whose builder still runs
+    holds its lock and is kept, so concurrent builders never lose their work."""
+    target = _real(Path(target))
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    prefix = f".{target.name}."
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            continue
+        if name.endswith(_BUILDING):
+            if _remove_if_unlocked(entry):
+                removed.append(entry)
+        elif name.endswith(_STARTING):
+            with contextlib.suppress(OSError):
+                if time.time() - entry.stat().st_mtime > _STARTING_MAX_AGE_S:
+                    entry.rmdir()  # never holds anything: its builder renames it before writing
+                    removed.append(entry)
+    return removed
+
+
+def _remove_if_unlocked(folder: Path) -> bool:
+    if fcntl is None:  # no locks to tell the live from the dead: keep everything
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False  # its builder is running
+    try:  # locked by us now: a builder that would take it is dead, none can come back
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_stale_temp_files(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that `atomic_path` writes left under `root` when their
+    process was killed (`.NAME.RANDOM.tmp`), and return them. Only for a folder the caller
+    holds the lock of (`usae_core.locks.exclusive_lock`): a live writer's file would go too."""
+    removed = []
+    for path in Path(root).rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def replacement_folders(target: Path) -> tuple[Path, Path]:

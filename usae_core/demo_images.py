@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from usae_core.atomic import atomic_directory
+from usae_core.atomic import atomic_directory, remove_abandoned_builds
 from usae_core.errors import UsaeError
 from usae_core.images import DEMO_IMAGES, DEMO_MANIFEST, DEMO_MASKS, is_demo_set
 
@@ -363,11 +363,15 @@ def build_demo_set(out_dir: str | Path, seed: int = 0, small: bool = False, *, n
     out = Path(out_dir)
     n = n_images or (SMALL_IMAGES if small else FULL_IMAGES)
     params = {"seed": seed, "n_images": n, "version": FORMAT_VERSION}
+    if out.exists() and not out.is_dir():
+        raise UsaeError(f"{out} is a file, not a folder; the demo set needs a folder there")
+    remove_abandoned_builds(out)  # of builds killed before: the set itself may be complete already
     if is_demo_set(out):
         if demo_set_is_current(out, seed, small, n_images=n_images):
             return out
         if not overwrite:
-            raise UsaeError(f"{out} holds a different demo set; pass --overwrite to rebuild it")
+            raise UsaeError(f"{out} holds a different demo set (another seed or version); pass --overwrite to "
+                            "rebuild it (stores extracted from the old set would then show the new images)")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise UsaeError(f"{out} exists and is not a demo set; choose another directory")
     workers = workers or min(8, os.cpu_count() or 1)

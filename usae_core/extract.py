@@ -34,7 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from usae_core.atomic import finish_replacement, replacement_folders, start_replacement, swap_in_replacement
+from usae_core.atomic import (
+    finish_replacement,
+    remove_stale_temp_files,
+    replacement_folders,
+    start_replacement,
+    swap_in_replacement,
+)
 from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
 from usae_core.distributed import barrier, rank_and_world_size
@@ -47,11 +53,13 @@ from usae_core.store import (
     ActivationStore,
     ShardSpan,
     StoreWriter,
+    check_folder_path,
     check_replaceable_store,
+    is_unstarted_store,
     non_finite_error,
 )
-from usae_core.store_compact import plan_compaction, stage_shards, start_staging
-from usae_core.store_layout import span_of_image
+from usae_core.store_compact import NoImageReadable, plan_compaction, stage_shards, start_staging
+from usae_core.store_layout import done_marker, span_of_image
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +222,43 @@ class _SquareViews(Dataset):
                 failure_reason(exc)
 
 
+class ExtractInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `extract_store`; the message says how far it got and what a rerun does."""
+
+
+def _check_model_options(backbones: Sequence[str | Backbone], weights: Mapping[str, str],
+                         layers: Mapping[str, str]) -> None:
+    """--weights and --layer name models of --models: a typo would silently use the packaged
+    weights or the default layer instead."""
+    names = [b.name if isinstance(b, Backbone) else b for b in backbones]
+    for option, given in (("--weights", weights), ("--layer", layers)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise UsaeError(f"{option} names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
+                            f"not one of the models: {', '.join(names)}")
+    for name, path in weights.items():
+        _check_weights_file(name, Path(path))
+
+
+def _check_weights_file(name: str, path: Path) -> None:
+    """A --weights file that is not a PyTorch checkpoint would fail in `torch.load` with advice
+    about `weights_only` that does not apply; say what is wrong instead. Directories (Hugging
+    Face checkpoints) and .safetensors files are left to the backbone's loader."""
+    if not path.is_file() or path.suffix == ".safetensors":
+        return
+    import zipfile
+
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    # torch.save writes a zip archive; files of torch < 1.6 are a pickle (protocol byte 0x80).
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise UsaeError(f"--weights {name}={path} is not a PyTorch checkpoint (.pth/.pt/.bin) or .safetensors "
+                        f"file of that model")
+
+
 def _as_backbones(backbones: Sequence[str | Backbone], weights: Mapping[str, str], layers: Mapping[str, str],
                   random_init: bool) -> list[Backbone]:
+    _check_model_options(backbones, weights, layers)
     built = []
     for b in backbones:
         if isinstance(b, Backbone):
@@ -437,6 +480,7 @@ def extract_store(
     if isinstance(compile, str) and compile not in COMPILE_MODES:
         raise UsaeError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
     source = source if isinstance(source, FolderSource) else FolderSource(source, check=False)
+    check_folder_path(Path(out))
     store_root = Path(out).resolve()
     if store_root.is_relative_to(source.root) or source.root.is_relative_to(store_root):
         raise UsaeError(f"the store {out} and the image folder {source.root} overlap; write the store elsewhere")
@@ -464,15 +508,26 @@ def extract_store(
             if replacing:
                 start_replacement(out)
             ActivationStore.create(build, **layout, resume=not replacing)
+            # Temporary files of shard writes a killed run left (we hold the lock, and the other
+            # ranks write nothing before the barrier).
+            remove_stale_temp_files(build)
         barrier(world_size)
         writer = ActivationStore.create(build, **layout, resume=True)
         try:
             finishing = _fill(source, models, writer, rank, world_size, grid=grid, batch_size=batch_size,
                               device=device, num_workers=num_workers, progress=progress, compile=compile,
                               timings=timings, called=called)
-        except BaseException:
+        except NoImageReadable as exc:
+            # Every rank fails here, after the last shard was written: nothing is still writing.
+            # A store of nothing but failures is useless, and a rerun would only repeat them.
+            if rank == 0:
+                _discard_failed_build(writer, replacing=replacing, existed=existed, everything=True)
+            raise UsaeError(f"{exc}; no store was written{'' if replacing else f' to {out}'}") from None
+        except BaseException as exc:
             if world_size == 1:  # under torchrun other ranks may still be writing
                 _discard_failed_build(writer, replacing=replacing, existed=existed)
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, ExtractInterrupted):
+                raise ExtractInterrupted(_interrupted_message(writer, replacing, out)) from None
             raise
         if rank == 0 and replacing:
             swap_in_replacement(out)
@@ -482,13 +537,25 @@ def extract_store(
     return store
 
 
-def _discard_failed_build(writer: StoreWriter, *, replacing: bool, existed: bool) -> None:
+def _interrupted_message(writer: StoreWriter, replacing: bool, out: Path) -> str:
+    """What Ctrl-C left: finished shards are kept for a rerun (a replacement is deleted)."""
+    total = sum(s.n_images for s in writer.spans)
+    if replacing:
+        return f"interrupted; the store {out} is unchanged, and rerunning the same command starts its replacement again"
+    done = sum(s.n_images for s in writer.spans if done_marker(writer.root, s.index).exists())
+    return f"interrupted after {done:,} of {total:,} images; rerun the same command to continue"
+
+
+def _discard_failed_build(writer: StoreWriter, *, replacing: bool, existed: bool, everything: bool = False) -> None:
     """What a failed extraction leaves: a replacement is deleted (the old store is untouched,
-    and --overwrite starts again anyway), and so is a new store without one finished shard.
-    A store with finished shards stays, marked unfinished, for a rerun to resume."""
+    and --overwrite starts again anyway), and so is a new store without one finished shard, or
+    (`everything`) one whose every image failed. A store with finished shards stays, marked
+    unfinished, for a rerun to resume."""
     try:
         if replacing:
             shutil.rmtree(writer.root, ignore_errors=True)
+        elif everything:
+            writer.discard(keep_folder=existed)
         else:
             writer.discard_if_unstarted(keep_folder=existed)
     except OSError as exc:  # the extraction's own error matters more
@@ -502,7 +569,8 @@ def _replaces_a_store(out: Path, overwrite: bool, rank: int, world_size: int) ->
     if rank == 0:
         finish_replacement(out)
     barrier(world_size)
-    replacing = overwrite and out.is_dir() and any(out.iterdir())
+    # What a run killed before writing the manifest left is no store to replace: `create` clears it.
+    replacing = overwrite and out.is_dir() and any(out.iterdir()) and not is_unstarted_store(out)
     if replacing:
         check_replaceable_store(out)
     barrier(world_size)

@@ -142,6 +142,8 @@ class FolderSource:
     def __init__(self, root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, check: bool = True,
                  check_threads: int | None = None):
         self.root = Path(root).resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise UsaeError(f"image folder {root} is a file, not a folder; give the folder that holds the images")
         if not self.root.is_dir():
             raise UsaeError(f"image folder {root} does not exist")
         self.max_pixels = max_pixels

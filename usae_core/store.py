@@ -132,6 +132,10 @@ class StoreWriter:
         itself stays when `keep_folder` (it was there before)."""
         if any(done_marker(self.root, s.index).exists() for s in self.spans):
             return
+        self.discard(keep_folder=keep_folder)
+
+    def discard(self, *, keep_folder: bool) -> None:
+        """Delete this unfinished store, finished shards and all (see `discard_if_unstarted`)."""
         for child in self.root.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
@@ -254,6 +258,11 @@ class ActivationStore:
             "meta": meta or {},
             "complete": False,
         }
+        check_folder_path(root)
+        if is_unstarted_store(root):
+            # A create killed before its manifest was written: nothing in it is worth keeping.
+            for child in root.iterdir():
+                child.unlink()
         if root.exists() and any(root.iterdir()):
             existing = root / "manifest.json"
             if resume and existing.exists():
@@ -455,9 +464,39 @@ class ActivationStore:
         return out
 
 
+_UNSTARTED_FILES = ("image_ids.json",)
+"""What `ActivationStore.create` writes before the manifest, which it writes last."""
+
+
+def is_unstarted_store(root: Path) -> bool:
+    """Whether `root` holds nothing but what a `create` killed before writing the manifest
+    leaves: `image_ids.json` and temporary files of atomic writes, and at least one of them."""
+    if not root.is_dir():
+        return False
+    children = list(root.iterdir())
+    return bool(children) and all(
+        c.is_file() and not c.is_symlink() and (c.name in _UNSTARTED_FILES or (c.name.startswith(".") and c.name.endswith(".tmp")))
+        for c in children)
+
+
+def check_folder_path(root: Path) -> None:
+    """A store is a folder: refuse a path that is a file, or lies under one, before anything
+    tries to create it (which would fail with a Python error)."""
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == root else f"lies under {p}, which is a file"
+                raise UsaeError(f"{root} {what}, not a folder; choose another path for the store")
+            return
+
+
 def check_replaceable_store(root: Path) -> None:
-    """`--overwrite` replaces an activation store, never any other folder: a folder with files
-    but no store manifest (a typo'd path, the image folder itself) is refused untouched."""
+    """`--overwrite` replaces an activation store, never any other folder or file: a folder
+    with files but no store manifest (a typo'd path, the image folder itself) or a file is
+    refused untouched."""
+    check_folder_path(root)
+    if is_unstarted_store(root):
+        return  # what a killed start of a store left: `create` clears it
     if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").exists():
         raise UsaeError(f"{root} is not empty and holds no activation store; --overwrite only replaces a store, "
                         "so write to a new or empty folder")
@@ -483,6 +522,7 @@ def import_activations(
     out = Path(out)
     if not arrays:
         raise UsaeError("give at least one --model NAME=FILE.npy")
+    check_folder_path(out)
     loaded: dict[str, np.ndarray] = {}
     for name, src in arrays.items():
         check_model_name(name)

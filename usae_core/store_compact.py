@@ -57,6 +57,10 @@ STAGING = ".compact"
 COMMITTED = "COMMITTED"
 
 
+class NoImageReadable(UsaeError):
+    """Every image of the store failed to decode: there is no store to finish."""
+
+
 @dataclass(frozen=True)
 class CompactionPlan:
     """What the store becomes: shard `s` of `keep` is rewritten with only its images
@@ -73,7 +77,7 @@ def plan_compaction(manifest: dict, image_ids: Sequence[str], failed: Mapping[st
     `meta["skipped_images"]`."""
     if len(failed) >= len(image_ids):
         first_id = next(iter(failed))
-        raise UsaeError(f"none of the {len(image_ids)} images could be read (e.g. {first_id}: {failed[first_id]})")
+        raise NoImageReadable(f"none of the {len(image_ids)} images could be read (e.g. {first_id}: {failed[first_id]})")
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     spans = manifest_spans(manifest)
     dropped: dict[int, list[int]] = {}

@@ -46,7 +46,7 @@ def extract_cmd(
     shard_images: Annotated[int, typer.Option(help="Images per store shard (the unit of resuming).")] = 256,
     random_init: Annotated[bool, typer.Option(help="Random weights (benchmarks and tests only).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (GPU).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store instead of resuming it (the old one stays until the new one is complete).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store instead of resuming it (the old one stays until the new one is complete); with --images demo, also rebuild a demo set of another --seed.")] = False,
     distributed: Annotated[bool, typer.Option(help="Split shards over torchrun ranks.")] = False,
     data_dir: DataDir = None,
 ) -> None:
@@ -56,29 +56,36 @@ def extract_cmd(
     from usae_core.backbones import default_backbones
     from usae_core.demo_images import build_demo_set
     from usae_core.distributed import distributed_context
-    from usae_core.extract import ExtractTimings, extract_store
+    from usae_core.extract import ExtractInterrupted, ExtractTimings, extract_store
 
     settings = settings_for(data_dir)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_backbones()
     if small and images != "demo":
         raise UsaeError("--small applies only to --images demo")
     target = resolve_store(out, settings)
+    weight_files, layers = parse_assignments(weights, "--weights"), parse_assignments(layer, "--layer")
     timings = ExtractTimings()
-    with distributed_context(distributed, device=device) as ctx:
-        source = Path(images)
-        if images == "demo":
-            # Rank 0 builds the set; the others then find it complete.
-            if ctx.rank == 0:
-                build_demo_set(demo_images_dir(settings, small), seed=seed, small=small, progress=True)
-            if ctx.world_size > 1:
-                torch.distributed.barrier()
-            source = build_demo_set(demo_images_dir(settings, small), seed=seed, small=small)
-        store = extract_store(
-            source, names, target, grid=parse_grid(grid) if grid else None, batch_size=batch_size,
-            device=ctx.device, num_workers=workers, dtype=dtype, shard_images=shard_images, overwrite=overwrite,
-            weights=parse_assignments(weights, "--weights"), layers=parse_assignments(layer, "--layer"),
-            random_init=random_init, compile=compile, timings=timings,
-        )
+    try:
+        with distributed_context(distributed, device=device) as ctx:
+            source = Path(images)
+            if images == "demo":
+                # Rank 0 builds the set; the others then find it complete. --overwrite also rebuilds
+                # a set of another seed or version in place (the message asking for it says so).
+                demo_dir = demo_images_dir(settings, small)
+                if ctx.rank == 0:
+                    build_demo_set(demo_dir, seed=seed, small=small, overwrite=overwrite, progress=True)
+                if ctx.world_size > 1:
+                    torch.distributed.barrier()
+                source = build_demo_set(demo_dir, seed=seed, small=small)
+            store = extract_store(
+                source, names, target, grid=parse_grid(grid) if grid else None, batch_size=batch_size,
+                device=ctx.device, num_workers=workers, dtype=dtype, shard_images=shard_images, overwrite=overwrite,
+                weights=weight_files, layers=layers, random_init=random_init, compile=compile, timings=timings,
+            )
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line on how far it got, no traceback, and 130 as usual
+        message = str(exc) if isinstance(exc, ExtractInterrupted) else "interrupted; rerun the same command to continue"
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     if ctx.rank == 0:
         skipped = store.meta.get("skipped_images", {})
         typer.echo(f"wrote {store.root}: {store.n_images} images x {store.grid[0]}x{store.grid[1]} tokens, models "

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from usae_core import atomic
 from tests.core.page_cache import dirty_pages
-from usae_core.atomic import atomic_directory, atomic_path, atomic_write_json, start_writeback
+from usae_core.atomic import atomic_directory, atomic_path, atomic_write_json, remove_abandoned_builds, start_writeback
+from usae_core.errors import UsaeError
 from usae_core.store import import_activations
 
 
@@ -140,3 +145,52 @@ def test_start_writeback_leaves_no_dirty_pages(tmp_path):
         pytest.skip("this kernel or file system does not report dirty pages per file")
     assert dirty_pages(tmp_path / "flushed.bin") < control // 10
     assert (tmp_path / "flushed.bin").read_bytes() == data
+
+
+def _builder(target: Path, ready: Path) -> subprocess.Popen:
+    """A process building `target` with `atomic_directory`, stopped mid-build (it sleeps)."""
+    return subprocess.Popen([sys.executable, "-c", (
+        "import time; from pathlib import Path; from usae_core.atomic import atomic_directory\n"
+        f"with atomic_directory({str(target)!r}, overwrite=True) as tmp:\n"
+        "    (tmp / 'half.bin').write_bytes(b'x' * 1000)\n"
+        f"    Path({str(ready)!r}).write_text(str(tmp))\n"
+        "    time.sleep(60)\n")])
+
+
+def _wait_for(path: Path) -> Path:
+    for _ in range(300):
+        if path.exists() and path.read_text():
+            return Path(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_a_killed_builders_folder_is_removed_by_the_next_build_but_a_live_ones_is_kept(tmp_path):
+    target = tmp_path / "demo-small"
+    dead = _builder(target, tmp_path / "dead")
+    dead_folder = _wait_for(tmp_path / "dead")
+    dead.kill()
+    dead.wait()
+    assert dead_folder.name.endswith(".building") and (dead_folder / "half.bin").exists()
+    live = _builder(target, tmp_path / "live")
+    try:
+        live_folder = _wait_for(tmp_path / "live")
+        assert not dead_folder.exists()  # left by a killed build: the next build removed it
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "ok").write_text("done")
+        assert (live_folder / "half.bin").exists()  # its builder still runs: untouched
+        assert (target / "ok").read_text() == "done"
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_abandoned_builds(target) == [live_folder]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dead", "demo-small", "live"]
+
+
+def test_an_output_that_is_a_file_is_never_replaced(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    with pytest.raises(UsaeError, match="is a file, not a folder"):
+        with atomic_directory(precious, overwrite=True):
+            pass
+    assert precious.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

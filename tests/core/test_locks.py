@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,3 +44,26 @@ def test_a_killed_holder_leaves_the_output_unlocked(tmp_path):
     with exclusive_lock(target, "usae train"):
         pass
     assert time.monotonic() - started < 5 and not lock_path(target).exists()
+
+
+def test_a_child_forked_by_a_killed_holder_does_not_keep_the_output_locked(tmp_path):
+    """DataLoader workers are forked while the lock is held; one outliving its killed parent
+    used to keep the lock (so a rerun blamed the dead parent). Children close their copy."""
+    target = tmp_path / "store"
+    child_pid = tmp_path / "child.pid"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, time; from usae_core.locks import exclusive_lock\n"
+        f"with exclusive_lock({str(target)!r}, 'usae extract'):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(30); os._exit(0)\n"
+        f"    open({str(child_pid)!r}, 'w').write(str(pid))\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")])
+    holder.wait(timeout=30)
+    pid = int(child_pid.read_text())
+    try:
+        os.kill(pid, 0)  # the orphan still runs
+        with exclusive_lock(target, "usae extract"):
+            pass
+    finally:
+        os.kill(pid, signal.SIGKILL)
