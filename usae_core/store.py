@@ -440,20 +440,25 @@ class ActivationStore:
             epoch += 1
 
     # ----------------------------------------------------------------- statistics
-    def compute_stats(self, batch_images: int = 256) -> dict[str, dict[str, np.ndarray]]:
-        """Per-model standardisation statistics, accumulated in float64 over the whole store.
+    def compute_stats(self, batch_images: int = 256, progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+        """Per-model standardisation statistics, accumulated in float64 over the whole store
+        (with `progress`, a bar: on a large store this pass takes minutes before training starts).
 
         `mean` is per dimension; `scale` is one number per model, the RMS norm of the centred
         activations divided by sqrt(dim), so standardised tokens have unit mean variance per
         dimension while the geometry between dimensions is kept.
         """
+        from tqdm.auto import tqdm
+
         sums = {m: np.zeros(d, np.float64) for m, d in self.dims.items()}
         sqsums = {m: np.zeros(d, np.float64) for m, d in self.dims.items()}
-        for _, batch in self.iter_images(batch_images):
-            for m, a in batch.items():
-                flat = a.reshape(-1, a.shape[-1]).astype(np.float64)
-                sums[m] += flat.sum(0)
-                sqsums[m] += (flat * flat).sum(0)
+        with tqdm(total=self.n_images, desc="statistics", unit="img", disable=not progress) as bar:
+            for _, batch in self.iter_images(batch_images):
+                for m, a in batch.items():
+                    flat = a.reshape(-1, a.shape[-1]).astype(np.float64)
+                    sums[m] += flat.sum(0)
+                    sqsums[m] += (flat * flat).sum(0)
+                bar.update(next(iter(batch.values())).shape[0])
         n = self.n_tokens
         out = {}
         for m, d in self.dims.items():

@@ -149,6 +149,7 @@ class Trainer:
             "store": str(Path(self.store.root).resolve()),
             "store_fingerprint": store_fingerprint(self.store),
             "store_models": self.store.model_names,
+            "world_size": self.world_size,
             "grid": list(self.store.grid),
             "step": self.step,
         }
@@ -223,6 +224,9 @@ class Trainer:
         ]
         store = _store_difference(saved, self.store)
         differences += [store] if store else []
+        ranks = saved.get("world_size", 1)  # runs from before it was recorded trained on one process
+        if ranks != self.world_size:  # each rank's share of the token stream depends on how many there are
+            differences.append(f"torchrun ranks {ranks} vs {self.world_size}")
         if differences:
             raise UsaeError(
                 f"--resume continues {ckpt.parent.parent} with the settings it was started with, but these "
@@ -510,7 +514,7 @@ def train_usae(
         trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
         try:
             if not (resume and trainer.load_latest_checkpoint()):
-                stats = store.compute_stats()
+                stats = store.compute_stats(progress=rank == 0)
                 trainer.model.set_stats(stats)
                 if rank == 0:
                     (build / METRICS_FILE).unlink(missing_ok=True)

@@ -258,6 +258,19 @@ def test_timm_local_weights_and_missing_hub_weights(tmp_path, monkeypatch):
         create_backbone("timm:vit_small_patch14_dinov2", model_kwargs=TINY_VIT)
 
 
+def test_a_whole_pickled_model_is_refused_with_what_to_save_instead(tmp_path):
+    """A file holding a pickled module, not a state dict, is not unpickled (that can run code);
+    the error says to save its state_dict() instead of torch's weights_only=False advice."""
+    from usae_core.backbones.base import load_state_dict_file
+
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pth")
+    with pytest.raises(UsaeError, match=r"holds pickled Python objects.*state_dict\(\)") as refused:
+        load_state_dict_file(tmp_path / "whole.pth", "timm:vit_small_patch14_dinov2")
+    assert "weights_only" not in str(refused.value)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "state.pth")
+    assert set(load_state_dict_file(tmp_path / "state.pth", "x")) == {"weight", "bias"}
+
+
 # ----------------------------------------------------------------------------- transformers
 def _tiny_hf(kind: str, tmp_path):
     import transformers as T

@@ -91,6 +91,19 @@ def test_stats_match_a_float64_recomputation(tmp_path):
     np.testing.assert_allclose(stats["a"]["scale"], expected_scale, rtol=1e-5)
 
 
+def test_stats_pass_shows_a_bar_counting_every_image(tmp_path, capsys):
+    """The statistics pass before training can take minutes on a large store: with `progress`
+    its bar reaches the store's image count, and the numbers are the same as without."""
+    store = import_activations(tmp_path / "s", _aligned_arrays(seed=3), dtype="float32", shard_images=7)
+    quiet = store.compute_stats(batch_images=3)
+    assert "statistics" not in capsys.readouterr().err
+    shown = store.compute_stats(batch_images=3, progress=True)
+    bar = capsys.readouterr().err
+    assert "statistics" in bar and f"{store.n_images}/{store.n_images}" in bar
+    for m in quiet:
+        np.testing.assert_array_equal(quiet[m]["mean"], shown[m]["mean"])
+
+
 def _good():
     rng = np.random.default_rng(0)
     return {"a": rng.standard_normal((4, 9, 3)).astype(np.float32), "b": rng.standard_normal((4, 9, 5)).astype(np.float32)}

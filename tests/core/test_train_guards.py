@@ -134,6 +134,19 @@ def test_resume_with_other_settings_is_refused_naming_each_and_changes_nothing(s
     assert _snapshot(run) == before
 
 
+def test_resume_under_another_number_of_torchrun_ranks_is_refused(store, tmp_path):
+    """Each rank's share of the token stream depends on how many ranks there are, so a run
+    started on two ranks does not continue on one (checkpoints record `world_size`)."""
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    newest = sorted((run / "checkpoints").iterdir())[-1] / "config.json"
+    config = json.loads(newest.read_text())
+    assert config["world_size"] == 1
+    newest.write_text(json.dumps({**config, "world_size": 2}))
+    with pytest.raises(UsaeError, match="torchrun ranks 2 vs 1"):
+        train_usae(store, run, *_cfgs(store), resume=True)
+
+
 def test_resume_may_change_how_often_it_saves_and_still_finishes_exactly(store, tmp_path):
     """From a checkpoint between two reads of the dead count (step 21, read every 5 steps), with
     another --checkpoint-every: the same weights as a run never stopped."""

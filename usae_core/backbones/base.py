@@ -168,6 +168,10 @@ def load_state_dict_file(path: Path, name: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many types for bad files
+        if "Weights only load failed" in str(exc):  # torch's advice (weights_only=False) would run its code
+            raise UsaeError(f"backbone {name!r}: {path} holds pickled Python objects, not only tensors (a whole "
+                            "saved model?), and is not loaded, since unpickling can run code; save the model's "
+                            "state_dict() with torch.save, or as .safetensors") from None
         raise UsaeError(f"backbone {name!r}: cannot read weights {path}: {exc}".splitlines()[0]) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
