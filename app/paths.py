@@ -23,6 +23,9 @@ def resolve_run(arg: str | Path, settings: Settings) -> Path:
     return _resolve(arg, settings.runs_dir)
 
 
-def demo_images_dir(settings: Settings, small: bool) -> Path:
-    """Where the built-in demo image set lives: shared by `usae extract --images demo` and `usae demo`."""
-    return settings.data_dir / "images" / ("demo-small" if small else "demo")
+def demo_images_dir(settings: Settings, small: bool, seed: int = 0) -> Path:
+    """Where the built-in demo image set lives: shared by `usae extract --images demo` and `usae demo`.
+    Each seed has a folder of its own, so building another seed's set never changes the images
+    under stores extracted from the default one."""
+    name = "demo-small" if small else "demo"
+    return settings.data_dir / "images" / (name if seed == 0 else f"{name}-seed{seed}")

@@ -76,8 +76,8 @@ def build_images(settings: Settings, plan: DemoPlan, seed: int) -> tuple[Path, s
     from usae_core.demo_images import build_demo_set, demo_set_is_current
     from usae_core.images import FolderSource
 
-    root = demo_images_dir(settings, plan.small)
-    # A set from an older generator (or another seed) is rebuilt, and every later stage with it.
+    root = demo_images_dir(settings, plan.small, seed)
+    # A set from an older generator is rebuilt, and every later stage with it.
     reused = demo_set_is_current(root, seed, plan.small)
     if not reused:
         build_demo_set(root, seed=seed, small=plan.small, overwrite=True)

@@ -46,7 +46,7 @@ def extract_cmd(
     shard_images: Annotated[int, typer.Option(help="Images per store shard (the unit of resuming).")] = 256,
     random_init: Annotated[bool, typer.Option(help="Random weights (benchmarks and tests only).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (GPU).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store instead of resuming it (the old one stays until the new one is complete); with --images demo, also rebuild a demo set of another --seed.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store instead of resuming it (the old one stays until the new one is complete); with --images demo, also rebuild a demo set made by an older version.")] = False,
     distributed: Annotated[bool, typer.Option(help="Split shards over torchrun ranks.")] = False,
     data_dir: DataDir = None,
 ) -> None:
@@ -70,8 +70,8 @@ def extract_cmd(
             source = Path(images)
             if images == "demo":
                 # Rank 0 builds the set; the others then find it complete. --overwrite also rebuilds
-                # a set of another seed or version in place (the message asking for it says so).
-                demo_dir = demo_images_dir(settings, small)
+                # a set of an older generator version in place (the message asking for it says so).
+                demo_dir = demo_images_dir(settings, small, seed)
                 if ctx.rank == 0:
                     build_demo_set(demo_dir, seed=seed, small=small, overwrite=overwrite, progress=True)
                 if ctx.world_size > 1:

@@ -166,14 +166,14 @@ def test_the_cli_prints_the_interruption_in_one_line_and_exits_130(folder, tmp_p
     assert result.output.strip() == "interrupted after 4 of 6 images; rerun the same command to continue"
 
 
-def test_overwrite_rebuilds_a_demo_set_of_another_seed(tmp_path, monkeypatch):
-    """The error about a demo set of another seed says to pass --overwrite: it must reach the
-    demo set's build."""
+def test_a_demo_set_of_another_seed_gets_a_folder_of_its_own(tmp_path, monkeypatch):
+    """`--seed 1` builds images/demo-small-seed1 beside the default set, which stays as it was
+    (stores extracted from it keep showing their own images); it needs no --overwrite."""
     calls = []
     real = usae_core.demo_images.build_demo_set
 
     def small_build(out_dir, seed=0, small=False, **kw):
-        calls.append((seed, kw.get("overwrite", False)))
+        calls.append((Path(out_dir).name, seed))
         return real(out_dir, seed=seed, small=small, n_images=3, workers=1, overwrite=kw.get("overwrite", False))
 
     monkeypatch.setattr(usae_core.demo_images, "build_demo_set", small_build)
@@ -181,8 +181,9 @@ def test_overwrite_rebuilds_a_demo_set_of_another_seed(tmp_path, monkeypatch):
     data = tmp_path / "data"
     args = ["extract", "--images", "demo", "--small", "--out", "s", "--data-dir", str(data)]
     assert str(CliRunner().invoke(cli, args).exception) == "stop"
-    again = CliRunner().invoke(cli, [*args, "--seed", "1"])
-    assert "pass --overwrite to rebuild it" in str(again.exception)
-    CliRunner().invoke(cli, [*args, "--seed", "1", "--overwrite"])
-    assert calls[-2] == (1, True)
-    assert usae_core.demo_images.demo_set_is_current(data / "images" / "demo-small", 1, n_images=3)
+    default = {p.name: p.read_bytes() for p in (data / "images" / "demo-small").rglob("*") if p.is_file()}
+    assert str(CliRunner().invoke(cli, [*args, "--seed", "1"]).exception) == "stop"
+    assert ("demo-small-seed1", 1) in calls
+    assert usae_core.demo_images.demo_set_is_current(data / "images" / "demo-small-seed1", 1, n_images=3)
+    assert usae_core.demo_images.demo_set_is_current(data / "images" / "demo-small", 0, n_images=3)
+    assert {p.name: p.read_bytes() for p in (data / "images" / "demo-small").rglob("*") if p.is_file()} == default
