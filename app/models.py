@@ -436,6 +436,9 @@ class LabelHistory(Base):
     """One label edit: who, when, and the label, description and tags before and after."""
 
     __tablename__ = "label_history"
+    # Never reuse the id of a deleted edit (SQLite would, after `usae runs delete`): the newest id
+    # is part of every run's page-cache version (app/page_cache.py).
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"), index=True)

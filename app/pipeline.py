@@ -98,6 +98,8 @@ def extract(settings: Settings, plan: DemoPlan, images: Path, device: str, rebui
             store = ActivationStore.open(out)
         except UsaeError:
             pass  # missing or unfinished: extract (resuming an unfinished store)
+        if store is not None and Path(store.meta.get("image_root", images)).resolve() != Path(images).resolve():
+            store, rebuild = None, True  # extracted from another seed's set (each has a folder of its own)
     reused = store is not None
     if store is None:
         store = extract_store(images, default_backbones(), out, device=device, overwrite=rebuild)

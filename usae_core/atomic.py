@@ -150,8 +150,11 @@ def _building_folder(target: Path) -> Iterator[Path]:
     fd = os.open(start, os.O_RDONLY)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            not_inherited(fd)  # a render worker outliving a killed builder must not keep it alive
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                not_inherited(fd)  # a render worker outliving a killed builder must not keep it alive
+            except OSError:  # a file system that cannot lock a folder (some NFS): no cleaner can tell, none removes it
+                pass
         tmp = start.with_name(start.name[: -len(_STARTING)] + _BUILDING)
         try:
             os.replace(start, tmp)  # the lock belongs to the open folder, so it moves with it
@@ -199,9 +202,9 @@ def _remove_if_unlocked(folder: Path) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # its builder is running (BlockingIOError), or locks are not to be had here: keep it
         os.close(fd)
-        return False  # its builder is running
+        return False
     try:  # locked by us now: a builder that would take it is dead, none can come back
         shutil.rmtree(folder, ignore_errors=True)
     finally:

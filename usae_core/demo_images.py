@@ -372,8 +372,9 @@ def build_demo_set(out_dir: str | Path, seed: int = 0, small: bool = False, *, n
         if not overwrite:
             raise UsaeError(f"{out} holds a different demo set (another seed or version); pass --overwrite to "
                             "rebuild it (stores extracted from the old set would then show the new images)")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsaeError(f"{out} exists and is not a demo set; choose another directory")
+    elif out.exists() and any(out.iterdir()):  # someone's files: never replaced, --overwrite or not
+        raise UsaeError(f"{out} exists and is not a demo set; move it away or choose another directory "
+                        "(--overwrite only replaces a demo set)")
     workers = workers or min(8, os.cpu_count() or 1)
     for name in PHOTOS:  # load once here; forked workers inherit the cache
         _photo(name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -81,9 +82,11 @@ def exclusive_lock(target: str | os.PathLike, job: str, *, held: bool = True) ->
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = (os.pread(fd, 300, 0).decode(errors="replace").strip().splitlines() or ["unknown"])[0]
             os.close(fd)
-            if holder != "unknown" and not _is_running(holder):
+            pid, _, host = holder.partition(" on ")
+            # A holder on another machine (a shared disk) or in another container cannot be checked.
+            if holder != "unknown" and host in ("", socket.gethostname()) and not _is_running(pid):
                 # Its worker processes (forked before this fix, or by code that re-opens the
                 # file) still hold the lock for the seconds they take to notice.
                 raise UsaeError(f"{target} is still locked by child processes of a {job} (process {holder}) "
@@ -102,7 +105,7 @@ def exclusive_lock(target: str | os.PathLike, job: str, *, held: bool = True) ->
     _held_fds.add(fd)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         path.unlink(missing_ok=True)

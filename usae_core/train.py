@@ -7,10 +7,12 @@ rows, sum the reconstruction losses (+ an auxiliary dead-latent term), and take 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -147,12 +149,17 @@ class Trainer:
         return {
             "train": self.cfg.to_dict(),
             "store": str(Path(self.store.root).resolve()),
-            "store_fingerprint": store_fingerprint(self.store),
+            "store_fingerprint": self.store_fingerprint,
             "store_models": self.store.model_names,
             "world_size": self.world_size,
             "grid": list(self.store.grid),
             "step": self.step,
         }
+
+    @functools.cached_property
+    def store_fingerprint(self) -> str:
+        """Once per training: it hashes the store's image list, which can be large."""
+        return store_fingerprint(self.store)
 
     def save_checkpoint(self) -> None:
         if self.rank != 0:
@@ -222,10 +229,10 @@ class Trainer:
             for key, old in saved.get(part, {}).items()
             if key not in RESUME_MAY_CHANGE and old != given[part].get(key)
         ]
-        store = _store_difference(saved, self.store)
+        store = _store_difference(saved, self.store, self.store_fingerprint)
         differences += [store] if store else []
-        ranks = saved.get("world_size", 1)  # runs from before it was recorded trained on one process
-        if ranks != self.world_size:  # each rank's share of the token stream depends on how many there are
+        ranks = saved.get("world_size")  # absent in runs from before it was recorded: not checked
+        if ranks is not None and ranks != self.world_size:  # each rank's share of the token stream depends on it
             differences.append(f"torchrun ranks {ranks} vs {self.world_size}")
         if differences:
             raise UsaeError(
@@ -563,16 +570,23 @@ def store_fingerprint(store) -> str:
     return digest.hexdigest()
 
 
-def _store_difference(saved: dict, store) -> str | None:
-    """How `store` differs from the one a checkpoint was trained on, or None. Compared by content
-    when the checkpoint has a fingerprint (a moved store is the same store), else by path."""
+def _store_difference(saved: dict, store, fingerprint: str) -> str | None:
+    """How `store` (whose `store_fingerprint` is `fingerprint`) differs from the one a checkpoint
+    was trained on, or None. Compared by content when the checkpoint has a fingerprint (a moved
+    store is the same store); a checkpoint from before fingerprints accepts its own path, or a
+    store with its models and grid (with a warning: it cannot tell more)."""
     given = str(Path(store.root).resolve())
     if "store_fingerprint" in saved:
-        if saved["store_fingerprint"] == store_fingerprint(store):
+        if saved["store_fingerprint"] == fingerprint:
             return None
         if saved.get("store") == given:
             return f"--store {given} holds other activations than when the run started (extracted again?)"
-    elif saved.get("store") in (None, given):
+        return f"--store {saved.get('store')!r} vs {given!r}"
+    if saved.get("store") in (None, given):
+        return None
+    if saved.get("store_models") == list(store.model_names) and saved.get("grid") == list(store.grid):
+        log.warning("resuming a run trained on %s with %s, which has the same models and token grid "
+                    "(a run from before store fingerprints cannot be checked further)", saved.get("store"), given)
         return None
     return f"--store {saved.get('store')!r} vs {given!r}"
 
@@ -605,17 +619,24 @@ def _check_out_folder(out: Path, store) -> None:
 
 def _holds_a_run(folder: Path) -> bool:
     """Whether `folder` is empty or a run: its config.json is a USAE checkpoint's (a finished run,
-    whatever was added to it, e.g. `usae cam` images), it has checkpoints (a run cut short), or it
-    holds only what a run writes (a first run cut short before its first checkpoint)."""
-    if (folder / CHECKPOINT_DIR).is_dir():
-        return True
+    whatever was added to it, e.g. `usae cam` images), or it holds only what a run writes, with
+    checkpoints as a run names them (a run cut short). Many projects have a `checkpoints/`
+    folder of their own: that alone does not make a run, and --overwrite would delete it."""
     if (folder / CONFIG_FILE).exists():  # written atomically: a run's is whole, another is someone else's
         try:
             config = json.loads((folder / CONFIG_FILE).read_text())
         except (OSError, ValueError):
             return False
         return isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
+    checkpoints = folder / CHECKPOINT_DIR
+    if checkpoints.exists() and not (checkpoints.is_dir() and all(
+            _RUN_CHECKPOINT.fullmatch(p.name) for p in checkpoints.iterdir())):
+        return False
     return all(p.name in RUN_ENTRIES or _is_temporary(p.name) for p in folder.iterdir())
+
+
+_RUN_CHECKPOINT = re.compile(r"\.?step-\d{8}(\..+)?")
+"""A run's checkpoint folder (`step-00000500`), or one of a checkpoint write cut short (hidden)."""
 
 
 def _is_temporary(name: str) -> bool:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -126,3 +126,32 @@ def test_orphaned_media_of_deleted_runs_is_removed_and_nothing_else(seeded):
     assert not (media / "runs/9999").exists() and not (media / "cam/run-9999").exists()
     assert (media / "runs/not-a-run").is_dir() and (media / "cam/run-x").is_dir()
     assert (media / f"runs/{seeded.run.run_id}").is_dir() and (media / f"runs/{seeded.other.run_id}").is_dir()
+
+
+def test_pages_of_other_runs_stay_current_after_a_delete(web, seeded):
+    """The newest label edit's id is part of each run's page-cache version. Deleting the run that
+    held the newest edit must not let SQLite hand that id out again (migration 0012): the next
+    edit elsewhere would bring back a version already cached, and a stale page with it."""
+    run, other = seeded.run, seeded.other
+    client = sign_in_as(web, seeded, "alice")
+
+    def label(run_id: int, text: str, version: int) -> None:
+        page = client.get(f"/runs/{run_id}/concepts/0").text
+        r = client.post(f"/runs/{run_id}/concepts/0/label", data={
+            "csrf_token": csrf_from(page), "version": str(version), "label": text, "description": "", "tags": ""},
+            follow_redirects=False)
+        assert r.status_code == 303, r.text
+
+    with session_factory(seeded.settings.db_url)() as session:  # the other run's CAM image would change the version too
+        session.execute(delete(CamImage).where(CamImage.concept_id.in_(
+            select(Concept.id).where(Concept.run_id == other.run_id))))
+        session.commit()
+    label(run.run_id, "First name", 1)
+    label(other.run_id, "In the other run", 1)
+    assert "First name" in client.get(f"/runs/{run.run_id}/concepts/0").text  # cached now
+    with session_factory(seeded.settings.db_url)() as session:
+        delete_run(session, run=session.get(Run, other.run_id), media_dir=seeded.settings.media_dir)
+    label(run.run_id, "Second name", 2)
+    page = client.get(f"/runs/{run.run_id}/concepts/0").text
+    assert "Second name" in page and "First name" in page  # the new label, and the old one in its history
+    assert page.index("Second name") < page.index("First name")

@@ -137,6 +137,28 @@ def test_a_training_rebuild_cut_short_is_continued_not_started_again(demo, monke
     assert any(line.startswith("[4/4 mine]") and "reused" not in line for line in lines), lines  # re-mined
 
 
+def test_a_store_extracted_from_another_seeds_images_is_not_reused(demo, monkeypatch, tmp_path):
+    """Each seed has its own image folder, so going back to a seed whose images are current
+    must still extract again when the store was made from another seed's images."""
+    import usae_core.extract
+    from app import pipeline
+
+    data_dir, _ = demo
+    calls = []
+
+    def extract_store(*args, **kwargs):
+        calls.append(kwargs.get("overwrite"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(usae_core.extract, "extract_store", extract_store)
+    settings = Settings(data_dir=data_dir)
+    store, _, reused = pipeline.extract(settings, pipeline.SMALL, data_dir / "images" / "demo-small", "cpu", False)
+    assert reused and calls == []  # its own images: reused
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.extract(settings, pipeline.SMALL, tmp_path / "demo-small-seed1", "cpu", False)
+    assert calls == [True]  # another folder's images: extracted again, replacing the store
+
+
 def test_a_rebuild_cut_short_does_not_leave_old_outputs_looking_current(demo, monkeypatch):
     """New images make the store stale. If the rerun is stopped while extracting, the old store
     is still complete on disk (an overwrite only swaps at the end); the next run must extract

@@ -194,3 +194,20 @@ def test_an_output_that_is_a_file_is_never_replaced(tmp_path):
         with atomic_directory(precious, overwrite=True):
             pass
     assert precious.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_where_folders_cannot_be_locked_building_works_and_nothing_is_taken_for_abandoned(tmp_path, monkeypatch):
+    """Some NFS mounts refuse flock on a folder opened read-only (EBADF). Building must still
+    work there, and with no lock to tell a live builder from a dead one, no folder is removed."""
+    import errno
+
+    def refuse(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", refuse)
+    someone_elses = tmp_path / ".target.abcd1234.building"
+    someone_elses.mkdir()
+    with atomic.atomic_directory(tmp_path / "target") as tmp:
+        (tmp / "data.txt").write_text("built")
+    assert (tmp_path / "target" / "data.txt").read_text() == "built"
+    assert someone_elses.is_dir() and atomic.remove_abandoned_builds(tmp_path / "target") == []

@@ -123,5 +123,7 @@ def test_existing_set_is_reused_and_a_different_one_refused(demo, tmp_path):
         build_demo_set(demo, seed=9, n_images=N)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
-    with pytest.raises(UsaeError, match="not a demo set"):
-        build_demo_set(tmp_path / "taken", n_images=4)
+    for overwrite in (False, True):  # --overwrite replaces a demo set, never someone's folder
+        with pytest.raises(UsaeError, match="not a demo set"):
+            build_demo_set(tmp_path / "taken", n_images=4, overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["file"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ from usae_core.locks import exclusive_lock, lock_path
 def test_a_second_holder_is_refused_with_the_first_ones_process(tmp_path):
     target = tmp_path / "run"
     with exclusive_lock(target, "usae train"):
-        with pytest.raises(UsaeError, match=r"being written by another usae train \(process \d+\)"):
+        # The holder is named by process id and machine: the disk may be shared with other machines.
+        with pytest.raises(UsaeError, match=rf"being written by another usae train \(process \d+ on {socket.gethostname()}\)"):
             with exclusive_lock(target, "usae train"):
                 pass
     assert not lock_path(target).exists()
@@ -67,3 +69,26 @@ def test_a_child_forked_by_a_killed_holder_does_not_keep_the_output_locked(tmp_p
             pass
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_holder_on_another_machine_is_never_called_ended(tmp_path):
+    """Its process id means nothing here (a shared disk, another container): the message says the
+    output is being written, not that the holder ended, whatever runs here under that id."""
+    import fcntl
+    import os
+
+    target = tmp_path / "run"
+    fd = os.open(lock_path(target), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, b"999999 on another-machine\n", 0)
+        with pytest.raises(UsaeError, match=r"being written by another usae extract \(process 999999 on another-machine\)"):
+            with exclusive_lock(target, "usae extract"):
+                pass
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"999999 on {socket.gethostname()}\n".encode(), 0)  # this machine: that process is gone
+        with pytest.raises(UsaeError, match="has ended"):
+            with exclusive_lock(target, "usae extract"):
+                pass
+    finally:
+        os.close(fd)

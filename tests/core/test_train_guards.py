@@ -80,12 +80,15 @@ def test_an_out_that_is_a_file_is_refused_and_left_as_it_was(store, tmp_path, fl
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-@pytest.mark.parametrize("content", [{"thesis.tex": "years of work"}, {"config.json": '{"model_type": "vit"}'}])
+@pytest.mark.parametrize("content", [{"thesis.tex": "years of work"}, {"config.json": '{"model_type": "vit"}'},
+                                     {"train.py": "import torch", "checkpoints/epoch=3.ckpt": "weights"},
+                                     {"checkpoints/epoch=3.ckpt": "weights"}])
 @pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
 def test_a_folder_that_holds_no_run_is_neither_trained_in_nor_replaced(store, tmp_path, content, flags):
     out = tmp_path / "folder"
     out.mkdir()
     for name, text in content.items():
+        (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_text(text)
     with pytest.raises(UsaeError, match="holds no USAE run; .*--overwrite only replaces a run"):
         train_usae(store, out, *_cfgs(store), **flags)
@@ -178,12 +181,31 @@ def test_resume_on_another_store_is_refused_and_on_the_same_store_moved_continue
     assert config["step"] == 30 and config["store"] == str(moved.root.resolve())
 
 
+def test_a_run_from_before_fingerprints_resumes_on_its_store_moved(store, tmp_path, caplog):
+    """Checkpoints written before `store_fingerprint` and `world_size` were recorded: a store with
+    the run's models and grid is accepted, with a warning, and no rank count is demanded."""
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    for config_file in (run / "checkpoints").glob("step-*/config.json"):
+        config = json.loads(config_file.read_text())
+        del config["store_fingerprint"], config["world_size"]
+        config_file.write_text(json.dumps(config))
+    moved = ActivationStore.open(shutil.copytree(store.root, tmp_path / "moved"))
+    with caplog.at_level("WARNING", logger="usae_core.train"):
+        train_usae(moved, run, *_cfgs(moved), resume=True)
+    assert "same models and token grid" in caplog.text
+    assert json.loads((run / "config.json").read_text())["step"] == 30
+
+
 def test_resume_refuses_a_store_extracted_again_in_the_same_place(tmp_path):
     store = _store(tmp_path / "store")
     run = tmp_path / "run"
     _killed_after_25(store, run)
+    manifest = (store.root / "manifest.json").read_bytes()
+    # The same layout (shards, image ids, manifest): only the activations differ.
     again = import_activations(store.root, {"a": np.ones((64, 16, 12), np.float32), "b": np.ones((64, 16, 20), np.float32)},
-                               dtype="float32", shard_images=4, overwrite=True)
+                               dtype="float32", shard_images=8, overwrite=True)
+    assert (again.root / "manifest.json").read_bytes() == manifest
     with pytest.raises(UsaeError, match="holds other activations than when the run started"):
         train_usae(again, run, *_cfgs(again), resume=True)
 
