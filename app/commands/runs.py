@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Iterator
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
 from app.commands.core import DataDir
 from app.settings import settings_for
+from usae_core.errors import UsaeError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -78,6 +81,33 @@ def runs_delete_cmd(
         remove_orphaned_run_media(session, media_dir=media_dir)
     typer.echo(f"deleted run {name}; its run directory {run_dir} was kept (`usae mine` it again to bring it back, "
                "without its labels)")
+
+
+@runs_cli.command("export")
+def runs_export_cmd(
+    run: Annotated[str, typer.Argument(help="Name (or id) of the run, as `usae runs list` shows it.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV file to write (default: standard output).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Write every concept of a run as CSV: the explorer's Download CSV, dead concepts included."""
+    from usae_core.atomic import atomic_path
+
+    from app.schemas.concepts import ConceptFilters
+    from app.services.concept_table import concept_csv
+    from app.services.runs import find_run
+
+    with _database(data_dir) as (session, _):
+        target = find_run(session, run)
+        body = concept_csv(session, run=target, filters=ConceptFilters(sort="index", show_dead=True))
+    if out is None:
+        typer.echo(body, nl=False)
+        return
+    if out.is_dir():
+        raise UsaeError(f"--out {out} is a folder; name a file, e.g. {out / (target.name + '-concepts.csv')}")
+    with atomic_path(out) as tmp:  # an interrupted export never leaves half a table
+        tmp.write_text("\ufeff" + body, encoding="utf-8", newline="")
+    typer.echo(f"wrote {len(list(csv.reader(io.StringIO(body)))) - 1:,} concepts of run {target.name} to {out}",
+               err=True)
 
 
 def _some(n: int, thing: str) -> str:

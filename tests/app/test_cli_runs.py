@@ -3,6 +3,8 @@ only when nothing is still working on it, and its neighbours are untouched."""
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from pathlib import Path
 
@@ -155,3 +157,26 @@ def test_pages_of_other_runs_stay_current_after_a_delete(web, seeded):
     page = client.get(f"/runs/{run.run_id}/concepts/0").text
     assert "Second name" in page and "First name" in page  # the new label, and the old one in its history
     assert page.index("Second name") < page.index("First name")
+
+
+def test_export_writes_the_explorers_csv_of_every_concept(web, seeded, tmp_path):
+    """`usae runs export` is the browser's Download CSV with dead concepts shown, by number: to
+    a file (atomically, with the BOM a spreadsheet needs) or to standard output."""
+    run = seeded.run
+    where = ["--data-dir", str(seeded.data_dir)]
+    client = sign_in_as(web, seeded, "alice")
+    from_web = client.get(f"/runs/{run.run_id}/concepts.csv?show_dead=1&sort=index").content
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    target = exports / "audit.csv"
+    written = _usae("runs", "export", "demo-run", "--out", str(target), *where)
+    assert written.exit_code == 0, written.output
+    assert target.read_bytes() == from_web
+    assert f"wrote {run.n_concepts} concepts of run demo-run" in written.output
+    printed = _usae("runs", "export", str(run.run_id), *where)
+    assert not printed.stdout.startswith("\ufeff")  # no BOM in a pipe
+    rows = list(csv.reader(io.StringIO(printed.stdout)))
+    assert rows == list(csv.reader(io.StringIO(from_web.decode("utf-8-sig")))) and len(rows) == run.n_concepts + 1
+    folder = _usae("runs", "export", "demo-run", "--out", str(exports), *where)
+    assert "is a folder; name a file" in str(folder.exception)
+    assert [p.name for p in exports.iterdir()] == ["audit.csv"]  # no temporary file left behind
