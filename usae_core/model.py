@@ -189,7 +189,9 @@ class USAE(nn.Module):
         config = {"format": CHECKPOINT_FORMAT, "version": 1, "usae": self.cfg.to_dict(), **(extra_config or {})}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             mode = tmp.stat().st_mode & 0o777  # what atomic_path gave it: a plain open's mode under the umask
-            save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "config": json.dumps(config)})
+            # One metadata entry: safetensors writes several in a random order, and the same
+            # weights would then give different bytes (config already names the format).
+            save_file(tensors, str(tmp), metadata={"config": json.dumps(config)})
             tmp.chmod(mode)  # save_file recreates the file private (0600): a server of another user must read it
         atomic_write_json(directory / CONFIG_FILE, config)
 

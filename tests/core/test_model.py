@@ -87,6 +87,21 @@ def test_checkpoint_round_trip_with_documented_names(tmp_path):
     torch.testing.assert_close(model(x, "vit", "cnn"), loaded(x, "vit", "cnn"))
 
 
+def test_the_same_weights_save_to_the_same_bytes(tmp_path):
+    """Saved runs can be compared byte for byte (a reproduced run, a cache key): safetensors
+    writes several metadata entries in a random order, so the header holds one."""
+    from safetensors import safe_open
+
+    model = _model()
+    saved = set()
+    for i in range(6):
+        model.save_pretrained(tmp_path / str(i))
+        saved.add((tmp_path / str(i) / "usae.safetensors").read_bytes())
+    assert len(saved) == 1
+    with safe_open(str(tmp_path / "0" / "usae.safetensors"), "pt") as f:  # the header repeats config.json
+        assert json.loads(f.metadata()["config"]) == json.loads((tmp_path / "0" / "config.json").read_text())
+
+
 def test_loading_a_non_run_is_a_clear_error(tmp_path):
     with pytest.raises(UsaeError, match="not a USAE run"):
         USAE.from_pretrained(tmp_path)
