@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.db import session_factory
-from app.models import Concept, ConceptDefectIoU, ConceptModelStats, ConceptTag, RunModel, ShareLink
+from app.models import Concept, ConceptDefectIoU, ConceptModelStats, ConceptTag, Run, RunModel, ShareLink
 from tests.app.webapp import csrf_from
 
 
@@ -127,3 +127,26 @@ def test_audit_links_download_only_their_scope(web_client, seeded):
             session.execute(update(ShareLink).values(revoked_at=ShareLink.created_at))
             session.commit()
         assert holder.get(f"{paths['run']}/runs/{run.run_id}/concepts.csv").status_code == 410
+
+
+def test_the_table_reads_the_same_on_sqlite_and_postgres(db_url, data_dir):
+    """A team's shared Postgres gives the same table as the SQLite file: every concept, tags in
+    order, the best IoU per defect type over the models."""
+    from app.schemas.concepts import ConceptFilters
+    from app.services.concept_table import concept_csv
+    from tests.app.seed import seed_run
+
+    with session_factory(db_url)() as session:
+        seeded = seed_run(session, data_dir / "media", write_files=False)
+        concept = session.scalar(select(Concept).where(Concept.run_id == seeded.run_id, Concept.index == 2))
+        concept.label = "-1 cm dent"
+        session.add_all([ConceptTag(concept_id=concept.id, tag="zeta"), ConceptTag(concept_id=concept.id, tag="alpha")])
+        session.commit()
+        run = session.get(Run, seeded.run_id)
+        text = concept_csv(session, run=run, filters=ConceptFilters(sort="index", show_dead=True))
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [int(r["concept"]) for r in rows] == list(range(seeded.n_concepts))
+    assert rows[2]["label"] == "'-1 cm dent" and rows[2]["tags"] == "alpha; zeta"
+    assert float(rows[2]["crack best IoU"]) == pytest.approx(0.4) and rows[2]["scratch best IoU"] == ""
+    assert float(rows[3]["scratch best IoU"]) == pytest.approx(0.5)
+    assert {r["status"] for r in rows} == {"universal", "model-specific", "dead"}
