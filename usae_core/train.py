@@ -235,10 +235,16 @@ class Trainer:
         if ranks is not None and ranks != self.world_size:  # each rank's share of the token stream depends on it
             differences.append(f"torchrun ranks {ranks} vs {self.world_size}")
         if differences:
+            # Settings `usae train` has no option for came from `usae demo` or the Python API.
+            unflagged = [key for part in ("usae", "train") for key in saved.get(part, {})
+                         if key not in _FLAGS and key not in RESUME_MAY_CHANGE and key != "model_dims"
+                         and saved[part][key] != given[part].get(key)]
+            where = (f" ({', '.join(unflagged)} {'has' if len(unflagged) == 1 else 'have'} no `usae train` option: "
+                     "continue the run with the command or code that started it, e.g. `usae demo`)" if unflagged else "")
             raise UsaeError(
                 f"--resume continues {ckpt.parent.parent} with the settings it was started with, but these "
-                f"differ (saved vs given): {'; '.join(differences)}; resume with the saved values, or start a new "
-                f"run with --overwrite or another --out (only --device and --checkpoint-every may change)")
+                f"differ (saved vs given): {'; '.join(differences)}; resume with the saved values{where}, or start "
+                f"a new run with --overwrite or another --out (only --device and --checkpoint-every may change)")
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / METRICS_FILE

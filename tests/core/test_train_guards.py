@@ -150,6 +150,18 @@ def test_resume_under_another_number_of_torchrun_ranks_is_refused(store, tmp_pat
         train_usae(store, run, *_cfgs(store), resume=True)
 
 
+def test_a_setting_with_no_train_option_says_where_it_came_from(store, tmp_path):
+    """`usae demo` sets warmup_steps, which `usae train` has no option for: asking for the saved
+    value alone would leave the user stuck, so the message says to continue the run as it began."""
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    with pytest.raises(UsaeError, match=r"warmup_steps 5 vs 7; .*warmup_steps has no `usae train` option.*usae demo"):
+        train_usae(store, run, *_cfgs(store, warmup_steps=7), resume=True)
+    with pytest.raises(UsaeError) as flagged:
+        train_usae(store, run, *_cfgs(store, lr=0.01), resume=True)
+    assert "--lr 0.001 vs 0.01" in str(flagged.value) and "no `usae train` option" not in str(flagged.value)
+
+
 def test_resume_may_change_how_often_it_saves_and_still_finishes_exactly(store, tmp_path):
     """From a checkpoint between two reads of the dead count (step 21, read every 5 steps), with
     another --checkpoint-every: the same weights as a run never stopped."""
