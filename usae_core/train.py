@@ -223,12 +223,10 @@ class Trainer:
         and its config.json would then describe neither."""
         given = {"usae": self.model.cfg.to_dict(), "train": self.cfg.to_dict()}
         given = json.loads(json.dumps(given))  # as read back from config.json: tuples become lists
-        differences = [
-            f"{_FLAGS.get(key, key)} {old!r} vs {given[part].get(key)!r}"
-            for part in ("usae", "train")
-            for key, old in saved.get(part, {}).items()
-            if key not in RESUME_MAY_CHANGE and old != given[part].get(key)
-        ]
+        changed = [(key, old, given[part].get(key)) for part in ("usae", "train")
+                   for key, old in saved.get(part, {}).items()
+                   if key not in RESUME_MAY_CHANGE and old != given[part].get(key)]
+        differences = [f"{_FLAGS.get(key, key)} {old!r} vs {new!r}" for key, old, new in changed]
         store = _store_difference(saved, self.store, self.store_fingerprint)
         differences += [store] if store else []
         ranks = saved.get("world_size")  # absent in runs from before it was recorded: not checked
@@ -236,9 +234,7 @@ class Trainer:
             differences.append(f"torchrun ranks {ranks} vs {self.world_size}")
         if differences:
             # Settings `usae train` has no option for came from `usae demo` or the Python API.
-            unflagged = [key for part in ("usae", "train") for key in saved.get(part, {})
-                         if key not in _FLAGS and key not in RESUME_MAY_CHANGE and key != "model_dims"
-                         and saved[part][key] != given[part].get(key)]
+            unflagged = [key for key, _, _ in changed if key not in _FLAGS and key != "model_dims"]
             where = (f" ({', '.join(unflagged)} {'has' if len(unflagged) == 1 else 'have'} no `usae train` option: "
                      "continue the run with the command or code that started it, e.g. `usae demo`)" if unflagged else "")
             raise UsaeError(
@@ -695,8 +691,8 @@ def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, wor
 
 
 def _interrupted_overwrite_message(out: Path, new: Path, has_run: bool) -> str:
-    steps = [int(p.name[5:]) for p in (new / CHECKPOINT_DIR).glob("step-*") if p.name[5:].isdigit()]
-    progress = f"checkpointed at step {max(steps)}" if steps else "no checkpoint yet"
+    newest = _newest_checkpoint_step(new)
+    progress = f"checkpointed at step {newest}" if newest is not None else "no checkpoint yet"
     keep = f"to keep the run in {out} as it is" if has_run else "to start a run from scratch"
     return (f"an interrupted --overwrite of {out} left its new run in {new} ({progress}); pass --resume to "
             f"continue that new run (it replaces {out.name} when it finishes), --overwrite to start it again, "

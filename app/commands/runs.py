@@ -93,7 +93,7 @@ def runs_export_cmd(
     from usae_core.atomic import atomic_path
 
     from app.schemas.concepts import ConceptFilters
-    from app.services.concept_table import concept_csv
+    from app.services.concept_table import EXCEL_BOM, concept_csv
     from app.services.runs import find_run
 
     with _database(data_dir) as (session, _):
@@ -105,7 +105,7 @@ def runs_export_cmd(
     if out.is_dir():
         raise UsaeError(f"--out {out} is a folder; name a file, e.g. {out / (target.name + '-concepts.csv')}")
     with atomic_path(out) as tmp:  # an interrupted export never leaves half a table
-        tmp.write_text("\ufeff" + body, encoding="utf-8", newline="")
+        tmp.write_text(EXCEL_BOM + body, encoding="utf-8", newline="")
     typer.echo(f"wrote {len(list(csv.reader(io.StringIO(body)))) - 1:,} concepts of run {target.name} to {out}",
                err=True)
 

@@ -16,7 +16,7 @@ from app.params import FormInt, PathInt, readable_problems
 from app.schemas.concepts import ConceptDetail, ConceptFilters, ConceptPage
 from app.schemas.labels import LabelConflictBody, LabelEdit, LabelState
 from app.services.cam import cam_unavailable
-from app.services.concept_table import concept_csv
+from app.services.concept_table import EXCEL_BOM, concept_csv
 from app.services.concepts import browse_concepts, browse_page, concept_detail, get_concept
 from app.services.labels import LabelConflict, parse_tags, update_label
 from app.templating import render
@@ -92,8 +92,7 @@ def pages(viewer_dep: Any) -> APIRouter:
         run = _browsed_run(session, viewer, run_id, filters)
         body = concept_csv(session, run=run, filters=filters, scope=viewer.concept_scope)
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", run.name).strip("-.") or f"run-{run.id}"
-        # A byte-order mark, so Excel reads the file as UTF-8 (labels are any language).
-        return Response("\ufeff" + body, media_type="text/csv; charset=utf-8",
+        return Response(EXCEL_BOM + body, media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}-concepts.csv"'})
 
     @router.get("/runs/{run_id}/concepts/{index}", response_class=HTMLResponse)

@@ -25,6 +25,7 @@ from app.models import CamImage, Job, RunModel
 from app.services.concepts import get_concept
 from app.services.explain import load_backbones
 from app.services.jobs import JobCancelled, finish_job
+from app.services.runs import run_media_folders
 from app.services.runs_view import get_run
 from app.settings import Settings
 from usae_core.atomic import atomic_write_bytes
@@ -56,7 +57,7 @@ def cam_unavailable(models: Iterable[RunModel]) -> str | None:
 
 def cam_dir(run_id: int, concept_index: int) -> str:
     """Where a concept's CAM images live, relative to the media directory."""
-    return f"cam/run-{run_id}/concept-{concept_index}"
+    return f"{run_media_folders(run_id)[1]}/concept-{concept_index}"
 
 
 def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, progress) -> str:

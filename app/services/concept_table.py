@@ -23,6 +23,10 @@ from app.services.concepts import UNIVERSAL_ENTROPY, conditions, order_by
 _CHUNK = 2000
 """Concepts per query of their statistics: IN lists far below every database's limit."""
 
+EXCEL_BOM = "\ufeff"
+"""Put before a CSV file's text: without the byte-order mark Excel reads UTF-8 as a legacy code
+page, and labels in any language come out garbled."""
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 """A text cell starting with one of these is a formula to Excel and LibreOffice."""
 

@@ -46,7 +46,7 @@ from app.models import (
 from app.schemas.concepts import MinedCard, ModelFiring, Thumb
 from app.services import card_html
 from app.services.concepts import card_ranks
-from app.services.runs import register_run, training_curve
+from app.services.runs import register_run, run_media_folders, training_curve
 from app.services.runs_view import mining_owner
 from usae_core import render
 from usae_core.atomic import atomic_path
@@ -416,7 +416,7 @@ def _status_after_stopping(run: Run, ids: _RunIds, exc: BaseException) -> tuple[
 
 def _run_media(run_id: int) -> str:
     """The folder of a run's generation media folders, relative to the media directory."""
-    return f"runs/{run_id}"
+    return run_media_folders(run_id)[0]
 
 
 def _media_prefix(run_id: int, generation_id: int) -> str:

@@ -149,7 +149,8 @@ def run_contents(session: Session, *, run: Run) -> RunContents:
 
 
 def run_media_folders(run_id: int) -> tuple[str, str]:
-    """The run's folders under the media directory: its mining generations and its CAM images."""
+    """The run's folders under the media directory: its mining generations and its CAM images.
+    Mining and CAM jobs write inside them; `delete_run` removes them."""
     return f"runs/{run_id}", f"cam/run-{run_id}"
 
 
