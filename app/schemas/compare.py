@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.schemas.concepts import Thumb
 from app.schemas.runs import RunSummary
 
 
@@ -17,6 +18,8 @@ class PairConcept(BaseModel):
     energy: float
     group: Literal["shared", "only_a", "only_b", ""] = Field(
         "", description="shared (balanced firing), only_a / only_b (>= 90% of firing in one model), or neither")
+    image_a: Thumb | None = Field(None, description="The concept's strongest image in model A (listed concepts only)")
+    image_b: Thumb | None = Field(None, description="The concept's strongest image in model B (listed concepts only)")
 
 
 class Comparison(BaseModel):

@@ -9,8 +9,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from app.models import Concept, ConceptModelStats, Run
+from app.models import Concept, ConceptModelStats, ConceptTopImage, Image, Run
 from app.schemas.compare import Comparison, PairConcept
+from app.schemas.concepts import Thumb
 from app.services.runs_view import run_summary
 from usae_core.errors import UsaeError
 
@@ -40,6 +41,24 @@ def pair_group(frequency_a: float, frequency_b: float) -> str:
     return ""
 
 
+def _strongest_images(session: Session, run: Run, concept_ids: dict[int, int],
+                      models: dict[int, str]) -> dict[tuple[int, str], Thumb]:
+    """(concept index, model name) -> the concept's strongest image in that model (rank 0 of
+    the active mine), for the concepts and models given (concept id -> index, model id -> name)."""
+    if not concept_ids or run.active_generation_id is None:
+        return {}
+    rows = session.execute(
+        select(ConceptTopImage.concept_id, ConceptTopImage.run_model_id, ConceptTopImage.activation,
+               ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
+        .join(Image, Image.id == ConceptTopImage.image_id)
+        .where(ConceptTopImage.generation_id == run.active_generation_id, ConceptTopImage.rank == 0,
+               ConceptTopImage.concept_id.in_(concept_ids), ConceptTopImage.run_model_id.in_(models)))
+    return {(concept_ids[concept_id], models[model_id]):
+            Thumb(model=models[model_id], rank=0, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
+                  image_key=key)
+            for concept_id, model_id, activation, heatmap, thumbnail, key in rows}
+
+
 def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) -> Comparison:
     models = {m.name: m for m in run.models}
     for name in (model_a, model_b):
@@ -51,22 +70,32 @@ def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) ->
     position = {m.name: i for i, m in enumerate(run.models)}  # rows and columns of the R² matrix
     stats_a, stats_b = aliased(ConceptModelStats), aliased(ConceptModelStats)
     rows = session.execute(
-        select(Concept.index, Concept.label, Concept.energy, stats_a.frequency, stats_b.frequency)
+        select(Concept.id, Concept.index, Concept.label, Concept.energy, stats_a.frequency, stats_b.frequency)
         .join(stats_a, (stats_a.concept_id == Concept.id) & (stats_a.run_model_id == a.id))
         .join(stats_b, (stats_b.concept_id == Concept.id) & (stats_b.run_model_id == b.id))
         .where(Concept.run_id == run.id, (stats_a.frequency > 0) | (stats_b.frequency > 0))
     ).all()
     pairs = [PairConcept(index=i, label=label, energy=e, frequency_a=fa, frequency_b=fb, group=pair_group(fa, fb))
-             for i, label, e, fa, fb in rows]
+             for _, i, label, e, fa, fb in rows]
     shared = sorted((p for p in pairs if p.group == "shared"), key=lambda p: (-(p.frequency_a + p.frequency_b), p.index))
     unique_a = sorted((p for p in pairs if p.group == "only_a"), key=lambda p: (-p.frequency_a, p.index))
     unique_b = sorted((p for p in pairs if p.group == "only_b"), key=lambda p: (-p.frequency_b, p.index))
+    n_shared, n_unique_a, n_unique_b = len(shared), len(unique_a), len(unique_b)
+    shared, unique_a, unique_b = shared[:LIST_LENGTH], unique_a[:LIST_LENGTH], unique_b[:LIST_LENGTH]
+    listed = {p.index for p in (*shared, *unique_a, *unique_b)}
+    images = _strongest_images(session, run, {cid: i for cid, i, *_ in rows if i in listed},
+                               {a.id: model_a, b.id: model_b})
+
+    def with_images(listing: list[PairConcept]) -> list[PairConcept]:
+        return [p.model_copy(update={"image_a": images.get((p.index, model_a)),
+                                     "image_b": images.get((p.index, model_b))}) for p in listing]
+
     by_frequency = sorted(pairs, key=lambda p: (-(p.frequency_a + p.frequency_b), p.index))
     return Comparison(
         run=run_summary(run), model_a=model_a, model_b=model_b,
         r2_a_to_b=_r2(run, position[model_a], position[model_b]),
         r2_b_to_a=_r2(run, position[model_b], position[model_a]),
-        shared=shared[:LIST_LENGTH], unique_a=unique_a[:LIST_LENGTH], unique_b=unique_b[:LIST_LENGTH],
-        n_shared=len(shared), n_unique_a=len(unique_a), n_unique_b=len(unique_b),
+        shared=with_images(shared), unique_a=with_images(unique_a), unique_b=with_images(unique_b),
+        n_shared=n_shared, n_unique_a=n_unique_a, n_unique_b=n_unique_b,
         points=by_frequency[:SCATTER_MAX_POINTS], points_total=len(pairs),
     )

@@ -167,8 +167,23 @@ def test_compare_page_and_api(client, data):
         want = "shared" if 0.25 <= part_a <= 0.75 else "only_a" if part_a >= 0.9 else "only_b" if part_a <= 0.1 else ""
         assert p["group"] == want, p
     assert {p["group"] for p in body["points"] if p["index"] in run.only_first} == {"only_a"}
+    # A listed concept carries its strongest image (rank 0) in each model where it has one.
+    for p in body["shared"]:
+        for side, model in (("image_a", "vit_s"), ("image_b", "clip_b")):
+            assert p[side]["rank"] == 0 and p[side]["model"] == model
+            assert p[side]["heatmap"].endswith(f"/heatmaps/{p['index']}/{model}-0.png"), p
+    assert body["unique_a"] and all(p["image_a"] and p["image_b"] is None for p in body["unique_a"])
+    assert all(p["image_a"] is None for p in body["points"])  # the scatter needs no images
     html = client.get(f"/runs/{run.run_id}/compare?a=cnn_m&b=vit_s").text
     assert 'id="r2-ab">0.650<' in html
+    listed = client.get(f"/api/runs/{run.run_id}/compare", params={"a": "cnn_m", "b": "vit_s"}).json()
+    shown = [p for key in ("shared", "unique_a", "unique_b") for p in listed[key]]
+    for p in shown:
+        for side in ("image_a", "image_b"):
+            if p[side]:
+                assert f'src="/media/{p[side]["heatmap"]}"' in html, p
+    assert html.count('class="heat mini"') == sum(bool(p[s]) for p in shown for s in ("image_a", "image_b"))
+    assert html.count('class="heat mini blank"') == sum(not p[s] for p in shown for s in ("image_a", "image_b"))
     assert f'<a href="/runs/{run.run_id}/concepts/1">' in html  # scatter points link to concepts
     points = re.findall(r'<circle class="point ([a-z-]+)"', html)
     assert points and set(points) <= {"shared", "only-a", "only-b", "between"} and "shared" in points

@@ -61,8 +61,9 @@ def test_run_link_shows_the_run_read_only(web_client, holder, seeded):
     assert 'id="cam"' not in no_cam
     assert "No CAM image yet" not in no_cam and 'class="cam-slot"' not in no_cam  # no empty slot per model
     assert concept.text.count('class="cam-slot"') == len(run.models)  # one has an image: all columns say
-    assert holder.get(f"{path}/runs/{run.run_id}/compare").status_code == 200
-    for img in re.findall(r'<img src="([^"]+)"', concept.text):
+    compare = holder.get(f"{path}/runs/{run.run_id}/compare")
+    assert compare.status_code == 200 and 'class="heat mini"' in compare.text
+    for img in re.findall(r'<img (?:class="layer" )?src="([^"]+)"', concept.text + compare.text):
         assert img.startswith(path + "/media/"), img
         assert holder.get(img).status_code == 200
     assert holder.cookies.get("usae_session") is None  # holders get no session

@@ -292,9 +292,19 @@ def test_layout_fits_laptop_and_projector(new_context, analyst_state, site):
         page = new_context(viewport, analyst_state).new_page()
         page.goto(f"{site.base}/runs/{site.run_id}/compare")
         tables = ", ".join(f"#{key} table" for key in ("shared", "unique-a", "unique-b"))
+        # A model column holds the concept's strongest image beside the number: the number on one
+        # line, level with its image rather than under it.
         lines = page.eval_on_selector_all(tables.replace("table", "td.num"), """tds => tds.map(td => {
-            const range = document.createRange(); range.selectNodeContents(td); return range.getClientRects().length; })""")
+            const number = td.querySelector('.pair-freq > span:last-child') || td;
+            const range = document.createRange(); range.selectNodeContents(number);
+            const image = td.querySelector('.heat.mini');
+            if (image) {
+                const a = image.getBoundingClientRect(), b = number.getBoundingClientRect();
+                if (Math.abs((a.top + a.bottom) / 2 - (b.top + b.bottom) / 2) > 2) return 'not level';
+            }
+            return range.getClientRects().length; })""")
         assert lines and set(lines) == {1}, (viewport, lines)
+        assert page.locator(tables.replace("table", ".heat.mini")).count() > 0
         assert page.eval_on_selector_all(tables, "ts => ts.filter(t => t.parentElement.scrollWidth > t.parentElement.clientWidth).length") == 0
 
 
