@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.concepts import Thumb
+from app.schemas.images import Thumb
 from app.schemas.runs import RunSummary
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.schemas.images import Thumb
 from app.schemas.runs import RunSummary
 
 MAX_PAGE = 10**9
@@ -59,15 +60,6 @@ class ModelFiring(BaseModel):
     share: float = Field(description="This model's part of the concept's firings")
     cofire: float
     max_activation: float
-
-
-class Thumb(BaseModel):
-    model: str
-    rank: int
-    activation: float
-    heatmap: str = Field(description="Path under /media")
-    thumbnail: str | None
-    image_key: str
 
 
 class MinedCard(BaseModel):

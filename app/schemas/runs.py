@@ -6,6 +6,8 @@ import datetime as dt
 
 from pydantic import BaseModel, Field
 
+from app.schemas.images import Thumb
+
 
 class ModelInfo(BaseModel):
     name: str
@@ -69,6 +71,8 @@ class LabelledConcept(BaseModel):
     label: str
     tags: list[str]
     frequency: dict[str, float] = Field(description="Model name -> share of its tokens the concept fires on")
+    images: dict[str, Thumb] = Field(default_factory=dict,
+                                     description="Model name -> the concept's strongest image in it (if it has one)")
 
 
 class RunOverview(BaseModel):

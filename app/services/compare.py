@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, aliased
 
 from app.models import Concept, ConceptModelStats, ConceptTopImage, Image, Run
 from app.schemas.compare import Comparison, PairConcept
-from app.schemas.concepts import Thumb
+from app.schemas.images import Thumb
 from app.services.runs_view import run_summary
 from usae_core.errors import UsaeError
 

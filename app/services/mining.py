@@ -43,7 +43,8 @@ from app.models import (
     Run,
     utcnow,
 )
-from app.schemas.concepts import MinedCard, ModelFiring, Thumb
+from app.schemas.concepts import MinedCard, ModelFiring
+from app.schemas.images import Thumb
 from app.services import card_html
 from app.services.concepts import card_ranks
 from app.services.runs import register_run, run_media_folders, training_curve

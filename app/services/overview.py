@@ -49,7 +49,8 @@ def run_overview(session: Session, *, run: Run) -> RunOverview:
         cofire_energy=[ScatterConcept(index=i, label=label, energy=e, cofire=c, firing_entropy=h)
                        for i, label, e, c, h in strongest],
         cofire_energy_total=len(entropies), best_per_defect=_best_per_defect(session, run),
-        labelled=[LabelledConcept(index=c.index, label=c.label, tags=c.tags, frequency=c.frequencies())
+        labelled=[LabelledConcept(index=c.index, label=c.label, tags=c.tags, frequency=c.frequencies(),
+                                  images={t.model: t for t in c.thumbs if t.rank == 0})
                   for c in concept_cards(session, run=run, concepts=list(session.scalars(
                       select(Concept).where(live, Concept.label != "").order_by(Concept.energy.desc(), Concept.index)
                       .limit(LABELLED_SHOWN))))],

@@ -37,7 +37,8 @@ from app.models import (
     RunModel,
     User,
 )
-from app.schemas.concepts import MinedCard, ModelFiring, Thumb
+from app.schemas.concepts import MinedCard, ModelFiring
+from app.schemas.images import Thumb
 from app.security import hash_password
 from app.services import card_html
 from app.services.concepts import card_ranks

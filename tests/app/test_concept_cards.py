@@ -24,7 +24,8 @@ from app.models import (
     Image,
     Run,
 )
-from app.schemas.concepts import MinedCard, ModelFiring, Thumb
+from app.schemas.concepts import MinedCard, ModelFiring
+from app.schemas.images import Thumb
 from app.services import card_html
 from app.services import mining as mining_service
 from app.services.concepts import card_ranks, concept_cards

@@ -228,11 +228,19 @@ def test_overview_lists_labelled_concepts_with_each_models_firing(web_client, se
     assert firing[run.models[0]] > 0 and all(firing.get(m, 0) == 0 for m in run.models[1:])
     detail = web_client.get(f"/api/runs/{run.run_id}/concepts/{first}").json()
     assert firing == {f["model"]: f["frequency"] for f in detail["card"]["firing"]}
+    # Beside each model's firing, the concept's strongest image there: the concept page's rank 0.
+    strongest = {c["model"]: c["top_images"][0] for c in detail["columns"] if c["top_images"]}
+    assert set(strongest) == {run.models[0]} and rows[first]["images"] == strongest
+    assert set(rows[run.universal[0]]["images"]) == set(run.models)
 
     panel = web_client.get(f"/runs/{run.run_id}").text.split('id="labelled"')[1]
     assert 'id="labelled-empty"' not in panel
     assert "Crack &lt;edge&gt;" in panel and "<edge>" not in panel
     assert f'href="/runs/{run.run_id}/concepts/{first}"' in panel
+    for model, image in strongest.items():
+        assert f'src="/media/{image["heatmap"]}"' in panel
+    assert panel.count('class="heat mini"') == len(run.models) + 1  # all for the universal one, one for "Stain"
+    assert panel.count('class="heat mini blank"') == len(run.models) - 1
     headers = [f'<th class="model-name">{m.replace("_", "_<wbr>")}</th>' for m in run.models]  # wrap after '_'
     assert all(h in panel for h in headers)
 
