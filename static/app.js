@@ -22,6 +22,18 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
+// The arrow keys step through concepts (a concept page's previous/next) and through the
+// browser's pages: they follow the page's rel=prev / rel=next link. Not while typing in a field,
+// with a modifier held (browser shortcuts), or with an enlarged image open.
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+  if (event.defaultPrevented || event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
+  if (event.target.closest && event.target.closest("input, textarea, select, [contenteditable]")) return;
+  if (location.hash.startsWith("#zoom-")) return;
+  const link = document.querySelector(event.key === "ArrowLeft" ? "a[rel=prev]" : "a[rel=next]");
+  if (link) { event.preventDefault(); link.click(); }
+});
+
 // However a lightbox closes (Escape, Close, the backdrop), keyboard focus goes back to the
 // thumbnail that opened it, not to the top of the page.
 window.addEventListener("hashchange", (event) => {

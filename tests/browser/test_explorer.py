@@ -94,6 +94,27 @@ def test_concept_page_shows_every_models_images(analyst, site):
     assert first.evaluate("a => a === document.activeElement")
 
 
+def test_arrow_keys_step_through_concepts_but_not_while_typing(analyst, site):
+    page = analyst
+    here = f"{site.base}/runs/{site.run_id}/concepts/{site.concept}"
+    page.goto(here)
+    following = page.locator("a[rel=next]").get_attribute("href")
+    page.locator("#label-form input[name=label]").click()
+    page.keyboard.press("ArrowRight")  # moves the caret, not the page
+    page.wait_for_timeout(300)
+    assert page.url == here
+    page.locator("h1").click()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(f"{site.base}{following}")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(here)
+    # On the browser, the same keys turn its pages.
+    page.goto(f"{site.base}/runs/{site.run_id}/concepts?per_page=24")
+    page.locator("h1").click()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url("**page=2**")
+
+
 def test_start_and_cancel_a_cam_job(analyst, site):
     """The CAM panel: refused while no model records its backbone; then start a job, watch it
     wait for a worker (none runs here), cancel it."""
