@@ -355,8 +355,6 @@ class ConceptCardData(Base):
     firing_html: Mapped[str | None] = mapped_column(Text)
     html_format: Mapped[str | None] = mapped_column(String(32))
     """`card_html.FORMAT` of the template the HTML was rendered with; None before migration 0005."""
-    top_model: Mapped[str | None] = mapped_column(String(100))
-    """The model with the largest share of firings (the browser's "mostly X" badge); migration 0006."""
     max_frequency: Mapped[float | None] = mapped_column(Float)
     """The card's largest firing frequency (the page's bar scale); None before migration 0006."""
 

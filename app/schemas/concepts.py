@@ -30,7 +30,9 @@ class ConceptFilters(BaseModel):
     sort: SortKey = "energy"
     min_entropy: float | None = Field(None, ge=0, le=1, description="Universal: firing entropy at least this")
     max_entropy: float | None = Field(None, ge=0, le=1, description="Model-specific: firing entropy below this")
-    mostly: str | None = Field(None, description="Model name: at least half of the concept's firings are in it")
+    mostly: str | None = Field(None, description="Model name: model-specific concepts (firing entropy under the "
+                                                 "universal threshold) with at least a fair share (1/models) of "
+                                                 "their firings in it, as their 'mostly' badge names it")
     labelled: LabelFilter = "any"
     tag: str | None = None
     show_dead: bool = False
@@ -81,7 +83,8 @@ class ConceptCard(BaseModel):
     frequency: float
     dead: bool
     universal: bool
-    dominant_model: str | None
+    mostly_in: list[str] = Field(description="A live model-specific concept's models with at least their fair "
+                                             "share (1/models) of its firings, largest first; empty otherwise")
     firing: list[ModelFiring]
     thumbs: list[Thumb]
 
@@ -112,7 +115,7 @@ class BrowserCard:
     dead): the database row as read, not copied into fields."""
     tags: list[str]
     universal: bool
-    dominant_model: str | None
+    mostly_in: list[str]
     thumbs_html: str
     firing_html: str
     max_frequency: float

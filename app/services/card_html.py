@@ -33,11 +33,6 @@ def card_columns(n_models: int) -> int:
     return min(n_models, 4) if n_models > 2 else 4
 
 
-def top_model(mined: MinedCard) -> str | None:
-    """The model with the largest share of the concept's firings: a live card's "mostly X" badge."""
-    return max(mined.firing, key=lambda f: f.share).model if mined.firing else None
-
-
 def max_frequency(mined: MinedCard) -> float:
     """The card's longest firing bar: a page's bars are scaled to the largest over its cards."""
     return max((f.frequency for f in mined.firing), default=0.0)
@@ -49,7 +44,7 @@ def stored_row(mined: MinedCard, n_models: int) -> dict[str, object]:
     (migration 0006), so a browser page needs no JSON parsed for a card of the current FORMAT."""
     thumbs_html, firing_html = render(mined, n_models)
     return {"payload": mined.model_dump_json(), "thumbs_html": thumbs_html, "firing_html": firing_html,
-            "html_format": FORMAT, "top_model": top_model(mined), "max_frequency": max_frequency(mined)}
+            "html_format": FORMAT, "max_frequency": max_frequency(mined)}
 
 
 def render(mined: MinedCard, n_models: int) -> tuple[str, str]:

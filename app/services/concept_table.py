@@ -1,7 +1,8 @@
 """The concepts a browser view matches, as one CSV table: every page of it, for a spreadsheet
 or an audit file.
 
-One row per concept, in the view's order: its label, description and tags, its run-wide
+One row per concept, in the view's order: its label, description and tags, whether it is
+universal or model-specific and then which models it is mostly in (the badge), its run-wide
 statistics, per model its frequency, share of firings, co-fire and largest activation, and
 per defect type its best overlap (IoU) with the defect's masks over the models.
 """
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Concept, ConceptDefectIoU, ConceptModelStats, ConceptTag, Run
 from app.schemas.concepts import ConceptFilters
-from app.services.concepts import UNIVERSAL_ENTROPY, conditions, order_by
+from app.services.concepts import UNIVERSAL_ENTROPY, conditions, mostly_in, order_by
 
 _CHUNK = 2000
 """Concepts per query of their statistics: IN lists far below every database's limit."""
@@ -48,7 +49,7 @@ def concept_table(session: Session, *, run: Run, filters: ConceptFilters,
     gen = run.active_generation_id
     defects = list(session.scalars(select(ConceptDefectIoU.defect_type).where(ConceptDefectIoU.generation_id == gen)
                                    .distinct().order_by(ConceptDefectIoU.defect_type))) if gen else []
-    yield (["concept", "label", "description", "tags", "status", "energy", "firing entropy", "co-fire", "frequency"]
+    yield (["concept", "label", "description", "tags", "status", "mostly in", "energy", "firing entropy", "co-fire", "frequency"]
            + [f"{m.name} {stat}" for m in models
               for stat in ("frequency", "share of firings", "co-fire", "max activation")]
            + [f"{d} best IoU" for d in defects])
@@ -72,8 +73,10 @@ def concept_table(session: Session, *, run: Run, filters: ConceptFilters,
             .group_by(ConceptDefectIoU.concept_id, ConceptDefectIoU.defect_type))} if defects else {}
         for c in chunk:
             status = "dead" if c.dead else "universal" if c.firing_entropy >= UNIVERSAL_ENTROPY else "model-specific"
+            named = mostly_in([(m.name, stats[c.id, m.id].share) for m in models if (c.id, m.id) in stats],
+                              len(models)) if status == "model-specific" else []
             row = [str(c.index), _text(c.label), _text(c.description), _text("; ".join(tags.get(c.id, []))), status,
-                   _number(c.energy), _number(c.firing_entropy), _number(c.cofire), _number(c.frequency)]
+                   _text(" + ".join(named)), _number(c.energy), _number(c.firing_entropy), _number(c.cofire), _number(c.frequency)]
             for m in models:
                 s = stats.get((c.id, m.id))
                 row += ([_number(s.frequency), _number(s.share), _number(s.cofire), _number(s.max_activation)]

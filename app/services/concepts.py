@@ -53,8 +53,6 @@ from app.services.runs_view import run_summary
 
 UNIVERSAL_ENTROPY = 0.8
 """A live concept with firing entropy at least this is 'universal' (fires across models)."""
-MOSTLY_SHARE = 0.5
-"""'Mostly in model X': at least this part of the concept's firings are in X."""
 NEIGHBOURS_SHOWN = 5
 
 _SORT_COLUMNS = {
@@ -64,6 +62,22 @@ _SORT_COLUMNS = {
     "frequency": Concept.frequency.desc(),
     "index": Concept.index.asc(),
 }
+
+
+def fair_share(n_models: int) -> float:
+    """A model's share of a concept's firings were they spread evenly over the run's models."""
+    return 1.0 / n_models
+
+
+def mostly_in(shares: Sequence[tuple[str, float]], n_models: int) -> list[str]:
+    """The models a model-specific concept is "mostly in": every model holding at least its fair
+    share of the concept's firings, largest share first (ties in the run's model order). One
+    rule for the badge and for the browser's "Mostly in model" filter, so a concept badged
+    "mostly A + B" is what that filter finds for A and for B. Never empty for a concept that
+    fires: the largest share is at least the fair one. `shares` is (model, share) in model order."""
+    fair = fair_share(n_models)
+    named = [(share, position, model) for position, (model, share) in enumerate(shares) if share >= fair]
+    return [model for _, _, model in sorted(named, key=lambda item: (-item[0], item[1]))]
 
 
 def order_by(filters: ConceptFilters) -> tuple[Any, ...]:
@@ -88,9 +102,12 @@ def conditions(run: Run, filters: ConceptFilters, scope: Collection[int] | None)
         where.append(Concept.firing_entropy < filters.max_entropy)
     if filters.mostly:
         model_id = next((m.id for m in run.models if m.name == filters.mostly), -1)
+        # The badge's rule (`mostly_in`): model-specific, and the model has its fair share or more.
         # IN (subquery) rather than a correlated EXISTS: the matching ids come from one index range.
+        where.append(Concept.firing_entropy < UNIVERSAL_ENTROPY)
         where.append(Concept.id.in_(select(ConceptModelStats.concept_id).where(
-            ConceptModelStats.run_model_id == model_id, ConceptModelStats.share >= MOSTLY_SHARE)))
+            ConceptModelStats.run_model_id == model_id,
+            ConceptModelStats.share >= fair_share(len(run.models)))))
     if filters.labelled == "labelled":
         where.append(Concept.label != "")
     elif filters.labelled == "unlabelled":
@@ -191,8 +208,10 @@ def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = N
 _CARD_PAYLOADS = select(ConceptCardData.concept_id, ConceptCardData.payload).where(
     ConceptCardData.concept_id.in_(bindparam("ids")), ConceptCardData.generation_id == bindparam("gen"))
 _BROWSER_CARDS = select(ConceptCardData.concept_id, ConceptCardData.thumbs_html, ConceptCardData.firing_html,
-                        ConceptCardData.html_format, ConceptCardData.top_model, ConceptCardData.max_frequency).where(
+                        ConceptCardData.html_format, ConceptCardData.max_frequency).where(
     ConceptCardData.concept_id.in_(bindparam("ids")), ConceptCardData.generation_id == bindparam("gen"))
+_FAIR_SHARES = (select(ConceptModelStats.concept_id, ConceptModelStats.run_model_id, ConceptModelStats.share)
+                .where(ConceptModelStats.concept_id.in_(bindparam("ids")), ConceptModelStats.share >= bindparam("fair")))
 _TOP_IMAGES = (select(ConceptTopImage.run_model_id, ConceptTopImage.rank, ConceptTopImage.activation,
                       ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
                .join(Image, Image.id == ConceptTopImage.image_id)
@@ -236,6 +255,7 @@ def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> lis
     mined = {concept_id: MinedCard.model_validate_json(payload)
              for concept_id, payload in session.execute(_CARD_PAYLOADS, {"ids": ids, "gen": run.active_generation_id})}
     tags = _card_tags(session, ids)
+    named = _mostly_in(session, run, [c.id for c in concepts if not c.dead and not _universal(c)])
     empty = MinedCard(firing=[], thumbs=[])
     cards = []
     for c in concepts:
@@ -243,7 +263,7 @@ def concept_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> lis
         cards.append(ConceptCard(
             index=c.index, label=c.label, tags=tags.get(c.id, []), energy=c.energy, firing_entropy=c.firing_entropy,
             cofire=c.cofire, frequency=c.frequency, dead=c.dead, universal=_universal(c),
-            dominant_model=None if c.dead else card_html.top_model(card), firing=card.firing, thumbs=card.thumbs))
+            mostly_in=named.get(c.id, []), firing=card.firing, thumbs=card.thumbs))
     return cards
 
 
@@ -251,8 +271,8 @@ def _universal(c: Any) -> bool:
     return not c.dead and c.firing_entropy >= UNIVERSAL_ENTROPY
 
 
-_Stored = tuple[str, str, str | None, float]
-"""A card's mined part on the browser page: thumbnails and firing-bar markup, top model, largest frequency."""
+_Stored = tuple[str, str, float]
+"""A card's mined part on the browser page: thumbnails and firing-bar markup, largest frequency."""
 
 
 def browser_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> list[BrowserCard]:
@@ -263,8 +283,8 @@ def browser_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> lis
     ids = [c.id for c in concepts]
     gen = run.active_generation_id
     stored: dict[int, _Stored] = {
-        concept_id: (thumbs, firing, top, fmax)
-        for concept_id, thumbs, firing, fmt, top, fmax in session.execute(_BROWSER_CARDS, {"ids": ids, "gen": gen})
+        concept_id: (thumbs, firing, fmax)
+        for concept_id, thumbs, firing, fmt, fmax in session.execute(_BROWSER_CARDS, {"ids": ids, "gen": gen})
         if fmt == card_html.FORMAT and fmax is not None}
     stale = [i for i in ids if i not in stored]
     if stale:
@@ -272,13 +292,26 @@ def browser_cards(session: Session, *, run: Run, concepts: Sequence[Any]) -> lis
                  for concept_id, payload in session.execute(_CARD_PAYLOADS, {"ids": stale, "gen": gen})}
         for concept_id in stale:
             card = mined.get(concept_id) or MinedCard(firing=[], thumbs=[])
-            stored[concept_id] = (*card_html.render(card, len(run.models)), card_html.top_model(card),
-                                  card_html.max_frequency(card))
+            stored[concept_id] = (*card_html.render(card, len(run.models)), card_html.max_frequency(card))
     tags = _card_tags(session, ids)
+    named = _mostly_in(session, run, [c.id for c in concepts if not c.dead and not _universal(c)])
     return [BrowserCard(concept=c, tags=tags.get(c.id, []), universal=_universal(c),
-                        dominant_model=None if c.dead else top, thumbs_html=thumbs, firing_html=firing,
-                        max_frequency=fmax)
-            for c in concepts for thumbs, firing, top, fmax in (stored[c.id],)]
+                        mostly_in=named.get(c.id, []), thumbs_html=thumbs, firing_html=firing, max_frequency=fmax)
+            for c in concepts for thumbs, firing, fmax in (stored[c.id],)]
+
+
+def _mostly_in(session: Session, run: Run, ids: list[int]) -> dict[int, list[str]]:
+    """`mostly_in` of the concepts `ids`, read from the statistics rows at or over the fair share."""
+    if not ids:
+        return {}
+    models = {m.id: m.name for m in run.models}  # in model order
+    position = {model_id: i for i, model_id in enumerate(models)}
+    shares: dict[int, list[tuple[int, str, float]]] = defaultdict(list)
+    for concept_id, model_id, share in session.execute(
+            _FAIR_SHARES, {"ids": ids, "fair": fair_share(len(run.models))}):
+        shares[concept_id].append((position[model_id], models[model_id], share))
+    return {concept_id: mostly_in([(name, share) for _, name, share in sorted(rows)], len(run.models))
+            for concept_id, rows in shares.items()}
 
 
 def _top_images(session: Session, run: Run, concept: Concept) -> list[Thumb]:

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.db import get_engine, session_factory
 from app.main import create_app
-from app.migrations import alembic_config, upgrade_database
+from app.migrations import alembic_config, foreign_keys_off, upgrade_database
 from app.models import (
     Concept,
     ConceptCardData,
@@ -264,23 +264,35 @@ def test_cards_carry_their_markup_rendered_by_the_mine(db_url, data_dir, planted
         for row in rows:
             mined = MinedCard.model_validate_json(row.payload)
             assert (row.thumbs_html, row.firing_html) == card_html.render(mined, len(run.models))
-            assert (row.top_model, row.max_frequency) == (card_html.top_model(mined), card_html.max_frequency(mined))
-            assert row.top_model in {m.name for m in run.models} and row.max_frequency > 0
+            assert row.max_frequency == card_html.max_frequency(mined) and row.max_frequency > 0
 
 
-def test_migration_0006_fills_top_model_and_bar_scale_from_the_json(db_url, data_dir, planted_run):
+def test_migrations_0006_and_0013_fill_the_card_columns_from_the_json(db_url, data_dir, planted_run):
+    """0006 fills the bar scale (and the top model of its day) from each card's JSON; 0013 drops
+    the top model and, going back, fills it again the same way."""
     _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=5), batch_concepts=5)
-    columns = sa.select(ConceptCardData.concept_id, ConceptCardData.top_model, ConceptCardData.max_frequency)
     with get_engine(db_url).connect() as connection:
-        mined = set(connection.execute(columns).all())
+        mined = {concept: (max(MinedCard.model_validate_json(payload).firing, key=lambda f: f.share).model, fmax)
+                 for concept, payload, fmax in connection.execute(sa.select(
+                     ConceptCardData.concept_id, ConceptCardData.payload, ConceptCardData.max_frequency))}
+    assert len(mined) == 12
+    columns = sa.text("SELECT concept_id, top_model, max_frequency FROM concept_cards")
     cfg = alembic_config(db_url)
-    with get_engine(db_url).begin() as connection:
+    with get_engine(db_url).connect() as connection, foreign_keys_off(connection), connection.begin():
         cfg.attributes["connection"] = connection
         command.downgrade(cfg, "0005")
         assert "top_model" not in {c["name"] for c in sa.inspect(connection).get_columns("concept_cards")}
-    upgrade_database(db_url)
+        command.upgrade(cfg, "0006")
+        assert {c: (top, fmax) for c, top, fmax in connection.execute(columns)} == mined
+        command.upgrade(cfg, "0013")
+        assert "top_model" not in {c["name"] for c in sa.inspect(connection).get_columns("concept_cards")}
+        command.downgrade(cfg, "0012")
+        assert {c: (top, fmax) for c, top, fmax in connection.execute(columns)} == mined
+    upgrade_database(db_url)  # 0013 again, as every command runs it: the cards survive the rebuilt table
     with get_engine(db_url).connect() as connection:
-        assert set(connection.execute(columns).all()) == mined and len(mined) == 12
+        assert "top_model" not in {c["name"] for c in sa.inspect(connection).get_columns("concept_cards")}
+        assert {c: fmax for c, fmax in connection.execute(sa.text("SELECT concept_id, max_frequency FROM concept_cards"))} \
+            == {c: fmax for c, (_, fmax) in mined.items()}
 
 
 def test_cards_of_another_template_are_rendered_when_shown(tmp_path, planted_run):
@@ -316,7 +328,7 @@ def test_cards_of_another_template_are_rendered_when_shown(tmp_path, planted_run
     assert pages() == stored
     with engine.begin() as connection:  # current markup, but a mine before migration 0006 and no backfill
         connection.execute(sa.update(ConceptCardData).values(html_format=card_html.FORMAT, thumbs_html="stale",
-                                                             firing_html="stale", top_model=None, max_frequency=None))
+                                                             firing_html="stale", max_frequency=None))
     assert pages() == stored
 
 
@@ -343,13 +355,13 @@ def test_serve_re_renders_cards_of_an_older_template(db_url, data_dir, planted_r
     to exactly what a mine with the current template stores; a second refresh finds nothing."""
     _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=5), batch_concepts=5)
     columns = sa.select(ConceptCardData.concept_id, ConceptCardData.thumbs_html, ConceptCardData.firing_html,
-                        ConceptCardData.html_format, ConceptCardData.top_model, ConceptCardData.max_frequency)
+                        ConceptCardData.html_format, ConceptCardData.max_frequency)
     engine = get_engine(db_url)
     with engine.connect() as connection:
         fresh = set(connection.execute(columns).all())
     with engine.begin() as connection:
         connection.execute(sa.update(ConceptCardData).where(ConceptCardData.concept_id % 2 == 0)
-                           .values(thumbs_html="stale", firing_html="stale", html_format="0ld", top_model=None))
+                           .values(thumbs_html="stale", firing_html="stale", html_format="0ld", max_frequency=None))
         connection.execute(sa.update(ConceptCardData).where(ConceptCardData.concept_id % 3 == 0)
                            .values(thumbs_html=None, firing_html=None, html_format=None))
     with engine.connect() as connection:

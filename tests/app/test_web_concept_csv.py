@@ -70,9 +70,13 @@ def test_csv_has_every_concept_of_the_view_with_the_databases_statistics(web_cli
     assert by_index[run.n_concepts - 1]["crack best IoU"] == ""  # no overlap recorded: an empty cell
     first = run.models[0]
     for index in run.only_first[:3]:
-        assert by_index[index]["status"] == "model-specific"
+        assert by_index[index]["status"] == "model-specific" and by_index[index]["mostly in"] == first
         assert float(by_index[index][f"{first} share of firings"]) == 1.0
-    assert by_index[run.universal[0]]["status"] == "universal"
+    assert by_index[run.universal[0]]["status"] == "universal" and by_index[run.universal[0]]["mostly in"] == ""
+    # The column says what the browser's badge says, concept by concept.
+    cards = web_client.get(f"/api/runs/{run.run_id}/concepts", params={"per_page": 200}).json()["concepts"]
+    assert {c["index"]: " + ".join(c["mostly_in"]) for c in cards} == \
+        {int(r["concept"]): r["mostly in"] for r in by_index.values() if r["status"] != "dead"}
 
 
 def test_csv_follows_the_filters_but_not_the_paging(web_client, seeded):

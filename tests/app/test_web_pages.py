@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 
 import pytest
@@ -145,7 +146,7 @@ def test_concept_page_shows_every_model(client, data):
 
 def test_concept_api(client, data):
     body = client.get(f"/api/runs/{data.run.run_id}/concepts/1").json()
-    assert body["card"]["dominant_model"] == "vit_s" and not body["card"]["universal"]
+    assert body["card"]["mostly_in"] == ["vit_s"] and not body["card"]["universal"]
     columns = {c["model"]: c for c in body["columns"]}
     assert len(columns["vit_s"]["top_images"]) == 4 and columns["cnn_m"]["top_images"] == []
     assert [t["rank"] for t in columns["vit_s"]["top_images"]] == [0, 1, 2, 3]
@@ -282,3 +283,47 @@ def test_error_pages_speak_plainly_and_offer_a_way_on(client, data):
     assert "without-filters" not in client.get(f"/runs/{run}/concepts/99999").text  # a 404 has no filters to drop
     api = client.get(f"/api/runs/{run}/concepts", params={"sort": "bogus"})
     assert api.status_code == 400 and api.json()["detail"].startswith("These filters are not valid: sort should be")
+
+
+def test_mostly_badge_and_filter_follow_one_rule(web_client, seeded):
+    """A model-specific concept is "mostly in" every model with at least its fair share (1/3 here)
+    of its firings, largest first; "Mostly in model X" finds exactly the concepts whose badge
+    names X. (The badge once named only the largest share, "mostly cnn_m" for 50% against 49%,
+    while the filter asked for half the firings: the two disagreed on the concepts a manager reads.)"""
+    import sqlalchemy as sa
+
+    from app.db import session_factory
+    from app.models import Concept, ConceptModelStats, RunModel
+
+    run = seeded.run
+    names = list(run.models)  # vit_s, cnn_m, clip_b
+    a, b, c = run.universal[:3]
+    planted = {a: (0.49, 0.50, 0.01), b: (0.70, 0.15, 0.15), c: (0.48, 0.04, 0.48),
+               run.universal[3]: (0.59, 0.20, 0.21)}  # entropy 0.87: universal, in no model's filter
+    with session_factory(seeded.settings.db_url)() as s:
+        ids = dict(s.execute(sa.select(RunModel.name, RunModel.id).where(RunModel.run_id == run.run_id)).all())
+        for index, shares in planted.items():
+            concept = s.scalars(sa.select(Concept).where(Concept.run_id == run.run_id, Concept.index == index)).one()
+            concept.firing_entropy = float(-sum(p * math.log(p) for p in shares) / math.log(3))
+            for name, share in zip(names, shares):
+                s.execute(sa.update(ConceptModelStats).where(ConceptModelStats.concept_id == concept.id,
+                                                             ConceptModelStats.run_model_id == ids[name])
+                          .values(share=share))
+        s.commit()
+    cards = {card["index"]: card for card in web_client.get(
+        f"/api/runs/{run.run_id}/concepts", params={"per_page": 200, "show_dead": True}).json()["concepts"]}
+    assert cards[a]["mostly_in"] == ["cnn_m", "vit_s"]
+    assert cards[b]["mostly_in"] == ["vit_s"]
+    assert cards[c]["mostly_in"] == ["vit_s", "clip_b"]  # a tie: the run's model order
+    assert cards[run.universal[3]]["universal"] and cards[run.universal[3]]["mostly_in"] == []
+    for name in names:
+        found = {card["index"] for card in web_client.get(
+            f"/api/runs/{run.run_id}/concepts", params={"per_page": 200, "mostly": name}).json()["concepts"]}
+        assert found == {i for i, card in cards.items() if name in card["mostly_in"]}, name
+        page = web_client.get(f"/runs/{run.run_id}/concepts", params={"per_page": 200, "mostly": name}).text
+        assert set(_indices(page)) == found
+    page = web_client.get(f"/runs/{run.run_id}/concepts", params={"per_page": 200}).text
+    assert '>mostly <span>cnn_m</span> + <span>vit_s</span></span>' in page
+    assert '>mostly <span>vit_s</span> + <span>clip_b</span></span>' in page
+    concept_page = web_client.get(f"/runs/{run.run_id}/concepts/{a}").text
+    assert '>mostly <span>cnn_m</span> + <span>vit_s</span></span>' in concept_page
