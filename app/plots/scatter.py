@@ -61,5 +61,7 @@ def scatter(points: Sequence[ScatterPoint], *, title: str, x_label: str, y_label
         classes = " ".join(["point", *(["highlight"] if p.highlight else []), *([p.group] if p.group else [])])
         dot = (f'<circle class="{escape(classes)}" cx="{x:.1f}" cy="{y:.1f}" r="4">'
                f"<title>{escape(p.tooltip)}</title></circle>")
-        canvas.add(f'<a href="{escape(p.href)}">{dot}</a>' if p.href else dot)
+        # Out of the tab order: a keyboard would step through every point (hundreds) before the
+        # rest of the page; the page's tables and the concept browser reach the same concepts.
+        canvas.add(f'<a href="{escape(p.href)}" tabindex="-1">{dot}</a>' if p.href else dot)
     return canvas.markup()

@@ -459,3 +459,18 @@ def test_charts_fit_a_phone_screen(new_context, analyst_state, site):
             const panel = c.closest('.panel').getBoundingClientRect(), box = c.getBoundingClientRect();
             return Math.round(box.right - panel.right); })""")
         assert spill and max(spill) <= 0, (path, spill)
+
+
+def test_keyboard_skips_the_navigation_and_the_plot_points(analyst, site):
+    page = analyst
+    page.goto(f"{site.base}/runs/{site.run_id}")
+    page.keyboard.press("Tab")
+    skip = page.locator(".skip-link")
+    assert skip.evaluate("a => a === document.activeElement") and skip.is_visible()
+    page.keyboard.press("Enter")
+    assert page.evaluate("() => document.activeElement.id") == "main"
+    # The scatter's points are links for the mouse, not hundreds of tab stops before the tables.
+    assert page.locator("svg a").count() > 0
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        assert not page.evaluate("() => !!document.activeElement.closest('svg')")
