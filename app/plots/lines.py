@@ -62,7 +62,7 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *
             kx, row = key[i]
             y = 14 + KEY_ROW * row
             canvas.add(f'<rect x="{kx:.1f}" y="{y - 6}" width="12" height="4" rx="1" fill="{colour}"/>')
-            canvas.text(kx + 16, y, name, cls="tick")
+            canvas.text(kx + 16, y, name, cls="key")  # not "tick": phones enlarge ticks, and keys sit by measured widths
     return canvas.markup()
 
 

@@ -9,6 +9,7 @@ HTTP errors are collected, and a test fails if any appear that it did not expect
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -83,6 +84,12 @@ def site(tmp_path_factory) -> Iterator[Site]:
     planted = build_planted(root, image_files=(96, 128), demo_set=True, n_concepts=12)
     run_dir = root / "runs" / "planted"
     planted.model.save_pretrained(run_dir)
+    # A training log, as `usae train` writes it, so the overview draws its training charts.
+    with open(run_dir / "metrics.jsonl", "w") as log:
+        for step in range(50, 650, 50):
+            log.write(json.dumps({"step": step, "loss": 1.0 / step ** 0.3,
+                                  "r2": {m: 0.9 - 40 / (step + 40 * i) for i, m in enumerate(planted.store.model_names)}})
+                      + "\n")
     # Four top images per concept and model keep the rendering part of the mine to a few seconds.
     outcome = mine_run(settings.db_url, settings.media_dir, run_dir, planted.store, planted.model,
                        cfg=MiningConfig(top_n=4))

@@ -459,6 +459,17 @@ def test_charts_fit_a_phone_screen(new_context, analyst_state, site):
             const panel = c.closest('.panel').getBoundingClientRect(), box = c.getBoundingClientRect();
             return Math.round(box.right - panel.right); })""")
         assert spill and max(spill) <= 0, (path, spill)
+    # A line chart's keys keep their measured places: no key's name runs into the next key.
+    page.goto(f"{site.base}/runs/{site.run_id}")
+    overlaps = page.eval_on_selector_all("svg.chart", """charts => charts.flatMap(c => {
+        const boxes = [...c.querySelectorAll('text.key')].flatMap(t => [t, t.previousElementSibling])
+            .map(e => e.getBoundingClientRect());
+        const hits = [];
+        boxes.forEach((a, i) => boxes.forEach((b, j) => {
+            if (i < j && a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5)
+                hits.push([i, j]); }));
+        return hits; })""")
+    assert page.locator("svg.chart text.key").count() >= 2 and overlaps == []
 
 
 def test_keyboard_skips_the_navigation_and_the_plot_points(analyst, site):
