@@ -140,6 +140,7 @@ def test_concept_page_shows_every_model(client, data):
     assert data.run.cam_path in html  # CAM slot filled for the first model
     assert html.count("No CAM image yet.") == len(run.models) - 1
     assert 'rel="next" href="/runs/1/concepts/1"' in html and 'rel="prev"' not in html
+    assert '<details class="reading-guide" id="reading-guide">' in html  # folded for analysts
     assert 'href="/runs/1/concepts/1"' in html[html.index('id="neighbours"'):]  # nearest concepts
     assert "crack" in html[html.index('id="defect-iou"'):]
 

@@ -81,6 +81,9 @@ def test_concept_link_shows_only_its_concepts(web_client, holder, seeded):
     path = _create(web_client, seeded, scope="concepts", concepts="0, 3")
     landing = holder.get(path)
     assert str(landing.url).endswith(f"{path}/runs/{run.run_id}/concepts")
+    # Without the overview's captions, the page explains its terms, unfolded, on both pages.
+    for text in (landing.text, holder.get(f"{path}/runs/{run.run_id}/concepts/0").text):
+        assert '<details class="reading-guide" id="reading-guide" open>' in text and "Firing entropy</dt>" in text
     assert sorted(int(i) for i in re.findall(r'data-concept="(\d+)"', landing.text)) == [0, 3]
     assert 'id="filters"' not in landing.text  # two concepts need no search or filters
     assert holder.get(f"{path}/runs/{run.run_id}/concepts?show_dead=1&per_page=200").text.count("data-concept=") == 2
