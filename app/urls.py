@@ -31,8 +31,11 @@ class Urls:
         base = f"{self.prefix}/runs/{run_id}/concepts.csv"
         return f"{base}?{urlencode(kept)}" if kept else base
 
-    def concept(self, run_id: int, index: int) -> str:
-        return f"{self.prefix}/runs/{run_id}/concepts/{index}"
+    def concept(self, run_id: int, index: int, view: dict[str, object] | None = None) -> str:
+        """A concept's page; with `view` (ConceptFilters.view_query), as opened from that list, so
+        its previous / next step through the list."""
+        base = f"{self.prefix}/runs/{run_id}/concepts/{index}"
+        return f"{base}?{urlencode(view)}" if view else base
 
     def compare(self, run_id: int, a: str | None = None, b: str | None = None) -> str:
         base = f"{self.prefix}/runs/{run_id}/compare"

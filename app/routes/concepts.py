@@ -96,12 +96,19 @@ def pages(viewer_dep: Any) -> APIRouter:
                         headers={"Content-Disposition": f'attachment; filename="{name}-concepts.csv"'})
 
     @router.get("/runs/{run_id}/concepts/{index}", response_class=HTMLResponse)
-    def concept_page(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, viewer: ViewerDep):
+    def concept_page(request: Request, run_id: PathInt, index: PathInt, filters: FiltersDep, session: SessionDep,
+                     viewer: ViewerDep):
+        """Opened from the browser, the URL carries its list (filters and sort): previous / next
+        then step through that list, and the page links back to it."""
         def render_page() -> HTMLResponse:
             run, concept = _run_and_concept(session, viewer, run_id, index)
-            detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
+            view = filters if request.query_params else None
+            if view is not None:
+                _browsed_run(session, viewer, run_id, view)
+            detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope, view=view)
             return render(request, viewer, "concepts/page.html", nav="runs", detail=detail, draft=None, notice=None,
-                          cam_unavailable=cam_unavailable(run.models))
+                          cam_unavailable=cam_unavailable(run.models),
+                          view=view if detail.view_position is not None else None)
 
         return request.app.state.page_cache.respond(request, session, viewer, run_id, render_page)
 

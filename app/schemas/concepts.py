@@ -44,6 +44,11 @@ class ConceptFilters(BaseModel):
         defaults = ConceptFilters()
         return bool(self.query(page=defaults.page, sort=defaults.sort, per_page=defaults.per_page, show_dead=False))
 
+    def view_query(self) -> dict[str, object]:
+        """This view as a concept page's query: its filters and sort (the sort even when it is the
+        default, so the page knows it was opened from a list), without the page number."""
+        return {"sort": self.sort, **{k: v for k, v in self.query().items() if k not in ("sort", "page")}}
+
     def query(self, **changes: object) -> dict[str, object]:
         """The non-default filters as URL query parameters (with `changes` applied)."""
         merged = self.model_copy(update=changes)
@@ -192,5 +197,8 @@ class ConceptDetail(BaseModel):
     columns: list[ModelColumn]
     history: list[HistoryEntry]
     defect_iou: list[DefectIoU]
-    prev_index: int | None
+    prev_index: int | None = Field(description="The concept before this one: in the list it was opened from "
+                                                "(the page's view), else by number")
     next_index: int | None
+    view_position: int | None = Field(None, description="1-based place in the list it was opened from, if any")
+    view_total: int | None = Field(None, description="Concepts in that list")

@@ -10,6 +10,7 @@ are read from their own tables on every request, so an edit shows at once.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -374,9 +375,34 @@ def _prev_next(session: Session, run: Run, index: int, scope: Collection[int] | 
     return prev, nxt
 
 
-def concept_detail(session: Session, *, run: Run, concept: Concept,
-                   scope: Collection[int] | None = None) -> ConceptDetail:
-    """Everything the concept page shows; neighbours and prev/next stay inside `scope`."""
+def _in_view(session: Session, run: Run, concept: Concept, view: ConceptFilters,
+             scope: Collection[int] | None) -> tuple[int | None, int | None, int, int] | None:
+    """(previous index, next index, 1-based place, length) of `concept` in the browser list
+    `view`, read as the browser pages it (the cached order of a statistics-only view); None when
+    the concept is not in that list (an edit took it out of a label search, say)."""
+    where = conditions(run, view, scope)
+    key = _order_key(session, run, view, scope)
+
+    def read() -> list[int]:
+        return session.connection().execute(select(Concept.id).where(*where).order_by(*order_by(view))).scalars().all()
+
+    ids = ordered_ids(key, read) if key is not None else array("q", read())
+    try:
+        place = ids.index(concept.id)
+    except ValueError:
+        return None
+    prev_id = ids[place - 1] if place > 0 else None
+    next_id = ids[place + 1] if place + 1 < len(ids) else None
+    wanted = [i for i in (prev_id, next_id) if i is not None]
+    index_of = dict(session.execute(select(Concept.id, Concept.index).where(Concept.id.in_(wanted))).all()) \
+        if wanted else {}
+    return index_of.get(prev_id), index_of.get(next_id), place + 1, len(ids)
+
+
+def concept_detail(session: Session, *, run: Run, concept: Concept, scope: Collection[int] | None = None,
+                   view: ConceptFilters | None = None) -> ConceptDetail:
+    """Everything the concept page shows; neighbours and prev/next stay inside `scope`, and
+    prev/next follow the browser list `view` when the page was opened from one."""
     card = concept_cards(session, run=run, concepts=[concept])[0]
     top_images = _top_images(session, run, concept)
     gen = run.active_generation_id
@@ -398,11 +424,17 @@ def concept_detail(session: Session, *, run: Run, concept: Concept,
             cam_activation=cams[model.id][1].get("final") if model.id in cams else None,
             neighbours=neighbours.get(model.id, []),
         ))
-    prev_index, next_index = _prev_next(session, run, concept.index, scope)
+    listed = _in_view(session, run, concept, view, scope) if view is not None else None
+    if listed is None:
+        prev_index, next_index = _prev_next(session, run, concept.index, scope)
+        position = total = None
+    else:
+        prev_index, next_index, position, total = listed
     return ConceptDetail(
         run=run_summary(run), card=card, description=concept.description, version=concept.version,
         updated_at=concept.updated_at, columns=columns, history=label_history(session, concept_id=concept.id),
         defect_iou=_defect_iou(session, run, concept), prev_index=prev_index, next_index=next_index,
+        view_position=position, view_total=total,
     )
 
 

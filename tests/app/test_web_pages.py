@@ -328,3 +328,47 @@ def test_mostly_badge_and_filter_follow_one_rule(web_client, seeded):
     assert '>mostly <span>vit_s</span> + <span>clip_b</span></span>' in page
     concept_page = web_client.get(f"/runs/{run.run_id}/concepts/{a}").text
     assert '>mostly <span>cnn_m</span> + <span>vit_s</span></span>' in concept_page
+
+
+def _view_order(client, run_id: int, query: dict) -> list[int]:
+    body = client.get(f"/api/runs/{run_id}/concepts", params={**query, "per_page": 200}).json()
+    assert body["pages"] == 1
+    return [c["index"] for c in body["concepts"]]
+
+
+def test_a_concept_opened_from_a_list_steps_through_that_list(client, data):
+    run = data.run.run_id
+    browser = client.get(f"/runs/{run}/concepts", params={"sort": "entropy", "min_entropy": 0.5, "per_page": 5}).text
+    first = _indices(browser)[0]
+    assert f'href="/runs/{run}/concepts/{first}?sort=entropy&amp;min_entropy=0.5&amp;per_page=5"' in browser
+    default = client.get(f"/runs/{run}/concepts").text  # the default sort is named, so the page knows its list
+    assert f'href="/runs/{run}/concepts/{_indices(default)[0]}?sort=energy"' in default
+    for query in ({"sort": "entropy", "min_entropy": 0.5, "per_page": 5},  # a cached, statistics-only list
+                  {"sort": "cofire", "labelled": "unlabelled"}):          # label filters: read in SQL each time
+        order = _view_order(client, run, query)
+        assert len(order) >= 2
+        for place in (0, len(order) // 2, len(order) - 1):
+            page = client.get(f"/runs/{run}/concepts/{order[place]}", params=query).text
+            prev = re.search(r'rel="prev" href="([^"]+)"', page)
+            nxt = re.search(r'rel="next" href="([^"]+)"', page)
+            assert (html.unescape(prev.group(1)).split("?")[0].rsplit("/", 1)[1] if prev else None) == \
+                (str(order[place - 1]) if place > 0 else None), (query, place)
+            assert (html.unescape(nxt.group(1)).split("?")[0].rsplit("/", 1)[1] if nxt else None) == \
+                (str(order[place + 1]) if place + 1 < len(order) else None), (query, place)
+            if nxt:
+                assert "sort=" + query["sort"] in nxt.group(1)  # the next page stays in the list
+            assert f">{place + 1} of {len(order)} in the list</a>" in page
+    # Back to the list: the page of the list that holds the concept.
+    order = _view_order(client, run, {"sort": "entropy", "min_entropy": 0.5})
+    page = client.get(f"/runs/{run}/concepts/{order[6]}", params={"sort": "entropy", "min_entropy": 0.5,
+                                                                  "per_page": 5}).text
+    back = html.unescape(re.search(r'id="back-to-list" href="([^"]+)"', page).group(1))
+    assert back == f"/runs/{run}/concepts?sort=entropy&min_entropy=0.5&page=2&per_page=5"
+    assert order[6] in _indices(client.get(back).text)
+    # A concept outside the list (or a page opened without one) steps by number, as before.
+    outside = next(i for i in range(data.run.n_concepts) if i not in order and i not in data.run.dead)
+    page = client.get(f"/runs/{run}/concepts/{outside}", params={"sort": "entropy", "min_entropy": 0.5}).text
+    assert 'id="back-to-list"' not in page
+    assert f'rel="next" href="/runs/{run}/concepts/{outside + 1}"' in page
+    assert client.get(f"/runs/{run}/concepts/1", params={"mostly": "nope"}).status_code == 400
+    assert client.get(f"/runs/{run}/concepts/1", params={"sort": "bogus"}).status_code == 400
