@@ -35,14 +35,16 @@ class ConceptFilters(BaseModel):
                                                  "their firings in it, as their 'mostly' badge names it")
     labelled: LabelFilter = "any"
     tag: str | None = None
-    show_dead: bool = False
+    show_dead: Literal["only"] | bool = Field(False, description="Dead concepts: hidden (false), shown with the "
+                                                                 "live ones (true), or shown alone ('only')")
     page: int = Field(1, ge=1, le=MAX_PAGE)
     per_page: int = Field(CARDS_PER_PAGE, ge=1, le=200)
 
     def narrows(self) -> bool:
         """Whether some concepts are left out (by search or filters; not by order or paging)."""
         defaults = ConceptFilters()
-        return bool(self.query(page=defaults.page, sort=defaults.sort, per_page=defaults.per_page, show_dead=False))
+        return bool(self.query(page=defaults.page, sort=defaults.sort, per_page=defaults.per_page,
+                               show_dead="only" if self.show_dead == "only" else False))
 
     def view_query(self) -> dict[str, object]:
         """This view as a concept page's query: its filters and sort (the sort even when it is the

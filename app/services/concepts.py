@@ -95,7 +95,9 @@ def conditions(run: Run, filters: ConceptFilters, scope: Collection[int] | None)
     where: list[ColumnElement[bool]] = [Concept.run_id == run.id]
     if scope is not None:
         where.append(Concept.index.in_(sorted(scope)))
-    if not filters.show_dead:
+    if filters.show_dead == "only":
+        where.append(Concept.dead.is_(True))
+    elif not filters.show_dead:
         where.append(Concept.dead.is_(False))
     if filters.min_entropy is not None:
         where.append(Concept.firing_entropy >= filters.min_entropy)

@@ -53,6 +53,9 @@ def test_runs_list_and_overview(client, data):
     specific = html.unescape(re.search(r'<a class="stat" href="([^"]+)">\s*<div class="label">Model-specific',
                                        r.text).group(1))
     assert sorted(_indices(client.get(specific + "&per_page=200").text)) == sorted(data.run.only_first)
+    dead = html.unescape(re.search(r'<a class="stat" href="([^"]+)">\s*<div class="label">Dead concepts',
+                                   r.text).group(1))
+    assert _indices(client.get(dead + "&per_page=200").text) == sorted(data.run.dead)
     assert r.text.count("<svg") >= 3  # R² heatmap, entropy histogram, co-fire scatter
     defects = r.text[r.text.index('id="defects"'):]
     assert all(d in defects for d in DEFECTS)
@@ -78,6 +81,11 @@ def test_browser_hides_dead_and_sorts_by_energy(client, data):
     assert energies == sorted(energies, reverse=True)
     with_dead = _indices(client.get(f"/runs/{data.run.run_id}/concepts?show_dead=1&sort=index").text)
     assert with_dead == list(range(data.run.n_concepts))
+    only_dead = client.get(f"/runs/{data.run.run_id}/concepts?show_dead=only&sort=index")
+    assert _indices(only_dead.text) == sorted(data.run.dead)
+    assert '<option value="only" selected>only these</option>' in only_dead.text
+    assert "match the filters" in only_dead.text  # a narrowed view says so
+    assert client.get(f"/runs/{data.run.run_id}/concepts?show_dead=bogus").status_code == 400
 
 
 @pytest.mark.parametrize("query, expected", [
@@ -372,3 +380,17 @@ def test_a_concept_opened_from_a_list_steps_through_that_list(client, data):
     assert f'rel="next" href="/runs/{run}/concepts/{outside + 1}"' in page
     assert client.get(f"/runs/{run}/concepts/1", params={"mostly": "nope"}).status_code == 400
     assert client.get(f"/runs/{run}/concepts/1", params={"sort": "bogus"}).status_code == 400
+
+
+def test_no_dead_concepts_no_link_to_them(web_client, seeded):
+    import sqlalchemy as sa
+
+    from app.db import session_factory
+    from app.models import Concept
+
+    with session_factory(seeded.settings.db_url)() as s:
+        s.execute(sa.update(Concept).values(dead=False))
+        s.commit()
+    page = web_client.get(f"/runs/{seeded.run.run_id}").text
+    assert 'id="count-dead">0<' in page
+    assert re.search(r'<div class="stat">\s*<div class="label">Dead concepts', page)  # a count, not a link

@@ -364,7 +364,7 @@ def test_browser_filters_line_up_on_a_phone(new_context, analyst_state, site):
     page = new_context({"width": 390, "height": 844}, analyst_state).new_page()
     page.goto(f"{site.base}/runs/{site.run_id}/concepts")
     # Folded first: the search and the buttons, then the cards, on the first screen.
-    assert page.is_visible("#q") and page.is_hidden("#sort") and page.is_hidden("input[name=show_dead]")
+    assert page.is_visible("#q") and page.is_hidden("#sort") and page.is_hidden("#show_dead")
     assert page.locator(".card").first.bounding_box()["y"] < 844
     page.click("#more-filters")
     assert page.is_visible("#sort") and page.is_hidden("#more-filters")
