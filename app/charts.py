@@ -54,10 +54,17 @@ def cofire_energy(overview: RunOverview, urls: Urls) -> Markup:
                    x_label="energy (log scale)", y_label="co-fire proportion", log_x=True, width=460, height=320)
 
 
-def activation_histogram(column: ModelColumn) -> Markup:
+def activation_histogram(column: ModelColumn, columns: list[ModelColumn]) -> Markup:
+    """One model's histogram on the axes of every model of the page (`columns`): the activation
+    range of them all, and the height of their tallest bar. The same activation then sits at the
+    same place and the same token count draws the same height in every column, so a model that
+    rarely fires shows low bars, not full ones (each model's range and height had its own axes)."""
+    drawn = [c for c in columns if c.histogram_counts]
+    tallest = max((max(c.histogram_counts) for c in drawn), default=1)
+    span = (min(c.histogram_edges[0] for c in drawn), max(c.histogram_edges[-1] for c in drawn)) if drawn else None
     return histogram(column.histogram_counts, column.histogram_edges, compact=True, log_x=True, width=440,
                      height=140, title=f"Distribution of this concept's non-zero activations in {column.model}",
-                     x_label="activation", y_label="tokens")
+                     x_label="activation", y_label="tokens", y_max=tallest, x_span=span)
 
 
 def frequency_scatter(comparison: Comparison, urls: Urls) -> Markup:

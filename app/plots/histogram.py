@@ -11,9 +11,11 @@ from app.plots.svg import Canvas, Frame, Scale, draw_axes, fmt
 
 def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_label: str,
               y_label: str = "count", width: int = 560, height: int = 240, compact: bool = False,
-              log_x: bool = False) -> Markup:
+              log_x: bool = False, y_max: float | None = None,
+              x_span: tuple[float, float] | None = None) -> Markup:
     """`edges` has one more entry than `counts` (positive, for `log_x`, e.g. geometric bins).
-    `compact` draws a small chart without axis titles (used once per model on the concept page)."""
+    `compact` draws a small chart without axis titles (used once per model on the concept page);
+    `y_max` and `x_span` put several charts on the same axes (covering at least their own bars)."""
     if len(edges) != len(counts) + 1:
         raise ValueError(f"histogram needs len(edges) == len(counts) + 1, got {len(edges)} and {len(counts)}")
     canvas = Canvas(width, height, title, "chart chart-histogram" + (" compact" if compact else ""))
@@ -21,8 +23,11 @@ def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_
     if not counts:
         canvas.text(width / 2, height / 2, "no data", cls="empty", anchor="middle")
         return canvas.markup()
-    xs = Scale(float(edges[0]), float(edges[-1]), frame.left, frame.right, log=log_x)
-    ys = Scale(0.0, max(float(max(counts)), 1.0), frame.bottom, frame.top)
+    x_lo, x_hi = float(edges[0]), float(edges[-1])
+    if x_span is not None:
+        x_lo, x_hi = min(x_lo, float(x_span[0])), max(x_hi, float(x_span[1]))
+    xs = Scale(x_lo, x_hi, frame.left, frame.right, log=log_x)
+    ys = Scale(0.0, max(float(max(counts)), float(y_max or 0), 1.0), frame.bottom, frame.top)
     draw_axes(canvas, frame, xs, ys, x_label="" if compact else x_label, y_label="" if compact else y_label,
               x_ticks=4 if compact else 6, y_ticks=3 if compact else 4)
     for count, left_edge, right_edge in zip(counts, edges[:-1], edges[1:]):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from app.plots.heatmap import matrix_heatmap
 
 
@@ -89,3 +91,38 @@ def test_percentages_keep_one_rule_for_digits():
 
     values = (0, 0.0999, 0.11, 0.0123, 0.004, 0.0046, 0.00999, 0.000171, 0.26)
     assert [_percent(v) for v in values] == ["0%", "10%", "11%", "1.2%", "0.40%", "0.46%", "1.0%", "0.017%", "26%"]
+
+
+def _bar_heights(svg: str) -> list[float]:
+    return [float(h) for h in re.findall(r'<rect class="bar"[^>]* height="([\d.]+)"', svg)]
+
+
+def test_a_concepts_histograms_share_one_activation_axis_and_one_height_scale():
+    """The concept page's columns compare: one activation axis over every model's bins (0.2-5
+    beside 0.02-5 before), and one token count draws one height in every column (122 tokens drew
+    as tall as 8,801)."""
+    from app.charts import activation_histogram
+    from app.schemas.concepts import ModelColumn, ModelFiring
+
+    def column(name: str, edges: list[float], counts: list[int]) -> ModelColumn:
+        return ModelColumn(model=name, family="f", top_images=[], neighbours=[], cam_image=None,
+                           firing=ModelFiring(model=name, fire_count=sum(counts), frequency=0.1, share=0.5, cofire=0.0,
+                                              max_activation=1.0),
+                           histogram_edges=edges, histogram_counts=counts)
+
+    edges = [0.01 * 2 ** i for i in range(13)]
+    rare = column("rare", edges[7:10], [600, 620])  # as mined: each model's bins trimmed to its own
+    busy = column("busy", edges[3:11], [5, 40, 800, 4000, 3000, 900, 56])
+    never = column("never", [], [])
+    columns = [rare, busy, never]
+    rare_svg, busy_svg = (str(activation_histogram(c, columns)) for c in (rare, busy))
+    assert max(_bar_heights(busy_svg)) / max(_bar_heights(rare_svg)) == pytest.approx(4000 / 620, rel=0.01)
+
+    def bar_spans(svg: str) -> list[tuple[float, float]]:
+        return [(float(x), float(x) + float(w)) for x, w in
+                re.findall(r'<rect class="bar" x="([\d.]+)" y="[\d.]+" width="([\d.]+)"', svg)]
+
+    # The same bin lands on the same pixels in both charts.
+    assert bar_spans(rare_svg) == pytest.approx(bar_spans(busy_svg)[4:6], abs=0.15)
+    alone = str(activation_histogram(rare, [rare]))  # on its own axes it fills the width instead
+    assert bar_spans(alone)[0][0] < bar_spans(rare_svg)[0][0] - 100
