@@ -65,6 +65,19 @@ document.addEventListener("change", (event) => {
 
 // Explain an image: the button says it is working (the first image of a run loads its
 // backbones first), and a result's heatmap shows large in place of the uploaded image.
+// The browser's filters send only the fields in use: a view's address stays short enough to read
+// and to share (`?sort=entropy`, not `?q=&sort=entropy&min_entropy=&...`). The server reads an
+// empty field as unset anyway, so without this file the same view comes up.
+document.addEventListener("submit", (event) => {
+  if (event.target.id !== "filters" || event.defaultPrevented) return;
+  for (const field of event.target.querySelectorAll("input[name], select[name]")) {
+    if (field.value === "") field.disabled = true;
+  }
+  // Going back to this page shows the form as it was, not with the fields switched off.
+  window.addEventListener("pageshow", () => event.target.querySelectorAll(":disabled").forEach((f) => { f.disabled = false; }),
+                          { once: true });
+});
+
 document.addEventListener("submit", (event) => {
   const button = event.target.id === "explain-form" && document.getElementById("explain-submit");
   if (!button) return;

@@ -30,6 +30,12 @@ def test_log_in_browse_and_filter(new_context, site):
     page.click("button:has-text('Apply')")
     page.wait_for_url(re.compile(r".*min_entropy=0.8.*"))
     assert "sort=index" in page.url
+    assert page.url.split("?")[1] == "sort=index&min_entropy=0.8"  # only the fields in use
+    page.go_back()
+    page.wait_for_url(re.compile(r".*/concepts$"))
+    assert page.locator("#q").is_enabled() and page.locator("#max_entropy").is_enabled()
+    page.go_forward()
+    page.wait_for_url(re.compile(r".*min_entropy=0.8.*"))
     universal = [int(i) for i in page.locator("#concept-grid .card").evaluate_all(
         "cards => cards.map(c => c.dataset.concept)")]
     assert universal == sorted(universal) and site.concept in universal and len(universal) <= live
