@@ -132,7 +132,10 @@ def draw_axes(canvas: Canvas, frame: Frame, xs: Scale, ys: Scale, *, x_label: st
         x = xs(v)
         canvas.add(f'<line class="tickmark" x1="{x:.1f}" x2="{x:.1f}" y1="{frame.bottom:.1f}" '
                    f'y2="{frame.bottom + 4:.1f}"/>')
-        canvas.text(x, frame.bottom + 17, fmt(v), cls="tick", anchor="middle")
+        # A label on the y axis starts there, clear of the y axis's lowest label ("0.0001" over
+        # "0.0001" at a log-log origin); one on the right edge ends there, inside the chart.
+        anchor = "start" if x - frame.left < 1 else "end" if frame.right - x < 1 else "middle"
+        canvas.text(x, frame.bottom + 17, fmt(v), cls="tick", anchor=anchor)
     canvas.add(f'<line class="axis" x1="{frame.left:.1f}" x2="{frame.right:.1f}" '
                f'y1="{frame.bottom:.1f}" y2="{frame.bottom:.1f}"/>')
     canvas.add(f'<line class="axis" x1="{frame.left:.1f}" x2="{frame.left:.1f}" '
