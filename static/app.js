@@ -28,8 +28,11 @@ document.addEventListener("keydown", (event) => {
 document.addEventListener("keydown", (event) => {
   if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
   if (event.defaultPrevented || event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
-  if (event.target.closest && event.target.closest("input, textarea, select, [contenteditable]")) return;
+  if (event.target.closest && event.target.closest("input, textarea, select, button, summary, form, [contenteditable]")) return;
   if (location.hash.startsWith("#zoom-")) return;
+  // Never leave a label being written: its fields differ from what the page was served with.
+  const draft = document.getElementById("label-form");
+  if (draft && [...draft.elements].some((f) => "defaultValue" in f && f.type !== "hidden" && f.value !== f.defaultValue)) return;
   const link = document.querySelector(event.key === "ArrowLeft" ? "a[rel=prev]" : "a[rel=next]");
   if (link) { event.preventDefault(); link.click(); }
 });
@@ -70,12 +73,11 @@ document.addEventListener("change", (event) => {
 // empty field as unset anyway, so without this file the same view comes up.
 document.addEventListener("submit", (event) => {
   if (event.target.id !== "filters" || event.defaultPrevented) return;
-  for (const field of event.target.querySelectorAll("input[name], select[name]")) {
-    if (field.value === "") field.disabled = true;
-  }
-  // Going back to this page shows the form as it was, not with the fields switched off.
-  window.addEventListener("pageshow", () => event.target.querySelectorAll(":disabled").forEach((f) => { f.disabled = false; }),
-                          { once: true });
+  const empty = [...event.target.querySelectorAll("input[name], select[name]")].filter((f) => f.value === "");
+  empty.forEach((f) => { f.disabled = true; });
+  // The form's data is taken as the submit event ends: switch the fields back on right after,
+  // so a stopped load or a page restored from history never keeps them switched off.
+  setTimeout(() => empty.forEach((f) => { f.disabled = false; }), 0);
 });
 
 document.addEventListener("submit", (event) => {

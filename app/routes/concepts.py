@@ -119,18 +119,20 @@ def analyst_pages() -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
     @router.post("/runs/{run_id}/concepts/{index}/label", response_class=HTMLResponse)
-    def save_label(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, viewer: AnalystViewer,
-                   version: FormInt, label: Annotated[str, Form()] = "",
+    def save_label(request: Request, run_id: PathInt, index: PathInt, filters: FiltersDep, session: SessionDep,
+                   viewer: AnalystViewer, version: FormInt, label: Annotated[str, Form()] = "",
                    description: Annotated[str, Form()] = "", tags: Annotated[str, Form()] = ""):
         """Save from the concept page. htmx swaps in the label panel; without JavaScript the
-        browser is redirected back to the page (or shown it again with the problem)."""
+        browser is redirected back to the page (or shown it again with the problem), in the
+        list it was opened from (the form's query) if any."""
         run, concept = _run_and_concept(session, viewer, run_id, index)
         draft = {"label": label, "description": description, "tags": tags}
         notice, status = _save_label(session, concept, viewer, draft, version)
         session.commit()
         is_htmx = request.headers.get("HX-Request") == "true"
+        view = filters.view_query() if request.query_params else None
         if status == 200 and not is_htmx:
-            return RedirectResponse(viewer.urls.concept(run.id, index) + "#label", status_code=303)
+            return RedirectResponse(viewer.urls.concept(run.id, index, view) + "#label", status_code=303)
         detail = concept_detail(session, run=run, concept=concept)
         # htmx only swaps 2xx responses, so its partial comes back as 200 with the notice in it.
         return render(request, viewer, "concepts/_label_panel.html" if is_htmx else "concepts/page.html",

@@ -10,7 +10,6 @@ are read from their own tables on every request, so an edit shows at once.
 from __future__ import annotations
 
 import math
-from array import array
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from app.models import (
     ConceptTag,
     ConceptTopImage,
     Image,
+    LabelHistory,
     Run,
     RunModel,
 )
@@ -222,6 +222,7 @@ _TOP_IMAGES = (select(ConceptTopImage.run_model_id, ConceptTopImage.rank, Concep
                       ConceptTopImage.generation_id == bindparam("gen")))
 _TAGS = (select(ConceptTag.concept_id, ConceptTag.tag).where(ConceptTag.concept_id.in_(bindparam("ids")))
          .order_by(ConceptTag.tag))
+_NEWEST_LABEL_EDIT = select(func.max(LabelHistory.id))
 _CONCEPT = select(Concept).where(Concept.run_id == bindparam("run"), Concept.index == bindparam("index"))
 _HISTOGRAMS = select(ConceptHistogram).where(ConceptHistogram.concept_id == bindparam("concept"),
                                              ConceptHistogram.generation_id == bindparam("gen"))
@@ -384,11 +385,18 @@ def _in_view(session: Session, run: Run, concept: Concept, view: ConceptFilters,
     the concept is not in that list (an edit took it out of a label search, say)."""
     where = conditions(run, view, scope)
     key = _order_key(session, run, view, scope)
+    if key is None:
+        # A label, tag or search list changes with every edit: kept under the newest one (every
+        # label, description or tag edit adds a history row; ids are never reused), so walking
+        # such a list does not read it whole on every concept page.
+        key = (session.get_bind(), run.id, run.active_generation_id,
+               tuple(sorted(view.model_dump(exclude={"page", "per_page"}).items())),
+               None if scope is None else tuple(sorted(scope)), session.scalar(_NEWEST_LABEL_EDIT))
 
     def read() -> list[int]:
         return session.connection().execute(select(Concept.id).where(*where).order_by(*order_by(view))).scalars().all()
 
-    ids = ordered_ids(key, read) if key is not None else array("q", read())
+    ids = ordered_ids(key, read)
     try:
         place = ids.index(concept.id)
     except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from html import unescape
 
 from sqlalchemy import select
 
@@ -26,8 +27,14 @@ def test_label_edit_is_recorded_in_history(web_client, seeded):
     r = web_client.post(url + "/label", follow_redirects=False, data={
         **_form(web_client, url), "label": "Hairline crack", "description": "Thin dark lines", "tags": "Defect, crack"})
     assert r.status_code == 303 and r.headers["location"] == url + "#label"
-    r = web_client.post(url + "/label", follow_redirects=False, data={
+    # Opened from a list, a save without JavaScript comes back to the page in that list.
+    listed = url + "?sort=entropy&min_entropy=0.5"
+    action = unescape(re.search(r'<form method="post" action="([^"]+)"[^>]*id="label-form"',
+                                            web_client.get(listed).text).group(1))
+    assert action == url + "/label?sort=entropy&min_entropy=0.5"
+    r = web_client.post(action, follow_redirects=False, data={
         **_form(web_client, url), "label": "Crack", "description": "Thin dark lines", "tags": "defect"})
+    assert r.status_code == 303 and r.headers["location"] == listed + "#label"
     html = web_client.get(url).text
     history = html[html.index('id="label-history"'):]
     assert history.index("v3") < history.index("v2")  # newest first
@@ -128,7 +135,9 @@ def test_an_empty_search_says_whether_hidden_dead_concepts_would_match(web_clien
     page = web_client.get(f"/runs/{run.run_id}/concepts?q=ghost").text
     assert "No concept matches" in page and "1 dead concept would" in page
     assert "that match the filters below" in page and "Every concept of" not in page
-    assert _indices(web_client.get(f"/runs/{run.run_id}/concepts?q=ghost&show_dead=1").text) == [dead]
+    include = unescape(re.search(r'href="([^"]+)" id="include-dead"', page).group(1))
+    assert include == f"/runs/{run.run_id}/concepts?q=ghost&show_dead=1"
+    assert _indices(web_client.get(include).text) == [dead]
     nothing = web_client.get(f"/runs/{run.run_id}/concepts?q=no-such-word").text
     assert "No concept matches these filters.</p>" in nothing  # no hint that would not help
     assert "Every concept of" in web_client.get(f"/runs/{run.run_id}/concepts?sort=index&page=2").text

@@ -394,3 +394,28 @@ def test_no_dead_concepts_no_link_to_them(web_client, seeded):
     page = web_client.get(f"/runs/{seeded.run.run_id}").text
     assert 'id="count-dead">0<' in page
     assert re.search(r'<div class="stat">\s*<div class="label">Dead concepts', page)  # a count, not a link
+
+
+def test_a_label_search_list_follows_label_edits(web_client, seeded):
+    """A search list's order is kept between concept pages, but never past a label edit."""
+    run = seeded.run
+    csrf = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
+    a, b, c = sorted(run.universal[:3])
+
+    def label(index: int, text: str) -> None:
+        version = web_client.get(f"/api/runs/{run.run_id}/concepts/{index}").json()["version"]
+        r = web_client.put(f"/api/runs/{run.run_id}/concepts/{index}/label", headers=csrf,
+                           json={"label": text, "version": version})
+        assert r.status_code == 200, r.text
+
+    for index in (a, b, c):
+        label(index, f"crack {index}")
+    query = {"q": "crack", "sort": "index"}
+    page = web_client.get(f"/runs/{run.run_id}/concepts/{b}", params=query).text
+    assert ">2 of 3 in the list</a>" in page and f"/concepts/{c}?" in page
+    label(c, "stain")
+    page = web_client.get(f"/runs/{run.run_id}/concepts/{b}", params=query).text
+    assert ">2 of 2 in the list</a>" in page and 'rel="next"' not in page
+    label(b, "dent")  # out of the list: the page steps by number again
+    page = web_client.get(f"/runs/{run.run_id}/concepts/{b}", params=query).text
+    assert 'id="back-to-list"' not in page and f'rel="next" href="/runs/{run.run_id}/concepts/{b + 1}"' in page

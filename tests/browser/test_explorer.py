@@ -109,6 +109,12 @@ def test_arrow_keys_step_through_concepts_but_not_while_typing(analyst, site):
     page.keyboard.press("ArrowRight")  # moves the caret, not the page
     page.wait_for_timeout(300)
     assert page.url == here
+    page.locator("#label-form input[name=label]").fill("half-typed name")
+    page.locator("h1").click()
+    page.keyboard.press("ArrowRight")  # a label being written is never left behind
+    page.wait_for_timeout(300)
+    assert page.url == here
+    page.reload()
     page.locator("h1").click()
     page.keyboard.press("ArrowRight")
     page.wait_for_url(f"{site.base}{following}")
