@@ -27,16 +27,19 @@ shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-compare-extraction}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 
 run() {  # run NAME CODE_DIR OPTIONS...: one measurement of the code in CODE_DIR
   local name=$1 code=$2
   shift 2
   local path="$code${PYTHONPATH:+:$PYTHONPATH}"
   local used
-  used=$(PYTHONPATH="$path" python -c 'import usae_core; print(usae_core.__file__)')
+  # From / : `python -c` puts the working directory first on the path, and in a checkout that
+  # would import the checkout's usae_core instead of $code's.
+  used=$(cd / && PYTHONPATH="$path" python -c 'import usae_core; print(usae_core.__file__)')
   [[ "$used" == "$code"/* ]] || { echo "run $name would import $used, not the code in $code" >&2; exit 1; }
-  PYTHONPATH="$path" python "$code/benchmarks/extract_throughput.py" "$@" \
-    --json "$out/$name.json" > "$out/$name.log" 2>&1 || { echo "run $name failed; see $out/$name.log" >&2; exit 1; }
+  (cd / && PYTHONPATH="$path" python "$code/benchmarks/extract_throughput.py" "$@" \
+    --json "$out/$name.json") > "$out/$name.log" 2>&1 || { echo "run $name failed; see $out/$name.log" >&2; exit 1; }
 }
 
 run warmup "$here" "${@}"  # compiles, fills caches; not counted
