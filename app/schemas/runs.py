@@ -44,6 +44,7 @@ class DefectBest(BaseModel):
     concept: ConceptRef
     model: str
     iou: float
+    image: Thumb | None = Field(None, description="The concept's strongest image in `model`")
 
 
 class HistogramData(BaseModel):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from app.models import Concept, ConceptModelStats, ConceptTopImage, Image, Run
+from app.models import Concept, ConceptModelStats, Run
 from app.schemas.compare import Comparison, PairConcept
-from app.schemas.images import Thumb
+from app.services.concepts import strongest_images
 from app.services.runs_view import run_summary
 from usae_core.errors import UsaeError
 
@@ -41,24 +41,6 @@ def pair_group(frequency_a: float, frequency_b: float) -> str:
     return ""
 
 
-def _strongest_images(session: Session, run: Run, concept_ids: dict[int, int],
-                      models: dict[int, str]) -> dict[tuple[int, str], Thumb]:
-    """(concept index, model name) -> the concept's strongest image in that model (rank 0 of
-    the active mine), for the concepts and models given (concept id -> index, model id -> name)."""
-    if not concept_ids or run.active_generation_id is None:
-        return {}
-    rows = session.execute(
-        select(ConceptTopImage.concept_id, ConceptTopImage.run_model_id, ConceptTopImage.activation,
-               ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
-        .join(Image, Image.id == ConceptTopImage.image_id)
-        .where(ConceptTopImage.generation_id == run.active_generation_id, ConceptTopImage.rank == 0,
-               ConceptTopImage.concept_id.in_(concept_ids), ConceptTopImage.run_model_id.in_(models)))
-    return {(concept_ids[concept_id], models[model_id]):
-            Thumb(model=models[model_id], rank=0, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
-                  image_key=key)
-            for concept_id, model_id, activation, heatmap, thumbnail, key in rows}
-
-
 def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) -> Comparison:
     models = {m.name: m for m in run.models}
     for name in (model_a, model_b):
@@ -83,7 +65,7 @@ def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) ->
     n_shared, n_unique_a, n_unique_b = len(shared), len(unique_a), len(unique_b)
     shared, unique_a, unique_b = shared[:LIST_LENGTH], unique_a[:LIST_LENGTH], unique_b[:LIST_LENGTH]
     listed = {p.index for p in (*shared, *unique_a, *unique_b)}
-    images = _strongest_images(session, run, {cid: i for cid, i, *_ in rows if i in listed},
+    images = strongest_images(session, run, {cid: i for cid, i, *_ in rows if i in listed},
                                {a.id: model_a, b.id: model_b})
 
     def with_images(listing: list[PairConcept]) -> list[PairConcept]:

@@ -452,3 +452,21 @@ def _defect_iou(session: Session, run: Run, concept: Concept) -> list[DefectIoU]
     names = {m.id: m.name for m in run.models}
     rows = session.execute(_DEFECT_IOU, {"concept": concept.id, "gen": run.active_generation_id})
     return [DefectIoU(defect_type=defect_type, model=names[model_id], iou=iou) for defect_type, model_id, iou in rows]
+
+
+def strongest_images(session: Session, run: Run, concept_ids: dict[int, int],
+                      models: dict[int, str]) -> dict[tuple[int, str], Thumb]:
+    """(concept index, model name) -> the concept's strongest image in that model (rank 0 of
+    the active mine), for the concepts and models given (concept id -> index, model id -> name)."""
+    if not concept_ids or run.active_generation_id is None:
+        return {}
+    rows = session.execute(
+        select(ConceptTopImage.concept_id, ConceptTopImage.run_model_id, ConceptTopImage.activation,
+               ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
+        .join(Image, Image.id == ConceptTopImage.image_id)
+        .where(ConceptTopImage.generation_id == run.active_generation_id, ConceptTopImage.rank == 0,
+               ConceptTopImage.concept_id.in_(concept_ids), ConceptTopImage.run_model_id.in_(models)))
+    return {(concept_ids[concept_id], models[model_id]):
+            Thumb(model=models[model_id], rank=0, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
+                  image_key=key)
+            for concept_id, model_id, activation, heatmap, thumbnail, key in rows}

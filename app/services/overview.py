@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.models import Concept, ConceptDefectIoU, Run
 from app.schemas.runs import (ConceptRef, DefectBest, HistogramData, LabelledConcept, RunOverview, ScatterConcept,
                               TrainingCurve)
-from app.services.concepts import UNIVERSAL_ENTROPY, concept_cards
+from app.services.concepts import UNIVERSAL_ENTROPY, concept_cards, strongest_images
 from app.services.runs_view import effective_status, run_summary
 
 ENTROPY_BINS = 20
@@ -68,14 +68,18 @@ def _best_per_defect(session: Session, run: Run) -> list[DefectBest]:
             .where(ConceptDefectIoU.generation_id == gen).group_by(ConceptDefectIoU.defect_type).subquery())
     rows = session.execute(
         select(ConceptDefectIoU.defect_type, ConceptDefectIoU.iou, ConceptDefectIoU.run_model_id,
-               Concept.index, Concept.label)
+               Concept.id, Concept.index, Concept.label)
         .join(best, (best.c.defect_type == ConceptDefectIoU.defect_type) & (best.c.iou == ConceptDefectIoU.iou))
         .join(Concept, Concept.id == ConceptDefectIoU.concept_id)
         .where(ConceptDefectIoU.generation_id == gen)
         .order_by(ConceptDefectIoU.defect_type, Concept.index))
     names = {m.id: m.name for m in run.models}
-    result: dict[str, DefectBest] = {}
-    for defect, iou, model_id, index, label in rows:
-        result.setdefault(defect, DefectBest(defect_type=defect, concept=ConceptRef(index=index, label=label),
-                                             model=names[model_id], iou=iou))
-    return list(result.values())
+    best: dict[str, tuple] = {}
+    for defect, iou, model_id, concept_id, index, label in rows:
+        best.setdefault(defect, (iou, model_id, concept_id, index, label))
+    # Each best concept's strongest image in its model: what the concept looks like there.
+    images = strongest_images(session, run, {concept_id: index for _, _, concept_id, index, _ in best.values()},
+                              names)
+    return [DefectBest(defect_type=defect, concept=ConceptRef(index=index, label=label), model=names[model_id],
+                       iou=iou, image=images.get((index, names[model_id])))
+            for defect, (iou, model_id, _, index, label) in best.items()]

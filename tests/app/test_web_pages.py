@@ -70,6 +70,13 @@ def test_overview_api_matches_the_seed(client, data):
     # seed: concept c has IoU 0.2 + 0.1 c for defect c % 2, so the best are concepts 2 and 3
     best = {d["defect_type"]: d["concept"]["index"] for d in body["best_per_defect"]}
     assert best == {"crack": 2, "scratch": 3}
+    # Each with the concept's strongest image in the model of that overlap.
+    for d in body["best_per_defect"]:
+        assert d["image"]["rank"] == 0 and d["image"]["model"] == d["model"]
+        assert d["image"]["heatmap"].endswith(f"/heatmaps/{d['concept']['index']}/{d['model']}-0.png")
+    page = client.get(f"/runs/{data.run.run_id}").text
+    defects = page[page.index('id="defects"'):page.index("</table>", page.index('id="defects"'))]
+    assert defects.count('class="heat mini"') == 2
 
 
 def test_browser_hides_dead_and_sorts_by_energy(client, data):
