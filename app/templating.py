@@ -30,6 +30,15 @@ def _date(value: dt.datetime | None) -> str:
     return "" if value is None else value.astimezone(dt.timezone.utc).strftime("%d %b %Y")
 
 
+def _day_in_words(iso_day: str) -> str:
+    """'2027-01-04' -> 'Mon 04 Jan 2027': a date field shows the day in the browser's own format
+    (01/04/2027 reads as 1 April in much of the world); "" for anything but an ISO date."""
+    try:
+        return dt.date.fromisoformat(iso_day).strftime("%a %d %b %Y")
+    except (TypeError, ValueError):
+        return ""
+
+
 def _percent(value: float) -> str:
     """Firing frequencies span decades: 12%, 3.4%, 0.05%."""
     pct = 100 * value
@@ -88,8 +97,8 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         auto_reload=False,  # templates ship with the code: no file checks on every page
     )
-    env.filters.update(datetime=_datetime, date=_date, percent=_percent, number=_number,
-                       breakable=_breakable, duration=_duration)
+    env.filters.update(datetime=_datetime, date=_date, day_in_words=_day_in_words, percent=_percent,
+                       number=_number, breakable=_breakable, duration=_duration)
     env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html)
     return env
 

@@ -54,6 +54,18 @@ document.addEventListener("input", (event) => {
   if (choice && event.target.value.trim()) choice.checked = true;
 });
 
+// A date field shows the day in the browser's own format (01/04/2027 is 4 January in one country
+// and 1 April in the next): the line under it names the day in words, as the list of links does.
+const WEEKDAYS = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+document.addEventListener("input", (event) => {
+  const words = event.target.id && document.querySelector(`[data-day-in-words="${CSS.escape(event.target.id)}"]`);
+  if (!words) return;
+  const day = /^\d{4}-\d{2}-\d{2}$/.test(event.target.value) ? new Date(`${event.target.value}T00:00:00Z`) : null;
+  words.textContent = day && !isNaN(day) ? `Works through ${WEEKDAYS[day.getUTCDay()]} ${String(day.getUTCDate()).padStart(2, "0")} `
+    + `${MONTHS[day.getUTCMonth()]} ${day.getUTCFullYear()}, 23:59 UTC.` : "";
+});
+
 // A file over the upload limit is refused before it is sent (the server answers a far larger
 // body with a bare 413, and anything over the limit with the same words as here).
 document.addEventListener("change", (event) => {

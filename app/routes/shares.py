@@ -12,8 +12,8 @@ from app.deps import AnalystViewer, SessionDep, ShareScope
 from app.params import DB_INT_MAX, FormInt, PathInt
 from app.schemas.shares import ShareCreate, ShareCreated, ShareInfo, SharedScope
 from app.services.runs_view import get_run, list_runs
-from app.services.shares import (DEFAULT_SHARE_DAYS, MAX_SHARE_DAYS, ShareNotFound, create_share, list_shares,
-                                 revoke_share)
+from app.services.shares import (DEFAULT_SHARE_DAYS, LISTED_CONCEPTS, MAX_SHARE_DAYS, ShareNotFound, create_share,
+                                 list_shares, listed_concept_labels, revoke_share)
 from app.templating import render
 from app.viewer import Viewer
 from usae_core.errors import UsaeError
@@ -65,8 +65,10 @@ def _expiry_days() -> tuple[dt.date, dt.date, dt.date]:
 def _shares_page(request: Request, session: SessionDep, viewer: Viewer, *, form: dict[str, object],
                  error: str | None = None, status_code: int = 200) -> HTMLResponse:
     first, _, last = _expiry_days()
+    shares = list_shares(session)
     return render(request, viewer, "shares/list.html", status_code=status_code, nav="shares",
-                  shares=list_shares(session), runs=list_runs(session), form=form, error=error,
+                  shares=shares, labels=listed_concept_labels(session, shares), listed=LISTED_CONCEPTS,
+                  runs=list_runs(session), form=form, error=error,
                   expiry_range=(first.isoformat(), last.isoformat()))
 
 
@@ -105,7 +107,8 @@ def analyst_pages() -> APIRouter:
     def revoke_page(request: Request, share_id: PathInt, session: SessionDep, viewer: AnalystViewer):
         share = _revoke(session, share_id)
         if request.headers.get("HX-Request") == "true":
-            return render(request, viewer, "shares/_row.html", share=share)
+            return render(request, viewer, "shares/_row.html", share=share,
+                          labels=listed_concept_labels(session, [share]), listed=LISTED_CONCEPTS)
         return RedirectResponse("/shares", status_code=303)
 
     return router

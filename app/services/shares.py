@@ -28,6 +28,8 @@ MAX_SHARED_CONCEPTS = 500
 DEFAULT_SHARE_DAYS = 30
 """How long a link works when its creator names no expiry: every link expires."""
 MAX_SHARE_DAYS = 365
+LISTED_CONCEPTS = 6
+"""The list of links names this many of a concept link's concepts, then says how many more."""
 
 
 class ShareNotFound(Exception):
@@ -124,6 +126,18 @@ def list_shares(session: Session) -> list[ShareInfo]:
     links = session.scalars(select(ShareLink).options(selectinload(ShareLink.run), selectinload(ShareLink.creator))
                             .order_by(ShareLink.created_at.desc(), ShareLink.id.desc()))
     return [share_info(link) for link in links]
+
+
+def listed_concept_labels(session: Session, shares: Sequence[ShareInfo]) -> dict[tuple[int, int], str]:
+    """(run id, concept index) -> label, for the concepts the list of links names (the first
+    LISTED_CONCEPTS of each concept link); unlabelled concepts are left out."""
+    wanted = {(s.run_id, i) for s in shares for i in s.concept_indices[:LISTED_CONCEPTS]}
+    if not wanted:
+        return {}
+    rows = session.execute(select(Concept.run_id, Concept.index, Concept.label)
+                           .where(Concept.run_id.in_({run for run, _ in wanted}),
+                                  Concept.index.in_({index for _, index in wanted}), Concept.label != ""))
+    return {(run, index): label for run, index, label in rows if (run, index) in wanted}
 
 
 def revoke_share(session: Session, *, share_id: int) -> ShareInfo:

@@ -333,8 +333,9 @@ def test_cards_of_another_template_are_rendered_when_shown(tmp_path, planted_run
 
 
 def test_a_model_without_top_images_leaves_its_own_thumbnail_slot_blank():
-    """Card columns follow the run's model order: a model with no top image leaves its slot
-    blank instead of the next model's thumbnail sliding into it."""
+    """Card columns follow the run's model order, each thumbnail captioned with its model: a
+    model with no top image leaves its slot blank instead of the next model's thumbnail sliding
+    into it."""
     firing = [ModelFiring(model=m, fire_count=1, frequency=0.1, share=1 / 3, cofire=0.0, max_activation=1.0)
               for m in ("alpha", "beta", "gamma")]
     thumbs = [Thumb(model=m, rank=0, activation=1.0, heatmap=f"heat/{m}.png", thumbnail=f"thumb/{m}.jpg",
@@ -343,6 +344,7 @@ def test_a_model_without_top_images_leaves_its_own_thumbnail_slot_blank():
     slots = re.findall(r'<span class="(heat|blank)"(?: title="([^"]*)")?', html)
     assert slots == [("heat", "alpha · activation 1"), ("blank", "beta: no top image"),
                      ("heat", "gamma · activation 1")]
+    assert re.findall(r'<span class="cap" aria-hidden="true">([^<]*)</span>', html) == ["alpha", "gamma"]
     two = [Thumb(model="beta", rank=r, activation=1.0, heatmap=f"heat/{r}.png", thumbnail=None, image_key=str(r))
            for r in (0, 1)]
     html, _ = card_html.render(MinedCard(firing=firing[:2], thumbs=two), 2)  # two models: two slots each

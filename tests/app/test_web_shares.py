@@ -262,3 +262,41 @@ def test_a_mine_that_did_not_finish_is_told_to_analysts_not_to_link_holders(web_
     path = _create(web_client, seeded, scope="run")
     shared = holder.get(f"{path}/runs/{run_id}").text
     assert "last-mine-error" not in shared and "KeyboardInterrupt" not in shared  # internals stay inside
+
+
+def test_the_list_of_links_names_the_concepts_a_link_shows(web_client, seeded):
+    """A concept link's row names its first six concepts with their labels (escaped), each
+    linking to the concept, says how many more, and the htmx revoke answer keeps them."""
+    run = seeded.run.run_id
+    page = web_client.get(f"/runs/{run}/concepts/2").text
+    web_client.post(f"/runs/{run}/concepts/2/label", data={
+        "csrf_token": csrf_from(page), "version": "1", "label": "<b>Crack</b> & dent", "description": "", "tags": ""})
+    _create(web_client, seeded, scope="concepts", concepts="9, 2, 4, 5, 6, 7, 8, 1")
+    listing = web_client.get("/shares").text
+    row = re.search(r'<tr id="share-(\d+)".*?</tr>', listing, re.S)
+    assert "8 concepts" in row.group(0)
+    named = re.findall(r'<a href="/runs/\d+/concepts/(\d+)">#\d+</a> (.*?)</li>', row.group(0))
+    assert [int(i) for i, _ in named] == [1, 2, 4, 5, 6, 7]  # stored sorted; the first six
+    assert dict(named)["2"] == "&lt;b&gt;Crack&lt;/b&gt; &amp; dent"
+    assert dict(named)["1"] == '<span class="muted">unlabelled</span>'
+    assert "and 2 more" in row.group(0) and "<b>Crack</b>" not in listing
+    revoked = web_client.post(f"/shares/{row.group(1)}/revoke", data={"csrf_token": csrf_from(listing)},
+                              headers={"HX-Request": "true"}).text
+    assert 'data-status="revoked"' in revoked and "&lt;b&gt;Crack&lt;/b&gt; &amp; dent" in revoked
+
+
+def test_the_expiry_field_names_its_day_in_words(web_client, seeded):
+    """A date field shows the browser's own format (01/04/2027 is ambiguous): the line under it
+    names the default day, and a form sent back with an error names the day it was sent with
+    (nothing for a value that is no date)."""
+    from app.templating import _day_in_words
+
+    today = dt.datetime.now(dt.timezone.utc).date()
+    page = web_client.get("/shares").text
+    assert f"Works through {today + dt.timedelta(days=30):%a %d %b %Y}, 23:59 UTC." in page
+    later = today + dt.timedelta(days=400)
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id),
+                                         "scope": "run", "expires_on": later.isoformat()})
+    assert r.status_code == 422 and f"Works through {later:%a %d %b %Y}, 23:59 UTC." in r.text
+    assert _day_in_words("2027-01-04") == "Mon 04 Jan 2027"
+    assert _day_in_words("04/01/2027") == "" and _day_in_words("") == ""

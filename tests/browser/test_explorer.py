@@ -234,6 +234,19 @@ def test_typing_concept_numbers_shares_only_those(analyst, site):
     assert "can read 2 concepts of" in page.locator("main").inner_text()
 
 
+def test_the_expiry_day_is_named_in_words_as_it_is_picked(analyst, site):
+    """The date field shows the browser's locale (01/04/2027); the line under it follows the
+    picked day in words, and empties for a cleared field."""
+    page = analyst
+    page.goto(f"{site.base}/shares")
+    words = page.locator("#expires-in-words")
+    assert words.inner_text().startswith("Works through ")
+    page.fill("#expires_on", "2027-01-04")
+    assert words.inner_text() == "Works through Mon 04 Jan 2027, 23:59 UTC."
+    page.fill("#expires_on", "")
+    assert words.inner_text() == ""
+
+
 def test_label_html_renders_escaped(analyst, site):
     page = analyst
     dialogs = []
