@@ -65,6 +65,10 @@ def _save_label(session: Session, concept: Concept, viewer: Viewer, draft: dict[
                          version=version)
         update_label(session, concept=concept, editor=viewer.user, edit=edit)  # type: ignore[arg-type]
     except LabelConflict as conflict:
+        if viewer.user is not None and conflict.editor == viewer.user.username:  # another tab or window
+            return {"kind": "warn", "text": "You saved this label elsewhere (another tab or window) while "
+                    "editing it here. That version is shown just below; the text of this page is still in "
+                    "the form. Review it and save again to replace the other one."}, 409
         return {"kind": "warn", "text": f"{conflict.editor} saved this label while you were editing it. "
                 "Their version is shown just below; your text is still in the form. Review it and save again "
                 "to replace theirs."}, 409

@@ -65,6 +65,18 @@ def test_second_writer_gets_a_conflict_not_an_overwrite(web_client, seeded, web)
     assert api["card"]["label"] == "Bob's name" and api["version"] == 2
 
 
+def test_a_save_from_a_stale_tab_of_your_own_says_so(web_client, seeded):
+    """Two tabs of one analyst: the older tab's save is a conflict that names no one else."""
+    url = f"/runs/{seeded.run.run_id}/concepts/6"
+    old_tab, new_tab = _form(web_client, url), _form(web_client, url)
+    assert web_client.post(url + "/label", data={**new_tab, "label": "First", "description": "", "tags": ""},
+                           follow_redirects=False).status_code == 303
+    r = web_client.post(url + "/label", data={**old_tab, "label": "Second", "description": "", "tags": ""})
+    assert r.status_code == 409
+    assert "You saved this label elsewhere (another tab or window) while editing it here." in r.text
+    assert "alice saved" not in r.text and 'value="Second"' in r.text
+
+
 def test_htmx_save_returns_the_panel(web_client, seeded):
     url = f"/runs/{seeded.run.run_id}/concepts/5"
     r = web_client.post(url + "/label", headers={"HX-Request": "true"},
