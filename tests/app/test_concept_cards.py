@@ -342,8 +342,8 @@ def test_a_model_without_top_images_leaves_its_own_thumbnail_slot_blank():
                     image_key=m) for m in ("alpha", "gamma")]
     html, _ = card_html.render(MinedCard(firing=firing, thumbs=thumbs), 3)
     slots = re.findall(r'<span class="(heat|blank)"(?: title="([^"]*)")?', html)
-    assert slots == [("heat", "alpha · activation 1"), ("blank", "beta: no top image"),
-                     ("heat", "gamma · activation 1")]
+    assert slots == [("heat", "alpha · activation 1.00"), ("blank", "beta: no top image"),
+                     ("heat", "gamma · activation 1.00")]
     assert re.findall(r'<span class="cap" aria-hidden="true">([^<]*)</span>', html) == ["alpha", "gamma"]
     two = [Thumb(model="beta", rank=r, activation=1.0, heatmap=f"heat/{r}.png", thumbnail=None, image_key=str(r))
            for r in (0, 1)]
