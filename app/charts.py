@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from markupsafe import Markup
 
+from app.formatting import measure
 from app.plots import ScatterPoint, histogram, line_chart, matrix_heatmap, scatter
 from app.schemas.compare import Comparison
 from app.schemas.concepts import ModelColumn
@@ -46,7 +47,7 @@ def entropy_histogram(overview: RunOverview) -> Markup:
 
 def cofire_energy(overview: RunOverview, urls: Urls) -> Markup:
     points = [ScatterPoint(c.energy, c.cofire,
-                           f"{_name(c.index, c.label)} · energy {c.energy:.3g} · co-fire {c.cofire:.2f}",
+                           f"{_name(c.index, c.label)} · energy {measure(c.energy)} · co-fire {c.cofire:.2f}",
                            urls.concept(overview.run.id, c.index),
                            highlight=c.firing_entropy >= overview.universal_threshold)
               for c in overview.cofire_energy]

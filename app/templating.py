@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from app import charts
+from app.formatting import measure
 from app.models import utcnow
 from app.security import csrf_token
 from app.urls import Urls
@@ -65,14 +66,6 @@ def _number(value: float | int) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:,.3g}"
 
 
-def _measure(value: float) -> str:
-    """A measured value to three significant digits, trailing zeros kept so that a column of
-    them lines up (0.270 beside 0.0829 and 1.07); whole numbers from 1,000 on."""
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:#.3g}".rstrip(".")
-
-
 def _breakable(name: str) -> Markup:
     """An identifier (a model name) that may wrap after '_', '-' or '.' in a narrow column."""
     return Markup(re.sub(r"([_.-])", r"\1<wbr>", str(escape(name))))
@@ -106,7 +99,7 @@ def _environment() -> jinja2.Environment:
         auto_reload=False,  # templates ship with the code: no file checks on every page
     )
     env.filters.update(datetime=_datetime, date=_date, day_in_words=_day_in_words, percent=_percent,
-                       number=_number, measure=_measure, breakable=_breakable, duration=_duration)
+                       number=_number, measure=measure, breakable=_breakable, duration=_duration)
     env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html)
     return env
 

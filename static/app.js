@@ -61,7 +61,8 @@ const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "
 document.addEventListener("input", (event) => {
   const words = event.target.id && document.querySelector(`[data-day-in-words="${CSS.escape(event.target.id)}"]`);
   if (!words) return;
-  const day = /^\d{4}-\d{2}-\d{2}$/.test(event.target.value) ? new Date(`${event.target.value}T00:00:00Z`) : null;
+  const value = event.target.value || words.dataset.defaultDay || "";  // left empty, the server picks the default
+  const day = /^\d{4}-\d{2}-\d{2}$/.test(value) ? new Date(`${value}T00:00:00Z`) : null;
   words.textContent = day && !isNaN(day) ? `Works through ${WEEKDAYS[day.getUTCDay()]} ${String(day.getUTCDate()).padStart(2, "0")} `
     + `${MONTHS[day.getUTCMonth()]} ${day.getUTCFullYear()}, 23:59 UTC.` : "";
 });

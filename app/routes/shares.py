@@ -64,12 +64,12 @@ def _expiry_days() -> tuple[dt.date, dt.date, dt.date]:
 
 def _shares_page(request: Request, session: SessionDep, viewer: Viewer, *, form: dict[str, object],
                  error: str | None = None, status_code: int = 200) -> HTMLResponse:
-    first, _, last = _expiry_days()
+    first, default, last = _expiry_days()
     shares = list_shares(session)
     return render(request, viewer, "shares/list.html", status_code=status_code, nav="shares",
                   shares=shares, labels=listed_concept_labels(session, shares), listed=LISTED_CONCEPTS,
                   runs=list_runs(session), form=form, error=error,
-                  expiry_range=(first.isoformat(), last.isoformat()))
+                  expiry_range=(first.isoformat(), last.isoformat()), expiry_default=default.isoformat())
 
 
 def analyst_pages() -> APIRouter:

@@ -3,7 +3,7 @@ mine and stored with the card row instead of on every page: those two loops were
 part of the browser template's time (docs/benchmarks.md, 2026-12-03).
 
 Rows carry the `FORMAT` they were rendered with, a hash of the fragment template and of the
-number formatting it uses (`templating._percent`, `templating._measure`); a row of an
+number formatting it uses (`templating._percent`, `formatting.measure`); a row of an
 older template (or of a mine before migration 0005) is rendered from its JSON when shown, so a
 page always has the current markup and only the speed waits for the next mine. Media links are
 an analyst's; `templating.stored_html` gives a share-link holder theirs.
@@ -19,13 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import ConceptCardData, MiningGeneration, RunModel
 from app.schemas.concepts import MinedCard
-from app import templating
+from app import formatting, templating
 from app.templating import TEMPLATES_DIR, templates
 from app.urls import ANALYST_URLS
 
 FRAGMENT = "concepts/_card_mined.html"
 FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes() + inspect.getsource(templating._percent).encode()
-                        + inspect.getsource(templating._measure).encode()).hexdigest()[:16]
+                        + inspect.getsource(formatting.measure).encode()).hexdigest()[:16]
 
 
 def card_columns(n_models: int) -> int:

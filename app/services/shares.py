@@ -13,7 +13,7 @@ import hmac
 import secrets
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
 from app.models import Concept, Run, ShareLink, User, utcnow
@@ -135,9 +135,8 @@ def listed_concept_labels(session: Session, shares: Sequence[ShareInfo]) -> dict
     if not wanted:
         return {}
     rows = session.execute(select(Concept.run_id, Concept.index, Concept.label)
-                           .where(Concept.run_id.in_({run for run, _ in wanted}),
-                                  Concept.index.in_({index for _, index in wanted}), Concept.label != ""))
-    return {(run, index): label for run, index, label in rows if (run, index) in wanted}
+                           .where(tuple_(Concept.run_id, Concept.index).in_(sorted(wanted)), Concept.label != ""))
+    return {(run, index): label for run, index, label in rows}
 
 
 def revoke_share(session: Session, *, share_id: int) -> ShareInfo:

@@ -88,11 +88,11 @@ def test_tick_labels_read_alike_along_a_log_axis():
 
 def test_measured_values_keep_three_significant_digits_with_their_zeros():
     """A column of energies or activations lines up: 0.270, not 0.27, beside 0.0829 and 1.07."""
-    from app.templating import _measure
+    from app.formatting import measure
 
-    values = [0.27, 0.0829, 1.07, 150.0, 1234.5, 0.0, 12.345, 0.000123, -0.5]
-    assert [_measure(v) for v in values] == ["0.270", "0.0829", "1.07", "150", "1,234", "0.00", "12.3", "0.000123",
-                                             "-0.500"]
+    values = [0.27, 0.0829, 1.07, 150.0, 999.7, -999.9, 1234.5, 0.0, 12.345, 0.000123, -0.5]
+    assert [measure(v) for v in values] == ["0.270", "0.0829", "1.07", "150", "1,000", "-1,000", "1,234", "0.00",
+                                            "12.3", "0.000123", "-0.500"]
 
 
 def test_percentages_keep_one_rule_for_digits():

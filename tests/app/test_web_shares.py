@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.db import session_factory
-from app.models import ShareLink
+from app.models import Concept, ShareLink
+from app.services.shares import list_shares
 from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
 
 
@@ -280,6 +281,18 @@ def test_the_list_of_links_names_the_concepts_a_link_shows(web_client, seeded):
     assert dict(named)["2"] == "&lt;b&gt;Crack&lt;/b&gt; &amp; dent"
     assert dict(named)["1"] == '<span class="muted">unlabelled</span>'
     assert "and 2 more" in row.group(0) and "<b>Crack</b>" not in listing
+    # Labels are per run: concept 2 of another run, labelled there, leaves this run's unlabelled one alone.
+    from app.services.shares import listed_concept_labels
+    from tests.app.seed import seed_run
+
+    with session_factory(seeded.settings.db_url)() as session:
+        other = seed_run(session, seeded.settings.media_dir, name="third-run", n_concepts=10, write_files=False)
+        session.execute(update(Concept).where(Concept.run_id == other.run_id, Concept.index.in_([1, 2]))
+                        .values(label="Other run's label"))
+        session.commit()
+        shares = list_shares(session)
+        labels = listed_concept_labels(session, shares)
+    assert labels == {(run, 2): "<b>Crack</b> & dent"}
     revoked = web_client.post(f"/shares/{row.group(1)}/revoke", data={"csrf_token": csrf_from(listing)},
                               headers={"HX-Request": "true"}).text
     assert 'data-status="revoked"' in revoked and "&lt;b&gt;Crack&lt;/b&gt; &amp; dent" in revoked

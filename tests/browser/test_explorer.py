@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import re
 from collections import deque
@@ -236,15 +237,16 @@ def test_typing_concept_numbers_shares_only_those(analyst, site):
 
 def test_the_expiry_day_is_named_in_words_as_it_is_picked(analyst, site):
     """The date field shows the browser's locale (01/04/2027); the line under it follows the
-    picked day in words, and empties for a cleared field."""
+    picked day in words, and names the default day for a cleared field."""
     page = analyst
     page.goto(f"{site.base}/shares")
     words = page.locator("#expires-in-words")
     assert words.inner_text().startswith("Works through ")
     page.fill("#expires_on", "2027-01-04")
     assert words.inner_text() == "Works through Mon 04 Jan 2027, 23:59 UTC."
-    page.fill("#expires_on", "")
-    assert words.inner_text() == ""
+    page.fill("#expires_on", "")  # left empty, a link gets the default 30 days
+    default = dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=30)
+    assert words.inner_text() == f"Works through {default:%a %d %b %Y}, 23:59 UTC."
 
 
 def test_label_html_renders_escaped(analyst, site):
