@@ -7,10 +7,12 @@
 
 Bare forward: uint8 batches already on the device -> normalise -> every backbone (bf16 autocast on
 CUDA), timed after warm-up; with --compile, normalisation and backbone are one compiled graph, as
-in extraction. Extraction: `extract_store` from image files on disk (JPEGs written
-by this script unless --images is given) to a finished store, the whole path included (folder
-scan, decoding, resizing, copies, grid resampling, writing). The ratio of the two is the share
-of the GPU's speed the pipeline keeps. Prints one JSON object (also written to --json).
+in extraction. All backbones together run over as many images as the extraction reads (unless
+--forward-batches says otherwise), so both measurements keep the GPU busy for as long.
+Extraction: `extract_store` from image files on disk (JPEGs written by this script unless
+--images is given) to a finished store, the whole path included (folder scan, decoding,
+resizing, copies, grid resampling, writing). The ratio of the two is the share of the GPU's
+speed the pipeline keeps. Prints one JSON object (also written to --json).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from usae_core.backbones import Backbone, create_backbone, default_backbones
 from usae_core.extract import COMPILE_MODES, ExtractTimings, NormalizedBackbone, compiled, extract_store, use_fast_pinning
+from usae_core.images import FolderSource
 from usae_core.train import resolve_device
 
 log = logging.getLogger("extract_throughput")
@@ -98,8 +101,9 @@ def _sync(device: torch.device) -> None:
 
 
 def forward_throughput(models: list[Backbone], device: torch.device, batch_size: int, batches: int,
-                       compile: bool | str) -> dict[str, float]:
-    """Images/s of normalise + forward on uint8 input already on the device: each model, and all together."""
+                       compile: bool | str, model_batches: int = 20) -> dict[str, float]:
+    """Images/s of normalise + forward on uint8 input already on the device: each model alone over
+    `model_batches` batches, and all together ("all", the reference) over `batches`."""
     cuda = device.type == "cuda"
     runners = {m.store_name: compiled(NormalizedBackbone(m), compile) for m in models}
     inputs = {m.input_size: torch.randint(0, 256, (batch_size, 3, m.input_size, m.input_size), dtype=torch.uint8,
@@ -110,7 +114,7 @@ def forward_throughput(models: list[Backbone], device: torch.device, batch_size:
             for m in selected:
                 runners[m.store_name](inputs[m.input_size])
 
-    def rate(selected: list[Backbone]) -> float:
+    def rate(selected: list[Backbone], batches: int) -> float:
         for _ in range(3 if compile or cuda else 1):  # warm-up (and compilation)
             run(selected)
         _sync(device)
@@ -120,8 +124,8 @@ def forward_throughput(models: list[Backbone], device: torch.device, batch_size:
         _sync(device)
         return batch_size * batches / (time.perf_counter() - start)
 
-    out = {m.store_name: rate([m]) for m in models}
-    out["all"] = rate(models)
+    out = {m.store_name: rate([m], min(batches, model_batches)) for m in models}
+    out["all"] = rate(models, batches)
     return out
 
 
@@ -134,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-images", type=int, default=None, help="images to write (default 300 on CPU, 20000 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 256 on CUDA")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (extract_store's default if unset)")
-    p.add_argument("--forward-batches", type=int, default=None, help="timed batches of the bare forward")
+    p.add_argument("--forward-batches", type=int, default=None,
+                   help="timed batches of the bare forward of all backbones (default: as many images as "
+                        "the extraction reads; each backbone alone runs at most 20)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones in both measurements")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="a torch.compile mode (implies --compile)")
     p.add_argument("--dtype", default="float16")
@@ -164,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
             write_images(images, n_images)
         disk = disk_write_speed(store_dir, args.disk_check_gb) if args.disk_check_gb > 0 else None
         log.info("bare forward of %s on %s", ", ".join(names), device)
-        forward = forward_throughput(models, device, batch_size, args.forward_batches or (20 if cuda else 3),
-                                     compile)
+        forward_batches = args.forward_batches or -(-len(FolderSource(images, check=False)) // batch_size)
+        forward = forward_throughput(models, device, batch_size, forward_batches, compile)
         log.info("extraction")
         start = time.perf_counter()
         timings = ExtractTimings()
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images_on": _file_system(images),
         "store_on": _file_system(store_dir),
         "forward_img_s": {k: round(v, 1) for k, v in forward.items()},
+        "forward_batches": forward_batches,
         "extract_img_s": round(extract_rate, 1),
         "extract_seconds": round(seconds, 2),
         "extract_vs_forward": round(extract_rate / forward["all"], 3),
