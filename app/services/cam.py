@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.formatting import measure
 from app.models import CamImage, Job, RunModel
 from app.services.concepts import get_concept
 from app.services.explain import load_backbones
@@ -128,7 +129,7 @@ def _swap_in_cam_images(sessions: sessionmaker[Session], job: Job, request: CamR
     Returns (the job's message, files of the replaced rows); raises JobCancelled when the job
     was cancelled meanwhile (then nothing changed)."""
     activations = {name: {"start": r.start_activation, "final": r.final_activation} for name, r in results.items()}
-    summary = " · ".join(f"{n} {a['start']:.3g} → {a['final']:.3g}" for n, a in activations.items())
+    summary = " · ".join(f"{n} {measure(a['start'])} → {measure(a['final'])}" for n, a in activations.items())
     message = f"Made {len(written)} image{'s' if len(written) != 1 else ''}. Concept activation, start → end: {summary}."
     if skipped:
         message += f" Skipped {', '.join(skipped)} (no backbone)."
