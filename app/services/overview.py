@@ -74,12 +74,12 @@ def _best_per_defect(session: Session, run: Run) -> list[DefectBest]:
         .where(ConceptDefectIoU.generation_id == gen)
         .order_by(ConceptDefectIoU.defect_type, Concept.index))
     names = {m.id: m.name for m in run.models}
-    best: dict[str, tuple] = {}
+    winners: dict[str, tuple] = {}  # the first row per defect type: ties go to the lowest concept number
     for defect, iou, model_id, concept_id, index, label in rows:
-        best.setdefault(defect, (iou, model_id, concept_id, index, label))
+        winners.setdefault(defect, (iou, model_id, concept_id, index, label))
     # Each best concept's strongest image in its model: what the concept looks like there.
-    images = strongest_images(session, run, {concept_id: index for _, _, concept_id, index, _ in best.values()},
+    images = strongest_images(session, run, {concept_id: index for _, _, concept_id, index, _ in winners.values()},
                               names)
     return [DefectBest(defect_type=defect, concept=ConceptRef(index=index, label=label), model=names[model_id],
                        iou=iou, image=images.get((index, names[model_id])))
-            for defect, (iou, model_id, _, index, label) in best.items()]
+            for defect, (iou, model_id, _, index, label) in winners.items()]
