@@ -134,14 +134,21 @@ _CARD_COLUMNS = (Concept.id, Concept.index, Concept.label, Concept.energy, Conce
                  Concept.frequency, Concept.dead)
 
 
-def _order_key(session: Session, run: Run, filters: ConceptFilters, scope: Collection[int] | None) -> tuple | None:
-    """Views whose concepts and order depend only on mined statistics are paged from a cached
-    id list under this key: the database, the run's active generation and the view
-    (app/services/concept_order.py). None for views that filter on labels, tags or search text."""
-    if filters.q.strip() or filters.tag or filters.labelled != "any":
+def _order_key(session: Session, run: Run, filters: ConceptFilters, scope: Collection[int] | None, *,
+               after_label_edits: bool = False) -> tuple | None:
+    """Concept lists are paged from a cached id list under this key: the database, the run's
+    active generation and the view, its page aside (app/services/concept_order.py). A list that
+    filters on labels, tags or search text changes with every edit: None, unless
+    `after_label_edits` keys it by the newest edit too (every label, description or tag edit adds
+    a history row and ids are never reused), so walking such a list does not read it whole on
+    every concept page."""
+    by_labels = bool(filters.q.strip() or filters.tag or filters.labelled != "any")
+    if by_labels and not after_label_edits:
         return None
-    return (session.get_bind(), run.id, run.active_generation_id, filters.sort, filters.show_dead,
-            filters.min_entropy, filters.max_entropy, filters.mostly, None if scope is None else tuple(sorted(scope)))
+    view = tuple(sorted(filters.model_dump(exclude={"page", "per_page"}).items()))
+    return (session.get_bind(), run.id, run.active_generation_id, view,
+            None if scope is None else tuple(sorted(scope)),
+            session.scalar(_NEWEST_LABEL_EDIT) if by_labels else None)
 
 
 def _view_ids(session: Session, key: tuple, filters: ConceptFilters, where: list[ColumnElement[bool]]):
@@ -389,15 +396,7 @@ def _in_view(session: Session, run: Run, concept: Concept, view: ConceptFilters,
     `view`, read as the browser pages it (the cached order of a statistics-only view); None when
     the concept is not in that list (an edit took it out of a label search, say)."""
     where = conditions(run, view, scope)
-    key = _order_key(session, run, view, scope)
-    if key is None:
-        # A label, tag or search list changes with every edit: kept under the newest one (every
-        # label, description or tag edit adds a history row; ids are never reused), so walking
-        # such a list does not read it whole on every concept page.
-        key = (session.get_bind(), run.id, run.active_generation_id,
-               tuple(sorted(view.model_dump(exclude={"page", "per_page"}).items())),
-               None if scope is None else tuple(sorted(scope)), session.scalar(_NEWEST_LABEL_EDIT))
-
+    key = _order_key(session, run, view, scope, after_label_edits=True)
     ids = _view_ids(session, key, view, where)
     try:
         place = ids.index(concept.id)
