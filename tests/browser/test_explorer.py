@@ -12,6 +12,7 @@ from urllib.parse import urljoin, urlparse
 
 import pytest
 
+from app.templating import _percent
 from tests.browser.conftest import LAPTOP, images_all_loaded, record_backbone, screenshot, sign_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -353,6 +354,14 @@ def test_layout_fits_laptop_and_projector(new_context, analyst_state, site):
             return range.getClientRects().length; })""")
         assert lines and set(lines) == {1}, (viewport, lines)
         assert page.locator(tables.replace("table", ".heat.mini")).count() > 0
+        # The widest frequency the pages print fits its column ("0.063%" spilt out, against its image).
+        assert _percent(0.000012) == "0.0012%"
+        spills = page.eval_on_selector_all(tables.replace("table", ".pair-freq > span:last-child"), """numbers => numbers.filter(number => {
+            number.textContent = '0.0012%';
+            const range = document.createRange(); range.selectNodeContents(number);
+            const text = range.getBoundingClientRect(), box = number.getBoundingClientRect();
+            return text.left < box.left - 0.5 || text.right > box.right + 0.5; }).length""")
+        assert spills == 0, viewport
         assert page.eval_on_selector_all(tables, "ts => ts.filter(t => t.parentElement.scrollWidth > t.parentElement.clientWidth).length") == 0
 
 
