@@ -16,6 +16,7 @@ from starlette.responses import HTMLResponse
 from app import charts
 from app.formatting import measure
 from app.models import utcnow
+from app.schemas.concepts import MAX_SEARCH
 from app.security import csrf_token
 from app.urls import Urls
 from app.viewer import Viewer
@@ -100,7 +101,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(datetime=_datetime, date=_date, day_in_words=_day_in_words, percent=_percent,
                        number=_number, measure=measure, breakable=_breakable, duration=_duration)
-    env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html)
+    env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html, max_search=MAX_SEARCH)
     return env
 
 

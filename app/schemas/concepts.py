@@ -9,10 +9,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.schemas.images import Thumb
+from app.schemas.labels import MAX_TAG
 from app.schemas.runs import RunSummary
 
 MAX_PAGE = 10**9
 """Far beyond any run; a larger page would overflow the database's OFFSET."""
+MAX_SEARCH = 500
+"""Search text (a few words of a label or description) and model names are shorter; longer
+is refused rather than searched."""
 
 CARDS_PER_PAGE = 60
 """The browser's default page size. Its card grid has 1 to 6 columns (cards at least 250 px
@@ -26,15 +30,15 @@ LabelFilter = Literal["any", "labelled", "unlabelled"]
 class ConceptFilters(BaseModel):
     """Everything the browser's URL carries, so a view can be bookmarked and shared."""
 
-    q: str = Field("", description="Search in labels and descriptions")
+    q: str = Field("", max_length=MAX_SEARCH, description="Search in labels and descriptions")
     sort: SortKey = "energy"
     min_entropy: float | None = Field(None, ge=0, le=1, description="Universal: firing entropy at least this")
     max_entropy: float | None = Field(None, ge=0, le=1, description="Model-specific: firing entropy below this")
-    mostly: str | None = Field(None, description="Model name: model-specific concepts (firing entropy under the "
+    mostly: str | None = Field(None, max_length=MAX_SEARCH, description="Model name: model-specific concepts (firing entropy under the "
                                                  "universal threshold) with at least a fair share (1/models) of "
                                                  "their firings in it, as their 'mostly' badge names it")
     labelled: LabelFilter = "any"
-    tag: str | None = None
+    tag: str | None = Field(None, max_length=MAX_TAG)
     show_dead: Literal["only"] | bool = Field(False, description="Dead concepts: hidden (false), shown with the "
                                                                  "live ones (true), or shown alone ('only')")
     page: int = Field(1, ge=1, le=MAX_PAGE)

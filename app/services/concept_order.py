@@ -9,8 +9,9 @@ page of it is then a slice: no `OFFSET` walk of a sort index (SQLite steps throu
 before the page), no count, and "mostly in model X" needs no sort of the matching set per
 page. The page's own rows (labels, which an edit changes) are read by id afterwards.
 
-Views that filter on labels, tags or search text change with every edit and are paged in
-SQL as before.
+Views that filter on labels, tags or search text change with every edit: the browser pages
+them in SQL, and a concept page's previous/next walk of one keeps its ids under the newest
+label edit (`concepts._order_key`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ are read from their own tables on every request, so an edit shows at once.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Collection, Sequence
@@ -145,9 +146,10 @@ def _order_key(session: Session, run: Run, filters: ConceptFilters, scope: Colle
     by_labels = bool(filters.q.strip() or filters.tag or filters.labelled != "any")
     if by_labels and not after_label_edits:
         return None
-    view = tuple(sorted(filters.model_dump(exclude={"page", "per_page"}).items()))
-    return (session.get_bind(), run.id, run.active_generation_id, view,
-            None if scope is None else tuple(sorted(scope)),
+    # A digest, not the view itself: a cached key then weighs the same whatever the search text
+    # or the share's concept list, so keys cannot grow memory past the cache's budget.
+    view = (sorted(filters.model_dump(exclude={"page", "per_page"}).items()), None if scope is None else sorted(scope))
+    return (session.get_bind(), run.id, run.active_generation_id, hashlib.sha256(repr(view).encode()).digest(),
             session.scalar(_NEWEST_LABEL_EDIT) if by_labels else None)
 
 

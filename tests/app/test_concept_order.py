@@ -5,6 +5,7 @@ them, and label edits must show without a re-mine. Previous / next on the concep
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,22 @@ def test_previous_and_next_concepts(run_url, scope):
             expected = (max((i for i in indices if i < index), default=None),
                         min((i for i in indices if i > index), default=None))
             assert concept_service._prev_next(s, run, index, scope) == expected
+
+
+def test_a_cached_views_key_weighs_the_same_whatever_its_search_text_or_scope(run_url):
+    """The cache's budget counts the ids it keeps, not its keys: a key holding a link holder's
+    search text or a share's concept list would let requests grow memory without bound (1,500
+    searches of 12 KB each kept 19 MB before the key became a digest)."""
+    def key_bytes(filters: ConceptFilters, scope: frozenset[int] | None) -> int:
+        with session_factory(run_url)() as s:
+            key = concept_service._order_key(s, get_run(s, run_id=1), filters, scope, after_label_edits=True)
+        return len(pickle.dumps(key[1:]))  # the database aside
+
+    short = key_bytes(ConceptFilters(q="x"), None)
+    assert key_bytes(ConceptFilters(q="x" * 500), frozenset(range(500))) == short
+    assert key_bytes(ConceptFilters(q="y"), None) == short
+    with session_factory(run_url)() as s:
+        run = get_run(s, run_id=1)
+        keys = {concept_service._order_key(s, run, ConceptFilters(**view), scope, after_label_edits=True)
+                for view in ({}, {"q": "x"}, {"q": "y"}, {"tag": "x"}) for scope in (None, frozenset({1}))}
+    assert len(keys) == 8  # distinct views keep distinct keys

@@ -139,6 +139,11 @@ def test_browser_rejects_bad_filters_plainly(client, data):
     assert r.status_code == 400 and "min_entropy" in r.text
     r = client.get(f"/runs/{data.run.run_id}/concepts?mostly=nosuchmodel")
     assert r.status_code == 400 and "nosuchmodel" in r.text
+    # Search text is a few words: 500 characters are searched, more are refused, on the concept page too.
+    assert client.get(f"/runs/{data.run.run_id}/concepts?q={'x' * 500}").status_code == 200
+    for path in ("concepts", "concepts/0"):
+        r = client.get(f"/runs/{data.run.run_id}/{path}?q={'x' * 501}")
+        assert r.status_code == 400 and "at most 500 characters" in r.text, r.text[:300]
 
 
 def test_concept_page_shows_every_model(client, data):
