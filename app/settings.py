@@ -28,7 +28,10 @@ class Settings(BaseSettings):
         default=False, description="Send the session cookie over HTTPS only (set it when serving behind TLS)."
     )
     max_upload_bytes: int = 10 * 1024 * 1024
-    login_attempts_per_minute: int = 10
+    login_attempts_per_minute: int = Field(
+        default=10, ge=1, description="Sign-in attempts a minute from one address for one user name.")
+    login_attempts_per_minute_per_address: int = Field(
+        default=50, ge=1, description="Sign-in attempts a minute from one address (an IPv6 /64) over all user names.")
     device: str = "auto"
 
     @property

@@ -1,4 +1,4 @@
-"""Signing in and out (form and JSON), with CSRF and per-IP+name throttling."""
+"""Signing in and out (form and JSON), with CSRF and throttling per address and name."""
 
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ def _safe_next(target: str | None) -> str:
 
 def _sign_in(request: Request, session: Session, username: str, password: str) -> User | None:
     throttle: LoginThrottle = request.app.state.login_throttle
-    key = throttle.key(request.client.host if request.client else "?", username)
-    wait = throttle.begin(key)
+    client = request.client.host if request.client else "?"
+    wait = throttle.begin(client, username)
     if wait:
         raise TooManyAttempts(wait)
     user = authenticate(session, username=username, password=password)
     if user is None:
         return None
-    throttle.succeeded(key)
+    throttle.succeeded(client, username)
     start_session(request, user.id, user.session_epoch)
     return user
 

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from app.db import session_factory
 from app.models import User
 from app.security import SESSION_COOKIE, verify_password
+from usae_core.errors import UsaeError
 from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
 
 
@@ -106,12 +107,11 @@ def test_concurrent_sign_ins_cannot_pass_the_limit_together(seeded):
     from app.services.sign_in_throttle import LoginThrottle
 
     throttle = LoginThrottle(10, session_factory(seeded.settings.db_url))
-    key = throttle.key("10.0.0.1", "alice")
     start, allowed, lock = threading.Barrier(40), [], threading.Lock()
 
     def attempt() -> None:
         start.wait()
-        if throttle.begin(key) == 0:
+        if throttle.begin("10.0.0.1", "alice") == 0:
             with lock:
                 allowed.append(1)
 
@@ -120,9 +120,9 @@ def test_concurrent_sign_ins_cannot_pass_the_limit_together(seeded):
         t.start()
     for t in threads:
         t.join()
-    assert len(allowed) == 10 and throttle.begin(key) > 0
-    throttle.succeeded(key)  # the right password clears the key
-    assert throttle.begin(key) == 0
+    assert len(allowed) == 10 and throttle.begin("10.0.0.1", "alice") > 0
+    throttle.succeeded("10.0.0.1", "alice")  # the right password clears the name's places
+    assert throttle.begin("10.0.0.1", "alice") == 0
 
 
 def test_every_server_process_counts_the_same_attempts(seeded):
@@ -131,10 +131,10 @@ def test_every_server_process_counts_the_same_attempts(seeded):
     from app.services.sign_in_throttle import LoginThrottle
 
     a, b = (LoginThrottle(4, session_factory(seeded.settings.db_url)) for _ in range(2))
-    key = a.key("10.0.0.1", "Alice ")
-    assert key == b.key("10.0.0.1", "alice")
-    assert [a.begin(key), b.begin(key), a.begin(key), b.begin(key)] == [0, 0, 0, 0]
-    assert a.begin(key) > 0 and b.begin(key) > 0
+    assert a.name_key("10.0.0.1", "Alice ") == b.name_key("10.0.0.1", "alice")
+    assert [a.begin("10.0.0.1", "Alice "), b.begin("10.0.0.1", "alice"), a.begin("10.0.0.1", "alice"),
+            b.begin("10.0.0.1", "ALICE")] == [0, 0, 0, 0]
+    assert a.begin("10.0.0.1", "alice") > 0 and b.begin("10.0.0.1", "alice") > 0
 
 
 def test_the_throttle_stores_little_per_name_and_forgets_old_attempts(web, seeded):
@@ -152,13 +152,55 @@ def test_the_throttle_stores_little_per_name_and_forgets_old_attempts(web, seede
     sessions = session_factory(seeded.settings.db_url)
     with sessions() as session:
         stored = session.scalars(select(SignInAttempt.key_hash)).all()
-    assert len(stored) == 3 and {len(k) for k in stored} == {64}
     throttle = web.app.state.login_throttle
+    names = {throttle.name_key("testclient", f"{i}" + "x" * 500_000) for i in range(3)}
+    assert set(stored) == names | {throttle.address_key("testclient")} and {len(k) for k in stored} == {64}
     throttle.window = dt.timedelta(milliseconds=50)
     time.sleep(0.1)
-    assert throttle.begin(throttle.key("10.0.0.2", "carol")) == 0
+    assert throttle.begin("10.0.0.2", "carol") == 0
     with sessions() as session:
-        assert session.scalars(select(SignInAttempt.key_hash)).all() == [throttle.key("10.0.0.2", "carol")]
+        assert sorted(session.scalars(select(SignInAttempt.key_hash)).all()) == sorted(
+            [throttle.name_key("10.0.0.2", "carol"), throttle.address_key("10.0.0.2")])
+
+
+def test_one_address_trying_many_names_is_throttled_too(seeded):
+    """Spraying one password over many names from one address hits the per-address limit
+    (before, 48 names from one address were all checked); other addresses are not affected,
+    and an IPv6 client counts by its /64."""
+    from app.services.sign_in_throttle import LoginThrottle, client_network
+
+    throttle = LoginThrottle(3, session_factory(seeded.settings.db_url), per_address=5)
+    assert [throttle.begin("10.0.0.7", f"name{i}") for i in range(5)] == [0] * 5
+    assert throttle.begin("10.0.0.7", "name5") > 0 and throttle.begin("10.0.0.7", "name0") > 0
+    assert throttle.begin("10.0.0.8", "name0") == 0
+    throttle.succeeded("10.0.0.7", "name0")  # signing in gives back the name's places, not the address's
+    assert throttle.begin("10.0.0.7", "name0") > 0
+    assert client_network("2001:db8:1:2:aaaa::1") == client_network("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert client_network("::ffff:10.0.0.7") == "10.0.0.7" and client_network("testclient") == "testclient"
+    assert [throttle.begin(f"2001:db8:1:2::{i}", "alice") for i in range(3)] == [0, 0, 0]
+    assert throttle.begin("2001:db8:1:2:ffff::9", "alice") > 0  # the same /64
+    assert throttle.begin("2001:db8:1:3::1", "alice") == 0  # the next /64
+
+
+def test_names_no_account_can_have_and_huge_passwords_are_refused_without_a_check(web, seeded, monkeypatch):
+    """They cost no argon2 check (64 MiB and ~0.2 s of a core each), and set_password refuses
+    a password sign-in would refuse."""
+    from app.services import users
+
+    calls = []
+    monkeypatch.setattr(users, "verify_password", lambda *args: calls.append(1) or verify_password(*args))
+    token = web.get("/api/auth/csrf").json()["csrf_token"]
+    for body in ({"username": "no such name!", "password": "wrong-guess"},
+                 {"username": "alice", "password": PASSWORD + "x" * 1024}):
+        r = web.post("/api/auth/login", json=body, headers={"X-CSRF-Token": token})
+        assert r.status_code == 401
+    assert calls == []
+    r = web.post("/api/auth/login", json={"username": "nobody", "password": "wrong-guess"},
+                 headers={"X-CSRF-Token": token})
+    assert r.status_code == 401 and calls == [1]  # an unknown but possible name costs a check
+    with session_factory(seeded.settings.db_url)() as session:
+        with pytest.raises(UsaeError, match="at most 1024"):
+            users.set_password(session, username="alice", password="y" * 1025)
 
 
 def test_api_login_flow(web):
