@@ -5,6 +5,10 @@ Pages load scripts, styles and images only from this site (htmx and app.js are f
 element htmx adds stay allowed. No page may be framed (clickjacking of label, share and revoke
 forms), and no page sends a Referer: a share link's URL is its token. /docs is the exception
 for scripts: Swagger UI's page starts itself with one inline script.
+
+Audit-link responses and the answers to writes (the page that shows a new link's token once)
+are not stored by the browser (`Cache-Control: no-store`, unless the endpoint chose its own):
+a revoked link's pages must not come back from history or the back/forward cache.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ _COMMON = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"
 PAGE_HEADERS = [(b"content-security-policy", _POLICY.format(docs="").encode()), *_COMMON]
 API_DOCS_HEADERS = [(b"content-security-policy", _POLICY.format(docs=" 'unsafe-inline'").encode()), *_COMMON]
 API_DOCS_PATH = "/docs"
+SHARE_PREFIXES = ("/s/", "/api/s/")
+NO_STORE = (b"cache-control", b"no-store")
 
 
 class SecurityHeaders:
@@ -31,7 +37,10 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        extra = API_DOCS_HEADERS if scope["path"] == API_DOCS_PATH else PAGE_HEADERS
+        path = scope["path"]
+        extra = API_DOCS_HEADERS if path == API_DOCS_PATH else PAGE_HEADERS
+        if path.startswith(SHARE_PREFIXES) or scope["method"] not in ("GET", "HEAD"):
+            extra = [*extra, NO_STORE]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

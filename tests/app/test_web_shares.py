@@ -142,6 +142,24 @@ def test_revoked_link_says_so(web_client, holder, seeded):
     assert f'id="share-{share_id}" data-status="revoked"' in web_client.get("/shares").text
 
 
+def test_browsers_keep_no_copy_of_a_link_or_its_pages(web_client, holder, seeded):
+    """A revoked link's pages must not come back from history or the back/forward cache, nor
+    the page that shows a new link's token once."""
+    page = web_client.get("/shares").text
+    created = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id),
+                                                "scope": "run"})
+    assert created.status_code == 201 and created.headers["cache-control"] == "no-store"
+    path = re.search(r'id="share-url" value="http://testserver(/s/[^"]+)"', created.text).group(1)
+    run = seeded.run.run_id
+    for url in (f"{path}/runs/{run}", f"{path}/runs/{run}/concepts", f"{path}/runs/{run}/concepts/0",
+                f"{path}/runs/{run}/concepts.csv", f"/api{path}", f"/api{path}/runs/{run}/concepts/0"):
+        r = holder.get(url)
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store", url
+    image = re.search(r'<img (?:class="layer" )?src="([^"]+)"', holder.get(f"{path}/runs/{run}/concepts/0").text).group(1)
+    assert holder.get(image).headers["cache-control"] == "private, no-cache"  # revalidated on every use
+    assert "no-store" not in web_client.get(f"/runs/{run}").headers.get("cache-control", "")  # analysts' pages may be kept
+
+
 def test_expired_link_says_so(web_client, holder, seeded):
     tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).date().isoformat()
     path = _create(web_client, seeded, scope="run", expires_on=tomorrow)
