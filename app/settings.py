@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     secure_cookies: bool = Field(
         default=False, description="Send the session cookie over HTTPS only (set it when serving behind TLS)."
     )
+    public_url: str | None = Field(
+        default=None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="The explorer's address as link holders reach it (https://explorer.example.com): audit links "
+                    "are built on it. Unset, on the address the analyst's browser used (its Host header).")
     max_upload_bytes: int = 10 * 1024 * 1024
     login_attempts_per_minute: int = Field(
         default=10, ge=1, description="Sign-in attempts a minute from one address for one user name.")

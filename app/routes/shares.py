@@ -101,7 +101,8 @@ def analyst_pages() -> APIRouter:
         except (UsaeError, ValueError) as exc:
             return _shares_page(request, session, viewer, form=form, error=str(exc), status_code=422)
         return render(request, viewer, "shares/created.html", status_code=201, nav="shares", share=created,
-                      full_url=str(request.base_url).rstrip("/") + created.url)
+                      full_url=(request.app.state.settings.public_url or str(request.base_url)).rstrip("/")
+                      + created.url)
 
     @router.post("/shares/{share_id}/revoke", response_class=HTMLResponse)
     def revoke_page(request: Request, share_id: PathInt, session: SessionDep, viewer: AnalystViewer):

@@ -142,6 +142,21 @@ def test_revoked_link_says_so(web_client, holder, seeded):
     assert f'id="share-{share_id}" data-status="revoked"' in web_client.get("/shares").text
 
 
+def test_a_new_link_is_built_on_the_public_address_when_one_is_set(web_client, seeded, monkeypatch):
+    """Unset, the link names the address the analyst's browser used; set, never a Host header
+    that a misconfigured proxy let through."""
+    page = web_client.get("/shares").text
+    form = {"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), "scope": "run"}
+    r = web_client.post("/shares", data=form, headers={"Host": "evil.example"})
+    assert 'value="http://evil.example/s/' in r.text
+    settings = web_client.app.state.settings
+    monkeypatch.setattr(web_client.app.state, "settings", settings.model_copy(update={"public_url": "https://usae.example.com/x/"}))
+    r = web_client.post("/shares", data=form, headers={"Host": "evil.example"})
+    assert r.status_code == 201 and 'value="https://usae.example.com/x/s/' in r.text and "evil" not in r.text
+    with pytest.raises(ValueError, match="public_url"):
+        type(settings)(data_dir=settings.data_dir, public_url="usae.example.com")
+
+
 def test_browsers_keep_no_copy_of_a_link_or_its_pages(web_client, holder, seeded):
     """A revoked link's pages must not come back from history or the back/forward cache, nor
     the page that shows a new link's token once."""
