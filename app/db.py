@@ -7,6 +7,7 @@ enforced and a busy timeout so concurrent writers wait instead of failing.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,12 +34,22 @@ def _configure_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _create_private_file(path: Path) -> None:
+    """Create the database file readable by its owner only, if it is new: it holds password and
+    audit-link hashes. SQLite gives its -wal and -shm files the database file's permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def make_engine(url: str) -> Engine:
     """A new engine for `url`; SQLite files get their directory created and their pragmas set."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
                                pool_size=SQLITE_POOL_SIZE, max_overflow=10)
         event.listen(engine, "connect", _configure_sqlite)

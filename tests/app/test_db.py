@@ -51,6 +51,29 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path) -> None:
         assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar_one() == 1
 
 
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path) -> None:
+    """It holds password and audit-link hashes: mode 0600 from its creation under umask 022,
+    and so are the WAL files SQLite makes beside it; an existing file keeps its mode."""
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)
+    try:
+        url = f"sqlite:///{tmp_path / 'new' / 'usae.db'}"
+        upgrade_database(url)
+        with get_engine(url).connect() as conn:
+            conn.execute(sa.text("SELECT count(*) FROM users"))
+            files = sorted((tmp_path / "new").iterdir())
+            assert [f.name for f in files] == ["usae.db", "usae.db-shm", "usae.db-wal"]
+            assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+        shared = tmp_path / "shared.db"
+        shared.touch(mode=0o640)
+        make_engine(f"sqlite:///{shared}").dispose()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
+
+
 def test_sqlite_keeps_a_connection_per_request_thread_open(tmp_path) -> None:
     """A busy server holds one session per request thread; returning them must not close and
     reopen SQLite connections (each reopen repeats the pragmas and a schema parse)."""
