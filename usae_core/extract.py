@@ -421,6 +421,17 @@ class _ShardAssembler:
             self.waited += time.perf_counter() - started
 
 
+def _warn_of_a_finer_grid(grid: tuple[int, int], models: Sequence[Backbone]) -> None:
+    """A grid finer than every model's own holds no more information, only interpolated rows:
+    allowed (a store to match another's grid), but said, since it multiplies the store's size."""
+    finest = max((tuple(m.native_grid) for m in models), key=lambda g: g[0] * g[1])
+    if grid[0] * grid[1] > finest[0] * finest[1]:
+        smallest = min((tuple(m.native_grid) for m in models), key=lambda g: g[0] * g[1])
+        log.warning("--grid %dx%d has more cells than any model's own grid (the finest is %dx%d): its rows are "
+                    "interpolated, and the store is %.0fx the size of one on the default grid (%dx%d)",
+                    *grid, *finest, grid[0] * grid[1] / (smallest[0] * smallest[1]), *smallest)
+
+
 def _resolve_device(device: str) -> torch.device:
     from usae_core.train import resolve_device
 
@@ -486,6 +497,7 @@ def extract_store(
         raise UsaeError(f"the store {out} and the image folder {source.root} overlap; write the store elsewhere")
     models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
     grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
+    _warn_of_a_finer_grid(grid, models)
     rank, world_size = rank_and_world_size()
     meta = {
         "source": "extract",

@@ -24,6 +24,7 @@ from usae_core.sparse import SparseCode, sparse_decode, topk_encode
 CHECKPOINT_FORMAT = "usae-checkpoint"
 WEIGHTS_FILE = "usae.safetensors"
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
 
 
 class Encoder(nn.Module):
@@ -47,6 +48,25 @@ class Encoder(nn.Module):
         bn = self.bn
         gamma = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
         return gamma, bn.bias.float() - gamma * bn.running_mean.float()
+
+
+def not_a_run_message(directory: Path) -> str:
+    """Why `directory` cannot be loaded as a run, and what to do: nothing there, a training that
+    stopped before its end (only checkpoints), or something else."""
+    if not directory.exists():
+        return f"there is no USAE run at {directory}"
+    steps = sorted(p.name for p in (directory / CHECKPOINT_DIR).glob("step-*") if (p / CONFIG_FILE).is_file())
+    if steps:
+        try:
+            saved = json.loads((directory / CHECKPOINT_DIR / steps[-1] / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            saved = {}
+        total, store = saved.get("train", {}).get("steps"), saved.get("store")
+        of = f" of {total}" if isinstance(total, int) else ""
+        command = f"usae train --store {store} --out {directory} --resume" if store else "usae train ... --resume"
+        return (f"the training of {directory} did not finish (its newest checkpoint is step {int(steps[-1][5:])}{of}); "
+                f"continue it with `{command}` and the options it was started with")
+    return f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
 
 
 class USAE(nn.Module):
@@ -205,7 +225,7 @@ class USAE(nn.Module):
         if not cfg_path.exists():
             finish_replacement(directory)  # a `train --overwrite` whose swap was cut between its renames
         if not cfg_path.exists() or not weights.exists():
-            raise UsaeError(f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+            raise UsaeError(not_a_run_message(directory))
         try:
             config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:

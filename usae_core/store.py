@@ -279,6 +279,7 @@ class ActivationStore:
                         f"{root} holds a store with a different layout; pass --overwrite to start again"
                     )
                 return StoreWriter(root, old)
+            check_replaceable_store(root)  # a folder holding no store is never offered for replacing
             raise UsaeError(f"{root} already exists; pass --overwrite to replace it")
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / "image_ids.json", list(image_ids))

@@ -36,14 +36,13 @@ from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
 from usae_core.locks import exclusive_lock
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
-from usae_core.model import CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE
+from usae_core.model import CHECKPOINT_DIR, CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE
 from usae_core.prefetch import prefetch
 from usae_core.token_stream import device_token_batches
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 KEEP_CHECKPOINTS = 2
 RUN_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, CHECKPOINT_DIR})
@@ -548,8 +547,9 @@ def _interrupted_message(out: Path, build: Path, replacing: bool, step: int, ste
     newest = _newest_checkpoint_step(build)
     start = f"from its checkpoint of step {newest}" if newest is not None else "from step 0 (no checkpoint yet)"
     where = f" (the new run in {build}; {out} stays as it was until it finishes)" if replacing else ""
+    instead = " in place of --overwrite" if replacing else ""
     return (f"training of {out} interrupted after step {step} of {steps}; rerun the same `usae train` command "
-            f"with --resume instead of --overwrite to continue {start}{where}")
+            f"with --resume{instead} to continue {start}{where}")
 
 
 def _newest_checkpoint_step(run: Path) -> int | None:
@@ -601,7 +601,7 @@ def _check_batch_fits(store, batch_size: int, world_size: int) -> None:
     if batch_size > share:
         per_rank = f" split over {world_size} ranks ({share:,} each)" if world_size > 1 else ""
         raise UsaeError(f"--batch-size {batch_size:,} is more than the {store.n_tokens:,} tokens of {store.root}"
-                        f"{per_rank}; use --batch-size {share:,} or less")
+                        f"{per_rank}; use --batch-size {share} or less")
 
 
 def _check_out_folder(out: Path, store) -> None:
@@ -672,6 +672,9 @@ def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, wor
     interrupted = new.is_dir()
     if resume:
         replacing = interrupted
+        if not (has_run or interrupted) and rank == 0:
+            # kept going rather than refused: a job restarted after preemption passes --resume every time
+            log.warning("nothing to resume in %s (no run or checkpoint there yet): starting a new run", out)
     elif interrupted and not overwrite:
         raise UsaeError(_interrupted_overwrite_message(out, new, has_run))
     elif has_run and not overwrite:

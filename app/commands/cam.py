@@ -33,7 +33,7 @@ def cam_cmd(
     from app.services.explain import load_backbones
     from usae_core.atomic import atomic_path
     from usae_core.cam import CamConfig, coordinated_activation_maximization
-    from usae_core.model import USAE
+    from usae_core.model import CONFIG_FILE, USAE, not_a_run_message
     from usae_core.store import ActivationStore, check_model_name
     from usae_core.train import resolve_device
 
@@ -41,7 +41,9 @@ def cam_cmd(
     run_dir = resolve_run(run, settings)
     folder = out or run_dir / "cam" / f"concept-{concept}"
     _check_writable_folder(folder)  # before minutes of optimisation, not after
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UsaeError(not_a_run_message(run_dir))
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
     store_path = resolve_store(store, settings) if store else config.get("store")
     if not store_path:
         raise UsaeError(f"{run_dir} does not say which store it was trained on; pass --store")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from app.commands.core import DataDir
+from app.commands.web import check_port
 from app.settings import settings_for
 
 
@@ -25,6 +26,8 @@ def demo_cmd(
     from app.pipeline import run_demo
 
     settings = settings_for(data_dir)
+    if serve:
+        check_port(host, port)  # now, not after minutes of extraction and training
     result = run_demo(settings, small=small, device=device, echo=typer.echo)
     total = sum(s.seconds for s in result.stages)
     typer.echo(f"done in {total:.0f} s: run {result.run_dir}")

@@ -44,6 +44,7 @@ def serve_cmd(
     from app.services.card_html import refresh_stale_cards
 
     settings = settings_for(data_dir)
+    check_port(host, port)
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
     warning = plain_http_warning(host, settings.secure_cookies)
     if warning:
@@ -97,8 +98,8 @@ def serve_workers(host: str, port: int, workers: int) -> None:
     wakes first accepts every pending connection, and keep-alive connections stay where they
     were accepted: a burst of 32 clients was measured splitting 28 / 4 between two workers
     (docs/benchmarks.md, web section). With a socket per worker the kernel spreads connections
-    over the workers. A worker that dies is replaced; one that cannot start stops the server."""
-    _check_port(host, port)
+    over the workers. A worker that dies is replaced; one that cannot start stops the server.
+    `serve_cmd` has checked the port is free."""
     spawn = multiprocessing.get_context("spawn")
     procs = [spawn.Process(target=_worker, args=(host, port)) for _ in range(workers)]
     stopping = threading.Event()
@@ -140,7 +141,7 @@ def _bound_socket(host: str, port: int, share: bool) -> socket.socket:
     return sock
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     """Fail with a clear message, before any worker starts, when the address is taken. The probe
     does not share the port, so it also fails when another `usae serve` (whose workers do
     share it) is still running, instead of silently joining that server."""

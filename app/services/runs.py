@@ -16,14 +16,14 @@ from app.models import CamImage, Concept, Job, LabelHistory, Run, RunModel, Shar
 from app.services.jobs import ACTIVE
 from app.services.runs_view import effective_status
 from usae_core.errors import UsaeError
-from usae_core.model import CONFIG_FILE
+from usae_core.model import CONFIG_FILE, not_a_run_message
 from usae_core.train import read_training_log
 
 
 def read_run_config(run_dir: Path) -> dict:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise UsaeError(f"{run_dir} is not a USAE run (no {CONFIG_FILE}); train one with `usae train`")
+        raise UsaeError(not_a_run_message(run_dir))
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:

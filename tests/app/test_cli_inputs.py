@@ -47,3 +47,23 @@ def test_a_firing_threshold_must_be_a_number_at_least_zero(tau):
     with pytest.raises(UsaeError, match="--tau .* must be a number >= 0"):
         evaluate_usae(None, None, tau=tau)  # refused before the model or store is looked at
     assert MiningConfig(tau=0.0).tau == 0.0 and np.isfinite(MiningConfig().tau)
+
+
+def test_a_busy_port_is_refused_before_the_banner_and_before_the_demo_builds_anything(tmp_path):
+    """`serve --workers 1` let uvicorn fail with its own log after the banner; the demo found out
+    only after minutes of extraction and training."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    try:
+        for args in (["serve", "--workers", "1", "--no-job-worker"], ["serve", "--workers", "2"], ["demo", "--small"]):
+            data = tmp_path / args[0] / args[-1]
+            result = CliRunner().invoke(cli, [*args, "--port", str(port), "--data-dir", str(data)])
+            assert isinstance(result.exception, UsaeError), (args, result.output)
+            assert str(result.exception).startswith(f"cannot listen on 127.0.0.1:{port}: "), args
+            assert "USAE Concept Explorer on" not in result.output and not data.exists(), args
+    finally:
+        held.close()

@@ -148,8 +148,13 @@ def test_random_init_only_when_asked():
 def test_other_layers_change_the_store_name_and_grid():
     b = create_backbone("mobilenet_v2", layer="features.17")
     assert b.native_grid == (7, 7) and b.dim == 320 and b.store_name == "mobilenet_v2-features.17"
-    with pytest.raises(UsaeError, match="no layer 'features.99'"):
+    # The error names the backbone and the real layers to pick from.
+    with pytest.raises(UsaeError, match=r"backbone 'mobilenet_v2' has no layer 'features.99'; the layers under "
+                                        r"features are features.0, features.1, features.2, \.\.\., "
+                                        r"features.16, features.17, features.18$"):
         create_backbone("mobilenet_v2", layer="features.99")
+    with pytest.raises(UsaeError, match="no layer 'featurs.3'; the layers under the model are features, classifier$"):
+        create_backbone("mobilenet_v2", layer="featurs.3")
     with pytest.raises(UsaeError, match="no CLS token"):
         create_backbone("hed_vgg16", keep_cls=True, random_init=True)
 

@@ -187,3 +187,20 @@ def test_a_demo_set_of_another_seed_gets_a_folder_of_its_own(tmp_path, monkeypat
     assert usae_core.demo_images.demo_set_is_current(data / "images" / "demo-small-seed1", 1, n_images=3)
     assert usae_core.demo_images.demo_set_is_current(data / "images" / "demo-small", 0, n_images=3)
     assert {p.name: p.read_bytes() for p in (data / "images" / "demo-small").rglob("*") if p.is_file()} == default
+
+
+def test_a_grid_finer_than_every_models_own_is_allowed_and_said(folder, backbone, tmp_path, caplog):
+    """--grid 100x100 on a 14x14 model silently wrote 51x the rows, all interpolated."""
+    import logging
+
+    native = tuple(backbone.native_grid)
+    finer = (native[0] + 2, native[1] + 2)
+    with caplog.at_level(logging.WARNING, logger="usae_core.extract"):
+        store = _extract(folder, backbone, tmp_path / "fine", grid=finer)
+    assert store.grid == finer
+    assert (f"--grid {finer[0]}x{finer[1]} has more cells than any model's own grid "
+            f"(the finest is {native[0]}x{native[1]})") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="usae_core.extract"):
+        _extract(folder, backbone, tmp_path / "own", grid=native)
+    assert "more cells" not in caplog.text

@@ -149,7 +149,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path):
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(UsaeError, match="holds no activation store"):
         import_activations(precious, _good(), overwrite=True)
-    with pytest.raises(UsaeError, match="already exists"):
+    with pytest.raises(UsaeError, match="holds no activation store"):  # not "pass --overwrite", which is refused
         ActivationStore.create(precious, models={"a": 4}, grid=(1, 3), image_ids=["x"])
     assert [p.name for p in precious.iterdir()] == ["notes.txt"] and (precious / "notes.txt").read_text() == "keep me"
     empty = tmp_path / "empty"

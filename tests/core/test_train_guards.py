@@ -15,6 +15,7 @@ import torch
 from usae_core import atomic
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
+from usae_core.model import USAE
 from usae_core.store import ActivationStore, import_activations
 from usae_core.train import Trainer, TrainingInterrupted, _check_batch_fits, train_usae
 
@@ -52,6 +53,33 @@ def _killed_after_25(store, run: Path) -> None:
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_loading_a_run_whose_training_stopped_says_how_to_continue_it(store, tmp_path):
+    """Not 'is not a USAE run': the newest checkpoint, the steps planned and the command that
+    continues it; a folder that does not exist says so."""
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    with pytest.raises(UsaeError) as info:
+        USAE.from_pretrained(run)
+    message = str(info.value)
+    assert f"the training of {run} did not finish (its newest checkpoint is step 20 of 30)" in message
+    assert f"`usae train --store {Path(store.root).resolve()} --out {run} --resume`" in message
+    with pytest.raises(UsaeError, match=f"there is no USAE run at {tmp_path / 'nosuch'}$"):
+        USAE.from_pretrained(tmp_path / "nosuch")
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(store, tmp_path, caplog):
+    """A mistyped --out with --resume used to start a new run without a word."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="usae_core.train"):
+        train_usae(store, tmp_path / "typo", *_cfgs(store, steps=5), resume=True)
+    assert f"nothing to resume in {tmp_path / 'typo'}" in caplog.text and "starting a new run" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="usae_core.train"):
+        train_usae(store, tmp_path / "typo", *_cfgs(store, steps=5), resume=True)
+    assert "nothing to resume" not in caplog.text
 
 
 # ------------------------------------------------------------------ --out
@@ -228,7 +256,7 @@ def test_resume_refuses_a_store_extracted_again_in_the_same_place(tmp_path):
 def test_a_batch_larger_than_the_store_is_refused_before_anything_is_written(store, tmp_path):
     """It used to be OOM-killed, or fail with a NumPy allocation traceback."""
     ucfg, tcfg = _cfgs(store, batch_size=100_000_000)
-    with pytest.raises(UsaeError, match="--batch-size 100,000,000 is more than the 1,024 tokens .*1,024 or less"):
+    with pytest.raises(UsaeError, match="--batch-size 100,000,000 is more than the 1,024 tokens .*; use --batch-size 1024 or less"):
         train_usae(store, tmp_path / "run", ucfg, tcfg)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UsaeError, match=r"split over 2 ranks \(512 each\); use --batch-size 512 or less"):
@@ -280,11 +308,13 @@ def test_ctrl_c_says_where_training_stopped_and_which_checkpoint_resume_uses(sto
     assert isinstance(info.value, KeyboardInterrupt)  # callers that stop on Ctrl-C still do
     message = str(info.value)
     assert f"training of {run} interrupted after step 25 of 30" in message
-    assert "with --resume" in message and "checkpoint of step 20" in message
+    assert "with --resume to continue" in message and "checkpoint of step 20" in message
+    assert "--overwrite" not in message  # not used, so not named
     steps = []
     train_usae(store, run, *_cfgs(store), resume=True, callbacks=[lambda r: steps.append(r["step"])])
     assert steps == [25, 30]  # it did continue from step 20
 
-    with pytest.raises(TrainingInterrupted, match=r"from step 0 \(no checkpoint yet\) \(the new run in .*\.run\.replacing"):
+    with pytest.raises(TrainingInterrupted, match=r"with --resume in place of --overwrite to continue from step 0 "
+                                                  r"\(no checkpoint yet\) \(the new run in .*\.run\.replacing"):
         train_usae(store, run, *_cfgs(store, checkpoint_every=0), overwrite=True, callbacks=[ctrl_c_at_25])
     assert json.loads((run / "config.json").read_text())["step"] == 30  # the old run stays

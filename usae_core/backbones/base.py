@@ -88,10 +88,10 @@ def _hooked(module: nn.Module, box: dict, stop: bool) -> Iterator[None]:
         handle.remove()
 
 
-def run_to_layer(model: nn.Module, layer: str, run: Callable[[], object]) -> torch.Tensor:
+def run_to_layer(model: nn.Module, layer: str, run: Callable[[], object], owner: str = "the model") -> torch.Tensor:
     """Output of submodule `layer` while `run()` calls `model`; later layers are not computed."""
     box: dict = {}
-    with _hooked(get_layer(model, layer), box, stop=True):
+    with _hooked(get_layer(model, layer, owner), box, stop=True):
         try:
             run()
         except _StopForward:
@@ -101,11 +101,34 @@ def run_to_layer(model: nn.Module, layer: str, run: Callable[[], object]) -> tor
     return box["out"]
 
 
-def get_layer(model: nn.Module, layer: str) -> nn.Module:
+def get_layer(model: nn.Module, layer: str, owner: str = "the model") -> nn.Module:
     try:
         return model.get_submodule(layer)
     except AttributeError:
-        raise UsaeError(f"model has no layer {layer!r}") from None
+        raise UsaeError(f"{owner} has no layer {layer!r}; {_layers_near(model, layer)}") from None
+
+
+def _layers_near(model: nn.Module, layer: str) -> str:
+    """The layers under the deepest part of `layer` that exists (at worst the model's top
+    level), to pick a real one from."""
+    parts = layer.split(".")
+    depth = len(parts) - 1
+    while depth > 0 and not _has_submodule(model, ".".join(parts[:depth])):
+        depth -= 1
+    parent = ".".join(parts[:depth])
+    children = [f"{parent}.{n}" if parent else n for n, _ in model.get_submodule(parent).named_children()]
+    if not children:
+        return f"{parent} has no layers under it"
+    shown = children if len(children) <= 8 else [*children[:3], "...", *children[-3:]]
+    return f"the layers under {parent or 'the model'} are {', '.join(shown)}"
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def last_layer_at_stride(model: nn.Module, candidates: Sequence[str], run: Callable[[torch.Tensor], object],
@@ -237,7 +260,7 @@ class Backbone(nn.Module):
         """`[B, C, h, w]` feature map or `[B, prefix + h*w, D]` tokens of the chosen layer.
 
         By default: the output of submodule `layer` while the model runs on `x` (later layers skipped)."""
-        return run_to_layer(self.model, self.layer, lambda: self.model(x))
+        return run_to_layer(self.model, self.layer, lambda: self.model(x), f"backbone {self.name!r}")
 
     # ------------------------------------------------------------------ common behaviour
     def _probe(self) -> tuple[int, tuple[int, int]]:

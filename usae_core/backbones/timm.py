@@ -44,7 +44,8 @@ class TimmBackbone(Backbone):
         if self.layer == FINAL:
             out = self.model.forward_features(x)
         else:
-            out = run_to_layer(self.model, self.layer, lambda: self.model.forward_features(x))
+            out = run_to_layer(self.model, self.layer, lambda: self.model.forward_features(x),
+                               f"backbone {self.name!r}")
         return out.permute(0, 3, 1, 2) if self.nhwc and out.ndim == 4 else out
 
 

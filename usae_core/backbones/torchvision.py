@@ -97,7 +97,7 @@ class TorchvisionBackbone(Backbone):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_vit:
-            return run_to_layer(self.model, self.layer, lambda: self._vit_tokens(x))
+            return run_to_layer(self.model, self.layer, lambda: self._vit_tokens(x), f"backbone {self.name!r}")
         return super().features(x)
 
     def _vit_tokens(self, x: torch.Tensor) -> torch.Tensor:
