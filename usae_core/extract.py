@@ -244,6 +244,8 @@ def _check_weights_file(name: str, path: Path) -> None:
     """A --weights file that is not a PyTorch checkpoint would fail in `torch.load` with advice
     about `weights_only` that does not apply; say what is wrong instead. Directories (Hugging
     Face checkpoints) and .safetensors files are left to the backbone's loader."""
+    if not path.exists():
+        raise UsaeError(f"--weights {name}={path}: there is no such file or folder")
     if not path.is_file() or path.suffix == ".safetensors":
         return
     import zipfile

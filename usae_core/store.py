@@ -508,6 +508,11 @@ def check_replaceable_store(root: Path) -> None:
                         "so write to a new or empty folder")
 
 
+def _file_head(path: Path, n: int) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(n)
+
+
 def import_activations(
     out: str | Path,
     arrays: Mapping[str, str | Path | np.ndarray],
@@ -538,6 +543,9 @@ def import_activations(
             path = Path(src)
             if not path.exists():
                 raise UsaeError(f"model {name!r}: file {path} does not exist")
+            if path.is_file() and _file_head(path, 6) != b"\x93NUMPY":
+                # numpy would advise allow_pickle=True for any file that is not .npy: never right here
+                raise UsaeError(f"model {name!r}: {path} is not a .npy file (one array written by numpy.save)")
             try:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
             except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad files

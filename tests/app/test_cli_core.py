@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,11 @@ def test_bare_names_resolve_inside_the_data_dir(tmp_path, npy):
     assert (data / "stores" / "mystore" / "manifest.json").exists()
 
 
+def _text_file(folder: Path) -> Path:
+    (folder / "notes.npy").write_text("not an array")
+    return folder / "notes.npy"
+
+
 def _cli_error(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True)
 
@@ -62,6 +68,8 @@ def _cli_error(*args) -> subprocess.CompletedProcess:
         (lambda p, o: ["--model", f"resnet={p['resnet']}", "--model", f"resnet={p['dino']}"], "duplicate model name 'resnet'"),
         (lambda p, o: ["--model", str(p["resnet"])], "NAME=FILE.npy"),
         (lambda p, o: ["--model", f"resnet={o / 'missing.npy'}"], "does not exist"),
+        # numpy's own message advised allow_pickle=True
+        (lambda p, o: ["--model", f"resnet={_text_file(o)}"], "notes.npy is not a .npy file (one array written by numpy.save)"),
     ],
 )
 def test_import_errors_are_one_line_and_write_nothing(tmp_path, npy, make_args, message):

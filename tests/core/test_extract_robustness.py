@@ -122,6 +122,10 @@ def test_a_weights_file_that_is_not_a_checkpoint_is_named(folder, tmp_path):
     bad.write_text("hello")
     with pytest.raises(UsaeError, match=r"--weights mobilenet_v2=.*my.pth is not a PyTorch checkpoint"):
         extract_store(folder, ["mobilenet_v2"], tmp_path / "s", weights={"mobilenet_v2": str(bad)})
+    # A path that is not there is said so (the advice to pass --weights was what the user had done).
+    with pytest.raises(UsaeError, match=r"--weights mobilenet_v2=.*nosuch.pth: there is no such file or folder$"):
+        extract_store(folder, ["mobilenet_v2"], tmp_path / "s", weights={"mobilenet_v2": str(tmp_path / "nosuch.pth")})
+    assert not (tmp_path / "s").exists()
 
 
 def test_outputs_that_are_files_are_refused_and_left_alone(folder, backbone, tmp_path):
