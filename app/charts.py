@@ -42,7 +42,8 @@ def training_r2(overview: RunOverview) -> Markup:
 def entropy_histogram(overview: RunOverview) -> Markup:
     h = overview.entropy_histogram
     return histogram(h.counts, h.edges, title="Firing entropy of the live concepts", y_label="concepts",
-                     x_label="firing entropy (0 = one model, 1 = all models equally)", width=460, height=300)
+                     x_label="firing entropy (0 = one model, 1 = all models equally)", width=460, height=300,
+                     highlight_from=overview.universal_threshold)
 
 
 def cofire_energy(overview: RunOverview, urls: Urls) -> Markup:

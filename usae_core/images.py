@@ -177,7 +177,8 @@ def warn_skipped(root: Path, skipped: dict[str, str]) -> None:
     if skipped:
         names = ", ".join(f"{i} ({why})" for i, why in list(skipped.items())[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        log.warning("skipped %d unreadable image(s) in %s: %s%s", len(skipped), root, names, more)
+        log.warning("skipped %d unreadable image%s in %s: %s%s", len(skipped), "s" if len(skipped) != 1 else "",
+                    root, names, more)
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -90,7 +90,7 @@ def extract_cmd(
         skipped = store.meta.get("skipped_images", {})
         typer.echo(f"wrote {store.root}: {store.n_images} images x {store.grid[0]}x{store.grid[1]} tokens, models "
                    + ", ".join(f"{n} ({d})" for n, d in store.dims.items())
-                   + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""))
+                   + (f"; skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}" if skipped else ""))
         if timings.images:  # nothing to say when every shard was already done
             typer.echo(timings.summary())
 

@@ -9,13 +9,19 @@ from markupsafe import Markup, escape
 from app.plots.svg import Canvas, Frame, Scale, draw_axes, fmt
 
 
+MIN_BAR_PX = 2.0
+
+
 def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_label: str,
               y_label: str = "count", width: int = 560, height: int = 240, compact: bool = False,
               log_x: bool = False, y_max: float | None = None,
-              x_span: tuple[float, float] | None = None) -> Markup:
+              x_span: tuple[float, float] | None = None, highlight_from: float | None = None) -> Markup:
     """`edges` has one more entry than `counts` (positive, for `log_x`, e.g. geometric bins).
     `compact` draws a small chart without axis titles (used once per model on the concept page);
-    `y_max` and `x_span` put several charts on the same axes (covering at least their own bars)."""
+    `y_max` and `x_span` put several charts on the same axes (covering at least their own bars).
+    Bins from `highlight_from` up are drawn in the highlight colour (the scatter's). A bin with
+    any count is at least `MIN_BAR_PX` tall: on axes shared with a far taller chart, a model
+    that fires on a few tokens would otherwise show an empty frame."""
     if len(edges) != len(counts) + 1:
         raise ValueError(f"histogram needs len(edges) == len(counts) + 1, got {len(edges)} and {len(counts)}")
     canvas = Canvas(width, height, title, "chart chart-histogram" + (" compact" if compact else ""))
@@ -32,8 +38,9 @@ def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_
               x_ticks=4 if compact else 6, y_ticks=3 if compact else 4)
     for count, left_edge, right_edge in zip(counts, edges[:-1], edges[1:]):
         x0, x1 = xs(float(left_edge)), xs(float(right_edge))
-        y = ys(float(count))
+        y = min(ys(float(count)), frame.bottom - MIN_BAR_PX) if count > 0 else frame.bottom
         tip = escape(f"{fmt(float(left_edge))}–{fmt(float(right_edge))}: {fmt(float(count))}")
-        canvas.add(f'<rect class="bar" x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
+        cls = "bar highlight" if highlight_from is not None and left_edge >= highlight_from - 1e-9 else "bar"
+        canvas.add(f'<rect class="{cls}" x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
                    f'height="{frame.bottom - y:.1f}"><title>{tip}</title></rect>')
     return canvas.markup()

@@ -92,4 +92,6 @@ class RunOverview(BaseModel):
     labelled: list[LabelledConcept] = Field(
         description="Labelled live concepts with the most energy, with each model's firing: what each model relies on")
     labelled_total: int = Field(description="Labelled live concepts in the run (the list may show fewer)")
+    max_frequency: float | None = Field(
+        None, description="The run's most frequent model-concept pair: the firing bars' one scale, as in the browser")
     training: TrainingCurve | None = Field(None, description="The training log, thinned (None: none was found when mined)")

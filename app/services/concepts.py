@@ -200,15 +200,26 @@ def browse_page(session: Session, *, run: Run, filters: ConceptFilters,
                 scope: Collection[int] | None = None) -> BrowserPage:
     """The same page as `browse_concepts`, as the browser page shows it (stored card markup)."""
     total, pages, rows, tags = _browse(session, run, filters, scope)
-    run_max = (run.metrics or {}).get("max_frequency") if scope is None else None
+    run_max = run_max_frequency(session, run) if scope is None else None
     hidden_dead = 0
     if total == 0 and not filters.show_dead:  # would the dead ones match? (only worth asking when nothing does)
         hidden_dead = session.scalar(select(func.count()).select_from(Concept).where(
             *conditions(run, filters.model_copy(update={"show_dead": True}), scope)))
     return BrowserPage(run=run_summary(run), filters=filters, total=total, pages=pages,
                        concepts=browser_cards(session, run=run, concepts=rows), tags=tags,
-                       run_max_frequency=run_max if isinstance(run_max, (int, float)) else None,
+                       run_max_frequency=run_max,
                        hidden_dead=hidden_dead)
+
+
+def run_max_frequency(session: Session, run: Run) -> float | None:
+    """The run's most frequent model-concept pair: the one scale of every firing bar, so a bar
+    means the same on every page. Recorded by the mine; read from the statistics for a run
+    mined before it was recorded (None before any mine)."""
+    recorded = (run.metrics or {}).get("max_frequency")
+    if isinstance(recorded, (int, float)):
+        return float(recorded)
+    return session.scalar(select(func.max(ConceptModelStats.frequency))
+                          .join(Concept, Concept.id == ConceptModelStats.concept_id).where(Concept.run_id == run.id))
 
 
 def run_tags(session: Session, *, run_id: int, scope: Collection[int] | None = None) -> list[str]:

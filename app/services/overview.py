@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.models import Concept, ConceptDefectIoU, Run
 from app.schemas.runs import (ConceptRef, DefectBest, HistogramData, LabelledConcept, RunOverview, ScatterConcept,
                               TrainingCurve)
-from app.services.concepts import UNIVERSAL_ENTROPY, concept_cards, strongest_images
+from app.services.concepts import UNIVERSAL_ENTROPY, concept_cards, run_max_frequency, strongest_images
 from app.services.runs_view import effective_status, run_summary
 
 ENTROPY_BINS = 20
@@ -55,6 +55,7 @@ def run_overview(session: Session, *, run: Run) -> RunOverview:
                       select(Concept).where(live, Concept.label != "").order_by(Concept.energy.desc(), Concept.index)
                       .limit(LABELLED_SHOWN))))],
         labelled_total=session.scalar(select(func.count()).where(live, Concept.label != "")) or 0,
+        max_frequency=run_max_frequency(session, run),
         training=TrainingCurve(**run.metrics["training"]) if run.metrics.get("training") else None,
     )
 

@@ -135,3 +135,26 @@ def test_a_concepts_histograms_share_one_activation_axis_and_one_height_scale():
     assert bar_spans(rare_svg) == pytest.approx(bar_spans(busy_svg)[4:6], abs=0.15)
     alone = str(activation_histogram(rare, [rare]))  # on its own axes it fills the width instead
     assert bar_spans(alone)[0][0] < bar_spans(rare_svg)[0][0] - 100
+
+
+def test_a_bin_with_a_few_tokens_stays_visible_beside_a_far_taller_one_and_empty_bins_stay_empty():
+    """Concept pages share one height scale: a model that fires on 10 tokens beside one that
+    fires on 12,000 drew an empty frame."""
+    from app.plots.histogram import MIN_BAR_PX, histogram
+
+    svg = str(histogram([10, 0, 3], [0.1, 0.2, 0.4, 0.8], title="t", x_label="x", y_max=12_000, height=140,
+                        compact=True))
+    heights = _bar_heights(svg)
+    assert heights[0] == pytest.approx(MIN_BAR_PX) and heights[2] == pytest.approx(MIN_BAR_PX) and heights[1] == 0
+    tall = _bar_heights(str(histogram([12_000, 6_000], [1, 2, 3], title="t", x_label="x", height=140, compact=True)))
+    assert tall[0] == pytest.approx(2 * tall[1], rel=0.01)  # proportional where the bars are visible anyway
+
+
+def test_the_entropy_histogram_colours_the_universal_bins_as_the_scatter_does():
+    from app.plots.histogram import histogram
+
+    edges = [i / 20 for i in range(21)]  # np.histogram's edges: 0.8 may come out as 0.8000000000000002
+    edges[16] = 0.7999999999999999
+    svg = str(histogram([1] * 20, edges, title="t", x_label="x", highlight_from=0.8))
+    classes = re.findall(r'<rect class="([^"]+)" x=', svg)
+    assert classes == ["bar"] * 16 + ["bar highlight"] * 4

@@ -151,7 +151,8 @@ def test_an_empty_search_says_whether_hidden_dead_concepts_would_match(web_clien
     assert include == f"/runs/{run.run_id}/concepts?q=ghost&show_dead=1"
     assert _indices(web_client.get(include).text) == [dead]
     nothing = web_client.get(f"/runs/{run.run_id}/concepts?q=no-such-word").text
-    assert "No concept matches these filters.</p>" in nothing  # no hint that would not help
+    assert "dead concept" not in nothing  # no hint that would not help, only the way back
+    assert re.search(rf'No concept matches these filters.\s*<a href="/runs/{run.run_id}/concepts" id="clear-filters">', nothing)
     assert "Every concept of" in web_client.get(f"/runs/{run.run_id}/concepts?sort=index&page=2").text
 
 

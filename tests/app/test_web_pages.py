@@ -57,6 +57,12 @@ def test_runs_list_and_overview(client, data):
                                    r.text).group(1))
     assert _indices(client.get(dead + "&per_page=200").text) == sorted(data.run.dead)
     assert r.text.count("<svg") >= 3  # R² heatmap, entropy histogram, co-fire scatter
+    # The page in one sentence, with the same counts, for whoever does not read the charts.
+    summary = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", r.text[r.text.index('id="summary"'):].split("</p>")[0]))
+    live = len(data.run.universal) + len(data.run.only_first)
+    assert (f"of the {live} concepts these {len(data.run.models)} models use, {len(data.run.universal)} are used by "
+            f"all of them about equally and {len(data.run.only_first)} mostly by one or some of them") in summary
+    assert '<details class="reading-guide" id="reading-guide">' in r.text  # folded
     defects = r.text[r.text.index('id="defects"'):]
     assert all(d in defects for d in DEFECTS)
 
@@ -209,7 +215,7 @@ def test_compare_page_and_api(client, data):
     assert f'<a href="/runs/{run.run_id}/concepts/1" tabindex="-1">' in html  # points link, out of the tab order
     points = re.findall(r'<circle class="point ([a-z-]+)"', html)
     assert points and set(points) <= {"shared", "only-a", "only-b", "between"} and "shared" in points
-    assert '<span class="swatch only-b"></span> only vit_s' in html  # the legend names the colours
+    assert '<span class="swatch only-b"></span> only in vit_s' in html  # the legend names the colours
     # The same model in both menus: the page stays, says so and shows that model against another.
     same = client.get(f"/runs/{run.run_id}/compare?a=vit_s&b=vit_s")
     assert same.status_code == 200 and 'id="compare-notice"' in same.text and "both vit_s" in same.text

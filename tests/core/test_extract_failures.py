@@ -88,7 +88,7 @@ def test_a_bad_file_mid_store_gives_the_store_without_it(folders, backbone, refe
     assert list(store.meta["skipped_images"]) == [BAD]
     assert store.meta["skipped_images"][BAD].startswith(("UnidentifiedImageError", "OSError"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"skipped 1 unreadable image(s) in {folders[1].resolve()}: {BAD} "
+    assert warnings == [f"skipped 1 unreadable image in {folders[1].resolve()}: {BAD} "
                         f"({store.meta['skipped_images'][BAD]})"]
     # A rerun finds the compacted store complete and leaves it as it is.
     calls = []
