@@ -27,7 +27,7 @@ def r2_matrix(overview: RunOverview) -> Markup:
 def training_loss(overview: RunOverview) -> Markup:
     t = overview.training
     positive = [v for v in t.loss if v is not None and v > 0]
-    # A log axis only where the loss falls by more than a decade; a narrow range reads better linear.
+    # A log axis only where the loss spans more than 20x; a narrow range reads better linear.
     log = bool(positive) and max(positive) > 20 * min(positive)
     return line_chart(t.step, {"loss": t.loss}, title="Training loss at each logged step", x_label="step",
                       y_label="loss (log)" if log else "loss", log_y=log)

@@ -68,7 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     keep_share_tokens_out_of_access_logs()
     app.state.sessionmaker = session_factory(settings.db_url)
-    app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute, app.state.sessionmaker,
+    app.state.login_throttle = LoginThrottle(app.state.sessionmaker, per_name=settings.login_attempts_per_minute,
                                              per_address=settings.login_attempts_per_minute_per_address)
     app.state.explain_models = ModelCache()
     app.state.page_cache = PageCache()

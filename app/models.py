@@ -98,7 +98,8 @@ class SignInAttempt(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     key_hash: Mapped[str] = mapped_column(String(64))
-    """SHA-256 of (client address, user name): any name costs 64 characters, and none is stored."""
+    """SHA-256 of (client address, user name), or of the address alone (its limit over all
+    names): any name costs 64 characters, and none is stored."""
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -128,7 +129,8 @@ class Run(Base):
     """The run's config.json (USAE shape, training settings)."""
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """Evaluation summary from the last mine: r2 [source][target], r2_self, r2_cross, l0, tau,
-    dead_fraction, n_tokens (see docs/formats.md)."""
+    dead_fraction, n_tokens, top_n, max_frequency (the firing bars' scale) and the thinned
+    training log (see docs/formats.md)."""
     status: Mapped[str] = mapped_column(String(20), default="registered")
     """registered | mining | mined | failed."""
     error: Mapped[str | None] = mapped_column(Text)
@@ -356,7 +358,8 @@ class ConceptCardData(Base):
     html_format: Mapped[str | None] = mapped_column(String(32))
     """`card_html.FORMAT` of the template the HTML was rendered with; None before migration 0005."""
     max_frequency: Mapped[float | None] = mapped_column(Float)
-    """The card's largest firing frequency (the page's bar scale); None before migration 0006."""
+    """The card's largest firing frequency (the bar scale of a link to some concepts, which sees
+    only its own); None before migration 0006."""
 
 
 class ConceptHistogram(Base):

@@ -203,21 +203,24 @@ def _mined_summary(metrics: dict) -> str:
 
 
 def ensure_analyst(settings: Settings) -> tuple[str, str | None]:
-    """Create the demo analyst once; its password is kept (0600) in the data dir so reruns
-    can print it again."""
+    """Create the demo analyst once; its password is kept in the data dir (mode 0600 from its
+    first byte) so reruns can print it again, while it still signs in (None once
+    `usae user set-password` changed it)."""
     from app.db import session_factory
+    from app.security import verify_password
     from app.services.users import create_user, find_user
     from usae_core.atomic import atomic_write_bytes
 
     secret = settings.data_dir / "demo-credentials.txt"
     with session_factory(settings.db_url)() as s:
-        if find_user(s, username=DEMO_USER) is not None:
-            return DEMO_USER, secret.read_text().strip() if secret.exists() else None
+        user = find_user(s, username=DEMO_USER)
+        if user is not None:
+            kept = secret.read_text().strip() if secret.exists() else None
+            return DEMO_USER, kept if kept and verify_password(user.password_hash, kept) else None
         password = secrets.token_urlsafe(12)
         create_user(s, username=DEMO_USER, password=password)
         s.commit()
-    atomic_write_bytes(secret, password.encode())
-    secret.chmod(0o600)
+    atomic_write_bytes(secret, password.encode(), mode=0o600)
     return DEMO_USER, password
 
 

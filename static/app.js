@@ -79,8 +79,6 @@ document.addEventListener("change", (event) => {
   input.reportValidity();
 });
 
-// Explain an image: the button says it is working (the first image of a run loads its
-// backbones first), and a result's heatmap shows large in place of the uploaded image.
 // The browser's filters send only the fields in use: a view's address stays short enough to read
 // and to share (`?sort=entropy`, not `?q=&sort=entropy&min_entropy=&...`). The server reads an
 // empty field as unset anyway, so without this file the same view comes up.
@@ -93,6 +91,8 @@ document.addEventListener("submit", (event) => {
   setTimeout(() => empty.forEach((f) => { f.disabled = false; }), 0);
 });
 
+// Explain an image: the button says it is working (the first image of a run loads its
+// backbones first), and a result's heatmap shows large in place of the uploaded image.
 document.addEventListener("submit", (event) => {
   const button = event.target.id === "explain-form" && document.getElementById("explain-submit");
   if (!button) return;

@@ -66,16 +66,17 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, *, durable: bool = True, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it onto `target` if the block succeeds.
 
     `durable` flushes the file and the directory to disk first, so the new file also survives a
     power loss. Bulk data whose loss a reader can detect (store shards: their size is checked)
-    skips it, since the flush ties the writer to the disk's bandwidth."""
+    skips it, since the flush ties the writer to the disk's bandwidth. The file gets `mode`
+    (else what the umask allows) before anything is written to it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
+    os.fchmod(fd, mode if mode is not None else 0o666 & ~_UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -90,8 +91,8 @@ def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[
         tmp_path.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(target) as tmp:
+def atomic_write_bytes(target: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
+    with atomic_path(target, mode=mode) as tmp:
         tmp.write_bytes(data)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,17 +25,25 @@ from app.templating import TEMPLATES_DIR, templates
 from app.urls import ANALYST_URLS
 
 FRAGMENT = "concepts/_card_mined.html"
-FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes() + inspect.getsource(templating._percent).encode()
-                        + inspect.getsource(formatting.measure).encode()).hexdigest()[:16]
 
 
 def card_columns(n_models: int) -> int:
-    """Thumbnail columns of a card: one per model for three or four models, else four."""
-    return min(n_models, 4) if n_models > 2 else 4
+    """Thumbnail columns of a card: four for one or two models (several images each), one per
+    model for three or four, and two rows for more (five to eight models: three or four
+    columns; beyond, rows of four): every model keeps a thumbnail."""
+    if n_models <= 2:
+        return 4
+    return n_models if n_models <= 4 else min(math.ceil(n_models / 2), 4)
+
+
+FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes() + inspect.getsource(templating._percent).encode()
+                        + inspect.getsource(formatting.measure).encode()
+                        + inspect.getsource(card_columns).encode()).hexdigest()[:16]
 
 
 def max_frequency(mined: MinedCard) -> float:
-    """The card's longest firing bar: a page's bars are scaled to the largest over its cards."""
+    """The card's longest firing bar: without the run's scale (a link to some concepts, which
+    sees only theirs), a page's bars are scaled to the largest over its cards."""
     return max((f.frequency for f in mined.firing), default=0.0)
 
 

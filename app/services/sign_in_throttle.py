@@ -2,8 +2,8 @@
 server process sees the same attempts. Two limits apply to every attempt:
 
 - per client address and user name (`per_name`): guessing one analyst's password;
-- per client address over all names (`per_address`, a few times larger): trying one password
-  on many names (spraying), which also costs an argon2 check each. IPv6 clients count by their
+- per client address over all names (`per_address`, set larger): trying one password on many
+  names (spraying), which also costs an argon2 check each. IPv6 clients count by their
   /64 network, which one host usually holds whole.
 
 There is no limit per name over all addresses: anyone could then lock an analyst out by
@@ -30,11 +30,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import SignInAttempt, utcnow
 
-ADDRESS_LIMIT_FACTOR = 5
-"""Default per-address limit, as a multiple of the per-name one (a shared office address signs
-several analysts in)."""
-
-
 def client_network(client: str) -> str:
     """The address an attempt counts against: IPv4 as is, IPv6 as its /64."""
     try:
@@ -51,9 +46,9 @@ def client_network(client: str) -> str:
 class LoginThrottle:
     window = dt.timedelta(seconds=60)
 
-    def __init__(self, per_name: int, sessions: sessionmaker[Session], per_address: int | None = None):
+    def __init__(self, sessions: sessionmaker[Session], *, per_name: int, per_address: int):
         self.per_name = per_name
-        self.per_address = per_address if per_address is not None else ADDRESS_LIMIT_FACTOR * per_name
+        self.per_address = per_address
         self._sessions = sessions
         self._lock = threading.Lock()  # this process's own requests queue here, not in the database
 

@@ -373,6 +373,20 @@ def test_a_model_without_top_images_leaves_its_own_thumbnail_slot_blank():
         ["blank", "blank", "heat", "heat"]
 
 
+@pytest.mark.parametrize("n_models, columns", [(5, 3), (6, 3), (8, 4), (9, 4)])
+def test_every_model_of_a_large_run_keeps_its_thumbnail_on_the_card(n_models, columns):
+    """Past four models the thumbnails take two rows (or more), one per model: with five
+    models the fifth had no slot."""
+    names = [f"m{i}" for i in range(n_models)]
+    firing = [ModelFiring(model=m, fire_count=1, frequency=0.1, share=1 / n_models, cofire=0.0, max_activation=1.0)
+              for m in names]
+    thumbs = [Thumb(model=m, rank=0, activation=1.0, heatmap=f"heat/{m}.png", thumbnail=f"thumb/{m}.jpg",
+                    image_key=m) for m in names]
+    html, _ = card_html.render(MinedCard(firing=firing, thumbs=thumbs), n_models)
+    assert f"grid-template-columns: repeat({columns}, 1fr)" in html
+    assert re.findall(r'<span class="cap" aria-hidden="true">([^<]*)</span>', html) == names
+
+
 def test_serve_re_renders_cards_of_an_older_template(db_url, data_dir, planted_run):
     """Cards an older card template rendered (an app upgrade) are re-rendered once, in batches,
     to exactly what a mine with the current template stores; a second refresh finds nothing."""

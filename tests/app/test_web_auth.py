@@ -106,7 +106,7 @@ def test_concurrent_sign_ins_cannot_pass_the_limit_together(seeded):
 
     from app.services.sign_in_throttle import LoginThrottle
 
-    throttle = LoginThrottle(10, session_factory(seeded.settings.db_url))
+    throttle = LoginThrottle(session_factory(seeded.settings.db_url), per_name=10, per_address=50)
     start, allowed, lock = threading.Barrier(40), [], threading.Lock()
 
     def attempt() -> None:
@@ -130,7 +130,7 @@ def test_every_server_process_counts_the_same_attempts(seeded):
     window: before, each process allowed the limit on its own."""
     from app.services.sign_in_throttle import LoginThrottle
 
-    a, b = (LoginThrottle(4, session_factory(seeded.settings.db_url)) for _ in range(2))
+    a, b = (LoginThrottle(session_factory(seeded.settings.db_url), per_name=4, per_address=20) for _ in range(2))
     assert a.name_key("10.0.0.1", "Alice ") == b.name_key("10.0.0.1", "alice")
     assert [a.begin("10.0.0.1", "Alice "), b.begin("10.0.0.1", "alice"), a.begin("10.0.0.1", "alice"),
             b.begin("10.0.0.1", "ALICE")] == [0, 0, 0, 0]
@@ -169,7 +169,7 @@ def test_one_address_trying_many_names_is_throttled_too(seeded):
     and an IPv6 client counts by its /64."""
     from app.services.sign_in_throttle import LoginThrottle, client_network
 
-    throttle = LoginThrottle(3, session_factory(seeded.settings.db_url), per_address=5)
+    throttle = LoginThrottle(session_factory(seeded.settings.db_url), per_name=3, per_address=5)
     assert [throttle.begin("10.0.0.7", f"name{i}") for i in range(5)] == [0] * 5
     assert throttle.begin("10.0.0.7", "name5") > 0 and throttle.begin("10.0.0.7", "name0") > 0
     assert throttle.begin("10.0.0.8", "name0") == 0
@@ -338,3 +338,32 @@ def test_the_session_cookie_lasts_14_days_and_is_same_site_lax(web):
     assert cookie["max-age"] == str(14 * 24 * 3600)
     assert cookie["samesite"].lower() == "lax"
     assert cookie["httponly"] is True
+
+
+def test_the_demo_password_is_private_from_its_first_byte_and_not_printed_once_changed(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from app.migrations import upgrade_database
+    from app.pipeline import ensure_analyst
+    from app.services.users import set_password
+    from app.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", secret_key="k", database_url=None)
+    upgrade_database(settings.db_url)
+    created = []
+    real_fchmod = os.fchmod
+    with monkeypatch.context() as m:
+        # the mode the file has while its bytes are written: fchmod runs before the write
+        m.setattr(os, "fchmod", lambda fd, mode: created.append(mode) or real_fchmod(fd, mode))
+        old_umask = os.umask(0o022)
+        try:
+            name, password = ensure_analyst(settings)
+        finally:
+            os.umask(old_umask)
+    secret = settings.data_dir / "demo-credentials.txt"
+    assert created == [0o600] and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert password and ensure_analyst(settings) == (name, password)  # a rerun prints it again
+    with session_factory(settings.db_url).begin() as session:
+        set_password(session, username=name, password="a-new-password")
+    assert ensure_analyst(settings) == (name, None)  # no longer the password: not printed
