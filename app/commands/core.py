@@ -107,6 +107,8 @@ def eval_cmd(
     from usae_core.store import ActivationStore
     from usae_core.train import resolve_device
 
+    if per_concept and not as_json:
+        raise UsaeError("--per-concept adds arrays to the JSON output: pass --json too")
     settings = settings_for(data_dir)
     model = USAE.from_pretrained(resolve_run(run, settings))
     st = ActivationStore.open(resolve_store(store, settings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,7 +39,7 @@ def extract_cmd(
     weights: Annotated[list[str], typer.Option("--weights", help="NAME=PATH: local weight file or directory; repeatable.")] = [],  # noqa: B006
     grid: Annotated[Optional[str], typer.Option(help="Common token grid HxW (default: the smallest native grid).")] = None,
     small: Annotated[bool, typer.Option("--small", help="With --images demo: a few hundred images instead of thousands.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the demo set.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the demo set (default 0).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: up to 8 on GPU; on CPU none with 4 cores or fewer, else 2).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -60,8 +61,12 @@ def extract_cmd(
 
     settings = settings_for(data_dir)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_backbones()
-    if small and images != "demo":
-        raise UsaeError("--small applies only to --images demo")
+    if images != "demo" and (small or seed is not None):
+        raise UsaeError(f"{'--small' if small else '--seed'} applies only to --images demo")
+    if images == "demo" and Path("demo").is_dir():
+        typer.secho("note: --images demo is the built-in demo set, not the folder ./demo here; "
+                    "pass --images ./demo for that folder", fg=typer.colors.YELLOW, err=True)
+    seed = seed or 0
     target = resolve_store(out, settings)
     weight_files, layers = parse_assignments(weights, "--weights"), parse_assignments(layer, "--layer")
     timings = ExtractTimings()
@@ -125,7 +130,7 @@ def models_list_cmd(
         status = "per model: hub cache or --weights" if r["offline"] is None else ("yes" if r["offline"] else "missing")
         table.add_row(r["name"], r["family"], "yes" if r["default"] else "", r["default_layer"], status,
                       r["description"])
-    Console(width=200).print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: long lines, not wrapped cells
 
 
 def register(cli: typer.Typer) -> None:

@@ -43,8 +43,8 @@ def mine_cmd(
     upgrade_database(settings.db_url)
     out = mine_run(settings.db_url, settings.media_dir, run_dir, st, model, cfg=cfg, device=str(dev),
                    batch_concepts=batch_concepts, progress=True)
-    typer.echo(f"mined run {run_dir.name}: {out.n_concepts} concepts, {out.n_top_images} top images "
-               f"in {out.seconds:.1f}s (generation {out.generation_id})")
+    typer.echo(f"mined run {run_dir.name}: {out.n_concepts:,} concepts, {out.n_top_images:,} top images "
+               f"in {out.seconds:.1f} s (database mining generation #{out.generation_id})")
 
 
 def register(cli: typer.Typer) -> None:

@@ -166,7 +166,20 @@ def _worker(host: str, port: int) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-Password = Annotated[Optional[str], typer.Option(help="Password; prompted for (hidden, twice) when omitted.")]
+Password = Annotated[Optional[str], typer.Option(
+    help="Password; when omitted, prompted for (hidden, twice), or read as one line from standard input when "
+         "that is not a terminal (`printf '%s\\n' \"$PW\" | usae user add NAME`: kept out of the process list).")]
+
+
+def _password(given: str | None, prompt: str) -> str:
+    if given is not None:
+        return given
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            raise UsaeError("no password: pass --password, type it at a terminal, or send it on standard input")
+        return line.rstrip("\r\n")
+    return typer.prompt(prompt, hide_input=True, confirmation_prompt=True)
 
 
 @contextmanager
@@ -191,8 +204,7 @@ def user_add_cmd(
     """Create an analyst account."""
     from app.services.users import create_user
 
-    password = password if password is not None else typer.prompt("Password", hide_input=True,
-                                                                   confirmation_prompt=True)
+    password = _password(password, "Password")
     with _accounts(data_dir) as session:
         create_user(session, username=name, password=password)
     typer.echo(f"created analyst {name!r}")
@@ -207,8 +219,7 @@ def user_set_password_cmd(
     """Give an analyst a new password; their open sessions end."""
     from app.services.users import set_password
 
-    password = password if password is not None else typer.prompt("New password", hide_input=True,
-                                                                   confirmation_prompt=True)
+    password = _password(password, "New password")
     with _accounts(data_dir) as session:
         set_password(session, username=name, password=password)
     typer.echo(f"new password set for {name!r}; their open sessions have ended")

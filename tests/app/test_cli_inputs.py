@@ -67,3 +67,36 @@ def test_a_busy_port_is_refused_before_the_banner_and_before_the_demo_builds_any
             assert "USAE Concept Explorer on" not in result.output and not data.exists(), args
     finally:
         held.close()
+
+
+def test_version_and_short_help_on_every_command():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"usae {version('usae-explorer')}"
+    for args in ([], ["extract"], ["models", "list"], ["user", "add"]):
+        result = CliRunner().invoke(cli, [*args, "-h"])
+        assert result.exit_code == 0 and "Usage: usae" in result.output, args
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path):
+    """--seed and --small shape only the built-in demo set; --per-concept only the JSON."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for extra in (["--seed", "3"], ["--small"]):
+        result = CliRunner().invoke(cli, ["extract", "--images", str(folder), "--out", "s", *extra,
+                                          "--data-dir", str(tmp_path / "data")])
+        assert isinstance(result.exception, UsaeError), result.output
+        assert str(result.exception) == f"{extra[0]} applies only to --images demo"
+    result = CliRunner().invoke(cli, ["eval", "somerun", "--store", "s", "--per-concept",
+                                      "--data-dir", str(tmp_path / "data")])
+    assert str(result.exception) == "--per-concept adds arrays to the JSON output: pass --json too"
+
+
+def test_a_folder_named_demo_is_not_taken_silently_for_the_demo_set(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["extract", "--images", "demo", "--out", str(tmp_path / "photos"),
+                                      "--weights", "malformed", "--data-dir", str(tmp_path / "data")])
+    assert "--images demo is the built-in demo set, not the folder ./demo here" in result.output
+    assert isinstance(result.exception, UsaeError)  # stopped at --weights, before building anything

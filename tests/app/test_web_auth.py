@@ -259,6 +259,26 @@ def test_user_add_command(seeded):
     assert users["carol"].password_hash.startswith("$argon2id$") and "erin" not in users
 
 
+def test_a_password_can_come_on_standard_input_and_none_is_a_clear_error(seeded):
+    """Scripts send it on a pipe (kept out of the process list); with nothing there the command
+    said `Aborted.` after a getpass warning naming a stdlib file."""
+    import subprocess
+    import sys
+
+    def add(name: str, stdin: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app.cli", "user", "add", name, "--data-dir", str(seeded.data_dir)],
+                              input=stdin, capture_output=True, text=True, timeout=120)
+
+    done = add("frank", "piped-password-1\n")
+    assert done.returncode == 0 and "created analyst 'frank'" in done.stdout, done.stderr
+    with session_factory(seeded.settings.db_url)() as session:
+        frank = session.scalars(select(User).where(User.username == "frank")).one()
+    assert verify_password(frank.password_hash, "piped-password-1")
+    empty = add("gina", "")
+    assert empty.returncode == 2 and "Warning" not in empty.stderr
+    assert empty.stderr.strip() == "error: no password: pass --password, type it at a terminal, or send it on standard input"
+
+
 def test_user_set_password_ends_sessions_and_user_list_names_the_analysts(web, seeded):
     """A reset takes effect at once: the new password signs in, the old one and every cookie
     issued before the reset stop working."""
