@@ -54,7 +54,8 @@ def not_a_run_message(directory: Path) -> str:
     """Why `directory` cannot be loaded as a run, and what to do: nothing there, a training that
     stopped before its end (only checkpoints), or something else."""
     if not directory.exists():
-        return f"there is no USAE run at {directory}"
+        beside = sorted(p.parent.name for p in directory.parent.glob(f"*/{CONFIG_FILE}"))
+        return f"there is no USAE run at {directory}" + (f" (runs beside it: {', '.join(beside)})" if beside else "")
     steps = sorted(p.name for p in (directory / CHECKPOINT_DIR).glob("step-*") if (p / CONFIG_FILE).is_file())
     if steps:
         try:

@@ -292,6 +292,10 @@ class ActivationStore:
         mf = root / "manifest.json"
         if not mf.exists():
             finish_replacement(root)  # a replacement whose swap was cut between its two renames
+        if not root.exists():
+            beside = sorted(m.parent.name for m in root.parent.glob("*/manifest.json"))
+            named = f" (stores beside it: {', '.join(beside)})" if beside else ""
+            raise UsaeError(f"there is no activation store at {root}{named}")
         if not mf.exists():
             raise UsaeError(f"{root} is not an activation store (no manifest.json)")
         try:

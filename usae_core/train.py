@@ -210,7 +210,10 @@ class Trainer:
             self._n_dead, self._steps_to_dead_check = state.get("dead_check", (0, 0))  # read at once if absent
             if self.rank == 0:
                 self._truncate_metrics(self.step)
-            log.info("resumed %s at step %d", self.out, self.step)
+            if self.step >= self.cfg.steps:
+                log.info("%s had already finished its %d steps: nothing left to train", self.out, self.cfg.steps)
+            else:
+                log.info("resumed %s at step %d of %d", self.out, self.step, self.cfg.steps)
             return True
         if ckpts:
             raise UsaeError(f"no checkpoint in {directory} can be read; start again with --overwrite")

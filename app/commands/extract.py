@@ -93,7 +93,8 @@ def extract_cmd(
         raise typer.Exit(130) from None
     if ctx.rank == 0:
         skipped = store.meta.get("skipped_images", {})
-        typer.echo(f"wrote {store.root}: {store.n_images} images x {store.grid[0]}x{store.grid[1]} tokens, models "
+        done = "wrote" if timings.images else "already complete, nothing to extract:"
+        typer.echo(f"{done} {store.root}: {store.n_images:,} images x {store.grid[0]}x{store.grid[1]} tokens, models "
                    + ", ".join(f"{n} ({d})" for n, d in store.dims.items())
                    + (f"; skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}" if skipped else ""))
         if timings.images:  # nothing to say when every shard was already done

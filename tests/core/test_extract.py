@@ -386,11 +386,13 @@ def test_cli_extract_and_models_list(folder, data_dir):
     result = runner.invoke(cli, ["extract", "--images", str(folder), "--models", "mobilenet_v2", "--out", "messy",
                                  "--workers", "0", "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
-    assert "6 images x 14x14 tokens" in result.output and "skipped 2 unreadable" in result.output
+    assert "wrote " in result.output and "6 images x 14x14 tokens" in result.output
+    assert "skipped 2 unreadable" in result.output
     assert "8 images in" in result.output and "waiting for images" in result.output  # where the time went
     again = runner.invoke(cli, ["extract", "--images", str(folder), "--models", "mobilenet_v2", "--out", "messy",
                                 "--workers", "0", "--data-dir", str(data_dir)])
     assert again.exit_code == 0 and "images in" not in again.output  # finished: nothing extracted again
+    assert "already complete, nothing to extract:" in again.output and "wrote" not in again.output
     assert ActivationStore.open(data_dir / "stores" / "messy").dims == {"mobilenet_v2": 96}
     listing = runner.invoke(cli, ["models", "list", "--json", "--data-dir", str(data_dir)])
     rows = {r["name"]: r for r in json.loads(listing.output)}

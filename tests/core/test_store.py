@@ -255,6 +255,11 @@ def test_write_shard_checks_shapes(tmp_path):
 def test_open_rejects_non_stores(tmp_path):
     with pytest.raises(UsaeError, match="not an activation store"):
         ActivationStore.open(tmp_path)
+    # A mistyped name says it is not there, and which stores are.
+    import_activations(tmp_path / "stores" / "line3", _good())
+    with pytest.raises(UsaeError, match=f"^there is no activation store at {tmp_path / 'stores' / 'line4'} "
+                                        r"\(stores beside it: line3\)$"):
+        ActivationStore.open(tmp_path / "stores" / "line4")
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(UsaeError, match="not valid JSON"):
         ActivationStore.open(tmp_path)

@@ -66,7 +66,24 @@ def test_loading_a_run_whose_training_stopped_says_how_to_continue_it(store, tmp
     assert f"the training of {run} did not finish (its newest checkpoint is step 20 of 30)" in message
     assert f"`usae train --store {Path(store.root).resolve()} --out {run} --resume`" in message
     with pytest.raises(UsaeError, match=f"there is no USAE run at {tmp_path / 'nosuch'}$"):
+        USAE.from_pretrained(tmp_path / "nosuch")  # the unfinished run beside it is no run to name
+    train_usae(store, tmp_path / "done", *_cfgs(store, steps=5))
+    with pytest.raises(UsaeError, match=rf"there is no USAE run at {tmp_path / 'nosuch'} \(runs beside it: done\)$"):
         USAE.from_pretrained(tmp_path / "nosuch")
+
+
+def test_resume_says_where_it_continues_and_that_a_finished_run_has_nothing_left(store, tmp_path, caplog):
+    import logging
+
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    with caplog.at_level(logging.INFO, logger="usae_core.train"):
+        train_usae(store, run, *_cfgs(store), resume=True)
+    assert f"resumed {run} at step 20 of 30" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="usae_core.train"):
+        train_usae(store, run, *_cfgs(store), resume=True)
+    assert f"{run} had already finished its 30 steps: nothing left to train" in caplog.text
 
 
 def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(store, tmp_path, caplog):
