@@ -7,6 +7,7 @@ rows, sum the reconstruction losses (+ an auxiliary dead-latent term), and take 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -14,6 +15,7 @@ import logging
 import math
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +36,7 @@ from usae_core.atomic import (
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
+from usae_core.interrupt import interrupt_between_steps
 from usae_core.locks import exclusive_lock
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
 from usae_core.model import CHECKPOINT_DIR, CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE
@@ -432,33 +435,41 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
                    dynamic_ncols=True)
         t0, tokens_since_log = time.perf_counter(), 0
-        try:
-            while self.step < cfg.steps:
-                raw = next(stream)
-                with torch.no_grad():
-                    batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
-                source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
-                out = self.train_step(batch, source)
-                self.step += 1
-                tokens_since_log += cfg.batch_size * self.world_size
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    if self.device.type == "cuda":  # time finished work, not queued kernels
-                        torch.cuda.synchronize(self.device)
-                    elapsed = time.perf_counter() - t0
-                    record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
-                    t0, tokens_since_log = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", r2_self=f"{record['r2'][source]:.3f}")
-                    if self.rank == 0:
-                        with open(metrics_file, "a") as fh:
-                            fh.write(json.dumps(record) + "\n")
-                    for cb in self.callbacks:
-                        cb(record)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
-        finally:  # stops the reader thread even when a callback or a step raises
-            stream.close()
-            bar.close()
+        # One process: Ctrl-C stops between two steps (usae_core/interrupt.py). The ranks of a
+        # distributed run could each stop at another step and wait on each other's collectives,
+        # so they keep Python's default.
+        between_steps = (interrupt_between_steps() if self.world_size == 1
+                         else contextlib.nullcontext(threading.Event()))
+        with between_steps as stop_requested:
+            try:
+                while self.step < cfg.steps:
+                    raw = next(stream)
+                    with torch.no_grad():
+                        batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
+                    source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
+                    out = self.train_step(batch, source)
+                    self.step += 1
+                    tokens_since_log += cfg.batch_size * self.world_size
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        if self.device.type == "cuda":  # time finished work, not queued kernels
+                            torch.cuda.synchronize(self.device)
+                        elapsed = time.perf_counter() - t0
+                        record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
+                        t0, tokens_since_log = time.perf_counter(), 0
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", r2_self=f"{record['r2'][source]:.3f}")
+                        if self.rank == 0:
+                            with open(metrics_file, "a") as fh:
+                                fh.write(json.dumps(record) + "\n")
+                        for cb in self.callbacks:
+                            cb(record)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                        self.save_checkpoint()
+                    if stop_requested.is_set():
+                        raise KeyboardInterrupt
+            finally:  # stops the reader thread even when a callback or a step raises
+                stream.close()
+                bar.close()
         self.save_checkpoint()
         if self.rank == 0:
             model.save_pretrained(self.out, extra_config=self.run_config())

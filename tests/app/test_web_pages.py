@@ -124,6 +124,10 @@ def test_browser_paginates_and_keeps_filters_in_links(client, data):
     assert f'href="/runs/{run.run_id}/concepts?sort=index&amp;min_entropy=0.5&amp;page=2&amp;per_page=10"' in first.text
     second = client.get(f"/runs/{run.run_id}/concepts?sort=index&per_page=10&min_entropy=0.5&page=2")
     assert _indices(second.text) == run.universal[10:20]
+    # A card is named by its label and number, not by the alt text of its thumbnails that comes first.
+    names = re.findall(r'data-concept="(\d+)" aria-label="([^"]*)"', second.text)
+    assert [int(i) for i, _ in names] == run.universal[10:20]
+    assert all(name.endswith(f", concept #{i}") and not name.startswith(("#", ",")) for i, name in names)
 
 
 def test_browser_page_past_the_end_says_so(client, data):

@@ -1,0 +1,35 @@
+"""Ctrl-C between two steps of a loop (usae_core/interrupt.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from usae_core.interrupt import interrupt_between_steps
+
+
+def test_the_first_ctrl_c_is_a_request_the_second_stops_at_once_and_the_handler_is_put_back():
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt_between_steps() as requested:
+        assert not requested.is_set()
+        os.kill(os.getpid(), signal.SIGINT)  # handled in this thread before kill returns to Python
+        assert requested.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_outside_the_main_thread_it_changes_nothing():
+    seen = []
+
+    def worker() -> None:
+        with interrupt_between_steps() as requested:
+            seen.append((requested.is_set(), signal.getsignal(signal.SIGINT)))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [(False, signal.getsignal(signal.SIGINT))]
