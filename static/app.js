@@ -133,16 +133,18 @@ document.addEventListener("keydown", (event) => {
 });
 
 // On a phone the concept browser's filters fold behind "More filters" (the search stays), so the
-// cards start on the first screen; they stay open while a filter is in use.
+// cards start on the first screen; the button counts the folded filters in use.
 (() => {
   const filters = document.getElementById("filters");
-  if (!filters || filters.dataset.inUse === "1" || !window.matchMedia("(max-width: 800px)").matches) return;
+  if (!filters || !window.matchMedia("(max-width: 800px)").matches) return;
   const actions = filters.querySelector(".actions");
   if (!actions) return;
+  const folded = [...filters.querySelectorAll(".field:not(:first-child) select, .field:not(:first-child) input")];
+  const inUse = folded.filter((f) => f.name !== "sort" && f.value !== "").length;
   const more = document.createElement("button");
   more.type = "button";
   more.id = "more-filters";
-  more.textContent = "More filters";
+  more.textContent = inUse ? `More filters (${inUse} in use)` : "More filters";
   more.addEventListener("click", () => {
     filters.classList.remove("folded");
     more.remove();

@@ -395,18 +395,21 @@ def test_every_navigation_link_shows_on_a_phone(new_context, analyst_state, site
 
 
 def test_browser_filters_line_up_on_a_phone(new_context, analyst_state, site):
-    """On a phone the browser's filters fold behind "More filters" unless one is in use; open,
-    they are two even columns (search across both), each control as wide as its column."""
+    """On a phone the browser's filters fold behind "More filters", which counts those in use (open
+    while one was, they filled the first screen); open, they are two even columns (search across
+    both), each control as wide as its column."""
     page = new_context({"width": 390, "height": 844}, analyst_state).new_page()
     page.goto(f"{site.base}/runs/{site.run_id}/concepts")
     # Folded first: the search and the buttons, then the cards, on the first screen.
     assert page.is_visible("#q") and page.is_hidden("#sort") and page.is_hidden("#show_dead")
     assert page.locator(".card").first.bounding_box()["y"] < 844
+    assert page.inner_text("#more-filters") == "More filters"
     page.click("#more-filters")
     assert page.is_visible("#sort") and page.is_hidden("#more-filters")
     filtered = new_context({"width": 390, "height": 844}, analyst_state).new_page()
-    filtered.goto(f"{site.base}/runs/{site.run_id}/concepts?min_entropy=0.5")
-    assert filtered.is_visible("#min_entropy") and filtered.locator("#more-filters").count() == 0  # in use: open
+    filtered.goto(f"{site.base}/runs/{site.run_id}/concepts?min_entropy=0.5&sort=entropy&show_dead=1")
+    assert filtered.is_hidden("#min_entropy") and filtered.inner_text("#more-filters") == "More filters (2 in use)"
+    assert filtered.locator(".card").first.bounding_box()["y"] < 844
     controls = page.locator("#filters .field").evaluate_all("""fields => fields.map(f => {
         const box = f.querySelector('input, select').getBoundingClientRect(); return [Math.round(box.left), Math.round(box.right)]; })""")
     search, rest = controls[0], controls[1:]
