@@ -90,6 +90,16 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def existing_data_for(data_dir: Path | None) -> Settings:
+    """Settings of a command that only reads or changes what is there (`runs list`, `user list`):
+    a mistyped --data-dir is refused rather than made, with an empty database, to list nothing."""
+    settings = settings_for(data_dir)
+    if settings.database_url is None and not settings.data_dir.exists():
+        raise UsaeError(f"there is no data directory at {settings.data_dir}: check --data-dir (or USAE_DATA_DIR); "
+                        "`usae demo` or `usae extract` makes one")
+    return settings
+
+
 def settings_for(data_dir: Path | None) -> Settings:
     """Settings with `--data-dir` applied on top of the environment."""
     settings = Settings(data_dir=data_dir) if data_dir is not None else get_settings()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 import typer
 
 from app.commands.core import DataDir
-from app.settings import settings_for
+from app.settings import existing_data_for
 from usae_core.errors import UsaeError
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def _database(data_dir: Path | None) -> Iterator[tuple[Session, Path]]:
     from app.db import session_factory
     from app.migrations import upgrade_database
 
-    settings = settings_for(data_dir)
+    settings = existing_data_for(data_dir)
     upgrade_database(settings.db_url)
     with session_factory(settings.db_url)() as session:
         yield session, settings.media_dir

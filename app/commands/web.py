@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 import typer
 
 from app.commands.core import DataDir
-from app.settings import settings_for
+from app.settings import existing_data_for, settings_for
 from usae_core.errors import UsaeError
 
 if TYPE_CHECKING:
@@ -183,12 +183,13 @@ def _password(given: str | None, prompt: str) -> str:
 
 
 @contextmanager
-def _accounts(data_dir: Path | None) -> Iterator[Session]:
-    """A database session on the (migrated) database of `data_dir`, committed on success."""
+def _accounts(data_dir: Path | None, *, create: bool = False) -> Iterator[Session]:
+    """A database session on the (migrated) database of `data_dir`, committed on success; made
+    first only with `create` (adding the first analyst)."""
     from app.db import session_factory
     from app.migrations import upgrade_database
 
-    settings = settings_for(data_dir)
+    settings = settings_for(data_dir) if create else existing_data_for(data_dir)
     upgrade_database(settings.db_url)
     with session_factory(settings.db_url)() as session:
         yield session
@@ -205,7 +206,7 @@ def user_add_cmd(
     from app.services.users import create_user
 
     password = _password(password, "Password")
-    with _accounts(data_dir) as session:
+    with _accounts(data_dir, create=True) as session:
         create_user(session, username=name, password=password)
     typer.echo(f"created analyst {name!r}")
 

@@ -100,3 +100,15 @@ def test_a_folder_named_demo_is_not_taken_silently_for_the_demo_set(tmp_path, mo
                                       "--weights", "malformed", "--data-dir", str(tmp_path / "data")])
     assert "--images demo is the built-in demo set, not the folder ./demo here" in result.output
     assert isinstance(result.exception, UsaeError)  # stopped at --weights, before building anything
+
+
+def test_listing_a_data_directory_that_is_not_there_refuses_instead_of_making_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("USAE_DATABASE_URL", raising=False)
+    typo = tmp_path / "usae-dta"
+    for args in (["runs", "list"], ["user", "list"], ["runs", "delete", "x", "--yes"]):
+        result = CliRunner().invoke(cli, [*args, "--data-dir", str(typo)])
+        assert isinstance(result.exception, UsaeError), (args, result.output)
+        assert str(result.exception).startswith(f"there is no data directory at {typo}: check --data-dir"), args
+    assert not typo.exists()
+    made = CliRunner().invoke(cli, ["user", "add", "first", "--password", "long-enough-1", "--data-dir", str(typo)])
+    assert made.exit_code == 0 and (typo / "usae.db").exists()  # adding the first analyst may make it
