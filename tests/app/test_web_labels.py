@@ -37,7 +37,7 @@ def test_label_edit_is_recorded_in_history(web_client, seeded):
     assert r.status_code == 303 and r.headers["location"] == listed + "#label"
     html = web_client.get(url).text
     history = html[html.index('id="label-history"'):]
-    assert history.index("v3") < history.index("v2")  # newest first
+    assert history.index("edit 2") < history.index("edit 1")  # newest first, counted from the first edit
     assert "<del>Hairline crack</del> → <ins>Crack</ins>" in history and "alice" in history
     with session_factory(seeded.settings.db_url)() as session:
         rows = session.scalars(select(LabelHistory).order_by(LabelHistory.version)).all()
