@@ -119,8 +119,9 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
     ucfg = USAEConfig(model_dims=store.dims, n_concepts=plan.concepts, k=plan.k)
     saved = json.loads(config_path.read_text()) if config_path.exists() else {}
     same_plan = saved.get("usae", {}).get("n_concepts") == plan.concepts and saved["usae"].get("k") == plan.k
+    summary = f"{plan.concepts:,} concepts, k={plan.k}, {plan.steps:,} steps"
     if not rebuild and same_plan and saved.get("step") == plan.steps:
-        return USAE.from_pretrained(run_dir), run_dir, "trained", True
+        return USAE.from_pretrained(run_dir), run_dir, summary, True
     tcfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, device=device,
                        warmup_steps=min(100, plan.steps // 10), checkpoint_every=max(plan.steps // 4, 1),
                        dead_after_tokens=20 * plan.batch_size)
@@ -134,7 +135,6 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
         atomic_write_json(record, started)
     model = train_usae(store, run_dir, ucfg, tcfg, resume=resume, overwrite=not resume)
     record.unlink(missing_ok=True)
-    summary = f"{plan.concepts:,} concepts, k={plan.k}, {plan.steps:,} steps"
     return model, run_dir, summary + (" (continued an interrupted training)" if resume else ""), False
 
 

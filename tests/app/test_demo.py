@@ -42,6 +42,7 @@ def test_rerun_reuses_finished_stages(demo):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ("1/4 images", "2/4 extract", "3/4 train", "4/4 mine"):
         assert f"[{stage}] reused:" in proc.stdout, proc.stdout
+    assert re.search(r"\[3/4 train\] reused: [\d,]+ concepts, k=\d+, [\d,]+ steps", proc.stdout), proc.stdout
     password = re.search(r"analyst login: analyst / (\S+)", first).group(1)
     assert f"analyst / {password}" in proc.stdout  # the same credentials, printed again
 
