@@ -11,20 +11,14 @@ from app.plots.colors import series_color
 from app.plots.svg import Canvas, Frame, Scale, draw_axes, fmt, nice_ticks
 
 Y_TICKS = 5
-KEY_ROW, KEY_CHAR, KEY_GAP = 16, 6.5, 18
-"""The series key, px: a row's height, a character of its 11 px text (an estimate: SVG text is
-not measured here), the space between two keys."""
 
 
 def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *, title: str, x_label: str,
                y_label: str, log_y: bool = False, width: int = 600, height: int = 280) -> Markup:
-    """One polyline per series (a gap where a value is missing, or not positive on a log axis),
-    with a colour key above the plot when there is more than one series."""
+    """One polyline per series (a gap where a value is missing, or not positive on a log axis);
+    with more than one series, their colour key follows as HTML (`series_key`)."""
     canvas = Canvas(width, height, title, "chart chart-lines")
-    left, right = 60, width - 14
-    key = _key_positions(list(series), left, right) if len(series) > 1 else []
-    key_rows = max((row for _, row in key), default=-1) + 1
-    frame = Frame(left=left, top=12 + KEY_ROW * key_rows + (6 if key_rows else 0), right=right, bottom=height - 40)
+    frame = Frame(left=60, top=12, right=width - 14, bottom=height - 40)
 
     def usable(v: float | None) -> bool:
         return v is not None and math.isfinite(v) and (v > 0 or not log_y)
@@ -58,26 +52,16 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *
         if last is not None:  # the final value, where a reader looks first
             canvas.add(f'<circle cx="{x_scale(last[0]):.1f}" cy="{y_scale(last[1]):.1f}" r="3" fill="{colour}">'
                        f"<title>{escape(f'{name} at step {fmt(last[0])}: {last[1]:.4g}')}</title></circle>")
-        if key:
-            kx, row = key[i]
-            y = 14 + KEY_ROW * row
-            canvas.add(f'<rect x="{kx:.1f}" y="{y - 6}" width="12" height="4" rx="1" fill="{colour}"/>')
-            canvas.text(kx + 16, y, name, cls="key")  # not "tick": phones enlarge ticks, and keys sit by measured widths
-    return canvas.markup()
+    chart = canvas.markup()
+    return chart + series_key(list(series)) if len(series) > 1 else chart
 
 
-def _key_positions(names: list[str], left: float, right: float) -> list[tuple[float, int]]:
-    """(x, row) of each series' key: side by side from the left, a new row where one would run
-    past the plot (spread over the whole width, three keys sat far apart and a fourth could
-    overlap its neighbour)."""
-    positions, x, row = [], left, 0
-    for name in names:
-        width = 16 + KEY_CHAR * len(name)
-        if x > left and x + width > right:
-            x, row = left, row + 1
-        positions.append((x, row))
-        x += width + KEY_GAP
-    return positions
+def series_key(names: Sequence[str]) -> Markup:
+    """The colour key of a line chart's series, as page text: it wraps and keeps the page's type
+    size at any width (drawn in the SVG, it shrank with the chart to about 7 px on a phone)."""
+    keys = "".join(f'<span class="nowrap"><span class="swatch line" style="background: {series_color(i)}"></span> '
+                   f"{escape(name)}</span> " for i, name in enumerate(names))
+    return Markup(f'<p class="small muted chart-legend series-key">{keys.rstrip()}</p>')
 
 
 def _runs(xs: Sequence[float], ys: Sequence[float | None], usable) -> list[list[tuple[float, float]]]:
