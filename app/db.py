@@ -48,7 +48,7 @@ def make_engine(url: str) -> Engine:
     """A new engine for `url`; SQLite files get their directory created and their pragmas set."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
+        if parsed.database and parsed.database != ":memory:" and not parsed.query.get("uri"):
             _create_private_file(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
                                pool_size=SQLITE_POOL_SIZE, max_overflow=10)

@@ -17,9 +17,12 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def interrupt_between_steps() -> Iterator[threading.Event]:
     """Within the block, the first SIGINT sets the yielded event; the next raises
-    KeyboardInterrupt. Outside the main thread (no signals reach it) the event is never set."""
+    KeyboardInterrupt. Only where Ctrl-C would raise KeyboardInterrupt anyway: outside the main
+    thread (no signals reach it), or where SIGINT is ignored (`usae train ... &` from a script)
+    or handled by someone else, nothing changes and the event is never set."""
     requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield requested
         return
 

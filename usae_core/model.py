@@ -9,6 +9,7 @@ decoded by gathering only the k active dictionary rows.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -62,9 +63,12 @@ def not_a_run_message(directory: Path) -> str:
             saved = json.loads((directory / CHECKPOINT_DIR / steps[-1] / CONFIG_FILE).read_text())
         except (OSError, ValueError):
             saved = {}
-        total, store = saved.get("train", {}).get("steps"), saved.get("store")
+        saved = saved if isinstance(saved, dict) else {}
+        train, store = saved.get("train"), saved.get("store")
+        total = train.get("steps") if isinstance(train, dict) else None
         of = f" of {total}" if isinstance(total, int) else ""
-        command = f"usae train --store {store} --out {directory} --resume" if store else "usae train ... --resume"
+        command = (f"usae train --store {shlex.quote(store)} --out {shlex.quote(str(directory))} --resume"
+                   if isinstance(store, str) else "usae train ... --resume")
         return (f"the training of {directory} did not finish (its newest checkpoint is step {int(steps[-1][5:])}{of}); "
                 f"continue it with `{command}` and the options it was started with")
     return f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})"

@@ -463,7 +463,9 @@ class Trainer:
                                 fh.write(json.dumps(record) + "\n")
                         for cb in self.callbacks:
                             cb(record)
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    due = (bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+                           and self.step < cfg.steps)
+                    if due or stop_requested.is_set():  # Ctrl-C: between two steps, a state worth keeping
                         self.save_checkpoint()
                     if stop_requested.is_set():
                         raise KeyboardInterrupt
@@ -556,8 +558,9 @@ def train_usae(
 
 def _interrupted_message(out: Path, build: Path, replacing: bool, step: int, steps: int) -> str:
     """Where an interrupted training stopped, and what `--resume` continues from: the newest
-    checkpoint (the steps after it are trained again; nothing is saved on Ctrl-C, since a step
-    cut midway leaves no consistent state to save)."""
+    checkpoint. Ctrl-C in one process stops between two steps and saves one there; an interrupt
+    inside a step (a second Ctrl-C, a distributed run) leaves no consistent state to save, so
+    the steps after the last checkpoint are trained again."""
     newest = _newest_checkpoint_step(build)
     start = f"from its checkpoint of step {newest}" if newest is not None else "from step 0 (no checkpoint yet)"
     where = f" (the new run in {build}; {out} stays as it was until it finishes)" if replacing else ""

@@ -171,11 +171,15 @@ Password = Annotated[Optional[str], typer.Option(
          "that is not a terminal (`printf '%s\\n' \"$PW\" | usae user add NAME`: kept out of the process list).")]
 
 
+def _stdin_is_a_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def _password(given: str | None, prompt: str) -> str:
     if given is not None:
         return given
-    if not sys.stdin.isatty():
-        line = sys.stdin.readline()
+    if not _stdin_is_a_terminal():
+        line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with stdin closed
         if not line:
             raise UsaeError("no password: pass --password, type it at a terminal, or send it on standard input")
         return line.rstrip("\r\n")

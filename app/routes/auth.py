@@ -13,7 +13,7 @@ from app.models import User
 from app.schemas.auth import CsrfToken, LoginBody, Me
 from app.security import csrf_token, end_session, start_session
 from app.services.sign_in_throttle import LoginThrottle
-from app.services.users import authenticate, end_all_sessions
+from app.services.users import SignInBusy, authenticate, end_all_sessions
 from app.templating import render
 from app.urls import ANALYST_URLS
 from app.viewer import Viewer
@@ -21,7 +21,8 @@ from app.viewer import Viewer
 
 class TooManyAttempts(Exception):
     def __init__(self, retry_after_s: int):
-        super().__init__(f"Too many failed sign-ins. Try again in {retry_after_s} seconds.")
+        super().__init__(f"Too many sign-in attempts from this address or for this name. "
+                         f"Try again in {retry_after_s} seconds.")
         self.retry_after_s = retry_after_s
 
 
@@ -38,7 +39,10 @@ def _sign_in(request: Request, session: Session, username: str, password: str) -
     wait = throttle.begin(client, username)
     if wait:
         raise TooManyAttempts(wait)
-    user = authenticate(session, username=username, password=password)
+    try:
+        user = authenticate(session, username=username, password=password)
+    except SignInBusy:
+        raise TooManyAttempts(5) from None
     if user is None:
         return None
     throttle.succeeded(client, username)

@@ -145,8 +145,8 @@ class BrowserPage:
     hidden_dead: int = 0
     """With no concept shown: how many dead concepts these filters would match if shown."""
     run_max_frequency: float | None = None
-    """The run's most frequent model-concept pair, recorded by its mine (None before that was
-    recorded, and for audit links to some concepts, which see only theirs)."""
+    """The run's most frequent model-concept pair (`concepts.run_max_frequency`; None before any
+    mine, and for audit links to some concepts, which see only theirs)."""
 
     @property
     def max_frequency(self) -> float:

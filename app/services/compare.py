@@ -1,7 +1,8 @@
-"""Two models of a run side by side: cross R², shared and unique concepts, frequency scatter.
+"""Two models of a run side by side: cross R², shared concepts and those only in one model
+(`unique_a`, `unique_b`; "Only in A" on the page), frequency scatter.
 
 With pA = fA / (fA + fB) the part of a concept's firing frequency that is model A's:
-shared means 0.25 <= pA <= 0.75, unique to A means pA >= 0.9 and unique to B pA <= 0.1.
+shared means 0.25 <= pA <= 0.75, only in A means pA >= 0.9 and only in B pA <= 0.1.
 """
 
 from __future__ import annotations

@@ -148,7 +148,9 @@ def _order_key(session: Session, run: Run, filters: ConceptFilters, scope: Colle
         return None
     # A digest, not the view itself: a cached key then weighs the same whatever the search text
     # or the share's concept list, so keys cannot grow memory past the cache's budget.
-    view = (sorted(filters.model_dump(exclude={"page", "per_page"}).items()), None if scope is None else sorted(scope))
+    same = {"q": filters.q.strip(), "tag": filters.tag or None, "mostly": filters.mostly or None}  # one key per list
+    view = (sorted({**filters.model_dump(exclude={"page", "per_page"}), **same}.items()),
+            None if scope is None else sorted(scope))
     return (session.get_bind(), run.id, run.active_generation_id, hashlib.sha256(repr(view).encode()).digest(),
             session.scalar(_NEWEST_LABEL_EDIT) if by_labels else None)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import math
 import threading
 
 from sqlalchemy import delete, select
@@ -31,9 +32,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.models import SignInAttempt, utcnow
 
 def client_network(client: str) -> str:
-    """The address an attempt counts against: IPv4 as is, IPv6 as its /64."""
+    """The address an attempt counts against: IPv4 as is, IPv6 as its /64 (a port or brackets a
+    proxy may have left on it are dropped, or every connection would count apart)."""
+    host = client.strip()
+    if host.startswith("[") and "]" in host:  # [2001:db8::1] or [2001:db8::1]:443
+        host = host[1:host.index("]")]
+    elif host.count(":") == 1:  # 10.0.0.1:5678
+        host = host.split(":")[0]
     try:
-        address = ipaddress.ip_address(client)
+        address = ipaddress.ip_address(host)
     except ValueError:
         return client
     if isinstance(address, ipaddress.IPv6Address):
@@ -74,7 +81,7 @@ class LoginThrottle:
                 if len(times) >= limit:
                     # the place frees when the oldest attempt that keeps the key at its limit leaves
                     oldest = times[len(times) - limit]
-                    wait = max(wait, 1 + int((self.window - (now - oldest)).total_seconds()))
+                    wait = max(wait, 1, math.ceil((self.window - (now - oldest)).total_seconds()))
             if wait:
                 return wait
             session.add_all(SignInAttempt(key_hash=key, at=now) for key, _ in limits)

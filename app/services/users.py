@@ -17,6 +17,7 @@ USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 PASSWORD_CHECKS = max(1, (os.cpu_count() or 1) // 2)
+PASSWORD_CHECK_WAIT_S = 10.0
 _password_checks = threading.BoundedSemaphore(PASSWORD_CHECKS)
 # Verified when the user name is unknown, so a miss costs as much time as a wrong password
 # and response times do not reveal which accounts exist.
@@ -64,19 +65,27 @@ def find_user(session: Session, *, username: str) -> User | None:
     return session.scalar(select(User).where(func.lower(User.username) == username.strip().lower()))
 
 
+class SignInBusy(Exception):
+    """More sign-ins wait for a password check than it is worth queueing."""
+
+
 def authenticate(session: Session, *, username: str, password: str) -> User | None:
     """The active analyst with this name and password, else None. A name no account can have
     or an over-long password is refused without a check (that reveals nothing about which
-    accounts exist); at most `PASSWORD_CHECKS` checks run at once per process, as each holds a
-    core and 64 MiB for about 0.2 s."""
+    accounts exist). At most `PASSWORD_CHECKS` checks run at once per process, as each holds a
+    core and 64 MiB for about 0.2 s; one that waits gives its database connection back first and
+    raises SignInBusy after `PASSWORD_CHECK_WAIT_S`."""
     if not USERNAME_PATTERN.match(username.strip()) or len(password) > MAX_PASSWORD_LENGTH:
         return None
     user = find_user(session, username=username)
-    with _password_checks:
-        if user is None or not user.is_active:
-            verify_password(_DUMMY_HASH, password)
-            return None
-        return user if verify_password(user.password_hash, password) else None
+    stored = user.password_hash if user is not None and user.is_active else _DUMMY_HASH
+    session.rollback()  # the read is done: no connection held while queueing for a check
+    if not _password_checks.acquire(timeout=PASSWORD_CHECK_WAIT_S):
+        raise SignInBusy
+    try:
+        return user if verify_password(stored, password) and stored is not _DUMMY_HASH else None
+    finally:
+        _password_checks.release()
 
 
 def active_user(session: Session, *, user_id: int, epoch: int) -> User | None:

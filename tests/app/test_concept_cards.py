@@ -385,6 +385,8 @@ def test_every_model_of_a_large_run_keeps_its_thumbnail_on_the_card(n_models, co
     html, _ = card_html.render(MinedCard(firing=firing, thumbs=thumbs), n_models)
     assert f"grid-template-columns: repeat({columns}, 1fr)" in html
     assert re.findall(r'<span class="cap" aria-hidden="true">([^<]*)</span>', html) == names
+    slots = re.findall(r'<span class="(heat|blank)"', html)  # whole rows: the last one filled with blanks
+    assert len(slots) % columns == 0 and slots == ["heat"] * n_models + ["blank"] * (len(slots) - n_models)
 
 
 def test_serve_re_renders_cards_of_an_older_template(db_url, data_dir, planted_run):

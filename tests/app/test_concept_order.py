@@ -112,3 +112,8 @@ def test_a_cached_views_key_weighs_the_same_whatever_its_search_text_or_scope(ru
         keys = {concept_service._order_key(s, run, ConceptFilters(**view), scope, after_label_edits=True)
                 for view in ({}, {"q": "x"}, {"q": "y"}, {"tag": "x"}) for scope in (None, frozenset({1}))}
     assert len(keys) == 8  # distinct views keep distinct keys
+    with session_factory(run_url)() as s:  # and one list keeps one key, however its URL spelt "none"
+        run = get_run(s, run_id=1)
+        same = {concept_service._order_key(s, run, ConceptFilters(**view), None)
+                for view in ({}, {"q": "  "}, {"tag": ""}, {"mostly": ""})}
+    assert len(same) == 1

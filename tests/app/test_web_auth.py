@@ -177,9 +177,53 @@ def test_one_address_trying_many_names_is_throttled_too(seeded):
     assert throttle.begin("10.0.0.7", "name0") > 0
     assert client_network("2001:db8:1:2:aaaa::1") == client_network("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
     assert client_network("::ffff:10.0.0.7") == "10.0.0.7" and client_network("testclient") == "testclient"
+    # A port or brackets a proxy left on the address do not make each connection count apart.
+    assert client_network("10.0.0.7:5678") == "10.0.0.7"
+    assert client_network("[2001:db8:1:2::5]:443") == client_network("[2001:db8:1:2::6]") == "2001:db8:1:2::/64"
     assert [throttle.begin(f"2001:db8:1:2::{i}", "alice") for i in range(3)] == [0, 0, 0]
     assert throttle.begin("2001:db8:1:2:ffff::9", "alice") > 0  # the same /64
     assert throttle.begin("2001:db8:1:3::1", "alice") == 0  # the next /64
+
+
+def test_a_refused_attempt_waits_until_the_place_it_needs_frees(seeded, monkeypatch):
+    """Over its limit, a key waits for the attempt whose leaving brings it under the limit."""
+    import datetime as dt
+
+    from app.services import sign_in_throttle
+    from app.services.sign_in_throttle import LoginThrottle
+
+    now = dt.datetime(2026, 12, 5, 12, 0, 0, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr(sign_in_throttle, "utcnow", lambda: now)
+    throttle = LoginThrottle(session_factory(seeded.settings.db_url), per_name=3, per_address=50)
+    for ago in (50, 40, 30):  # three attempts at -50 s, -40 s and -30 s: the key is full
+        now = dt.datetime(2026, 12, 5, 12, 0, 0, tzinfo=dt.timezone.utc) - dt.timedelta(seconds=ago)
+        assert throttle.begin("10.0.0.9", "zed") == 0
+    now = dt.datetime(2026, 12, 5, 12, 0, 0, tzinfo=dt.timezone.utc)
+    assert throttle.begin("10.0.0.9", "zed") == 10  # the -50 s attempt leaves the window in 10 s
+    now += dt.timedelta(seconds=9.5)
+    assert throttle.begin("10.0.0.9", "zed") == 1  # whole seconds, rounded up
+    now += dt.timedelta(seconds=0.5)
+    assert throttle.begin("10.0.0.9", "zed") == 0
+
+
+def test_sign_ins_queueing_too_long_for_a_password_check_are_told_to_retry(web, monkeypatch):
+    """Checks run a few at a time; one that waits past PASSWORD_CHECK_WAIT_S is refused (429)
+    rather than holding a thread, and it gave its database connection back while waiting."""
+    from app.services import users
+
+    monkeypatch.setattr(users, "PASSWORD_CHECK_WAIT_S", 0.05)
+    token = web.get("/api/auth/csrf").json()["csrf_token"]
+    for _ in range(users.PASSWORD_CHECKS):
+        assert users._password_checks.acquire(timeout=1)
+    try:
+        r = web.post("/api/auth/login", json={"username": "alice", "password": PASSWORD},
+                     headers={"X-CSRF-Token": token})
+        assert r.status_code == 429 and r.headers["retry-after"] == "5"
+    finally:
+        for _ in range(users.PASSWORD_CHECKS):
+            users._password_checks.release()
+    r = web.post("/api/auth/login", json={"username": "alice", "password": PASSWORD}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 200
 
 
 def test_names_no_account_can_have_and_huge_passwords_are_refused_without_a_check(web, seeded, monkeypatch):
@@ -237,17 +281,19 @@ def test_every_write_route_requires_an_analyst(web):
         assert r.status_code in (303, 401), (method, path, r.status_code)
 
 
-def test_user_add_command(seeded):
+def test_user_add_command(seeded, monkeypatch):
     from typer.testing import CliRunner
 
     from app.cli import cli
 
+    monkeypatch.setattr("app.commands.web._stdin_is_a_terminal", lambda: True)  # typed, not piped
     runner = CliRunner()
     r = runner.invoke(cli, ["user", "add", "carol", "--password", "s3cret-pass", "--data-dir", str(seeded.data_dir)])
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli, ["user", "add", "dave", "--data-dir", str(seeded.data_dir)],
                       input="another-pass\nanother-pass\n")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "Password:" in r.output and "Repeat for confirmation:" in r.output, r.output
+    assert "another-pass" not in r.output  # hidden as typed
     r = runner.invoke(cli, ["user", "add", "carol", "--password", "whatever-1", "--data-dir", str(seeded.data_dir)])
     assert r.exit_code != 0 and "already exists" in str(r.exception)  # `usae` prints UsaeError as one line
     r = runner.invoke(cli, ["user", "add", "erin", "--password", "short", "--data-dir", str(seeded.data_dir)])
@@ -279,19 +325,20 @@ def test_a_password_can_come_on_standard_input_and_none_is_a_clear_error(seeded)
     assert empty.stderr.strip() == "error: no password: pass --password, type it at a terminal, or send it on standard input"
 
 
-def test_user_set_password_ends_sessions_and_user_list_names_the_analysts(web, seeded):
+def test_user_set_password_ends_sessions_and_user_list_names_the_analysts(web, seeded, monkeypatch):
     """A reset takes effect at once: the new password signs in, the old one and every cookie
     issued before the reset stop working."""
     from typer.testing import CliRunner
 
     from app.cli import cli
 
+    monkeypatch.setattr("app.commands.web._stdin_is_a_terminal", lambda: True)  # typed, not piped
     runner = CliRunner()
     where = ["--data-dir", str(seeded.data_dir)]
     sign_in_as(web, seeded, "alice")
     assert web.get("/api/auth/me").status_code == 200
     r = runner.invoke(cli, ["user", "set-password", "Alice", *where], input="brand-new-pass\nbrand-new-pass\n")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "New password:" in r.output, r.output
     assert web.get("/api/auth/me").status_code == 401  # the cookie from before the reset
     web.cookies.clear()
     for password, works in ((PASSWORD, False), ("brand-new-pass", True)):

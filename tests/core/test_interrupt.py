@@ -33,3 +33,16 @@ def test_outside_the_main_thread_it_changes_nothing():
     thread.start()
     thread.join()
     assert seen == [(False, signal.getsignal(signal.SIGINT))]
+
+
+def test_where_ctrl_c_is_ignored_or_handled_elsewhere_nothing_changes():
+    """`usae train ... &` from a script starts with SIGINT ignored: it must keep ignoring it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt_between_steps() as requested:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not requested.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

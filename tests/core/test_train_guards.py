@@ -67,9 +67,42 @@ def test_loading_a_run_whose_training_stopped_says_how_to_continue_it(store, tmp
     assert f"`usae train --store {Path(store.root).resolve()} --out {run} --resume`" in message
     with pytest.raises(UsaeError, match=f"there is no USAE run at {tmp_path / 'nosuch'}$"):
         USAE.from_pretrained(tmp_path / "nosuch")  # the unfinished run beside it is no run to name
+    # A checkpoint's config that is not an object, and paths with spaces, still give a usable line.
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1] / "config.json"
+    good = newest.read_text()
+    newest.write_text("[1, 2]")
+    with pytest.raises(UsaeError, match=r"did not finish \(its newest checkpoint is step 20\); .*usae train \.\.\. --resume"):
+        USAE.from_pretrained(run)
+    newest.write_text(good)
+    spaced = tmp_path / "my runs" / "run 1"
+    shutil.copytree(run, spaced)
+    with pytest.raises(UsaeError, match=rf"--out '{spaced}' --resume`"):
+        USAE.from_pretrained(spaced)
     train_usae(store, tmp_path / "done", *_cfgs(store, steps=5))
     with pytest.raises(UsaeError, match=rf"there is no USAE run at {tmp_path / 'nosuch'} \(runs beside it: done\)$"):
         USAE.from_pretrained(tmp_path / "nosuch")
+
+
+def test_ctrl_c_stops_between_two_steps_and_keeps_a_checkpoint_there(store, tmp_path):
+    """The first Ctrl-C lets the step finish and saves it (step 25, between the checkpoints of
+    20 and 30); resuming then trains only what was left, and ends as an uninterrupted run does."""
+    import os
+    import signal
+
+    def ctrl_c_at_25(record: dict) -> None:
+        if record["step"] == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match=r"after step 25 of 30; .* from its checkpoint of step 25"):
+        train_usae(store, run, *_cfgs(store), callbacks=[ctrl_c_at_25])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    steps = []
+    resumed = train_usae(store, run, *_cfgs(store), resume=True, callbacks=[lambda r: steps.append(r["step"])])
+    assert steps == [30]
+    whole = train_usae(store, tmp_path / "whole", *_cfgs(store))
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
 
 
 def test_resume_says_where_it_continues_and_that_a_finished_run_has_nothing_left(store, tmp_path, caplog):
