@@ -14,11 +14,21 @@ document.addEventListener("click", (event) => {
   }
 });
 
-// Close an enlarged image with Escape. The lightbox itself is pure CSS (:target); pointing the
-// hash at an id that does not exist closes it without scrolling the page.
+// An enlarged image: Escape closes it, the arrow keys step to the model's previous or next image.
+// The lightbox itself is pure CSS (:target); pointing the hash at an id that does not exist closes
+// it without scrolling the page. location.replace changes the hash without a history entry, so
+// Back leaves the page rather than reopening images.
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && location.hash.startsWith("#zoom-")) {
-    location.hash = "closed";
+  const open = location.hash.match(/^#zoom-(\d+)-(.+)$/);
+  if (!open || event.altKey || event.ctrlKey || event.metaKey) return;
+  if (event.key === "Escape") {
+    location.replace("#closed");
+  } else if (event.key === "ArrowLeft" || event.key === "ArrowRight") {
+    const next = `zoom-${Number(open[1]) + (event.key === "ArrowRight" ? 1 : -1)}-${open[2]}`;
+    if (document.getElementById(decodeURIComponent(next))) {
+      event.preventDefault();
+      location.replace(`#${next}`);
+    }
   }
 });
 
@@ -38,10 +48,10 @@ document.addEventListener("keydown", (event) => {
 });
 
 // However a lightbox closes (Escape, Close, the backdrop), keyboard focus goes back to the
-// thumbnail that opened it, not to the top of the page.
+// thumbnail of the image it showed last, not to the top of the page.
 window.addEventListener("hashchange", (event) => {
   const closed = new URL(event.oldURL).hash;
-  if (!closed.startsWith("#zoom-") || location.hash === closed) return;
+  if (!closed.startsWith("#zoom-") || location.hash.startsWith("#zoom-")) return;
   const opener = document.querySelector(`.top-images a[href="${CSS.escape(closed)}"]`);
   if (opener) opener.focus({ preventScroll: true });
 });

@@ -14,6 +14,7 @@ import itertools
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,23 @@ def _debian_pg_bin() -> Path:
 
 PG_BIN = Path(os.environ.get("USAE_PG_BIN") or _debian_pg_bin())
 PG_OS_USER = "postgres"
+
+
+@pytest.fixture
+def ctrl_c_as_in_a_terminal() -> Iterator[None]:
+    """SIGINT raising KeyboardInterrupt, as at a terminal, for tests of what Ctrl-C does: a suite
+    started in the background of a script (`... &`) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def restore_ctrl_c() -> None:
+    """`preexec_fn` of a child process whose Ctrl-C a test sends: SIGINT back to its default, so
+    Python in the child raises KeyboardInterrupt on it even when this suite runs with it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
+from tests.conftest import restore_ctrl_c
 
 
 @pytest.fixture()
@@ -133,6 +134,7 @@ def test_ctrl_c_during_train_says_how_to_continue_in_one_line_and_exits_130(tmp_
         [sys.executable, "-m", "app.cli", "train", "--store", str(store), "--out", str(run), "--concepts", "16",
          "--k", "2", "--steps", "1000000", "--batch-size", "64", "--checkpoint-every", "5", "--device", "cpu"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=restore_ctrl_c,
     )
     try:
         deadline = time.monotonic() + 120

@@ -95,8 +95,16 @@ def test_concept_page_shows_every_models_images(analyst, site):
     # the enlarged view: the image's thumbnail with the concept's heat layer over it
     widths = box.locator("img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
     assert len(widths) == 2 and min(widths) > 0
+    # The arrow keys step through the model's images, Escape closes: no history entry for either,
+    # so Back leaves the page instead of reopening images.
+    opened_at = page.evaluate("history.length")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("location.hash") == f"#zoom-1-{site.models[0]}" and box.is_visible()
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")  # the first image has none before it
+    assert page.evaluate("location.hash") == f"#zoom-0-{site.models[0]}"
     page.keyboard.press("Escape")
-    assert page.locator(".lightbox:target").count() == 0
+    assert page.locator(".lightbox:target").count() == 0 and page.evaluate("history.length") == opened_at
     # Keyboard users carry on from the thumbnail they opened, not from the top of the page.
     page.wait_for_function("() => document.activeElement.matches('.top-images a')")
     assert first.evaluate("a => a === document.activeElement")

@@ -11,7 +11,7 @@ import pytest
 from usae_core.interrupt import interrupt_between_steps
 
 
-def test_the_first_ctrl_c_is_a_request_the_second_stops_at_once_and_the_handler_is_put_back():
+def test_the_first_ctrl_c_is_a_request_the_second_stops_at_once_and_the_handler_is_put_back(ctrl_c_as_in_a_terminal):
     before = signal.getsignal(signal.SIGINT)
     with interrupt_between_steps() as requested:
         assert not requested.is_set()
@@ -22,7 +22,7 @@ def test_the_first_ctrl_c_is_a_request_the_second_stops_at_once_and_the_handler_
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_outside_the_main_thread_it_changes_nothing():
+def test_outside_the_main_thread_it_changes_nothing(ctrl_c_as_in_a_terminal):
     seen = []
 
     def worker() -> None:

@@ -83,7 +83,7 @@ def test_loading_a_run_whose_training_stopped_says_how_to_continue_it(store, tmp
         USAE.from_pretrained(tmp_path / "nosuch")
 
 
-def test_ctrl_c_stops_between_two_steps_and_keeps_a_checkpoint_there(store, tmp_path):
+def test_ctrl_c_stops_between_two_steps_and_keeps_a_checkpoint_there(store, tmp_path, ctrl_c_as_in_a_terminal):
     """The first Ctrl-C lets the step finish and saves it (step 25, between the checkpoints of
     20 and 30); resuming then trains only what was left, and ends as an uninterrupted run does."""
     import os
