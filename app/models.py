@@ -146,10 +146,6 @@ class Run(Base):
     models: Mapped[list[RunModel]] = relationship(
         back_populates="run", order_by="RunModel.position", cascade="all, delete-orphan", passive_deletes=True
     )
-    # post_update: runs and generations point at each other, so this is set in a second UPDATE.
-    active_generation: Mapped[MiningGeneration | None] = relationship(
-        foreign_keys=[active_generation_id], post_update=True
-    )
 
 
 class RunModel(Base):
