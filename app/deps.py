@@ -108,7 +108,8 @@ class UnknownAuditLink(HTTPException):
     view": that view is this same 404."""
 
     def __init__(self) -> None:
-        super().__init__(404, "There is no audit link at this address. Check that it was copied completely.")
+        super().__init__(404, "There is no audit link at this address. Check that it was copied completely, "
+                              "or ask whoever shared it with you for the link again.")
 
 
 def share_viewer(session: SessionDep, token: Annotated[str, Path(description="The audit link's token")]) -> Viewer:

@@ -195,6 +195,7 @@ def test_unknown_token_is_404(holder):
     for path in ("/s/" + "A" * 43, f"/s/{'A' * 43}/runs/1/concepts"):
         page = holder.get(path)
         assert page.status_code == 404 and "no audit link at this address" in page.text
+        assert "ask whoever shared it with you for the link again" in page.text  # what the holder can do
         assert "back-to-shared-view" not in page.text and "Back to the runs" not in page.text, path
 
 
