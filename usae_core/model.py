@@ -51,16 +51,22 @@ class Encoder(nn.Module):
         return gamma, bn.bias.float() - gamma * bn.running_mean.float()
 
 
+def newest_checkpoint_step(run: Path) -> int | None:
+    """The step of a run's newest checkpoint folder (`checkpoints/step-00000020`), if any."""
+    steps = [int(p.name[5:]) for p in (run / CHECKPOINT_DIR).glob("step-*") if p.name[5:].isdigit()]
+    return max(steps, default=None)
+
+
 def not_a_run_message(directory: Path) -> str:
     """Why `directory` cannot be loaded as a run, and what to do: nothing there, a training that
     stopped before its end (only checkpoints), or something else."""
     if not directory.exists():
         beside = sorted(p.parent.name for p in directory.parent.glob(f"*/{CONFIG_FILE}"))
         return f"there is no USAE run at {directory}" + (f" (runs beside it: {', '.join(beside)})" if beside else "")
-    steps = sorted(p.name for p in (directory / CHECKPOINT_DIR).glob("step-*") if (p / CONFIG_FILE).is_file())
-    if steps:
+    newest = newest_checkpoint_step(directory)
+    if newest is not None:
         try:
-            saved = json.loads((directory / CHECKPOINT_DIR / steps[-1] / CONFIG_FILE).read_text())
+            saved = json.loads((directory / CHECKPOINT_DIR / f"step-{newest:08d}" / CONFIG_FILE).read_text())
         except (OSError, ValueError):
             saved = {}
         saved = saved if isinstance(saved, dict) else {}
@@ -69,7 +75,7 @@ def not_a_run_message(directory: Path) -> str:
         of = f" of {total}" if isinstance(total, int) else ""
         command = (f"usae train --store {shlex.quote(store)} --out {shlex.quote(str(directory))} --resume"
                    if isinstance(store, str) else "usae train ... --resume")
-        return (f"the training of {directory} did not finish (its newest checkpoint is step {int(steps[-1][5:])}{of}); "
+        return (f"the training of {directory} did not finish (its newest checkpoint is step {newest}{of}); "
                 f"continue it with `{command}` and the options it was started with")
     return f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
 

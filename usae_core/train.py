@@ -39,7 +39,7 @@ from usae_core.errors import UsaeError
 from usae_core.interrupt import interrupt_between_steps
 from usae_core.locks import exclusive_lock
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
-from usae_core.model import CHECKPOINT_DIR, CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE
+from usae_core.model import CHECKPOINT_DIR, CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE, newest_checkpoint_step
 from usae_core.prefetch import prefetch
 from usae_core.token_stream import device_token_batches
 
@@ -440,38 +440,35 @@ class Trainer:
         # so they keep Python's default.
         between_steps = (interrupt_between_steps() if self.world_size == 1
                          else contextlib.nullcontext(threading.Event()))
-        with between_steps as stop_requested:
-            try:
-                while self.step < cfg.steps:
-                    raw = next(stream)
-                    with torch.no_grad():
-                        batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
-                    source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
-                    out = self.train_step(batch, source)
-                    self.step += 1
-                    tokens_since_log += cfg.batch_size * self.world_size
-                    bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        if self.device.type == "cuda":  # time finished work, not queued kernels
-                            torch.cuda.synchronize(self.device)
-                        elapsed = time.perf_counter() - t0
-                        record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
-                        t0, tokens_since_log = time.perf_counter(), 0
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", r2_self=f"{record['r2'][source]:.3f}")
-                        if self.rank == 0:
-                            with open(metrics_file, "a") as fh:
-                                fh.write(json.dumps(record) + "\n")
-                        for cb in self.callbacks:
-                            cb(record)
-                    due = (bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
-                           and self.step < cfg.steps)
-                    if due or stop_requested.is_set():  # Ctrl-C: between two steps, a state worth keeping
-                        self.save_checkpoint()
-                    if stop_requested.is_set():
-                        raise KeyboardInterrupt
-            finally:  # stops the reader thread even when a callback or a step raises
-                stream.close()
-                bar.close()
+        # The stream closes (its reader thread stops) and the bar too, even when a callback or a step raises.
+        with between_steps as stop_requested, contextlib.closing(stream), bar:
+            while self.step < cfg.steps:
+                raw = next(stream)
+                with torch.no_grad():
+                    batch = {m: model.standardize(raw[m].to(self.device, non_blocking=True), m) for m in self.names}
+                source = self.names[source_for_step(cfg.seed, self.step, len(self.names))]
+                out = self.train_step(batch, source)
+                self.step += 1
+                tokens_since_log += cfg.batch_size * self.world_size
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self.device.type == "cuda":  # time finished work, not queued kernels
+                        torch.cuda.synchronize(self.device)
+                    elapsed = time.perf_counter() - t0
+                    record = self._log_record(out, batch, source, tokens_since_log / max(elapsed, 1e-9))
+                    t0, tokens_since_log = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", r2_self=f"{record['r2'][source]:.3f}")
+                    if self.rank == 0:
+                        with open(metrics_file, "a") as fh:
+                            fh.write(json.dumps(record) + "\n")
+                    for cb in self.callbacks:
+                        cb(record)
+                stopping = stop_requested.is_set()  # Ctrl-C: between two steps, a state worth keeping
+                if stopping or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                                and self.step < cfg.steps):
+                    self.save_checkpoint()
+                if stopping:
+                    raise KeyboardInterrupt
         self.save_checkpoint()
         if self.rank == 0:
             model.save_pretrained(self.out, extra_config=self.run_config())
@@ -561,17 +558,12 @@ def _interrupted_message(out: Path, build: Path, replacing: bool, step: int, ste
     checkpoint. Ctrl-C in one process stops between two steps and saves one there; an interrupt
     inside a step (a second Ctrl-C, a distributed run) leaves no consistent state to save, so
     the steps after the last checkpoint are trained again."""
-    newest = _newest_checkpoint_step(build)
+    newest = newest_checkpoint_step(build)
     start = f"from its checkpoint of step {newest}" if newest is not None else "from step 0 (no checkpoint yet)"
     where = f" (the new run in {build}; {out} stays as it was until it finishes)" if replacing else ""
     instead = " in place of --overwrite" if replacing else ""
     return (f"training of {out} interrupted after step {step} of {steps}; rerun the same `usae train` command "
             f"with --resume{instead} to continue {start}{where}")
-
-
-def _newest_checkpoint_step(run: Path) -> int | None:
-    steps = [int(p.name[5:]) for p in (run / CHECKPOINT_DIR).glob("step-*") if p.name[5:].isdigit()]
-    return max(steps, default=None)
 
 
 def store_fingerprint(store) -> str:
@@ -711,7 +703,7 @@ def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, wor
 
 
 def _interrupted_overwrite_message(out: Path, new: Path, has_run: bool) -> str:
-    newest = _newest_checkpoint_step(new)
+    newest = newest_checkpoint_step(new)
     progress = f"checkpointed at step {newest}" if newest is not None else "no checkpoint yet"
     keep = f"to keep the run in {out} as it is" if has_run else "to start a run from scratch"
     return (f"an interrupted --overwrite of {out} left its new run in {new} ({progress}); pass --resume to "

@@ -34,9 +34,10 @@ class ConceptFilters(BaseModel):
     sort: SortKey = "energy"
     min_entropy: float | None = Field(None, ge=0, le=1, description="Universal: firing entropy at least this")
     max_entropy: float | None = Field(None, ge=0, le=1, description="Model-specific: firing entropy below this")
-    mostly: str | None = Field(None, max_length=MAX_SEARCH, description="Model name: model-specific concepts (firing entropy under the "
-                                                 "universal threshold) with at least a fair share (1/models) of "
-                                                 "their firings in it, as their 'mostly' badge names it")
+    mostly: str | None = Field(None, max_length=MAX_SEARCH,
+                               description="Model name: model-specific concepts (firing entropy under the "
+                                           "universal threshold) with at least a fair share (1/models) of "
+                                           "their firings in it, as their 'mostly' badge names it")
     labelled: LabelFilter = "any"
     tag: str | None = Field(None, max_length=MAX_TAG)
     show_dead: Literal["only"] | bool = Field(False, description="Dead concepts: hidden (false), shown with the "

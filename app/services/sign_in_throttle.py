@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import SignInAttempt, utcnow
 
+
 def client_network(client: str) -> str:
     """The address an attempt counts against: IPv4 as is, IPv6 as its /64 (a port or brackets a
     proxy may have left on it are dropped, or every connection would count apart)."""
