@@ -36,11 +36,6 @@ def card_columns(n_models: int) -> int:
     return n_models if n_models <= 4 else min(math.ceil(n_models / 2), 4)
 
 
-FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes() + inspect.getsource(templating._percent).encode()
-                        + inspect.getsource(formatting.measure).encode()
-                        + inspect.getsource(card_columns).encode()).hexdigest()[:16]
-
-
 def max_frequency(mined: MinedCard) -> float:
     """The card's longest firing bar: without the run's scale (a link to some concepts, which
     sees only theirs), a page's bars are scaled to the largest over its cards."""
@@ -59,7 +54,15 @@ def stored_row(mined: MinedCard, n_models: int) -> dict[str, object]:
 def render(mined: MinedCard, n_models: int) -> tuple[str, str]:
     """(thumbnails, firing bars) of one card, with an analyst's media links."""
     fragment = templates.env.get_template(FRAGMENT).module
-    return str(fragment.thumbs(mined, card_columns(n_models), ANALYST_URLS)), str(fragment.firing(mined))
+    cols = card_columns(n_models)
+    slots = cols * math.ceil(max(cols, n_models) / cols)  # whole rows: 5 models on 3 columns leave one blank
+    return str(fragment.thumbs(mined, cols, slots, ANALYST_URLS)), str(fragment.firing(mined))
+
+
+FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes() + b"".join(
+    inspect.getsource(f).encode() for f in (templating._percent, formatting.measure, card_columns, render))
+).hexdigest()[:16]
+"""The markup's version: a hash of the fragment template and the Python that lays it out."""
 
 
 def refresh_stale_cards(sessions: sessionmaker[Session], batch: int = 2000) -> int:
