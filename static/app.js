@@ -32,6 +32,42 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
+// A scatter plot is one stop in the tab order; there the arrow keys move between its points
+// (left/right in the order of x, up/down in the order of y) and Enter opens the point's concept.
+// The focused point's description shows under the plot: an SVG <title> shows only on hover.
+const SCATTER_STEPS = { ArrowLeft: ["cx", -1], ArrowRight: ["cx", 1], ArrowUp: ["cy", -1], ArrowDown: ["cy", 1] };
+document.addEventListener("keydown", (event) => {
+  const point = event.target.closest && event.target.closest("svg.chart-scatter a");
+  const step = SCATTER_STEPS[event.key];
+  if (!point || !step || event.altKey || event.ctrlKey || event.metaKey) return;
+  event.preventDefault();  // no page scroll, and no previous/next concept
+  const [axis, direction] = step;
+  const other = axis === "cx" ? "cy" : "cx";
+  const at = (a, name) => Number(a.querySelector("circle").getAttribute(name));
+  // SVG y grows downwards: up is towards smaller cy.
+  const points = [...point.ownerSVGElement.querySelectorAll("a")]
+    .sort((p, q) => at(p, axis) - at(q, axis) || at(q, other) - at(p, other));
+  const next = points[points.indexOf(point) + direction];
+  if (!next) return;
+  point.setAttribute("tabindex", "-1");
+  next.setAttribute("tabindex", "0");
+  next.focus();
+});
+document.addEventListener("focusin", (event) => {
+  const point = event.target.closest && event.target.closest("svg.chart-scatter a");
+  if (!point) return;
+  const svg = point.ownerSVGElement;
+  let caption = svg.nextElementSibling;
+  if (!caption || !caption.classList.contains("point-focus")) {
+    caption = document.createElement("p");
+    caption.className = "point-focus";
+    caption.setAttribute("aria-hidden", "true");  // the link's own label is what a screen reader says
+    svg.after(caption);
+  }
+  caption.textContent = point.getAttribute("aria-label");
+  point.addEventListener("focusout", () => { caption.textContent = ""; }, { once: true });
+});
+
 // The arrow keys step through concepts (a concept page's previous/next) and through the
 // browser's pages: they follow the page's rel=prev / rel=next link. Not while typing in a field,
 // with a modifier held (browser shortcuts), or with an enlarged image open.

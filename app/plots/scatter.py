@@ -54,6 +54,10 @@ def scatter(points: Sequence[ScatterPoint], *, title: str, x_label: str, y_label
     if diagonal:
         canvas.add(f'<line class="reference" x1="{xs(x_lo):.1f}" y1="{ys(y_lo):.1f}" '
                    f'x2="{xs(x_hi):.1f}" y2="{ys(y_hi):.1f}"/>')
+    # One tab stop per plot, not one per point (hundreds before the rest of the page): the
+    # leftmost linked point takes it, and static/app.js moves it with the arrow keys.
+    linked = [p for p in points if p.href]
+    entry = min(linked, key=lambda p: (p.x, p.y)) if linked else None
     # Highlighted points last, so they are drawn on top.
     for p in sorted(points, key=lambda p: p.highlight):
         x = xs(max(p.x, x_lo)) if log_x else xs(p.x)
@@ -61,7 +65,9 @@ def scatter(points: Sequence[ScatterPoint], *, title: str, x_label: str, y_label
         classes = " ".join(["point", *(["highlight"] if p.highlight else []), *([p.group] if p.group else [])])
         dot = (f'<circle class="{escape(classes)}" cx="{x:.1f}" cy="{y:.1f}" r="4">'
                f"<title>{escape(p.tooltip)}</title></circle>")
-        # Out of the tab order: a keyboard would step through every point (hundreds) before the
-        # rest of the page; the page's tables and the concept browser reach the same concepts.
-        canvas.add(f'<a href="{escape(p.href)}" tabindex="-1">{dot}</a>' if p.href else dot)
+        if p.href:
+            canvas.add(f'<a href="{escape(p.href)}" tabindex="{0 if p is entry else -1}" '
+                       f'aria-label="{escape(p.tooltip)}">{dot}</a>')
+        else:
+            canvas.add(dot)
     return canvas.markup()

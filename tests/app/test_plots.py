@@ -156,3 +156,15 @@ def test_the_entropy_histogram_colours_the_universal_bins_as_the_scatter_does():
     svg = str(histogram([1] * 20, edges, title="t", x_label="x", highlight_from=0.8))
     classes = re.findall(r'<rect class="([^"]+)" x=', svg)
     assert classes == ["bar"] * 16 + ["bar highlight"] * 4
+
+
+def test_a_scatter_is_one_tab_stop_entered_at_its_leftmost_linked_point():
+    from app.plots.scatter import ScatterPoint, scatter
+
+    points = [ScatterPoint(0.5, 0.2, "concept 1 <b>", href="/c/1"), ScatterPoint(0.1, 0.9, "concept 2", href="/c/2"),
+              ScatterPoint(0.05, 0.3, "no page"), ScatterPoint(0.1, 0.4, "concept 4", href="/c/4")]
+    svg = str(scatter(points, title="t", x_label="x", y_label="y"))
+    stops = re.findall(r'<a href="([^"]+)" tabindex="(-?\d)"', svg)
+    assert sorted(stops) == [("/c/1", "-1"), ("/c/2", "-1"), ("/c/4", "0")]  # leftmost, then lowest
+    assert 'aria-label="concept 1 &lt;b&gt;"' in svg  # a screen reader hears what the tooltip says
+    assert "<b>" not in svg

@@ -525,8 +525,28 @@ def test_keyboard_skips_the_navigation_and_the_plot_points(analyst, site):
     assert skip.evaluate("a => a === document.activeElement") and skip.is_visible()
     page.keyboard.press("Enter")
     assert page.evaluate("() => document.activeElement.id") == "main"
-    # The scatter's points are links for the mouse, not hundreds of tab stops before the tables.
-    assert page.locator("svg a").count() > 0
+    # The scatter is one tab stop, not hundreds of points before the tables.
+    points = page.locator("svg.chart-scatter a")
+    assert points.count() > 1
+    in_plot = []
     for _ in range(12):
         page.keyboard.press("Tab")
-        assert not page.evaluate("() => !!document.activeElement.closest('svg')")
+        in_plot.append(page.evaluate("() => !!document.activeElement.closest('svg')"))
+    assert in_plot.count(True) == 1, in_plot
+    page.keyboard.press("Shift+Tab")
+    while not page.evaluate("() => !!document.activeElement.closest('svg')"):
+        page.keyboard.press("Shift+Tab")
+    # There the arrow keys move between points, each named under the plot, and Enter opens one.
+    first = page.evaluate("() => document.activeElement.getAttribute('href')")
+    caption = page.locator("svg.chart-scatter + .point-focus")
+    assert caption.inner_text().startswith("#") and "energy" in caption.inner_text()
+    page.keyboard.press("ArrowRight")
+    second = page.evaluate("() => document.activeElement.getAttribute('href')")
+    assert second != first and "/concepts/" in second
+    assert page.url.endswith(f"/runs/{site.run_id}#main")  # stepped between points, not between pages
+    assert caption.inner_text() == page.evaluate("() => document.activeElement.getAttribute('aria-label')")
+    assert page.locator("svg.chart-scatter a[tabindex='0']").count() == 1  # still one tab stop
+    page.keyboard.press("ArrowLeft")
+    assert page.evaluate("() => document.activeElement.getAttribute('href')") == first
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**{first}")
