@@ -125,13 +125,15 @@ class EvalResult:
         return float(self.r2[~np.eye(m, dtype=bool)].mean())
 
     def summary(self) -> dict:
+        """JSON-ready: a number that is not one (`r2_cross` of a single model) is None, since
+        strict JSON readers refuse NaN."""
         return {
             "models": self.models,
             "n_tokens": self.n_tokens,
             "tau": self.tau,
-            "r2": self.r2.tolist(),
-            "r2_self": self.r2_self,
-            "r2_cross": self.r2_cross,
+            "r2": [[_number_or_none(v) for v in row] for row in self.r2.tolist()],
+            "r2_self": _number_or_none(self.r2_self),
+            "r2_cross": _number_or_none(self.r2_cross),
             "l0": dict(zip(self.models, self.l0.tolist())),
             "dead_fraction": self.dead_fraction,
             "live_concepts": int((~self.dead).sum()),
@@ -148,6 +150,10 @@ class EvalResult:
                 "energy": self.energy.tolist(),
             },
         }
+
+
+def _number_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def check_tau(tau: float) -> None:

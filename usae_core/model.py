@@ -12,6 +12,7 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,15 +147,43 @@ class USAE(nn.Module):
         return self.encoders[self.index(model)](x_std)
 
     def encode(self, x_std: torch.Tensor, model: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse code `(values, indices)`, each `[batch, k]`.
+        """Sparse code `(values, indices)`, each `[batch, k]`, of standardised tokens `[batch, dim]`
+        (`concept_codes` takes raw activations of any shape).
 
         In eval mode the BatchNorm folds into the fused ReLU + TopK pass over the encoder output
         (usae_core/kernels/topk.py), so the `[batch, n_concepts]` matrix is read once."""
         enc = self.encoders[self.index(model)]
+        self._check_tokens(x_std, model)
         if self.training or torch.is_grad_enabled():
             return torch.topk(enc(x_std), self.cfg.k, dim=1, sorted=False)
         code, _ = relu_topk(enc.linear(x_std), self.cfg.k, *enc.eval_affine())
         return code.values, code.indices
+
+    def _check_tokens(self, x: torch.Tensor, model: str) -> None:
+        # A [images, tokens, dim] batch would otherwise run: TopK over the token axis, codes of
+        # the wrong shape and no error (or BatchNorm's message about running_mean's size).
+        dim = self.cfg.model_dims[model]
+        if x.dim() != 2 or x.shape[1] != dim:
+            raise UsaeError(f"encode takes standardised tokens [tokens, {dim}] of {model!r}, got shape "
+                            f"{list(x.shape)}; for raw activations of any shape [..., {dim}], use concept_codes")
+
+    @torch.no_grad()
+    def concept_codes(self, activations: torch.Tensor | np.ndarray, model: str) -> torch.Tensor:
+        """Each token's concept activations: raw activations `[..., dim]` of `model` (as stored,
+        not standardised) -> dense codes `[..., n_concepts]` in float32, on the model's device.
+
+        Uses the BatchNorm's running statistics whether the model is in train or eval mode, and
+        changes nothing in it: the codes that mining, the explorer and `evaluate_usae` see."""
+        dim = self.cfg.model_dims[self.names[self.index(model)]]
+        x = torch.as_tensor(activations)
+        if x.dim() == 0 or x.shape[-1] != dim:
+            raise UsaeError(f"activations of {model!r} must end in its dimension {dim}, got shape {list(x.shape)}")
+        mean, _ = self.standardization(model)
+        tokens = self.standardize(x.reshape(-1, dim).to(mean.device, torch.float32), model)
+        enc = self.encoders[self.index(model)]
+        code, _ = relu_topk(enc.linear(tokens), self.cfg.k, *enc.eval_affine())
+        dense = self.dense_codes(code.values.float(), code.indices)
+        return dense.reshape(*x.shape[:-1], self.cfg.n_concepts)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, model: str) -> torch.Tensor:
         """Standardised reconstruction of `model` from a sparse code: `[batch, dim]`."""
@@ -255,4 +284,6 @@ class USAE(nn.Module):
         with torch.no_grad():
             for key, t in mine.items():
                 t.copy_(tensors[key])
-        return model.to(map_location)
+        # Ready for inference: in train mode, encoding used batch statistics and moved the
+        # saved BatchNorm statistics. Call .train() to train on.
+        return model.to(map_location).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -88,7 +89,10 @@ def test_r2_self_averages_the_diagonal_and_r2_cross_the_off_diagonal():
     assert one.r2_self == pytest.approx(0.8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a plain nan, not NumPy's "mean of empty slice" warning
-        assert math.isnan(one.r2_cross) and math.isnan(one.summary()["r2_cross"])
+        assert math.isnan(one.r2_cross)
+    # The summary is strict JSON (`usae eval --json`): no cross R^2 is null, not NaN.
+    assert one.summary()["r2_cross"] is None
+    assert json.loads(json.dumps(one.summary(), allow_nan=False))["r2"] == [[0.8]]
 
 
 def test_evaluate_matches_a_float64_brute_force(tmp_path):

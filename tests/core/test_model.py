@@ -82,8 +82,9 @@ def test_checkpoint_round_trip_with_documented_names(tmp_path):
     loaded = USAE.from_pretrained(tmp_path)
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+    assert not loaded.training  # ready for inference, without a call to .eval()
     x = torch.randn(5, 6)
-    model.eval(), loaded.eval()
+    model.eval()
     torch.testing.assert_close(model(x, "vit", "cnn"), loaded(x, "vit", "cnn"))
 
 
@@ -122,3 +123,43 @@ def test_loading_a_damaged_run_is_a_clear_error(tmp_path, damage):
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(UsaeError, match="not in this USAE"):
         _model().dictionary("dino")
+
+
+def _with_running_stats(model: USAE) -> USAE:
+    bn = model.encoders[0].bn
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_concept_codes_of_raw_activations_of_any_shape():
+    """Raw activations [images, tokens, dim] -> dense codes [images, tokens, n_concepts]: the
+    float64 recomputation (standardise, Linear, BatchNorm with running statistics, ReLU, TopK),
+    in train mode too, without moving the BatchNorm's statistics."""
+    model = _with_running_stats(_model())
+    model.set_stats({"vit": {"mean": torch.linspace(-1, 1, 6), "scale": 3.0}, "cnn": {"mean": torch.zeros(9), "scale": 1.0}})
+    raw = torch.randn(2, 5, 6) * 3 + 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    codes = model.concept_codes(raw.numpy(), "vit")  # numpy is accepted as is
+    assert codes.shape == (2, 5, 20) and codes.dtype == torch.float32
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    enc = model.encoders[0]
+    x = (raw.double().reshape(-1, 6) - torch.linspace(-1, 1, 6).double()) / 3.0
+    pre = x @ enc.linear.weight.double().T + enc.linear.bias.double()
+    bn = enc.bn
+    pre = (pre - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps) * bn.weight.double() + bn.bias.double()
+    top = pre.clamp_min(0).topk(4, dim=1)
+    want = torch.zeros(10, 20, dtype=torch.float64).scatter_(1, top.indices, top.values).reshape(2, 5, 20)
+    torch.testing.assert_close(codes.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsaeError, match=r"must end in its dimension 6, got shape \[2, 5, 9\]"):
+        model.concept_codes(torch.zeros(2, 5, 9), "vit")
+
+
+def test_encode_refuses_batched_images_instead_of_picking_tokens():
+    """[images, tokens, dim] used to run: TopK over the token axis and codes of the wrong shape."""
+    model = _model().eval()
+    with torch.no_grad(), pytest.raises(UsaeError, match=r"tokens \[tokens, 6\].*got shape \[4, 7, 6\].*concept_codes"):
+        model.encode(torch.zeros(4, 7, 6), "vit")
+    with pytest.raises(UsaeError, match=r"got shape \[3, 9\]"):
+        model.encode(torch.zeros(3, 9), "vit")  # another model's tokens
