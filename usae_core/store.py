@@ -535,12 +535,18 @@ def import_activations(
     from usae_core.atomic import atomic_directory
 
     out = Path(out)
+    if not isinstance(arrays, Mapping):
+        raise UsaeError("arrays maps each model's name to its activations, e.g. {'vit': array, 'cnn': 'cnn.npy'}; "
+                        f"got a {type(arrays).__name__}")
     if not arrays:
         raise UsaeError("give at least one --model NAME=FILE.npy")
     check_folder_path(out)
     loaded: dict[str, np.ndarray] = {}
     for name, src in arrays.items():
         check_model_name(name)
+        if isinstance(src, torch.Tensor):  # numpy has no bfloat16: such tensors come as float32
+            src = src.detach().cpu()
+            src = (src.float() if src.dtype == torch.bfloat16 else src).numpy()
         if isinstance(src, np.ndarray):
             arr = src
         else:

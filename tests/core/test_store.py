@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from tests.core.crash import stopped_at_rename
@@ -38,6 +39,17 @@ def test_import_round_trips_in_image_order(tmp_path):
     assert seen == [0, 4, 6, 10, 12, 16, 18]
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["format"] == "usae-activation-store"
+
+
+def test_import_takes_torch_tensors_and_names_a_wrong_container(tmp_path):
+    arrays = _aligned_arrays(n_images=4)
+    tensors = {"a": torch.from_numpy(arrays["a"]).to(torch.bfloat16), "b": torch.from_numpy(arrays["b"])}
+    store = import_activations(tmp_path / "t", tensors, dtype="float32")
+    np.testing.assert_array_equal(store.image_tokens("b", 3), arrays["b"][3])
+    np.testing.assert_array_equal(store.image_tokens("a", 1), tensors["a"][1].float().numpy())
+    with pytest.raises(UsaeError, match="maps each model's name to its activations.*got a list"):
+        import_activations(tmp_path / "u", list(arrays.items()))
+    assert not (tmp_path / "u").exists()
 
 
 def test_token_batches_keep_rows_aligned_and_visit_every_token(tmp_path):
