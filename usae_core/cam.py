@@ -6,7 +6,8 @@ networks with MAgnitude Constrained Optimization"): it lives in the Fourier doma
 magnitude spectrum taken from natural photos, and only the phase is optimised, so the image keeps
 natural-image energy at every frequency and cannot drift into the high-frequency noise that
 plain pixel optimisation finds. Every model starts from the same random phase and sees the same
-sequence of augmented views (same seed), so the images differ only by what the models respond to.
+sequence of crop boxes (same seed, drawn independently of the backbone's input size), so the
+images differ only by what the models respond to.
 
 The pipeline, for an image of side S:
 
@@ -106,12 +107,17 @@ class CamResult:
     image: np.ndarray
     """uint8 `[image_size, image_size, 3]`."""
     activation_trace: list[float] = field(default_factory=list)
-    """Per step, the concept's activation (mean over tokens and views of `pre_codes[:, concept]`)
-    on that step's augmented views, before the step's update."""
+    """Per step, the mean over that step's augmented views and their tokens of
+    `pre_codes[:, concept]` (the encoder's ReLU'd output, BEFORE TopK), before the step's update."""
     start_activation: float = 0.0
-    """The concept's mean activation over the tokens of the starting image (full view, as saved)."""
+    """The mean over the tokens of the run's grid of `pre_codes[:, concept]` (ReLU'd, BEFORE TopK)
+    on the uint8 start image, full view, preprocessed as the explain page does. Not the explain
+    page's number: a concept that never wins TopK still scores here (see `final_peak_code`)."""
     final_activation: float = 0.0
-    """The same for the final image: what the explain page would measure on the saved PNG."""
+    """The same mean pre-TopK activation on the final (saved) image: what CAM climbed."""
+    final_peak_code: float = 0.0
+    """The explain page's number for this concept on the saved image: its code AFTER TopK (usae.encode),
+    maximum over tokens; 0 where it wins TopK on no token."""
 
 
 # ----------------------------------------------------------------------------- the fixed magnitude
@@ -177,6 +183,17 @@ def _periodic_component(channels: np.ndarray) -> np.ndarray:
     return channels - np.fft.ifft2(smooth).real
 
 
+def _real_columns(size: int) -> torch.Tensor:
+    """bool `[size // 2 + 1]`: the rfft2 columns l with l == -l (mod size), 0 and, for even sizes,
+    size / 2. Only there does rfft2 store a frequency (k, l) and its conjugate (-k, -l) = (-k, l)
+    both, so only there must a real image's spectrum be Hermitian along k."""
+    columns = torch.zeros(size // 2 + 1, dtype=torch.bool)
+    columns[0] = True
+    if size % 2 == 0:
+        columns[-1] = True
+    return columns
+
+
 def _mirror_rows(spectrum: torch.Tensor) -> torch.Tensor:
     """`spectrum[..., (-k) mod H, :]`: the rfft2 entry of frequency (-k, l) stored at row k."""
     h = spectrum.shape[-2]
@@ -193,9 +210,12 @@ def _natural_magnitude(size: int) -> torch.Tensor:
             decorrelated = np.einsum("ij,jhw->ihw", whiten, square - mean[:, None, None])
             spectra.append(np.abs(np.fft.rfft2(_periodic_component(decorrelated))))
     magnitude = torch.from_numpy(np.mean(spectra, axis=0))
-    # Averaging with the mirror image's spectrum makes the magnitude exactly the same at (k, l) and
-    # (-k, -l): natural statistics are mirror-symmetric, and a real image's spectrum must be.
-    return (magnitude + _mirror_rows(magnitude)) / 2
+    # A real image's spectrum has m(k, l) = m(-k, -l). On the real columns rfft2 holds both entries,
+    # and the photos' mean is symmetric there only up to rounding: irfft2 would drop the asymmetric
+    # rest, and the image would miss the fixed magnitude by that much. Averaging with the mirrored
+    # rows makes it exact. On the other columns row -k holds (-k, l), another frequency whose
+    # conjugate rfft2 does not store, so they keep the photos' magnitude as measured.
+    return torch.where(_real_columns(size), (magnitude + _mirror_rows(magnitude)) / 2, magnitude)
 
 
 def natural_magnitude(size: int) -> torch.Tensor:
@@ -236,12 +256,7 @@ class MacoImage(nn.Module):
         phase = (torch.rand(magnitude.shape, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
         self.phase = nn.Parameter(phase.to(device, dtype))
         self.register_buffer("magnitude", magnitude.to(device, dtype))
-        # Columns l with l == -l (mod size) hold frequencies whose conjugate is in the same column.
-        real_columns = torch.zeros(magnitude.shape[-1], dtype=torch.bool)
-        real_columns[0] = True
-        if size % 2 == 0:
-            real_columns[-1] = True
-        self.register_buffer("real_columns", real_columns.to(device))
+        self.register_buffer("real_columns", _real_columns(size).to(device))
         dc = torch.zeros(magnitude.shape[-2:], dtype=torch.bool)
         dc[0, 0] = True
         self.register_buffer("dc", dc.to(device))
@@ -301,30 +316,42 @@ def _responses(usae: USAE, backbone: Backbone, model: str, concept: int, grid: t
     return concept_response(usae, usae.standardize(tokens.float(), model), model, concept)
 
 
-def _augmented_views(pixels: torch.Tensor, cfg: CamConfig, input_size: int, generator: torch.Generator) -> torch.Tensor:
-    """`cfg.crops` random square crops of `pixels [3, S, S]`, resized to `input_size`, plus noise.
+def _crop_boxes(cfg: CamConfig, generator: torch.Generator) -> torch.Tensor:
+    """float64 `[cfg.steps, cfg.crops, 4]`: every step's square crops as (left, top, right, bottom)
+    in units of the image side, the side uniform in `cfg.crop_scale`, anywhere inside the image."""
+    shape = (cfg.steps, cfg.crops)
+    low, high = cfg.crop_scale
+    side = low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+    left = torch.rand(shape, generator=generator, dtype=torch.float64) * (1 - side)
+    top = torch.rand(shape, generator=generator, dtype=torch.float64) * (1 - side)
+    return torch.stack([left, top, left + side, top + side], -1)
+
+
+def _augmented_views(pixels: torch.Tensor, boxes: torch.Tensor, input_size: int, noise: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The crops `boxes [V, 4]` (units of the side) of `pixels [3, S, S]`, resized to `input_size`,
+    plus Gaussian noise of standard deviation `noise` x 255: `[V, 3, input_size, input_size]`.
 
     roi_align averages several samples per output pixel when a crop is shrunk (antialiasing) and
     interpolates bilinearly when it is enlarged; its CPU backward is deterministic."""
     from torchvision.ops import roi_align
 
-    n, size = cfg.crops, pixels.shape[-1]
-    low, high = cfg.crop_scale
-    side = (low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)) * size
-    left = torch.rand(n, generator=generator, dtype=torch.float64) * (size - side)
-    top = torch.rand(n, generator=generator, dtype=torch.float64) * (size - side)
-    boxes = torch.stack([torch.zeros(n, dtype=torch.float64), left, top, left + side, top + side], 1)
-    views = roi_align(pixels[None], boxes.to(pixels), output_size=input_size, sampling_ratio=-1, aligned=True)
-    noise = torch.randn(views.shape, generator=generator) * (cfg.noise * 255)
-    return views + noise.to(views)
+    rois = torch.cat([torch.zeros(len(boxes), 1, dtype=boxes.dtype), boxes * pixels.shape[-1]], 1)
+    views = roi_align(pixels[None], rois.to(pixels), output_size=input_size, sampling_ratio=-1, aligned=True)
+    return views + (torch.randn(views.shape, generator=generator) * (noise * 255)).to(views)
 
 
 @torch.no_grad()
-def _full_view_activation(usae: USAE, backbone: Backbone, model: str, concept: int, grid: tuple[int, int],
-                          image: np.ndarray) -> float:
-    """Mean `pre_codes[:, concept]` over the tokens of the uint8 image, preprocessed as explain does."""
-    tokens = resample_grid(backbone(backbone.preprocess(Image.fromarray(image))[None]), backbone.native_grid, grid)
-    return float(concept_response(usae, usae.standardize(tokens.float(), model), model, concept).relu().mean())
+def _full_view_measures(usae: USAE, backbone: Backbone, model: str, concept: int, grid: tuple[int, int],
+                        image: np.ndarray) -> tuple[float, float]:
+    """The concept on the tokens of the uint8 image, preprocessed as explain does: the mean over
+    tokens of `pre_codes[:, concept]` (before TopK), and the maximum over tokens of its code after
+    TopK (the explain page's number)."""
+    tokens = resample_grid(backbone(backbone.preprocess(Image.fromarray(image))[None]), backbone.native_grid, grid)[0]
+    x_std = usae.standardize(tokens.float(), model)
+    mean = concept_response(usae, x_std, model, concept).relu().mean()
+    values, indices = usae.encode(x_std, model)
+    return float(mean), float(usae.dense_codes(values, indices)[:, concept].max())
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -357,12 +384,15 @@ def maximize_concept(usae: USAE, backbone: Backbone, model: str, concept: int, c
     with torch.inference_mode(False), torch.enable_grad(), _frozen(usae, backbone):
         image = image if image is not None else MacoImage(cfg.image_size, cfg.seed, cfg.device)
         generator = torch.Generator().manual_seed(cfg.seed)  # crops and noise: the same on every device
+        # Every step's boxes come before any noise: the noise is as large as the backbone's input, so
+        # drawn in between it would move later steps' crops by a different amount in each model.
+        boxes = _crop_boxes(cfg, generator)
         optimizer = torch.optim.NAdam([image.phase], lr=cfg.lr)
-        start = _full_view_activation(usae, backbone, model, concept, grid, image.to_uint8())
+        start, _ = _full_view_measures(usae, backbone, model, concept, grid, image.to_uint8())
         trace: list[float] = []
         for step in range(1, cfg.steps + 1):
             optimizer.zero_grad(set_to_none=True)
-            views = _augmented_views(image().float(), cfg, backbone.input_size, generator)
+            views = _augmented_views(image().float(), boxes[step - 1], backbone.input_size, cfg.noise, generator)
             response = _responses(usae, backbone, model, concept, grid, views)
             (-response.mean()).backward()
             optimizer.step()
@@ -370,8 +400,9 @@ def maximize_concept(usae: USAE, backbone: Backbone, model: str, concept: int, c
             if on_step is not None:
                 on_step(model, step, cfg.steps)
         final = image.to_uint8()
+        final_activation, final_peak_code = _full_view_measures(usae, backbone, model, concept, grid, final)
         return CamResult(model=model, image=final, activation_trace=trace, start_activation=start,
-                         final_activation=_full_view_activation(usae, backbone, model, concept, grid, final))
+                         final_activation=final_activation, final_peak_code=final_peak_code)
 
 
 def _validate(usae: USAE, backbones: Mapping[str, Backbone], concept: int,
@@ -406,7 +437,9 @@ def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Back
                                         ) -> dict[str, CamResult]:
     """One image per model (keys of `backbones` = USAE model names) for the same concept.
 
-    Every model's image starts from the same phase and sees the same crops and noise (`cfg.seed`).
+    Every model's image starts from the same phase and sees the same crop boxes at every step
+    (`cfg.seed`); the noise comes from the same seed too, identical between models of the same
+    input size.
     `grids`: the run's common token grid per model (tokens are resampled to it as extraction did);
     None uses each backbone's native grid. `on_step(model, step, total)` is called after every
     step, `step` counting from 1 to `total = cfg.steps`. The USAE and the backbones are moved to

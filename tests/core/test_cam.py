@@ -13,6 +13,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torchvision.ops
+from PIL import Image
 from torch import nn
 
 from tests.core.test_extract import tiny_dinov2
@@ -27,6 +29,7 @@ from usae_core.cam import (
 )
 from usae_core.config import USAEConfig
 from usae_core.errors import UsaeError
+from usae_core.extract import resample_grid
 from usae_core.model import USAE
 
 RED, BLUE = 0, 1
@@ -125,18 +128,53 @@ def test_optimisation_changes_only_the_phase(planted):
     assert_natural_magnitude(image)
 
 
-def test_natural_magnitude_is_deterministic_and_mirror_symmetric():
+def photos_mean_magnitude(size: int) -> np.ndarray:
+    """The mean |rfft2| over the decorrelated, periodic photo crops, before any symmetrisation."""
+    from usae_core.cam import _matrix_power, _periodic_component, _photos, _squares, colour_statistics
+
+    mean, cov = colour_statistics()
+    whiten = _matrix_power(cov, -0.5)
+    spectra = []
+    for photo in _photos():
+        for square in _squares(photo, size):
+            decorrelated = np.einsum("ij,jhw->ihw", whiten, square - mean[:, None, None])
+            spectra.append(np.abs(np.fft.rfft2(_periodic_component(decorrelated))))
+    return np.mean(spectra, axis=0)
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_natural_magnitude_is_deterministic_and_hermitian_only_where_a_real_image_needs_it(size):
     from usae_core.cam import _natural_magnitude
 
-    first = natural_magnitude(32)
+    first = natural_magnitude(size)
     _natural_magnitude.cache_clear()
-    again = natural_magnitude(32)
+    again = natural_magnitude(size)
     assert torch.equal(first, again)
-    mirrored = first[:, (-torch.arange(32)) % 32]
-    assert torch.equal(first, mirrored)  # (k, l) and (-k, -l) alike, as a real image's spectrum must be
     assert (first > 0).all()
     # Natural images: energy falls with frequency.
     assert first[:, 1, 1].mean() > 5 * first[:, 12, 12].mean()
+
+    real = [0, size // 2] if size % 2 == 0 else [0]
+    other = [col for col in range(size // 2 + 1) if col not in real]
+    mirrored = first[:, (-torch.arange(size)) % size]
+    # Columns 0 and S/2 hold (k, l) and its conjugate (-k, l): those must agree exactly.
+    assert torch.equal(first[:, :, real], mirrored[:, :, real])
+    # Elsewhere (-k, l) is another frequency: the photos' magnitude is kept bit for bit (mirroring
+    # those rows too had moved entries by up to 22 %).
+    raw = torch.from_numpy(photos_mean_magnitude(size))
+    assert torch.equal(first[:, :, other], raw[:, :, other])
+    assert not torch.equal(first[:, :, other], mirrored[:, :, other])
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_natural_magnitude_is_the_magnitude_of_a_real_image(size):
+    """irfft2 keeps only what a real image can have; the magnitude must survive the round trip."""
+    magnitude = natural_magnitude(size)
+    image = torch.fft.irfft2(magnitude.to(torch.complex128), s=(size, size))
+    back = torch.fft.rfft2(image).abs()
+    ac = torch.ones_like(magnitude, dtype=torch.bool)
+    ac[:, 0, 0] = False
+    torch.testing.assert_close(back[ac], magnitude[ac], rtol=1e-12, atol=1e-12 * float(magnitude.max()))
 
 
 # ----------------------------------------------------------------------------- 2. planted ground truth
@@ -210,6 +248,61 @@ def test_runs_the_same_inside_inference_mode(planted):
         assert inside[name].image.tobytes() == plain[name].image.tobytes()
 
 
+def test_every_model_gets_the_same_crop_boxes_at_every_step(planted, monkeypatch):
+    """The noise is as large as each backbone's input (32 and 16 px here); it must not shift the crops."""
+    usae, backbones = planted
+    assert backbones["coarse"].input_size != backbones["fine"].input_size
+    boxes: dict[int, list[torch.Tensor]] = {}
+    roi_align = torchvision.ops.roi_align
+
+    def spy(pixels, rois, *, output_size, **kwargs):
+        boxes.setdefault(output_size, []).append(rois.detach().clone())
+        return roi_align(pixels, rois, output_size=output_size, **kwargs)
+
+    monkeypatch.setattr(torchvision.ops, "roi_align", spy)
+    coordinated_activation_maximization(usae, backbones, RED, CamConfig(**{**FAST, "steps": 3}))
+    assert sorted(boxes) == [16, 32] and [len(b) for b in boxes.values()] == [3, 3]
+    for step, (coarse, fine) in enumerate(zip(boxes[32], boxes[16]), 1):
+        assert torch.equal(coarse, fine), step
+    assert not torch.equal(boxes[32][0], boxes[32][1])  # new crops every step
+
+
+# ----------------------------------------------------------------------------- 5. what is reported
+def explain_peak(usae: USAE, backbone: Backbone, model: str, concept: int, grid: tuple[int, int],
+                 image: np.ndarray) -> float:
+    """What the explain page shows for the concept on the image, from the unfused encoder: TopK of
+    every token's pre-codes, the concept's entry (0 where it lost), maximum over tokens."""
+    with torch.no_grad():
+        native = backbone(backbone.preprocess(Image.fromarray(image))[None])
+        tokens = resample_grid(native, backbone.native_grid, grid)[0]
+        pre = usae.pre_codes(usae.standardize(tokens, model), model)
+        top = torch.topk(pre, usae.cfg.k, dim=1)
+        won = (top.indices == concept).any(dim=1)
+        return float(torch.where(won, pre[:, concept], torch.zeros(())).max())
+
+
+def test_final_peak_code_is_the_explain_pages_number(random_models):
+    usae, backbones = random_models
+    grids = {"vit": (8, 8), "cnn": (8, 8)}
+    results = coordinated_activation_maximization(usae, backbones, 5, CamConfig(**{**FAST, "steps": 10}), grids=grids)
+    for name, result in results.items():
+        expected = explain_peak(usae, backbones[name], name, 5, grids[name], result.image)
+        assert expected > 0, name  # the concept wins TopK somewhere, so the peak is not trivially 0
+        assert result.final_peak_code == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+
+
+def test_a_concept_that_never_wins_topk_has_a_zero_peak_code_but_a_positive_activation(planted):
+    """final_activation is before TopK; final_peak_code says the explain page would show nothing."""
+    usae, backbones = planted
+    usae = copy.deepcopy(usae)
+    with torch.no_grad():
+        usae.encoders[usae.index("coarse")].linear.bias[2] = 10.0  # always on, always above red: wins TopK (k = 1)
+    result = maximize_concept(usae, backbones["coarse"], "coarse", RED, CamConfig(**FAST))
+    assert result.final_activation > 0.2
+    assert result.final_peak_code == 0.0
+    assert explain_peak(usae, backbones["coarse"], "coarse", RED, backbones["coarse"].native_grid, result.image) == 0.0
+
+
 # ----------------------------------------------------------------------------- frozen models
 def test_models_are_unchanged_and_their_flags_restored(random_models):
     usae, backbones = random_models
@@ -236,7 +329,7 @@ def test_models_are_unchanged_and_their_flags_restored(random_models):
         backbones["cnn"].model[0].weight.requires_grad_(True)
 
 
-# ----------------------------------------------------------------------------- 5. errors
+# ----------------------------------------------------------------------------- 6. errors
 @pytest.mark.parametrize(("concept", "message"), [(4, "concept 4 is out of range: this USAE has concepts 0 to 3"),
                                                   (-1, "concept -1 is out of range"), (True, "concept True")])
 def test_concept_out_of_range(planted, concept, message):
