@@ -200,8 +200,8 @@ def _mirror_rows(spectrum: torch.Tensor) -> torch.Tensor:
     return spectrum[..., (-torch.arange(h, device=spectrum.device)) % h, :]
 
 
-@lru_cache(maxsize=4)
-def _natural_magnitude(size: int) -> torch.Tensor:
+def photos_mean_magnitude(size: int) -> np.ndarray:
+    """The mean `|rfft2|` over the decorrelated, periodic photo crops of side `size`, as measured."""
     mean, cov = colour_statistics()
     whiten = _matrix_power(cov, -0.5)
     spectra = []
@@ -209,7 +209,12 @@ def _natural_magnitude(size: int) -> torch.Tensor:
         for square in _squares(photo, size):
             decorrelated = np.einsum("ij,jhw->ihw", whiten, square - mean[:, None, None])
             spectra.append(np.abs(np.fft.rfft2(_periodic_component(decorrelated))))
-    magnitude = torch.from_numpy(np.mean(spectra, axis=0))
+    return np.mean(spectra, axis=0)
+
+
+@lru_cache(maxsize=4)
+def _natural_magnitude(size: int) -> torch.Tensor:
+    magnitude = torch.from_numpy(photos_mean_magnitude(size))
     # A real image's spectrum has m(k, l) = m(-k, -l). On the real columns rfft2 holds both entries,
     # and the photos' mean is symmetric there only up to rounding: irfft2 would drop the asymmetric
     # rest, and the image would miss the fixed magnitude by that much. Averaging with the mirrored

@@ -26,6 +26,7 @@ from usae_core.cam import (
     coordinated_activation_maximization,
     maximize_concept,
     natural_magnitude,
+    photos_mean_magnitude,
 )
 from usae_core.config import USAEConfig
 from usae_core.errors import UsaeError
@@ -126,20 +127,6 @@ def test_optimisation_changes_only_the_phase(planted):
     maximize_concept(usae, backbones["coarse"], "coarse", RED, CamConfig(**{**FAST, "steps": 5}), image=image)
     assert (image.phase.detach() - before).abs().max() > 0.1  # it did move
     assert_natural_magnitude(image)
-
-
-def photos_mean_magnitude(size: int) -> np.ndarray:
-    """The mean |rfft2| over the decorrelated, periodic photo crops, before any symmetrisation."""
-    from usae_core.cam import _matrix_power, _periodic_component, _photos, _squares, colour_statistics
-
-    mean, cov = colour_statistics()
-    whiten = _matrix_power(cov, -0.5)
-    spectra = []
-    for photo in _photos():
-        for square in _squares(photo, size):
-            decorrelated = np.einsum("ij,jhw->ihw", whiten, square - mean[:, None, None])
-            spectra.append(np.abs(np.fft.rfft2(_periodic_component(decorrelated))))
-    return np.mean(spectra, axis=0)
 
 
 @pytest.mark.parametrize("size", [32, 33])
