@@ -185,7 +185,11 @@ class ModelColumn(BaseModel):
     histogram_edges: list[float]
     histogram_counts: list[int]
     cam_image: str | None = Field(description="Path under /media, once a CAM image was made")
-    cam_activation: float | None = Field(None, description="The concept's activation on its CAM image")
+    cam_activation: float | None = Field(
+        None, description="The concept's mean response before TopK over its CAM image's tokens (what CAM climbs)")
+    cam_peak: float | None = Field(
+        None, description="The concept's code after TopK at the CAM image's strongest token, as the top images' "
+                          "activations are measured (None for images made before it was recorded)")
     neighbours: list[Neighbour]
 
 

@@ -128,7 +128,10 @@ def _swap_in_cam_images(sessions: sessionmaker[Session], job: Job, request: CamR
     """One transaction: replace the concept's CAM rows by the new images and finish the job.
     Returns (the job's message, files of the replaced rows); raises JobCancelled when the job
     was cancelled meanwhile (then nothing changed)."""
-    activations = {name: {"start": r.start_activation, "final": r.final_activation} for name, r in results.items()}
+    # start/final: the mean pre-TopK response CAM climbs; peak: the code after TopK at the image's
+    # strongest token, the number the concept's top images carry.
+    activations = {name: {"start": r.start_activation, "final": r.final_activation, "peak": r.final_peak_code}
+                   for name, r in results.items()}
     summary = " · ".join(f"{n} {measure(a['start'])} → {measure(a['final'])}" for n, a in activations.items())
     message = f"Made {len(written)} image{'s' if len(written) != 1 else ''}. Concept activation, start → end: {summary}."
     if skipped:

@@ -448,6 +448,7 @@ def concept_detail(session: Session, *, run: Run, concept: Concept, scope: Colle
             histogram_edges=edges, histogram_counts=counts,
             cam_image=cams[model.id][0] if model.id in cams else None,
             cam_activation=cams[model.id][1].get("final") if model.id in cams else None,
+            cam_peak=cams[model.id][1].get("peak") if model.id in cams else None,
             neighbours=neighbours.get(model.id, []),
         ))
     listed = _in_view(session, run, concept, view, scope) if view is not None else None
