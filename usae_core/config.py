@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,7 +24,8 @@ class USAEConfig:
     """Shape of a Universal Sparse Autoencoder."""
 
     model_dims: dict[str, int]
-    """Activation dimension of each model, in a fixed order (the order of the store)."""
+    """Activation dimension of each model, in a fixed order (the order of the store). Integral
+    NumPy scalars (a dimension read from an array's shape) are kept as plain ints."""
     n_concepts: int = 6144
     """Size of the shared code Z (the dictionary size)."""
     k: int = 32
@@ -34,9 +36,14 @@ class USAEConfig:
     def __post_init__(self) -> None:
         _check(len(self.model_dims) >= 1, "a USAE needs at least one model")
         for name, dim in self.model_dims.items():
-            _check(isinstance(dim, int) and dim > 0, f"model {name!r} has invalid dim {dim!r}")
-        _check(self.n_concepts >= 1, f"--concepts must be >= 1, got {self.n_concepts}")
-        _check(1 <= self.k <= self.n_concepts, f"--k must be in [1, concepts={self.n_concepts}], got {self.k}")
+            # numbers.Integral takes NumPy's integers too (np.bool_ is not one); bool is an int to Python
+            _check(isinstance(dim, numbers.Integral) and not isinstance(dim, bool) and dim > 0,
+                   f"model {name!r} has invalid dim {dim!r}")
+        # plain ints: config.json is written with the json module, which refuses NumPy scalars
+        self.model_dims = {name: int(dim) for name, dim in self.model_dims.items()}
+        _check(self.n_concepts >= 1, f"--concepts (n_concepts) must be >= 1, got {self.n_concepts}")
+        _check(1 <= self.k <= self.n_concepts,
+               f"--k (k) must be in [1, --concepts (n_concepts) = {self.n_concepts}], got {self.k}")
         _check(self.encoder in ("linear", "mlp_bn"), f"unknown encoder {self.encoder!r} (linear|mlp_bn)")
 
     @property
@@ -63,8 +70,10 @@ class TrainConfig:
     lr: float = 3e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 1e-5
-    warmup_steps: int = 100
-    """Linear warmup, then cosine decay to `lr * min_lr_ratio`."""
+    warmup_steps: int | None = None
+    """Steps of linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio`; at most `steps`.
+    None means min(100, steps // 10), set when the config is made (config.json keeps the number):
+    a fixed 100 would spend most of a short run warming up."""
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
@@ -94,10 +103,16 @@ class TrainConfig:
     """Shards mixed together when shuffling (bigger mixes better, costs RAM)."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
-        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _check(self.steps >= 1, f"--steps (steps) must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"--batch-size (batch_size) must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"--lr (lr) must be > 0, got {self.lr}")
+        if self.warmup_steps is None:
+            self.warmup_steps = min(100, self.steps // 10)
+        _check(self.warmup_steps >= 0, f"--warmup-steps (warmup_steps) must be >= 0, got {self.warmup_steps}")
+        _check(self.warmup_steps <= self.steps,
+               f"--warmup-steps (warmup_steps) {self.warmup_steps} is more than --steps (steps) {self.steps}, so the "
+               f"learning rate would never reach --lr (lr); pass at most {self.steps}, or leave it out for "
+               f"min(100, steps // 10) = {min(100, self.steps // 10)}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         _check(self.grad_clip >= 0, "grad_clip must be >= 0")
         _check(self.loss in ("l1", "mse"), f"unknown loss {self.loss!r} (l1|mse)")
@@ -117,5 +132,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config of a saved run, as it trained. One saved before warmup_steps was checked
+        against steps (the old fixed default 100 in a shorter run) loads unchanged too."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        given = {k: v for k, v in d.items() if k in names}
+        warmup, steps = given.get("warmup_steps"), given.get("steps", cls.steps)
+        if isinstance(warmup, int) and isinstance(steps, int) and warmup > steps >= 1:
+            cfg = cls(**{**given, "warmup_steps": 0})  # every other check still applies
+            cfg.warmup_steps = warmup
+            return cfg
+        return cls(**given)

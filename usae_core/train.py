@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import threading
@@ -41,6 +42,7 @@ from usae_core.locks import exclusive_lock
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
 from usae_core.model import CHECKPOINT_DIR, CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE, newest_checkpoint_step
 from usae_core.prefetch import prefetch
+from usae_core.store import ActivationStore
 from usae_core.token_stream import device_token_batches
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,16 @@ what it learns (the same steps on the same batches with the same schedule; exact
 device). Anything else, the store and the USAE's shape included, must match the checkpoint:
 --steps too, since the cosine schedule spans the run's steps (log_every too: it paces AuxK)."""
 _FLAGS = {"n_concepts": "--concepts", "k": "--k", "encoder": "--encoder", "steps": "--steps",
-          "batch_size": "--batch-size", "lr": "--lr", "loss": "--loss", "aux": "--aux", "seed": "--seed"}
+          "batch_size": "--batch-size", "lr": "--lr", "loss": "--loss", "aux": "--aux", "seed": "--seed",
+          "warmup_steps": "--warmup-steps"}
 """The `usae train` option of a setting, for messages (the others are named by their field)."""
+_OVERWRITE, _RESUME = "--overwrite (overwrite=True)", "--resume (resume=True)"
+"""The flags as messages name them: these errors reach users of `usae train` and of `train_usae` alike."""
+
+
+def _setting(key: str) -> str:
+    """A setting as messages name it: its `usae train` option and its field, or the field alone."""
+    return f"{_FLAGS[key]} ({key})" if key in _FLAGS else key
 
 Callback = Callable[[dict], None]
 
@@ -85,7 +95,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UsaeError(f"--device {spec} was asked for, but no CUDA device is available")
+        raise UsaeError(f"--device {spec} (device={spec!r}) was asked for, but no CUDA device is available")
     try:
         return torch.device(spec)
     except RuntimeError:
@@ -105,6 +115,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device):
+    """Draws inside come from `seed` alone (on the CPU and on `device`), and the caller's random
+    streams go on afterwards as if nothing had drawn from them: a library call that trains
+    reproducibly must not reseed its caller. Only those two generators are seeded:
+    torch.manual_seed would reseed every GPU (or queue that until CUDA starts), beyond what
+    fork_rng restores."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _batch_r2(sse: torch.Tensor, target: torch.Tensor) -> float:
     """R^2 of a reconstruction of `target` whose sum of squared errors is `sse`."""
     target = target.to(torch.promote_types(target.dtype, torch.float32))
@@ -115,13 +141,17 @@ def _batch_r2(sse: torch.Tensor, target: torch.Tensor) -> float:
 class Trainer:
     """Holds everything one training run needs; `run()` is the loop."""
 
-    def __init__(self, store, out_dir: Path, usae_cfg: USAEConfig, cfg: TrainConfig, callbacks: list[Callback]):
+    def __init__(self, store, out_dir: Path, usae_cfg: USAEConfig, cfg: TrainConfig, callbacks: list[Callback],
+                 *, progress: bool = True):
         self.store, self.out, self.cfg, self.callbacks = store, out_dir, cfg, callbacks
+        self.progress = progress
         self.device = resolve_device(cfg.device)
         self.autocast = cfg.autocast if cfg.autocast is not None else self.device.type == "cuda"
         self.rank, self.world_size = rank_and_world_size()
-        torch.manual_seed(cfg.seed)
-        self.model = USAE(usae_cfg).to(self.device)
+        # The initial weights are the only random draws of a training (the data order and the
+        # source of each step come from NumPy generators seeded with cfg.seed).
+        with _seeded_rng(cfg.seed, self.device):
+            self.model = USAE(usae_cfg).to(self.device)
         self.names = usae_cfg.model_names
         on_cuda = self.device.type == "cuda"
         # On one GPU every fused step is captured once into a CUDA graph and replayed: no kernel
@@ -174,7 +204,7 @@ class Trainer:
                 "optimizer": self._optimizer_state(),
                 "scheduler": self.scheduler.state_dict(),
                 "since_fired": self.since_fired.cpu(),
-                # the AuxK width's dead count and when it is next read: resuming at any step is exact
+                # the AuxK width's bound on the dead count and when it is next read: resuming at any step is exact
                 "dead_check": [self._n_dead, self._steps_to_dead_check],
             }
             torch.save(state, tmp / TRAINER_STATE)
@@ -219,7 +249,7 @@ class Trainer:
                 log.info("resumed %s at step %d of %d", self.out, self.step, self.cfg.steps)
             return True
         if ckpts:
-            raise UsaeError(f"no checkpoint in {directory} can be read; start again with --overwrite")
+            raise UsaeError(f"no checkpoint in {directory} can be read; start again with {_OVERWRITE}")
         return False
 
     def _check_resume_settings(self, saved: dict, ckpt: Path) -> None:
@@ -231,7 +261,7 @@ class Trainer:
         changed = [(key, old, given[part].get(key)) for part in ("usae", "train")
                    for key, old in saved.get(part, {}).items()
                    if key not in RESUME_MAY_CHANGE and old != given[part].get(key)]
-        differences = [f"{_FLAGS.get(key, key)} {old!r} vs {new!r}" for key, old, new in changed]
+        differences = [f"{_setting(key)} {old!r} vs {new!r}" for key, old, new in changed]
         store = _store_difference(saved, self.store, self.store_fingerprint)
         differences += [store] if store else []
         ranks = saved.get("world_size")  # absent in runs from before it was recorded: not checked
@@ -243,9 +273,10 @@ class Trainer:
             where = (f" ({', '.join(unflagged)} {'has' if len(unflagged) == 1 else 'have'} no `usae train` option: "
                      "continue the run with the command or code that started it, e.g. `usae demo`)" if unflagged else "")
             raise UsaeError(
-                f"--resume continues {ckpt.parent.parent} with the settings it was started with, but these "
+                f"{_RESUME} continues {ckpt.parent.parent} with the settings it was started with, but these "
                 f"differ (saved vs given): {'; '.join(differences)}; resume with the saved values{where}, or start "
-                f"a new run with --overwrite or another --out (only --device and --checkpoint-every may change)")
+                f"a new run with {_OVERWRITE} or another --out (out_dir); only --device (device) and "
+                "--checkpoint-every (checkpoint_every) may change")
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / METRICS_FILE
@@ -398,13 +429,20 @@ class Trainer:
         return total, losses, sse, code.values, code.indices
 
     def _auxk_width(self) -> int:
-        """Latents the AuxK term must consider: min(aux_k, dead count, rounded up to a power of two).
+        """Latents the AuxK term must consider: min(aux_k, a bound on the dead count, rounded up
+        to a power of two).
 
         Alive latents enter AuxK with value 0 and change nothing, so any width >= the number of
-        dead latents gives the exact AuxK loss, at a cost proportional to the dead count instead
-        of aux_k. The count is read from the device every `log_every` steps (a host sync)."""
+        dead latents gives the exact AuxK loss, at a cost proportional to that bound instead of
+        aux_k. The width shapes the step's tensors (and keys its CUDA graph), so the host needs
+        it before each step; the count is read from the device only every `log_every` steps (a
+        host sync). Each read therefore counts the latents dead at any step until the next read:
+        a latent's tokens-since-firing grows by at most one global batch a step, so every latent
+        dead within the next `log_every - 1` steps is already counted, whether or not it then
+        fires again (the bound can exceed the dead count: a wider term, the same loss)."""
         if self._steps_to_dead_check <= 0:
-            self._n_dead = int((self.since_fired > self.cfg.dead_after_tokens).sum())
+            horizon = (self.cfg.log_every - 1) * self.cfg.batch_size * self.world_size
+            self._n_dead = int((self.since_fired > self.cfg.dead_after_tokens - horizon).sum())
             self._steps_to_dead_check = self.cfg.log_every
         self._steps_to_dead_check -= 1
         if self._n_dead == 0:
@@ -432,8 +470,8 @@ class Trainer:
                                for b in self.store.iter_token_batches(cfg.batch_size, **position))
         model.train()
         metrics_file = self.out / METRICS_FILE
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         t0, tokens_since_log = time.perf_counter(), 0
         # One process: Ctrl-C stops between two steps (usae_core/interrupt.py). The ranks of a
         # distributed run could each stop at another step and wait on each other's collectives,
@@ -501,7 +539,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def train_usae(
-    store,
+    store: ActivationStore | str | os.PathLike,
     out_dir: str | Path,
     usae_cfg: USAEConfig,
     cfg: TrainConfig,
@@ -509,16 +547,22 @@ def train_usae(
     resume: bool = False,
     overwrite: bool = False,
     callbacks: list[Callback] | None = None,
+    progress: bool = True,
 ) -> USAE:
-    """Train a USAE on `store` into the run directory `out_dir` and return it (in eval mode).
+    """Train a USAE on `store` (an ActivationStore, or the path of one) into the run directory
+    `out_dir` and return it (in eval mode).
 
     `resume` continues from the newest checkpoint in `out_dir` exactly as if never stopped; it
     refuses settings that differ from the checkpoint's (RESUME_MAY_CHANGE lists the exceptions).
     `overwrite` trains a new run beside an existing one, which is replaced only once the new
     run is complete; an interrupted overwrite leaves the old run as it was, and the new one
     beside it: `resume` then continues the new run (the one last started) and swaps it in.
-    Ctrl-C raises `TrainingInterrupted`, which says how to continue.
+    Ctrl-C raises `TrainingInterrupted`, which says how to continue. `progress` shows bars for
+    the statistics pass and the steps (on rank 0). Training draws its initial weights from
+    `cfg.seed` and leaves torch's global random state as it found it.
     """
+    if isinstance(store, (str, os.PathLike)):
+        store = ActivationStore.open(store)
     out = Path(out_dir)
     if set(usae_cfg.model_dims) != set(store.model_names) or any(
         usae_cfg.model_dims[m] != store.dims[m] for m in store.model_names
@@ -532,10 +576,10 @@ def train_usae(
         build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
         if rank == 0:
             _clear_stale_temporaries(build)
-        trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [])
+        trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [], progress=progress)
         try:
             if not (resume and trainer.load_latest_checkpoint()):
-                stats = store.compute_stats(progress=rank == 0)
+                stats = store.compute_stats(progress=progress and rank == 0)
                 trainer.model.set_stats(stats)
                 if rank == 0:
                     (build / METRICS_FILE).unlink(missing_ok=True)
@@ -544,8 +588,8 @@ def train_usae(
             raise TrainingInterrupted(_interrupted_message(out, build, replacing, trainer.step, cfg.steps)) from None
         except BaseException:
             if replacing and rank == 0:  # kept, as a kill would leave it, for --resume to continue
-                log.warning("the unfinished new run stays in %s beside %s: --resume continues it, "
-                            "--overwrite starts it again", build, out)
+                log.warning("the unfinished new run stays in %s beside %s: %s continues it, %s starts it again",
+                            build, out, _RESUME, _OVERWRITE)
             raise
         if replacing and rank == 0:
             swap_in_replacement(out)
@@ -561,9 +605,9 @@ def _interrupted_message(out: Path, build: Path, replacing: bool, step: int, ste
     newest = newest_checkpoint_step(build)
     start = f"from its checkpoint of step {newest}" if newest is not None else "from step 0 (no checkpoint yet)"
     where = f" (the new run in {build}; {out} stays as it was until it finishes)" if replacing else ""
-    instead = " in place of --overwrite" if replacing else ""
+    instead = f" in place of {_OVERWRITE}" if replacing else ""
     return (f"training of {out} interrupted after step {step} of {steps}; rerun the same `usae train` command "
-            f"with --resume{instead} to continue {start}{where}")
+            f"or `train_usae` call with {_RESUME}{instead} to continue {start}{where}")
 
 
 def store_fingerprint(store) -> str:
@@ -591,15 +635,15 @@ def _store_difference(saved: dict, store, fingerprint: str) -> str | None:
         if saved["store_fingerprint"] == fingerprint:
             return None
         if saved.get("store") == given:
-            return f"--store {given} holds other activations than when the run started (extracted again?)"
-        return f"--store {saved.get('store')!r} vs {given!r}"
+            return f"--store (store) {given} holds other activations than when the run started (extracted again?)"
+        return f"--store (store) {saved.get('store')!r} vs {given!r}"
     if saved.get("store") in (None, given):
         return None
     if saved.get("store_models") == list(store.model_names) and saved.get("grid") == list(store.grid):
         log.warning("resuming a run trained on %s with %s, which has the same models and token grid "
                     "(a run from before store fingerprints cannot be checked further)", saved.get("store"), given)
         return None
-    return f"--store {saved.get('store')!r} vs {given!r}"
+    return f"--store (store) {saved.get('store')!r} vs {given!r}"
 
 
 def _check_batch_fits(store, batch_size: int, world_size: int) -> None:
@@ -609,8 +653,8 @@ def _check_batch_fits(store, batch_size: int, world_size: int) -> None:
     share = store.n_tokens // world_size
     if batch_size > share:
         per_rank = f" split over {world_size} ranks ({share:,} each)" if world_size > 1 else ""
-        raise UsaeError(f"--batch-size {batch_size:,} is more than the {store.n_tokens:,} tokens of {store.root}"
-                        f"{per_rank}; use --batch-size {share} or less")
+        raise UsaeError(f"--batch-size (batch_size) {batch_size:,} is more than the {store.n_tokens:,} tokens of "
+                        f"{store.root}{per_rank}; use --batch-size {share} (batch_size={share}) or less")
 
 
 def _check_out_folder(out: Path, store) -> None:
@@ -618,14 +662,14 @@ def _check_out_folder(out: Path, store) -> None:
     a folder inside it, or one holding it: --overwrite would delete the store), or a folder with
     other things than a run in it."""
     if out.exists() and not out.is_dir():
-        raise UsaeError(f"--out {out} is a file, not a run folder; choose a folder path")
+        raise UsaeError(f"--out (out_dir) {out} is a file, not a run folder; choose a folder path")
     run, data = out.resolve(), Path(store.root).resolve()
     if run == data or data in run.parents or run in data.parents:
-        raise UsaeError(f"--out {out} is, or is inside or around, the activation store {store.root}; "
+        raise UsaeError(f"--out (out_dir) {out} is, or is inside or around, the activation store {store.root}; "
                         "a run must be a folder of its own (e.g. DATA_DIR/runs/NAME)")
     if out.is_dir() and not _holds_a_run(out):
-        raise UsaeError(f"{out} is not empty and holds no USAE run; usae train writes only to a new or empty "
-                        "folder or a run's (--overwrite only replaces a run), so choose another --out")
+        raise UsaeError(f"{out} is not empty and holds no USAE run; training writes only to a new or empty "
+                        f"folder or a run's ({_OVERWRITE} only replaces a run), so choose another --out (out_dir)")
 
 
 def _holds_a_run(folder: Path) -> bool:
@@ -687,7 +731,7 @@ def _training_folder(out: Path, *, resume: bool, overwrite: bool, rank: int, wor
     elif interrupted and not overwrite:
         raise UsaeError(_interrupted_overwrite_message(out, new, has_run))
     elif has_run and not overwrite:
-        raise UsaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        raise UsaeError(f"{out} already holds a run; pass {_RESUME} to continue it or {_OVERWRITE} to replace it")
     else:
         replacing = has_run or interrupted
     build = new if replacing else out
@@ -706,6 +750,6 @@ def _interrupted_overwrite_message(out: Path, new: Path, has_run: bool) -> str:
     newest = newest_checkpoint_step(new)
     progress = f"checkpointed at step {newest}" if newest is not None else "no checkpoint yet"
     keep = f"to keep the run in {out} as it is" if has_run else "to start a run from scratch"
-    return (f"an interrupted --overwrite of {out} left its new run in {new} ({progress}); pass --resume to "
-            f"continue that new run (it replaces {out.name} when it finishes), --overwrite to start it again, "
+    return (f"an interrupted {_OVERWRITE} of {out} left its new run in {new} ({progress}); pass {_RESUME} to "
+            f"continue that new run (it replaces {out.name} when it finishes), {_OVERWRITE} to start it again, "
             f"or delete {new} {keep}")

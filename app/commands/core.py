@@ -60,6 +60,7 @@ def train_cmd(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup to --lr, at most --steps (default: min(100, steps / 10)).")] = None,
     encoder: Annotated[str, typer.Option(help="mlp_bn (paper) or linear.")] = "mlp_bn",
     loss: Annotated[str, typer.Option(help="l1 (paper) or mse.")] = "l1",
     aux: Annotated[str, typer.Option(help="auxk, paper or none.")] = "auxk",
@@ -80,8 +81,8 @@ def train_cmd(
     settings = settings_for(data_dir)
     st = ActivationStore.open(resolve_store(store, settings))
     ucfg = USAEConfig(model_dims=st.dims, n_concepts=concepts, k=k, encoder=encoder)  # type: ignore[arg-type]
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, loss=loss, aux=aux, seed=seed,  # type: ignore[arg-type]
-                       device=device, checkpoint_every=checkpoint_every)
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, loss=loss, aux=aux,  # type: ignore[arg-type]
+                       seed=seed, device=device, checkpoint_every=checkpoint_every)
     try:
         with distributed_context(distributed, device=tcfg.device) as ctx:
             tcfg.device = ctx.device

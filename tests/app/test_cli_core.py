@@ -153,3 +153,19 @@ def test_ctrl_c_during_train_says_how_to_continue_in_one_line_and_exits_130(tmp_
     step = int(lines[0].split("from its checkpoint of step ")[1].split()[0])
     assert (run / "checkpoints" / f"step-{step:08d}").is_dir()  # the one a resume starts from: the newest
     assert step == max(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
+
+
+def test_train_sets_the_warmup_from_the_command_line_and_refuses_one_longer_than_the_run(tmp_path, npy):
+    """`usae train` had no --warmup-steps, and its fixed default of 100 was more than a short run's
+    steps; left out, it is now min(100, steps // 10)."""
+    store = _store_for_training(tmp_path, npy)
+    common = ("--store", store, "--concepts", "16", "--k", "2", "--steps", "20", "--batch-size", "64",
+              "--device", "cpu")
+    for out, flags, warmup in (("auto", [], 2), ("given", ["--warmup-steps", "7"], 7)):
+        result = _run("train", *common, "--out", tmp_path / out, *flags)
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / out / "config.json").read_text())["train"]["warmup_steps"] == warmup
+    proc = _cli_error("train", *common, "--out", tmp_path / "long", "--warmup-steps", "30")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert "--warmup-steps (warmup_steps) 30 is more than --steps (steps) 20" in proc.stderr
+    assert not (tmp_path / "long").exists()

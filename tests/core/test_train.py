@@ -171,7 +171,7 @@ def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
     _, store = planted
     ucfg, tcfg = _small_cfgs(store, 5)
     train_usae(store, tmp_path / "run", ucfg, tcfg)
-    with pytest.raises(UsaeError, match="--resume.*--overwrite"):
+    with pytest.raises(UsaeError, match=r"--resume \(resume=True\) to continue it or --overwrite \(overwrite=True\)"):
         train_usae(store, tmp_path / "run", ucfg, tcfg)
     train_usae(store, tmp_path / "run", ucfg, tcfg, overwrite=True)
 
@@ -297,7 +297,7 @@ def test_resume_refuses_a_different_shape(planted, tmp_path):
     ucfg, tcfg = _small_cfgs(store, 10)
     train_usae(store, tmp_path / "run", ucfg, tcfg)
     other = USAEConfig(model_dims=store.dims, n_concepts=24, k=3)
-    with pytest.raises(UsaeError, match="--concepts 16 vs 24"):
+    with pytest.raises(UsaeError, match=r"--concepts \(n_concepts\) 16 vs 24"):
         train_usae(store, tmp_path / "run", other, tcfg, resume=True)
 
 
@@ -424,3 +424,130 @@ def test_the_logged_dead_fraction_counts_concepts_silent_for_longer_than_dead_af
         assert record["dead_fraction"] == int((count > 128).sum()) / 64, record["step"]
         previous = count
     assert max(r["dead_fraction"] for r in log) > 0  # some concept did go quiet
+
+
+# ------------------------------------------------------------------ the Python API
+
+
+def _weights(model: USAE) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+
+
+def test_training_is_seeded_by_its_config_and_leaves_the_callers_random_state_alone(planted, tmp_path):
+    """It called torch.manual_seed(cfg.seed): a caller's torch.rand after training no longer
+    continued the sequence the caller had seeded."""
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 5)
+    trained = []
+    for caller_seed in (123, 456):  # whatever the caller seeded, the same weights
+        torch.manual_seed(caller_seed)
+        expected = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
+        trained.append(_weights(train_usae(store, tmp_path / f"run-{caller_seed}", ucfg, tcfg, progress=False)))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(torch.rand(3), expected)
+    assert trained[0].keys() == trained[1].keys()
+    for key, value in trained[0].items():
+        assert torch.equal(value, trained[1][key]), key
+    reseeded = TrainConfig(**{**tcfg.to_dict(), "seed": 4})
+    other = _weights(train_usae(store, tmp_path / "seed-4", ucfg, reseeded, progress=False))
+    assert any(not torch.equal(value, trained[0][key]) for key, value in other.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_trainer_on_a_gpu_leaves_the_cpu_and_gpu_random_state_alone(planted, tmp_path):
+    _, store = planted
+    ucfg, _ = _small_cfgs(store, 5)
+    torch.manual_seed(11)
+    torch.cuda.manual_seed(11)
+    cpu, gpu = torch.get_rng_state(), torch.cuda.get_rng_state()
+    first = Trainer(store, tmp_path, ucfg, TrainConfig(steps=5, batch_size=64, seed=3, device="cuda"), [])
+    assert torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(), gpu)
+    torch.manual_seed(12)
+    second = Trainer(store, tmp_path, ucfg, TrainConfig(steps=5, batch_size=64, seed=3, device="cuda"), [])
+    for key, value in _weights(first.model).items():
+        assert torch.equal(value, _weights(second.model)[key]), key
+
+
+def test_progress_false_trains_without_progress_bars(planted, tmp_path, capfd):
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 5)
+    train_usae(store, tmp_path / "quiet", ucfg, tcfg, progress=False)
+    assert "%|" not in capfd.readouterr().err
+    train_usae(store, tmp_path / "shown", ucfg, tcfg)  # the default: the statistics pass and the steps
+    err = capfd.readouterr().err
+    assert "statistics:" in err and "train:" in err
+
+
+def test_the_store_may_be_given_by_its_path(planted, tmp_path):
+    """A str used to fail with AttributeError: 'str' object has no attribute 'model_names'."""
+    _, store = planted
+    ucfg, tcfg = _small_cfgs(store, 5)
+    reference = _weights(train_usae(store, tmp_path / "object", ucfg, tcfg, progress=False))
+    for kind, given in (("str", str(store.root)), ("path", Path(store.root))):
+        trained = _weights(train_usae(given, tmp_path / kind, ucfg, tcfg, progress=False))
+        for key, value in reference.items():
+            assert torch.equal(value, trained[key]), (kind, key)
+    with pytest.raises(UsaeError, match="no activation store at"):
+        train_usae(str(tmp_path / "missing"), tmp_path / "run", ucfg, tcfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_short_run_warms_up_over_a_tenth_of_its_steps(planted, tmp_path):
+    """warmup_steps was 100 whatever the steps: a 100-step run reached its peak rate only at its
+    last step. Left out, it is min(100, steps // 10), as `usae demo` sets it."""
+    _, store = planted
+    ucfg = USAEConfig(model_dims=store.dims, n_concepts=16, k=2, encoder="linear")
+    tcfg = TrainConfig(steps=100, batch_size=64, lr=1e-2, log_every=1, checkpoint_every=0, device="cpu")
+    assert tcfg.warmup_steps == 10
+    train_usae(store, tmp_path / "run", ucfg, tcfg, progress=False)
+    lrs = [r["lr"] for r in read_training_log(tmp_path / "run")]
+    assert lrs[9] == pytest.approx(1e-2)  # the tenth step runs at the peak
+    assert max(lrs) == pytest.approx(1e-2) and lrs[-1] < lrs[50] < lrs[10]  # then the cosine decays
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["warmup_steps"] == 10
+
+
+def test_latents_that_die_between_two_reads_of_the_dead_count_get_their_auxk_term_at_once():
+    """The fused step sizes AuxK from a dead count read every log_every steps. It used to count
+    only the latents dead at the read, so latents that died after it got no AuxK term for up to
+    log_every - 1 steps, unlike the plain step; the two now agree at every step."""
+    ucfg = USAEConfig(model_dims={"a": 12, "b": 20}, n_concepts=40, k=4)
+    tcfg = TrainConfig(steps=10, batch_size=64, lr=1e-2, device="cpu", aux="auxk", aux_k=16,
+                       dead_after_tokens=100, fire_threshold=2.5, warmup_steps=0, log_every=50)
+    gen = torch.Generator().manual_seed(6)
+    batches = [{m: torch.randn(64, d, generator=gen, dtype=torch.float64) for m, d in ucfg.model_dims.items()}
+               for _ in range(4)]
+    finals = []
+    for fused in (False, True):
+        trainer = Trainer(None, Path("unused"), ucfg, tcfg, [])
+        trainer.model.double().train()
+        trainer.fused = fused
+        # None dead at the first step (the read); the silent ones (below tau) die at the second or third.
+        trainer.since_fired[::3] = 50
+        dead, outs = [], []
+        for i, batch in enumerate(batches):
+            dead.append(int((trainer.since_fired > tcfg.dead_after_tokens).sum()))
+            outs.append(trainer.train_step(batch, "ab"[i % 2]))
+        losses = [float(o["loss"]) for o in outs]
+        finals.append((dead, losses, {key: value.clone() for key, value in trainer.model.state_dict().items()}))
+    (dead, plain_losses, plain), (_, fused_losses, fused) = finals
+    assert dead[0] == 0 and all(dead[1:]), dead  # only one read, at step 0, and none dead then
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-9)
+    for name, tensor in plain.items():
+        torch.testing.assert_close(fused[name].double(), tensor.double(), rtol=1e-8, atol=1e-8, msg=name)
+
+
+def test_the_auxk_width_covers_every_latent_dead_until_the_next_read(planted, tmp_path):
+    """Between two reads the tokens-since-firing counts grow by one batch a step (or reset):
+    whatever dies in between is within the width read before."""
+    _, store = planted
+    trainer = _trainer(store, tmp_path, n_concepts=512, aux_k=512, log_every=10, dead_after_tokens=1000)
+    trainer.since_fired.copy_(torch.arange(512) * 2)  # 0 .. 1022 tokens: 11 dead, more at every step
+    gen = torch.Generator().manual_seed(0)
+    for step in range(60):
+        width = trainer._auxk_width()
+        dead = int((trainer.since_fired > 1000).sum())
+        assert width >= dead, (step, width, dead)
+        fired = torch.rand(512, generator=gen) < 0.05
+        trainer.since_fired.add_(64).masked_fill_(fired, 0)

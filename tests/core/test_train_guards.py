@@ -168,7 +168,7 @@ def test_a_folder_that_holds_no_run_is_neither_trained_in_nor_replaced(store, tm
     for name, text in content.items():
         (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_text(text)
-    with pytest.raises(UsaeError, match="holds no USAE run; .*--overwrite only replaces a run"):
+    with pytest.raises(UsaeError, match=r"holds no USAE run; .*--overwrite \(overwrite=True\) only replaces a run"):
         train_usae(store, out, *_cfgs(store), **flags)
     assert _snapshot(out) == {name: text.encode() for name, text in content.items()}
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
@@ -203,14 +203,16 @@ def test_resume_with_other_settings_is_refused_naming_each_and_changes_nothing(s
     with pytest.raises(UsaeError) as info:
         train_usae(store, run, ucfg, tcfg, resume=True)
     message = str(info.value)
-    for difference in ("--lr 0.001 vs 0.01", "--seed 3 vs 7", "--batch-size 64 vs 32", "--loss 'l1' vs 'mse'",
-                       "--aux 'auxk' vs 'none'", "--steps 30 vs 60"):
+    # Named as `usae train` and `train_usae` users set them: the option, then the field.
+    for difference in ("--lr (lr) 0.001 vs 0.01", "--seed (seed) 3 vs 7", "--batch-size (batch_size) 64 vs 32",
+                       "--loss (loss) 'l1' vs 'mse'", "--aux (aux) 'auxk' vs 'none'", "--steps (steps) 30 vs 60"):
         assert difference in message
-    assert "--store" not in message and "--overwrite" in message and "\n" not in message
+    assert message.startswith("--resume (resume=True) continues")
+    assert "--store" not in message and "--overwrite (overwrite=True)" in message and "\n" not in message
     assert _snapshot(run) == before
 
     ucfg, _ = _cfgs(store)
-    with pytest.raises(UsaeError, match="--concepts 16 vs 32; --k 3 vs 4"):
+    with pytest.raises(UsaeError, match=r"--concepts \(n_concepts\) 16 vs 32; --k \(k\) 3 vs 4"):
         train_usae(store, run, USAEConfig(model_dims=store.dims, n_concepts=32, k=4), _cfgs(store)[1], resume=True)
     assert _snapshot(run) == before
 
@@ -229,15 +231,18 @@ def test_resume_under_another_number_of_torchrun_ranks_is_refused(store, tmp_pat
 
 
 def test_a_setting_with_no_train_option_says_where_it_came_from(store, tmp_path):
-    """`usae demo` sets warmup_steps, which `usae train` has no option for: asking for the saved
-    value alone would leave the user stuck, so the message says to continue the run as it began."""
+    """`usae demo` sets dead_after_tokens, which `usae train` has no option for: asking for the
+    saved value alone would leave the user stuck, so the message says to continue the run as it began."""
     run = tmp_path / "run"
     _killed_after_25(store, run)
-    with pytest.raises(UsaeError, match=r"warmup_steps 5 vs 7; .*warmup_steps has no `usae train` option.*usae demo"):
-        train_usae(store, run, *_cfgs(store, warmup_steps=7), resume=True)
-    with pytest.raises(UsaeError) as flagged:
-        train_usae(store, run, *_cfgs(store, lr=0.01), resume=True)
-    assert "--lr 0.001 vs 0.01" in str(flagged.value) and "no `usae train` option" not in str(flagged.value)
+    with pytest.raises(UsaeError, match=r"dead_after_tokens 500 vs 700; .*dead_after_tokens has no `usae train` "
+                                        r"option.*usae demo"):
+        train_usae(store, run, *_cfgs(store, dead_after_tokens=700), resume=True)
+    for changed, named in (({"lr": 0.01}, "--lr (lr) 0.001 vs 0.01"),  # warmup_steps: set by `usae train` too now
+                           ({"warmup_steps": 7}, "--warmup-steps (warmup_steps) 5 vs 7")):
+        with pytest.raises(UsaeError) as flagged:
+            train_usae(store, run, *_cfgs(store, **changed), resume=True)
+        assert named in str(flagged.value) and "no `usae train` option" not in str(flagged.value)
 
 
 def test_resume_may_change_how_often_it_saves_and_still_finishes_exactly(store, tmp_path):
@@ -261,7 +266,7 @@ def test_resume_on_another_store_is_refused_and_on_the_same_store_moved_continue
     _killed_after_25(store, run)
     before = _snapshot(run)
     other = _store(tmp_path / "other", seed=1)  # the same models and dims, other activations
-    with pytest.raises(UsaeError, match=rf"--store '{store.root.resolve()}' vs '{other.root.resolve()}'"):
+    with pytest.raises(UsaeError, match=rf"--store \(store\) '{store.root.resolve()}' vs '{other.root.resolve()}'"):
         train_usae(other, run, *_cfgs(other), resume=True)
     assert _snapshot(run) == before
 
@@ -306,13 +311,16 @@ def test_resume_refuses_a_store_extracted_again_in_the_same_place(tmp_path):
 def test_a_batch_larger_than_the_store_is_refused_before_anything_is_written(store, tmp_path):
     """It used to be OOM-killed, or fail with a NumPy allocation traceback."""
     ucfg, tcfg = _cfgs(store, batch_size=100_000_000)
-    with pytest.raises(UsaeError, match="--batch-size 100,000,000 is more than the 1,024 tokens .*; use --batch-size 1024 or less"):
+    with pytest.raises(UsaeError, match=r"--batch-size \(batch_size\) 100,000,000 is more than the 1,024 tokens .*; "
+                                        r"use --batch-size 1024 \(batch_size=1024\) or less"):
         train_usae(store, tmp_path / "run", ucfg, tcfg)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(UsaeError, match=r"split over 2 ranks \(512 each\); use --batch-size 512 or less"):
+    with pytest.raises(UsaeError, match=r"split over 2 ranks \(512 each\); "
+                                        r"use --batch-size 512 \(batch_size=512\) or less"):
         _check_batch_fits(store, 513, 2)
     _check_batch_fits(store, 512, 2)
-    train_usae(store, tmp_path / "run", *_cfgs(store, steps=3, batch_size=1024))  # the whole store is fine
+    whole = _cfgs(store, steps=3, warmup_steps=1, batch_size=1024)  # the whole store is fine
+    train_usae(store, tmp_path / "run", *whole)
 
 
 # ------------------------------------------------------------------ what a run leaves
@@ -358,13 +366,15 @@ def test_ctrl_c_says_where_training_stopped_and_which_checkpoint_resume_uses(sto
     assert isinstance(info.value, KeyboardInterrupt)  # callers that stop on Ctrl-C still do
     message = str(info.value)
     assert f"training of {run} interrupted after step 25 of 30" in message
-    assert "with --resume to continue" in message and "checkpoint of step 20" in message
+    assert "`usae train` command or `train_usae` call with --resume (resume=True) to continue" in message
+    assert "checkpoint of step 20" in message
     assert "--overwrite" not in message  # not used, so not named
     steps = []
     train_usae(store, run, *_cfgs(store), resume=True, callbacks=[lambda r: steps.append(r["step"])])
     assert steps == [25, 30]  # it did continue from step 20
 
-    with pytest.raises(TrainingInterrupted, match=r"with --resume in place of --overwrite to continue from step 0 "
+    with pytest.raises(TrainingInterrupted, match=r"with --resume \(resume=True\) in place of --overwrite "
+                                                  r"\(overwrite=True\) to continue from step 0 "
                                                   r"\(no checkpoint yet\) \(the new run in .*\.run\.replacing"):
         train_usae(store, run, *_cfgs(store, checkpoint_every=0), overwrite=True, callbacks=[ctrl_c_at_25])
     assert json.loads((run / "config.json").read_text())["step"] == 30  # the old run stays
