@@ -235,7 +235,7 @@ def run_demo(settings: Settings, *, small: bool = False, device: str = "auto", s
              echo: Echo = print) -> DemoResult:
     from app.migrations import upgrade_database
     from usae_core.atomic import atomic_write_bytes
-    from usae_core.train import resolve_device
+    from usae_core.devices import resolve_device
 
     plan = SMALL if small else FULL
     device = str(resolve_device(device))

@@ -35,7 +35,7 @@ import torch
 from usae_core.backbones import Backbone, create_backbone, default_backbones
 from usae_core.extract import COMPILE_MODES, ExtractTimings, NormalizedBackbone, compiled, extract_store, use_fast_pinning
 from usae_core.images import FolderSource
-from usae_core.train import resolve_device
+from usae_core.devices import resolve_device
 
 log = logging.getLogger("extract_throughput")
 UNIQUE_IMAGES = 512

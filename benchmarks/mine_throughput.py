@@ -43,7 +43,7 @@ from usae_core import mining  # noqa: E402
 from usae_core.mining import MiningConfig, mine_store, nearest_concepts, top_image_heatmaps  # noqa: E402
 from usae_core.model import USAE  # noqa: E402
 from usae_core.store import ActivationStore, check_replaceable_store  # noqa: E402
-from usae_core.train import resolve_device  # noqa: E402
+from usae_core.devices import resolve_device  # noqa: E402
 
 PAPER_DIMS = {"dinov2": 384, "siglip": 768, "vit": 768}
 

@@ -20,7 +20,7 @@ import timm
 import torch
 
 from usae_core.backbones.patch_conv import use_gemm_patch_convs
-from usae_core.train import resolve_device
+from usae_core.devices import resolve_device
 
 PAPER_BACKBONES = ("vit_small_patch14_dinov2", "vit_base_patch16_siglip_224", "vit_base_patch16_224")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from usae_core.extract import resample_grid
-from usae_core.train import resolve_device
+from usae_core.devices import resolve_device
 
 
 def by_interpolate(tokens: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable, Iterator, Mapping
 
@@ -34,6 +34,7 @@ from PIL import Image
 from torch import nn
 
 from usae_core.backbones.base import Backbone
+from usae_core.devices import resolve_device
 from usae_core.errors import UsaeError
 from usae_core.extract import resample_grid
 from usae_core.model import USAE
@@ -74,7 +75,8 @@ class CamConfig:
     seed: int = 0
     """Seeds the initial phase, the crops and the noise: same seed, same images (bit-for-bit on a CPU)."""
     device: str = "cpu"
-    """Where the image, the backbones and the USAE compute (they are moved there for the run)."""
+    """Where the image, the backbones and the USAE compute (they are moved there for the run);
+    "auto" is a GPU when there is one."""
 
     def __post_init__(self) -> None:
         def integer(value: object) -> bool:
@@ -450,6 +452,8 @@ def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Back
     step, `step` counting from 1 to `total = cfg.steps`. The USAE and the backbones are moved to
     `cfg.device` (and stay there), put in eval mode and their parameters get no gradients; their
     training flags and requires_grad are restored afterwards."""
+    # "auto" picks here; a GPU that is not there is a UsaeError, not torch's from the first move
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))
     grid_of = _validate(usae, backbones, concept, grids)
     usae.to(cfg.device)
     return {name: maximize_concept(usae, backbone.to(cfg.device), name, concept, cfg, grid=grid_of[name],

@@ -43,6 +43,7 @@ from usae_core.atomic import (
 )
 from usae_core.backbones import Backbone, create_backbone
 from usae_core.backbones.base import pil_to_uint8
+from usae_core.devices import resolve_device
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
 from usae_core.images import FolderSource, defect_types, failure_reason, load_image, square_view, warn_skipped
@@ -434,12 +435,6 @@ def _warn_of_a_finer_grid(grid: tuple[int, int], models: Sequence[Backbone]) -> 
                     *grid, *finest, grid[0] * grid[1] / (smallest[0] * smallest[1]), *smallest)
 
 
-def _resolve_device(device: str) -> torch.device:
-    from usae_core.train import resolve_device
-
-    return resolve_device(device)
-
-
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 """`torch.compile` modes for backbones. The CUDA-graph modes are left out: a graph replay
 overwrites the outputs of the last one, which the shard copies may still be reading."""
@@ -603,7 +598,7 @@ def _fill(source: FolderSource, models: list[Backbone], writer: StoreWriter, ran
                                             for n, d in writer.dims.items()})
     mine = [s for s in mine if s.n_images]
     if mine:
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         # The copy stream, its events and the compute stream must all be the device's (--device cuda:1).
         with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
             _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=dev,

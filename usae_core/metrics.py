@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from usae_core.devices import resolve_device
 from usae_core.errors import UsaeError
 
 
@@ -171,6 +172,7 @@ def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, dev
 
     check_tau(tau)
     model.check_store(store)
+    device = resolve_device(device)
     model = model.to(device).eval()
     names = model.names
     m, c = len(names), model.cfg.n_concepts

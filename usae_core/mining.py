@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from usae_core.devices import resolve_device
 from usae_core.errors import UsaeError
 from usae_core.host_copy import SideStreamUpload, read_rows
 from usae_core.kernels.code_stats import CodeStats
@@ -280,7 +281,7 @@ def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | t
                masks: DefectMasks | None = None, progress: bool = False) -> MiningResult:
     """Stream the store once and gather everything per concept (see the module docstring)."""
     cfg = cfg or MiningConfig()
-    device = torch.device(device)
+    device = resolve_device(device)
     model.check_store(store)
     model = model.to(device).eval()
     names = list(model.names)
@@ -418,7 +419,7 @@ def top_image_heatmaps(model, store, result: MiningResult, concepts: Sequence[in
     Only the images in those top lists are re-encoded, a batch at a time, so memory follows
     len(concepts) x top_n, not the store."""
     cfg = cfg or MiningConfig()
-    device = torch.device(device)
+    device = resolve_device(device)
     model = model.to(device).eval()
     t, grid = store.tokens_per_image, store.grid
     heatmaps: dict[tuple[int, int, int], np.ndarray] = {}

@@ -35,6 +35,7 @@ from usae_core.atomic import (
     swap_in_replacement,
 )
 from usae_core.config import TrainConfig, USAEConfig
+from usae_core.devices import resolve_device
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
 from usae_core.interrupt import interrupt_between_steps
@@ -89,17 +90,6 @@ def read_training_log(run_dir: str | Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
     return records
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UsaeError(f"--device {spec} (device={spec!r}) was asked for, but no CUDA device is available")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise UsaeError(f"unknown device {spec!r} (auto|cpu|cuda|cuda:N)") from None
 
 
 def source_for_step(seed: int, step: int, n_models: int) -> int:

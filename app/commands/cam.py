@@ -35,7 +35,7 @@ def cam_cmd(
     from usae_core.cam import CamConfig, coordinated_activation_maximization
     from usae_core.model import CONFIG_FILE, USAE, not_a_run_message
     from usae_core.store import ActivationStore, check_model_name
-    from usae_core.train import resolve_device
+    from usae_core.devices import resolve_device
 
     settings = settings_for(data_dir)
     run_dir = resolve_run(run, settings)

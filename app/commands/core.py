@@ -106,7 +106,7 @@ def eval_cmd(
     from usae_core.metrics import evaluate_usae
     from usae_core.model import USAE
     from usae_core.store import ActivationStore
-    from usae_core.train import resolve_device
+    from usae_core.devices import resolve_device
 
     if per_concept and not as_json:
         raise UsaeError("--per-concept adds arrays to the JSON output: pass --json too")

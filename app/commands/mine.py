@@ -30,7 +30,7 @@ def mine_cmd(
     from usae_core.mining import MiningConfig
     from usae_core.model import USAE
     from usae_core.store import ActivationStore
-    from usae_core.train import resolve_device
+    from usae_core.devices import resolve_device
 
     if batch_concepts < 1:
         raise UsaeError(f"--batch-concepts must be >= 1, got {batch_concepts}")

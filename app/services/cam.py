@@ -67,7 +67,7 @@ def run_cam_job(settings: Settings, sessions: sessionmaker[Session], job: Job, p
 
     from usae_core.cam import CamConfig, coordinated_activation_maximization
     from usae_core.model import USAE
-    from usae_core.train import resolve_device
+    from usae_core.devices import resolve_device
 
     request = CamRequest.model_validate(job.params)
     index = job.concept_index

@@ -139,3 +139,23 @@ def test_evaluating_on_a_store_of_other_models_is_a_clear_error(tmp_path):
     with pytest.raises(UsaeError, match="trained on models"):
         evaluate_usae(model, store)
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_gpu_that_is_not_there_is_named_not_a_torch_error(tmp_path):
+    """evaluate_usae, mine_store and CAM say the device is missing (torch's own error was
+    "Found no NVIDIA driver" from deep inside the first tensor moved)."""
+    from usae_core.cam import CamConfig, coordinated_activation_maximization
+    from usae_core.config import USAEConfig
+    from usae_core.mining import mine_store
+    from usae_core.model import USAE
+    from usae_core.store import import_activations
+
+    store = import_activations(tmp_path / "s", {"a": np.zeros((2, 4, 3), np.float32)}, grid=(2, 2))
+    model = USAE(USAEConfig(model_dims={"a": 3}, n_concepts=4, k=1))
+    for call in (lambda: evaluate_usae(model, store, device="cuda"), lambda: mine_store(model, store, device="cuda:1"),
+                 lambda: coordinated_activation_maximization(model, {}, 0, CamConfig(device="cuda"))):
+        with pytest.raises(UsaeError, match="no CUDA device is available"):
+            call()
+    with pytest.raises(UsaeError, match="unknown device 'gpu'"):
+        evaluate_usae(model, store, device="gpu")
