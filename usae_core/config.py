@@ -115,6 +115,9 @@ class TrainConfig:
                f"min(100, steps // 10) = {min(100, self.steps // 10)}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         _check(self.grad_clip >= 0, "grad_clip must be >= 0")
+        # codes are never negative: below 0 every latent would fire on every token, none ever dead
+        _check(self.fire_threshold >= 0, f"fire_threshold must be >= 0, got {self.fire_threshold}")
+        _check(self.dead_after_tokens >= 0, f"dead_after_tokens must be >= 0, got {self.dead_after_tokens}")
         _check(self.loss in ("l1", "mse"), f"unknown loss {self.loss!r} (l1|mse)")
         _check(self.aux in ("paper", "auxk", "none"), f"unknown aux loss {self.aux!r} (paper|auxk|none)")
         _check(self.log_every >= 1, "log_every must be >= 1")

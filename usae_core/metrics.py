@@ -171,6 +171,8 @@ def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, dev
     from tqdm.auto import tqdm
 
     check_tau(tau)
+    if max_images is not None and max_images < 1:  # 0 read as "no limit" evaluated the whole store
+        raise UsaeError(f"max_images must be >= 1 (or None for every image), got {max_images}")
     model.check_store(store)
     device = resolve_device(device)
     model = model.to(device).eval()

@@ -314,6 +314,11 @@ class ActivationStore:
             raise UsaeError(f"{mf}: shard_sizes add up to {sum(sizes)} images, n_images says {manifest['n_images']}")
         return cls(root, manifest)
 
+    def __repr__(self) -> str:
+        models = ", ".join(f"{name} ({dim})" for name, dim in self.dims.items())
+        return (f"ActivationStore('{self.root}', {self.n_images:,} images, grid {self.grid[0]}x{self.grid[1]}, "
+                f"{self.dtype}, models: {models})")
+
     # ----------------------------------------------------------------- layout
     @property
     def model_names(self) -> list[str]:

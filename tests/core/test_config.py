@@ -78,3 +78,10 @@ def test_saved_train_configs_load_unchanged():
     assert (loaded.steps, loaded.warmup_steps) == (20, 100)
     with pytest.raises(UsaeError, match="--lr"):  # the other checks still apply
         TrainConfig.from_dict({**short, "lr": -1})
+
+
+def test_a_negative_firing_threshold_or_dead_horizon_is_refused():
+    with pytest.raises(UsaeError, match="fire_threshold must be >= 0, got -0.1"):
+        TrainConfig(fire_threshold=-0.1)
+    with pytest.raises(UsaeError, match="dead_after_tokens must be >= 0"):
+        TrainConfig(dead_after_tokens=-1)

@@ -159,3 +159,14 @@ def test_a_gpu_that_is_not_there_is_named_not_a_torch_error(tmp_path):
             call()
     with pytest.raises(UsaeError, match="unknown device 'gpu'"):
         evaluate_usae(model, store, device="gpu")
+
+
+def test_evaluating_zero_images_is_refused_not_read_as_every_image(tmp_path):
+    from usae_core.model import USAE
+    from usae_core.store import import_activations
+
+    store = import_activations(tmp_path / "s", {"a": np.ones((3, 4, 3), np.float32)}, grid=(2, 2))
+    model = USAE(USAEConfig(model_dims={"a": 3}, n_concepts=4, k=1))
+    with pytest.raises(UsaeError, match="max_images must be >= 1"):
+        evaluate_usae(model, store, max_images=0)
+    assert evaluate_usae(model, store, max_images=2).n_tokens == 8

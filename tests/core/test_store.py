@@ -455,3 +455,8 @@ def test_large_shards_with_block_headers_are_read_and_compacted(tmp_path):
         np.testing.assert_array_equal(store.image_tokens("a", j), a[i].astype(np.float32))
     batch = next(store.iter_token_batches(64, seed=0))
     assert batch["a"].shape == (64, 1024) and np.isfinite(batch["a"]).all()
+
+
+def test_a_store_says_what_it_holds(tmp_path):
+    store = import_activations(tmp_path / "s", _aligned_arrays(), dtype="float32", shard_images=6)
+    assert repr(store) == f"ActivationStore('{tmp_path / 's'}', 20 images, grid 3x3, float32, models: a (6), b (8))"
