@@ -123,7 +123,7 @@ def train(settings: Settings, plan: DemoPlan, store, device: str, seed: int, reb
     if not rebuild and same_plan and saved.get("step") == plan.steps:
         return USAE.from_pretrained(run_dir), run_dir, summary, True
     tcfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, device=device,
-                       warmup_steps=min(100, plan.steps // 10), checkpoint_every=max(plan.steps // 4, 1),
+                       checkpoint_every=max(plan.steps // 4, 1),
                        dead_after_tokens=20 * plan.batch_size)
     # A training cut short is continued only if it was started on this very store with this plan:
     # the record names both, and is written before training starts and removed when it ends.

@@ -78,7 +78,7 @@ def make_ours(cfg: dict, device: torch.device, *, plain: bool = False, steps: in
               seed: int = 0, warmup_tokens: int = 100 * 6272) -> Trainer:
     ucfg = USAEConfig(model_dims=dict(PAPER_DIMS), n_concepts=cfg["n_concepts"], k=cfg["k"], encoder="mlp_bn")
     tcfg = TrainConfig(steps=steps, batch_size=cfg["batch"], lr=lr, loss="l1", aux="auxk", device=str(device),
-                       seed=seed, log_every=50, warmup_steps=max(1, round(warmup_tokens / cfg["batch"])))
+                       seed=seed, log_every=50, warmup_steps=min(steps, max(1, round(warmup_tokens / cfg["batch"]))))
     trainer = Trainer(None, Path(tempfile.gettempdir()), ucfg, tcfg, [])
     trainer.model.train()
     trainer.fused = not plain

@@ -43,20 +43,24 @@ document.addEventListener("keydown", (event) => {
   event.preventDefault();  // no page scroll, and no previous/next concept
   const [axis, direction] = step;
   const other = axis === "cx" ? "cy" : "cx";
-  const at = (a, name) => Number(a.querySelector("circle").getAttribute(name));
   // SVG y grows downwards: up is towards smaller cy.
-  const points = [...point.ownerSVGElement.querySelectorAll("a")]
-    .sort((p, q) => at(p, axis) - at(q, axis) || at(q, other) - at(p, other));
-  const next = points[points.indexOf(point) + direction];
-  if (!next) return;
-  point.setAttribute("tabindex", "-1");
-  next.setAttribute("tabindex", "0");
-  next.focus();
+  const points = [...point.ownerSVGElement.querySelectorAll("a")].map((a) => {
+    const circle = a.querySelector("circle");
+    return { a, main: Number(circle.getAttribute(axis)), across: Number(circle.getAttribute(other)) };
+  }).sort((p, q) => p.main - q.main || q.across - p.across);
+  const next = points[points.findIndex((p) => p.a === point) + direction];
+  if (next) next.a.focus();
 });
 document.addEventListener("focusin", (event) => {
   const point = event.target.closest && event.target.closest("svg.chart-scatter a");
   if (!point) return;
   const svg = point.ownerSVGElement;
+  // However the point got focus (arrow keys, a click, a screen reader), it is the plot's one tab stop.
+  const stop = svg.querySelector("a[tabindex='0']");
+  if (stop !== point) {
+    if (stop) stop.setAttribute("tabindex", "-1");
+    point.setAttribute("tabindex", "0");
+  }
   let caption = svg.nextElementSibling;
   if (!caption || !caption.classList.contains("point-focus")) {
     caption = document.createElement("p");

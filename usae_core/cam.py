@@ -96,11 +96,12 @@ class CamConfig:
                f"CAM lr must be a finite number > 0, got {self.lr!r}")
         _check(integer(self.seed) and 0 <= self.seed < 2**63,
                f"CAM seed must be an integer in [0, 2**63), got {self.seed!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            example = "e.g. 'cpu', 'cuda', 'cuda:1'"
-            raise UsaeError(f"CAM device {self.device!r} is not a torch device ({example})") from None
+        if self.device != "auto":  # picked when the run starts
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                example = "e.g. 'auto', 'cpu', 'cuda', 'cuda:1'"
+                raise UsaeError(f"CAM device {self.device!r} is not a torch device ({example})") from None
 
 
 @dataclass

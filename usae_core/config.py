@@ -41,6 +41,11 @@ class USAEConfig:
                    f"model {name!r} has invalid dim {dim!r}")
         # plain ints: config.json is written with the json module, which refuses NumPy scalars
         self.model_dims = {name: int(dim) for name, dim in self.model_dims.items()}
+        for name in ("n_concepts", "k"):
+            value = getattr(self, name)
+            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool),
+                   f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))
         _check(self.n_concepts >= 1, f"--concepts (n_concepts) must be >= 1, got {self.n_concepts}")
         _check(1 <= self.k <= self.n_concepts,
                f"--k (k) must be in [1, --concepts (n_concepts) = {self.n_concepts}], got {self.k}")

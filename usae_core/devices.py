@@ -21,6 +21,6 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise UsaeError(f"--device {spec} (device={str(spec)!r}) was asked for, but no CUDA device is available")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsaeError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"numbered from 0")
+            raise UsaeError(f"--device {spec} (device={str(spec)!r}): this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s), numbered from 0")
     return device

@@ -174,7 +174,8 @@ class USAE(nn.Module):
 
         Uses the BatchNorm's running statistics whether the model is in train or eval mode, and
         changes nothing in it: the codes that mining, the explorer and `evaluate_usae` see."""
-        dim = self.cfg.model_dims[self.names[self.index(model)]]
+        self.index(model)  # an unknown model name is a UsaeError naming the USAE's models
+        dim = self.cfg.model_dims[model]
         x = torch.as_tensor(activations)
         if x.dim() == 0 or x.shape[-1] != dim:
             raise UsaeError(f"activations of {model!r} must end in its dimension {dim}, got shape {list(x.shape)}")

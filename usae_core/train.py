@@ -194,7 +194,7 @@ class Trainer:
                 "optimizer": self._optimizer_state(),
                 "scheduler": self.scheduler.state_dict(),
                 "since_fired": self.since_fired.cpu(),
-                # the AuxK width's bound on the dead count and when it is next read: resuming at any step is exact
+                # the AuxK width's dead count and when it is next read: resuming at any step is exact
                 "dead_check": [self._n_dead, self._steps_to_dead_check],
             }
             torch.save(state, tmp / TRAINER_STATE)
@@ -246,6 +246,12 @@ class Trainer:
         """UsaeError naming every setting that differs from the checkpoint's (saved vs given):
         a resume with other settings would continue a different training than the one started,
         and its config.json would then describe neither."""
+        # A run saved before warm-up defaulted to min(100, steps // 10) holds the old fixed 100
+        # (more than its steps, in a short run); a resume given the automatic value continues
+        # with the run's own, as it does any warm-up the run was started with.
+        saved_warmup = saved.get("train", {}).get("warmup_steps")
+        if isinstance(saved_warmup, int) and self.cfg.warmup_steps == min(100, self.cfg.steps // 10):
+            self.cfg.warmup_steps = saved_warmup
         given = {"usae": self.model.cfg.to_dict(), "train": self.cfg.to_dict()}
         given = json.loads(json.dumps(given))  # as read back from config.json: tuples become lists
         changed = [(key, old, given[part].get(key)) for part in ("usae", "train")
@@ -419,20 +425,19 @@ class Trainer:
         return total, losses, sse, code.values, code.indices
 
     def _auxk_width(self) -> int:
-        """Latents the AuxK term must consider: min(aux_k, a bound on the dead count, rounded up
-        to a power of two).
+        """Latents the AuxK term must consider: min(aux_k, dead count, rounded up to a power of two).
 
         Alive latents enter AuxK with value 0 and change nothing, so any width >= the number of
-        dead latents gives the exact AuxK loss, at a cost proportional to that bound instead of
-        aux_k. The width shapes the step's tensors (and keys its CUDA graph), so the host needs
-        it before each step; the count is read from the device only every `log_every` steps (a
-        host sync). Each read therefore counts the latents dead at any step until the next read:
-        a latent's tokens-since-firing grows by at most one global batch a step, so every latent
-        dead within the next `log_every - 1` steps is already counted, whether or not it then
-        fires again (the bound can exceed the dead count: a wider term, the same loss)."""
+        dead latents gives the exact AuxK loss, at a cost proportional to the dead count instead
+        of aux_k. The width shapes the step's tensors (and keys its CUDA graph), so the host
+        needs it before the step: the count is read from the device every `log_every` steps,
+        with the logging's host sync. A latent that dies between two reads gets its AuxK term on
+        the fused path from the next read on, up to `log_every - 1` steps later than on the
+        plain path. Counting ahead (latents that would die before the next read) closed that
+        lag but made the width aux_k at every step wherever `log_every` batches exceed
+        `dead_after_tokens` (the demo's settings), paying for AuxK when no latent was dead."""
         if self._steps_to_dead_check <= 0:
-            horizon = (self.cfg.log_every - 1) * self.cfg.batch_size * self.world_size
-            self._n_dead = int((self.since_fired > self.cfg.dead_after_tokens - horizon).sum())
+            self._n_dead = int((self.since_fired > self.cfg.dead_after_tokens).sum())
             self._steps_to_dead_check = self.cfg.log_every
         self._steps_to_dead_check -= 1
         if self._n_dead == 0:

@@ -194,7 +194,6 @@ def test_a_worker_makes_cam_images_for_every_model_with_a_backbone(web_client, s
     assert cam["imported"] is None and cam["mnet"] == job["result"]["images"]["mnet"]
     assert [c["cam_activation"] for c in detail["columns"]] == [pytest.approx(activation["final"]), None]
     assert [c["cam_peak"] for c in detail["columns"]] == [pytest.approx(activation["peak"]), None]
-    assert activation["peak"] >= 0
     png = web_client.get(f"/media/{cam['mnet']}")
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
     page = web_client.get(f"/runs/{run_id}/concepts/5")

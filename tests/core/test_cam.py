@@ -354,3 +354,13 @@ def test_unknown_model_wrong_backbone_and_missing_grid(planted, random_models):
 def test_bad_config_values(field, value, message):
     with pytest.raises(UsaeError, match=message):
         CamConfig(**{field: value})
+
+
+def test_device_auto_is_picked_when_the_run_starts(planted):
+    usae, backbones = planted
+    cfg = CamConfig(**{**FAST, "steps": 1}, device="auto")
+    results = coordinated_activation_maximization(usae, backbones, RED, cfg)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(usae.parameters()).device.type == expected and set(results) == set(backbones)
+    with pytest.raises(UsaeError, match="CAM device 'gpu' is not a torch device"):
+        CamConfig(device="gpu")

@@ -85,3 +85,11 @@ def test_a_negative_firing_threshold_or_dead_horizon_is_refused():
         TrainConfig(fire_threshold=-0.1)
     with pytest.raises(UsaeError, match="dead_after_tokens must be >= 0"):
         TrainConfig(dead_after_tokens=-1)
+
+
+def test_numpy_integer_concepts_and_k_are_kept_as_plain_ints():
+    cfg = USAEConfig(model_dims={"a": 3}, n_concepts=np.int64(8), k=np.int32(2))
+    assert type(cfg.n_concepts) is int and type(cfg.k) is int
+    json.dumps(cfg.to_dict())  # config.json is written with the json module
+    with pytest.raises(UsaeError, match="k must be an integer, got 2.5"):
+        USAEConfig(model_dims={"a": 3}, n_concepts=8, k=2.5)

@@ -261,6 +261,30 @@ def test_resume_may_change_how_often_it_saves_and_still_finishes_exactly(store, 
     assert json.loads((run / "config.json").read_text())["train"]["checkpoint_every"] == 10
 
 
+def test_a_resume_given_no_warm_up_continues_with_the_runs_own(store, tmp_path):
+    """--resume without --warmup-steps (the automatic value) keeps the warm-up the run started
+    with, also the fixed 100 of runs saved before the automatic default (more than 30 steps)."""
+    straight = train_usae(store, tmp_path / "straight", *_cfgs(store))  # warm-up 5
+    run = tmp_path / "run"
+    _killed_after_25(store, run)
+    resumed = train_usae(store, run, *_cfgs(store, warmup_steps=None), resume=True)  # automatic: 3
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert json.loads((run / "config.json").read_text())["train"]["warmup_steps"] == 5
+
+    old = tmp_path / "old"
+    _killed_after_25(store, old)
+    for config_file in (old / "checkpoints").glob("step-*/config.json"):
+        config = json.loads(config_file.read_text())
+        config["train"]["warmup_steps"] = 100
+        config_file.write_text(json.dumps(config))
+    train_usae(store, old, *_cfgs(store, warmup_steps=None), resume=True)
+    assert json.loads((old / "config.json").read_text())["train"]["warmup_steps"] == 100
+    with pytest.raises(UsaeError, match=r"--warmup-steps \(warmup_steps\) 5 vs 4"):  # a value given is checked
+        _killed_after_25(store, tmp_path / "again")
+        train_usae(store, tmp_path / "again", *_cfgs(store, warmup_steps=4), resume=True)
+
+
 def test_resume_on_another_store_is_refused_and_on_the_same_store_moved_continues(store, tmp_path):
     run = tmp_path / "run"
     _killed_after_25(store, run)
