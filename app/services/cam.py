@@ -133,7 +133,7 @@ def _swap_in_cam_images(sessions: sessionmaker[Session], job: Job, request: CamR
     activations = {name: {"start": r.start_activation, "final": r.final_activation, "peak": r.final_peak_code}
                    for name, r in results.items()}
     summary = " · ".join(f"{n} {measure(a['start'])} → {measure(a['final'])}" for n, a in activations.items())
-    message = f"Made {len(written)} image{'s' if len(written) != 1 else ''}. Concept activation, start → end: {summary}."
+    message = f"Made {len(written)} image{'s' if len(written) != 1 else ''}. Mean response over the image, start → end: {summary}."
     if skipped:
         message += f" Skipped {', '.join(skipped)} (no backbone)."
     result = {"images": written, "activations": activations, "skipped": skipped}

@@ -260,7 +260,7 @@ def test_the_jobs_page_says_what_a_job_made_and_how_long_it_took(web_client, see
     _fake_cam(monkeypatch)
     job_id = _run_cam(seeded.settings, seeded.run.run_id, 2)
     row = web_client.get("/jobs").text.split(f'data-job="{job_id}"')[1].split("</tr>")[0]
-    assert "Made 3 images. Concept activation, start → end:" in row and " · " in row
+    assert "Made 3 images. Mean response over the image, start → end:" in row and " · " in row
     assert row.count("0.00 → 1.00") == 3  # every model's activations, as the pages format them
     assert re.search(r'data-label="Took">\d+ s<', row), row
 
