@@ -136,8 +136,7 @@ def _token_codes(usae: USAE, backbone, model: RunModel, image: Image.Image) -> t
     """Dense concept codes `[grid_h * grid_w, n_concepts]` of the image's tokens in one model."""
     native = backbone(backbone.preprocess(image)[None])  # [1, h*w, dim] on the backbone's own grid
     tokens = resample_grid(native, backbone.native_grid, (model.grid_h, model.grid_w))[0]  # as extraction did
-    values, indices = usae.encode(usae.standardize(tokens.float(), model.name), model.name)
-    return usae.dense_codes(values, indices)
+    return usae.concept_codes(tokens, model.name)
 
 
 def explain_image(session: Session, *, run: Run, image: Image.Image, cache: ModelCache) -> Explanation:

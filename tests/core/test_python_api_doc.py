@@ -34,7 +34,7 @@ def write_photos(folder: Path, n: int) -> None:
 @pytest.mark.slow
 def test_the_python_guide_runs_as_written(tmp_path, monkeypatch, capsys):
     blocks = python_blocks(DOC.read_text())
-    assert len(blocks) >= 8, "the guide lost its examples"
+    assert len(blocks) >= 9, "the guide lost its examples"
     write_photos(tmp_path / "photos", 12)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -49,5 +49,6 @@ def test_the_python_guide_runs_as_written(tmp_path, monkeypatch, capsys):
     assert namespace["all_codes"].shape == (12, store.tokens_per_image, 256)
     assert set(namespace["images"]) == set(store.model_names)
     assert all(r.image.shape == (96, 96, 3) for r in namespace["images"].values())
+    assert namespace["codes"].shape == (store.tokens_per_image, 256)  # the new image's, last model
     printed = capsys.readouterr().out
     assert "{'a': 6, 'b': 3}" in printed and "universal concepts of 256" in printed
