@@ -9,8 +9,9 @@ ids are no signal, as SQLite may give the new rows the ids of the rows just dele
 The version is read from the database on every request, so an edit made by any worker
 process, or by `usae mine`, is visible on the next request.
 
-The same key, hashed, is the page's ETag: a browser that sends it back in `If-None-Match`
-gets 304 Not Modified without the page being rendered.
+The same key, hashed with a fingerprint of the app's code, templates and styles (`BUILD`), is
+the page's ETag: a browser that sends it back in `If-None-Match` gets 304 Not Modified without
+the page being rendered, and never after the server was upgraded.
 
 Only pages rendered for a signed-in analyst are cached. Share-link pages are always rendered
 afresh (they show the time they were printed), so a share-link holder can never be handed a
@@ -20,6 +21,7 @@ page made for an analyst, nor the reverse.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from collections.abc import Callable, Hashable
 
 from sqlalchemy import bindparam, func, select
@@ -31,6 +33,21 @@ from app.lru import LruCache
 from app.models import CamImage, LabelHistory, Run
 from app.security import csrf_token
 from app.viewer import Viewer
+
+def _build_fingerprint() -> str:
+    """Everything that shapes a page besides the data: the app's code, templates and styles. In
+    the ETag, so a server upgraded to another version never answers 304 for a page the browser
+    kept from the old one (old markup beside the new scripts)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in (root / "app", root / "templates", root / "static"):
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in (".py", ".html", ".css", ".js") and path.is_file():
+                digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+BUILD = _build_fingerprint()
 
 PAGE_CACHE_BYTES = 64 * 2**20
 """Per server process: about 700 concept-browser pages of a three-model run."""
@@ -63,7 +80,7 @@ class PageCache:
         if version is None:
             return render_page()  # the route answers 404
         key = (request.url.path, request.url.query, viewer.user.id, csrf_token(request), version)
-        etag = '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
+        etag = '"' + hashlib.sha256(repr((BUILD, key)).encode()).hexdigest()[:32] + '"'
         # private: only this analyst's browser may keep it; no-cache: ask again every time.
         headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
         if etag in request.headers.get("if-none-match", ""):

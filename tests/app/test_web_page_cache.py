@@ -88,6 +88,39 @@ def test_unchanged_pages_are_not_modified(web_client, seeded):
         assert r.status_code == 200 and r.headers["etag"] != etag
 
 
+def test_a_page_kept_from_another_version_of_the_app_is_sent_again(web_client, seeded, monkeypatch):
+    """An upgraded server (other templates, styles or code) never answers 304 to a page the
+    browser kept from the old one: the app's fingerprint is part of the ETag."""
+    from app import page_cache
+
+    url = _urls(seeded)[0]
+    etag = web_client.get(url).headers["etag"]
+    assert web_client.get(url, headers={"If-None-Match": etag}).status_code == 304
+    monkeypatch.setattr(page_cache, "BUILD", "another-version")
+    r = web_client.get(url, headers={"If-None-Match": etag})
+    assert r.status_code == 200 and r.headers["etag"] != etag
+
+
+def test_the_apps_fingerprint_covers_its_templates_styles_and_code(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from app import page_cache
+
+    root = tmp_path / "copy"
+    for folder in ("app", "templates", "static"):
+        shutil.copytree(Path(page_cache.__file__).resolve().parent.parent / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "vendor"))
+    monkeypatch.setattr(page_cache, "__file__", str(root / "app" / "page_cache.py"))
+    first = page_cache._build_fingerprint()
+    assert page_cache._build_fingerprint() == first  # the same files, the same fingerprint
+    for changed in ("templates/base.html", "static/app.css", "app/services/concepts.py"):
+        path = root / changed
+        path.write_text(path.read_text() + "\n")
+        assert page_cache._build_fingerprint() != first, changed
+        first = page_cache._build_fingerprint()
+
+
 @pytest.mark.parametrize("scope", ["run", "concepts"])
 def test_share_holders_and_other_analysts_never_get_a_page_made_for_someone_else(web_client, seeded, scope):
     browser, page = _urls(seeded)
