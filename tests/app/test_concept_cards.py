@@ -117,6 +117,23 @@ def test_cards_hold_what_the_mined_tables_say(db_url, data_dir, tmp_path, dims):
     assert len(card_rows(db_url)) == 12
 
 
+def test_the_overview_of_a_one_model_run_says_that_universality_does_not_apply(tmp_path):
+    """Firing entropy is 0 for every concept of one model, which the two-or-more-models summary
+    would read as every concept being model-specific."""
+    settings = Settings(data_dir=tmp_path / "data", secret_key="test-secret", database_url=None)
+    upgrade_database(settings.db_url)
+    with session_factory(settings.db_url).begin() as s:
+        create_analyst(s)
+    _mine(settings.db_url, settings.media_dir, _planted(tmp_path, {"vit": 8}), cfg=MiningConfig(top_n=3))
+    with TestClient(create_app(settings)) as client:
+        login(client, "alice")
+        with session_factory(settings.db_url)() as s:
+            run_id = s.scalars(sa.select(Run.id)).one()
+        summary = re.search(r'<p class="lede" id="summary">(.*?)</p>', client.get(f"/runs/{run_id}").text, re.S).group(1)
+    assert "this run has one model, vit, which uses" in summary and "with one, every concept is its own" in summary
+    assert "used by all of them" not in summary
+
+
 def test_a_label_edit_shows_on_the_card_at_once_and_escaped(tmp_path, planted_run):
     settings = Settings(data_dir=tmp_path / "data", secret_key="test-secret", database_url=None)
     upgrade_database(settings.db_url)
