@@ -21,8 +21,8 @@ page made for an analyst, nor the reverse.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from collections.abc import Callable, Hashable
+from pathlib import Path
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
@@ -33,6 +33,7 @@ from app.lru import LruCache
 from app.models import CamImage, LabelHistory, Run
 from app.security import csrf_token
 from app.viewer import Viewer
+
 
 def _build_fingerprint() -> str:
     """Everything that shapes a page besides the data: the app's code, templates and styles. In
