@@ -64,6 +64,11 @@ class USAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def automatic_warmup_steps(steps: int) -> int:
+    """The warm-up a run gets when none is given: a tenth of its steps, at most 100."""
+    return min(100, steps // 10)
+
+
 @dataclass
 class TrainConfig:
     """How to train. Defaults follow the paper where it is specific and work on a CPU otherwise."""
@@ -112,12 +117,12 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"--batch-size (batch_size) must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"--lr (lr) must be > 0, got {self.lr}")
         if self.warmup_steps is None:
-            self.warmup_steps = min(100, self.steps // 10)
+            self.warmup_steps = automatic_warmup_steps(self.steps)
         _check(self.warmup_steps >= 0, f"--warmup-steps (warmup_steps) must be >= 0, got {self.warmup_steps}")
         _check(self.warmup_steps <= self.steps,
                f"--warmup-steps (warmup_steps) {self.warmup_steps} is more than --steps (steps) {self.steps}, so the "
                f"learning rate would never reach --lr (lr); pass at most {self.steps}, or leave it out for "
-               f"min(100, steps // 10) = {min(100, self.steps // 10)}")
+               f"min(100, steps // 10) = {automatic_warmup_steps(self.steps)}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         _check(self.grad_clip >= 0, "grad_clip must be >= 0")
         # codes are never negative: below 0 every latent would fire on every token, none ever dead

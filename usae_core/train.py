@@ -34,7 +34,7 @@ from usae_core.atomic import (
     start_replacement,
     swap_in_replacement,
 )
-from usae_core.config import TrainConfig, USAEConfig
+from usae_core.config import TrainConfig, USAEConfig, automatic_warmup_steps
 from usae_core.devices import resolve_device
 from usae_core.distributed import barrier, rank_and_world_size
 from usae_core.errors import UsaeError
@@ -250,7 +250,7 @@ class Trainer:
         # (more than its steps, in a short run); a resume given the automatic value continues
         # with the run's own, as it does any warm-up the run was started with.
         saved_warmup = saved.get("train", {}).get("warmup_steps")
-        if isinstance(saved_warmup, int) and self.cfg.warmup_steps == min(100, self.cfg.steps // 10):
+        if isinstance(saved_warmup, int) and self.cfg.warmup_steps == automatic_warmup_steps(self.cfg.steps):
             self.cfg.warmup_steps = saved_warmup
         given = {"usae": self.model.cfg.to_dict(), "train": self.cfg.to_dict()}
         given = json.loads(json.dumps(given))  # as read back from config.json: tuples become lists
