@@ -203,6 +203,9 @@ class Image(Base):
     """The store's image id (a path relative to the image folder for extracted stores)."""
     thumbnail_path: Mapped[str | None] = mapped_column(Text)
     """Square thumbnail, relative to the media directory."""
+    view_path: Mapped[str | None] = mapped_column(Text)
+    """The same square at up to VIEW_SIZE pixels, for the enlarged view; None where the source
+    image is no larger than the thumbnail (the thumbnail then is the enlarged view)."""
 
 
 # --------------------------------------------------------------------------- concepts

@@ -14,4 +14,6 @@ class Thumb(BaseModel):
     activation: float
     heatmap: str = Field(description="Path under /media")
     thumbnail: str | None
+    view: str | None = Field(None, description="Path under /media of the same square at up to 512 px, where the "
+                             "source image is larger than the thumbnail")
     image_key: str

@@ -243,7 +243,7 @@ _BROWSER_CARDS = select(ConceptCardData.concept_id, ConceptCardData.thumbs_html,
 _FAIR_SHARES = (select(ConceptModelStats.concept_id, ConceptModelStats.run_model_id, ConceptModelStats.share)
                 .where(ConceptModelStats.concept_id.in_(bindparam("ids")), ConceptModelStats.share >= bindparam("fair")))
 _TOP_IMAGES = (select(ConceptTopImage.run_model_id, ConceptTopImage.rank, ConceptTopImage.activation,
-                      ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.image_key)
+                      ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.view_path, Image.image_key)
                .join(Image, Image.id == ConceptTopImage.image_id)
                .where(ConceptTopImage.concept_id == bindparam("concept"),
                       ConceptTopImage.generation_id == bindparam("gen")))
@@ -351,8 +351,8 @@ def _top_images(session: Session, run: Run, concept: Concept) -> list[Thumb]:
     order = {m.id: m.position for m in run.models}
     rows = session.execute(_TOP_IMAGES, {"concept": concept.id, "gen": run.active_generation_id})
     return [Thumb(model=names[model_id], rank=rank, activation=activation, heatmap=heatmap, thumbnail=thumbnail,
-                  image_key=key)
-            for model_id, rank, activation, heatmap, thumbnail, key
+                  view=view, image_key=key)
+            for model_id, rank, activation, heatmap, thumbnail, view, key
             in sorted(rows, key=lambda row: (order[row[0]], row[1]))]
 
 

@@ -58,7 +58,7 @@ def share_may_fetch(session: Session, *, grant: ShareGrant, relative: str) -> bo
         prefix = session.scalar(select(MiningGeneration.media_prefix)
                                 .where(MiningGeneration.id == run.active_generation_id))
         return bool(prefix) and relative.startswith(prefix.rstrip("/") + "/")
-    tops = (select(ConceptTopImage.heatmap_path, Image.thumbnail_path)
+    tops = (select(ConceptTopImage.heatmap_path, Image.thumbnail_path, Image.view_path)
             .join(Image, Image.id == ConceptTopImage.image_id)
             .where(ConceptTopImage.generation_id == run.active_generation_id,
                    ConceptTopImage.concept_id.in_(concepts)))

@@ -19,7 +19,6 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -59,6 +58,8 @@ LAYER_SIZE = 64
 """Pixels of a heatmap layer: a transparent colour map the explorer stacks over the thumbnail."""
 THUMBNAIL_SIZE = 224
 """Pixels of an image's thumbnail (one per image, shared by every concept it is a top image of)."""
+VIEW_SIZE = 512
+"""Most pixels of an image's enlarged view, written only where the source is larger than the thumbnail."""
 ProgressCallback = Callable[[float, str], None]
 _GENERATION_FOLDER = re.compile(r"g[0-9]+")
 """The name of a generation's media folder (`_media_prefix`)."""
@@ -193,55 +194,66 @@ def store_defect_masks(store) -> DefectMasks | None:
 
 
 class _ImageViews:
-    """Square views of store images at heatmap size, cached (one image serves many concepts)."""
+    """An image's thumbnail and, where the source is larger, its enlarged view: both the same
+    centre square, so one heatmap layer fits either."""
 
-    def __init__(self, store, size: int):
+    def __init__(self, store):
+        self._root = store.meta.get("image_root")
+        self._ids = store.image_ids
+        self._warned = False
+
+    def squares(self, index: int) -> tuple[PILImage.Image, PILImage.Image | None]:
         from usae_core.images import load_image, square_view
 
-        root = store.meta.get("image_root")
-        ids = store.image_ids
-        warned: list[str] = []
-
-        @lru_cache(maxsize=256)
-        def view(index: int) -> PILImage.Image:
-            if root:
-                try:
-                    return square_view(load_image(Path(root) / ids[index]), size)
-                except (OSError, ValueError) as exc:
-                    if not warned:
-                        log.warning("cannot read image %s (%s); drawing heatmaps on grey", ids[index], exc)
-                    warned.append(ids[index])
-            return render.placeholder(size)
-
-        self.view = view
+        if self._root:
+            try:
+                image = load_image(Path(self._root) / self._ids[index])
+            except (OSError, ValueError) as exc:
+                if not self._warned:
+                    log.warning("cannot read image %s (%s); drawing heatmaps on grey", self._ids[index], exc)
+                    self._warned = True
+            else:
+                side = min(image.size)
+                view = square_view(image, min(side, VIEW_SIZE)) if side > THUMBNAIL_SIZE else None
+                return square_view(image, THUMBNAIL_SIZE), view
+        return render.placeholder(THUMBNAIL_SIZE), None
 
 
 def _write_concept_batches(Session: sessionmaker, media_dir: Path, ids: _RunIds, store, model, result: MiningResult,
                            cfg: MiningConfig, device: str, batch_concepts: int, progress: bool,
                            report: ProgressCallback) -> int:
-    views = _ImageViews(store, THUMBNAIL_SIZE)
+    views = _ImageViews(store)
     images: dict[int, _StoredImage] = {}  # store index -> its row, for the images written so far
     model_stats = _ModelStatistics(result)
     vmax = result.top_values[:, :, 0]
     n_top = 0
     concepts = list(range(result.n_concepts))
     batches = [concepts[i : i + batch_concepts] for i in range(0, len(concepts), batch_concepts)]
+
+    def write_squares(img: int) -> tuple[str, str | None]:
+        """Write image `img`'s thumbnail (and enlarged view, if any); their paths."""
+        thumb, view = views.squares(img)
+        paths = f"{ids.media_prefix}/thumbs/{img}.jpg", f"{ids.media_prefix}/views/{img}.jpg" if view else None
+        write_image(media_dir / paths[0], thumb)
+        if view is not None:
+            write_image(media_dir / paths[1], view)
+        return paths
+
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         for done, batch in enumerate(tqdm(batches, desc="render", unit="batch", disable=not progress)):
             heat = top_image_heatmaps(model, store, result, batch, cfg, device=device)
             new_images = sorted({int(result.top_images[i, c, r]) for i, c, r in heat} - set(images))
             files = {key: f"{ids.media_prefix}/heatmaps/{model.names[key[0]]}/{key[1]}/{key[2]}.png" for key in heat}
-            thumbs = {img: f"{ids.media_prefix}/thumbs/{img}.jpg" for img in new_images}
-            jobs = [(media_dir / files[key], lambda key=key: render.heatmap_layer(
-                heat[key], vmax[key[0], key[1]], LAYER_SIZE)) for key in heat]
-            jobs += [(media_dir / path, lambda img=img: views.view(img)) for img, path in thumbs.items()]
-            list(pool.map(lambda job: write_image(job[0], job[1]()), jobs))
+            layers = pool.map(lambda key: write_image(media_dir / files[key], render.heatmap_layer(
+                heat[key], vmax[key[0], key[1]], LAYER_SIZE)), heat)
+            squares = dict(zip(new_images, pool.map(write_squares, new_images)))
+            list(layers)
             with Session.begin() as s:
                 if new_images:
                     rows = s.execute(insert(Image).returning(Image.store_index, Image.id, Image.image_key,
                                                              Image.thumbnail_path), [
                         {"generation_id": ids.generation_id, "store_index": img, "image_key": store.image_ids[img],
-                         "thumbnail_path": thumbs[img]} for img in new_images])
+                         "thumbnail_path": squares[img][0], "view_path": squares[img][1]} for img in new_images])
                     images.update({index: _StoredImage(*row) for index, *row in rows})
                 n_top += _insert_concept_rows(s, ids, result, model_stats, batch, heat, files, images)
             report(0.5 + 0.5 * (done + 1) / len(batches), f"rendered {min((done + 1) * batch_concepts, len(concepts))}"

@@ -187,7 +187,9 @@ def seed_run(session: Session, media_dir: Path, *, name: str = "demo-run", n_con
                    media_prefix=prefix)
 
     image_rows = [{"generation_id": gen.id, "store_index": i, "image_key": f"images/{i:05d}.png",
-                   "thumbnail_path": f"{prefix}/thumbs/{i:05d}.png"} for i in range(n_images)]
+                   "thumbnail_path": f"{prefix}/thumbs/{i:05d}.png",
+                   # odd images are "small sources": no enlarged view, the thumbnail is enlarged
+                   "view_path": f"{prefix}/views/{i:05d}.png" if i % 2 == 0 else None} for i in range(n_images)]
     session.execute(insert(Image), image_rows)
     image_ids = dict(session.execute(select(Image.store_index, Image.id).where(Image.generation_id == gen.id)).all())
     images = {image_ids[i]: (row["image_key"], row["thumbnail_path"]) for i, row in enumerate(image_rows)}
@@ -195,6 +197,8 @@ def seed_run(session: Session, media_dir: Path, *, name: str = "demo-run", n_con
     if write_files:
         for i in range(n_images):
             _png(media_dir / image_rows[i]["thumbnail_path"], (40 + 8 * i % 200, 90, 140))
+            if image_rows[i]["view_path"]:
+                _png(media_dir / image_rows[i]["view_path"], (40 + 8 * i % 200, 90, 140))
 
     for c in range(n_concepts):
         (info.dead if c >= n_concepts - 2 else info.only_first if c % 3 == 1 else info.universal).append(c)

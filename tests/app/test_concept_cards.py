@@ -282,7 +282,8 @@ def test_the_migration_fills_in_cards_of_runs_mined_before_it(db_url, data_dir, 
     _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=4))
     mined = stored_cards(db_url)
     cfg = alembic_config(db_url)
-    with get_engine(db_url).begin() as connection:
+    # as the app migrates (upgrade_database): SQLite's rebuilt tables (0014's images) would cascade otherwise
+    with get_engine(db_url).connect() as connection, foreign_keys_off(connection), connection.begin():
         cfg.attributes["connection"] = connection
         command.downgrade(cfg, "0003")
         assert "concept_cards" not in sa.inspect(connection).get_table_names()

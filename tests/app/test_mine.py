@@ -34,7 +34,7 @@ from app.models import (
     RunModel,
 )
 from app.services import mining as mining_service
-from app.services.mining import LAYER_SIZE, THUMBNAIL_SIZE, mine_run
+from app.services.mining import LAYER_SIZE, THUMBNAIL_SIZE, VIEW_SIZE, mine_run
 from app.services.runs_view import list_runs
 from app.settings import Settings
 from tests.core.planted_concept import Planted, build_planted
@@ -387,6 +387,48 @@ def test_cli_mines_into_the_data_directory(tmp_path, planted_run):
     assert all((data_dir / "media" / t[8]).is_file() for t in snap["top_images"])
     with session_factory(f"sqlite:///{data_dir / 'usae.db'}")() as s:
         assert [m.name for m in s.scalars(sa.select(RunModel).order_by(RunModel.position))] == ["vit", "dino", "clip"]
+
+
+def test_images_larger_than_the_thumbnail_get_an_enlarged_view_of_the_same_square(db_url, data_dir, tmp_path):
+    # 300 x 700 sources: the centre 300 x 300 square, at 300 px (<= VIEW_SIZE, never upscaled)
+    planted = build_planted(tmp_path, image_files=(300, 700), n_images=12, images=(7, 3), strengths=(8.0, 6.0))
+    root = Path(planted.store.meta["image_root"])
+    y, x = np.mgrid[0:300, 0:700]
+    for i, key in enumerate(planted.store.image_ids):  # smooth pictures (JPEG keeps them), each its own
+        PILImage.fromarray(np.stack([x * 255 // 699, y * 255 // 299, np.full_like(x, 20 * i)], -1).astype(np.uint8)
+                           ).save(root / key)
+    run_dir = tmp_path / "runs" / "large"
+    planted.model.save_pretrained(run_dir)
+    mine_run(db_url, data_dir / "media", run_dir, planted.store, planted.model, cfg=MiningConfig(top_n=2))
+    with session_factory(db_url)() as s:
+        images = s.scalars(sa.select(Image)).all()
+    assert images
+    for image in images:
+        source = load_image(Path(planted.store.meta["image_root"]) / image.image_key)
+        view = PILImage.open(data_dir / "media" / image.view_path)
+        thumb = PILImage.open(data_dir / "media" / image.thumbnail_path)
+        assert view.size == (300, 300) and thumb.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+        pixels = np.asarray(view, np.float32)
+        assert np.abs(pixels - np.asarray(square_view(source, 300), np.float32)).mean() < 2  # the centre square
+        assert np.abs(pixels - np.asarray(source.crop((0, 0, 300, 300)), np.float32)).mean() > 20  # not another
+        # and the thumbnail shows that square too: the view shrunk to the thumbnail agrees with it
+        shrunk = np.asarray(view.resize(thumb.size, PILImage.Resampling.BICUBIC), np.float32)
+        assert np.abs(shrunk - np.asarray(thumb, np.float32)).mean() < 2
+
+
+def test_a_view_is_at_most_view_size_and_small_sources_get_none(db_url, data_dir, planted_run, tmp_path):
+    planted = build_planted(tmp_path, image_files=(900, 1200), n_images=6, images=(2,), strengths=(8.0,))
+    planted.model.save_pretrained(tmp_path / "runs" / "huge")
+    mine_run(db_url, data_dir / "media", tmp_path / "runs" / "huge", planted.store, planted.model,
+             cfg=MiningConfig(top_n=1))
+    _mine(db_url, data_dir / "media", planted_run, cfg=MiningConfig(top_n=1))  # 48 x 64 sources
+    with session_factory(db_url)() as s:
+        runs = {run.name: run.active_generation_id for run in s.scalars(sa.select(Run))}
+        views = {name: s.scalars(sa.select(Image.view_path).where(Image.generation_id == gen)).all()
+                 for name, gen in runs.items()}
+    assert views["huge"] and all(PILImage.open(data_dir / "media" / v).size == (VIEW_SIZE, VIEW_SIZE)
+                                 for v in views["huge"])
+    assert views["planted"] and set(views["planted"]) == {None}
 
 
 def test_cli_refuses_a_run_that_does_not_match_the_store(tmp_path, planted_run):

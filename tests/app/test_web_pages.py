@@ -175,6 +175,25 @@ def test_concept_page_shows_every_model(client, data):
     assert "crack" in html[html.index('id="defect-iou"'):]
 
 
+def test_enlarged_views_show_the_larger_square_where_mining_wrote_one(client, data):
+    run = data.run
+    html = client.get(f"/runs/{run.run_id}/concepts/0").text
+    seen = set()
+    for model in run.models:
+        column = html[html.index(f'data-model="{model}"'):]
+        column = column[:column.index("</section>")]
+        thumbs = re.findall(r'<img src="/media/[^"]+/thumbs/(\d+)\.png"', column)
+        for rank, image in enumerate(thumbs):
+            box = html[html.index(f'id="zoom-{rank}-{model}"'):]
+            enlarged = re.search(r'<img src="([^"]+)"', box[:box.index("</figure>")]).group(1)
+            # the seed gives even images a view (a large source) and odd ones none (the thumbnail is enlarged)
+            folder = "views" if int(image) % 2 == 0 else "thumbs"
+            assert enlarged == f"/media/{run.media_prefix}/{folder}/{image}.png", (model, rank)
+            assert client.get(enlarged).status_code == 200
+            seen.add(folder)
+    assert seen == {"views", "thumbs"}
+
+
 def test_concept_api(client, data):
     body = client.get(f"/api/runs/{data.run.run_id}/concepts/1").json()
     assert body["card"]["mostly_in"] == ["vit_s"] and not body["card"]["universal"]

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.db import session_factory
-from app.models import Concept, ShareLink
+from app.models import Concept, ConceptTopImage, Image, Run, ShareLink
 from app.services.shares import list_shares
 from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
 
@@ -116,6 +116,17 @@ def test_share_media_stays_in_scope(web_client, holder, seeded):
     other_run = f"{other.media_prefix}/heatmaps/0/vit_s-0.png"
     assert holder.get(f"{path}/media/{inside}").status_code == 200
     assert holder.get(f"{path}/media/{run.cam_path}").status_code == 200
+    with session_factory(seeded.settings.db_url)() as session:  # concept 0's top images' enlarged views, and others'
+        gen = session.scalar(select(Run.active_generation_id).where(Run.id == run.run_id))
+        top_of_0 = select(ConceptTopImage.image_id).join(Concept, Concept.id == ConceptTopImage.concept_id).where(
+            Concept.run_id == run.run_id, Concept.index == 0, ConceptTopImage.generation_id == gen)
+        views_of_0 = session.scalars(select(Image.view_path).where(Image.id.in_(top_of_0),
+                                                                   Image.view_path.is_not(None))).all()
+        views_elsewhere = session.scalars(select(Image.view_path).where(
+            Image.generation_id == gen, Image.id.not_in(top_of_0), Image.view_path.is_not(None))).all()
+    assert views_of_0 and views_elsewhere
+    assert all(holder.get(f"{path}/media/{view}").status_code == 200 for view in views_of_0)
+    assert holder.get(f"{path}/media/{views_elsewhere[0]}").status_code == 404
     assert holder.get(f"{path}/media/{outside_concept}").status_code == 404
     assert holder.get(f"{path}/media/{other_run}").status_code == 404
     assert holder.get(f"{path}/media/{other.cam_path}").status_code == 404
