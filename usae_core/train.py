@@ -64,8 +64,10 @@ _FLAGS = {"n_concepts": "--concepts", "k": "--k", "encoder": "--encoder", "steps
           "batch_size": "--batch-size", "lr": "--lr", "loss": "--loss", "aux": "--aux", "seed": "--seed",
           "warmup_steps": "--warmup-steps"}
 """The `usae train` option of a setting, for messages (the others are named by their field)."""
-_OVERWRITE, _RESUME = "--overwrite (overwrite=True)", "--resume (resume=True)"
+_OVERWRITE, _RESUME, _INIT_FROM = "--overwrite (overwrite=True)", "--resume (resume=True)", "--init-from (init_from)"
 """The flags as messages name them: these errors reach users of `usae train` and of `train_usae` alike."""
+SHAPE_FIELDS = ("n_concepts", "k", "encoder", "model_dims")
+"""The USAEConfig fields a run started from another run's weights (--init-from) must share with it."""
 
 
 def _setting(key: str) -> str:
@@ -132,9 +134,12 @@ class Trainer:
     """Holds everything one training run needs; `run()` is the loop."""
 
     def __init__(self, store, out_dir: Path, usae_cfg: USAEConfig, cfg: TrainConfig, callbacks: list[Callback],
-                 *, progress: bool = True):
+                 *, progress: bool = True, init_from: dict | None = None):
         self.store, self.out, self.cfg, self.callbacks = store, out_dir, cfg, callbacks
         self.progress = progress
+        # Where the run's weights started (`_load_init_source`'s record), or None for a random init;
+        # config.json keeps it, and a resume takes the run's own from its checkpoint.
+        self.init_from = init_from
         self.device = resolve_device(cfg.device)
         self.autocast = cfg.autocast if cfg.autocast is not None else self.device.type == "cuda"
         self.rank, self.world_size = rank_and_world_size()
@@ -176,6 +181,7 @@ class Trainer:
             "world_size": self.world_size,
             "grid": list(self.store.grid),
             "step": self.step,
+            **({"init_from": self.init_from} if self.init_from else {}),
         }
 
     @functools.cached_property
@@ -221,6 +227,7 @@ class Trainer:
                 log.warning("checkpoint %s cannot be read (%s); trying the one before it", ckpt, exc)
                 continue
             self._check_resume_settings(saved, ckpt)
+            self.init_from = saved.get("init_from")  # the run's own start, whatever init_from was given
             if loaded.cfg != self.model.cfg:
                 raise UsaeError(f"{ckpt} was trained with a different USAE shape; start a new run")
             self.model.load_state_dict(loaded.state_dict())
@@ -263,6 +270,8 @@ class Trainer:
         ranks = saved.get("world_size")  # absent in runs from before it was recorded: not checked
         if ranks is not None and ranks != self.world_size:  # each rank's share of the token stream depends on it
             differences.append(f"torchrun ranks {ranks} vs {self.world_size}")
+        start = _init_difference(saved, self.init_from)
+        differences += [start] if start else []
         if differences:
             # Settings `usae train` has no option for came from `usae demo` or the Python API.
             unflagged = [key for key, _, _ in changed if key not in _FLAGS and key != "model_dims"]
@@ -272,7 +281,15 @@ class Trainer:
                 f"{_RESUME} continues {ckpt.parent.parent} with the settings it was started with, but these "
                 f"differ (saved vs given): {'; '.join(differences)}; resume with the saved values{where}, or start "
                 f"a new run with {_OVERWRITE} or another --out (out_dir); only --device (device) and "
-                "--checkpoint-every (checkpoint_every) may change")
+                f"--checkpoint-every (checkpoint_every) may change{_extend_hint(saved, ckpt, self.cfg.steps)}")
+
+    def start_from(self, source: USAE) -> None:
+        """Take the weights and standardisation statistics of `source` (a USAE of this shape),
+        matched by model name: the weights are in the units of its statistics."""
+        with torch.no_grad():
+            mine = self.model.tensors_by_name()
+            for key, tensor in source.tensors_by_name().items():
+                mine[key].copy_(tensor)
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / METRICS_FILE
@@ -541,6 +558,7 @@ def train_usae(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    init_from: str | os.PathLike | None = None,
     callbacks: list[Callback] | None = None,
     progress: bool = True,
 ) -> USAE:
@@ -552,9 +570,17 @@ def train_usae(
     `overwrite` trains a new run beside an existing one, which is replaced only once the new
     run is complete; an interrupted overwrite leaves the old run as it was, and the new one
     beside it: `resume` then continues the new run (the one last started) and swaps it in.
+    `init_from` (a run, or a checkpoint folder under one) starts a new run from its weights and
+    standardisation statistics instead of a random init and the store's statistics: a USAE of
+    the same shape, trained from step 0 with a fresh optimizer and `cfg`'s schedule, to train a
+    finished run further or on another store of the same models; config.json records it.
+    `resume` continues the run's own checkpoint, never init_from's weights: init_from, given,
+    must be where the run started, and with nothing to resume the run starts from it (so the
+    same call with `resume` continues either way).
+
     Ctrl-C raises `TrainingInterrupted`, which says how to continue. `progress` shows bars for
-    the statistics pass and the steps (on rank 0). Training draws its initial weights from
-    `cfg.seed` and leaves torch's global random state as it found it.
+    the statistics pass and the steps (on rank 0). Training draws its initial weights (but for
+    init_from's) from `cfg.seed` and leaves torch's global random state as it found it.
     """
     if isinstance(store, (str, os.PathLike)):
         store = ActivationStore.open(store)
@@ -568,16 +594,21 @@ def train_usae(
     _check_batch_fits(store, cfg.batch_size, world_size)
     _check_out_folder(out, store)
     with exclusive_lock(out, "usae train", held=rank == 0):
+        source, start = (None, None) if init_from is None else _init_source(
+            Path(init_from), usae_cfg, out, resume=resume, overwrite=overwrite, world_size=world_size)
         build, replacing = _training_folder(out, resume=resume, overwrite=overwrite, rank=rank, world_size=world_size)
         if rank == 0:
             _clear_stale_temporaries(build)
-        trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [], progress=progress)
+        trainer = Trainer(store, build, usae_cfg, cfg, callbacks or [], progress=progress, init_from=start)
         try:
             if not (resume and trainer.load_latest_checkpoint()):
-                stats = store.compute_stats(progress=progress and rank == 0)
-                trainer.model.set_stats(stats)
+                if source is not None:
+                    trainer.start_from(source)  # its statistics too: its weights are in their units
+                else:
+                    trainer.model.set_stats(store.compute_stats(progress=progress and rank == 0))
                 if rank == 0:
                     (build / METRICS_FILE).unlink(missing_ok=True)
+            source = None  # copied, or not needed: not held through training
             model = trainer.run()
         except KeyboardInterrupt:
             raise TrainingInterrupted(_interrupted_message(out, build, replacing, trainer.step, cfg.steps)) from None
@@ -603,6 +634,95 @@ def _interrupted_message(out: Path, build: Path, replacing: bool, step: int, ste
     instead = f" in place of {_OVERWRITE}" if replacing else ""
     return (f"training of {out} interrupted after step {step} of {steps}; rerun the same `usae train` command "
             f"or `train_usae` call with {_RESUME}{instead} to continue {start}{where}")
+
+
+def init_source_config(init_from: str | os.PathLike) -> USAEConfig:
+    """The USAE shape saved in `init_from` (a run, or a checkpoint folder under one), from its
+    config.json alone: what `usae train --init-from` takes the shape options a user leaves out from."""
+    path = Path(init_from)
+    try:
+        return USAEConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["usae"])
+    except Exception:  # noqa: BLE001 - no run's config there: loading it says what is wrong
+        return _load_init_source(path)[0].cfg
+
+
+def _init_source(init_from: Path, usae_cfg: USAEConfig, out: Path, *, resume: bool, overwrite: bool,
+                 world_size: int) -> tuple[USAE, dict]:
+    """The USAE a run starts from and the record config.json keeps of it, checked against the
+    run's shape and --out. Every rank reads it before any folder changes: init_from may be the run
+    that --overwrite replaces (which stays whole until the new run is swapped in)."""
+    source, record = _load_init_source(init_from)
+    _check_init_shape(source.cfg, usae_cfg, init_from)
+    run, start = out.resolve(), init_from.resolve()
+    if not (overwrite or resume) and (start == run or run in start.parents):
+        raise UsaeError(f"{_INIT_FROM} {init_from} is in --out (out_dir) {out}, the run this training writes: pass "
+                        f"{_OVERWRITE} to replace that run with one started from its weights (it stays as it is "
+                        "until the new run finishes), or choose another --out (out_dir)")
+    barrier(world_size)  # no rank is still reading it when rank 0 starts changing folders
+    return source, record
+
+
+def _load_init_source(init_from: Path) -> tuple[USAE, dict]:
+    """The USAE in `init_from` and the record of it a run started from it keeps: its resolved
+    path, and the step its weights are from (None where its config.json does not say)."""
+    try:
+        source = USAE.from_pretrained(init_from)
+        saved = json.loads((init_from / CONFIG_FILE).read_text())
+    except UsaeError as exc:
+        newest = newest_checkpoint_step(init_from) if init_from.is_dir() else None
+        checkpoint = (f", or start from its newest checkpoint: {_INIT_FROM} "
+                      f"{init_from / CHECKPOINT_DIR / f'step-{newest:08d}'}" if newest is not None else "")
+        raise UsaeError(f"{_INIT_FROM} {init_from} holds no USAE to start from: {exc}{checkpoint}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign folder fails in many ways
+        raise UsaeError(f"{_INIT_FROM} {init_from} cannot be read as a USAE run ({exc}); "
+                        "name a run folder or one of its checkpoints (RUN/checkpoints/step-XXXXXXXX)") from None
+    step = saved.get("step")
+    return source, {"path": str(init_from.resolve()), "step": step if isinstance(step, int) else None}
+
+
+def _check_init_shape(saved: USAEConfig, given: USAEConfig, init_from: Path) -> None:
+    """UsaeError naming every shape field in which the USAE of `init_from` differs from the run's
+    (saved vs given): its weights fit no other shape."""
+    changed = [key for key in SHAPE_FIELDS if getattr(saved, key) != getattr(given, key)]
+    if not changed:
+        return
+    differences = "; ".join(f"{_setting(key)} {getattr(saved, key)!r} vs {getattr(given, key)!r}" for key in changed)
+    advice = []
+    if set(changed) - {"model_dims"}:
+        advice.append("give the saved values (`usae train --init-from` takes them from the run when "
+                      "--concepts, --k and --encoder are left out)")
+    if "model_dims" in changed:  # the given ones are the store's (checked before)
+        advice.append("model_dims are --store (store)'s models: start from a run trained on the same models")
+    raise UsaeError(f"{_INIT_FROM} {init_from} holds a USAE of another shape (saved vs given): {differences}; "
+                    f"{'; '.join(advice)}")
+
+
+def _init_difference(saved: dict, given: dict | None) -> str | None:
+    """How the start a resume is given (init_from) differs from the run's own, or None. A resume
+    continues the run's checkpoint: init_from, given, must only name where the run started (a
+    job rerun after preemption passes it every time); left out, there is nothing to compare."""
+    if given is None:
+        return None
+    own = saved.get("init_from")
+    own_path = own.get("path") if isinstance(own, dict) else None
+    if own_path == given["path"]:
+        return None
+    started = repr(own_path) if own_path else "none (a random init)"
+    return f"{_INIT_FROM} {started} vs {given['path']!r} (or leave it out: a resume needs only the run's checkpoint)"
+
+
+def _extend_hint(saved: dict, ckpt: Path, steps: int) -> str:
+    """For a resume given more steps than its run's: how to train the run further, or ''. Its
+    schedule spans its own steps, so more steps are a new run that starts from its weights."""
+    train = saved.get("train")
+    planned = train.get("steps") if isinstance(train, dict) else None
+    if not isinstance(planned, int) or steps <= planned:
+        return ""
+    run = ckpt.parent.parent
+    weights = run if saved.get("step") == planned and (run / CONFIG_FILE).is_file() else ckpt
+    return (f"; to train it beyond its {planned} steps, start a new run from its weights of step {saved.get('step')}: "
+            f"{_INIT_FROM} {weights} with --steps (steps) counting the new steps alone (a fresh optimizer and "
+            f"warm-up), and another --out (out_dir) or {_OVERWRITE}")
 
 
 def store_fingerprint(store) -> str:

@@ -55,13 +55,13 @@ def parse_grid(text: str) -> tuple[int, int]:
 def train_cmd(
     store: Annotated[str, typer.Option("--store", help="Activation store (path or name).")],
     out: Annotated[str, typer.Option("--out", help="Run directory (path or name under DATA_DIR/runs).")],
-    concepts: Annotated[int, typer.Option("--concepts", help="Dictionary size.")] = 6144,
-    k: Annotated[int, typer.Option("--k", help="Active concepts per token.")] = 32,
+    concepts: Annotated[Optional[int], typer.Option("--concepts", help="Dictionary size (default: 6144, or --init-from's).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Active concepts per token (default: 32, or --init-from's).")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup to --lr, at most --steps (default: min(100, steps / 10)).")] = None,
-    encoder: Annotated[str, typer.Option(help="mlp_bn (paper) or linear.")] = "mlp_bn",
+    encoder: Annotated[Optional[str], typer.Option(help="mlp_bn (paper) or linear (default: mlp_bn, or --init-from's).")] = None,
     loss: Annotated[str, typer.Option(help="l1 (paper) or mse.")] = "l1",
     aux: Annotated[str, typer.Option(help="auxk, paper or none.")] = "auxk",
     seed: Annotated[int, typer.Option(help="Seed for init, data order and source choice.")] = 0,
@@ -69,6 +69,7 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: final only).")] = 500,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint, with the settings it was started with (only --device and --checkpoint-every may change; after an interrupted --overwrite: the new run, swapped in when finished).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out (the old one stays until the new one is trained).")] = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from the weights and standardisation statistics of this run (path or name) or one of its checkpoints (RUN/checkpoints/step-N), at step 0 with a fresh optimizer and warm-up: to train a finished run further, or on another store of the same models. --concepts, --k and --encoder default to its.")] = None,
     distributed: Annotated[bool, typer.Option(help="Data-parallel over torchrun ranks.")] = False,
     data_dir: DataDir = None,
 ) -> None:
@@ -76,17 +77,21 @@ def train_cmd(
     from usae_core.config import TrainConfig, USAEConfig
     from usae_core.distributed import distributed_context
     from usae_core.store import ActivationStore
-    from usae_core.train import TrainingInterrupted, train_usae
+    from usae_core.train import TrainingInterrupted, init_source_config, train_usae
 
     settings = settings_for(data_dir)
     st = ActivationStore.open(resolve_store(store, settings))
-    ucfg = USAEConfig(model_dims=st.dims, n_concepts=concepts, k=k, encoder=encoder)  # type: ignore[arg-type]
+    source = resolve_run(init_from, settings) if init_from is not None else None
+    # Shape options left out are the source run's: a user need not repeat them (given, they must match it).
+    shape = init_source_config(source) if source is not None else USAEConfig(model_dims=st.dims)
+    ucfg = USAEConfig(model_dims=st.dims, n_concepts=shape.n_concepts if concepts is None else concepts,
+                      k=shape.k if k is None else k, encoder=shape.encoder if encoder is None else encoder)  # type: ignore[arg-type]
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, loss=loss, aux=aux,  # type: ignore[arg-type]
                        seed=seed, device=device, checkpoint_every=checkpoint_every)
     try:
         with distributed_context(distributed, device=tcfg.device) as ctx:
             tcfg.device = ctx.device
-            train_usae(st, resolve_run(out, settings), ucfg, tcfg, resume=resume, overwrite=overwrite)
+            train_usae(st, resolve_run(out, settings), ucfg, tcfg, resume=resume, overwrite=overwrite, init_from=source)
     except TrainingInterrupted as exc:  # Ctrl-C: one line on how to continue, no traceback
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
