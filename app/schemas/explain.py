@@ -21,4 +21,6 @@ class ExplainedModel(BaseModel):
 class Explanation(BaseModel):
     run_id: int
     image_data_url: str = Field(description="data: URL of the square view the models saw")
+    framing: str = Field(description="'centre': the image's centre square; 'whole': the whole image padded to a square")
+    framing_note: str | None = Field(None, description="What part of a non-square image the models saw")
     models: list[ExplainedModel]

@@ -2,7 +2,8 @@
 
 The upload is validated (size, type, pixel count, decodable) before any model sees it. Each
 model of the run runs its backbone (`usae_core.backbones`, by the registry name the store
-recorded) on the image's square view; the tokens are resampled to the run's grid, encoded by
+recorded) on a square made of the image (`Framing`: its centre square, as extraction crops
+every image, or the whole image padded with the model's mean colour); the tokens are resampled to the run's grid, encoded by
 the run's USAE, and the strongest concepts are drawn as heatmaps over the image. A model whose
 backbone cannot be loaded is reported with the reason; the others are still explained.
 """
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Concept, Run, RunModel
 from app.schemas.explain import ExplainedConcept, ExplainedModel, Explanation
+from usae_core.backbones.base import IMAGENET_MEAN
 from usae_core.errors import UsaeError
 from usae_core.extract import resample_grid
 from usae_core.images import square_view, to_rgb
@@ -37,6 +39,10 @@ MAX_PIXELS = 40_000_000
 MIN_SIDE = 16
 VIEW_SIZE = 320
 CONCEPTS_PER_MODEL = 5
+FRAMINGS = ("centre", "whole")
+"""How a non-square upload becomes the square the models see: its centre square (as extraction
+cut the run's images: the edges are not seen), or the whole image padded to a square (nothing
+cut, at a lower resolution)."""
 
 
 class UploadRejected(Exception):
@@ -131,6 +137,34 @@ def load_backbones(models: dict[str, dict]) -> tuple[dict[str, object], dict[str
     return loaded, missing
 
 
+def framed_square(image: Image.Image, framing: str, fill: tuple[float, float, float]) -> Image.Image:
+    """The square a model sees of `image`: its centre square, or the whole image centred on a
+    square of colour `fill` (RGB in [0, 1]: a model's mean, which its normalisation turns into
+    zeros, so the padding adds as little as an input can)."""
+    if framing not in FRAMINGS:
+        raise UploadRejected(f"Unknown framing {framing!r}; use one of: {', '.join(FRAMINGS)}.")
+    width, height = image.size
+    if framing == "centre" or width == height:
+        return image  # square_view (preprocessing and the shown view) takes the centre square
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(round(255 * c) for c in fill))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def framing_note(image: Image.Image, framing: str) -> str | None:
+    """What part of a non-square upload the models saw (None for a square one)."""
+    width, height = image.size
+    if width == height:
+        return None
+    if framing == "centre":
+        side = min(width, height)
+        return (f"The models saw the centre {side}×{side} square of this {width}×{height} image, as the run's images "
+                "were cut when they were extracted; the edges were not seen. Choose “the whole image” to include them.")
+    return (f"The models saw the whole {width}×{height} image, padded to a square (grey bands), at a lower "
+            "resolution than a centre square would have.")
+
+
 @torch.no_grad()
 def _token_codes(usae: USAE, backbone, model: RunModel, image: Image.Image) -> torch.Tensor:
     """Dense concept codes `[grid_h * grid_w, n_concepts]` of the image's tokens in one model."""
@@ -139,16 +173,17 @@ def _token_codes(usae: USAE, backbone, model: RunModel, image: Image.Image) -> t
     return usae.concept_codes(tokens, model.name)
 
 
-def explain_image(session: Session, *, run: Run, image: Image.Image, cache: ModelCache) -> Explanation:
+def explain_image(session: Session, *, run: Run, image: Image.Image, cache: ModelCache,
+                  framing: str = "centre") -> Explanation:
+    view = square_view(framed_square(image, framing, IMAGENET_MEAN), VIEW_SIZE)  # an unknown framing: refused first
     loaded = cache.get(run)
-    view = square_view(image, VIEW_SIZE)
     explained: list[ExplainedModel] = []
     for model in run.models:
         backbone = loaded.backbones[model.name]
         if isinstance(backbone, str):
             explained.append(ExplainedModel(model=model.name, concepts=[], error=backbone))
             continue
-        codes = _token_codes(loaded.usae, backbone, model, image)
+        codes = _token_codes(loaded.usae, backbone, model, framed_square(image, framing, backbone.mean))
         peak = codes.max(dim=0).values
         top = torch.topk(peak, k=min(CONCEPTS_PER_MODEL, peak.numel()))
         labels = dict(session.execute(select(Concept.index, Concept.label).where(
@@ -161,4 +196,5 @@ def explain_image(session: Session, *, run: Run, image: Image.Image, cache: Mode
             concepts.append(ExplainedConcept(index=index, label=labels.get(index, ""), max_activation=value,
                                              heatmap_data_url=_data_url(heatmap_overlay(view, heat, vmax=value))))
         explained.append(ExplainedModel(model=model.name, concepts=concepts))
-    return Explanation(run_id=run.id, image_data_url=_data_url(view), models=explained)
+    return Explanation(run_id=run.id, image_data_url=_data_url(view), framing=framing,
+                       framing_note=framing_note(image, framing), models=explained)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.db import session_factory
 from app.models import Concept, Run, RunModel
-from app.services.explain import UploadRejected, validate_upload
+from app.services.explain import UploadRejected, framed_square, framing_note, validate_upload
 from tests.app.webapp import csrf_from, sign_in_as
 from usae_core.backbones import create_backbone
 from usae_core.config import USAEConfig
@@ -45,6 +45,34 @@ def test_upload_size_limit():
     with pytest.raises(UploadRejected, match="the limit is"):
         validate_upload(data, max_bytes=len(data) - 1)
     assert validate_upload(data, max_bytes=len(data)).size == (256, 256)
+
+
+def _thirds(width: int = 90, height: int = 30) -> Image.Image:
+    """A wide image: red, green and blue thirds."""
+    a = np.zeros((height, width, 3), np.uint8)
+    for i in range(3):
+        a[:, i * width // 3:(i + 1) * width // 3, i] = 255
+    return Image.fromarray(a)
+
+
+def test_whole_framing_pads_the_image_into_the_middle_of_a_square_of_the_fill_colour():
+    square = np.asarray(framed_square(_thirds(), "whole", (0.5, 0.25, 0.0)))
+    assert square.shape == (90, 90, 3)
+    assert (square[:30] == (128, 64, 0)).all() and (square[60:] == (128, 64, 0)).all()  # bands above and below
+    assert (square[30:60] == np.asarray(_thirds())).all()  # the image, every third of it
+    tall = np.asarray(framed_square(_thirds().rotate(90, expand=True), "whole", (0, 0, 0)))
+    assert tall.shape == (90, 90, 3) and (tall[:, :30] == 0).all() and (tall[:, 60:] == 0).all()
+    image = _thirds()
+    assert framed_square(image, "centre", (0, 0, 0)) is image  # cut to its centre square by preprocessing
+    with pytest.raises(UploadRejected, match="Unknown framing 'stretch'; use one of: centre, whole"):
+        framed_square(image, "stretch", (0, 0, 0))
+
+
+def test_the_framing_note_says_what_part_was_seen():
+    assert "centre 30×30 square of this 90×30 image" in framing_note(_thirds(), "centre")
+    assert "the edges were not seen" in framing_note(_thirds(), "centre")
+    assert "whole 90×30 image, padded" in framing_note(_thirds(), "whole")
+    assert framing_note(_thirds(30, 30), "centre") is None and framing_note(_thirds(30, 30), "whole") is None
 
 
 def test_explain_page_refuses_bad_files_and_visitors(web_client, web, seeded):
@@ -102,9 +130,33 @@ def test_explain_with_a_real_backbone(web_client, seeded, tmp_path):
     heat = Image.open(io.BytesIO(base64.b64decode(concepts[0]["heatmap_data_url"].split(",", 1)[1])))
     assert heat.size == (320, 320)
 
+    # A wide image, whole: the backbone sees it padded with its own mean colour (zeros once normalised).
+    wide = io.BytesIO()
+    _thirds(270, 90).save(wide, format="PNG")
+    r = web_client.post("/api/explain", data={"run_id": str(run_id), "framing": "whole"}, headers=headers,
+                        files={"image": ("wide.png", wide.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    padded = framed_square(_thirds(270, 90), "whole", backbone.mean)
+    x = backbone.preprocess(padded)
+    assert x[:, :70].abs().max() < 0.02 and x[:, -70:].abs().max() < 0.02  # the bands carry no signal
+    with torch.no_grad():
+        tokens = resample_grid(backbone(x[None]), backbone.native_grid, (7, 7))[0]
+        peak = usae.dense_codes(*usae.encode(usae.standardize(tokens, "mnet"), "mnet")).max(0).values
+    whole = r.json()
+    assert whole["framing"] == "whole" and "whole 270×90 image, padded" in whole["framing_note"]
+    assert [c["index"] for c in {m["model"]: m for m in whole["models"]}["mnet"]["concepts"]] == \
+        [int(i) for i in torch.argsort(peak, descending=True)[:5] if peak[i] > 0]
+    view = np.asarray(Image.open(io.BytesIO(base64.b64decode(whole["image_data_url"].split(",", 1)[1]))), np.float32)
+    assert view[160, 300, 2] > 200 and view[160, 300, 0] < 60  # the right third (blue) is in the view
+    r = web_client.post("/api/explain", data={"run_id": str(run_id), "framing": "stretch"}, headers=headers,
+                        files={"image": ("wide.png", wide.getvalue(), "image/png")})
+    assert r.status_code == 422 and "Unknown framing" in r.json()["detail"]
+
     page = web_client.get("/explain")
     r = web_client.post("/explain", data={"csrf_token": csrf_from(page.text), "run_id": str(run_id)},
                         files={"image": ("photo <1>.jpg", image, "image/jpeg")})
+    assert "centre 200×200 square of this 300×200 image" in r.text  # what the models saw, said
+    assert 'name="framing" value="centre" checked' in r.text
     assert r.status_code == 200 and r.text.count('class="explain-item"') == len(concepts)
     assert '<p class="small" id="explained-file" style="margin-bottom: 0.4rem">photo &lt;1&gt;.jpg</p>' in r.text
     assert "<b>" not in r.text.split('id="explanation"')[1]  # labels escaped
