@@ -37,9 +37,11 @@ class Urls:
         base = f"{self.prefix}/runs/{run_id}/concepts/{index}"
         return f"{base}?{urlencode(view)}" if view else base
 
-    def compare(self, run_id: int, a: str | None = None, b: str | None = None) -> str:
+    def compare(self, run_id: int, a: str | None = None, b: str | None = None, show: str | None = None) -> str:
+        """Models a and b compared; `show` lists one group in full (app.services.compare.GROUPS)."""
         base = f"{self.prefix}/runs/{run_id}/compare"
-        return f"{base}?{urlencode({'a': a, 'b': b})}" if a and b else base
+        query = {"a": a, "b": b, **({"show": show} if show else {})}
+        return f"{base}?{urlencode(query)}" if a and b else base
 
     def media(self, relative_path: str) -> str:
         """A file under the data directory's media folder (thumbnails, heatmaps, CAM images)."""

@@ -36,3 +36,4 @@ class Comparison(BaseModel):
     n_unique_b: int
     points: list[PairConcept] = Field(description="Concepts in the A-vs-B scatter (most frequent first)")
     points_total: int
+    shown_in_full: str | None = Field(None, description="The list (shared, only_a, only_b) shown in full, up to 1,000")

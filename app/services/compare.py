@@ -19,6 +19,10 @@ from usae_core.errors import UsaeError
 SHARED_BAND = (0.25, 0.75)
 UNIQUE_SHARE = 0.9
 LIST_LENGTH = 15
+"""Concepts a list shows at first: its most frequent."""
+LIST_MAX = 1000
+"""Concepts a list shows when asked for all of it (`show`): a page of thumbnails stays loadable."""
+GROUPS = ("shared", "only_a", "only_b")
 SCATTER_MAX_POINTS = 1500
 
 
@@ -42,7 +46,10 @@ def pair_group(frequency_a: float, frequency_b: float) -> str:
     return ""
 
 
-def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) -> Comparison:
+def compare_models(session: Session, *, run: Run, model_a: str, model_b: str, show: str | None = None) -> Comparison:
+    """`show`, one of GROUPS, lists that group's concepts in full (up to LIST_MAX), not its first LIST_LENGTH."""
+    if show is not None and show not in GROUPS:
+        raise UsaeError(f"show must be one of {', '.join(GROUPS)}, not {show!r}")
     models = {m.name: m for m in run.models}
     for name in (model_a, model_b):
         if name not in models:
@@ -64,7 +71,8 @@ def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) ->
     unique_a = sorted((p for p in pairs if p.group == "only_a"), key=lambda p: (-p.frequency_a, p.index))
     unique_b = sorted((p for p in pairs if p.group == "only_b"), key=lambda p: (-p.frequency_b, p.index))
     n_shared, n_unique_a, n_unique_b = len(shared), len(unique_a), len(unique_b)
-    shared, unique_a, unique_b = shared[:LIST_LENGTH], unique_a[:LIST_LENGTH], unique_b[:LIST_LENGTH]
+    length = {group: LIST_MAX if group == show else LIST_LENGTH for group in GROUPS}
+    shared, unique_a, unique_b = shared[:length["shared"]], unique_a[:length["only_a"]], unique_b[:length["only_b"]]
     listed = {p.index for p in (*shared, *unique_a, *unique_b)}
     images = strongest_images(session, run, {cid: i for cid, i, *_ in rows if i in listed},
                                {a.id: model_a, b.id: model_b})
@@ -80,5 +88,5 @@ def compare_models(session: Session, *, run: Run, model_a: str, model_b: str) ->
         r2_b_to_a=_r2(run, position[model_b], position[model_a]),
         shared=with_images(shared), unique_a=with_images(unique_a), unique_b=with_images(unique_b),
         n_shared=n_shared, n_unique_a=n_unique_a, n_unique_b=n_unique_b,
-        points=by_frequency[:SCATTER_MAX_POINTS], points_total=len(pairs),
+        points=by_frequency[:SCATTER_MAX_POINTS], points_total=len(pairs), shown_in_full=show,
     )

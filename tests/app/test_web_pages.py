@@ -247,6 +247,33 @@ def test_compare_page_and_api(client, data):
     assert client.get(f"/api/runs/{run.run_id}/compare", params={"a": "vit_s", "b": "vit_s"}).status_code == 400
 
 
+def test_a_compare_list_longer_than_its_first_rows_can_be_shown_in_full(client, data, monkeypatch):
+    from app.services import compare
+
+    monkeypatch.setattr(compare, "LIST_LENGTH", 2)
+    monkeypatch.setattr("app.routes.compare.LIST_LENGTH", 2)
+    run = data.run
+    url = f"/runs/{run.run_id}/compare?a=vit_s&b=clip_b"
+    first = client.get(f"/api{url}").json()
+    assert first["n_shared"] > 2 and len(first["shared"]) == 2 and first["shown_in_full"] is None
+    html = client.get(url).text
+    section = html[html.index('id="shared"'):html.index("</section>", html.index('id="shared"'))]
+    escaped = url.replace("&", "&amp;")
+    link = f'{escaped}&amp;show=shared#shared'
+    assert f"the 2 most frequent of {first['n_shared']}" in section and f'href="{link}"' in section and ">show all<" in section
+    full = client.get(f"/api{url}&show=shared").json()
+    assert full["shown_in_full"] == "shared" and len(full["shared"]) == full["n_shared"]
+    assert [p["index"] for p in full["shared"][:2]] == [p["index"] for p in first["shared"]]  # the same order, continued
+    assert full["unique_a"] == first["unique_a"]  # the other lists stay short
+    assert all(p["image_a"] and p["image_b"] for p in full["shared"])  # every row with its images
+    html = client.get(f"{url}&show=shared").text
+    section = html[html.index('id="shared"'):html.index("</section>", html.index('id="shared"'))]
+    assert f"all {full['n_shared']}" in section and f'href="{escaped}#shared">show the 2 most frequent<' in section
+    assert section.count("<tr>") == full["n_shared"] + 1  # and the header
+    bad = client.get(f"{url}&show=everything")
+    assert bad.status_code == 400 and "show must be one of shared, only_a, only_b" in bad.text
+
+
 def test_missing_things_are_404(client, data):
     assert client.get("/runs/999").status_code == 404
     assert client.get(f"/runs/{data.run.run_id}/concepts/999").status_code == 404
