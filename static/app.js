@@ -22,7 +22,10 @@ document.addEventListener("keydown", (event) => {
   const open = location.hash.match(/^#zoom-(\d+)-(.+)$/);
   if (!open || event.altKey || event.ctrlKey || event.metaKey) return;
   if (event.key === "Escape") {
+    // "#closed" matches no element, so nothing is :target any more; then the hash is dropped from
+    // the address (replaceState leaves :target as it is), so a copied URL does not end in "#closed".
     location.replace("#closed");
+    history.replaceState(history.state, "", location.pathname + location.search);
   } else if (event.key === "ArrowLeft" || event.key === "ArrowRight") {
     const next = `zoom-${Number(open[1]) + (event.key === "ArrowRight" ? 1 : -1)}-${open[2]}`;
     if (document.getElementById(decodeURIComponent(next))) {
@@ -204,3 +207,9 @@ document.addEventListener("keydown", (event) => {
   actions.append(more);
   filters.classList.add("folded");
 })();
+
+// On a phone the reading guide, open for link holders, would push the images some 1,300 px down
+// on every page: there it starts folded, its summary at the top one tap away (open without JS).
+if (window.matchMedia("(max-width: 640px)").matches) {
+  document.querySelectorAll("details.reading-guide[open]").forEach((guide) => { guide.open = false; });
+}

@@ -105,6 +105,7 @@ def test_concept_page_shows_every_models_images(analyst, site):
     assert page.evaluate("location.hash") == f"#zoom-0-{site.models[0]}"
     page.keyboard.press("Escape")
     assert page.locator(".lightbox:target").count() == 0 and page.evaluate("history.length") == opened_at
+    assert "#" not in page.url  # the address a user copies now is the page's, not "#closed"
     # Keyboard users carry on from the thumbnail they opened, not from the top of the page.
     page.wait_for_function("() => document.activeElement.matches('.top-images a')")
     assert first.evaluate("a => a === document.activeElement")
@@ -230,6 +231,25 @@ def test_share_link_read_only_then_revoked(analyst, new_context, watch, site):
     response = manager.goto(url)
     assert response.status == 410
     assert "This audit link was revoked" in manager.locator("main").inner_text()
+
+
+def test_a_link_holder_on_a_phone_meets_the_images_before_the_reading_guide(analyst, new_context, site):
+    page = analyst
+    page.goto(f"{site.base}/shares")
+    page.fill("#concepts", str(site.concept))
+    page.click("button:has-text('Create link')")
+    url = page.locator("#share-url").input_value()
+    for width, folded in ((390, True), (1366, False)):
+        holder = new_context({"width": width, "height": 844}).new_page()
+        holder.goto(url)
+        holder.click(f"[data-concept='{site.concept}']")
+        guide = holder.locator("#reading-guide")
+        assert guide.evaluate("d => d.open") is (not folded), width
+        if folded:  # the first images on the first screen, the guide one tap away
+            assert holder.locator(".top-images img").first.bounding_box()["y"] < 844
+            guide.locator("summary").click()
+            assert guide.evaluate("d => d.open") and "Firing entropy" in guide.inner_text()
+        screenshot(holder, f"holder-concept-{width}")
 
 
 def test_typing_concept_numbers_shares_only_those(analyst, site):
