@@ -39,12 +39,23 @@ class ConceptRef(BaseModel):
     label: str
 
 
+class DefectInModel(BaseModel):
+    """A model's concept that best covers one defect type's masks."""
+
+    model: str
+    concept: ConceptRef
+    iou: float
+    image: Thumb | None = Field(None, description="The concept's strongest image in `model`")
+
+
 class DefectBest(BaseModel):
     defect_type: str
     concept: ConceptRef
     model: str
     iou: float
     image: Thumb | None = Field(None, description="The concept's strongest image in `model`")
+    by_model: list[DefectInModel] = Field(default_factory=list, description="Each model's own best concept for this "
+                                          "defect type, in the run's model order (a model none overlaps is left out)")
 
 
 class HistogramData(BaseModel):

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Concept, ConceptDefectIoU, Run
-from app.schemas.runs import (ConceptRef, DefectBest, HistogramData, LabelledConcept, RunOverview, ScatterConcept,
+from app.schemas.runs import (ConceptRef, DefectBest, DefectInModel, HistogramData, LabelledConcept, RunOverview, ScatterConcept,
                               TrainingCurve)
 from app.services.concepts import UNIVERSAL_ENTROPY, concept_cards, run_max_frequency, strongest_images
 from app.services.runs_view import effective_status, run_summary
@@ -61,26 +61,40 @@ def run_overview(session: Session, *, run: Run) -> RunOverview:
 
 
 def _best_per_defect(session: Session, run: Run) -> list[DefectBest]:
-    """For each defect type, the concept (and model) whose firing overlaps its masks most."""
+    """For each defect type, the concept (and model) whose firing overlaps its masks most, and
+    each model's own best: which concept a model relies on for a crack, a stain, a dent."""
     if run.active_generation_id is None:
         return []
     gen = run.active_generation_id
-    best = (select(ConceptDefectIoU.defect_type, func.max(ConceptDefectIoU.iou).label("iou"))
-            .where(ConceptDefectIoU.generation_id == gen).group_by(ConceptDefectIoU.defect_type).subquery())
+    best = (select(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_id,
+                   func.max(ConceptDefectIoU.iou).label("iou"))
+            .where(ConceptDefectIoU.generation_id == gen)
+            .group_by(ConceptDefectIoU.defect_type, ConceptDefectIoU.run_model_id).subquery())
     rows = session.execute(
         select(ConceptDefectIoU.defect_type, ConceptDefectIoU.iou, ConceptDefectIoU.run_model_id,
                Concept.id, Concept.index, Concept.label)
-        .join(best, (best.c.defect_type == ConceptDefectIoU.defect_type) & (best.c.iou == ConceptDefectIoU.iou))
+        .join(best, (best.c.defect_type == ConceptDefectIoU.defect_type)
+              & (best.c.run_model_id == ConceptDefectIoU.run_model_id) & (best.c.iou == ConceptDefectIoU.iou))
         .join(Concept, Concept.id == ConceptDefectIoU.concept_id)
         .where(ConceptDefectIoU.generation_id == gen)
         .order_by(ConceptDefectIoU.defect_type, Concept.index))
     names = {m.id: m.name for m in run.models}
-    winners: dict[str, tuple] = {}  # the first row per defect type: ties go to the lowest concept number
+    # (defect, model) -> its first row: ties go to the lowest concept number
+    winners: dict[tuple[str, int], tuple] = {}
     for defect, iou, model_id, concept_id, index, label in rows:
-        winners.setdefault(defect, (iou, model_id, concept_id, index, label))
-    # Each best concept's strongest image in its model: what the concept looks like there.
-    images = strongest_images(session, run, {concept_id: index for _, _, concept_id, index, _ in winners.values()},
+        winners.setdefault((defect, model_id), (iou, concept_id, index, label))
+    # Each concept's strongest image in its model: what the concept looks like there.
+    images = strongest_images(session, run, {concept_id: index for _, concept_id, index, _ in winners.values()},
                               names)
-    return [DefectBest(defect_type=defect, concept=ConceptRef(index=index, label=label), model=names[model_id],
-                       iou=iou, image=images.get((index, names[model_id])))
-            for defect, (iou, model_id, _, index, label) in winners.items()]
+    position = {m.id: i for i, m in enumerate(run.models)}
+    by_defect: dict[str, list[DefectInModel]] = {}
+    for (defect, model_id), (iou, _, index, label) in sorted(winners.items(), key=lambda w: (w[0][0], position[w[0][1]])):
+        by_defect.setdefault(defect, []).append(DefectInModel(
+            model=names[model_id], concept=ConceptRef(index=index, label=label), iou=iou,
+            image=images.get((index, names[model_id]))))
+    overall = []
+    for defect in sorted(by_defect):
+        top = min(by_defect[defect], key=lambda cell: (-cell.iou, cell.concept.index))
+        overall.append(DefectBest(defect_type=defect, concept=top.concept, model=top.model, iou=top.iou,
+                                  image=top.image, by_model=by_defect[defect]))
+    return overall

@@ -9,6 +9,10 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
+from sqlalchemy import select
+
+from app.db import session_factory
+from app.models import Concept, ConceptDefectIoU, Run, RunModel
 from tests.app.seed import DEFECTS
 from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F401
 
@@ -83,6 +87,33 @@ def test_overview_api_matches_the_seed(client, data):
     page = client.get(f"/runs/{data.run.run_id}").text
     defects = page[page.index('id="defects"'):page.index("</table>", page.index('id="defects"'))]
     assert defects.count('class="heat mini"') == 2
+
+
+def test_the_defect_table_names_each_models_own_best_concept(web_client, seeded):
+    client, run = web_client, seeded.run
+    with session_factory(seeded.settings.db_url)() as session:  # a second model overlaps cracks too, better
+        gen = session.scalar(select(Run.active_generation_id).where(Run.id == run.run_id))
+        models = dict(session.execute(select(RunModel.name, RunModel.id).where(RunModel.run_id == run.run_id)).all())
+        concepts = dict(session.execute(select(Concept.index, Concept.id).where(Concept.run_id == run.run_id)).all())
+        session.add_all([ConceptDefectIoU(generation_id=gen, concept_id=concepts[c], run_model_id=models[run.models[1]],
+                                          defect_type="crack", iou=0.9) for c in (7, 5)])
+        session.add(ConceptDefectIoU(generation_id=gen, concept_id=concepts[6], run_model_id=models[run.models[1]],
+                                     defect_type="crack", iou=0.3))
+        session.commit()
+    body = {d["defect_type"]: d for d in client.get(f"/api/runs/{run.run_id}").json()["best_per_defect"]}
+    crack = body["crack"]
+    assert (crack["concept"]["index"], crack["model"], crack["iou"]) == (5, run.models[1], 0.9)  # a tie: the lower
+    assert [(c["model"], c["concept"]["index"], c["iou"]) for c in crack["by_model"]] == [
+        (run.models[0], 2, pytest.approx(0.4)), (run.models[1], 5, 0.9)]  # in the run's model order
+    assert all(c["image"]["model"] == c["model"] for c in crack["by_model"])
+    assert [c["model"] for c in body["scratch"]["by_model"]] == [run.models[0]]  # none overlaps in the others
+    page = client.get(f"/runs/{run.run_id}").text
+    table = page[page.index('id="defects"'):page.index("</table>", page.index('id="defects"'))]
+    row = table[table.index("<strong>crack</strong>"):].split("</tr>")[0]
+    cells = re.findall(r'<td data-label="([^"]+)" class="defect-cell( best)?">(.*?)</td>', row, re.S)
+    assert [(m, bool(best)) for m, best, _ in cells] == [(m, m == run.models[1]) for m in run.models]
+    assert f'/concepts/2">#2' in cells[0][2] and f'/concepts/5">#5' in cells[1][2] and "IoU <b>0.900</b>" in cells[1][2]
+    assert all("no concept overlaps it" in cell for _, _, cell in cells[2:])
 
 
 def test_browser_hides_dead_and_sorts_by_energy(client, data):
