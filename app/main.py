@@ -62,7 +62,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="USAE Concept Explorer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   max_body_size=FORM_BODY_LIMIT,
-                  description="Browse, compare, label and share the concepts of Universal Sparse Autoencoder runs. "
+                  description="[← Back to the explorer](/runs)\n\n"
+                              "Browse, compare, label and share the concepts of Universal Sparse Autoencoder runs. "
                               "Sign in through `/api/auth/login`; writes need the `X-CSRF-Token` header "
                               "(from `/api/auth/csrf`). Audit-link holders read under `/api/s/{token}/...`.")
     app.state.settings = settings

@@ -404,6 +404,8 @@ def test_the_api_page_works_offline_from_this_origin(new_context, site):
     assert page.locator(".opblock").count() > 10
     assert page.title() == "USAE Concept Explorer: API"
     assert set(origins) == {urlparse(site.base).netloc}, set(origins)
+    back = page.locator("a", has_text="← Back to the explorer")  # the way back to the pages
+    assert back.is_visible() and back.get_attribute("href") == "/runs"
 
 
 def test_every_navigation_link_shows_on_a_phone(new_context, analyst_state, site):
