@@ -144,6 +144,27 @@ document.addEventListener("submit", (event) => {
   setTimeout(() => empty.forEach((f) => { f.disabled = false; }), 0);
 });
 
+// The browser's Order: its empty choice is the sort's usual direction (statistics highest first,
+// concept numbers lowest first), so an untouched Order follows a new sort and a named direction
+// stays, with or without this script. Here a new sort also renames the two choices to match; a
+// direction named once stays named (`data-named`) through sorts it is usual for, as the form's
+// value would without the script.
+document.addEventListener("change", (event) => {
+  const field = event.target;
+  const order = field.form && field.form.id === "filters" && field.form.elements.namedItem("order");
+  if (!order) return;
+  if (field === order) { order.dataset.named = order.value; return; }
+  if (field.id !== "sort" || !field.selectedOptions[0]) return;
+  const named = "named" in order.dataset ? order.dataset.named : order.value;
+  const usual = field.selectedOptions[0].dataset.order;
+  const other = usual === "desc" ? "asc" : "desc";
+  order.options[0].textContent = order.dataset[usual];
+  order.options[1].value = other;
+  order.options[1].textContent = order.dataset[other];
+  order.selectedIndex = (named || usual) === usual ? 0 : 1;
+  order.dataset.named = named;
+});
+
 // Explain an image: the button says it is working (the first image of a run loads its
 // backbones first), and a result's heatmap shows large in place of the uploaded image.
 document.addEventListener("submit", (event) => {
@@ -193,7 +214,7 @@ document.addEventListener("keydown", (event) => {
   const actions = filters.querySelector(".actions");
   if (!actions) return;
   const folded = [...filters.querySelectorAll(".field:not(:first-child) select, .field:not(:first-child) input")];
-  const inUse = folded.filter((f) => f.name !== "sort" && f.value !== "").length;
+  const inUse = folded.filter((f) => f.name !== "sort" && f.name !== "order" && f.value !== "").length;
   const more = document.createElement("button");
   more.type = "button";
   more.id = "more-filters";

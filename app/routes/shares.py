@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import ValidationError
 
 from app.deps import AnalystViewer, SessionDep, ShareScope
-from app.params import DB_INT_MAX, FormInt, PathInt
+from app.params import DB_INT_MAX, FormInt, PathInt, readable_problems
+from app.schemas.concepts import ConceptFilters
 from app.schemas.shares import ShareCreate, ShareCreated, ShareInfo, SharedScope
+from app.security import CSRF_SESSION_KEY
 from app.services.runs_view import get_run, list_runs
-from app.services.shares import (DEFAULT_SHARE_DAYS, LISTED_CONCEPTS, MAX_SHARE_DAYS, ShareNotFound, create_share,
-                                 list_shares, listed_concept_labels, revoke_share)
+from app.services.shares import (DEFAULT_SHARE_DAYS, LISTED_CONCEPTS, MAX_SHARE_DAYS, MAX_SHARED_CONCEPTS,
+                                 ShareNotFound, create_share, get_share, list_shares, listed_concept_labels,
+                                 open_token, reveal_share, revoke_share, seal_token, view_concept_indices)
 from app.templating import render
 from app.viewer import Viewer
 from usae_core.errors import UsaeError
@@ -63,13 +69,96 @@ def _expiry_days() -> tuple[dt.date, dt.date, dt.date]:
 
 
 def _shares_page(request: Request, session: SessionDep, viewer: Viewer, *, form: dict[str, object],
-                 error: str | None = None, status_code: int = 200) -> HTMLResponse:
+                 error: str | None = None, notice: dict[str, str] | None = None,
+                 status_code: int = 200) -> HTMLResponse:
     first, default, last = _expiry_days()
     shares = list_shares(session)
     return render(request, viewer, "shares/list.html", status_code=status_code, nav="shares",
                   shares=shares, labels=listed_concept_labels(session, shares), listed=LISTED_CONCEPTS,
-                  runs=list_runs(session), form=form, error=error,
+                  runs=list_runs(session), form=form, error=error, notice=notice,
                   expiry_range=(first.isoformat(), last.isoformat()), expiry_default=default.isoformat())
+
+
+HANDOFF_KEY = "new_share_links"
+"""Session key of the new links whose address the next page shows: {share id: (sealed token, deadline)}."""
+HANDOFF_SECONDS = 120
+"""How long the redirect after creating a link may take to come back for its address."""
+HANDOFF_PENDING = 8
+"""New links awaiting their page at once, per session (tabs); the oldest go first, so the
+cookie stays far below the 4 KB a browser keeps."""
+
+
+def _handoff_key(request: Request) -> bytes:
+    """The sealing key, derived from the session cookies' secret (never the secret itself)."""
+    secret = request.app.state.settings.resolved_secret_key()
+    return hashlib.sha256(b"usae share hand-off key\0" + secret.encode()).digest()
+
+
+def _handoff_context(request: Request, viewer: Viewer, share_id: int) -> str:
+    """A sealed token opens only for this analyst, in this session (its CSRF token is made
+    afresh at every sign-in) and for this link."""
+    assert viewer.user is not None
+    return f"{viewer.user.id}|{request.session.get(CSRF_SESSION_KEY, '')}|{share_id}"
+
+
+def _hand_off(request: Request, viewer: Viewer, created: ShareCreated) -> None:
+    """Keep the new link's token, sealed, in the analyst's session for the page the POST
+    redirects to (Post/Redirect/Get: a reload of that page creates nothing)."""
+    pending = _live_handoffs(request)
+    sealed = seal_token(_handoff_key(request), created.token,
+                        context=_handoff_context(request, viewer, created.id))
+    pending[str(created.id)] = [sealed, time.time() + HANDOFF_SECONDS]
+    request.session[HANDOFF_KEY] = dict(list(pending.items())[-HANDOFF_PENDING:])
+
+
+def _live_handoffs(request: Request) -> dict[str, list]:
+    pending = request.session.get(HANDOFF_KEY)
+    if not isinstance(pending, dict):
+        return {}
+    now = time.time()
+    return {k: v for k, v in pending.items()
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], (int, float)) and v[1] >= now}
+
+
+def _take_handoff(request: Request, viewer: Viewer, share_id: int) -> str | None:
+    """The token handed off for `share_id`, once: it leaves the session as it is read, so the
+    page's next load (a reload, back and forward) finds nothing; so does one past the deadline."""
+    pending = _live_handoffs(request)
+    entry = pending.pop(str(share_id), None)
+    if pending:
+        request.session[HANDOFF_KEY] = pending
+    else:
+        request.session.pop(HANDOFF_KEY, None)
+    if entry is None:
+        return None
+    return open_token(_handoff_key(request), entry[0], context=_handoff_context(request, viewer, share_id))
+
+
+def _browser_list(session: SessionDep, request: Request, run_id: int | None) -> tuple[str, dict[str, str] | None]:
+    """The form's concept numbers for `/shares?run=ID&browser=1&<the browser's filters>`: every
+    concept of that list (all its pages), at most a link's worth, and a line saying so."""
+    raw = {k: v for k, v in request.query_params.items()
+           if v != "" and k in ConceptFilters.model_fields and k not in ("page", "per_page")}
+    try:
+        filters = ConceptFilters.model_validate(raw)
+    except ValidationError as exc:
+        raise HTTPException(400, f"These filters are not valid: {readable_problems(exc.errors())}.") from None
+    run = get_run(session, run_id=run_id) if run_id is not None else None
+    if run is None:
+        return "", {"kind": "error", "text": "That run no longer exists: choose a run and the concepts to share."}
+    indices = view_concept_indices(session, run=run, filters=filters)
+    if not indices:
+        return "", {"kind": "warn", "text": "The concept browser's list is empty now: there is nothing to fill in."}
+    chosen = sorted(indices[:MAX_SHARED_CONCEPTS])
+    numbers = ", ".join(map(str, chosen))
+    if len(indices) > MAX_SHARED_CONCEPTS:
+        return numbers, {"kind": "warn", "text": (
+            f"The concept browser's list has {len(indices):,} concepts, but a link shows at most "
+            f"{MAX_SHARED_CONCEPTS}: only the first {MAX_SHARED_CONCEPTS} in the list's order are filled in. "
+            "Narrow the filters to share the others in another link, or share the whole run.")}
+    n = len(indices)
+    return numbers, {"kind": "ok", "text": f"Filled in from the concept browser: all {n} concept{'s' if n != 1 else ''} "
+                                           "of its list, on every page."}
 
 
 def analyst_pages() -> APIRouter:
@@ -77,11 +166,15 @@ def analyst_pages() -> APIRouter:
 
     @router.get("/shares", response_class=HTMLResponse)
     def shares_page(request: Request, session: SessionDep, viewer: AnalystViewer, run: int | None = None,
-                    concepts: str = ""):
-        """`?run=ID&concepts=1,2` pre-fills the form (from a run or concept page)."""
-        form = {"run_id": run, "scope": "concepts" if concepts else "run", "concepts": concepts, "note": "",
-                "expires_on": _expiry_days()[1].isoformat()}
-        return _shares_page(request, session, viewer, form=form)
+                    concepts: str = "", browser: bool = False):
+        """`?run=ID&concepts=1,2` pre-fills the form (from a run or concept page);
+        `?run=ID&browser=1&<filters>` with every concept of that browser list."""
+        notice = None
+        if browser:
+            concepts, notice = _browser_list(session, request, run)
+        form = {"run_id": run, "scope": "concepts" if concepts or browser else "run", "concepts": concepts,
+                "note": "", "expires_on": _expiry_days()[1].isoformat()}
+        return _shares_page(request, session, viewer, form=form, notice=notice)
 
     @router.post("/shares", response_class=HTMLResponse)
     def create_share_page(request: Request, session: SessionDep, viewer: AnalystViewer,
@@ -100,9 +193,28 @@ def analyst_pages() -> APIRouter:
             created = _create(session, viewer, body)
         except (UsaeError, ValueError) as exc:
             return _shares_page(request, session, viewer, form=form, error=str(exc), status_code=422)
-        return render(request, viewer, "shares/created.html", status_code=201, nav="shares", share=created,
-                      full_url=(request.app.state.settings.public_url or str(request.base_url)).rstrip("/")
-                      + created.url)
+        _hand_off(request, viewer, created)
+        return RedirectResponse(f"/shares/{created.id}/created", status_code=303)
+
+    @router.get("/shares/{share_id}/created", response_class=HTMLResponse)
+    def created_page(request: Request, share_id: PathInt, session: SessionDep, viewer: AnalystViewer):
+        """The new link's address, the first time only (the token leaves the session as it is
+        shown); afterwards the page says the link exists but its address is not shown again."""
+        token = _take_handoff(request, viewer, share_id)
+        created = reveal_share(session, share_id=share_id, creator_id=viewer.user.id,  # type: ignore[union-attr]
+                               token=token) if token else None
+        if created is not None:
+            base = request.app.state.settings.public_url or str(request.base_url)
+            response = render(request, viewer, "shares/created.html", nav="shares", share=created,
+                              full_url=base.rstrip("/") + created.url)
+        else:
+            try:
+                share = get_share(session, share_id=share_id)
+            except ShareNotFound:
+                raise HTTPException(404, "No such audit link.") from None
+            response = render(request, viewer, "shares/created.html", nav="shares", share=share, full_url=None)
+        response.headers["Cache-Control"] = "no-store"  # never from history or the back/forward cache
+        return response
 
     @router.post("/shares/{share_id}/revoke", response_class=HTMLResponse)
     def revoke_page(request: Request, share_id: PathInt, session: SessionDep, viewer: AnalystViewer):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from app.schemas.images import Thumb
 from app.schemas.labels import MAX_TAG
@@ -24,6 +24,10 @@ wide, the page at most 1680 px), and 60 fills the last row at every one of them;
 lone card on the last row of the five columns a 1366 px laptop shows."""
 
 SortKey = Literal["energy", "entropy", "cofire", "frequency", "index"]
+SortOrder = Literal["asc", "desc"]
+USUAL_ORDER: dict[str, SortOrder] = {"energy": "desc", "entropy": "desc", "cofire": "desc", "frequency": "desc",
+                                     "index": "asc"}
+"""Each sort's direction when the URL names none: a statistic highest first, concept numbers lowest first."""
 LabelFilter = Literal["any", "labelled", "unlabelled"]
 
 
@@ -32,6 +36,8 @@ class ConceptFilters(BaseModel):
 
     q: str = Field("", max_length=MAX_SEARCH, description="Search in labels and descriptions")
     sort: SortKey = "energy"
+    order: SortOrder | None = Field(None, description="asc (lowest first) or desc (highest first); left out (null), "
+                                                      "the sort's usual direction: highest first, by index lowest first")
     min_entropy: float | None = Field(None, ge=0, le=1, description="Universal: firing entropy at least this")
     max_entropy: float | None = Field(None, ge=0, le=1, description="Model-specific: firing entropy below this")
     mostly: str | None = Field(None, max_length=MAX_SEARCH,
@@ -45,10 +51,24 @@ class ConceptFilters(BaseModel):
     page: int = Field(1, ge=1, le=MAX_PAGE)
     per_page: int = Field(CARDS_PER_PAGE, ge=1, le=200)
 
+    usual_orders: ClassVar[dict[str, SortOrder]] = USUAL_ORDER  # for the browser's form
+
+    @model_validator(mode="after")
+    def _usual_order_unnamed(self) -> ConceptFilters:
+        """The sort's usual direction is the list without one: one URL and one cached list."""
+        if self.order == USUAL_ORDER[self.sort]:
+            self.order = None
+        return self
+
+    @property
+    def direction(self) -> SortOrder:
+        """The list's direction: the one named, else the sort's usual one."""
+        return self.order or USUAL_ORDER[self.sort]
+
     def narrows(self) -> bool:
         """Whether some concepts are left out (by search or filters; not by order or paging)."""
         defaults = ConceptFilters()
-        return bool(self.query(page=defaults.page, sort=defaults.sort, per_page=defaults.per_page,
+        return bool(self.query(page=defaults.page, sort=defaults.sort, order=None, per_page=defaults.per_page,
                                show_dead="only" if self.show_dead == "only" else False))
 
     def view_query(self) -> dict[str, object]:
@@ -59,6 +79,8 @@ class ConceptFilters(BaseModel):
     def query(self, **changes: object) -> dict[str, object]:
         """The non-default filters as URL query parameters (with `changes` applied)."""
         merged = self.model_copy(update=changes)
+        if merged.order == USUAL_ORDER[merged.sort]:  # `changes` may switch the sort to one it is usual for
+            merged.order = None
         defaults = ConceptFilters()
         return {
             key: ("1" if value is True else value)

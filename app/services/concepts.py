@@ -58,11 +58,11 @@ UNIVERSAL_ENTROPY = 0.8
 NEIGHBOURS_SHOWN = 5
 
 _SORT_COLUMNS = {
-    "energy": Concept.energy.desc(),
-    "entropy": Concept.firing_entropy.desc(),
-    "cofire": Concept.cofire.desc(),
-    "frequency": Concept.frequency.desc(),
-    "index": Concept.index.asc(),
+    "energy": Concept.energy,
+    "entropy": Concept.firing_entropy,
+    "cofire": Concept.cofire,
+    "frequency": Concept.frequency,
+    "index": Concept.index,
 }
 
 
@@ -83,8 +83,16 @@ def mostly_in(shares: Sequence[tuple[str, float]], n_models: int) -> list[str]:
 
 
 def order_by(filters: ConceptFilters) -> tuple[Any, ...]:
-    """The view's order: its sort key, then concept number."""
-    return _SORT_COLUMNS[filters.sort], Concept.index.asc()
+    """The view's order: its sort key in the view's direction, ties by concept number. A
+    statistic highest first breaks ties lowest number first, as its index (migration 0003:
+    run_id, dead, the statistic descending, index) holds them; lowest first is that list exactly
+    reversed (ties highest number first), so the database walks the same index backwards."""
+    column = _SORT_COLUMNS[filters.sort]
+    if filters.sort == "index":
+        return (column.asc() if filters.direction == "asc" else column.desc(),)
+    if filters.direction == "desc":
+        return column.desc(), Concept.index.asc()
+    return column.asc(), Concept.index.desc()
 
 
 def _escape_like(text: str) -> str:

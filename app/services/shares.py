@@ -7,6 +7,7 @@ confirmed with a constant-time comparison.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import hmac
@@ -17,7 +18,9 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
 from app.models import Concept, Run, ShareLink, User, utcnow
+from app.schemas.concepts import ConceptFilters
 from app.schemas.shares import ShareCreated, ShareInfo
+from app.services.concepts import conditions, order_by
 from app.services.text import storable
 from app.urls import share_urls
 from app.viewer import ShareGrant
@@ -100,6 +103,60 @@ def create_share(session: Session, *, run: Run, creator: User, scope: str, conce
     session.add(link)
     session.flush()
     return ShareCreated(**share_info(link).model_dump(), token=token, url=share_urls(token).home())
+
+
+def get_share(session: Session, *, share_id: int) -> ShareInfo:
+    link = session.get(ShareLink, share_id)
+    if link is None:
+        raise ShareNotFound()
+    return share_info(link)
+
+
+def reveal_share(session: Session, *, share_id: int, creator_id: int, token: str) -> ShareCreated | None:
+    """The link `share_id` with its token, for the page that shows a new link once: only when
+    `token` is that link's own, `creator_id` made it and it still works; None otherwise."""
+    link = session.get(ShareLink, share_id)
+    if (link is None or link.created_by != creator_id or share_status(link) != "active"
+            or not hmac.compare_digest(link.token_hash, hash_token(token))):
+        return None
+    return ShareCreated(**share_info(link).model_dump(), token=token, url=share_urls(token).home())
+
+
+def _handoff_pad(key: bytes, nonce: bytes, context: str) -> bytes:
+    return hmac.new(key, b"usae share hand-off\0" + nonce + context.encode(), hashlib.sha256).digest()
+
+
+def seal_token(key: bytes, token: str, *, context: str) -> str:
+    """`token` masked for its trip through the analyst's session cookie, which is signed but
+    readable by whoever holds a copy of it: XOR with HMAC-SHA256(key, fresh nonce, context), a
+    one-time pad only the server can make again (the cookie's signature keeps it unaltered).
+    `context` (the analyst, their session and the link) must match to open it."""
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    if len(raw) != TOKEN_BYTES:
+        raise ValueError("not an audit-link token")
+    nonce = secrets.token_bytes(16)
+    masked = bytes(a ^ b for a, b in zip(raw, _handoff_pad(key, nonce, context), strict=True))
+    return base64.urlsafe_b64encode(nonce + masked).decode()
+
+
+def open_token(key: bytes, sealed: object, *, context: str) -> str | None:
+    """The token `seal_token` masked with the same key and context; None for anything else.
+    (A wrong context gives a wrong token, which `reveal_share` then refuses.)"""
+    try:
+        blob = base64.urlsafe_b64decode(sealed) if isinstance(sealed, str) else b""
+    except ValueError:
+        return None
+    if len(blob) != 16 + TOKEN_BYTES:
+        return None
+    nonce, masked = blob[:16], blob[16:]
+    raw = bytes(a ^ b for a, b in zip(masked, _handoff_pad(key, nonce, context), strict=True))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def view_concept_indices(session: Session, *, run: Run, filters: ConceptFilters) -> list[int]:
+    """The concept numbers a browser view lists, on all its pages, in its order."""
+    return list(session.scalars(select(Concept.index).where(*conditions(run, filters, None))
+                                .order_by(*order_by(filters))))
 
 
 def resolve_share(session: Session, *, token: str) -> ShareGrant:

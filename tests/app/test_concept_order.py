@@ -49,17 +49,59 @@ def _without_order_cache(monkeypatch) -> None:
     monkeypatch.setattr(concept_service, "_order_key", lambda *args: None)
 
 
+@pytest.mark.parametrize("order", [None, "asc", "desc"])
 @pytest.mark.parametrize("sort", SORTS)
-def test_cached_orders_page_exactly_like_order_by_offset(run_url, monkeypatch, sort):
+def test_cached_orders_page_exactly_like_order_by_offset(run_url, monkeypatch, sort, order):
     scope = frozenset({0, 1, 3, 9, 20, 21, 30, 45, 46})
-    cases = [(dict(view, sort=sort), per_page, None) for view in VIEWS for per_page in (1, 7, 200)]
-    cases += [({"sort": sort, "show_dead": True}, 4, scope), ({"sort": sort}, 2, scope)]
+    cases = [(dict(view, sort=sort, order=order), per_page, None) for view in VIEWS for per_page in (1, 7, 200)]
+    cases += [({"sort": sort, "order": order, "show_dead": True}, 4, scope), ({"sort": sort, "order": order}, 2, scope)]
     cached = [_pages(run_url, filters, per_page, scope) for filters, per_page, scope in cases]
     with monkeypatch.context() as m:
         _without_order_cache(m)
         offset = [_pages(run_url, filters, per_page, scope) for filters, per_page, scope in cases]
     assert cached == offset
     assert all(pages[-1] == [] for pages in cached)
+
+
+@pytest.mark.parametrize("sort", SORTS)
+def test_each_sort_goes_both_ways_and_lowest_first_is_highest_first_reversed(run_url, sort):
+    """Highest first is the usual order of a statistic (concept number: lowest first); the other
+    direction is that list exactly reversed, ties (concepts 3, 9, 20, 21, 30 share every
+    statistic) included, so both walk the same index, one of them backwards."""
+    usual = "asc" if sort == "index" else "desc"
+    other = "desc" if sort == "index" else "asc"
+    for view in VIEWS:
+        default = _pages(run_url, dict(view, sort=sort), 200)[0]
+        assert _pages(run_url, dict(view, sort=sort, order=usual), 200)[0] == default
+        reverse = _pages(run_url, dict(view, sort=sort, order=other), 200)[0]
+        assert reverse == default[::-1], view
+    with session_factory(run_url)() as s:
+        cards = browse_concepts(s, run=get_run(s, run_id=1), filters=ConceptFilters(
+            sort=sort, order=other, show_dead=True, per_page=200)).concepts
+    values = [getattr(c, {"entropy": "firing_entropy"}.get(sort, sort)) for c in cards]
+    assert values == sorted(values, reverse=other == "desc")
+    if sort != "index":  # ties by concept number, reversed with the rest
+        assert [c.index for c in cards if c.index in {3, 9, 20, 21, 30}] == [30, 21, 20, 9, 3]
+
+
+def test_one_list_one_key_however_its_direction_is_spelt(run_url):
+    """The usual direction named in the URL is the list without it: one cached list, one URL."""
+    with session_factory(run_url)() as s:
+        run = get_run(s, run_id=1)
+        keys = {concept_service._order_key(s, run, ConceptFilters(**view), None)
+                for view in ({"sort": "entropy"}, {"sort": "entropy", "order": "desc"})}
+        assert len(keys) == 1
+        keys = {concept_service._order_key(s, run, ConceptFilters(**view), None)
+                for view in ({"sort": "index"}, {"sort": "index", "order": "asc"})}
+        assert len(keys) == 1
+        assert concept_service._order_key(s, run, ConceptFilters(sort="entropy", order="asc"), None) not in keys
+    assert ConceptFilters(sort="entropy", order="desc").query() == {"sort": "entropy"}
+    assert ConceptFilters(sort="index", order="asc").query() == {"sort": "index"}
+    assert ConceptFilters(sort="index", order="desc").query() == {"sort": "index", "order": "desc"}
+    assert ConceptFilters(sort="entropy", order="asc").query(page=2) == {"sort": "entropy", "order": "asc", "page": 2}
+    # A direction that is the usual one of the sort a link switches to is left out there too.
+    assert ConceptFilters(sort="entropy", order="asc").query(sort="index") == {"sort": "index"}
+    assert not ConceptFilters(sort="entropy", order="asc").narrows()  # an order leaves no concept out
 
 
 def test_a_remine_changes_the_order_and_a_label_edit_shows_at_once(run_url):

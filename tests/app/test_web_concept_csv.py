@@ -86,6 +86,15 @@ def test_csv_follows_the_filters_but_not_the_paging(web_client, seeded):
     assert [int(r["concept"]) for r in rows] == _all_pages(web_client, run.run_id, f"mostly={first}&sort=entropy")
     assert rows and all(float(r[f"{first} share of firings"]) >= 0.5 for r in rows)
     assert len(rows) > 3  # every page, not page 2 of 3-concept pages
+    # Lowest first too, as the browser pages it.
+    rows = _rows(web_client.get(f"/runs/{run.run_id}/concepts.csv?mostly={first}&sort=entropy&order=asc"))
+    assert [int(r["concept"]) for r in rows] == \
+        _all_pages(web_client, run.run_id, f"mostly={first}&sort=entropy&order=asc")
+    everything = _rows(web_client.get(f"/runs/{run.run_id}/concepts.csv?sort=energy&order=asc"))
+    assert [int(r["concept"]) for r in everything] == _all_pages(web_client, run.run_id, "sort=energy")[::-1]
+    energies = [float(r["energy"]) for r in everything]
+    assert energies == sorted(energies)
+    assert web_client.get(f"/runs/{run.run_id}/concepts.csv?order=sideways").status_code == 400
     assert web_client.get(f"/runs/{run.run_id}/concepts.csv?mostly=nope").status_code == 400
     assert web_client.get(f"/runs/{run.run_id}/concepts.csv?min_entropy=2").status_code == 400
     # The browser's button carries the view's filters, without its page.

@@ -187,6 +187,73 @@ def test_browser_rejects_bad_filters_plainly(client, data):
         assert r.status_code == 400 and "at most 500 characters" in r.text, r.text[:300]
 
 
+def _filter_form(text: str) -> str:
+    start = text.index('id="filters"')
+    return text[start:text.index("</form>", start)]
+
+
+def test_browser_sorts_either_way_and_keeps_the_direction(client, data):
+    """Every sort goes both ways (`order=asc|desc`); left out, each keeps its usual direction
+    (statistics highest first, concept number lowest first), so old URLs show what they did."""
+    run = data.run.run_id
+
+    def entropies(text: str) -> list[float]:
+        return [float(e) for e in re.findall(r"entropy <b>([\d.]+)</b>", text)]
+
+    usual = client.get(f"/runs/{run}/concepts?sort=entropy&per_page=200")
+    assert entropies(usual.text) == sorted(entropies(usual.text), reverse=True)
+    lowest = client.get(f"/runs/{run}/concepts?sort=entropy&order=asc&per_page=200")
+    assert lowest.status_code == 200
+    assert entropies(lowest.text) == sorted(entropies(lowest.text)) and entropies(lowest.text)[0] < 0.8
+    assert _indices(lowest.text) == _indices(usual.text)[::-1]
+    assert _indices(client.get(f"/runs/{run}/concepts?sort=entropy&order=desc&per_page=200").text) == \
+        _indices(usual.text)
+    by_number = _indices(client.get(f"/runs/{run}/concepts?sort=index&order=desc&per_page=200").text)
+    assert by_number == sorted(by_number, reverse=True)
+    # The form names the direction; the usual one is the empty choice, so it stays out of the URL.
+    form = _filter_form(lowest.text)
+    assert '<select id="order" name="order"' in form
+    assert re.search(r'<option value="asc"[^>]* selected>lowest first</option>', form)
+    assert re.search(r'<option value=""[^>]*>highest first</option>', form)
+    by_index = client.get(f"/runs/{run}/concepts?sort=index").text
+    by_index_form = _filter_form(by_index)
+    assert re.search(r'<option value=""[^>]* selected>lowest first</option>', by_index_form)
+    assert re.search(r'<option value="desc"[^>]*>highest first</option>', by_index_form)
+    # Kept by the pager, the cards' links, the CSV button; the usual direction is never spelt out.
+    paged = client.get(f"/runs/{run}/concepts?sort=entropy&order=asc&per_page=5").text
+    assert f'href="/runs/{run}/concepts?sort=entropy&amp;order=asc&amp;page=2&amp;per_page=5"' in paged
+    first = _indices(paged)[0]
+    assert f'href="/runs/{run}/concepts/{first}?sort=entropy&amp;order=asc&amp;per_page=5"' in paged
+    assert f'href="/runs/{run}/concepts.csv?sort=entropy&amp;order=asc"' in paged
+    spelt = client.get(f"/runs/{run}/concepts?sort=entropy&order=desc&per_page=5").text
+    assert "order=desc" not in spelt and f'href="/runs/{run}/concepts?sort=entropy&amp;page=2&amp;per_page=5"' in spelt
+    # The JSON API takes the same parameter.
+    api = client.get(f"/api/runs/{run}/concepts", params={"sort": "entropy", "order": "asc", "per_page": 200})
+    assert [c["index"] for c in api.json()["concepts"]] == _indices(lowest.text)
+    assert api.json()["filters"]["order"] == "asc"
+    # A wrong direction is a 400 naming it, on the page, the API, the CSV and the concept page.
+    for path in ("/runs/{run}/concepts", "/api/runs/{run}/concepts", "/runs/{run}/concepts.csv",
+                 "/runs/{run}/concepts/1"):
+        r = client.get(path.format(run=run), params={"sort": "entropy", "order": "up"})
+        assert r.status_code == 400 and "order should be 'asc' or 'desc'" in html.unescape(r.text), (path, r.text[:300])
+
+
+def test_entropy_filters_take_any_threshold(client, data):
+    """The entropy fields step by any amount: 0.82 is a threshold the browser's own check lets
+    through (a step of 0.05 made it "nearest valid values are 0.8 and 0.85"), and the server too."""
+    run = data.run.run_id
+    page = client.get(f"/runs/{run}/concepts?min_entropy=0.82&max_entropy=0.97").text
+    form = _filter_form(page)
+    numbers = re.findall(r'<input type="number"[^>]*>', form)
+    assert len(numbers) == 2 and all('step="any"' in n for n in numbers), numbers
+    assert 'value="0.82"' in form and 'value="0.97"' in form
+    body = client.get(f"/api/runs/{run}/concepts", params={"min_entropy": 0.823, "per_page": 200,
+                                                           "show_dead": 1}).json()
+    everything = client.get(f"/api/runs/{run}/concepts", params={"per_page": 200, "show_dead": 1}).json()
+    assert body["total"] == sum(c["firing_entropy"] >= 0.823 for c in everything["concepts"])
+    assert client.get(f"/runs/{run}/concepts?min_entropy=1.01").status_code == 400
+
+
 def test_concept_page_shows_every_model(client, data):
     run = data.run
     html = client.get(f"/runs/{run.run_id}/concepts/0").text
@@ -477,6 +544,17 @@ def test_a_concept_opened_from_a_list_steps_through_that_list(client, data):
     page = client.get(f"/runs/{run}/concepts/{outside}", params={"sort": "entropy", "min_entropy": 0.5}).text
     assert 'id="back-to-list"' not in page
     assert f'rel="next" href="/runs/{run}/concepts/{outside + 1}"' in page
+    # A list sorted lowest first: previous / next walk it that way, and the way back names it.
+    query = {"sort": "entropy", "order": "asc", "per_page": 5}
+    order = _view_order(client, run, query)
+    assert order == _view_order(client, run, {"sort": "entropy"})[::-1]
+    page = client.get(f"/runs/{run}/concepts/{order[6]}", params=query).text
+    assert f'rel="prev" href="/runs/{run}/concepts/{order[5]}?sort=entropy&amp;order=asc&amp;per_page=5"' in page
+    assert f'rel="next" href="/runs/{run}/concepts/{order[7]}?sort=entropy&amp;order=asc&amp;per_page=5"' in page
+    assert f">7 of {len(order)} in the list</a>" in page
+    back = html.unescape(re.search(r'id="back-to-list" href="([^"]+)"', page).group(1))
+    assert back == f"/runs/{run}/concepts?sort=entropy&order=asc&page=2&per_page=5"
+    assert order[6] in _indices(client.get(back).text)
     assert client.get(f"/runs/{run}/concepts/1", params={"mostly": "nope"}).status_code == 400
     assert client.get(f"/runs/{run}/concepts/1", params={"sort": "bogus"}).status_code == 400
 

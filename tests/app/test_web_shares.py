@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import re
+
+import secrets
+from html import unescape
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,11 +22,25 @@ from tests.app.webapp import PASSWORD, csrf_from, login, sign_in_as  # noqa: F40
 
 
 def _create(client, seeded, **fields) -> str:
-    """Create a link through the form; returns its path."""
+    """Create a link through the form (its answer redirects to the page that shows the link
+    once); returns its path."""
     page = client.get("/shares").text
     r = client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), **fields})
-    assert r.status_code == 201, r.text
+    assert r.status_code == 200 and [h.status_code for h in r.history] == [303], r.text
     return re.search(r'id="share-url" value="http://testserver(/s/[^"]+)"', r.text).group(1)
+
+
+def _session_set_by(response) -> tuple[str, str]:
+    """The session cookie a response sets, and what it says: base64 JSON, signed but readable
+    by whoever holds it."""
+    value = re.search(r"usae_session=([^;]+)", response.headers["set-cookie"]).group(1)
+    payload = value.split(".")[0]
+    return value, base64.b64decode(payload + "=" * (-len(payload) % 4)).decode()
+
+
+def _link_count(seeded) -> int:
+    with session_factory(seeded.settings.db_url)() as session:
+        return len(session.scalars(select(ShareLink.id)).all())
 
 
 @pytest.fixture
@@ -163,7 +182,7 @@ def test_a_new_link_is_built_on_the_public_address_when_one_is_set(web_client, s
     settings = web_client.app.state.settings
     monkeypatch.setattr(web_client.app.state, "settings", settings.model_copy(update={"public_url": "https://usae.example.com/x/"}))
     r = web_client.post("/shares", data=form, headers={"Host": "evil.example"})
-    assert r.status_code == 201 and 'value="https://usae.example.com/x/s/' in r.text and "evil" not in r.text
+    assert r.status_code == 200 and 'value="https://usae.example.com/x/s/' in r.text and "evil" not in r.text
     with pytest.raises(ValueError, match="public_url"):
         type(settings)(data_dir=settings.data_dir, public_url="usae.example.com")
 
@@ -174,7 +193,9 @@ def test_browsers_keep_no_copy_of_a_link_or_its_pages(web_client, holder, seeded
     page = web_client.get("/shares").text
     created = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id),
                                                 "scope": "run"})
-    assert created.status_code == 201 and created.headers["cache-control"] == "no-store"
+    assert created.status_code == 200 and created.headers["cache-control"] == "no-store"
+    assert created.history[0].headers["cache-control"] == "no-store"  # the POST's redirect too
+    assert web_client.get(str(created.url)).headers["cache-control"] == "no-store"  # and the page once shown
     path = re.search(r'id="share-url" value="http://testserver(/s/[^"]+)"', created.text).group(1)
     run = seeded.run.run_id
     for url in (f"{path}/runs/{run}", f"{path}/runs/{run}/concepts", f"{path}/runs/{run}/concepts/0",
@@ -230,7 +251,7 @@ def test_listed_concepts_with_whole_run_chosen_are_not_shared_as_the_run(web_cli
     assert 'id="shares"' not in r.text  # no link was made
     r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id),
                                          "scope": "run", "concepts": "  "})
-    assert r.status_code == 201 and "the whole run" in r.text
+    assert r.status_code == 200 and r.history and "the whole run" in r.text
 
 
 def test_every_link_expires_within_a_year(web_client, seeded):
@@ -358,3 +379,171 @@ def test_the_expiry_field_names_its_day_in_words(web_client, seeded):
     assert r.status_code == 422 and f"Works through {later:%a %d %b %Y}, 23:59 UTC." in r.text
     assert _day_in_words("2027-01-04") == "Mon 04 Jan 2027"
     assert _day_in_words("04/01/2027") == "" and _day_in_words("") == ""
+
+
+def test_creating_a_link_redirects_and_a_reload_creates_nothing(web_client, seeded):
+    """Post/Redirect/Get: the form's answer is a 303 to a page that shows the new link's address
+    once. Reloading that page (or going back to it) creates no second link and never shows the
+    address again, but says the link exists and where it is listed."""
+    page = web_client.get("/shares").text
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id),
+                                         "scope": "concepts", "concepts": "0, 3", "note": "Reload me"},
+                        follow_redirects=False)
+    with session_factory(seeded.settings.db_url)() as session:
+        share_id = session.scalar(select(ShareLink.id))
+    assert r.status_code == 303 and r.headers["location"] == f"/shares/{share_id}/created"
+    assert "/s/" not in r.text
+    _, handed_off = _session_set_by(r)  # the token travels sealed, never readable in the cookie
+    assert "new_share_links" in handed_off
+    shown = web_client.get(r.headers["location"])
+    assert shown.status_code == 200 and "<h1>Audit link created</h1>" in shown.text
+    token = re.search(r'id="share-url" value="http://testserver/s/([^"]+)"', shown.text).group(1)
+    with session_factory(seeded.settings.db_url)() as session:
+        assert session.get(ShareLink, share_id).token_hash == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in handed_off and "new_share_links" not in _session_set_by(shown)[1]  # taken as shown
+    assert "can read 2 concepts of" in shown.text
+    for _ in range(2):  # reload: nothing created, nothing revealed, and the page says why
+        again = web_client.get(r.headers["location"])
+        assert again.status_code == 200 and again.headers["cache-control"] == "no-store"
+        assert token not in again.text and 'id="share-url"' not in again.text
+        assert "<h1>Audit link already created</h1>" in again.text
+        assert "its address was shown only once" in again.text and f'href="/shares#share-{share_id}"' in again.text
+        assert "Reload me" in again.text
+    assert _link_count(seeded) == 1
+    assert web_client.get("/shares/999/created").status_code == 404
+
+
+def test_a_new_links_address_is_shown_only_to_its_creator_and_only_soon(web_client, seeded, monkeypatch):
+    """The hand-off is bound to the analyst's session and the link, and expires: another
+    analyst, another link's page, or a redirect followed too late shows no address."""
+    import app.routes.shares as shares_routes
+
+    page = web_client.get("/shares").text
+    form = {"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), "scope": "run"}
+    first = web_client.post("/shares", data=form, follow_redirects=False).headers["location"]
+    made = web_client.post("/shares", data=form, follow_redirects=False)
+    second, (alice, _) = made.headers["location"], _session_set_by(made)  # alice's session holds both hand-offs
+    bob = sign_in_as(web_client, seeded, "bob").get(first)
+    assert bob.status_code == 200 and 'id="share-url"' not in bob.text and "shown only once" in bob.text
+    web_client.cookies.clear()
+    web_client.cookies.set("usae_session", alice)
+    assert 'id="share-url"' in web_client.get(second).text  # each link's page takes its own hand-off
+    assert 'id="share-url"' in web_client.get(first).text  # bob's look took nothing from alice
+    monkeypatch.setattr(shares_routes, "HANDOFF_SECONDS", -1)  # a redirect followed after its deadline
+    late = web_client.get(web_client.post("/shares", data=form, follow_redirects=False).headers["location"])
+    assert 'id="share-url"' not in late.text and "shown only once" in late.text
+
+
+def test_sealed_tokens_open_only_with_their_key_and_context():
+    from app.services.shares import open_token, seal_token
+
+    token, key = secrets.token_urlsafe(32), secrets.token_bytes(32)
+    sealed = seal_token(key, token, context="1|csrf|7")
+    assert token not in sealed and seal_token(key, token, context="1|csrf|7") != sealed  # a fresh nonce each time
+    assert open_token(key, sealed, context="1|csrf|7") == token
+    assert open_token(key, sealed, context="2|csrf|7") != token
+    assert open_token(secrets.token_bytes(32), sealed, context="1|csrf|7") != token
+    assert open_token(key, "not base64!", context="x") is None and open_token(key, None, context="x") is None
+
+
+def test_expired_and_revoked_links_offer_no_revoke_button(web_client, seeded):
+    for _ in range(3):
+        _create(web_client, seeded, scope="run")
+    with session_factory(seeded.settings.db_url)() as session:
+        expired, revoked, active = session.scalars(select(ShareLink.id).order_by(ShareLink.id)).all()
+        session.execute(update(ShareLink).where(ShareLink.id == expired).values(
+            expires_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)))
+        session.execute(update(ShareLink).where(ShareLink.id == revoked).values(revoked_at=dt.datetime.now(dt.timezone.utc)))
+        session.commit()
+    listing = web_client.get("/shares").text
+    rows = dict(re.findall(r'<tr id="share-(\d+)" data-status="(\w+)"', listing))
+    assert rows == {str(expired): "expired", str(revoked): "revoked", str(active): "active"}
+    assert f'action="/shares/{active}/revoke"' in listing
+    assert f"/shares/{expired}/revoke" not in listing and f"/shares/{revoked}/revoke" not in listing
+
+
+def _share_button(html: str) -> str:
+    return unescape(re.search(r'<a class="button" id="share-list" href="([^"]+)"', html).group(1))
+
+
+def test_share_these_concepts_shares_the_whole_filtered_list(web_client, seeded):
+    """The browser's button leads to the form filled in with every concept of its list, on all
+    pages (not only the page shown), in the list's own filters."""
+    run = seeded.run.run_id
+    browser = web_client.get(f"/runs/{run}/concepts?per_page=2&sort=index&min_entropy=0.1&page=2").text
+    listed = web_client.get(f"/api/runs/{run}/concepts?per_page=200&sort=index&min_entropy=0.1").json()
+    expected = sorted(c["index"] for c in listed["concepts"])
+    assert listed["total"] == len(expected) > 2
+    assert f"every concept in this list, on all its pages ({len(expected)})" in browser
+    href = _share_button(browser)
+    assert not re.search(r"[?&]page=", href)  # the list, not one of its pages
+    form = web_client.get(href).text
+    assert re.search(r'id="concepts" value="([^"]*)"', form).group(1) == ", ".join(map(str, expected))
+    assert 'value="concepts" id="scope-concepts" checked' in form
+    assert f"all {len(expected)} concepts of its list, on every page" in form
+    # A list emptied since (by an edit elsewhere) fills nothing in and says so; bad filters are refused.
+    empty = web_client.get(f"/shares?run={run}&browser=1&q=no-such-label-anywhere").text
+    assert re.search(r'id="concepts" value=""', empty) and "list is empty now" in empty
+    assert web_client.get(f"/shares?run={run}&browser=1&min_entropy=7").status_code == 400
+
+
+def test_a_list_longer_than_a_link_allows_says_so(web_client, seeded):
+    """More than 500 concepts: the first 500 in the list's order are filled in, and the form says
+    that the rest are left out, never silently."""
+    from tests.app.seed import seed_run
+
+    with session_factory(seeded.settings.db_url)() as session:
+        big = seed_run(session, seeded.settings.media_dir, name="big-run", n_concepts=520, write_files=False)
+        session.commit()
+    form = web_client.get(f"/shares?run={big.run_id}&browser=1&sort=index&show_dead=1").text
+    numbers = re.search(r'id="concepts" value="([^"]*)"', form).group(1)
+    assert numbers == ", ".join(map(str, range(500)))
+    assert "has 520 concepts, but a link shows at most 500" in form and "first 500 in the list" in form
+    page = web_client.get("/shares").text
+    r = web_client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(big.run_id),
+                                         "scope": "concepts", "concepts": numbers})
+    assert r.status_code == 200 and "can read 500 concepts of" in r.text
+
+
+def test_notes_in_the_list_wrap_between_words_at_laptop_width(web_client, seeded, tmp_path):
+    """At 1366 px the Note column keeps room for its words: none is broken across lines (the
+    cells' overflow-wrap: anywhere once squeezed it to "concept / s"), and a concept link's long
+    labels are cut on one line instead of widening their column."""
+    from playwright.sync_api import sync_playwright
+
+    run = seeded.run.run_id
+    page = web_client.get(f"/runs/{run}/concepts/2").text
+    web_client.post(f"/runs/{run}/concepts/2/label", data={
+        "csrf_token": csrf_from(page), "version": "1", "description": "", "tags": "",
+        "label": "A very long label that goes on and on about a crack in a painted surface"})
+    for note in ("UI review (design pass)", "Review round 2: three defect concepts", "crack/stain/dent check"):
+        _create(web_client, seeded, scope="concepts", concepts="2, 3, 4", note=note)
+    html = web_client.get("/shares").text
+    css = (Path(__file__).resolve().parents[2] / "static" / "app.css").read_text()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            view = browser.new_page(viewport={"width": 1366, "height": 900})
+            view.set_content(re.sub(r"<script[^>]*>.*?</script>", "", html, flags=re.S))
+            view.add_style_tag(content=css)
+            broken = view.evaluate("""() => {
+              const broken = [];
+              for (const cell of document.querySelectorAll('#shares td[data-label="Note"]')) {
+                const text = cell.firstChild;
+                for (const m of text.data.matchAll(/\\S+/g)) {
+                  const range = document.createRange();
+                  range.setStart(text, m.index); range.setEnd(text, m.index + m[0].length);
+                  const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+                  if (tops.size > 1) broken.push(m[0]);
+                }
+              }
+              return broken;
+            }""")
+            widths = view.evaluate("""() => [...document.querySelectorAll('#shares td[data-label="Note"]')]
+                                       .map(c => c.clientWidth)""")
+            overflow = view.evaluate("() => document.querySelector('#shares').scrollWidth - "
+                                     "document.querySelector('#shares').parentElement.clientWidth")
+        finally:
+            browser.close()
+    assert broken == [] and min(widths) >= 130, (broken, widths)
+    assert overflow <= 0  # the table still fits its panel
