@@ -101,7 +101,8 @@ def serve_workers(host: str, port: int, workers: int) -> None:
     over the workers. A worker that dies is replaced; one that cannot start stops the server.
     `serve_cmd` has checked the port is free."""
     spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=_worker, args=(host, port)) for _ in range(workers)]
+    server = os.getpid()
+    procs = [spawn.Process(target=_worker, args=(host, port, server)) for _ in range(workers)]
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
@@ -115,7 +116,7 @@ def serve_workers(host: str, port: int, workers: int) -> None:
                 if proc.exitcode == _STARTUP_FAILURE:
                     raise typer.Exit(code=1)  # the worker logged why (bad app, settings or socket)
                 typer.echo(f"server worker {proc.pid} exited with code {proc.exitcode}; starting another", err=True)
-                procs[i] = spawn.Process(target=_worker, args=(host, port))
+                procs[i] = spawn.Process(target=_worker, args=(host, port, server))
                 procs[i].start()
     finally:
         for proc in procs:
@@ -151,11 +152,17 @@ def check_port(host: str, port: int) -> None:
         raise UsaeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def _worker(host: str, port: int) -> None:
+def _worker(host: str, port: int, server: int) -> None:
     """One server process: its own listening socket (queueing connections from the start), then
-    the app built from the environment (USAE_DATA_DIR, set by `serve_cmd`)."""
+    the app built from the environment (USAE_DATA_DIR, set by `serve_cmd`). It stops (SIGTERM:
+    uvicorn finishes the requests in flight) once `server`, the `usae serve` process, is gone:
+    killed with SIGKILL, it could not stop its children, which would go on answering on the
+    port with the old code and keep the next `usae serve` off it."""
     import uvicorn
 
+    from app.jobs import stop_with_parent
+
+    stop_with_parent(server, signal.SIGTERM, "server process")
     try:
         sock = _bound_socket(host, port, share=True)
         sock.listen(2048)
@@ -247,6 +254,8 @@ def worker_cmd(
     threads: Annotated[int, typer.Option(min=1, help="Jobs run at once.")] = 1,
     torch_threads: Annotated[Optional[int], typer.Option(
         help="CPU threads a job's PyTorch may use (default: PyTorch's own choice, every core).")] = None,
+    parent_pid: Annotated[Optional[int], typer.Option(
+        hidden=True, help="Stop once this process (the `usae serve` that started the worker) is gone.")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run background jobs (CAM images) queued from the explorer, until stopped."""
@@ -260,7 +269,7 @@ def worker_cmd(
         torch.set_num_threads(torch_threads)
     settings = settings_for(data_dir)
     typer.echo(f"job worker for {settings.data_dir.resolve()} ({threads} at a time)")
-    run_worker(settings, threads=threads)
+    run_worker(settings, threads=threads, parent_pid=parent_pid)
 
 
 def register(cli: typer.Typer) -> None:

@@ -18,6 +18,7 @@ from app.db import session_factory
 from app.models import Job
 from app.services.jobs import HEARTBEAT_S, JobCancelled, claim_job, fail_job, report_progress, touch_job
 from app.settings import Settings
+from usae_core.errors import UsaeError
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,25 @@ def run_job(settings: Settings, job_id: int) -> None:
         log.info("job %s (%s) done: %s", job_id, job.kind, message)
     except JobCancelled:
         log.info("job %s (%s) cancelled", job_id, job.kind)
-    except Exception as exc:  # noqa: BLE001 - any failure is the job's outcome, shown to the analyst
-        log.exception("job %s (%s) failed", job_id, job.kind)
+    except UsaeError as exc:  # raised on purpose: its message says what is wrong, in words
+        log.warning("job %s (%s) failed: %s", job_id, job.kind, exc)
         with sessions.begin() as session:
-            fail_job(session, job_id, f"{type(exc).__name__}: {exc}")
+            fail_job(session, job_id, str(exc))
+    except Exception as exc:  # noqa: BLE001 - any failure is the job's outcome, shown to the analyst
+        log.exception("job %s (%s) failed", job_id, job.kind)  # the traceback, for the administrator
+        with sessions.begin() as session:
+            fail_job(session, job_id, server_problem(job_id), f"{type(exc).__name__}: {exc}")
     finally:
         stop.set()
         _in_hand.discard(job_id)
+
+
+def server_problem(job_id: int) -> str:
+    """What an analyst reads about a job that failed on an error the code did not raise on
+    purpose (a bug, a broken install): not their doing, what to do, and what to tell the admin,
+    whose log has the traceback under the job's number."""
+    return (f"A problem on the server stopped this job, not anything you chose. Try again; if it fails again, tell "
+            f"your administrator (job {job_id}: the server's log has the details).")
 
 
 def fail_jobs_in_hand(settings: Settings) -> list[int]:
@@ -75,7 +88,8 @@ def fail_jobs_in_hand(settings: Settings) -> list[int]:
     failed = []
     with session_factory(settings.db_url).begin() as session:
         for job_id in sorted(_in_hand):
-            if fail_job(session, job_id, "Interrupted: the worker stopped. Start it again."):
+            if fail_job(session, job_id, "Interrupted: the job worker stopped before this job ended (the server was "
+                                         "stopped or restarted). Start the job again."):
                 failed.append(job_id)
     return failed
 

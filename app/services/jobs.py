@@ -68,8 +68,11 @@ def finish_job(session: Session, job_id: int, result: dict[str, Any], message: s
                        result=result, finished_at=utcnow())
 
 
-def fail_job(session: Session, job_id: int, error: str) -> bool:
-    return _transition(session, job_id, ACTIVE, status="failed", message="Failed.", error=error,
+def fail_job(session: Session, job_id: int, message: str, error: str | None = None) -> bool:
+    """queued or running -> failed. `message` is what analysts read (the CAM panel, /jobs): what
+    went wrong and what to do; `error` the technical detail (an exception), `message` when there
+    is none."""
+    return _transition(session, job_id, ACTIVE, status="failed", message=message, error=error or message,
                        finished_at=utcnow())
 
 
@@ -79,12 +82,14 @@ def cancel_job(session: Session, job_id: int) -> bool:
 
 
 def fail_interrupted_jobs(session: Session, *, now: dt.datetime | None = None) -> list[Job]:
-    """Running jobs whose heartbeat stopped (their worker died) -> failed."""
+    """Running jobs whose heartbeat stopped (their worker died) -> failed; those this call failed
+    (every worker looks for them, so two may find the same job: one fails it)."""
     cutoff = (now or utcnow()) - INTERRUPTED_AFTER
     stale = list(session.scalars(select(Job).where(Job.status == "running", Job.updated_at < cutoff)))
-    for job in stale:
-        fail_job(session, job.id, "Interrupted: the worker running this job stopped. Start it again.")
-    return stale
+    return [job for job in stale if fail_job(
+        session, job.id, f"Interrupted: the job worker running this job stopped without ending it (it was killed, or "
+                         f"its machine restarted). Start the job again; if this keeps happening, tell your "
+                         f"administrator (job {job.id}).")]
 
 
 def list_jobs(session: Session, *, limit: int = 100) -> list[Job]:

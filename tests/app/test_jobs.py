@@ -1,7 +1,8 @@
 """Background jobs: row transitions on SQLite and Postgres, the CAM endpoints' rules, a CAM
 job run end to end by a real `usae worker` process on a real backbone, what a CAM job does with
 its images (rows swapped, cached pages replaced, nothing kept when cancelled at the end, no path
-from a model name), and how `usae serve` starts its worker and a stopped worker leaves its job."""
+from a model name), how `usae serve` starts its worker and a stopped worker leaves its job, what
+analysts read about a failed job, and the CAM panel's steps."""
 
 from __future__ import annotations
 
@@ -462,3 +463,142 @@ def test_the_servers_job_worker_is_replaced_when_it_dies(tmp_path):
         second = current()
         assert second.poll() is None
     assert second.poll() is not None  # stopped with the block
+
+
+def _queue_cam_job(settings, run_id: int, index: int, params: dict | None = None) -> int:
+    from app.jobs import enqueue_job
+
+    with session_factory(settings.db_url).begin() as session:
+        alice = session.scalar(select(User).where(User.username == "alice"))
+        job_id = create_job(session, kind="cam", params=params or {"steps": 64}, run_id=run_id, concept_index=index,
+                            user=alice).id
+    enqueue_job(settings, job_id)
+    return job_id
+
+
+_BROKEN_WORKER = """
+import sys
+from app.services import job_runner
+from app.jobs import run_worker
+from app.settings import settings_for
+
+def broken(settings, sessions, job, progress):  # a bug in the server's code
+    progress(0.1, "working")
+    raise AttributeError("type object 'Image' has no attribute 'view_path'")
+
+job_runner._runners = lambda: {"cam": broken}
+run_worker(settings_for(sys.argv[1]))
+"""
+
+
+def test_a_job_failing_on_a_server_bug_tells_the_analyst_what_to_do(web_client, seeded, tmp_path):
+    """A bug (an exception the code does not raise on purpose) fails the job with a sentence for
+    analysts: that it is the server's problem, what to do, and the job's number for the admin.
+    The exception itself is in the server's log with its traceback, and folded on the page."""
+    run_id = seeded.run.run_id
+    job_id = _queue_cam_job(seeded.settings, run_id, 2)
+    log = tmp_path / "worker.log"
+    with open(log, "w") as out:
+        worker = subprocess.Popen([sys.executable, "-c", _BROKEN_WORKER, str(seeded.data_dir)], stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while _status(session_factory(seeded.settings.db_url), job_id) != "failed":
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=60)
+    raw = "AttributeError: type object 'Image' has no attribute 'view_path'"
+    text = log.read_text()
+    assert f"job {job_id} (cam) failed" in text and "Traceback (most recent call last)" in text and raw in text
+
+    job = web_client.get(f"/api/jobs/{job_id}").json()
+    assert job["status"] == "failed" and "problem on the server" in job["message"]
+    assert f"job {job_id}" in job["message"] and "administrator" in job["message"] and "Try again" in job["message"]
+    assert job["error"] == raw  # the detail, for an administrator or an API client
+    panel = web_client.get(f"/runs/{run_id}/concepts/2/cam").text
+    row = web_client.get("/jobs").text.split(f'data-job="{job_id}"')[1].split("</tr>")[0]
+    for html in (panel, row):
+        shown = html.replace("&#39;", "'")
+        assert "problem on the server" in shown and f"job {job_id}" in shown
+        before, _, folded = shown.partition("<details")
+        assert raw not in before and raw in folded  # the raw error only folded away
+    assert "Make CAM images" in panel  # and the analyst can try again
+
+
+def test_an_expected_job_error_keeps_its_own_message(web_client, seeded):
+    """Errors the code raises on purpose (UsaeError) already say what is wrong in words: they are
+    shown as they are, without the class name or a technical fold. The seeded run has no USAE on
+    disk, so its CAM job fails as a real one does."""
+    from app.services.job_runner import run_job
+
+    run_id = seeded.run.run_id
+    job_id = _queue_cam_job(seeded.settings, run_id, 2)
+    run_job(seeded.settings, job_id)
+    job = web_client.get(f"/api/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["message"].startswith("there is no USAE run at"), job
+    assert "UsaeError" not in job["message"] + job["error"]
+    panel = web_client.get(f"/runs/{run_id}/concepts/2/cam").text
+    assert "there is no USAE run at" in panel and "<details" not in panel and "problem on the server" not in panel
+    row = web_client.get("/jobs").text.split(f'data-job="{job_id}"')[1].split("</tr>")[0]
+    assert "there is no USAE run at" in row and "<details" not in row
+
+
+_SWEEPING_WORKER = """
+import sys
+import app.jobs
+from app.jobs import run_worker
+from app.settings import settings_for
+
+app.jobs.ALIVE_EVERY_S = 0.2
+run_worker(settings_for(sys.argv[1]))
+"""
+
+
+def test_a_running_worker_fails_jobs_whose_worker_died(seeded):
+    """A worker killed mid-job (SIGKILL after `docker stop`'s grace period, the OOM killer) leaves
+    its job 'running'. Failing such jobs only when a worker starts missed the ones whose worker
+    died after the next one had started (a restarted container's): they stayed 'running', and
+    the concept refused new CAM jobs (409), until some later worker start."""
+    sessions = session_factory(seeded.settings.db_url)
+    worker = subprocess.Popen([sys.executable, "-c", _SWEEPING_WORKER, str(seeded.data_dir)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (seeded.data_dir / ALIVE_FILE).exists():  # started: past its start-up sweep
+            assert worker.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        with sessions.begin() as session:  # a job another worker took and died with
+            alice = session.scalar(select(User).where(User.username == "alice"))
+            job = create_job(session, kind="cam", params={}, run_id=seeded.run.run_id, concept_index=2, user=alice)
+            session.flush()
+            claim_job(session, job.id)
+            job.updated_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+            job_id = job.id
+        while _status(sessions, job_id) == "running":
+            assert worker.poll() is None and time.monotonic() < deadline, "the job was never failed"
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=60)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "failed" and "Interrupted" in job.message and "again" in job.message
+
+
+def test_the_cam_panel_keeps_the_steps_last_chosen(web_client, seeded):
+    """After a 64-step job the panel offers 64 again, not the default 128; steps only the API
+    offers (16) are kept too."""
+    run_id = seeded.run.run_id
+    url = f"/runs/{run_id}/concepts/3/cam"
+    assert re.search(r'<option value="128"\s+selected>', web_client.get(url).text)  # no job yet: the default
+    for steps in (64, 16):
+        token = csrf_from(web_client.get(f"/runs/{run_id}/concepts/3").text)
+        r = web_client.post(url, data={"csrf_token": token, "steps": str(steps)}, follow_redirects=False) \
+            if steps == 64 else web_client.post(f"/api{url}", json={"steps": steps}, headers=_api_headers(web_client))
+        assert r.status_code in (202, 303), r.text
+        job_id = web_client.get("/api/jobs").json()[0]["id"]
+        web_client.post(f"/api/jobs/{job_id}/cancel", headers=_api_headers(web_client))  # ended, as a done job
+        panel = web_client.get(url).text
+        assert re.search(rf'<option value="{steps}"\s+selected>', panel), panel
+        assert len(re.findall(r"\sselected>", panel)) == 1

@@ -2,7 +2,9 @@
 
 A real server in a subprocess: connections are spread over the workers (with one shared socket a
 burst of clients could land on one worker), a second server on the same port is refused with a
-clear message, a dead worker is replaced, and SIGTERM leaves no process behind."""
+clear message, a dead worker is replaced, and SIGTERM leaves no process behind; with a real CAM
+job running in the server's job worker, SIGTERM stops that worker too and after SIGKILL the
+server's processes stop by themselves."""
 
 from __future__ import annotations
 
@@ -157,3 +159,132 @@ def test_the_access_log_never_holds_an_audit_link_token(tmp_path):
     text = log.read_text()
     assert f"/s/#{hash_token(token)[:8]}/runs/1" in text, text[-2000:]
     assert token not in text
+
+
+# Stopping the server stops its job worker. The worker `usae serve` starts takes CAM jobs from
+# the queue; one left running after the server is gone (re-parented to PID 1) kept taking them,
+# beside the next server's worker, on the old code.
+
+def _slow_cam_job(data_dir: Path) -> tuple[Path, int]:
+    """A data directory holding one run whose model has a real backbone (MobileNetV2) and a queued
+    CAM job that runs for minutes (2,048 steps at 224 px): the job a stopped server has in hand.
+    Its settings and the job's id."""
+    import torch
+
+    from app.db import get_engine, session_factory
+    from app.jobs import enqueue_job
+    from app.migrations import upgrade_database
+    from app.models import Concept, Run, RunModel
+    from app.services.jobs import create_job
+    from app.settings import Settings
+    from tests.app.seed import create_analyst
+    from usae_core.backbones import create_backbone
+    from usae_core.config import USAEConfig
+    from usae_core.model import USAE
+
+    settings = Settings(data_dir=data_dir, database_url=None)
+    upgrade_database(settings.db_url)
+    torch.manual_seed(0)
+    dim = create_backbone("mobilenet_v2").dim
+    run_dir = data_dir.parent / "run"
+    USAE(USAEConfig(model_dims={"mnet": dim}, n_concepts=8, k=2, encoder="linear")).save_pretrained(run_dir)
+    with session_factory(settings.db_url).begin() as session:
+        run = Run(name="cam-run", run_dir=str(run_dir), store_dir="", n_concepts=8, k=2, status="mined")
+        run.models = [RunModel(position=0, name="mnet", family="torchvision", dim=dim, grid_h=7, grid_w=7,
+                               info={"registry_name": "mobilenet_v2"})]
+        session.add(run)
+        session.flush()
+        session.add_all(Concept(run_id=run.id, index=i) for i in range(8))
+        job_id = create_job(session, kind="cam", params={"steps": 2048, "image_size": 224, "seed": 0}, run_id=run.id,
+                            concept_index=3, user=create_analyst(session)).id
+    enqueue_job(settings, job_id)
+    get_engine(settings.db_url).dispose()
+    return data_dir, job_id
+
+
+def _job(data_dir: Path, job_id: int):
+    from app.db import session_factory
+    from app.models import Job
+    from app.settings import Settings
+
+    with session_factory(Settings(data_dir=data_dir, database_url=None).db_url)() as session:
+        return session.get(Job, job_id)
+
+
+def _job_worker_of(parent: int) -> int | None:
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        if b"app.cli" in cmdline and b"worker" in cmdline:
+            return int(child)
+    return None
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie nobody reaped counts as gone: it runs nothing)."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+def _serve_with_a_running_job(tmp_path: Path, workers: int) -> tuple[subprocess.Popen, int, Path, int]:
+    """`usae serve` (its output in tmp_path/serve.log) whose job worker is running a slow CAM job:
+    the server process, the job worker's pid, the data directory and the job id."""
+    data_dir, job_id = _slow_cam_job(tmp_path / "data")
+    port = _free_port()
+    with open(tmp_path / "serve.log", "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", str(workers), "--port",
+                                  str(port), "--data-dir", str(data_dir)], cwd=ROOT, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    _wait_until(lambda: _get(port) == 200, what="the server")
+    _wait_until(lambda: _job(data_dir, job_id).status == "running", timeout=180, what="the job to run")
+    worker = _job_worker_of(server.pid)
+    assert worker is not None
+    return server, worker, data_dir, job_id
+
+
+def _log(tmp_path: Path) -> str:
+    return (tmp_path / "serve.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_servers_job_worker_too(tmp_path):
+    """`kill PID` (what systemd, `docker stop` and supervisors send) stops the job worker as Ctrl+C
+    does: at once, its job marked failed with a message saying why, well within the 10 s that
+    `docker stop` waits before it kills. One server process (uvicorn's own signal handling) was
+    the case that left the worker behind."""
+    server, worker, data_dir, job_id = _serve_with_a_running_job(tmp_path, workers=1)
+    try:
+        sent = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, _log(tmp_path)
+        assert _gone(worker), f"the job worker {worker} outlived the server: " + _log(tmp_path)
+        assert time.monotonic() - sent < 10, _log(tmp_path)
+    finally:
+        for pid in (server.pid, worker):
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        server.wait()
+    job = _job(data_dir, job_id)
+    assert job.status == "failed" and "worker stopped" in job.message and "again" in job.message, job.message
+
+
+@pytest.mark.slow
+def test_a_killed_server_leaves_no_process_taking_jobs(tmp_path):
+    """SIGKILL (the OOM killer, `kill -9`) gives the server no chance to stop anything: its job
+    worker and server processes notice their parent is gone and stop by themselves, the worker
+    failing the job in hand with a message, instead of taking jobs (and requests) on old code."""
+    server, worker, data_dir, job_id = _serve_with_a_running_job(tmp_path, workers=2)
+    children = [worker, *_workers(server.pid)]
+    assert len(children) == 3
+    try:
+        server.kill()
+        server.wait()
+        _wait_until(lambda: all(_gone(pid) for pid in children), timeout=15,
+                    what="the server's processes to stop after it was killed")
+    finally:
+        for pid in children:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    job = _job(data_dir, job_id)
+    assert job.status == "failed" and "worker stopped" in job.message, job.message
