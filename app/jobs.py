@@ -133,14 +133,14 @@ def stop_with_parent(parent_pid: int, sig: signal.Signals, what: str) -> None:
 def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = None) -> None:
     """Run jobs until stopped. SIGTERM lets the jobs in hand finish (up to SHUTDOWN_TIMEOUT_S),
     SIGINT stops at once; a job still running then is marked failed, never left 'running'.
-    With `parent_pid` (the server that started this worker) it stops as on SIGINT once that
-    process is gone."""
+    With `parent_pid` (the server that started this worker) SIGTERM stops it at once too, and
+    it stops as on SIGINT once that process is gone."""
     from app.migrations import upgrade_database
     from app.services.job_runner import fail_jobs_in_hand
 
     if threading.current_thread() is threading.main_thread():
-        # Ctrl+C stops it also where it was started with SIGINT ignored (`usae serve &` in a
-        # script): how the server stops it, and how it stops itself when the server is gone.
+        # Until the consumer installs its own handlers: Ctrl+C stops the migration and the
+        # start-up sweep also where the worker was started with SIGINT ignored (`usae serve &`).
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if parent_pid is not None:
         stop_with_parent(parent_pid, signal.SIGINT, "job worker")
@@ -148,6 +148,11 @@ def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = No
     _fail_interrupted_jobs(settings)
     consumer = job_queue(settings).huey.create_consumer(workers=threads, worker_type="thread", periodic=False,
                                                    graceful_signal="TERM", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    if parent_pid is not None:
+        # A server's worker stops at once on SIGTERM too: systemd sends SIGTERM to every process
+        # of the service together, and during huey's graceful wait the server's SIGINT would only
+        # be noted, so the server killed the worker at STOP_WAIT_S before it failed its job.
+        consumer._signal_actions[signal.SIGTERM] = (False, False)  # (restart, graceful)
     stop = threading.Event()
     threading.Thread(target=_keep_alive, args=(settings, stop), name="worker-alive", daemon=True).start()
     try:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from app.commands.core import DataDir
-from app.commands.web import check_port
+from app.commands.web import GRACEFUL_SHUTDOWN_S, check_port
 from app.settings import settings_for
 
 
@@ -52,7 +52,8 @@ def demo_cmd(
         except webbrowser.Error:
             pass
     with worker_process(settings):  # runs the CAM jobs analysts start from concept pages
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 def register(cli: typer.Typer) -> None:

@@ -59,6 +59,12 @@ def serve_cmd(
         _serve(settings, host, port, workers or os.cpu_count() or 1)
 
 
+GRACEFUL_SHUTDOWN_S = 5
+"""How long a stopping server lets requests in flight finish (a CSV download, an explain) before
+it closes them: the job worker is stopped after the server, and both within the 10 s that
+`docker stop` waits before it kills."""
+
+
 def plain_http_warning(host: str, secure_cookies: bool) -> str | None:
     """A warning when other machines can reach the explorer and its session cookie may travel
     over plain HTTP (then anyone on the network path could take over an analyst's session)."""
@@ -75,7 +81,8 @@ def _serve(settings, host: str, port: int, workers: int) -> None:
     from app.main import create_app
 
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         return
     # Worker processes build their own app from the environment. The secret key file is created
     # now (and the database was migrated by serve_cmd), before they start, so every worker reads
@@ -88,7 +95,7 @@ def _serve(settings, host: str, port: int, workers: int) -> None:
     # A worker busy importing torch on a loaded machine can miss uvicorn's 5 s health ping and
     # be killed and restarted for nothing ("Child process died"); give start-up room.
     uvicorn.run("app.main:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level="info", timeout_worker_healthcheck=60)
+                log_level="info", timeout_worker_healthcheck=60, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 def serve_workers(host: str, port: int, workers: int) -> None:
@@ -123,7 +130,7 @@ def serve_workers(host: str, port: int, workers: int) -> None:
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: uvicorn finishes the requests in flight
         for proc in procs:
-            proc.join(timeout=30)
+            proc.join(timeout=GRACEFUL_SHUTDOWN_S + 5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -169,7 +176,8 @@ def _worker(host: str, port: int, server: int) -> None:
     except OSError as exc:
         print(f"cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         sys.exit(_STARTUP_FAILURE)
-    config = uvicorn.Config("app.main:app_from_environment", factory=True, log_level="info")
+    config = uvicorn.Config("app.main:app_from_environment", factory=True, log_level="info",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     uvicorn.Server(config).run(sockets=[sock])
 
 

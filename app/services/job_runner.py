@@ -88,8 +88,8 @@ def fail_jobs_in_hand(settings: Settings) -> list[int]:
     failed = []
     with session_factory(settings.db_url).begin() as session:
         for job_id in sorted(_in_hand):
-            if fail_job(session, job_id, "Interrupted: the job worker stopped before this job ended (the server was "
-                                         "stopped or restarted). Start the job again."):
+            if fail_job(session, job_id, "Interrupted: the job worker stopped before this job ended (it, or the "
+                                         "server that runs it, was stopped or restarted). Start the job again."):
                 failed.append(job_id)
     return failed
 

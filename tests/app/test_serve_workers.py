@@ -247,16 +247,14 @@ def _log(tmp_path: Path) -> str:
     return (tmp_path / "serve.log").read_text()[-3000:]
 
 
-@pytest.mark.slow
-def test_sigterm_stops_the_servers_job_worker_too(tmp_path):
-    """`kill PID` (what systemd, `docker stop` and supervisors send) stops the job worker as Ctrl+C
-    does: at once, its job marked failed with a message saying why, well within the 10 s that
-    `docker stop` waits before it kills. One server process (uvicorn's own signal handling) was
-    the case that left the worker behind."""
+def _sigterm_stops_both_in_time(tmp_path, to_worker_too: bool) -> None:
+    """SIGTERM to a `usae serve` whose worker runs a CAM job (and to the worker too): the server
+    exits 0, the worker is gone within `docker stop`'s 10 s, and its job failed saying why."""
     server, worker, data_dir, job_id = _serve_with_a_running_job(tmp_path, workers=1)
     try:
         sent = time.monotonic()
-        server.send_signal(signal.SIGTERM)
+        for pid in (worker, server.pid) if to_worker_too else (server.pid,):
+            os.kill(pid, signal.SIGTERM)
         assert server.wait(timeout=30) == 0, _log(tmp_path)
         assert _gone(worker), f"the job worker {worker} outlived the server: " + _log(tmp_path)
         assert time.monotonic() - sent < 10, _log(tmp_path)
@@ -267,6 +265,23 @@ def test_sigterm_stops_the_servers_job_worker_too(tmp_path):
         server.wait()
     job = _job(data_dir, job_id)
     assert job.status == "failed" and "worker stopped" in job.message and "again" in job.message, job.message
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_servers_job_worker_too(tmp_path):
+    """`kill PID` (what `docker stop` and supervisors send) stops the job worker as Ctrl+C does: at
+    once, its job marked failed with a message saying why, well within the 10 s that `docker stop`
+    waits before it kills. One server process (uvicorn's own signal handling) was the case that
+    left the worker behind."""
+    _sigterm_stops_both_in_time(tmp_path, to_worker_too=False)
+
+
+@pytest.mark.slow
+def test_sigterm_to_server_and_worker_together_stops_both_at_once(tmp_path):
+    """systemd stops a service by sending SIGTERM to all of its processes together: the worker,
+    which on its own SIGTERM would let its job run on for SHUTDOWN_TIMEOUT_S (and, waiting, only
+    note the server's SIGINT), stops at once and fails its job, before the server gives up on it."""
+    _sigterm_stops_both_in_time(tmp_path, to_worker_too=True)
 
 
 @pytest.mark.slow

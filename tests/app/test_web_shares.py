@@ -446,6 +446,26 @@ def test_sealed_tokens_open_only_with_their_key_and_context():
     assert open_token(key, "not base64!", context="x") is None and open_token(key, None, context="x") is None
 
 
+def test_a_new_links_address_is_revealed_only_to_its_creator_with_its_own_token(seeded):
+    from app.models import User
+    from app.services.shares import create_share, reveal_share, revoke_share
+
+    with session_factory(seeded.settings.db_url)() as session:
+        alice, bob = (session.scalar(select(User).where(User.username == name)) for name in ("alice", "bob"))
+        run = session.get(Run, seeded.run.run_id)
+        made = create_share(session, run=run, creator=alice, scope="run", concept_indices=[], note="", expires_at=None)
+        other = create_share(session, run=run, creator=alice, scope="run", concept_indices=[], note="", expires_at=None)
+        session.commit()
+        revealed = reveal_share(session, share_id=made.id, creator_id=alice.id, token=made.token)
+        assert revealed is not None and revealed.url == made.url
+        assert reveal_share(session, share_id=made.id, creator_id=bob.id, token=made.token) is None  # not its creator
+        assert reveal_share(session, share_id=made.id, creator_id=alice.id, token=other.token) is None  # another's token
+        assert reveal_share(session, share_id=10**6, creator_id=alice.id, token=made.token) is None
+        revoke_share(session, share_id=made.id)
+        session.commit()
+        assert reveal_share(session, share_id=made.id, creator_id=alice.id, token=made.token) is None  # revoked
+
+
 def test_expired_and_revoked_links_offer_no_revoke_button(web_client, seeded):
     for _ in range(3):
         _create(web_client, seeded, scope="run")
@@ -505,6 +525,8 @@ def test_a_list_longer_than_a_link_allows_says_so(web_client, seeded):
     assert r.status_code == 200 and "can read 500 concepts of" in r.text
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_notes_in_the_list_wrap_between_words_at_laptop_width(web_client, seeded, tmp_path):
     """At 1366 px the Note column keeps room for its words: none is broken across lines (the
     cells' overflow-wrap: anywhere once squeezed it to "concept / s"), and a concept link's long
