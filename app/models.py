@@ -476,6 +476,11 @@ class ShareLink(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime | None]
     revoked_at: Mapped[dt.datetime | None]
+    handoff: Mapped[str | None] = mapped_column(Text)
+    """The token sealed (`app.services.shares.seal_token`, under a key derived from the app's
+    secret) for the one page that shows a new link's address; NULL once that page took it."""
+    handoff_until: Mapped[dt.datetime | None]
+    """When `handoff` stops opening (a redirect followed later shows no address)."""
 
     run: Mapped[Run] = relationship()
     creator: Mapped[User | None] = relationship()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, HTTPException, Request
@@ -15,11 +14,11 @@ from app.deps import AnalystViewer, SessionDep, ShareScope
 from app.params import DB_INT_MAX, FormInt, PathInt, readable_problems
 from app.schemas.concepts import ConceptFilters
 from app.schemas.shares import ShareCreate, ShareCreated, ShareInfo, SharedScope
-from app.security import CSRF_SESSION_KEY
 from app.services.runs_view import get_run, list_runs
 from app.services.shares import (DEFAULT_SHARE_DAYS, LISTED_CONCEPTS, MAX_SHARE_DAYS, MAX_SHARED_CONCEPTS,
                                  ShareNotFound, create_share, get_share, list_shares, listed_concept_labels,
-                                 open_token, reveal_share, revoke_share, seal_token, view_concept_indices)
+                                 open_token, reveal_share, revoke_share, seal_token, start_handoff, take_handoff,
+                                 view_concept_indices)
 from app.templating import render
 from app.viewer import Viewer
 from usae_core.errors import UsaeError
@@ -79,13 +78,8 @@ def _shares_page(request: Request, session: SessionDep, viewer: Viewer, *, form:
                   expiry_range=(first.isoformat(), last.isoformat()), expiry_default=default.isoformat())
 
 
-HANDOFF_KEY = "new_share_links"
-"""Session key of the new links whose address the next page shows: {share id: (sealed token, deadline)}."""
 HANDOFF_SECONDS = 120
 """How long the redirect after creating a link may take to come back for its address."""
-HANDOFF_PENDING = 8
-"""New links awaiting their page at once, per session (tabs); the oldest go first, so the
-cookie stays far below the 4 KB a browser keeps."""
 
 
 def _handoff_key(request: Request) -> bytes:
@@ -94,44 +88,29 @@ def _handoff_key(request: Request) -> bytes:
     return hashlib.sha256(b"usae share hand-off key\0" + secret.encode()).digest()
 
 
-def _handoff_context(request: Request, viewer: Viewer, share_id: int) -> str:
-    """A sealed token opens only for this analyst, in this session (its CSRF token is made
-    afresh at every sign-in) and for this link."""
+def _handoff_context(creator_id: int, share_id: int) -> str:
+    """A sealed token opens only for the analyst who created the link, and for that link."""
+    return f"{creator_id}|{share_id}"
+
+
+def _hand_off(request: Request, session: SessionDep, viewer: Viewer, created: ShareCreated) -> None:
+    """Keep the new link's token, sealed, in the database for the page the POST redirects to
+    (Post/Redirect/Get: a reload of that page creates nothing). The database, not the session
+    cookie: a response of the same session in flight meanwhile (another tab) would write its
+    older copy of the cookie back, dropping the hand-off or bringing it back."""
     assert viewer.user is not None
-    return f"{viewer.user.id}|{request.session.get(CSRF_SESSION_KEY, '')}|{share_id}"
+    sealed = seal_token(_handoff_key(request), created.token, context=_handoff_context(viewer.user.id, created.id))
+    start_handoff(session, share_id=created.id, sealed=sealed, seconds=HANDOFF_SECONDS)
 
 
-def _hand_off(request: Request, viewer: Viewer, created: ShareCreated) -> None:
-    """Keep the new link's token, sealed, in the analyst's session for the page the POST
-    redirects to (Post/Redirect/Get: a reload of that page creates nothing)."""
-    pending = _live_handoffs(request)
-    sealed = seal_token(_handoff_key(request), created.token,
-                        context=_handoff_context(request, viewer, created.id))
-    pending[str(created.id)] = [sealed, time.time() + HANDOFF_SECONDS]
-    request.session[HANDOFF_KEY] = dict(list(pending.items())[-HANDOFF_PENDING:])
-
-
-def _live_handoffs(request: Request) -> dict[str, list]:
-    pending = request.session.get(HANDOFF_KEY)
-    if not isinstance(pending, dict):
-        return {}
-    now = time.time()
-    return {k: v for k, v in pending.items()
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], (int, float)) and v[1] >= now}
-
-
-def _take_handoff(request: Request, viewer: Viewer, share_id: int) -> str | None:
-    """The token handed off for `share_id`, once: it leaves the session as it is read, so the
-    page's next load (a reload, back and forward) finds nothing; so does one past the deadline."""
-    pending = _live_handoffs(request)
-    entry = pending.pop(str(share_id), None)
-    if pending:
-        request.session[HANDOFF_KEY] = pending
-    else:
-        request.session.pop(HANDOFF_KEY, None)
-    if entry is None:
+def _take_handoff(request: Request, session: SessionDep, viewer: Viewer, share_id: int) -> str | None:
+    """The token handed off for `share_id`, once (a reload, back and forward find nothing), only
+    to its creator and before its deadline."""
+    assert viewer.user is not None
+    sealed = take_handoff(session, share_id=share_id, creator_id=viewer.user.id)
+    if sealed is None:
         return None
-    return open_token(_handoff_key(request), entry[0], context=_handoff_context(request, viewer, share_id))
+    return open_token(_handoff_key(request), sealed, context=_handoff_context(viewer.user.id, share_id))
 
 
 def _browser_list(session: SessionDep, request: Request, run_id: int | None) -> tuple[str, dict[str, str] | None]:
@@ -193,14 +172,14 @@ def analyst_pages() -> APIRouter:
             created = _create(session, viewer, body)
         except (UsaeError, ValueError) as exc:
             return _shares_page(request, session, viewer, form=form, error=str(exc), status_code=422)
-        _hand_off(request, viewer, created)
+        _hand_off(request, session, viewer, created)
         return RedirectResponse(f"/shares/{created.id}/created", status_code=303)
 
     @router.get("/shares/{share_id}/created", response_class=HTMLResponse)
     def created_page(request: Request, share_id: PathInt, session: SessionDep, viewer: AnalystViewer):
         """The new link's address, the first time only (the token leaves the session as it is
         shown); afterwards the page says the link exists but its address is not shown again."""
-        token = _take_handoff(request, viewer, share_id)
+        token = _take_handoff(request, session, viewer, share_id)
         created = reveal_share(session, share_id=share_id, creator_id=viewer.user.id,  # type: ignore[union-attr]
                                token=token) if token else None
         if created is not None:

@@ -14,7 +14,7 @@ import hmac
 import secrets
 from collections.abc import Sequence
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.models import Concept, Run, ShareLink, User, utcnow
@@ -127,10 +127,10 @@ def _handoff_pad(key: bytes, nonce: bytes, context: str) -> bytes:
 
 
 def seal_token(key: bytes, token: str, *, context: str) -> str:
-    """`token` masked for its trip through the analyst's session cookie, which is signed but
-    readable by whoever holds a copy of it: XOR with HMAC-SHA256(key, fresh nonce, context), a
-    one-time pad only the server can make again (the cookie's signature keeps it unaltered).
-    `context` (the analyst, their session and the link) must match to open it."""
+    """`token` masked for the minutes it waits in its link's row for the page that shows it:
+    XOR with HMAC-SHA256(key, fresh nonce, context), a one-time pad only the server can make
+    again, so a copy of the database alone does not give it away. `context` (the analyst and the
+    link) must match to open it."""
     raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     if len(raw) != TOKEN_BYTES:
         raise ValueError("not an audit-link token")
@@ -151,6 +151,30 @@ def open_token(key: bytes, sealed: object, *, context: str) -> str | None:
     nonce, masked = blob[:16], blob[16:]
     raw = bytes(a ^ b for a, b in zip(masked, _handoff_pad(key, nonce, context), strict=True))
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def start_handoff(session: Session, *, share_id: int, sealed: str, seconds: float) -> None:
+    """Keep link `share_id`'s sealed token for the page that shows it once, for `seconds`; and
+    forget every hand-off past its time (a page never visited leaves nothing behind for long)."""
+    now = utcnow()
+    session.execute(update(ShareLink).where(ShareLink.handoff_until < now)
+                    .values(handoff=None, handoff_until=None))
+    session.execute(update(ShareLink).where(ShareLink.id == share_id)
+                    .values(handoff=sealed, handoff_until=now + dt.timedelta(seconds=seconds)))
+
+
+def take_handoff(session: Session, *, share_id: int, creator_id: int) -> str | None:
+    """Link `share_id`'s sealed token for its creator, once: cleared by an UPDATE that matches
+    only the value read, so of two loads at the same moment one gets it; None when gone, late
+    or not theirs."""
+    row = session.execute(select(ShareLink.handoff, ShareLink.handoff_until).where(
+        ShareLink.id == share_id, ShareLink.created_by == creator_id, ShareLink.handoff.is_not(None))).first()
+    if row is None:
+        return None
+    taken = session.execute(update(ShareLink).where(ShareLink.id == share_id, ShareLink.handoff == row.handoff)
+                            .values(handoff=None, handoff_until=None)
+                            .execution_options(synchronize_session=False)).rowcount
+    return row.handoff if taken == 1 and row.handoff_until >= utcnow() else None
 
 
 def view_concept_indices(session: Session, *, run: Run, filters: ConceptFilters) -> list[int]:

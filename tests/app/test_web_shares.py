@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import re
@@ -28,14 +27,6 @@ def _create(client, seeded, **fields) -> str:
     r = client.post("/shares", data={"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), **fields})
     assert r.status_code == 200 and [h.status_code for h in r.history] == [303], r.text
     return re.search(r'id="share-url" value="http://testserver(/s/[^"]+)"', r.text).group(1)
-
-
-def _session_set_by(response) -> tuple[str, str]:
-    """The session cookie a response sets, and what it says: base64 JSON, signed but readable
-    by whoever holds it."""
-    value = re.search(r"usae_session=([^;]+)", response.headers["set-cookie"]).group(1)
-    payload = value.split(".")[0]
-    return value, base64.b64decode(payload + "=" * (-len(payload) % 4)).decode()
 
 
 def _link_count(seeded) -> int:
@@ -393,14 +384,17 @@ def test_creating_a_link_redirects_and_a_reload_creates_nothing(web_client, seed
         share_id = session.scalar(select(ShareLink.id))
     assert r.status_code == 303 and r.headers["location"] == f"/shares/{share_id}/created"
     assert "/s/" not in r.text
-    _, handed_off = _session_set_by(r)  # the token travels sealed, never readable in the cookie
-    assert "new_share_links" in handed_off
+    with session_factory(seeded.settings.db_url)() as session:  # kept sealed for the page, in the database
+        handed_off = session.get(ShareLink, share_id).handoff
+    assert handed_off
     shown = web_client.get(r.headers["location"])
     assert shown.status_code == 200 and "<h1>Audit link created</h1>" in shown.text
     token = re.search(r'id="share-url" value="http://testserver/s/([^"]+)"', shown.text).group(1)
     with session_factory(seeded.settings.db_url)() as session:
-        assert session.get(ShareLink, share_id).token_hash == hashlib.sha256(token.encode()).hexdigest()
-    assert token not in handed_off and "new_share_links" not in _session_set_by(shown)[1]  # taken as shown
+        link = session.get(ShareLink, share_id)
+        assert link.token_hash == hashlib.sha256(token.encode()).hexdigest()
+        assert (link.handoff, link.handoff_until) == (None, None)  # taken as shown
+    assert token not in handed_off and "set-cookie" not in r.headers  # sealed in its row; no cookie carries it
     assert "can read 2 concepts of" in shown.text
     for _ in range(2):  # reload: nothing created, nothing revealed, and the page says why
         again = web_client.get(r.headers["location"])
@@ -414,15 +408,15 @@ def test_creating_a_link_redirects_and_a_reload_creates_nothing(web_client, seed
 
 
 def test_a_new_links_address_is_shown_only_to_its_creator_and_only_soon(web_client, seeded, monkeypatch):
-    """The hand-off is bound to the analyst's session and the link, and expires: another
-    analyst, another link's page, or a redirect followed too late shows no address."""
+    """The hand-off is bound to the analyst who created the link and to the link, and expires:
+    another analyst, another link's page, or a redirect followed too late shows no address."""
     import app.routes.shares as shares_routes
 
     page = web_client.get("/shares").text
     form = {"csrf_token": csrf_from(page), "run_id": str(seeded.run.run_id), "scope": "run"}
     first = web_client.post("/shares", data=form, follow_redirects=False).headers["location"]
-    made = web_client.post("/shares", data=form, follow_redirects=False)
-    second, (alice, _) = made.headers["location"], _session_set_by(made)  # alice's session holds both hand-offs
+    second = web_client.post("/shares", data=form, follow_redirects=False).headers["location"]
+    alice = web_client.cookies.get("usae_session")
     bob = sign_in_as(web_client, seeded, "bob").get(first)
     assert bob.status_code == 200 and 'id="share-url"' not in bob.text and "shown only once" in bob.text
     web_client.cookies.clear()
@@ -432,6 +426,23 @@ def test_a_new_links_address_is_shown_only_to_its_creator_and_only_soon(web_clie
     monkeypatch.setattr(shares_routes, "HANDOFF_SECONDS", -1)  # a redirect followed after its deadline
     late = web_client.get(web_client.post("/shares", data=form, follow_redirects=False).headers["location"])
     assert 'id="share-url"' not in late.text and "shown only once" in late.text
+
+
+def test_a_stale_copy_of_the_session_cookie_neither_loses_nor_repeats_the_address(web_client, seeded):
+    """A response of the same session that was in flight while the link was made (another tab's
+    polling) sets the session cookie as it was before the POST: the hand-off is not in the
+    cookie, so the address is still shown, once."""
+    page = web_client.get("/shares")
+    before = web_client.cookies.get("usae_session")
+    made = web_client.post("/shares", data={"csrf_token": csrf_from(page.text), "run_id": str(seeded.run.run_id),
+                                            "scope": "run"}, follow_redirects=False)
+    assert made.status_code == 303 and "set-cookie" not in made.headers
+    web_client.get("/shares")  # another page of the session, answered meanwhile
+    web_client.cookies.set("usae_session", before)
+    assert 'id="share-url"' in web_client.get(made.headers["location"]).text
+    web_client.cookies.set("usae_session", before)
+    again = web_client.get(made.headers["location"]).text
+    assert 'id="share-url"' not in again and "shown only once" in again
 
 
 def test_sealed_tokens_open_only_with_their_key_and_context():
