@@ -130,11 +130,12 @@ def stop_with_parent(parent_pid: int, sig: signal.Signals, what: str) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = None) -> None:
+def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = None) -> list[int]:
     """Run jobs until stopped. SIGTERM lets the jobs in hand finish (up to SHUTDOWN_TIMEOUT_S),
     SIGINT stops at once; a job still running then is marked failed, never left 'running'.
     With `parent_pid` (the server that started this worker) SIGTERM stops it at once too, and
-    it stops as on SIGINT once that process is gone."""
+    it stops as on SIGINT once that process is gone. Returns the jobs it failed so (their
+    threads may still be running)."""
     from app.migrations import upgrade_database
     from app.services.job_runner import fail_jobs_in_hand
 
@@ -155,12 +156,15 @@ def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = No
         consumer._signal_actions[signal.SIGTERM] = (False, False)  # (restart, graceful)
     stop = threading.Event()
     threading.Thread(target=_keep_alive, args=(settings, stop), name="worker-alive", daemon=True).start()
+    failed: list[int] = []
     try:
         consumer.run()
     finally:
         stop.set()
-        for job_id in fail_jobs_in_hand(settings):
+        failed = fail_jobs_in_hand(settings)
+        for job_id in failed:
             log.warning("job %s was still running when the worker stopped: marked failed", job_id)
+    return failed
 
 
 RESTARTS_WITHOUT_PROGRESS = 5

@@ -424,14 +424,26 @@ class _ShardAssembler:
             self.waited += time.perf_counter() - started
 
 
-def _warn_of_a_finer_grid(grid: tuple[int, int], models: Sequence[Backbone]) -> None:
+MAX_GRID_FACTOR = 4
+"""A --grid side may be at most this many times the finest model grid's side: beyond it the rows
+are only interpolation, and the store and each batch's buffers outgrow memory (--grid 1000x1000
+on 7x7 models was killed by the kernel, leaving an unfinished store)."""
+
+
+def _check_grid(grid: tuple[int, int], models: Sequence[Backbone]) -> None:
     """A grid finer than every model's own holds no more information, only interpolated rows:
-    allowed (a store to match another's grid), but said, since it multiplies the store's size."""
+    allowed (a store to match another's grid), but said, since it multiplies the store's size;
+    one more than MAX_GRID_FACTOR times finer on a side is refused before anything is written."""
     finest = max((tuple(m.native_grid) for m in models), key=lambda g: g[0] * g[1])
+    limit = (MAX_GRID_FACTOR * finest[0], MAX_GRID_FACTOR * finest[1])
+    if grid[0] > limit[0] or grid[1] > limit[1]:
+        raise UsaeError(f"--grid (grid) {grid[0]}x{grid[1]} is more than {MAX_GRID_FACTOR}x finer than the finest "
+                        f"model grid ({finest[0]}x{finest[1]}): at most {limit[0]}x{limit[1]}; its rows would only "
+                        "be interpolated, and the store would not fit in memory")
     if grid[0] * grid[1] > finest[0] * finest[1]:
         smallest = min((tuple(m.native_grid) for m in models), key=lambda g: g[0] * g[1])
         log.warning("--grid %dx%d has more cells than any model's own grid (the finest is %dx%d): its rows are "
-                    "interpolated, and the store is %.0fx the size of one on the default grid (%dx%d)",
+                    "interpolated, and the store is %.3gx the size of one on the default grid (%dx%d)",
                     *grid, *finest, grid[0] * grid[1] / (smallest[0] * smallest[1]), *smallest)
 
 
@@ -494,7 +506,7 @@ def extract_store(
         raise UsaeError(f"the store {out} and the image folder {source.root} overlap; write the store elsewhere")
     models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
     grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
-    _warn_of_a_finer_grid(grid, models)
+    _check_grid(grid, models)
     rank, world_size = rank_and_world_size()
     meta = {
         "source": "extract",

@@ -270,13 +270,15 @@ class ActivationStore:
                 old = json.loads(existing.read_text())
                 skipped = old.get("meta", {}).get("skipped_images", {})
                 kept = [i for i in image_ids if i not in skipped]
-                same = {k: old.get(k) for k in ("models", "grid", "dtype", "n_images", "shard_images")} == {
-                    **{k: manifest[k] for k in ("models", "grid", "dtype", "shard_images")}, "n_images": len(kept)
-                }
-                old_ids = json.loads((root / "image_ids.json").read_text())
-                if not same or old_ids != kept:
+                given = {**{k: manifest[k] for k in ("models", "grid", "dtype", "shard_images")}, "n_images": len(kept)}
+                differences = [f"{key} {old.get(key)!r} vs {value!r}" for key, value in given.items()
+                               if old.get(key) != value]
+                if not differences and json.loads((root / "image_ids.json").read_text()) != kept:
+                    differences.append("the image list")
+                if differences:
                     raise UsaeError(
-                        f"{root} holds a store with a different layout; pass --overwrite to start again"
+                        f"{root} holds a store with a different layout (saved vs given: {'; '.join(differences)}); "
+                        "rerun with the settings it was started with to finish it, or pass --overwrite to start again"
                     )
                 return StoreWriter(root, old)
             check_replaceable_store(root)  # a folder holding no store is never offered for replacing
@@ -378,7 +380,10 @@ class ActivationStore:
         return self._mmaps[key]
 
     def image_tokens(self, model: str, image_index: int) -> np.ndarray:
-        """float32 `[tokens, dim]` activations of one image."""
+        """float32 `[tokens, dim]` activations of one image (0 <= image_index < n_images)."""
+        if not 0 <= image_index < self.n_images:
+            raise UsaeError(f"image_index {image_index} is outside the store's {self.n_images} images "
+                            f"(0 to {self.n_images - 1})")
         span = span_of_image(self.spans, image_index)
         t = self.tokens_per_image
         local = image_index - span.start

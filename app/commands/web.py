@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -277,7 +278,13 @@ def worker_cmd(
         torch.set_num_threads(torch_threads)
     settings = settings_for(data_dir)
     typer.echo(f"job worker for {settings.data_dir.resolve()} ({threads} at a time)")
-    run_worker(settings, threads=threads, parent_pid=parent_pid)
+    if run_worker(settings, threads=threads, parent_pid=parent_pid):
+        # A stopped job's thread is still inside PyTorch: tearing the interpreter down under it
+        # aborts with "terminate called without an active exception". Its job is marked failed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def register(cli: typer.Typer) -> None:

@@ -265,6 +265,7 @@ def _sigterm_stops_both_in_time(tmp_path, to_worker_too: bool) -> None:
         server.wait()
     job = _job(data_dir, job_id)
     assert job.status == "failed" and "worker stopped" in job.message and "again" in job.message, job.message
+    assert "terminate called" not in _log(tmp_path)  # the worker left its job's thread without an abort
 
 
 @pytest.mark.slow

@@ -208,3 +208,17 @@ def test_a_grid_finer_than_every_models_own_is_allowed_and_said(folder, backbone
     with caplog.at_level(logging.WARNING, logger="usae_core.extract"):
         _extract(folder, backbone, tmp_path / "own", grid=native)
     assert "more cells" not in caplog.text
+
+
+def test_a_grid_far_finer_than_every_models_own_is_refused_before_anything_is_written(folder, backbone, tmp_path):
+    """--grid 1000x1000 on 7x7 models was killed for memory, leaving an unfinished store."""
+    from usae_core.extract import MAX_GRID_FACTOR
+
+    native = tuple(backbone.native_grid)
+    limit = (MAX_GRID_FACTOR * native[0], MAX_GRID_FACTOR * native[1])
+    with pytest.raises(UsaeError, match=rf"--grid \(grid\) {limit[0] + 1}x{limit[1]} is more than {MAX_GRID_FACTOR}x "
+                                        rf"finer than the finest model grid \({native[0]}x{native[1]}\): at most "
+                                        rf"{limit[0]}x{limit[1]}"):
+        _extract(folder, backbone, tmp_path / "huge", grid=(limit[0] + 1, limit[1]))
+    assert not (tmp_path / "huge").exists() and not list(tmp_path.glob(".huge*"))  # no store, no lock
+    assert _extract(folder, backbone, tmp_path / "edge", grid=limit).grid == limit  # the limit itself is allowed

@@ -32,6 +32,10 @@ def test_import_round_trips_in_image_order(tmp_path):
     assert store.grid == (3, 3) and store.n_images == 20 and store.n_tokens == 180
     assert len(store.spans) == 4 and store.spans[-1].n_images == 2
     np.testing.assert_array_equal(store.image_tokens("b", 13), arrays["b"][13])
+    np.testing.assert_array_equal(store.image_tokens("a", 19), arrays["a"][19])  # the last
+    for outside in (20, -1):  # refused like everything the library refuses, not an IndexError or a wrap-around
+        with pytest.raises(UsaeError, match=f"image_index {outside} is outside the store's 20 images"):
+            store.image_tokens("a", outside)
     seen = []
     for start, batch in store.iter_images(batch_images=4):
         np.testing.assert_array_equal(batch["a"], arrays["a"][start : start + len(batch["a"])])
@@ -204,9 +208,15 @@ def test_unfinished_store_cannot_be_opened_and_resumes(tmp_path):
     again.write_shard(1, {m: a[2:] for m, a in arrays.items()})
     store = again.finalize()
     np.testing.assert_allclose(store.image_tokens("b", 3), arrays["b"][3], atol=1e-2)
-    with pytest.raises(UsaeError, match="different layout"):
+    with pytest.raises(UsaeError, match=r"different layout \(saved vs given: models .*\); rerun with the settings"):
         ActivationStore.create(tmp_path / "s", models={"a": 3}, grid=(3, 3), image_ids=ids, shard_images=2,
                                resume=True)
+    with pytest.raises(UsaeError, match=r"saved vs given: grid \[3, 3\] vs \[4, 4\]\)"):  # only what differs
+        ActivationStore.create(tmp_path / "s", models={"a": 3, "b": 5}, grid=(4, 4), image_ids=ids, shard_images=2,
+                               resume=True)
+    with pytest.raises(UsaeError, match=r"saved vs given: the image list\)"):
+        ActivationStore.create(tmp_path / "s", models={"a": 3, "b": 5}, grid=(3, 3), image_ids=ids[::-1],
+                               shard_images=2, resume=True)
 
 
 def test_a_shard_cut_short_after_its_marker_is_rewritten_on_resume(tmp_path):
@@ -386,7 +396,7 @@ def test_readers_of_a_store_with_shards_of_different_sizes(tmp_path):
     assert [s.n_images for s in store.spans] == [5, 6, 1]
     for i in range(12):
         np.testing.assert_array_equal(store.image_tokens("b", i), kept["b"][i])
-    with pytest.raises(IndexError):
+    with pytest.raises(UsaeError, match="image_index 12 is outside the store's 12 images"):
         store.image_tokens("a", 12)
     starts = []
     for start, batch in store.iter_images(batch_images=4):
