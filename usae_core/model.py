@@ -77,7 +77,7 @@ def not_a_run_message(directory: Path) -> str:
         command = (f"usae train --store {shlex.quote(store)} --out {shlex.quote(str(directory))} --resume"
                    if isinstance(store, str) else "usae train ... --resume")
         return (f"the training of {directory} did not finish (its newest checkpoint is step {newest}{of}); "
-                f"continue it with `{command}` and the options it was started with")
+                f"continue it with `{command}` (it takes the options the run was started with)")
     return f"{directory} is not a USAE run (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from app.paths import resolve_run, resolve_store
 from app.settings import settings_for
+from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data directory (default: $USAE_DATA_DIR or ./usae-data).")]
@@ -52,55 +53,114 @@ def parse_grid(text: str) -> tuple[int, int]:
     return h, w
 
 
+_RESUMED = "or with --resume the run's"
+
+
 def train_cmd(
     store: Annotated[str, typer.Option("--store", help="Activation store (path or name).")],
     out: Annotated[str, typer.Option("--out", help="Run directory (path or name under DATA_DIR/runs).")],
-    concepts: Annotated[Optional[int], typer.Option("--concepts", help="Dictionary size (default: 6144, or --init-from's).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Active concepts per token (default: 32, or --init-from's).")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup to --lr, at most --steps (default: min(100, steps / 10)).")] = None,
-    encoder: Annotated[Optional[str], typer.Option(help="mlp_bn (paper) or linear (default: mlp_bn, or --init-from's).")] = None,
-    loss: Annotated[str, typer.Option(help="l1 (paper) or mse.")] = "l1",
-    aux: Annotated[str, typer.Option(help="auxk, paper or none.")] = "auxk",
-    seed: Annotated[int, typer.Option(help="Seed for init, data order and source choice.")] = 0,
+    concepts: Annotated[Optional[int], typer.Option("--concepts", help=f"Dictionary size (default: {USAEConfig.n_concepts}, {_RESUMED} or --init-from's).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help=f"Active concepts per token (default: {USAEConfig.k}, {_RESUMED} or --init-from's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps (default: {TrainConfig.steps}, {_RESUMED}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Tokens per step (default: {TrainConfig.batch_size}, {_RESUMED}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: {TrainConfig.lr}, {_RESUMED}).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help=f"Steps of linear warmup to --lr, at most --steps (default: min(100, steps / 10), {_RESUMED}).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help=f"mlp_bn (paper) or linear (default: {USAEConfig.encoder}, {_RESUMED} or --init-from's).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"l1 (paper) or mse (default: {TrainConfig.loss}, {_RESUMED}).")] = None,
+    aux: Annotated[Optional[str], typer.Option(help=f"auxk, paper or none (default: {TrainConfig.aux}, {_RESUMED}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed for init, data order and source choice (default: {TrainConfig.seed}, {_RESUMED}).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: final only).")] = 500,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint, with the settings it was started with (only --device and --checkpoint-every may change; after an interrupted --overwrite: the new run, swapped in when finished).")] = False,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Steps between checkpoints, 0: final only (default: {TrainConfig.checkpoint_every}, {_RESUMED}).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint, with the settings it was started with: options left out are the run's, and given, they must match it (only --device and --checkpoint-every may change); after an interrupted --overwrite: the new run, swapped in when finished.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out (the old one stays until the new one is trained).")] = False,
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from the weights and standardisation statistics of this run (path or name) or one of its checkpoints (RUN/checkpoints/step-N), at step 0 with a fresh optimizer and warm-up: to train a finished run further, or on another store of the same models. --concepts, --k and --encoder default to its.")] = None,
     distributed: Annotated[bool, typer.Option(help="Data-parallel over torchrun ranks.")] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Train a USAE on a store."""
-    from usae_core.config import TrainConfig, USAEConfig
     from usae_core.distributed import distributed_context
     from usae_core.store import ActivationStore
-    from usae_core.train import TrainingInterrupted, init_source_config, train_usae
+    from usae_core.train import TrainingInterrupted, train_usae
 
     settings = settings_for(data_dir)
     st = ActivationStore.open(resolve_store(store, settings))
+    run_dir = resolve_run(out, settings)
     source = resolve_run(init_from, settings) if init_from is not None else None
-    # Shape options left out are the source run's: a user need not repeat them (given, they must match it).
-    shape = init_source_config(source) if source is not None else USAEConfig(model_dims=st.dims)
-    ucfg = USAEConfig(model_dims=st.dims, n_concepts=shape.n_concepts if concepts is None else concepts,
-                      k=shape.k if k is None else k, encoder=shape.encoder if encoder is None else encoder)  # type: ignore[arg-type]
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, loss=loss, aux=aux,  # type: ignore[arg-type]
-                       seed=seed, device=device, checkpoint_every=checkpoint_every)
+    # Options left out are the resumed run's, else (the shape) --init-from's, else the built-in
+    # defaults: a user need not repeat them. Given, they are checked against the run or source.
+    saved = resumed_config(run_dir) if resume else None
+    ucfg = _shape(st.dims, {"n_concepts": concepts, "k": k, "encoder": encoder}, saved, source)
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "loss": loss,
+             "aux": aux, "seed": seed, "checkpoint_every": checkpoint_every}
+    tcfg = _train_settings({key: value for key, value in given.items() if value is not None}, device, saved)
     try:
         with distributed_context(distributed, device=tcfg.device) as ctx:
             tcfg.device = ctx.device
-            train_usae(st, resolve_run(out, settings), ucfg, tcfg, resume=resume, overwrite=overwrite, init_from=source)
+            train_usae(st, run_dir, ucfg, tcfg, resume=resume, overwrite=overwrite, init_from=source)
     except TrainingInterrupted as exc:  # Ctrl-C: one line on how to continue, no traceback
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
-    typer.echo(f"trained {resolve_run(out, settings)}")
+    typer.echo(f"trained {run_dir}")
+
+
+def resumed_config(out: Path) -> dict | None:
+    """The saved config (config.json) that `usae train --out OUT --resume` continues, or None
+    with nothing to resume: that of the newest checkpoint with a readable one (else the run's
+    own config.json) in the folder training resumes in: the new run an interrupted --overwrite
+    left beside OUT, else OUT. Read only: `train_usae` finishes a swap cut between its renames,
+    after which the run is the new folder's, or else the old one's (read in that order)."""
+    from usae_core.atomic import replacement_folders
+    from usae_core.model import CHECKPOINT_DIR, CONFIG_FILE
+
+    new, old = replacement_folders(out)
+    for folder in (new, out, old):
+        if not folder.is_dir():
+            continue
+        for config in [*sorted((folder / CHECKPOINT_DIR).glob("step-*"), reverse=True), folder]:
+            try:
+                saved = json.loads((config / CONFIG_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(saved, dict) and isinstance(saved.get("usae"), dict):
+                return saved
+        if folder == new:  # an interrupted --overwrite before its first checkpoint: resumed from step 0
+            return None
+    return None
+
+
+def _shape(dims: dict[str, int], given: dict, saved: dict | None, source: Path | None) -> USAEConfig:
+    """The USAE shape to train: the options given, else the resumed run's, else --init-from's, else the defaults."""
+    from usae_core.train import init_source_config
+
+    base = saved["usae"] if saved is not None else init_source_config(source).to_dict() if source is not None else {}
+    values = {key: value if value is not None else base.get(key, getattr(USAEConfig, key)) for key, value in given.items()}
+    n, k = values["n_concepts"], values["k"]
+    if given["k"] is None and isinstance(n, int) and isinstance(k, int) and 1 <= n < k:
+        # k left out is more than the --concepts given: say where that k came from
+        if saved is not None:
+            raise UsaeError(f"the run that --resume continues has --k {k}, more than --concepts {n}: leave "
+                            f"--concepts out to resume it with its own ({base.get('n_concepts')}), or start a new "
+                            f"run (--overwrite or another --out) with --k {n} or less")
+        if source is not None:
+            raise UsaeError(f"--init-from {source} has --k {k}, more than --concepts {n}: leave --concepts out "
+                            f"(a run started from its weights keeps its shape: --concepts {base.get('n_concepts')})")
+        raise UsaeError(f"the default --k {k} is more than --concepts {n}: pass --k {n} or less")
+    return USAEConfig(model_dims=dims, **values)
+
+
+def _train_settings(given: dict, device: str, saved: dict | None) -> TrainConfig:
+    """The TrainConfig to train with: the options given, else the resumed run's settings (those
+    `usae train` has no option for too, e.g. `usae demo`'s), else the defaults. Where the run
+    trains (device, autocast) is never the run's: a resume may move it."""
+    if saved is None or not isinstance(saved.get("train"), dict):
+        return TrainConfig(**given, device=device)
+    kept = {key: value for key, value in saved["train"].items() if key not in ("device", "autocast")}
+    return TrainConfig.from_dict({**kept, **given, "device": device})  # from_dict: a run of the old warm-up too
 
 
 def eval_cmd(
     run: Annotated[str, typer.Argument(help="Run directory (path or name).")],
-    store: Annotated[str, typer.Option("--store", help="Activation store (path or name).")],
+    store: Annotated[Optional[str], typer.Option("--store", help="Activation store (path or name; default: the one the run was trained on).")] = None,
     tau: Annotated[float, typer.Option(help="Firing threshold.")] = 0.1,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     per_concept: Annotated[bool, typer.Option(help="With --json, include per-concept arrays.")] = False,
@@ -116,13 +176,31 @@ def eval_cmd(
     if per_concept and not as_json:
         raise UsaeError("--per-concept adds arrays to the JSON output: pass --json too")
     settings = settings_for(data_dir)
-    model = USAE.from_pretrained(resolve_run(run, settings))
-    st = ActivationStore.open(resolve_store(store, settings))
+    run_dir = resolve_run(run, settings)
+    model = USAE.from_pretrained(run_dir)
+    st = ActivationStore.open(resolve_store(store, settings) if store is not None else trained_store(run_dir))
     res = evaluate_usae(model, st, tau=tau, device=resolve_device(device), progress=not as_json)
     if as_json:
         typer.echo(json.dumps(res.to_dict() if per_concept else res.summary(), indent=2))
         return
     print_eval(res)
+
+
+def trained_store(run_dir: Path) -> Path:
+    """The store a run was trained on, as its config.json records it (for commands whose --store
+    is optional); UsaeError, saying to pass --store, when it names none or the store is gone."""
+    from usae_core.model import CONFIG_FILE
+
+    try:
+        recorded = json.loads((run_dir / CONFIG_FILE).read_text()).get("store")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, str) or not recorded:
+        raise UsaeError(f"{run_dir} does not say which store it was trained on; pass --store")
+    if not Path(recorded).exists():
+        raise UsaeError(f"the store {run_dir} was trained on, {recorded}, is no longer there (moved or deleted?); "
+                        "pass --store")
+    return Path(recorded)
 
 
 def print_eval(res) -> None:

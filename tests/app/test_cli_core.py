@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from app.cli import cli
 from tests.conftest import restore_ctrl_c
+from usae_core.errors import UsaeError
 
 
 @pytest.fixture()
@@ -169,3 +173,120 @@ def test_train_sets_the_warmup_from_the_command_line_and_refuses_one_longer_than
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert "--warmup-steps (warmup_steps) 30 is more than --steps (steps) 20" in proc.stderr
     assert not (tmp_path / "long").exists()
+
+
+# ------------------------------------------------------------------ options a resume, or a run, already knows
+
+_STARTED = ("--concepts", "12", "--k", "3", "--steps", "20", "--batch-size", "32", "--lr", "2e-3",
+            "--warmup-steps", "4", "--encoder", "linear", "--loss", "mse", "--aux", "none", "--seed", "5",
+            "--checkpoint-every", "5", "--device", "cpu")
+"""How the run a resume continues was started: no option at `usae train`'s default."""
+
+
+def _cut_short(run: Path) -> None:
+    """Make a finished run of 20 steps (checkpoints at 15 and 20) look like one stopped after
+    step 15: only its checkpoint of step 15 and its metrics are left."""
+    for name in ("config.json", "usae.safetensors"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints" / "step-00000020")
+
+
+def _flat_help(text: str) -> str:
+    """Help text without rich's box and line breaks."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_resume_takes_every_option_left_out_from_the_run_and_finishes_it_exactly(tmp_path, npy):
+    """`usae train --resume` was refused against the CLI defaults (--concepts 12 vs 6144; --k 3
+    vs 32; ...) unless every option was typed again."""
+    from usae_core.model import USAE
+
+    store, run = _store_for_training(tmp_path, npy), tmp_path / "run"
+    result = _run("train", "--store", store, "--out", run, *_STARTED)
+    assert result.exit_code == 0, result.output
+    straight = USAE.from_pretrained(run).state_dict()
+    config = json.loads((run / "config.json").read_text())
+    _cut_short(run)
+
+    refused = _run("train", "--store", store, "--out", run, "--resume", "--k", "4", "--steps", "20")
+    assert isinstance(refused.exception, UsaeError), refused.output  # given: still compared with the run's
+    assert "--k (k) 3 vs 4" in str(refused.exception) and "--concepts" not in str(refused.exception)
+    assert "--steps" not in str(refused.exception)  # given as the run's: accepted
+
+    result = _run("train", "--store", store, "--out", run, "--resume", "--device", "cpu", "--checkpoint-every", "2")
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((run / "config.json").read_text())
+    assert resumed["usae"] == config["usae"] and resumed["step"] == 20
+    assert {k: v for k, v in resumed["train"].items() if k != "checkpoint_every"} == {
+        k: v for k, v in config["train"].items() if k != "checkpoint_every"}
+    assert resumed["train"]["checkpoint_every"] == 2
+    for key, value in USAE.from_pretrained(run).state_dict().items():
+        assert torch.equal(value, straight[key]), key
+
+
+def test_resume_after_an_interrupted_overwrite_takes_the_new_runs_options(tmp_path, npy):
+    """The run --resume continues is the new one an interrupted --overwrite left beside the old
+    one: its options, not the old run's, are the ones left out."""
+    store, run = _store_for_training(tmp_path, npy), tmp_path / "run"
+    assert _run("train", "--store", store, "--out", run, "--concepts", "16", "--k", "2", "--steps", "10",
+                "--batch-size", "64", "--device", "cpu").exit_code == 0
+    new = tmp_path / "new"
+    assert _run("train", "--store", store, "--out", new, *_STARTED).exit_code == 0
+    _cut_short(new)
+    new.rename(tmp_path / ".run.replacing")  # as a killed `--overwrite` with _STARTED leaves it
+
+    result = _run("train", "--store", store, "--out", run, "--resume", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / ".run.replacing").exists()  # finished and swapped in
+    config = json.loads((run / "config.json").read_text())
+    assert config["usae"]["n_concepts"] == 12 and config["usae"]["k"] == 3 and config["train"]["steps"] == 20
+
+
+def test_resume_with_nothing_to_resume_keeps_the_built_in_defaults(tmp_path, npy):
+    store, run = _store_for_training(tmp_path, npy), tmp_path / "run"
+    result = _run("train", "--store", store, "--out", run, "--resume", "--concepts", "16", "--k", "2",
+                  "--steps", "5", "--batch-size", "64", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert (train["lr"], train["loss"], train["aux"], train["seed"], train["checkpoint_every"]) == (
+        3e-4, "l1", "auxk", 0, 500)
+
+
+def test_a_k_left_out_that_is_more_than_the_concepts_is_named_as_the_default(tmp_path, npy):
+    """It said "--k (k) must be in [1, --concepts (n_concepts) = 16], got 32" to a user who never passed --k."""
+    store = _store_for_training(tmp_path, npy)
+    result = _run("train", "--store", store, "--out", tmp_path / "x5", "--concepts", "16", "--steps", "10")
+    assert isinstance(result.exception, UsaeError), result.output
+    assert str(result.exception) == "the default --k 32 is more than --concepts 16: pass --k 16 or less"
+    assert not (tmp_path / "x5").exists()
+    result = _run("train", "--store", store, "--out", tmp_path / "x6", "--concepts", "16", "--k", "20")
+    assert "--k (k) must be in [1, --concepts (n_concepts) = 16], got 20" in str(result.exception)  # given: as before
+
+
+def test_train_help_still_shows_the_built_in_defaults():
+    result = _run("train", "--help")
+    assert result.exit_code == 0, result.output
+    text = _flat_help(result.output)
+    for option, default in (("--concepts", "6144"), ("--k", "32"), ("--steps", "2000"), ("--batch-size", "4096"),
+                            ("--lr", "0.0003"), ("--encoder", "mlp_bn"), ("--loss", "l1"), ("--aux", "auxk"),
+                            ("--seed", "0"), ("--checkpoint-every", "500")):
+        after = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert f"default: {default}" in after, (option, after)
+
+
+def test_eval_reads_the_store_from_the_run_unless_given(tmp_path, npy):
+    """`usae eval RUN` required --store although the run's config.json names it."""
+    store, run = _store_for_training(tmp_path, npy), tmp_path / "run"
+    assert _run("train", "--store", store, "--out", run, "--concepts", "16", "--k", "2", "--steps", "5",
+                "--batch-size", "64", "--device", "cpu").exit_code == 0
+    result = _run("eval", run, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["models"] == ["resnet", "dino"]
+
+    moved = store.rename(tmp_path / "moved")
+    result = _run("eval", run, "--device", "cpu")
+    assert isinstance(result.exception, UsaeError), result.output
+    assert str(result.exception) == (f"the store {run} was trained on, {store.resolve()}, is no longer there "
+                                     "(moved or deleted?); pass --store")
+    result = _run("eval", run, "--store", moved, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
