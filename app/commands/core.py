@@ -100,7 +100,9 @@ def train_cmd(
     except TrainingInterrupted as exc:  # Ctrl-C: one line on how to continue, no traceback
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
-    typer.echo(f"trained {run_dir}")
+    finished = saved is not None and isinstance(saved.get("step"), int) and saved["step"] >= tcfg.steps
+    typer.echo(f"{run_dir} had already finished its {tcfg.steps} steps: nothing to train (to train it further, "
+               f"start a new run from its weights with --init-from {run_dir})" if finished else f"trained {run_dir}")
 
 
 def resumed_config(out: Path) -> dict | None:

@@ -222,6 +222,10 @@ def test_resume_takes_every_option_left_out_from_the_run_and_finishes_it_exactly
     assert resumed["train"]["checkpoint_every"] == 2
     for key, value in USAE.from_pretrained(run).state_dict().items():
         assert torch.equal(value, straight[key]), key
+    assert f"trained {run}" in result.output
+    again = _run("train", "--store", store, "--out", run, "--resume")  # finished: says so, trains nothing
+    assert again.exit_code == 0 and f"{run} had already finished its 20 steps: nothing to train" in again.output
+    assert "--init-from" in again.output and "trained " not in again.output
 
 
 def test_resume_after_an_interrupted_overwrite_takes_the_new_runs_options(tmp_path, npy):
