@@ -609,13 +609,15 @@ def _fill(source: FolderSource, models: list[Backbone], writer: StoreWriter, ran
             writer.write_shard(span.index, {n: torch.zeros(0, writer.tokens_per_image, d)
                                             for n, d in writer.dims.items()})
     mine = [s for s in mine if s.n_images]
+    # images of this rank's shards a run before this one finished: where a resumed bar starts
+    already = sum(s.n_images for s in writer.spans if s.index % world_size == rank and writer.is_done(s.index))
     if mine:
         dev = resolve_device(device)
         # The copy stream, its events and the compute stream must all be the device's (--device cuda:1).
         with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
             _run(source, models, writer, mine, grid=grid, batch_size=batch_size, device=dev,
                  num_workers=num_workers, progress=progress and rank == 0, compile=compile, timings=timings,
-                 called=called)
+                 called=called, already=already)
     barrier(world_size)
     finishing = time.perf_counter()
     if world_size > 1:
@@ -644,7 +646,9 @@ def _stage_compaction_on_every_rank(writer: StoreWriter, rank: int, world_size: 
 
 def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, spans: list[ShardSpan], *,
          grid: tuple[int, int], batch_size: int, device: torch.device, num_workers: int | None, progress: bool,
-         compile: bool | str, timings: ExtractTimings, called: float) -> None:
+         compile: bool | str, timings: ExtractTimings, called: float, already: int = 0) -> None:
+    """Extract the images of `spans`; the progress bar counts `already` (images an earlier run
+    finished) as done, so a resumed extraction shows how far the whole store is."""
     cuda = device.type == "cuda"
     views: list[View] = sorted({(m.input_size, m.interpolation) for m in models})
     view_of = {m.store_name: views.index((m.input_size, m.interpolation)) for m in models}
@@ -668,7 +672,8 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     runners = {m.store_name: GridRows(m, grid, storage, compile).to(device).eval() for m in models}
     # Writers turn full shards into files; on a GPU several of them keep up with the backbones.
     assembler = _ShardAssembler(writer, spans, models, writer.dtype, write_threads=8 if cuda else 1, pin=cuda)
-    bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=already + len(indices), initial=already, desc="extract", unit="img", disable=not progress,
+               smoothing=0.1)
     clock = _DeviceClock(device)
     started = time.perf_counter()
     timings.setup = started - called

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -210,7 +211,7 @@ def test_timings_account_for_the_loop(folder, mobilenet, tmp_path):
     assert "finalising" in timings.summary()
 
 
-def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet, tmp_path):
+def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet, tmp_path, capfd):
     out = tmp_path / "store"
     seen: list[int] = []
 
@@ -229,11 +230,14 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(folder, mobilenet,
     assert 1 <= done < 4  # 8 files in 4 shards: the 2 unreadable ones are found while extracting
     seen.clear()
     handle = mobilenet.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[0]))
+    capfd.readouterr()
     try:
-        store = extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, num_workers=0, progress=False)
+        store = extract_store(folder, [mobilenet], out, batch_size=2, shard_images=2, num_workers=0, progress=True)
     finally:
         handle.remove()
     assert sum(seen) == 8 - 2 * done  # finished shards were not recomputed
+    bar = capfd.readouterr().err
+    assert re.search(rf"extract: .*\b{2 * done}/8\b", bar) and re.search(r"\b8/8\b", bar), bar  # starts where it was
     fresh = extract_store(folder, [mobilenet], tmp_path / "fresh", batch_size=6, num_workers=0, progress=False)
     for i in range(6):
         np.testing.assert_array_equal(store.image_tokens("mobilenet_v2", i), fresh.image_tokens("mobilenet_v2", i))
