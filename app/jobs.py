@@ -156,7 +156,6 @@ def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = No
         consumer._signal_actions[signal.SIGTERM] = (False, False)  # (restart, graceful)
     stop = threading.Event()
     threading.Thread(target=_keep_alive, args=(settings, stop), name="worker-alive", daemon=True).start()
-    failed: list[int] = []
     try:
         consumer.run()
     finally:

@@ -646,6 +646,29 @@ def init_source_config(init_from: str | os.PathLike) -> USAEConfig:
         return _load_init_source(path)[0].cfg
 
 
+def resume_config(out: str | os.PathLike) -> dict | None:
+    """The saved config (config.json) that `usae train --out OUT --resume` (`train_usae(resume=True)`) continues, or None
+    with nothing to resume: that of the newest checkpoint with a readable one (else the run's
+    own config.json) in the folder training resumes in: the new run an interrupted --overwrite
+    left beside OUT, else OUT. Read only: `train_usae` finishes a swap cut between its renames,
+    after which the run is the new folder's, or else the old one's (read in that order)."""
+    out = Path(out)
+    new, old = replacement_folders(out)
+    for folder in (new, out, old):
+        if not folder.is_dir():
+            continue
+        for config in [*sorted((folder / CHECKPOINT_DIR).glob("step-*"), reverse=True), folder]:
+            try:
+                saved = json.loads((config / CONFIG_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(saved, dict) and isinstance(saved.get("usae"), dict):
+                return saved
+        if folder == new:  # an interrupted --overwrite before its first checkpoint: resumed from step 0
+            return None
+    return None
+
+
 def _init_source(init_from: Path, usae_cfg: USAEConfig, out: Path, *, resume: bool, overwrite: bool,
                  world_size: int) -> tuple[USAE, dict]:
     """The USAE a run starts from and the record config.json keeps of it, checked against the

@@ -80,7 +80,7 @@ def train_cmd(
     """Train a USAE on a store."""
     from usae_core.distributed import distributed_context
     from usae_core.store import ActivationStore
-    from usae_core.train import TrainingInterrupted, train_usae
+    from usae_core.train import TrainingInterrupted, resume_config, train_usae
 
     settings = settings_for(data_dir)
     st = ActivationStore.open(resolve_store(store, settings))
@@ -88,7 +88,7 @@ def train_cmd(
     source = resolve_run(init_from, settings) if init_from is not None else None
     # Options left out are the resumed run's, else (the shape) --init-from's, else the built-in
     # defaults: a user need not repeat them. Given, they are checked against the run or source.
-    saved = resumed_config(run_dir) if resume else None
+    saved = resume_config(run_dir) if resume else None
     ucfg = _shape(st.dims, {"n_concepts": concepts, "k": k, "encoder": encoder}, saved, source)
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "loss": loss,
              "aux": aux, "seed": seed, "checkpoint_every": checkpoint_every}
@@ -103,31 +103,6 @@ def train_cmd(
     finished = saved is not None and isinstance(saved.get("step"), int) and saved["step"] >= tcfg.steps
     typer.echo(f"{run_dir} had already finished its {tcfg.steps} steps: nothing to train (to train it further, "
                f"start a new run from its weights with --init-from {run_dir})" if finished else f"trained {run_dir}")
-
-
-def resumed_config(out: Path) -> dict | None:
-    """The saved config (config.json) that `usae train --out OUT --resume` continues, or None
-    with nothing to resume: that of the newest checkpoint with a readable one (else the run's
-    own config.json) in the folder training resumes in: the new run an interrupted --overwrite
-    left beside OUT, else OUT. Read only: `train_usae` finishes a swap cut between its renames,
-    after which the run is the new folder's, or else the old one's (read in that order)."""
-    from usae_core.atomic import replacement_folders
-    from usae_core.model import CHECKPOINT_DIR, CONFIG_FILE
-
-    new, old = replacement_folders(out)
-    for folder in (new, out, old):
-        if not folder.is_dir():
-            continue
-        for config in [*sorted((folder / CHECKPOINT_DIR).glob("step-*"), reverse=True), folder]:
-            try:
-                saved = json.loads((config / CONFIG_FILE).read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(saved, dict) and isinstance(saved.get("usae"), dict):
-                return saved
-        if folder == new:  # an interrupted --overwrite before its first checkpoint: resumed from step 0
-            return None
-    return None
 
 
 def _shape(dims: dict[str, int], given: dict, saved: dict | None, source: Path | None) -> USAEConfig:
