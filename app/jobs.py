@@ -8,7 +8,9 @@ because they are long and CPU- or GPU-heavy: a CAM job must not slow down page s
 A job is enqueued after its row is committed, so the worker always finds it. A running job's
 row is touched every few seconds (a heartbeat); a worker that dies mid-job stops touching it,
 and every running worker looks for such rows (as it starts, then every ALIVE_EVERY_S seconds)
-and marks them failed ("interrupted"), so nothing stays `running` forever.
+and marks them failed ("interrupted"), so nothing stays `running` forever: at once where the
+dead worker was a process of the same machine, else after two minutes of a still heartbeat, timed
+by the looking worker's own clock (machines' clocks may differ).
 
 The worker `usae serve` starts never outlives the server: stopping the server (Ctrl+C or
 SIGTERM) stops it at once, and a worker whose server was killed (SIGKILL) notices within a
@@ -27,11 +29,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from huey import SqliteHuey
 from huey.api import TaskWrapper
 
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.services.jobs import HeartbeatWatch
 
 log = logging.getLogger(__name__)
 QUEUE_FILE = "jobs-queue.sqlite"
@@ -80,18 +86,18 @@ def worker_alive(settings: Settings) -> bool:
         return False
 
 
-def _fail_interrupted_jobs(settings: Settings) -> None:
-    """Fail the running jobs whose worker died (their heartbeat stopped), whichever worker ran them."""
+def _fail_interrupted_jobs(settings: Settings, watch: HeartbeatWatch) -> None:
+    """Fail the running jobs whose worker died, whichever worker ran them."""
     from app.db import session_factory
     from app.services.jobs import fail_interrupted_jobs
 
     with session_factory(settings.db_url).begin() as session:
-        for job in fail_interrupted_jobs(session):
+        for job in fail_interrupted_jobs(session, watch):
             log.warning("job %s (%s) was interrupted (its worker stopped without ending it): marked failed",
                         job.id, job.kind)
 
 
-def _keep_alive(settings: Settings, stop: threading.Event) -> None:
+def _keep_alive(settings: Settings, watch: HeartbeatWatch, stop: threading.Event) -> None:
     """Say this worker is alive, and fail the jobs of workers that died: not only as a worker
     starts, since one killed mid-job (SIGKILL after `docker stop`'s grace period, the OOM killer)
     may die after the next worker started, and its job would stay 'running' (and block new CAM
@@ -103,7 +109,7 @@ def _keep_alive(settings: Settings, stop: threading.Event) -> None:
         except OSError:
             log.warning("cannot touch %s", path, exc_info=True)
         try:
-            _fail_interrupted_jobs(settings)
+            _fail_interrupted_jobs(settings, watch)
         except Exception:  # noqa: BLE001 - the database may be away for a moment; tried again next time
             log.warning("cannot look for interrupted jobs", exc_info=True)
         if stop.wait(ALIVE_EVERY_S):
@@ -138,6 +144,7 @@ def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = No
     threads may still be running)."""
     from app.migrations import upgrade_database
     from app.services.job_runner import fail_jobs_in_hand
+    from app.services.jobs import HeartbeatWatch
 
     if threading.current_thread() is threading.main_thread():
         # Until the consumer installs its own handlers: Ctrl+C stops the migration and the
@@ -146,7 +153,8 @@ def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = No
     if parent_pid is not None:
         stop_with_parent(parent_pid, signal.SIGINT, "job worker")
     upgrade_database(settings.db_url)
-    _fail_interrupted_jobs(settings)
+    watch = HeartbeatWatch()
+    _fail_interrupted_jobs(settings, watch)
     consumer = job_queue(settings).huey.create_consumer(workers=threads, worker_type="thread", periodic=False,
                                                    graceful_signal="TERM", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     if parent_pid is not None:
@@ -155,7 +163,7 @@ def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = No
         # be noted, so the server killed the worker at STOP_WAIT_S before it failed its job.
         consumer._signal_actions[signal.SIGTERM] = (False, False)  # (restart, graceful)
     stop = threading.Event()
-    threading.Thread(target=_keep_alive, args=(settings, stop), name="worker-alive", daemon=True).start()
+    threading.Thread(target=_keep_alive, args=(settings, watch, stop), name="worker-alive", daemon=True).start()
     try:
         consumer.run()
     finally:

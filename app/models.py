@@ -512,5 +512,7 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    worker: Mapped[str | None] = mapped_column(String(300))
+    """The worker process that claimed it: `host/pid-namespace/pid` (see `worker_identity`)."""
 
     creator: Mapped[User | None] = relationship()

@@ -8,16 +8,21 @@ finished one is never cancelled.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Job, Run, User, utcnow
 
 HEARTBEAT_S = 10.0
 """How often a running job's row is touched while it runs."""
-INTERRUPTED_AFTER = dt.timedelta(minutes=2)
+INTERRUPTED_AFTER_S = 120.0
 """A running job untouched this long has lost its worker."""
 ACTIVE = ("queued", "running")
 
@@ -38,15 +43,17 @@ def create_job(session: Session, *, kind: str, params: dict[str, Any], run_id: i
     return job
 
 
-def _transition(session: Session, job_id: int, from_states: tuple[str, ...], **values: Any) -> bool:
-    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(from_states))
+def _transition(session: Session, job_id: int, from_states: tuple[str, ...], *conditions: ColumnElement[bool],
+                **values: Any) -> bool:
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(from_states), *conditions)
                              .values(updated_at=utcnow(), **values).execution_options(synchronize_session=False))
     return result.rowcount == 1
 
 
 def claim_job(session: Session, job_id: int) -> Job | None:
     """queued -> running; None when the job is gone, cancelled or already taken."""
-    if not _transition(session, job_id, ("queued",), status="running", started_at=utcnow(), message="Starting."):
+    if not _transition(session, job_id, ("queued",), status="running", started_at=utcnow(), message="Starting.",
+                       worker=worker_identity()):
         return None
     return session.get(Job, job_id, populate_existing=True)
 
@@ -68,12 +75,13 @@ def finish_job(session: Session, job_id: int, result: dict[str, Any], message: s
                        result=result, finished_at=utcnow())
 
 
-def fail_job(session: Session, job_id: int, message: str, error: str | None = None) -> bool:
-    """queued or running -> failed. `message` is what analysts read (the CAM panel, /jobs): what
-    went wrong and what to do; `error` the technical detail (an exception), `message` when there
-    is none."""
-    return _transition(session, job_id, ACTIVE, status="failed", message=message, error=error or message,
-                       finished_at=utcnow())
+def fail_job(session: Session, job_id: int, message: str, error: str | None = None,
+             conditions: tuple[ColumnElement[bool], ...] = ()) -> bool:
+    """queued or running -> failed (where `conditions` hold too). `message` is what analysts read
+    (the CAM panel, /jobs): what went wrong and what to do; `error` the technical detail (an
+    exception), `message` when there is none."""
+    return _transition(session, job_id, ACTIVE, *conditions, status="failed", message=message,
+                       error=error or message, finished_at=utcnow())
 
 
 def cancel_job(session: Session, job_id: int) -> bool:
@@ -81,15 +89,72 @@ def cancel_job(session: Session, job_id: int) -> bool:
     return _transition(session, job_id, ACTIVE, status="cancelled", message="Cancelled.", finished_at=utcnow())
 
 
-def fail_interrupted_jobs(session: Session, *, now: dt.datetime | None = None) -> list[Job]:
-    """Running jobs whose heartbeat stopped (their worker died) -> failed; those this call failed
-    (every worker looks for them, so two may find the same job: one fails it)."""
-    cutoff = (now or utcnow()) - INTERRUPTED_AFTER
-    stale = list(session.scalars(select(Job).where(Job.status == "running", Job.updated_at < cutoff)))
-    return [job for job in stale if fail_job(
-        session, job.id, f"Interrupted: the job worker running this job stopped without ending it (it was killed, or "
-                         f"its machine restarted). Start the job again; if this keeps happening, tell your "
-                         f"administrator (job {job.id}).")]
+def worker_identity() -> str:
+    """This process as `host/pid-namespace/pid`: a worker whose identity starts with the same
+    `host/pid-namespace` can look the process up (containers may share a host name, never a PID
+    namespace). Off Linux the namespace is `?`, and no worker looks another up."""
+    return f"{_this_machine()}/{os.getpid()}"
+
+
+def _this_machine() -> str:
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        namespace = "?"
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def _process_gone(worker: str | None) -> bool:
+    """Whether `worker` (a `worker_identity`) names a process of this machine and PID namespace
+    that no longer exists."""
+    machine, _, pid = (worker or "").rpartition("/")
+    if machine != _this_machine() or machine.endswith("/?") or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, owned by someone else
+        return False
+    return False
+
+
+@dataclass
+class HeartbeatWatch:
+    """One worker's memory of the running jobs' heartbeats: each job's last `updated_at` and when,
+    on this worker's own monotonic clock, it first saw that value. A heartbeat that has not moved
+    for INTERRUPTED_AFTER_S by this clock means the job's worker died. Comparing the timestamp,
+    written by the running worker's clock, with this worker's clock would fail healthy jobs of
+    any machine whose clock is more than that behind."""
+
+    clock: Callable[[], float] = time.monotonic
+    seen: dict[int, tuple[dt.datetime, float]] = field(default_factory=dict)
+
+
+def fail_interrupted_jobs(session: Session, watch: HeartbeatWatch) -> list[Job]:
+    """Running jobs whose worker died -> failed, and those returned: at once where the worker was
+    a process of this machine that is gone, else once `watch` has seen its heartbeat stand still
+    for INTERRUPTED_AFTER_S. Every worker looks, so two may find the same job: one fails it, and
+    a job whose heartbeat moves meanwhile is left running."""
+    now = watch.clock()
+    running = session.execute(select(Job.id, Job.updated_at, Job.worker).where(Job.status == "running")).all()
+    watch.seen = {job_id: seen for job_id, seen in watch.seen.items() if job_id in {row.id for row in running}}
+    failed = []
+    for job_id, beat, worker in running:
+        if not _process_gone(worker):
+            last_beat, since = watch.seen.get(job_id, (None, now))
+            if last_beat != beat:
+                watch.seen[job_id] = (beat, now)
+                continue
+            if now - since < INTERRUPTED_AFTER_S:
+                continue
+        if fail_job(session, job_id, f"Interrupted: the job worker running this job stopped without ending it (it was "
+                                     f"killed, or its machine restarted). Start the job again; if this keeps "
+                                     f"happening, tell your administrator (job {job_id}).",
+                    conditions=(Job.updated_at == beat,)):
+            watch.seen.pop(job_id, None)
+            failed.append(session.get(Job, job_id, populate_existing=True))
+    return failed
 
 
 def list_jobs(session: Session, *, limit: int = 100) -> list[Job]:

@@ -25,13 +25,18 @@ from app.jobs import ALIVE_FILE, job_queue
 from app.models import CamImage, Concept, Job, Run, RunModel, User
 from app.services.cam import cam_dir, run_cam_job
 from app.services.jobs import (
+    INTERRUPTED_AFTER_S,
+    HeartbeatWatch,
     JobCancelled,
     cancel_job,
     claim_job,
     create_job,
     fail_interrupted_jobs,
+    fail_job,
     finish_job,
     report_progress,
+    touch_job,
+    worker_identity,
 )
 from tests.app.seed import create_analyst
 from tests.app.webapp import csrf_from
@@ -59,16 +64,93 @@ def test_job_rows_move_through_their_states_once(db_url):
         assert claim_job(session, second.id) is None  # cancelled while queued: never starts
         session.commit()
 
-        third = create_job(session, kind="cam", params={}, run_id=None, user=user)
+
+
+class _Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _gone_process_identity() -> str:
+    """The `worker_identity` of a process of this machine that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return worker_identity().rpartition("/")[0] + f"/{child.pid}"
+
+
+def test_a_still_heartbeat_fails_a_job_by_the_sweeping_workers_own_clock(db_url):
+    """A job's worker on another machine died: its heartbeat stands still. The sweep times that on
+    its own clock; it never compares the row's timestamp, written by the other machine's clock,
+    with its own (a machine 5 minutes behind had every healthy job failed within a sweep)."""
+    with session_factory(db_url)() as session:
+        user = create_analyst(session)
+        job = create_job(session, kind="cam", params={}, run_id=None, user=user)
         session.commit()
-        claim_job(session, third.id)
+        claim_job(session, job.id)
+        job = session.get(Job, job.id, populate_existing=True)
+        assert job.worker == worker_identity()
+        # Claimed on a machine whose clock is 5 minutes behind, by a worker this one cannot look up.
+        job.updated_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        job.worker = "other-host/pid:[4026531836]/123"
         session.commit()
-        assert fail_interrupted_jobs(session) == []  # its heartbeat is fresh
-        later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
-        assert [j.id for j in fail_interrupted_jobs(session, now=later)] == [third.id]
+        clock = _Clock()
+        watch = HeartbeatWatch(clock=clock)
+        assert fail_interrupted_jobs(session, watch) == []  # first seen now, whatever its timestamp says
+        clock.now += INTERRUPTED_AFTER_S - 1
+        assert fail_interrupted_jobs(session, watch) == []
+        assert touch_job(session, job.id)  # a heartbeat: the wait starts again
         session.commit()
-        job = session.get(Job, third.id, populate_existing=True)
+        clock.now += 2
+        assert fail_interrupted_jobs(session, watch) == []
+        clock.now += INTERRUPTED_AFTER_S - 1
+        assert fail_interrupted_jobs(session, watch) == []
+        clock.now += 1
+        assert [j.id for j in fail_interrupted_jobs(session, watch)] == [job.id]
+        session.commit()
+        job = session.get(Job, job.id, populate_existing=True)
         assert job.status == "failed" and "Interrupted" in job.error
+        assert watch.seen == {}
+
+
+def test_a_job_whose_worker_process_is_gone_fails_at_once_and_a_live_ones_does_not(db_url):
+    """On the worker's own machine the sweep looks the process up: a job of a process that has
+    ended fails in the first sweep; one of a live process (this one) waits for its heartbeat."""
+    with session_factory(db_url)() as session:
+        user = create_analyst(session)
+        dead, alive = (create_job(session, kind="cam", params={}, run_id=None, user=user) for _ in range(2))
+        session.commit()
+        for job in (dead, alive):
+            claim_job(session, job.id)
+        session.get(Job, dead.id, populate_existing=True).worker = _gone_process_identity()
+        session.commit()
+        watch = HeartbeatWatch(clock=_Clock())
+        assert [j.id for j in fail_interrupted_jobs(session, watch)] == [dead.id]
+        session.commit()
+        assert session.get(Job, alive.id, populate_existing=True).status == "running"
+        assert list(watch.seen) == [alive.id]
+
+
+def test_a_heartbeat_between_the_look_and_the_failing_keeps_the_job(db_url):
+    """Two workers sweep at once, or the job's worker touches it just as the sweep decides: the
+    failing is conditional on the heartbeat the sweep saw, so a job that moved stays running."""
+    with session_factory(db_url)() as session:
+        user = create_analyst(session)
+        job = create_job(session, kind="cam", params={}, run_id=None, user=user)
+        session.commit()
+        claim_job(session, job.id)
+        session.commit()
+        seen = session.get(Job, job.id, populate_existing=True).updated_at
+        assert touch_job(session, job.id)
+        session.commit()
+        assert not fail_job(session, job.id, "x", conditions=(Job.updated_at == seen,))
+        now = session.get(Job, job.id, populate_existing=True).updated_at
+        assert now != seen and session.get(Job, job.id).status == "running"
+        assert fail_job(session, job.id, "x", conditions=(Job.updated_at == now,))
 
 
 def _api_headers(client) -> dict[str, str]:
@@ -573,7 +655,7 @@ def test_a_running_worker_fails_jobs_whose_worker_died(seeded):
             job = create_job(session, kind="cam", params={}, run_id=seeded.run.run_id, concept_index=2, user=alice)
             session.flush()
             claim_job(session, job.id)
-            job.updated_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+            session.get(Job, job.id, populate_existing=True).worker = _gone_process_identity()
             job_id = job.id
         while _status(sessions, job_id) == "running":
             assert worker.poll() is None and time.monotonic() < deadline, "the job was never failed"
