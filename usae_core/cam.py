@@ -22,6 +22,7 @@ docs/cam.md explains the choices (magnitude source, colour, DC term, objective).
 from __future__ import annotations
 
 import math
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -55,6 +56,18 @@ def _check(cond: bool, msg: str) -> None:
         raise UsaeError(msg)
 
 
+def _integer(value: object) -> int | None:
+    """`value` as a Python int when it is an integer of any kind: Python's, NumPy's (what
+    `argmax` of an array gives) or a one-element integer tensor (what `argmax` of a tensor gives);
+    None otherwise. A bool is not a number of steps or a concept here."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 @dataclass(frozen=True)
 class CamConfig:
     """How the images are optimised. Frozen, so the checks of `__post_init__` stay true."""
@@ -79,6 +92,11 @@ class CamConfig:
     "auto" is a GPU when there is one."""
 
     def __post_init__(self) -> None:
+        for name in ("steps", "image_size", "crops", "seed"):  # NumPy and tensor integers kept as plain ints
+            value = _integer(getattr(self, name))
+            if value is not None:
+                object.__setattr__(self, name, value)
+
         def integer(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -414,11 +432,12 @@ def maximize_concept(usae: USAE, backbone: Backbone, model: str, concept: int, c
 
 
 def _validate(usae: USAE, backbones: Mapping[str, Backbone], concept: int,
-              grids: Mapping[str, tuple[int, int]] | None) -> dict[str, tuple[int, int]]:
-    """Everything checked before the first step; the grid per model."""
+              grids: Mapping[str, tuple[int, int]] | None) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Everything checked before the first step: the concept as a Python int, the grid per model."""
     n = usae.cfg.n_concepts
-    _check(isinstance(concept, int) and not isinstance(concept, bool) and 0 <= concept < n,
-           f"concept {concept!r} is out of range: this USAE has concepts 0 to {n - 1}")
+    index = _integer(concept)
+    _check(index is not None, f"concept must be an integer (a concept index), got {concept!r}")
+    _check(0 <= index < n, f"concept {index} is out of range: this USAE has concepts 0 to {n - 1}")
     _check(len(backbones) > 0, "CAM needs at least one model's backbone")
     out = {}
     for name, backbone in backbones.items():
@@ -432,11 +451,11 @@ def _validate(usae: USAE, backbones: Mapping[str, Backbone], concept: int,
             out[name] = tuple(backbone.native_grid)
             continue
         _check(name in grids, f"no token grid given for model {name!r} (grids has {', '.join(grids) or 'none'})")
-        grid = tuple(grids[name])
-        _check(len(grid) == 2 and all(isinstance(g, int) and g >= 1 for g in grid),
+        grid = tuple(_integer(g) for g in grids[name])
+        _check(len(grid) == 2 and all(g is not None and g >= 1 for g in grid),
                f"the token grid of model {name!r} must be two positive integers, got {grids[name]!r}")
         out[name] = grid
-    return out
+    return index, out
 
 
 def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Backbone], concept: int, cfg: CamConfig,
@@ -445,6 +464,8 @@ def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Back
                                         ) -> dict[str, CamResult]:
     """One image per model (keys of `backbones` = USAE model names) for the same concept.
 
+    `concept` is an index into the USAE's code: a Python int, or a NumPy or one-element tensor
+    integer as `argmax` returns.
     Every model's image starts from the same phase and sees the same crop boxes at every step
     (`cfg.seed`); the noise comes from the same seed too, identical between models of the same
     input size.
@@ -455,7 +476,7 @@ def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Back
     training flags and requires_grad are restored afterwards."""
     # "auto" picks here; a GPU that is not there is a UsaeError, not torch's from the first move
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))
-    grid_of = _validate(usae, backbones, concept, grids)
+    concept, grid_of = _validate(usae, backbones, concept, grids)
     usae.to(cfg.device)
     return {name: maximize_concept(usae, backbone.to(cfg.device), name, concept, cfg, grid=grid_of[name],
                                    on_step=on_step)

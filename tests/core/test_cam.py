@@ -317,12 +317,37 @@ def test_models_are_unchanged_and_their_flags_restored(random_models):
 
 
 # ----------------------------------------------------------------------------- 6. errors
-@pytest.mark.parametrize(("concept", "message"), [(4, "concept 4 is out of range: this USAE has concepts 0 to 3"),
-                                                  (-1, "concept -1 is out of range"), (True, "concept True")])
+@pytest.mark.parametrize(("concept", "message"), [
+    (4, "concept 4 is out of range: this USAE has concepts 0 to 3"),
+    (-1, "concept -1 is out of range"),
+    (np.int64(4), "concept 4 is out of range"),
+    (True, "concept must be an integer .*got True"),
+    (1.0, "concept must be an integer .*got 1.0"),
+    (torch.tensor(1.0), "concept must be an integer"),
+])
 def test_concept_out_of_range(planted, concept, message):
     usae, backbones = planted
     with pytest.raises(UsaeError, match=message):
         coordinated_activation_maximization(usae, backbones, concept, CamConfig(**FAST))
+
+
+def test_numpy_and_tensor_integers_are_concepts_grids_and_settings(planted):
+    """What a notebook passes: the concept from an argmax (NumPy or torch), grid sides and steps
+    read from arrays. They were refused: an np.int64 concept as 'out of range', np.int64 steps as
+    not an integer. Each gives the same bytes as the same plain ints."""
+    usae, backbones = planted
+    grids = {"coarse": (4, 4), "fine": (4, 4)}
+    expected = coordinated_activation_maximization(usae, backbones, RED, CamConfig(**{**FAST, "steps": 4}), grids=grids)
+    red = np.array([5.0, 1.0, 0.0]).argmax()  # np.int64(0)
+    assert type(red) is np.int64 and red == RED
+    for concept in (red, torch.tensor([5.0, 1.0]).argmax()):
+        cfg = CamConfig(**{**FAST, "steps": np.int64(4), "image_size": np.int32(32), "seed": np.uint8(0)})
+        assert type(cfg.steps) is int and type(cfg.image_size) is int and type(cfg.seed) is int
+        got = coordinated_activation_maximization(usae, backbones, concept, cfg,
+                                                  grids={m: tuple(np.array(g)) for m, g in grids.items()})
+        for name in backbones:
+            assert np.array_equal(got[name].image, expected[name].image), name
+            assert got[name].activation_trace == expected[name].activation_trace
 
 
 def test_unknown_model_wrong_backbone_and_missing_grid(planted, random_models):
