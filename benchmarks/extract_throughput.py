@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from usae_core.backbones import Backbone, create_backbone, default_backbones
-from usae_core.extract import COMPILE_MODES, ExtractTimings, NormalizedBackbone, compiled, extract_store, use_fast_pinning
+from usae_core.extract import COMPILE_MODES, ExtractTimings, extract_store, normalized_tokens, use_fast_pinning
 from usae_core.images import FolderSource
 from usae_core.devices import resolve_device
 
@@ -105,7 +105,7 @@ def forward_throughput(models: list[Backbone], device: torch.device, batch_size:
     """Images/s of normalise + forward on uint8 input already on the device: each model alone over
     `model_batches` batches, and all together ("all", the reference) over `batches`."""
     cuda = device.type == "cuda"
-    runners = {m.store_name: compiled(NormalizedBackbone(m), compile) for m in models}
+    runners = {m.store_name: normalized_tokens(m, compile) for m in models}  # the extraction reuses them
     inputs = {m.input_size: torch.randint(0, 256, (batch_size, 3, m.input_size, m.input_size), dtype=torch.uint8,
                                           device=device) for m in models}
 

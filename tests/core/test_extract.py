@@ -483,3 +483,18 @@ def test_shard_buffers_reach_the_writer_page_aligned(folder, mobilenet, tmp_path
     monkeypatch.setattr(store_module, "save_npy", spy)
     extract_store(folder, [mobilenet], tmp_path / "store", batch_size=3, shard_images=3, num_workers=0, progress=False)
     assert handed and all(handed)
+
+
+def test_a_backbone_keeps_its_compiled_wrapper_for_the_next_extraction():
+    """Compiled graphs are reused by the next extraction with the same backbone (a fresh
+    wrapper had Dynamo trace it again in the first batch); nothing joins the backbone's state."""
+    from usae_core.extract import NormalizedBackbone, normalized_tokens
+
+    backbone = tiny_dinov2()
+    keys = set(backbone.state_dict())
+    first = normalized_tokens(backbone, True)
+    assert normalized_tokens(backbone, True) is first
+    assert normalized_tokens(backbone, "max-autotune-no-cudagraphs") is not first  # one per mode
+    assert normalized_tokens(tiny_dinov2(), True) is not first  # kept per backbone, not per name
+    assert isinstance(normalized_tokens(backbone, False), NormalizedBackbone)  # eager: nothing kept
+    assert set(backbone.state_dict()) == keys and not any("compiled" in n for n, _ in backbone.named_modules())
