@@ -335,3 +335,83 @@ def test_transformers_refuses_partly_random_weights(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsaeError, match="lacks .* weights of a ViTModel"):
         create_backbone(f"hf:{path}")
+
+
+# ----------------------------------------------------------------------------- a store's backbones
+def test_store_backbones_rebuild_the_backbones_a_store_was_extracted_with(tmp_path):
+    """A store names its models by alias (`test_vit-blocks.0`), which create_backbone does not
+    know; store_backbones rebuilds each from the manifest (registry name, layer, local weights
+    file), and the rebuilt backbones give the store's own rows again."""
+    from safetensors.torch import save_file
+
+    from usae_core.backbones import store_backbones
+    from usae_core.extract import extract_store, resample_grid
+    from usae_core.images import load_image
+    from usae_core.store import import_activations
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (90 + 20 * i, 120, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    save_file(create_backbone("timm:test_vit", random_init=True).model.state_dict(), tmp_path / "vit.safetensors")
+    vit = create_backbone("timm:test_vit", weights=str(tmp_path / "vit.safetensors"), layer="blocks.0")
+    store = extract_store(folder, [vit, "mobilenet_v2"], tmp_path / "store", layers={"mobilenet_v2": "features.6"},
+                          dtype="float32", device="cpu", num_workers=0, progress=False)
+    assert store.model_names == ["test_vit-blocks.0", "mobilenet_v2-features.6"]
+    with pytest.raises(UsaeError, match="unknown backbone 'test_vit-blocks.0'"):
+        create_backbone("test_vit-blocks.0")
+
+    rebuilt = store_backbones(store)
+    assert list(rebuilt) == store.model_names
+    for name, backbone in rebuilt.items():
+        assert backbone.layer == store.model_info(name)["layer"] and not backbone.training
+        with torch.no_grad():
+            tokens = backbone(backbone.preprocess(load_image(folder / store.image_ids[2]))[None])
+        tokens = resample_grid(tokens, backbone.native_grid, store.grid)[0].numpy()
+        np.testing.assert_allclose(tokens, store.image_tokens(name, 2), rtol=1e-4, atol=1e-4 * np.abs(tokens).max())
+    assert list(store_backbones(store, ["mobilenet_v2-features.6"])) == ["mobilenet_v2-features.6"]
+
+    # The recorded weights file moved: refused (other weights would give other tokens), unless told where.
+    (tmp_path / "vit.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(UsaeError, match=r"'test_vit-blocks.0' was extracted with the weights .*vit\.safetensors, "
+                                        r"which are no longer there; pass weights="):
+        store_backbones(store)
+    moved = store_backbones(store, weights={"test_vit-blocks.0": str(tmp_path / "moved.safetensors")})
+    for a, b in zip(moved["test_vit-blocks.0"].state_dict().values(), vit.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(UsaeError, match=r"the store has no model vit \(it has test_vit-blocks.0, mobilenet_v2-features.6\)"):
+        store_backbones(store, weights={"vit": "x"})
+
+    # Random weights were never saved; imported activations name no backbone.
+    torch.manual_seed(0)
+    random = extract_store(folder, ["timm:test_vit"], tmp_path / "random", random_init=True, device="cpu",
+                           num_workers=0, progress=False)
+    with pytest.raises(UsaeError, match="'test_vit' was extracted with random weights"):
+        store_backbones(random)
+    own = import_activations(tmp_path / "own", {"a": np.zeros((2, 4, 3), np.float32)}, grid=(2, 2))
+    with pytest.raises(UsaeError, match="records no backbone for 'a' .*imported"):
+        store_backbones(own)
+
+
+def test_store_backbones_refuse_a_backbone_that_is_not_the_stores(tmp_path):
+    """A backbone built with options a store does not record (timm's model_kwargs) is rebuilt
+    by name at another width: named, not returned."""
+    from usae_core.backbones import store_backbones
+    from usae_core.extract import extract_store
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "a.png")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    narrow = create_backbone("timm:test_vit", random_init=True, model_kwargs={"embed_dim": 32, "num_heads": 2})
+    save_file(narrow.model.state_dict(), tmp_path / "narrow.safetensors")
+    narrow = create_backbone("timm:test_vit", weights=str(tmp_path / "narrow.safetensors"),
+                             model_kwargs={"embed_dim": 32, "num_heads": 2})
+    store = extract_store(folder, [narrow], tmp_path / "store", device="cpu", num_workers=0, progress=False)
+    assert store.dims == {"test_vit": 32}
+    with pytest.raises(UsaeError, match=r"cannot load .*narrow\.safetensors"):  # timm's default width, 64
+        store_backbones(store)

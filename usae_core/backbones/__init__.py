@@ -8,7 +8,8 @@ from usae_core.backbones.registry import (
     default_backbones,
     list_backbones,
     register_backbone,
+    store_backbones,
 )
 
 __all__ = ["Backbone", "BackboneEntry", "create_backbone", "default_backbones", "list_backbones",
-           "register_backbone"]
+           "register_backbone", "store_backbones"]

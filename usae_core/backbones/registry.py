@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 from usae_core.backbones.base import Backbone
 from usae_core.errors import UsaeError
@@ -92,3 +93,55 @@ def create_backbone(name: str, weights: str | None = None, layer: str | None = N
 def default_backbones() -> list[str]:
     """The embedded default: real pretrained backbones whose weights ship inside pip packages."""
     return [e.name for e in list_backbones() if e.default]
+
+
+RANDOM_INIT = "random-init"
+"""The weights a backbone built with `random_init` records (`Backbone.weights_source`)."""
+
+
+def store_backbones(store, models: Sequence[str] | None = None, *,
+                    weights: Mapping[str, str] | None = None) -> dict[str, Backbone]:
+    """The backbones that produced a store's activations, rebuilt from what its manifest records
+    (`store.model_info(model)`: registry name, layer, weights), in eval mode on the CPU, keyed by
+    the store's model names (which are the USAE's): what CAM and new images need.
+
+    A store names its models by alias (`timm:vit_small_patch14_dinov2` is `vit_small_patch14_dinov2`
+    there, a non-default layer adds `-LAYER`), so `create_backbone(store_model_name)` only works for
+    the embedded backbones at their default layer. `models` (default: every model of the store)
+    chooses some. Weights come from the file or folder the extraction recorded when it read a local
+    one, else from where `create_backbone` looks; `weights={model: path}` overrides that. A
+    UsaeError says which model cannot be rebuilt and why: imported activations record no backbone,
+    random-init weights were never saved, a recorded weights file that is gone is not replaced by
+    other weights, and a rebuilt backbone whose token width or grid differs from the store's is refused."""
+    names = list(store.model_names if models is None else models)
+    weights = dict(weights or {})
+    unknown = [m for m in [*names, *weights] if m not in store.model_names]
+    if unknown:
+        raise UsaeError(f"the store has no model {', '.join(sorted(set(unknown)))} "
+                        f"(it has {', '.join(store.model_names)})")
+    built = {}
+    for model in names:
+        info = store.model_info(model)
+        registry_name = info.get("registry_name")
+        if not registry_name:
+            raise UsaeError(f"the store records no backbone for {model!r} (its activations were imported); "
+                            "build that backbone yourself, e.g. with create_backbone")
+        recorded = str(info.get("weights") or "")
+        path = weights.get(model)
+        if path is None and recorded == RANDOM_INIT:
+            raise UsaeError(f"{model!r} was extracted with random weights ({registry_name}, random_init), which were "
+                            "not saved: rebuilding it would give other weights. Use the Backbone objects the store "
+                            "was extracted with, or pass weights={" + repr(model) + ": PATH}")
+        if path is None and Path(recorded).is_absolute():
+            if not Path(recorded).exists():
+                raise UsaeError(f"{model!r} was extracted with the weights {recorded}, which are no longer there; "
+                                "pass weights={" + repr(model) + ": PATH} with where they are now")
+            path = recorded
+        backbone = create_backbone(registry_name, weights=path, layer=info.get("layer"))
+        expected = (info.get("dim"), list(info.get("native_grid") or []))
+        if (backbone.dim, list(backbone.native_grid)) != expected:
+            raise UsaeError(f"{registry_name} (layer {backbone.layer}) gives {backbone.dim}-dim tokens on a "
+                            f"{backbone.native_grid} grid, but the store's {model!r} has {expected[0]}-dim tokens on "
+                            f"{tuple(expected[1])}; is it the same model and layer?")
+        built[model] = backbone.eval()
+    return built
