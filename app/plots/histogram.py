@@ -41,6 +41,6 @@ def histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, x_
         y = min(ys(float(count)), frame.bottom - MIN_BAR_PX) if count > 0 else frame.bottom
         tip = escape(f"{fmt(float(left_edge))}–{fmt(float(right_edge))}: {fmt(float(count))}")
         cls = "bar highlight" if highlight_from is not None and left_edge >= highlight_from - 1e-9 else "bar"
-        canvas.add(f'<rect class="{cls}" x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
+        canvas.plot(f'<rect class="{cls}" x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
                    f'height="{frame.bottom - y:.1f}"><title>{tip}</title></rect>')
     return canvas.markup()

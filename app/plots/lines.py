@@ -44,13 +44,13 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *
             points = " ".join(f"{x_scale(x):.1f},{y_scale(y):.1f}" for x, y in run)
             if len(run) == 1:
                 x, y = run[0]
-                canvas.add(f'<circle cx="{x_scale(x):.1f}" cy="{y_scale(y):.1f}" r="2.5" fill="{colour}"/>')
+                canvas.plot(f'<circle cx="{x_scale(x):.1f}" cy="{y_scale(y):.1f}" r="2.5" fill="{colour}"/>')
             else:
-                canvas.add(f'<polyline class="series" points="{points}" fill="none" stroke="{colour}" '
+                canvas.plot(f'<polyline class="series" points="{points}" fill="none" stroke="{colour}" '
                            f'stroke-width="1.8"><title>{escape(name)}</title></polyline>')
         last = next(((x, y) for x, y in zip(reversed(xs), reversed(ys)) if usable(y)), None)
         if last is not None:  # the final value, where a reader looks first
-            canvas.add(f'<circle cx="{x_scale(last[0]):.1f}" cy="{y_scale(last[1]):.1f}" r="3" fill="{colour}">'
+            canvas.plot(f'<circle cx="{x_scale(last[0]):.1f}" cy="{y_scale(last[1]):.1f}" r="3" fill="{colour}">'
                        f"<title>{escape(f'{name} at step {fmt(last[0])}: {last[1]:.4g}')}</title></circle>")
     chart = canvas.markup()
     return chart + series_key(list(series)) if len(series) > 1 else chart

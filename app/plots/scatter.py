@@ -52,7 +52,7 @@ def scatter(points: Sequence[ScatterPoint], *, title: str, x_label: str, y_label
     ys = Scale(y_lo, y_hi, frame.bottom, frame.top, log=log_y)
     draw_axes(canvas, frame, xs, ys, x_label=x_label, y_label=y_label)
     if diagonal:
-        canvas.add(f'<line class="reference" x1="{xs(x_lo):.1f}" y1="{ys(y_lo):.1f}" '
+        canvas.plot(f'<line class="reference" x1="{xs(x_lo):.1f}" y1="{ys(y_lo):.1f}" '
                    f'x2="{xs(x_hi):.1f}" y2="{ys(y_hi):.1f}"/>')
     # One tab stop per plot, not one per point (hundreds before the rest of the page): the
     # leftmost linked point takes it, and static/app.js moves it with the arrow keys.
@@ -66,8 +66,8 @@ def scatter(points: Sequence[ScatterPoint], *, title: str, x_label: str, y_label
         dot = (f'<circle class="{escape(classes)}" cx="{x:.1f}" cy="{y:.1f}" r="4">'
                f"<title>{escape(p.tooltip)}</title></circle>")
         if p.href:
-            canvas.add(f'<a href="{escape(p.href)}" tabindex="{0 if p is entry else -1}" '
+            canvas.plot(f'<a href="{escape(p.href)}" tabindex="{0 if p is entry else -1}" '
                        f'aria-label="{escape(p.tooltip)}">{dot}</a>')
         else:
-            canvas.add(dot)
+            canvas.plot(dot)
     return canvas.markup()

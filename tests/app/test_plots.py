@@ -61,7 +61,7 @@ def test_line_chart_axis_ends_on_a_label():
 def test_a_chart_tells_css_its_designed_width():
     svg = str(matrix_heatmap([[1.0]], ["a"], ["a"], title="t", row_title="r", col_title="c", value_label="v"))
     width = re.search(r'viewBox="0 0 ([\d.]+) ', svg).group(1)
-    # Phones keep wide charts at least 520 px and scroll them; one designed narrower stays its size.
+    # app.css reads it as the chart's max-width: never drawn wider than designed, so text keeps its size.
     assert f"--chart-w: {width}px" in svg
 
 
@@ -168,3 +168,90 @@ def test_a_scatter_is_one_tab_stop_entered_at_its_leftmost_linked_point():
     assert sorted(stops) == [("/c/1", "-1"), ("/c/2", "-1"), ("/c/4", "0")]  # leftmost, then lowest
     assert 'aria-label="concept 1 &lt;b&gt;"' in svg  # a screen reader hears what the tooltip says
     assert "<b>" not in svg
+
+
+def _phone_text(svg: str) -> tuple[float, float, list[tuple[str, float, list[float]]]]:
+    """A chart's size and its phone layout's text (the `axes-phone` group) as (text, font size,
+    [left, right, top, bottom]) in chart units, from the layout's own width estimates."""
+    from app.plots.svg import text_width
+
+    width, height = (float(v) for v in re.search(r'viewBox="0 0 ([\d.]+) ([\d.]+)"', svg).groups())
+    sizes = {"tick": float(re.search(r"--phone-tick: ([\d.]+)px", svg).group(1)),
+             "axis-label": float(re.search(r"--phone-label: ([\d.]+)px", svg).group(1))}
+    group = re.search(r'<g class="axes-phone">(.*?)</g>', svg).group(1)
+    texts = []
+    for x, y, cls, anchor, rotated, content in re.findall(
+            r'<text x="([\d.-]+)" y="([\d.-]+)" class="([^"]+)" text-anchor="(\w+)"( transform="rotate\(-90[^"]*")?>([^<]*)</text>',
+            group):
+        x, y, size = float(x), float(y), sizes[cls]
+        w = text_width(content, size, bold=cls == "axis-label")
+        start = {"start": 0.0, "middle": -w / 2, "end": -w}[anchor]
+        across = [-0.93 * size, 0.24 * size]  # the line box around the baseline
+        if rotated:  # reads upwards: along the text is up the chart, its glyphs left of the baseline
+            box = [x + across[0], x + across[1], y - start - w, y - start]
+        else:
+            box = [x + start, x + start + w, y + across[0], y + across[1]]
+        texts.append((content, size, box))
+    return width, height, texts
+
+
+@pytest.mark.parametrize("chart", ["compare", "cofire", "entropy", "loss", "r2", "activation"])
+def test_a_charts_phone_layout_sets_its_text_larger_and_keeps_every_label_clear(chart):
+    """A chart drawn about 290 px wide on a phone showed its text at 6 or 7 px; set larger in the
+    designed margins, its axis labels ran into each other. Its phone layout sets the text at 11 px
+    (at 290 px) in margins made for it, and scales the plot into the rest, uniformly."""
+    from app.plots import histogram, line_chart, scatter
+    from app.plots.scatter import ScatterPoint
+    from app.plots.svg import PHONE_WIDTH
+
+    points = [ScatterPoint(10 ** (-4 + i / 10), 10 ** (-3.5 + i / 12), f"#{i}", href=f"/c/{i}") for i in range(40)]
+    svg = str({
+        "compare": lambda: scatter(points, title="t", x_label="firing frequency in efficientnet_lite0",
+                                   y_label="firing frequency in hed_vgg16", log_x=True, log_y=True, diagonal=True,
+                                   width=620, height=520),
+        "cofire": lambda: scatter([ScatterPoint(0.001 * 3 ** i, i / 20, "p") for i in range(15)], title="t",
+                                  x_label="energy (log scale)", y_label="co-fire proportion", log_x=True, width=460,
+                                  height=320),
+        "entropy": lambda: histogram([3, 5, 60, 1200, 12], [0, 0.2, 0.4, 0.6, 0.8, 1.0], title="t", y_label="concepts",
+                                     x_label="firing entropy (0 = one model, 1 = all models equally)", width=460,
+                                     height=300),
+        "loss": lambda: line_chart(list(range(50, 650, 50)), {"loss": [1.9 - i / 20 for i in range(12)]}, title="t",
+                                   x_label="step", y_label="loss"),
+        "r2": lambda: line_chart(list(range(50, 650, 50)), {m: [i / 12 - 0.2 for i in range(12)] for m in "abc"},
+                                 title="t", x_label="step", y_label="batch R²"),
+        "activation": lambda: histogram([4, 4000, 12_000, 90], [0.05, 0.2, 1, 3, 6], title="t", x_label="activation",
+                                        y_label="tokens", compact=True, log_x=True, width=440, height=140),
+    }[chart]())
+    width, height, texts = _phone_text(svg)
+    assert len(texts) >= 5
+    for content, size, _ in texts:
+        assert size * PHONE_WIDTH / width >= 11 - 1e-6, (content, size)  # at least 11 px when drawn 290 px wide
+    for content, _, (left, right, top, bottom) in texts:
+        assert 0 <= left and right <= width and 0 <= top and bottom <= height, (content, left, right, top, bottom)
+    clashes = [(a, b) for i, (a, _, p) in enumerate(texts) for b, _, q in texts[i + 1:]
+               if p[0] < q[1] and q[0] < p[1] and p[2] < q[3] and q[2] < p[3]]
+    assert not clashes, clashes
+    # The plot's marks, drawn once, go into the phone's frame by one uniform scale (points stay round).
+    a, d = re.search(r"--phone-plot: matrix\(([\d.]+), 0, 0, ([\d.]+),", svg).groups()
+    assert a == d and 0.5 < float(a) <= 1
+    # The designed layout is the one it always was: y title 14 from the left, x title 6 above the bottom.
+    designed = re.search(r'<g class="axes-designed">(.*?)</g>', svg).group(1)
+    if chart != "activation":
+        assert f'<text x="14.0" y=' in designed and f'y="{height - 6:.1f}" class="axis-label"' in designed
+
+
+def test_the_r2_matrix_has_a_phone_twin_with_upright_names_at_the_page_size():
+    """At a readable size on a phone the 45-degree names left the cells no room: the twin drawn for
+    the phone's width writes them upwards and keeps the cells large enough for their values."""
+    from app.plots.svg import PHONE_WIDTH
+
+    names = ["efficientnet_lite0", "hed_vgg16", "mobilenet_v2"]
+    both = str(matrix_heatmap([[0.6, 0.3, 0.5]] * 3, names, names, title="t", row_title="encode from",
+                              col_title="decode into", value_label="R²"))
+    designed, phone = re.findall(r"<svg .*?</svg>", both)
+    assert 'class="chart chart-heatmap layout-designed"' in designed and "rotate(-45" in designed
+    assert 'class="chart chart-heatmap layout-phone"' in phone and "rotate(-45" not in phone
+    assert phone.count("rotate(-90") == 4  # the row title and the three column names
+    width = float(re.search(r'viewBox="0 0 ([\d.]+) ', phone).group(1))
+    cell = float(re.search(r'<rect x="[\d.]+" y="[\d.]+" width="([\d.]+)" height="[\d.]+" rx="3"', phone).group(1))
+    assert width <= PHONE_WIDTH and cell >= 40  # drawn at the page's type sizes; "0.62" fits a cell
