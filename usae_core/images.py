@@ -16,6 +16,7 @@ import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -228,13 +229,16 @@ def mask_path(root: str | Path, image_id: str) -> Path:
     return Path(root) / DEMO_MASKS / Path(image_id).name
 
 
-def load_masks(root: str | Path, image_id: str, size: int | None = None) -> dict[str, np.ndarray] | None:
+def load_masks(root: str | Path, image_id: str, size: int | None = None, *,
+               types: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
     """Ground-truth masks of one demo image: {defect type: bool [H, W]} in its square view.
 
     Every defect type of the set is present (all False when the image lacks it). `size` resizes
-    the masks (nearest) to a square view of that size. None for images outside a demo set."""
+    the masks (nearest) to a square view of that size. None for images outside a demo set.
+    `types`: the set's `defect_types(root)`, when the caller read them once for many images
+    (otherwise demo.json, which lists every image, is parsed again for each)."""
     root = Path(root)
-    types = defect_types(root)
+    types = defect_types(root) if types is None else list(types)
     path = mask_path(root, image_id)
     if not types or not path.exists():
         return None

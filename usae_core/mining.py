@@ -16,6 +16,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from usae_core.devices import resolve_device
 from usae_core.errors import UsaeError
 from usae_core.host_copy import SideStreamUpload, read_rows
+from usae_core.images import defect_types, load_masks
 from usae_core.kernels.code_stats import CodeStats
 from usae_core.kernels.gather import residual_sq
 from usae_core.kernels.standardize import standardize_rows
@@ -85,6 +87,20 @@ class DefectMasks:
     defect_types: list[str]
     load: Callable[[int], dict[str, np.ndarray] | None]
 
+    @classmethod
+    def from_store(cls, store) -> "DefectMasks":
+        """The ground-truth masks of a store extracted from a demo set (`build_demo_set`), read
+        image by image from the folder it was extracted from (`store.meta["image_root"]`).
+        UsaeError when that folder is not a demo set (or is gone): other images have no masks."""
+        root = store.meta.get("image_root")
+        types = defect_types(root) if root and Path(root).is_dir() else []
+        if not types:
+            where = f"its images ({root})" if root else "it (its activations were imported)"
+            raise UsaeError(f"the store {store.root} has no defect masks: {where} are not a demo set "
+                            "(build_demo_set); mine it without masks")
+        image_ids = store.image_ids
+        return cls(types, lambda index: load_masks(root, image_ids[index], types=types))
+
 
 @dataclass
 class MiningResult:
@@ -123,6 +139,20 @@ class MiningResult:
     def nonzero_counts(self) -> np.ndarray:
         """[models, concepts] tokens with a non-zero code (the histogram totals)."""
         return self.hist_counts.sum(-1)
+
+    def defect_concepts(self, defect: str, top: int = 5) -> dict[str, list[tuple[int, float]]]:
+        """The concepts whose firing overlaps `defect`'s masks most, per model: `{model: [(concept,
+        IoU), ...]}`, best first (ties to the lower concept), `top` per model. A concept that
+        comes first in every model is one detector of that defect shared by all of them."""
+        if self.defect_iou is None:
+            raise UsaeError("this mine had no defect masks: pass masks=DefectMasks.from_store(store) to mine_store")
+        if defect not in self.defect_types:
+            raise UsaeError(f"no defect type {defect!r} in this mine (it has {', '.join(self.defect_types)})")
+        if top < 1:
+            raise UsaeError(f"top must be >= 1, got {top}")
+        iou = self.defect_iou[:, :, self.defect_types.index(defect)]
+        order = np.argsort(-iou, axis=1, kind="stable")[:, :top]
+        return {model: [(int(c), float(iou[m, c])) for c in order[m]] for m, model in enumerate(self.models)}
 
 
 # --------------------------------------------------------------------------- reading the store

@@ -187,6 +187,48 @@ def _best_threshold_iou(z: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return best
 
 
+def test_defect_masks_of_a_demo_set_store_and_the_concepts_of_a_defect(tmp_path, monkeypatch) -> None:
+    """DefectMasks.from_store reads the masks of the demo set a store was extracted from (the
+    planted set's one defect type, "scratch", covers the planted cells of the planted images), so
+    the planted concept is every model's scratch detector; demo.json is parsed once, not once
+    per image. defect_concepts ranks each model's concepts by that IoU (the planted concept ties at
+    1 with a random one that the planted tokens' strength also lifts above its other tokens)."""
+    import usae_core.images
+
+    planted = build_planted(tmp_path, image_files=(48, 64), demo_set=True)
+    reads = []
+    real_read = usae_core.images._read_demo_manifest
+    monkeypatch.setattr(usae_core.images, "_read_demo_manifest", lambda root: reads.append(root) or real_read(root))
+    masks = DefectMasks.from_store(planted.store)
+    res = mine_store(planted.model, planted.store, MiningConfig(batch_images=6), masks=masks)
+    assert masks.defect_types == res.defect_types == ["scratch"] and len(reads) == 1
+    c = planted.concept
+    np.testing.assert_allclose(res.defect_iou[:, c, 0], 1.0)
+    t, gw = planted.store.tokens_per_image, planted.store.grid[1]
+    truth = np.zeros((planted.store.n_images * t, 1))
+    for img in planted.images:
+        for r, col in planted.cells:
+            truth[img * t + r * gw + col, 0] = 1
+    ref = _best_threshold_iou(_reference(planted.model, planted.store, MiningConfig())["z"], truth)
+    np.testing.assert_allclose(res.defect_iou, ref, rtol=1e-6, atol=1e-9)
+
+    best = res.defect_concepts("scratch", top=3)
+    assert list(best) == res.models
+    for m, model in enumerate(res.models):
+        expect = sorted(range(res.n_concepts), key=lambda k: (-ref[m, k, 0], k))[:3]
+        assert [k for k, _ in best[model]] == expect and (c, 1.0) in best[model]
+        np.testing.assert_allclose([iou for _, iou in best[model]], ref[m, expect, 0], rtol=1e-6, atol=1e-9)
+    with pytest.raises(UsaeError, match=r"no defect type 'crack' in this mine \(it has scratch\)"):
+        res.defect_concepts("crack")
+    with pytest.raises(UsaeError, match=r"no defect masks: pass masks=DefectMasks.from_store\(store\)"):
+        mine_store(planted.model, planted.store).defect_concepts("scratch")
+    plain = build_planted(tmp_path / "plain", image_files=(48, 64))
+    with pytest.raises(UsaeError, match=r"has no defect masks: its images \(.*\) are not a demo set"):
+        DefectMasks.from_store(plain.store)
+    with pytest.raises(UsaeError, match=r"activations were imported"):
+        DefectMasks.from_store(build_planted(tmp_path / "imported").store)
+
+
 def test_a_cell_shows_a_defect_only_when_the_mask_covers_at_least_a_tenth_of_it(planted) -> None:
     """Defect truth per token cell is mask coverage >= 10% (defect_cell_fraction): a mask on 20%
     of one planted cell counts, a 5% sliver of another does not (coverage counted in pixels here)."""
