@@ -24,6 +24,7 @@ import torch
 
 from usae_core.devices import resolve_device
 from usae_core.errors import UsaeError
+from usae_core.store import ActivationStore
 
 
 def r2_score(x: np.ndarray | torch.Tensor, x_hat: np.ndarray | torch.Tensor) -> float:
@@ -167,9 +168,11 @@ def check_tau(tau: float) -> None:
 @torch.no_grad()
 def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, device: str | torch.device = "cpu",
                   max_images: int | None = None, progress: bool = False) -> EvalResult:
-    """One streaming pass over the store: R^2 matrix, L0, and per-concept firing statistics."""
+    """One streaming pass over the store (an ActivationStore, or the path of one): R^2 matrix,
+    L0, and per-concept firing statistics."""
     from tqdm.auto import tqdm
 
+    store = ActivationStore.of(store)
     check_tau(tau)
     if max_images is not None and max_images < 1:  # 0 read as "no limit" evaluated the whole store
         raise UsaeError(f"max_images must be >= 1 (or None for every image), got {max_images}")

@@ -33,7 +33,7 @@ from usae_core.kernels.gather import residual_sq
 from usae_core.kernels.standardize import standardize_rows
 from usae_core.metrics import EvalResult, check_tau
 from usae_core.prefetch import prefetch
-from usae_core.store import TORCH_DTYPES
+from usae_core.store import TORCH_DTYPES, ActivationStore
 
 
 @dataclass
@@ -309,8 +309,10 @@ def _defect_coverage(masks: DefectMasks, first: int, n: int, grid: tuple[int, in
 @torch.no_grad()
 def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | torch.device = "cpu",
                masks: DefectMasks | None = None, progress: bool = False) -> MiningResult:
-    """Stream the store once and gather everything per concept (see the module docstring)."""
+    """Stream the store (an ActivationStore, or the path of one) once and gather everything per
+    concept (see the module docstring)."""
     cfg = cfg or MiningConfig()
+    store = ActivationStore.of(store)
     device = resolve_device(device)
     model.check_store(store)
     model = model.to(device).eval()
@@ -447,8 +449,9 @@ def top_image_heatmaps(model, store, result: MiningResult, concepts: Sequence[in
     """Per-token heatmaps of the top images of `concepts`: `{(model_index, concept, rank): [gh, gw]}`.
 
     Only the images in those top lists are re-encoded, a batch at a time, so memory follows
-    len(concepts) x top_n, not the store."""
+    len(concepts) x top_n, not the store (an ActivationStore, or the path of one)."""
     cfg = cfg or MiningConfig()
+    store = ActivationStore.of(store)
     device = resolve_device(device)
     model = model.to(device).eval()
     t, grid = store.tokens_per_image, store.grid

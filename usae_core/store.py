@@ -9,6 +9,7 @@ format is documented in docs/formats.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -315,6 +316,12 @@ class ActivationStore:
         if sum(sizes) != manifest["n_images"] or min(sizes, default=0) < 0:
             raise UsaeError(f"{mf}: shard_sizes add up to {sum(sizes)} images, n_images says {manifest['n_images']}")
         return cls(root, manifest)
+
+    @classmethod
+    def of(cls, store: "ActivationStore | str | os.PathLike") -> "ActivationStore":
+        """`store` itself, or the store opened at that path: what every function taking a store
+        (`train_usae`, `evaluate_usae`, `mine_store`, ...) accepts."""
+        return cls.open(store) if isinstance(store, (str, os.PathLike)) else store
 
     def __repr__(self) -> str:
         models = ", ".join(f"{name} ({dim})" for name, dim in self.dims.items())

@@ -582,8 +582,7 @@ def train_usae(
     the statistics pass and the steps (on rank 0). Training draws its initial weights (but for
     init_from's) from `cfg.seed` and leaves torch's global random state as it found it.
     """
-    if isinstance(store, (str, os.PathLike)):
-        store = ActivationStore.open(store)
+    store = ActivationStore.of(store)
     out = Path(out_dir)
     if set(usae_cfg.model_dims) != set(store.model_names) or any(
         usae_cfg.model_dims[m] != store.dims[m] for m in store.model_names

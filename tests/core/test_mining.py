@@ -265,6 +265,24 @@ def test_nearest_concepts_by_decoder_cosine() -> None:
         np.testing.assert_allclose(cos[i], np.take_along_axis(sim, expect, 1), rtol=1e-5)
 
 
+def test_a_store_path_works_wherever_a_store_does(planted) -> None:
+    """train_usae took a store's path; evaluate_usae, mine_store and top_image_heatmaps failed on
+    one with "'str' object has no attribute 'dims'". Each now opens it, with the same result."""
+    root = planted.store.root
+    cfg = MiningConfig(top_n=3, batch_images=7)
+    by_store = mine_store(planted.model, planted.store, cfg)
+    for path in (str(root), Path(root)):
+        by_path = mine_store(planted.model, path, cfg)
+        np.testing.assert_array_equal(by_path.top_images, by_store.top_images)
+        np.testing.assert_array_equal(by_path.stats.r2, by_store.stats.r2)
+        heat = top_image_heatmaps(planted.model, path, by_path, [planted.concept], cfg)
+        expect = top_image_heatmaps(planted.model, planted.store, by_store, [planted.concept], cfg)
+        assert heat.keys() == expect.keys() and all(np.array_equal(heat[k], expect[k]) for k in heat)
+        np.testing.assert_array_equal(evaluate_usae(planted.model, path).r2, evaluate_usae(planted.model, planted.store).r2)
+    with pytest.raises(UsaeError, match="there is no activation store at"):
+        evaluate_usae(planted.model, str(root) + "-missing")
+
+
 def test_model_and_store_must_match(planted) -> None:
     other = USAE(USAEConfig(model_dims={"vit": 8, "dino": 12}, n_concepts=8, k=3))
     with pytest.raises(UsaeError, match="store has"):
