@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -686,7 +686,8 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     clock = _DeviceClock(device)
     started = time.perf_counter()
     timings.setup = started - called
-    batches = _joined_batches(loader, device, batch_size)
+    warm_up = _warm_up(runners, models, batch_size, device) if cuda else None
+    batches = _joined_batches(loader, device, batch_size, warm_up)
     try:
         while True:
             waiting = time.perf_counter()
@@ -728,14 +729,35 @@ def _run(source: FolderSource, models: list[Backbone], writer: StoreWriter, span
     timings.waiting_for_writes = assembler.waited
 
 
-def _joined_batches(loader: DataLoader, device: torch.device, batch_size: int
+def _warm_up(runners: dict[str, nn.Module], models: list[Backbone], batch_size: int, device: torch.device
+             ) -> Callable[[], None]:
+    """Queue every backbone once on a batch of zeros: the first call of each pays one-time costs
+    (Dynamo's first guard checks, cuBLAS and cuDNN set-up, the allocator's first blocks) that
+    would otherwise delay the first real batch; queued while the loader's workers decode it,
+    the device pays them in time it would spend waiting."""
+    def warm_up() -> None:
+        # Made outside inference mode, as the loader's batches are: Dynamo guards on whether an
+        # input is an inference tensor, and such zeros cost a full recompile (6.5 s on an H100).
+        zeros = {size: torch.zeros(batch_size, 3, size, size, dtype=torch.uint8, device=device)
+                 for size in {m.input_size for m in models}}
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for m in models:
+                runners[m.store_name](zeros[m.input_size])
+    return warm_up
+
+
+def _joined_batches(loader: DataLoader, device: torch.device, batch_size: int,
+                    warm_up: Callable[[], None] | None = None
                     ) -> Iterator[tuple[list[int], list[torch.Tensor], list[str]]]:
     """The loader's chunks moved to the device (asynchronously from pinned memory) and joined
-    into batches of at most `batch_size` consecutive images: (image indices, views, failures)."""
+    into batches of at most `batch_size` consecutive images: (image indices, views, failures).
+    `warm_up` runs once the loader's workers have started, before the first chunk is awaited."""
     parts: list[tuple[list[int], list[torch.Tensor], list[str]]] = []
     count = 0
     chunks = iter(loader)
     try:
+        if warm_up is not None:
+            warm_up()
         for indices, views, failures in chunks:
             parts.append((indices.tolist(), [v.to(device, non_blocking=True) for v in views], list(failures)))
             count += len(indices)

@@ -498,3 +498,18 @@ def test_a_backbone_keeps_its_compiled_wrapper_for_the_next_extraction():
     assert normalized_tokens(tiny_dinov2(), True) is not first  # kept per backbone, not per name
     assert isinstance(normalized_tokens(backbone, False), NormalizedBackbone)  # eager: nothing kept
     assert set(backbone.state_dict()) == keys and not any("compiled" in n for n, _ in backbone.named_modules())
+
+
+def test_the_warm_up_runs_each_backbone_once_on_zeros_of_its_input_size():
+    """On a GPU the extraction queues every backbone once on zeros while the loader's workers
+    decode the first images (its one-time costs then overlap that wait)."""
+    from usae_core.extract import GridRows, _warm_up
+
+    backbone = tiny_dinov2()
+    rows = GridRows(backbone, (3, 3), torch.float16)
+    seen = []
+    rows.tokens.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    _warm_up({backbone.store_name: rows}, [backbone], 4, torch.device("cpu"))()
+    size = backbone.input_size
+    assert [(t.shape, t.dtype) for t in seen] == [((4, 3, size, size), torch.uint8)]
+    assert not seen[0].any() and not seen[0].is_inference()  # as the loader's batches: no recompile
