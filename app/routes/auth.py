@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from app.deps import CsrfChecked, CurrentAnalyst, OptionalAnalyst, SessionDep
@@ -57,20 +58,23 @@ def _sign_out(request: Request, session: Session, user: User | None) -> None:
     end_session(request)
 
 
-def _login_form(request: Request, *, next_url: str, username: str = "", error: str | None = None,
+def _login_form(request: Request, session: Session, *, next_url: str, username: str = "", error: str | None = None,
                 status_code: int = 200) -> HTMLResponse:
+    # A server started on an empty data directory (`usae serve` run away from the demo's folder)
+    # has no accounts: say so, where a failed sign-in would only say the password is wrong.
+    no_accounts = not session.scalar(select(exists().where(User.id.is_not(None))))
     return render(request, Viewer(urls=ANALYST_URLS), "login.html", status_code=status_code, next_url=next_url,
-                  username=username, error=error)
+                  username=username, error=error, no_accounts=no_accounts)
 
 
 def pages() -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
     @router.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request, user: OptionalAnalyst, next: str | None = None):
+    def login_page(request: Request, session: SessionDep, user: OptionalAnalyst, next: str | None = None):
         if user is not None:
             return RedirectResponse(_safe_next(next), status_code=303)
-        return _login_form(request, next_url=_safe_next(next))
+        return _login_form(request, session, next_url=_safe_next(next))
 
     @router.post("/login", response_class=HTMLResponse, dependencies=[CsrfChecked])
     def login(request: Request, session: SessionDep, username: Annotated[str, Form()],
@@ -78,10 +82,10 @@ def pages() -> APIRouter:
         try:
             user = _sign_in(request, session, username, password)
         except TooManyAttempts as exc:
-            return _login_form(request, next_url=_safe_next(next), username=username, error=str(exc),
+            return _login_form(request, session, next_url=_safe_next(next), username=username, error=str(exc),
                                status_code=429)
         if user is None:
-            return _login_form(request, next_url=_safe_next(next), username=username,
+            return _login_form(request, session, next_url=_safe_next(next), username=username,
                                error="That user name and password do not match.", status_code=401)
         return RedirectResponse(_safe_next(next), status_code=303)
 

@@ -9,7 +9,7 @@ import pytest
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import select
 
-from app.db import session_factory
+from app.db import get_engine, session_factory
 from app.models import User
 from app.security import SESSION_COOKIE, verify_password
 from usae_core.errors import UsaeError
@@ -434,3 +434,24 @@ def test_the_demo_password_is_private_from_its_first_byte_and_not_printed_once_c
     with session_factory(settings.db_url).begin() as session:
         set_password(session, username=name, password="a-new-password")
     assert ensure_analyst(settings) == (name, None)  # no longer the password: not printed
+
+
+def test_the_sign_in_page_says_when_the_explorer_has_no_accounts(web, tmp_path):
+    """`usae serve` started away from the demo's folder serves a new, empty data directory: the
+    sign-in page says no accounts exist and how to add one, where a sign-in attempt would only
+    say the password is wrong."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    assert "data-no-accounts" not in web.get("/login").text  # accounts exist: nothing said
+    empty = Settings(data_dir=tmp_path / "elsewhere", secret_key="test-secret-key-for-signing-cookies",
+                     database_url=None)
+    with TestClient(create_app(empty), base_url="http://testserver") as client:
+        page = client.get("/login").text
+        assert "data-no-accounts" in page and "usae user add NAME" in page and "--data-dir" in page
+        failed = client.post("/login", data={"username": "analyst", "password": "not-the-one",
+                                              "csrf_token": csrf_from(page)})
+        assert failed.status_code == 401 and "data-no-accounts" in failed.text
+    get_engine(empty.db_url).dispose()
