@@ -11,3 +11,13 @@ def measure(value: float) -> str:
     if abs(rounded) >= 1000:
         return f"{value:,.0f}"
     return f"{rounded:#.3g}".rstrip(".")
+
+
+def short_name(name: str, limit: int = 13) -> str:
+    """`name` cut in the middle to `limit` characters, as a thumbnail caption shows a model:
+    names of one family share their start (vit_base_patch16_224, vit_base_patch16_siglip_224),
+    so the end is kept too, where an ellipsis at the end left them alike."""
+    if len(name) <= limit:
+        return name
+    head = 5
+    return f"{name[:head]}…{name[len(name) - (limit - head - 1):]}"

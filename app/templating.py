@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from app import charts
-from app.formatting import measure
+from app.formatting import measure, short_name
 from app.models import utcnow
 from app.schemas.concepts import MAX_SEARCH
 from app.security import csrf_token
@@ -100,7 +100,8 @@ def _environment() -> jinja2.Environment:
         auto_reload=False,  # templates ship with the code: no file checks on every page
     )
     env.filters.update(datetime=_datetime, date=_date, day_in_words=_day_in_words, percent=_percent,
-                       number=_number, measure=measure, breakable=_breakable, duration=_duration)
+                       number=_number, measure=measure, short_name=short_name, breakable=_breakable,
+                       duration=_duration)
     env.globals.update(charts=charts, page_window=page_window, stored_html=stored_html, max_search=MAX_SEARCH)
     return env
 

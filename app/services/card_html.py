@@ -3,7 +3,8 @@ mine and stored with the card row instead of on every page: those two loops were
 part of the browser template's time (docs/benchmarks.md, 2026-12-03).
 
 Rows carry the `FORMAT` they were rendered with, a hash of the fragment template and of the
-number formatting it uses (`templating._percent`, `formatting.measure`); a row of an
+number and name formatting it uses (`templating._percent`, `formatting.measure`,
+`formatting.short_name`); a row of an
 older template (or of a mine before migration 0005) is rendered from its JSON when shown, so a
 page always has the current markup and only the speed waits for the next mine. Media links are
 an analyst's; `templating.stored_html` gives a share-link holder theirs.
@@ -60,7 +61,8 @@ def render(mined: MinedCard, n_models: int) -> tuple[str, str]:
 
 
 FORMAT = hashlib.sha256((TEMPLATES_DIR / FRAGMENT).read_bytes() + b"".join(
-    inspect.getsource(f).encode() for f in (templating._percent, formatting.measure, card_columns, render))
+    inspect.getsource(f).encode()
+    for f in (templating._percent, formatting.measure, formatting.short_name, card_columns, render))
 ).hexdigest()[:16]
 """The markup's version: a hash of the fragment template and the Python that lays it out."""
 

@@ -93,6 +93,17 @@ def test_measured_values_keep_three_significant_digits_with_their_zeros():
                                             "12.3", "0.000123", "-0.500"]
 
 
+def test_thumbnail_captions_keep_both_ends_of_a_long_model_name():
+    """Names of one family differ at the end: cut at the end they read alike ("vit_base_p…")."""
+    from app.formatting import short_name
+
+    names = ["vit_small_patch14_dinov2", "vit_base_patch16_siglip_224", "vit_base_patch16_224", "efficientnet_lite0",
+             "mobilenet_v2", "hed_vgg16"]
+    short = [short_name(n) for n in names]
+    assert short == ["vit_s…_dinov2", "vit_b…lip_224", "vit_b…h16_224", "effic…t_lite0", "mobilenet_v2", "hed_vgg16"]
+    assert len(set(short)) == len(names) and all(len(s) <= 13 for s in short)
+
+
 def test_percentages_keep_one_rule_for_digits():
     from app.templating import _percent
 
