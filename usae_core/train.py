@@ -41,7 +41,15 @@ from usae_core.errors import UsaeError
 from usae_core.interrupt import interrupt_between_steps
 from usae_core.locks import exclusive_lock
 from usae_core.losses import auxk_loss, auxk_residual_loss, paper_aux_loss, reconstruction_loss
-from usae_core.model import CHECKPOINT_DIR, CHECKPOINT_FORMAT, CONFIG_FILE, USAE, WEIGHTS_FILE, newest_checkpoint_step
+from usae_core.model import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FORMAT,
+    CONFIG_FILE,
+    USAE,
+    WEIGHTS_FILE,
+    newest_checkpoint_step,
+    not_a_run_message,
+)
 from usae_core.prefetch import prefetch
 from usae_core.store import ActivationStore
 from usae_core.token_stream import device_token_batches
@@ -643,6 +651,30 @@ def init_source_config(init_from: str | os.PathLike) -> USAEConfig:
         return USAEConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["usae"])
     except Exception:  # noqa: BLE001 - no run's config there: loading it says what is wrong
         return _load_init_source(path)[0].cfg
+
+
+def trained_store(run: str | os.PathLike) -> ActivationStore:
+    """The activation store a run (or a checkpoint folder under one) was trained on, opened where
+    its config.json records it: `evaluate_usae(USAE.from_pretrained(run), trained_store(run))`.
+
+    UsaeError when `run` is no finished run, records no store, or the store is no longer at that
+    path (open it where it is now with `ActivationStore.open`). A store that holds other
+    activations than the run was trained on (extracted again in the same place) opens with a warning."""
+    run = Path(run)
+    try:
+        saved = json.loads((run / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        raise UsaeError(not_a_run_message(run)) from None
+    recorded = saved.get("store") if isinstance(saved, dict) else None
+    if not isinstance(recorded, str) or not recorded:
+        raise UsaeError(f"{run} does not record the store it was trained on; open it with ActivationStore.open(path)")
+    if not Path(recorded).exists():
+        raise UsaeError(f"the store {run} was trained on, {recorded}, is no longer there (moved or deleted?); "
+                        "open it where it is now with ActivationStore.open(path)")
+    store = ActivationStore.open(recorded)
+    if saved.get("store_fingerprint") not in (None, store_fingerprint(store)):
+        log.warning("the store at %s holds other activations than %s was trained on (extracted again?)", recorded, run)
+    return store
 
 
 def resume_config(out: str | os.PathLike) -> dict | None:

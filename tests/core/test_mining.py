@@ -278,7 +278,8 @@ def test_a_store_path_works_wherever_a_store_does(planted) -> None:
         heat = top_image_heatmaps(planted.model, path, by_path, [planted.concept], cfg)
         expect = top_image_heatmaps(planted.model, planted.store, by_store, [planted.concept], cfg)
         assert heat.keys() == expect.keys() and all(np.array_equal(heat[k], expect[k]) for k in heat)
-        np.testing.assert_array_equal(evaluate_usae(planted.model, path).r2, evaluate_usae(planted.model, planted.store).r2)
+        expect_r2 = evaluate_usae(planted.model, planted.store).r2
+        np.testing.assert_array_equal(evaluate_usae(planted.model, path).r2, expect_r2)
     with pytest.raises(UsaeError, match="there is no activation store at"):
         evaluate_usae(planted.model, str(root) + "-missing")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -492,6 +493,37 @@ def test_the_store_may_be_given_by_its_path(planted, tmp_path):
     with pytest.raises(UsaeError, match="no activation store at"):
         train_usae(str(tmp_path / "missing"), tmp_path / "run", ucfg, tcfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_trained_store_opens_the_store_a_run_records(planted, tmp_path, caplog):
+    """Loading a run back from Python: its USAE, and the store it was trained on without
+    retyping the path (it lived only in the CLI's `usae eval`)."""
+    import shutil
+
+    from usae_core.train import trained_store
+
+    _, store = planted
+    copy = tmp_path / "store"
+    shutil.copytree(store.root, copy)
+    ucfg, tcfg = _small_cfgs(store, 6)
+    run = tmp_path / "run"
+    trained = train_usae(str(copy), run, ucfg, replace(tcfg, checkpoint_every=2), progress=False)
+    for folder in (run, *sorted((run / "checkpoints").glob("step-*"))):
+        opened = trained_store(folder)
+        assert Path(opened.root).resolve() == copy.resolve() and opened.dims == store.dims
+    res = evaluate_usae(USAE.from_pretrained(run), trained_store(run))
+    np.testing.assert_array_equal(res.r2, evaluate_usae(trained, store).r2)
+
+    with caplog.at_level("WARNING", logger="usae_core.train"):
+        zeros = {m: np.zeros((4, store.tokens_per_image, d), np.float32) for m, d in store.dims.items()}
+        import_activations(copy, zeros, grid=store.grid, overwrite=True)
+        assert trained_store(run).n_images == 4
+    assert "holds other activations than" in caplog.text
+    copy.rename(tmp_path / "moved")
+    with pytest.raises(UsaeError, match=r"the store .*run was trained on, .*store, is no longer there .*ActivationStore"):
+        trained_store(run)
+    with pytest.raises(UsaeError, match="there is no USAE run at"):
+        trained_store(tmp_path / "nothing")
 
 
 def test_a_short_run_warms_up_over_a_tenth_of_its_steps(planted, tmp_path):
