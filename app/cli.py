@@ -5,13 +5,87 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from usae_core.errors import UsaeError
 
+
+class _ReadableHelp:
+    """What every `usae` command's help shows of its parameters, set here for all of them.
+
+    Typer 0.29's help puts its type placeholder after every parameter, flags included (`--small
+    --no-small <bool>`, `--help <bool>`, `run <str>`); an option's `metavar`, where one is set,
+    takes its place (typer/core.py, `display_type_rich`). So a flag gets an empty one, a value
+    option the kind of value it takes (N, NUMBER, PATH, else its name: `--store STORE`) unless it
+    names its own (`--out RUN`), and an argument is its name alone (`RUN`, in the usage line too,
+    where Typer writes `{run}`). A flag that is off by default is only its switch (`--resume`,
+    not also `--no-resume`, which only widened the table)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _readable(param)
+
+    def get_help_option(self, ctx: typer.Context) -> TyperOption | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _readable(option)
+        return option
+
+
+def _readable(param) -> None:
+    if isinstance(param, TyperOption) and (param.is_flag or param.count):
+        param.metavar = ""
+        if param.default is False and param.secondary_opts == [f"--no-{param.opts[-1].removeprefix('--')}"]:
+            param.secondary_opts = []
+        return
+    if type(param) is TyperArgument:
+        param.__class__ = _Argument  # same fields, one method more
+    if param.metavar is not None or not isinstance(param, (TyperOption, TyperArgument)):
+        return
+    kind = param.type_descriptor.annotation
+    param.metavar = ("N" if kind is int else "NUMBER" if kind is float
+                     else "PATH" if isinstance(kind, type) and issubclass(kind, Path) else param.name.upper())
+
+
+class _Argument(TyperArgument):
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
+        """Nothing beside the name: an argument's metavar names what it takes, where Typer adds `<str>`."""
+        return None
+
+
+class _Command(_ReadableHelp, TyperCommand):
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class _Group(_ReadableHelp, TyperGroup):
+    pass
+
+
+def _readable_help(app: typer.Typer) -> None:
+    """Every command and command group of `app` shows its help as `_ReadableHelp` says."""
+    for command in app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = _Command
+    for group in app.registered_groups:
+        group.cls = _Group
+        _readable_help(group.typer_instance)
+
+
 cli = typer.Typer(
+    cls=_Group,
     name="usae",
     help="USAE Concept Explorer: one shared concept dictionary for several vision models.",
     no_args_is_help=True,
@@ -43,6 +117,7 @@ def _register_all() -> None:
 
 
 _register_all()
+_readable_help(cli)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ def cam_cmd(
     steps: Annotated[int, typer.Option(help="Optimisation steps per model.")] = 256,
     image_size: Annotated[int, typer.Option(help="Side of each image in pixels.")] = 224,
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: RUN/cam/concept-N).")] = None,
+    out: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Folder for the PNGs (default: RUN/cam/concept-N).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     data_dir: DataDir = None,
 ) -> None:

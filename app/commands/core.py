@@ -15,13 +15,13 @@ from app.settings import settings_for
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data directory (default: $USAE_DATA_DIR or ./usae-data).")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", metavar="DIR", help="Data directory (default: $USAE_DATA_DIR or ./usae-data).")]
 
 
 def import_activations_cmd(
-    out: Annotated[str, typer.Option("--out", help="Store to create (a path, or a name under DATA_DIR/stores).")],
-    model: Annotated[list[str], typer.Option("--model", help="NAME=FILE.npy with shape (n_images, n_tokens, dim); repeat per model.")],
-    grid: Annotated[Optional[str], typer.Option(help="Token grid HxW (default: square when the token count is a square, else 1xN).")] = None,
+    out: Annotated[str, typer.Option("--out", metavar="STORE", help="Store to create (a path, or a name under DATA_DIR/stores).")],
+    model: Annotated[list[str], typer.Option("--model", metavar="NAME=FILE", help="A .npy array of shape (n_images, n_tokens, dim); repeat per model.")],
+    grid: Annotated[Optional[str], typer.Option(metavar="HxW", help="Token grid (default: square when the token count is a square, else 1xN).")] = None,
     dtype: Annotated[str, typer.Option(help="On-disk dtype: float16, bfloat16 or float32.")] = "float16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
     data_dir: DataDir = None,
@@ -53,31 +53,30 @@ def parse_grid(text: str) -> tuple[int, int]:
     return h, w
 
 
-_RESUMED = "or with --resume the run's"
-
-
 def train_cmd(
     store: Annotated[str, typer.Option("--store", help="Activation store (path or name).")],
-    out: Annotated[str, typer.Option("--out", help="Run directory (path or name under DATA_DIR/runs).")],
-    concepts: Annotated[Optional[int], typer.Option("--concepts", help=f"Dictionary size (default: {USAEConfig.n_concepts}, {_RESUMED} or --init-from's).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help=f"Active concepts per token (default: {USAEConfig.k}, {_RESUMED} or --init-from's).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps (default: {TrainConfig.steps}, {_RESUMED}).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Tokens per step (default: {TrainConfig.batch_size}, {_RESUMED}).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: {TrainConfig.lr}, {_RESUMED}).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help=f"Steps of linear warmup to --lr, at most --steps (default: min(100, steps / 10), {_RESUMED}).")] = None,
-    encoder: Annotated[Optional[str], typer.Option(help=f"mlp_bn (paper) or linear (default: {USAEConfig.encoder}, {_RESUMED} or --init-from's).")] = None,
-    loss: Annotated[Optional[str], typer.Option(help=f"l1 (paper) or mse (default: {TrainConfig.loss}, {_RESUMED}).")] = None,
-    aux: Annotated[Optional[str], typer.Option(help=f"auxk, paper or none (default: {TrainConfig.aux}, {_RESUMED}).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help=f"Seed for init, data order and source choice (default: {TrainConfig.seed}, {_RESUMED}).")] = None,
+    out: Annotated[str, typer.Option("--out", metavar="RUN", help="Run directory (path or name under DATA_DIR/runs).")],
+    concepts: Annotated[Optional[int], typer.Option("--concepts", help=f"Dictionary size (default: {USAEConfig.n_concepts}).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help=f"Concepts per token (default: {USAEConfig.k}).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps (default: {TrainConfig.steps}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Tokens per step (default: {TrainConfig.batch_size}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: {TrainConfig.lr:g}).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up to --lr (default: min(100, steps / 10)).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help=f"mlp_bn (paper) or linear (default: {USAEConfig.encoder}).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"l1 (paper) or mse (default: {TrainConfig.loss}).")] = None,
+    aux: Annotated[Optional[str], typer.Option(help=f"auxk, paper or none (default: {TrainConfig.aux}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed of init, data order and sources (default: {TrainConfig.seed}).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Steps between checkpoints, 0: final only (default: {TrainConfig.checkpoint_every}, {_RESUMED}).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint, with the settings it was started with: options left out are the run's, and given, they must match it (only --device and --checkpoint-every may change); after an interrupted --overwrite: the new run, swapped in when finished.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out (the old one stays until the new one is trained).")] = False,
-    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from the weights and standardisation statistics of this run (path or name) or one of its checkpoints (RUN/checkpoints/step-N), at step 0 with a fresh optimizer and warm-up: to train a finished run further, or on another store of the same models. --concepts, --k and --encoder default to its.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Steps between checkpoints, 0: final only (default: {TrainConfig.checkpoint_every}).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out (once the new one is trained).")] = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", metavar="RUN", help="Start from this run's (or checkpoint's) weights, at step 0.")] = None,
     distributed: Annotated[bool, typer.Option(help="Data-parallel over torchrun ranks.")] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Train a USAE on a store."""
+    """Train a USAE on a store.
+
+    With --resume, options left out are the run's own (given, they must match it; only --device and --checkpoint-every may change); with --init-from, --concepts, --k and --encoder default to that run's (docs/formats.md, "USAE run directory")."""
     from usae_core.distributed import distributed_context
     from usae_core.store import ActivationStore
     from usae_core.train import TrainingInterrupted, resume_config, train_usae

@@ -31,23 +31,23 @@ def parse_assignments(specs: list[str], option: str) -> dict[str, str]:
 
 
 def extract_cmd(
-    out: Annotated[str, typer.Option("--out", help="Store to create (a path, or a name under DATA_DIR/stores).")],
-    images: Annotated[str, typer.Option("--images", help="Image folder, or 'demo' for the built-in demo set.")] = "demo",
+    out: Annotated[str, typer.Option("--out", metavar="STORE", help="Store to create (a path, or a name under DATA_DIR/stores).")],
+    images: Annotated[str, typer.Option("--images", metavar="FOLDER", help="Image folder, or 'demo' for the built-in demo set.")] = "demo",
     models: Annotated[Optional[str], typer.Option("--models", help="Comma-separated backbone names "
                                                   "(default: the embedded offline set; see `usae models list`).")] = None,
-    layer: Annotated[list[str], typer.Option("--layer", help="NAME=LAYER: read another layer of a model; repeatable.")] = [],  # noqa: B006
-    weights: Annotated[list[str], typer.Option("--weights", help="NAME=PATH: local weight file or directory; repeatable.")] = [],  # noqa: B006
-    grid: Annotated[Optional[str], typer.Option(help="Common token grid HxW (default: the smallest native grid).")] = None,
+    layer: Annotated[list[str], typer.Option("--layer", metavar="NAME=LAYER", help="Read another layer of a model; repeatable.")] = [],  # noqa: B006
+    weights: Annotated[list[str], typer.Option("--weights", metavar="NAME=PATH", help="Local weight file or directory; repeatable.")] = [],  # noqa: B006
+    grid: Annotated[Optional[str], typer.Option(metavar="HxW", help="Common token grid (default: the smallest native grid).")] = None,
     small: Annotated[bool, typer.Option("--small", help="With --images demo: a few hundred images instead of thousands.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the demo set (default 0).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: up to 8 on GPU; on CPU none with 4 cores or fewer, else 2).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: up to 8 on GPU; on CPU 0 up to 4 cores, else 2).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="On-disk dtype: float16, bfloat16 or float32.")] = "float16",
     shard_images: Annotated[int, typer.Option(help="Images per store shard (the unit of resuming).")] = 256,
     random_init: Annotated[bool, typer.Option(help="Random weights (benchmarks and tests only).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (GPU).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store instead of resuming it (the old one stays until the new one is complete); with --images demo, also rebuild a demo set made by an older version.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the store instead of resuming it (once the new one is complete); with --images demo, also rebuild an older demo set.")] = False,
     distributed: Annotated[bool, typer.Option(help="Split shards over torchrun ranks.")] = False,
     data_dir: DataDir = None,
 ) -> None:

@@ -86,7 +86,7 @@ def runs_delete_cmd(
 @runs_cli.command("export")
 def runs_export_cmd(
     run: Annotated[str, typer.Argument(help="Name (or id) of the run, as `usae runs list` shows it.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="CSV file to write (default: standard output).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="CSV file to write (default: standard output).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Write every concept of a run as CSV: the explorer's Download CSV, dead concepts included."""

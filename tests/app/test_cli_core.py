@@ -270,7 +270,7 @@ def test_a_k_left_out_that_is_more_than_the_concepts_is_named_as_the_default(tmp
 def test_train_help_still_shows_the_built_in_defaults():
     result = _run("train", "--help")
     assert result.exit_code == 0, result.output
-    text = _flat_help(result.output)
+    text = _flat_help(result.output).split(" Options ", 1)[1]  # the description names options too
     for option, default in (("--concepts", "6144"), ("--k", "32"), ("--steps", "2000"), ("--batch-size", "4096"),
                             ("--lr", "0.0003"), ("--encoder", "mlp_bn"), ("--loss", "l1"), ("--aux", "auxk"),
                             ("--seed", "0"), ("--checkpoint-every", "500")):

@@ -1,0 +1,63 @@
+"""`usae ... --help` as a first-time user reads it at 80 columns: no type placeholders of Typer's
+(`<bool>` after a flag, `<str>`, `{run}`), values named by what they take, and `usae train
+--help` short enough to read."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from app.cli import cli
+
+
+def _commands(group, path=()):
+    """Every command's words (`("user", "add")`) under `group`, groups included."""
+    yield path
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _commands(command, (*path, name))
+
+
+COMMANDS = list(_commands(typer.main.get_command(cli)))
+
+
+def _help(*words: str) -> str:
+    result = CliRunner().invoke(cli, [*words, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda words: " ".join(words) or "usae")
+def test_help_shows_no_type_placeholders(words):
+    text = _help(*words)
+    assert not re.search(r"<(bool|str|int|float|path)[^>]*>|list\[", text), text
+    usage = next(line for line in text.splitlines() if "Usage:" in line)
+    assert "{" not in usage, usage
+
+
+def test_values_are_named_by_what_they_take():
+    flat = " ".join(_help("train").split())
+    for option, metavar in (("--store", "STORE"), ("--out", "RUN"), ("--init-from", "RUN"), ("--steps", "N"),
+                            ("--lr", "NUMBER"), ("--data-dir", "DIR")):
+        assert f"{option} {metavar} " in flat, option
+    assert "Usage: usae mine [OPTIONS] RUN " in " ".join(_help("mine").split())
+    flat = " ".join(_help("extract").split())
+    assert "--weights NAME=PATH " in flat and "--grid HxW " in flat and "--images FOLDER " in flat
+
+
+def test_flags_off_by_default_are_one_switch_and_those_on_keep_their_off_switch():
+    demo = _help("demo")
+    assert "--small" in demo and "--no-small" not in demo
+    assert "--no-serve" in demo and "--no-open" in demo
+    refused = CliRunner().invoke(cli, ["demo", "--no-small"])
+    assert refused.exit_code == 2 and "No such option" in refused.output
+
+
+def test_train_help_fits_on_a_screen():
+    """It was 121 lines at 80 columns, most of them --resume's and --init-from's explanations
+    wrapped into a column 22 characters wide."""
+    text = _help("train")
+    assert len(text.splitlines()) <= 50, text
+    assert "docs/formats.md" in text  # where the details went
