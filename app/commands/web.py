@@ -182,9 +182,15 @@ def _worker(host: str, port: int, server: int) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-Password = Annotated[Optional[str], typer.Option(
-    help="Password; when omitted, prompted for (hidden, twice), or read as one line from standard input when "
-         "that is not a terminal (`printf '%s\\n' \"$PW\" | usae user add NAME`: kept out of the process list).")]
+def _password_option(command: str):
+    """--password of `usae user COMMAND`, whose help shows that command reading it from standard input."""
+    return Annotated[Optional[str], typer.Option(
+        help="Password; when omitted, prompted for (hidden, twice), or read as one line from standard input when "
+             f"that is not a terminal (`printf '%s\\n' \"$PW\" | usae user {command} NAME`: kept out of the process "
+             "list).")]
+
+
+AddPassword, NewPassword = _password_option("add"), _password_option("set-password")
 
 
 def _stdin_is_a_terminal() -> bool:
@@ -219,7 +225,7 @@ def _accounts(data_dir: Path | None, *, create: bool = False) -> Iterator[Sessio
 @user_cli.command("add")
 def user_add_cmd(
     name: Annotated[str, typer.Argument(help="User name (letters, digits, '.', '_', '@', '-').")],
-    password: Password = None,
+    password: AddPassword = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create an analyst account."""
@@ -234,7 +240,7 @@ def user_add_cmd(
 @user_cli.command("set-password")
 def user_set_password_cmd(
     name: Annotated[str, typer.Argument(help="User name of an existing analyst.")],
-    password: Password = None,
+    password: NewPassword = None,
     data_dir: DataDir = None,
 ) -> None:
     """Give an analyst a new password; their open sessions end."""

@@ -61,3 +61,11 @@ def test_train_help_fits_on_a_screen():
     text = _help("train")
     assert len(text.splitlines()) <= 50, text
     assert "docs/formats.md" in text  # where the details went
+
+
+def test_each_password_option_shows_its_own_command_reading_standard_input():
+    """`usae user set-password --help` showed `... | usae user add NAME`, copied from `user add`."""
+    for command in ("add", "set-password"):
+        flat = " ".join(_help("user", command).replace("│", " ").split())
+        example = re.search(r"`printf '%s\\n' \"\$PW\" \| (usae user [a-z-]+ NAME)`", flat)
+        assert example and example.group(1) == f"usae user {command} NAME", flat
