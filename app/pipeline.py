@@ -27,7 +27,8 @@ DEMO_USER = "analyst"
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo flavour. `small` must finish in about two minutes on 2 CPU cores."""
+    """Sizes of one demo flavour. `small` must finish in about two minutes on 2 CPU cores of an
+    otherwise idle machine."""
 
     name: str
     small: bool

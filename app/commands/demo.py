@@ -14,7 +14,7 @@ from app.settings import settings_for
 
 
 def demo_cmd(
-    small: Annotated[bool, typer.Option(help="A few hundred images: about two minutes on 2 CPU cores.")] = False,
+    small: Annotated[bool, typer.Option(help="A few hundred images: about two minutes on 2 CPU cores of an otherwise idle machine.")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the explorer when done.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",

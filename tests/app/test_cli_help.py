@@ -69,3 +69,9 @@ def test_each_password_option_shows_its_own_command_reading_standard_input():
         flat = " ".join(_help("user", command).replace("│", " ").split())
         example = re.search(r"`printf '%s\\n' \"\$PW\" \| (usae user [a-z-]+ NAME)`", flat)
         assert example and example.group(1) == f"usae user {command} NAME", flat
+
+
+def test_demo_small_says_its_two_minutes_need_an_idle_machine():
+    """As README and docs/benchmarks.md measured it: on a busy machine it takes longer."""
+    flat = " ".join(_help("demo").replace("│", " ").split())
+    assert "about two minutes on 2 CPU cores of an otherwise idle machine" in flat, flat
