@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from app.commands.core import DataDir
-from app.paths import resolve_run, resolve_store
+from app.commands.core import DataDir, store_of_run
+from app.paths import resolve_run
 from app.settings import settings_for
 from usae_core.errors import UsaeError
 
@@ -43,10 +42,7 @@ def cam_cmd(
     _check_writable_folder(folder)  # before minutes of optimisation, not after
     if not (run_dir / CONFIG_FILE).is_file():
         raise UsaeError(not_a_run_message(run_dir))
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
-    store_path = resolve_store(store, settings) if store else config.get("store")
-    if not store_path:
-        raise UsaeError(f"{run_dir} does not say which store it was trained on; pass --store")
+    store_path = store_of_run(store, run_dir, settings)
     activations = ActivationStore.open(store_path)
     dev = resolve_device(device)
     usae = USAE.from_pretrained(run_dir, map_location=dev).eval()

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.paths import resolve_run, resolve_store
-from app.settings import settings_for
+from app.settings import Settings, settings_for
 from usae_core.config import TrainConfig, USAEConfig
 from usae_core.errors import UsaeError
 
@@ -134,9 +134,14 @@ def _train_settings(given: dict, device: str, saved: dict | None) -> TrainConfig
     return TrainConfig.from_dict({**kept, **given, "device": device})  # from_dict: a run of the old warm-up too
 
 
+RunStore = Annotated[Optional[str], typer.Option(
+    "--store", help="Activation store (path or name; default: the one the run was trained on).")]
+"""--store of a command on a trained run: optional, the run's config.json names its store (`store_of_run`)."""
+
+
 def eval_cmd(
     run: Annotated[str, typer.Argument(help="Run directory (path or name).")],
-    store: Annotated[Optional[str], typer.Option("--store", help="Activation store (path or name; default: the one the run was trained on).")] = None,
+    store: RunStore = None,
     tau: Annotated[float, typer.Option(help="Firing threshold.")] = 0.1,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     per_concept: Annotated[bool, typer.Option(help="With --json, include per-concept arrays.")] = False,
@@ -154,12 +159,18 @@ def eval_cmd(
     settings = settings_for(data_dir)
     run_dir = resolve_run(run, settings)
     model = USAE.from_pretrained(run_dir)
-    st = ActivationStore.open(resolve_store(store, settings) if store is not None else trained_store(run_dir))
+    st = ActivationStore.open(store_of_run(store, run_dir, settings))
     res = evaluate_usae(model, st, tau=tau, device=resolve_device(device), progress=not as_json)
     if as_json:
         typer.echo(json.dumps(res.to_dict() if per_concept else res.summary(), indent=2))
         return
     print_eval(res)
+
+
+def store_of_run(store: str | None, run_dir: Path, settings: Settings) -> Path:
+    """The store a command on the run `run_dir` reads: --store (a path or name) where given, else
+    the one the run was trained on."""
+    return resolve_store(store, settings) if store is not None else trained_store(run_dir)
 
 
 def trained_store(run_dir: Path) -> Path:

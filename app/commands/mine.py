@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
-from app.commands.core import DataDir
-from app.paths import resolve_run, resolve_store
+from app.commands.core import DataDir, RunStore, store_of_run
+from app.paths import resolve_run
 from app.settings import settings_for
 
 
 def mine_cmd(
     run: Annotated[str, typer.Argument(help="Run directory (path or name under DATA_DIR/runs).")],
-    store: Annotated[str, typer.Option("--store", help="Activation store (path or name under DATA_DIR/stores).")],
+    store: RunStore = None,
     top_n: Annotated[int, typer.Option("--top-n", help="Top images kept per concept per model.")] = 16,
     tau: Annotated[float, typer.Option(help="Firing threshold.")] = 0.1,
     batch_images: Annotated[int, typer.Option(help="Images encoded at once.")] = 64,
@@ -39,7 +39,7 @@ def mine_cmd(
     dev = resolve_device(device)
     run_dir = resolve_run(run, settings)
     model = USAE.from_pretrained(run_dir, map_location=dev)
-    st = ActivationStore.open(resolve_store(store, settings))
+    st = ActivationStore.open(store_of_run(store, run_dir, settings))
     upgrade_database(settings.db_url)
     out = mine_run(settings.db_url, settings.media_dir, run_dir, st, model, cfg=cfg, device=str(dev),
                    batch_concepts=batch_concepts, progress=True)

@@ -45,7 +45,7 @@ def runs_list_cmd(data_dir: DataDir = None) -> None:
         labelled = dict(session.execute(select(Concept.run_id, func.count()).where(Concept.label != "")
                                         .group_by(Concept.run_id)).all())
     if not runs:
-        typer.echo("no runs yet; `usae mine RUN --store STORE` adds one (or `usae demo`)")
+        typer.echo("no runs yet; `usae mine RUN` adds one (or `usae demo`)")
         return
     rows = [("id", "name", "status", "concepts", "labelled", "mined", "models")]
     rows += [(str(r.id), r.name, r.status, f"{r.n_concepts:,}", f"{labelled.get(r.id, 0):,}",

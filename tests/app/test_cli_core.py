@@ -278,19 +278,21 @@ def test_train_help_still_shows_the_built_in_defaults():
         assert f"default: {default}" in after, (option, after)
 
 
-def test_eval_reads_the_store_from_the_run_unless_given(tmp_path, npy):
-    """`usae eval RUN` required --store although the run's config.json names it."""
+@pytest.mark.parametrize("command", ["eval", "mine"])
+def test_eval_and_mine_read_the_store_from_the_run_unless_given(tmp_path, npy, command):
+    """`usae eval RUN` and `usae mine RUN` required --store although the run's config.json names it."""
     store, run = _store_for_training(tmp_path, npy), tmp_path / "run"
     assert _run("train", "--store", store, "--out", run, "--concepts", "16", "--k", "2", "--steps", "5",
                 "--batch-size", "64", "--device", "cpu").exit_code == 0
-    result = _run("eval", run, "--device", "cpu", "--json")
+    common = ("--device", "cpu", "--data-dir", tmp_path / "data")
+    result = _run(command, run, *common)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["models"] == ["resnet", "dino"]
+    assert ("R² self" if command == "eval" else "mined run run: 16 concepts") in result.output
 
     moved = store.rename(tmp_path / "moved")
-    result = _run("eval", run, "--device", "cpu")
+    result = _run(command, run, *common)
     assert isinstance(result.exception, UsaeError), result.output
     assert str(result.exception) == (f"the store {run} was trained on, {store.resolve()}, is no longer there "
                                      "(moved or deleted?); pass --store")
-    result = _run("eval", run, "--store", moved, "--device", "cpu", "--json")
+    result = _run(command, run, "--store", moved, *common)
     assert result.exit_code == 0, result.output
