@@ -117,9 +117,11 @@ def load_backbone(model: str, info: dict) -> object:
         return (f"The store does not record which backbone produced {model} (its activations were imported), "
                 "so new images cannot be run through it.")
     try:
-        from usae_core.backbones import create_backbone
+        from usae_core.backbones import recorded_backbone
 
-        return create_backbone(name, layer=info.get("layer")).eval()
+        # The weights file the extraction read, where it read a local one: the hub's or cache's
+        # copy of the name may be other weights, or missing offline.
+        return recorded_backbone(model, info)
     except (UsaeError, ImportError, OSError, RuntimeError) as exc:
         log.warning("backbone %s for %s unavailable: %s", name, model, exc)
         return f"The backbone {name} could not be loaded: {exc}"

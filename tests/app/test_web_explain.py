@@ -189,3 +189,29 @@ def test_request_bodies_are_limited_before_they_are_read(seeded):
         # Within the body limit, the upload limit itself still answers in words.
         r = client.post("/explain", data=upload, files={"image": ("a.png", _image_bytes("PNG", size=(400, 400)))})
         assert r.status_code == 422 and "the limit is" in r.text
+
+
+def test_explain_and_cam_load_the_weights_file_the_extraction_read(tmp_path):
+    """A store extracted with `--weights PATH` records that file; the explorer's backbones (the
+    explain page, CAM jobs) load it, where they rebuilt the backbone by name and got the hub's
+    weights (or, offline, none), and a file that has gone is named."""
+    from safetensors.torch import save_file
+
+    from app.services.explain import load_backbone
+    from usae_core.extract import extract_store
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.open(io.BytesIO(_image_bytes(seed=i))).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    save_file(create_backbone("timm:test_vit", random_init=True).model.state_dict(), tmp_path / "vit.safetensors")
+    vit = create_backbone("timm:test_vit", weights=str(tmp_path / "vit.safetensors"))
+    store = extract_store(folder, [vit], tmp_path / "store", device="cpu", num_workers=0, progress=False)
+    info = store.model_info("test_vit")
+
+    loaded = load_backbone("test_vit", info)
+    assert not isinstance(loaded, str), loaded
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vit.state_dict().values()))
+    (tmp_path / "vit.safetensors").unlink()
+    assert "vit.safetensors, which are no longer there" in load_backbone("test_vit", info)

@@ -7,9 +7,10 @@ from usae_core.backbones.registry import (
     create_backbone,
     default_backbones,
     list_backbones,
+    recorded_backbone,
     register_backbone,
     store_backbones,
 )
 
 __all__ = ["Backbone", "BackboneEntry", "create_backbone", "default_backbones", "list_backbones",
-           "register_backbone", "store_backbones"]
+           "recorded_backbone", "register_backbone", "store_backbones"]

@@ -119,29 +119,32 @@ def store_backbones(store, models: Sequence[str] | None = None, *,
     if unknown:
         raise UsaeError(f"the store has no model {', '.join(sorted(set(unknown)))} "
                         f"(it has {', '.join(store.model_names)})")
-    built = {}
-    for model in names:
-        info = store.model_info(model)
-        registry_name = info.get("registry_name")
-        if not registry_name:
-            raise UsaeError(f"the store records no backbone for {model!r} (its activations were imported); "
-                            "build that backbone yourself, e.g. with create_backbone")
-        recorded = str(info.get("weights") or "")
-        path = weights.get(model)
-        if path is None and recorded == RANDOM_INIT:
-            raise UsaeError(f"{model!r} was extracted with random weights ({registry_name}, random_init), which were "
-                            "not saved: rebuilding it would give other weights. Use the Backbone objects the store "
-                            "was extracted with, or pass weights={" + repr(model) + ": PATH}")
-        if path is None and Path(recorded).is_absolute():
-            if not Path(recorded).exists():
-                raise UsaeError(f"{model!r} was extracted with the weights {recorded}, which are no longer there; "
-                                "pass weights={" + repr(model) + ": PATH} with where they are now")
-            path = recorded
-        backbone = create_backbone(registry_name, weights=path, layer=info.get("layer"))
-        expected = (info.get("dim"), list(info.get("native_grid") or []))
-        if (backbone.dim, list(backbone.native_grid)) != expected:
-            raise UsaeError(f"{registry_name} (layer {backbone.layer}) gives {backbone.dim}-dim tokens on a "
-                            f"{backbone.native_grid} grid, but the store's {model!r} has {expected[0]}-dim tokens on "
-                            f"{tuple(expected[1])}; is it the same model and layer?")
-        built[model] = backbone.eval()
-    return built
+    return {model: recorded_backbone(model, store.model_info(model), weights=weights.get(model)) for model in names}
+
+
+def recorded_backbone(model: str, info: Mapping[str, object], *, weights: str | None = None) -> Backbone:
+    """One store model's backbone, rebuilt from what the store records of it (`info`:
+    `store.model_info(model)`, which a run also keeps), in eval mode on the CPU; see
+    `store_backbones` for the rules. `weights` overrides the recorded weights."""
+    registry_name = info.get("registry_name")
+    if not registry_name:
+        raise UsaeError(f"the store records no backbone for {model!r} (its activations were imported); "
+                        "build that backbone yourself, e.g. with create_backbone")
+    recorded = str(info.get("weights") or "")
+    path = weights
+    if path is None and recorded == RANDOM_INIT:
+        raise UsaeError(f"{model!r} was extracted with random weights ({registry_name}, random_init), which were "
+                        "not saved: rebuilding it would give other weights. Use the Backbone objects the store "
+                        "was extracted with, or pass weights={" + repr(model) + ": PATH}")
+    if path is None and Path(recorded).is_absolute():
+        if not Path(recorded).exists():
+            raise UsaeError(f"{model!r} was extracted with the weights {recorded}, which are no longer there; "
+                            "pass weights={" + repr(model) + ": PATH} with where they are now")
+        path = recorded
+    backbone = create_backbone(str(registry_name), weights=path, layer=info.get("layer"))
+    dim, grid = info.get("dim"), info.get("native_grid")  # checked where recorded
+    if (dim is not None and backbone.dim != dim) or (grid and list(backbone.native_grid) != list(grid)):
+        raise UsaeError(f"{registry_name} (layer {backbone.layer}) gives {backbone.dim}-dim tokens on a "
+                        f"{backbone.native_grid} grid, but the store's {model!r} has {dim}-dim tokens on "
+                        f"{tuple(grid or ())}; is it the same model and layer?")
+    return backbone.eval()
