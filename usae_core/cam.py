@@ -143,9 +143,9 @@ class CamResult:
 
 # ----------------------------------------------------------------------------- the fixed magnitude
 def _photos() -> list[np.ndarray]:
-    from usae_core.demo_images import PHOTOS
+    from usae_core.demo_images import photo
 
-    return [np.asarray(PHOTOS[name](), dtype=np.uint8) for name in NATURAL_PHOTOS]
+    return [np.asarray(photo(name), dtype=np.uint8) for name in NATURAL_PHOTOS]
 
 
 def _square(photo: np.ndarray, side: int, top: int, left: int, size: int) -> np.ndarray:

@@ -283,17 +283,18 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
 
 
 @lru_cache(maxsize=None)
-def _photo(name: str) -> np.ndarray:
+def photo(name: str) -> np.ndarray:
+    """One of the photos that ship in packages (PHOTOS), uint8 `[H, W, 3]`, read once per process."""
     return np.ascontiguousarray(PHOTOS[name]())
 
 
 def photo_crop(name: str, rng: np.random.Generator) -> np.ndarray:
     """A random square crop (35-100% of the shorter side), maybe mirrored, at SIZE px."""
-    photo = _photo(name)
-    h, w = photo.shape[:2]
+    pixels = photo(name)
+    h, w = pixels.shape[:2]
     side = int(min(h, w) * rng.uniform(0.35, 1.0))
     top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    crop = Image.fromarray(pixels[top : top + side, left : left + side]).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(crop)
@@ -377,7 +378,7 @@ def build_demo_set(out_dir: str | Path, seed: int = 0, small: bool = False, *, n
                         "(--overwrite only replaces a demo set)")
     workers = workers or min(8, os.cpu_count() or 1)
     for name in PHOTOS:  # load once here; forked workers inherit the cache
-        _photo(name)
+        photo(name)
     records: dict[str, dict] = {}
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / DEMO_IMAGES).mkdir()

@@ -50,6 +50,7 @@ from app.services.runs import register_run, run_media_folders, training_curve
 from app.services.runs_view import mining_owner
 from usae_core import render
 from usae_core.atomic import atomic_path
+from usae_core.errors import UsaeError
 from usae_core.mining import DefectMasks, MiningConfig, MiningResult, mine_store, top_image_heatmaps
 
 log = logging.getLogger(__name__)
@@ -183,14 +184,10 @@ def _ensure_concepts(s: Session, run_id: int, n_concepts: int) -> None:
 
 def store_defect_masks(store) -> DefectMasks | None:
     """Defect masks of a demo image set, when the store's images are one."""
-    from usae_core.images import defect_types, load_masks
-
-    root = store.meta.get("image_root")
-    types = defect_types(root) if root and Path(root).is_dir() else []
-    if not types:
+    try:
+        return DefectMasks.from_store(store)
+    except UsaeError:  # not a demo set: mined without masks
         return None
-    image_ids = store.image_ids
-    return DefectMasks(types, lambda index: load_masks(root, image_ids[index]))
 
 
 class _ImageViews:
