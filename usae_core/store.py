@@ -9,9 +9,11 @@ format is documented in docs/formats.md.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import shutil
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -371,6 +373,10 @@ class ActivationStore:
             self._image_ids = json.loads((self.root / "image_ids.json").read_text())
         return self._image_ids
 
+    @cached_property
+    def _index_of_id(self) -> dict[str, int]:
+        return {image_id: i for i, image_id in enumerate(self.image_ids)}
+
     # ----------------------------------------------------------------- raw access
     def shard(self, model: str, index: int) -> np.ndarray:
         """Memory-mapped `[shard_tokens, dim]` array in storage dtype."""
@@ -386,15 +392,29 @@ class ActivationStore:
                                 "to rewrite it") from None
         return self._mmaps[key]
 
-    def image_tokens(self, model: str, image_index: int) -> np.ndarray:
-        """float32 `[tokens, dim]` activations of one image (0 <= image_index < n_images)."""
+    def image_tokens(self, model: str, image: int | str) -> np.ndarray:
+        """float32 `[tokens, dim]` activations of one image: its index (0 <= image < n_images)
+        or its id (`image_ids`, the path relative to the image folder)."""
+        image_index = self._image_index(image)
         if not 0 <= image_index < self.n_images:
-            raise UsaeError(f"image_index {image_index} is outside the store's {self.n_images} images "
+            raise UsaeError(f"image {image_index} is outside the store's {self.n_images} images "
                             f"(0 to {self.n_images - 1})")
         span = span_of_image(self.spans, image_index)
         t = self.tokens_per_image
         local = image_index - span.start
         return from_storage(self.shard(model, span.index)[local * t : (local + 1) * t], self.dtype)
+
+    def _image_index(self, image: int | str) -> int:
+        if isinstance(image, str):
+            if image not in self._index_of_id:
+                example = f", e.g. {self.image_ids[0]!r}" if self.image_ids else ""
+                raise UsaeError(f"the store has no image {image!r} (image ids are paths relative to the image "
+                                f"folder{example})")
+            return self._index_of_id[image]
+        try:
+            return operator.index(image)
+        except TypeError:
+            raise UsaeError(f"an image is an index or an image id (str), not {type(image).__name__}") from None
 
     def iter_images(
         self, batch_images: int = 64, models: Sequence[str] | None = None

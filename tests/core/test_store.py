@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import os
 from pathlib import Path
 
@@ -34,8 +35,17 @@ def test_import_round_trips_in_image_order(tmp_path):
     np.testing.assert_array_equal(store.image_tokens("b", 13), arrays["b"][13])
     np.testing.assert_array_equal(store.image_tokens("a", 19), arrays["a"][19])  # the last
     for outside in (20, -1):  # refused like everything the library refuses, not an IndexError or a wrap-around
-        with pytest.raises(UsaeError, match=f"image_index {outside} is outside the store's 20 images"):
+        with pytest.raises(UsaeError, match=f"image {outside} is outside the store's 20 images"):
             store.image_tokens("a", outside)
+    # By image id too (what pages, the top images and a folder listing name), and np.int64 indices.
+    ids = store.image_ids
+    np.testing.assert_array_equal(store.image_tokens("a", ids[13]), arrays["a"][13])
+    np.testing.assert_array_equal(store.image_tokens("b", np.int64(7)), arrays["b"][7])
+    with pytest.raises(UsaeError, match=r"the store has no image 'nope.png' \(image ids are paths relative to the "
+                                        rf"image folder, e\.g\. '{re.escape(ids[0])}'\)"):
+        store.image_tokens("a", "nope.png")
+    with pytest.raises(UsaeError, match="an image is an index or an image id"):
+        store.image_tokens("a", 1.5)
     seen = []
     for start, batch in store.iter_images(batch_images=4):
         np.testing.assert_array_equal(batch["a"], arrays["a"][start : start + len(batch["a"])])
@@ -396,7 +406,7 @@ def test_readers_of_a_store_with_shards_of_different_sizes(tmp_path):
     assert [s.n_images for s in store.spans] == [5, 6, 1]
     for i in range(12):
         np.testing.assert_array_equal(store.image_tokens("b", i), kept["b"][i])
-    with pytest.raises(UsaeError, match="image_index 12 is outside the store's 12 images"):
+    with pytest.raises(UsaeError, match="image 12 is outside the store's 12 images"):
         store.image_tokens("a", 12)
     starts = []
     for start, batch in store.iter_images(batch_images=4):
