@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 from usae_core.errors import UsaeError
 
@@ -24,3 +28,19 @@ def resolve_device(spec: str | torch.device) -> torch.device:
             raise UsaeError(f"--device {spec} (device={str(spec)!r}): this machine has {torch.cuda.device_count()} "
                             "CUDA device(s), numbered from 0")
     return device
+
+
+@contextmanager
+def borrowed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """`model` on `device` in eval mode for the block, then back on the device and in the mode it
+    came in: a library call must not leave a caller's model elsewhere (its next CPU tensor would
+    meet a GPU model). A model already on `device` is not copied."""
+    home = next((p.device for p in model.parameters()), None)
+    training = model.training
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        if home is not None:
+            model.to(home)
+        model.train(training)

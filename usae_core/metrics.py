@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from usae_core.devices import resolve_device
+from usae_core.devices import borrowed, resolve_device
 from usae_core.errors import UsaeError
 from usae_core.store import ActivationStore
 
@@ -165,20 +165,27 @@ def check_tau(tau: float) -> None:
         raise UsaeError(f"--tau (the firing threshold) must be a number >= 0, got {tau}")
 
 
-@torch.no_grad()
-def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, device: str | torch.device = "cpu",
+def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, device: str | torch.device = "auto",
                   max_images: int | None = None, progress: bool = False) -> EvalResult:
     """One streaming pass over the store (an ActivationStore, or the path of one): R^2 matrix,
-    L0, and per-concept firing statistics."""
-    from tqdm.auto import tqdm
-
+    L0, and per-concept firing statistics. The model computes on `device` ("auto": a GPU when
+    there is one) and is handed back where and as it was."""
     store = ActivationStore.of(store)
     check_tau(tau)
     if max_images is not None and max_images < 1:  # 0 read as "no limit" evaluated the whole store
         raise UsaeError(f"max_images must be >= 1 (or None for every image), got {max_images}")
     model.check_store(store)
     device = resolve_device(device)
-    model = model.to(device).eval()
+    with borrowed(model, device):
+        return _evaluate(model, store, tau=tau, batch_images=batch_images, device=device, max_images=max_images,
+                         progress=progress)
+
+
+@torch.no_grad()
+def _evaluate(model, store: ActivationStore, *, tau: float, batch_images: int, device: torch.device,
+              max_images: int | None, progress: bool) -> EvalResult:
+    from tqdm.auto import tqdm
+
     names = model.names
     m, c = len(names), model.cfg.n_concepts
     r2 = [[R2Accumulator(store.dims[t]) for t in names] for _ in names]

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from usae_core.devices import resolve_device
+from usae_core.devices import borrowed, resolve_device
 from usae_core.errors import UsaeError
 from usae_core.host_copy import SideStreamUpload, read_rows
 from usae_core.images import defect_types, load_masks
@@ -306,16 +306,22 @@ def _defect_coverage(masks: DefectMasks, first: int, n: int, grid: tuple[int, in
     return torch.from_numpy(cov.reshape(n * grid[0] * grid[1], -1)).to(device)
 
 
-@torch.no_grad()
-def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | torch.device = "cpu",
+def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | torch.device = "auto",
                masks: DefectMasks | None = None, progress: bool = False) -> MiningResult:
     """Stream the store (an ActivationStore, or the path of one) once and gather everything per
-    concept (see the module docstring)."""
+    concept (see the module docstring). The model computes on `device` ("auto": a GPU when
+    there is one) and is handed back where and as it was."""
     cfg = cfg or MiningConfig()
     store = ActivationStore.of(store)
     device = resolve_device(device)
     model.check_store(store)
-    model = model.to(device).eval()
+    with borrowed(model, device):
+        return _mine(model, store, cfg, device, masks, progress)
+
+
+@torch.no_grad()
+def _mine(model, store: ActivationStore, cfg: MiningConfig, device: torch.device, masks: DefectMasks | None,
+          progress: bool) -> MiningResult:
     names = list(model.names)
     t = store.tokens_per_image
     acc = _Accumulators(model, store, cfg, device, len(masks.defect_types) if masks else 0)
@@ -443,17 +449,23 @@ def nearest_concepts(model, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.n
 # --------------------------------------------------------------------------- heatmaps
 
 
-@torch.no_grad()
 def top_image_heatmaps(model, store, result: MiningResult, concepts: Sequence[int], cfg: MiningConfig | None = None,
-                       *, device: str | torch.device = "cpu") -> dict[tuple[int, int, int], np.ndarray]:
+                       *, device: str | torch.device = "auto") -> dict[tuple[int, int, int], np.ndarray]:
     """Per-token heatmaps of the top images of `concepts`: `{(model_index, concept, rank): [gh, gw]}`.
 
     Only the images in those top lists are re-encoded, a batch at a time, so memory follows
-    len(concepts) x top_n, not the store (an ActivationStore, or the path of one)."""
+    len(concepts) x top_n, not the store (an ActivationStore, or the path of one). The model
+    is handed back where and as it was (called in a loop, move it to `device` first)."""
     cfg = cfg or MiningConfig()
     store = ActivationStore.of(store)
     device = resolve_device(device)
-    model = model.to(device).eval()
+    with borrowed(model, device):
+        return _heatmaps(model, store, result, concepts, cfg, device)
+
+
+@torch.no_grad()
+def _heatmaps(model, store: ActivationStore, result: MiningResult, concepts: Sequence[int], cfg: MiningConfig,
+              device: torch.device) -> dict[tuple[int, int, int], np.ndarray]:
     t, grid = store.tokens_per_image, store.grid
     heatmaps: dict[tuple[int, int, int], np.ndarray] = {}
     for i, name in enumerate(model.names):

@@ -50,6 +50,7 @@ from app.services.runs import register_run, run_media_folders, training_curve
 from app.services.runs_view import mining_owner
 from usae_core import render
 from usae_core.atomic import atomic_path
+from usae_core.devices import resolve_device
 from usae_core.errors import UsaeError
 from usae_core.mining import DefectMasks, MiningConfig, MiningResult, mine_store, top_image_heatmaps
 
@@ -106,6 +107,7 @@ def mine_run(url: str, media_dir: Path, run_dir: Path, store, model, *, cfg: Min
     """Mine `model` (the USAE of `run_dir`) over `store` into the database at `url`."""
     cfg = cfg or MiningConfig()
     started = time.monotonic()
+    model.to(resolve_device(device))  # once: the library hands a model back where it found it
     Session = session_factory(url)
     ids = _start_generation(Session, media_dir, run_dir, store, model, cfg)
     report = on_progress or (lambda fraction, message: None)

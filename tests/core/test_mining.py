@@ -366,3 +366,23 @@ def test_low_precision_stores_decode_like_the_core_reader(tmp_path, planted, dty
     assert np.array_equal(res.stats.fire_counts, ev.fire_counts)
     np.testing.assert_allclose(res.stats.code_sums, ev.code_sums, rtol=1e-5)
     assert res.top_images[:, planted.concept, :3].tolist() == [planted.images] * 3
+
+
+def test_evaluation_and_mining_hand_the_model_back_as_it_was(tmp_path):
+    """They compute on their device in eval mode and give the caller's model back on its device
+    and in its mode (a notebook's model was left in eval mode, and on a GPU box on the GPU)."""
+    from usae_core.devices import borrowed
+    from usae_core.metrics import evaluate_usae
+    from usae_core.mining import mine_store, top_image_heatmaps
+
+    store = import_activations(tmp_path / "s", {"a": np.random.default_rng(0).standard_normal((4, 9, 6), np.float32),
+                                                "b": np.random.default_rng(1).standard_normal((4, 9, 5), np.float32)})
+    torch.manual_seed(0)
+    model = USAE(USAEConfig(model_dims={"a": 6, "b": 5}, n_concepts=16, k=2)).train()
+    for call in (lambda: evaluate_usae(model, store, device="cpu"),
+                 lambda: top_image_heatmaps(model, store, mine_store(model, store, device="cpu"), [0, 1], device="cpu")):
+        call()
+        assert model.training and all(p.device.type == "cpu" for p in model.parameters())
+    with borrowed(model, torch.device("cpu")) as inside:
+        assert inside is model and not model.training
+    assert model.training
