@@ -458,14 +458,14 @@ def _validate(usae: USAE, backbones: Mapping[str, Backbone], concept: int,
     return index, out
 
 
-def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Backbone], concept: int, cfg: CamConfig,
-                                        grids: Mapping[str, tuple[int, int]] | None = None,
+def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Backbone], concept: int,
+                                        cfg: CamConfig | None = None, grids: Mapping[str, tuple[int, int]] | None = None,
                                         on_step: Callable[[str, int, int], None] | None = None,
                                         ) -> dict[str, CamResult]:
     """One image per model (keys of `backbones` = USAE model names) for the same concept.
 
     `concept` is an index into the USAE's code: a Python int, or a NumPy or one-element tensor
-    integer as `argmax` returns.
+    integer as `argmax` returns. `cfg` defaults to `CamConfig()`.
     Every model's image starts from the same phase and sees the same crop boxes at every step
     (`cfg.seed`); the noise comes from the same seed too, identical between models of the same
     input size.
@@ -474,6 +474,7 @@ def coordinated_activation_maximization(usae: USAE, backbones: Mapping[str, Back
     step, `step` counting from 1 to `total = cfg.steps`. The USAE and the backbones are moved to
     `cfg.device` (and stay there), put in eval mode and their parameters get no gradients; their
     training flags and requires_grad are restored afterwards."""
+    cfg = cfg or CamConfig()
     # "auto" picks here; a GPU that is not there is a UsaeError, not torch's from the first move
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))
     concept, grid_of = _validate(usae, backbones, concept, grids)

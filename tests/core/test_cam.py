@@ -409,3 +409,20 @@ def test_the_photos_behind_the_magnitude_are_read_once_per_process(monkeypatch):
     finally:
         demo_images.photo.cache_clear()
         cam.colour_statistics.cache_clear()
+
+
+def test_cam_without_a_config_runs_the_default_one(planted):
+    """`cfg` may be left out: CAM then runs CamConfig() (its steps are what on_step counts to)."""
+    usae, backbones = planted
+    totals = []
+
+    class Stop(Exception):
+        pass
+
+    def first_step(model: str, step: int, total: int) -> None:
+        totals.append((step, total))
+        raise Stop
+
+    with pytest.raises(Stop):
+        coordinated_activation_maximization(usae, {"coarse": backbones["coarse"]}, RED, on_step=first_step)
+    assert totals == [(1, CamConfig().steps)]
