@@ -415,3 +415,23 @@ def test_store_backbones_refuse_a_backbone_that_is_not_the_stores(tmp_path):
     assert store.dims == {"test_vit": 32}
     with pytest.raises(UsaeError, match=r"cannot load .*narrow\.safetensors"):  # timm's default width, 64
         store_backbones(store)
+
+
+@pytest.mark.parametrize("name, suggested", [
+    ("resnet50", "did you mean torchvision:resnet50 or timm:resnet50?"),  # a family's model without its prefix
+    ("vit_base_patch16_224", "did you mean timm:vit_base_patch16_224?"),
+    ("mobilenetv2", "did you mean mobilenet_v2 or "),  # the embedded backbone before a family's look-alike
+    ("hed_vgg", "did you mean hed_vgg16?"),
+    ("timm:vit_small_patch14_dino", "did you mean vit_small_patch14_dinov2 or "),  # timm's own typo
+    ("torchvision:resnet5", "did you mean resnet50 or "),
+])
+def test_a_mistyped_backbone_name_gets_the_closest_names(name, suggested):
+    with pytest.raises(UsaeError) as caught:
+        create_backbone(name, random_init=True)
+    assert suggested in str(caught.value)
+
+
+def test_a_name_like_nothing_gets_no_suggestion():
+    with pytest.raises(UsaeError) as caught:
+        create_backbone("zzz", random_init=True)
+    assert "did you mean" not in str(caught.value) and "known: efficientnet_lite0" in str(caught.value)

@@ -7,10 +7,11 @@ name ("timm:vit_small_patch14_dinov2" -> "vit_small_patch14_dinov2") as its firs
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from usae_core.backbones.base import Backbone
 from usae_core.errors import UsaeError
@@ -30,6 +31,8 @@ class BackboneEntry:
     default_layer: str
     default: bool = False
     """Part of the embedded default set (real weights that ship inside packages)."""
+    model_names: Callable[[], Sequence[str]] | None = None
+    """A pattern's known model names (what follows its prefix), for suggestions on a typo."""
 
     @property
     def is_pattern(self) -> bool:
@@ -40,13 +43,16 @@ _REGISTRY: dict[str, BackboneEntry] = {}
 
 
 def register_backbone(name: str, *, family: str, description: str, find_weights: Callable[[], str | None],
-                      default_layer: str = "", default: bool = False) -> Callable[[Factory], Factory]:
-    """Decorator: register `factory(**options) -> Backbone` (patterns: `factory(rest, **options)`)."""
+                      default_layer: str = "", default: bool = False,
+                      model_names: Callable[[], Sequence[str]] | None = None) -> Callable[[Factory], Factory]:
+    """Decorator: register `factory(**options) -> Backbone` (patterns: `factory(rest, **options)`;
+    `model_names()` lists what may follow the pattern's prefix, for suggestions)."""
 
     def wrap(factory: Factory) -> Factory:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is registered twice")
-        _REGISTRY[name] = BackboneEntry(name, family, description, factory, find_weights, default_layer, default)
+        _REGISTRY[name] = BackboneEntry(name, family, description, factory, find_weights, default_layer, default,
+                                        model_names)
         return factory
 
     return wrap
@@ -72,7 +78,35 @@ def _lookup(name: str) -> tuple[BackboneEntry, str | None]:
         if entry.is_pattern and name.startswith(prefix) and len(name) > len(prefix):
             return entry, name[len(prefix):]
     known = ", ".join(e.name for e in list_backbones())
-    raise UsaeError(f"unknown backbone {name!r}; known: {known}")
+    raise UsaeError(f"unknown backbone {name!r}{_suggestion(name)}; known: {known}")
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """"; did you mean A or B?" naming the candidates closest to a mistyped `name`, or ""."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _suggestion(name: str) -> str:
+    """For an unknown name: the families that have it as a model (`resnet50` is
+    `torchvision:resnet50`), else the closest registered or family names."""
+    families = {}
+    for entry in _REGISTRY.values():
+        if entry.is_pattern and entry.model_names is not None:
+            try:
+                families[entry.name[:-1]] = set(entry.model_names())
+            except ImportError:  # a family whose package is not installed suggests nothing
+                continue
+    exact = [prefix + name for prefix, names in families.items() if name in names]
+    if exact:
+        return f"; did you mean {' or '.join(exact)}?"
+    bare = name.split(":", 1)[-1]
+    candidates = {}
+    for prefix, names in families.items():
+        candidates.update({model: prefix + model for model in names})
+    candidates.update({e.name: e.name for e in _REGISTRY.values() if not e.is_pattern})  # the embedded ones first
+    close = difflib.get_close_matches(bare, list(candidates), n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(candidates[c] for c in close)}?" if close else ""
 
 
 def create_backbone(name: str, weights: str | None = None, layer: str | None = None, random_init: bool = False,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from usae_core.backbones.base import Backbone, can_download, missing_weights_error, run_to_layer
-from usae_core.backbones.registry import register_backbone
+from usae_core.backbones.registry import did_you_mean, register_backbone
 from usae_core.errors import UsaeError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def build_timm(model_name: str, *, weights: str | None, random_init: bool, layer
 
     name = f"timm:{model_name}"
     if not timm.is_model(model_name.split(".")[0]):
-        raise UsaeError(f"timm has no model {model_name!r} (see timm.list_models())")
+        raise UsaeError(f"timm has no model {model_name!r}{did_you_mean(model_name, timm.list_models())} "
+                        "(see timm.list_models())")
     kwargs = {"num_classes": 0, **(model_kwargs or {})}
     cfg = timm.models.get_pretrained_cfg(model_name.split(".")[0])
     if cfg is not None and cfg.fixed_input_size:
@@ -124,7 +125,13 @@ def build_timm(model_name: str, *, weights: str | None, random_init: bool, layer
                         input_size=input_size)
 
 
-@register_backbone("timm:*", family="timm", find_weights=lambda: None, default_layer=FINAL,
+def _timm_models() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+@register_backbone("timm:*", family="timm", find_weights=lambda: None, default_layer=FINAL, model_names=_timm_models,
                    description="any timm model (vit_small_patch14_dinov2, vit_base_patch16_siglip_224, "
                                "vit_base_patch16_224, convnext_tiny ...); weights from the HF cache or --weights")
 def timm_any(model_name: str, *, weights: str | None = None, layer: str | None = None, random_init: bool = False,

@@ -25,7 +25,7 @@ from usae_core.backbones.base import (
     missing_weights_error,
     run_to_layer,
 )
-from usae_core.backbones.registry import register_backbone
+from usae_core.backbones.registry import did_you_mean, register_backbone
 from usae_core.errors import UsaeError
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ def build_torchvision(arch: str, *, name: str, weights: str | None, random_init:
     """Construct `arch`, load its weights (local file, cache, or download) and wrap it."""
     import torchvision
 
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise UsaeError(f"torchvision has no classification model {arch!r}")
+    if arch not in _classifiers():
+        raise UsaeError(f"torchvision has no classification model {arch!r}{did_you_mean(arch, _classifiers())}")
     model = torchvision.models.get_model(arch, weights=None)
     if random_init:
         source = "random-init"
@@ -158,7 +158,14 @@ def _load_from_hub(model: nn.Module, arch: str, name: str) -> str:
     raise missing_weights_error(name, f"{target} (downloaded from {default.url} when online)")
 
 
+def _classifiers() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 @register_backbone("torchvision:*", family=FAMILY, find_weights=lambda: None, default_layer="stride-16 stage",
+                   model_names=_classifiers,
                    description="any torchvision classifier (resnet50, mobilenet_v3_large, efficientnet_b0, "
                                "convnext_tiny, vit_b_16 ...); weights from the torch hub cache or --weights")
 def torchvision_any(arch: str, *, weights: str | None = None, layer: str | None = None, random_init: bool = False,
