@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -157,7 +158,19 @@ def check_port(host: str, port: int) -> None:
     try:
         _bound_socket(host, port, share=False).close()
     except OSError as exc:
-        raise UsaeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise UsaeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{_listen_hint(exc.errno, port)}") from None
+
+
+def _listen_hint(code: int | None, port: int) -> str:
+    """What to do about the OSError `code` of binding the server's address."""
+    if code == errno.EADDRINUSE:
+        return (f"; another server (a `usae serve` or `usae demo` still running?) has that port: stop it, or "
+                f"pass another, e.g. --port {port + 1 if port < 65535 else 8000}")
+    if code == errno.EACCES:
+        return "; ports below 1024 need root: pass --port 1024 or above, e.g. --port 8000"
+    if code == errno.EADDRNOTAVAIL:
+        return "; no network interface of this machine has that address: check --host (0.0.0.0 for every one)"
+    return ""
 
 
 def _worker(host: str, port: int, server: int) -> None:

@@ -51,7 +51,7 @@ def test_a_firing_threshold_must_be_a_number_at_least_zero(tau):
 
 def test_a_busy_port_is_refused_before_the_banner_and_before_the_demo_builds_anything(tmp_path):
     """`serve --workers 1` let uvicorn fail with its own log after the banner; the demo found out
-    only after minutes of extraction and training."""
+    only after minutes of extraction and training. The message says what to do: --port."""
     import socket
 
     held = socket.socket()
@@ -64,6 +64,7 @@ def test_a_busy_port_is_refused_before_the_banner_and_before_the_demo_builds_any
             result = CliRunner().invoke(cli, [*args, "--port", str(port), "--data-dir", str(data)])
             assert isinstance(result.exception, UsaeError), (args, result.output)
             assert str(result.exception).startswith(f"cannot listen on 127.0.0.1:{port}: "), args
+            assert str(result.exception).endswith(f"stop it, or pass another, e.g. --port {port + 1}"), args
             assert "USAE Concept Explorer on" not in result.output and not data.exists(), args
     finally:
         held.close()
