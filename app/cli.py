@@ -126,6 +126,9 @@ def main() -> None:
     use_fast_pinning()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # upgrade_database says in one line what it did
+    # The job queue's start-up lines ("Periodic tasks are disabled.", "The following commands are
+    # available: ...") and one per task taken: its warnings and errors still show.
+    logging.getLogger("huey").setLevel(logging.WARNING)
     try:
         cli()
     except UsaeError as exc:

@@ -304,3 +304,32 @@ def test_a_killed_server_leaves_no_process_taking_jobs(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     job = _job(data_dir, job_id)
     assert job.status == "failed" and "worker stopped" in job.message, job.message
+
+
+def test_the_job_worker_leaves_out_the_queues_start_up_lines(tmp_path):
+    """Every `usae serve` and `usae demo` start printed Huey's INFO lines ("Periodic tasks are
+    disabled.", "The following commands are available: + app.jobs.run_job"). The worker, taking
+    a job whose row is gone, still logs what it did with it."""
+    from app.jobs import enqueue_job
+    from app.migrations import upgrade_database
+    from app.settings import Settings
+    from tests.conftest import restore_ctrl_c
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=None)
+    upgrade_database(settings.db_url)
+    enqueue_job(settings, 424242)  # no such job row: the worker takes it and says there is nothing to do
+    log = tmp_path / "worker.log"
+    with open(log, "w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--data-dir", str(settings.data_dir)],
+                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=restore_ctrl_c)
+    try:
+        _wait_until(lambda: "job 424242: nothing to do" in log.read_text(), what="the worker to take the job")
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    text = log.read_text()
+    for line in ("Huey consumer started", "Periodic tasks are", "The following commands are available"):
+        assert line not in text, text
