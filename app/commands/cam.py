@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from app.commands.core import DataDir, store_of_run
-from app.paths import resolve_run
+from app.commands.core import DataDir, existing_run, store_of_run
 from app.settings import settings_for
 from usae_core.errors import UsaeError
 
@@ -37,7 +36,7 @@ def cam_cmd(
     from usae_core.devices import resolve_device
 
     settings = settings_for(data_dir)
-    run_dir = resolve_run(run, settings)
+    run_dir = existing_run(run, settings)
     folder = out or run_dir / "cam" / f"concept-{concept}"
     _check_writable_folder(folder)  # before minutes of optimisation, not after
     if not (run_dir / CONFIG_FILE).is_file():

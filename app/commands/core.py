@@ -82,9 +82,9 @@ def train_cmd(
     from usae_core.train import TrainingInterrupted, resume_config, train_usae
 
     settings = settings_for(data_dir)
-    st = ActivationStore.open(resolve_store(store, settings))
+    st = ActivationStore.open(existing_store(store, settings))
     run_dir = resolve_run(out, settings)
-    source = resolve_run(init_from, settings) if init_from is not None else None
+    source = existing_run(init_from, settings) if init_from is not None else None
     # Options left out are the resumed run's, else (the shape) --init-from's, else the built-in
     # defaults: a user need not repeat them. Given, they are checked against the run or source.
     saved = resume_config(run_dir) if resume else None
@@ -157,7 +157,7 @@ def eval_cmd(
     if per_concept and not as_json:
         raise UsaeError("--per-concept adds arrays to the JSON output: pass --json too")
     settings = settings_for(data_dir)
-    run_dir = resolve_run(run, settings)
+    run_dir = existing_run(run, settings)
     model = USAE.from_pretrained(run_dir)
     st = ActivationStore.open(store_of_run(store, run_dir, settings))
     res = evaluate_usae(model, st, tau=tau, device=resolve_device(device), progress=not as_json)
@@ -170,7 +170,28 @@ def eval_cmd(
 def store_of_run(store: str | None, run_dir: Path, settings: Settings) -> Path:
     """The store a command on the run `run_dir` reads: --store (a path or name) where given, else
     the one the run was trained on."""
-    return resolve_store(store, settings) if store is not None else trained_store(run_dir)
+    return existing_store(store, settings) if store is not None else trained_store(run_dir)
+
+
+def existing_run(run: str, settings: Settings) -> Path:
+    """The run a command reads, named by a path or a name under DATA_DIR/runs (`resolve_run`)."""
+    return _in_data_dir(resolve_run(run, settings), settings, "run")
+
+
+def existing_store(store: str, settings: Settings) -> Path:
+    """The store a command reads, named by a path or a name under DATA_DIR/stores (`resolve_store`)."""
+    return _in_data_dir(resolve_store(store, settings), settings, "store")
+
+
+def _in_data_dir(path: Path, settings: Settings, what: str) -> Path:
+    """`path`; UsaeError naming the data directory when `path` is in one that is not there (a name
+    looked up with the wrong --data-dir, or outside the folder that holds ./usae-data), where the
+    next step would say only that there is no such run or store."""
+    data_dir = settings.data_dir
+    if not path.exists() and data_dir in path.parents and not data_dir.exists():
+        raise UsaeError(f"there is no data directory at {data_dir.resolve()} (looking for the {what} {path.name} "
+                        "in it): check --data-dir (or USAE_DATA_DIR), or run this in the folder you ran `usae demo` in")
+    return path
 
 
 def trained_store(run_dir: Path) -> Path:

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from app.commands.core import DataDir, RunStore, store_of_run
-from app.paths import resolve_run
+from app.commands.core import DataDir, RunStore, existing_run, store_of_run
 from app.settings import settings_for
 
 
@@ -37,7 +36,7 @@ def mine_cmd(
     settings = settings_for(data_dir)
     cfg = MiningConfig(top_n=top_n, tau=tau, batch_images=batch_images)
     dev = resolve_device(device)
-    run_dir = resolve_run(run, settings)
+    run_dir = existing_run(run, settings)
     model = USAE.from_pretrained(run_dir, map_location=dev)
     st = ActivationStore.open(store_of_run(store, run_dir, settings))
     upgrade_database(settings.db_url)

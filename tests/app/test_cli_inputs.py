@@ -113,3 +113,18 @@ def test_listing_a_data_directory_that_is_not_there_refuses_instead_of_making_it
     assert not typo.exists()
     made = CliRunner().invoke(cli, ["user", "add", "first", "--password", "long-enough-1", "--data-dir", str(typo)])
     assert made.exit_code == 0 and (typo / "usae.db").exists()  # adding the first analyst may make it
+
+
+def test_a_run_or_store_named_in_a_missing_data_directory_says_the_directory_is_missing(tmp_path, monkeypatch):
+    """`usae eval demo` outside the folder holding ./usae-data said only "there is no USAE run at
+    usae-data/runs/demo", as if the run were missing, not the whole data directory."""
+    monkeypatch.delenv("USAE_DATABASE_URL", raising=False)
+    typo = tmp_path / "usae-dta"
+    for args, what in ((["eval", "demo"], "run demo"), (["mine", "demo"], "run demo"),
+                       (["cam", "demo", "--concept", "0"], "run demo"),
+                       (["train", "--store", "demo", "--out", "run"], "store demo")):
+        result = CliRunner().invoke(cli, [*args, "--data-dir", str(typo)])
+        assert isinstance(result.exception, UsaeError), (args, result.output)
+        assert str(result.exception).startswith(
+            f"there is no data directory at {typo} (looking for the {what} in it): check --data-dir"), args
+    assert not typo.exists()
