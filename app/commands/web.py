@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 import typer
 
 from app.commands.core import DataDir
-from app.settings import existing_data_for, settings_for
+from app.settings import Settings, existing_data_for, settings_for
 from usae_core.errors import UsaeError
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def serve_cmd(
 
     settings = settings_for(data_dir)
     check_port(host, port)
+    new = not settings.data_dir.exists()
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
     warning = plain_http_warning(host, settings.secure_cookies)
     if warning:
@@ -54,6 +55,9 @@ def serve_cmd(
     # The job worker migrates as it starts: migrate first, so it never races the server to create
     # the tables of a new database.
     upgrade_database(settings.db_url)
+    warning = empty_explorer_warning(settings, new=new)
+    if warning:
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     refreshed = refresh_stale_cards(session_factory(settings.db_url))
     if refreshed:
         typer.echo(f"re-rendered {refreshed:,} concept cards of an older card template")
@@ -75,6 +79,36 @@ def plain_http_warning(host: str, secure_cookies: bool) -> str | None:
         return None
     return (f"warning: serving on {host} with session cookies that are also sent over plain HTTP. Put the "
             "explorer behind HTTPS (a reverse proxy) and set USAE_SECURE_COOKIES=true.")
+
+
+def empty_explorer_warning(settings: Settings, *, new: bool) -> str | None:
+    """A warning when nobody can sign in (no analyst accounts) or there is nothing to explore (no
+    runs): typically `usae serve` run outside the folder `usae demo` ran in, which serves a new,
+    empty data directory where the demo's login does not work. Serving goes on (a new deployment,
+    docker's included, starts this way), so the warning says how to fix it."""
+    from sqlalchemy import func, select
+
+    from app.db import session_factory
+    from app.models import Run, User
+
+    with session_factory(settings.db_url)() as session:
+        runs = session.scalar(select(func.count()).select_from(Run))
+        analysts = session.scalar(select(func.count()).select_from(User).where(User.is_active))
+    if runs and analysts:
+        return None
+    where = settings.data_dir.resolve()
+    held = ("its database (USAE_DATABASE_URL)" if settings.database_url else
+            f"the new data directory {where}" if new else f"the data directory {where}")
+    add_analyst = f"`usae user add NAME --data-dir {where}`"
+    if runs:
+        return f"warning: {held} has no analyst accounts, so nobody can sign in: add one with {add_analyst}"
+    demo = ("For `usae demo`'s results, run `usae serve` in the folder the demo ran in, or pass --data-dir "
+            "with the demo's usae-data folder")
+    add_run = f"`usae mine RUN --data-dir {where}`"
+    if analysts:
+        return f"warning: {held} has no runs: the explorer is empty. {demo}; to add a run here: {add_run}."
+    return (f"warning: {held} has no runs and no analyst accounts (nobody can sign in). {demo}; to start "
+            f"here: {add_analyst} (an analyst), then {add_run} (a run).")
 
 
 def _serve(settings, host: str, port: int, workers: int) -> None:

@@ -333,3 +333,47 @@ def test_the_job_worker_leaves_out_the_queues_start_up_lines(tmp_path):
     text = log.read_text()
     for line in ("Huey consumer started", "Periodic tasks are", "The following commands are available"):
         assert line not in text, text
+
+
+def test_serve_says_when_its_data_directory_is_new_with_nobody_to_sign_in(tmp_path):
+    """`usae serve` outside the folder holding the demo's ./usae-data made a new, empty data
+    directory and served it without a word, where the demo's login then failed with only "user
+    name and password do not match". It still serves (a new deployment starts so), and says why
+    nothing is there and how to fix it."""
+    new, port = tmp_path / "new" / "usae-data", _free_port()
+    with open(tmp_path / "serve.log", "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", "1", "--no-job-worker",
+                                   "--port", str(port), "--data-dir", str(new)], cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        _wait_until(lambda: _get(port) == 200, what="the server")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    flat = " ".join(_log(tmp_path).split())
+    assert (f"warning: the new data directory {new} has no runs and no analyst accounts (nobody can sign in). "
+            "For `usae demo`'s results, run `usae serve` in the folder the demo ran in, or pass --data-dir") in flat
+    assert f"`usae user add NAME --data-dir {new}` (an analyst)" in flat
+
+
+def test_the_warning_says_what_is_missing_and_nothing_once_there_is_a_run_and_an_analyst(tmp_path):
+    from app.commands.web import empty_explorer_warning
+    from app.db import session_factory
+    from app.migrations import upgrade_database
+    from app.models import Run
+    from app.settings import Settings
+    from tests.app.seed import create_analyst
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=None)
+    upgrade_database(settings.db_url)
+    where = settings.data_dir.resolve()
+    assert empty_explorer_warning(settings, new=False).startswith(
+        f"warning: the data directory {where} has no runs and no analyst accounts (nobody can sign in)")
+    with session_factory(settings.db_url).begin() as session:
+        session.add(Run(name="r", run_dir=str(tmp_path / "run"), store_dir="", n_concepts=8, k=2, status="mined"))
+    assert empty_explorer_warning(settings, new=False) == (
+        f"warning: the data directory {where} has no analyst accounts, so nobody can sign in: add one with "
+        f"`usae user add NAME --data-dir {where}`")
+    with session_factory(settings.db_url).begin() as session:
+        create_analyst(session)
+    assert empty_explorer_warning(settings, new=False) is None
