@@ -65,9 +65,23 @@ class DemoResult:
 Echo = Callable[[str], None]
 
 
+class DemoInterrupted(KeyboardInterrupt):
+    """Ctrl+C during a stage of the demo; the message names the stage and how to continue (the
+    library's own, about `usae train --resume` or `usae extract`, do not apply to `usae demo`)."""
+
+    def __init__(self, stage: str):
+        then = ", and the training continues from its newest checkpoint" if stage.endswith(" train") else ""
+        super().__init__(f"usae demo interrupted in [{stage}]; run the same command again to continue: the stages "
+                         f"it finished are reused{then}")
+        self.stage = stage
+
+
 def _timed(stages: list[StageReport], echo: Echo, name: str, fn: Callable[[], tuple[str, bool]]) -> None:
     start = time.perf_counter()
-    summary, reused = fn()
+    try:
+        summary, reused = fn()
+    except KeyboardInterrupt as exc:
+        raise DemoInterrupted(name) from exc
     report = StageReport(name, time.perf_counter() - start, summary, reused)
     stages.append(report)
     echo(f"[{name}] {'reused: ' if reused else ''}{summary} ({report.seconds:.0f} s)")

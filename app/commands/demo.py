@@ -23,12 +23,17 @@ def demo_cmd(
     data_dir: DataDir = None,
 ) -> None:
     """Build the demo images, extract 3 offline backbones, train the USAE, mine it, and serve the explorer."""
-    from app.pipeline import run_demo
+    from app.pipeline import DemoInterrupted, run_demo
 
     settings = settings_for(data_dir)
     if serve:
         check_port(host, port)  # now, not after minutes of extraction and training
-    result = run_demo(settings, small=small, device=device, echo=typer.echo)
+    try:
+        result = run_demo(settings, small=small, device=device, echo=typer.echo)
+    except KeyboardInterrupt as exc:  # Ctrl+C: one line on where it stopped and how to go on, exit 130 as usual
+        message = str(exc) if isinstance(exc, DemoInterrupted) else "usae demo interrupted; run it again to continue"
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     total = sum(s.seconds for s in result.stages)
     typer.echo(f"done in {total:.0f} s: run {result.run_dir}")
     if result.password:

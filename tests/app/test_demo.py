@@ -138,6 +138,47 @@ def test_a_training_rebuild_cut_short_is_continued_not_started_again(demo, monke
     assert any(line.startswith("[4/4 mine]") and "reused" not in line for line in lines), lines  # re-mined
 
 
+def test_ctrl_c_says_which_stage_stopped_and_the_same_command_continues(demo, tmp_path):
+    """Ctrl+C in `usae demo` exited 130 without a word. Interrupted in a retraining after its first
+    checkpoint, it names the stage in one line; the same command then continues the training."""
+    import json
+    import os
+    import signal
+    import time
+
+    from tests.conftest import restore_ctrl_c
+
+    data_dir, _ = demo
+    config = data_dir / "runs" / "demo-small" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["usae"]["n_concepts"] += 1  # the finished run no longer matches the plan: it is trained again
+    config.write_text(json.dumps(saved))
+    command = [sys.executable, "-m", "app.cli", "demo", "--small", "--no-serve", "--data-dir", str(data_dir)]
+    checkpoints = data_dir / "runs" / ".demo-small.replacing" / "checkpoints"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=err, preexec_fn=restore_ctrl_c)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(checkpoints.glob("step-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-2000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert lines == ["usae demo interrupted in [3/4 train]; run the same command again to continue: the stages it "
+                     "finished are reused, and the training continues from its newest checkpoint"], stderr[-2000:]
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert re.search(r"\[3/4 train\] .*\(continued an interrupted training\)", again.stdout), again.stdout
+
+
 def test_a_store_extracted_from_another_seeds_images_is_not_reused(demo, monkeypatch, tmp_path):
     """Each seed has its own image folder, so going back to a seed whose images are current
     must still extract again when the store was made from another seed's images."""
