@@ -661,20 +661,28 @@ def trained_store(run: str | os.PathLike) -> ActivationStore:
     path (open it where it is now with `ActivationStore.open`). A store that holds other
     activations than the run was trained on (extracted again in the same place) opens with a warning."""
     run = Path(run)
+    path = trained_store_path(run, "open it where it is now with ActivationStore.open(path)")
+    store = ActivationStore.open(path)
+    if json.loads((run / CONFIG_FILE).read_text()).get("store_fingerprint") not in (None, store_fingerprint(store)):
+        log.warning("the store at %s holds other activations than %s was trained on (extracted again?)", path, run)
+    return store
+
+
+def trained_store_path(run: str | os.PathLike, instead: str) -> Path:
+    """Where a run's config.json says its store is (`trained_store` opens it; the CLI's optional
+    --store defaults to it). UsaeError when `run` is no finished run, records no store, or the
+    store is no longer there: `instead` says what to do then ("pass --store")."""
+    run = Path(run)
     try:
         saved = json.loads((run / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         raise UsaeError(not_a_run_message(run)) from None
     recorded = saved.get("store") if isinstance(saved, dict) else None
     if not isinstance(recorded, str) or not recorded:
-        raise UsaeError(f"{run} does not record the store it was trained on; open it with ActivationStore.open(path)")
+        raise UsaeError(f"{run} does not record the store it was trained on; {instead}")
     if not Path(recorded).exists():
-        raise UsaeError(f"the store {run} was trained on, {recorded}, is no longer there (moved or deleted?); "
-                        "open it where it is now with ActivationStore.open(path)")
-    store = ActivationStore.open(recorded)
-    if saved.get("store_fingerprint") not in (None, store_fingerprint(store)):
-        log.warning("the store at %s holds other activations than %s was trained on (extracted again?)", recorded, run)
-    return store
+        raise UsaeError(f"the store {run} was trained on, {recorded}, is no longer there (moved or deleted?); {instead}")
+    return Path(recorded)
 
 
 def resume_config(out: str | os.PathLike) -> dict | None:

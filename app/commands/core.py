@@ -170,7 +170,9 @@ def eval_cmd(
 def store_of_run(store: str | None, run_dir: Path, settings: Settings) -> Path:
     """The store a command on the run `run_dir` reads: --store (a path or name) where given, else
     the one the run was trained on."""
-    return existing_store(store, settings) if store is not None else trained_store(run_dir)
+    from usae_core.train import trained_store_path
+
+    return existing_store(store, settings) if store is not None else trained_store_path(run_dir, "pass --store")
 
 
 def existing_run(run: str, settings: Settings) -> Path:
@@ -192,23 +194,6 @@ def _in_data_dir(path: Path, settings: Settings, what: str) -> Path:
         raise UsaeError(f"there is no data directory at {data_dir.resolve()} (looking for the {what} {path.name} "
                         "in it): check --data-dir (or USAE_DATA_DIR), or run this in the folder you ran `usae demo` in")
     return path
-
-
-def trained_store(run_dir: Path) -> Path:
-    """The store a run was trained on, as its config.json records it (for commands whose --store
-    is optional); UsaeError, saying to pass --store, when it names none or the store is gone."""
-    from usae_core.model import CONFIG_FILE
-
-    try:
-        recorded = json.loads((run_dir / CONFIG_FILE).read_text()).get("store")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if not isinstance(recorded, str) or not recorded:
-        raise UsaeError(f"{run_dir} does not say which store it was trained on; pass --store")
-    if not Path(recorded).exists():
-        raise UsaeError(f"the store {run_dir} was trained on, {recorded}, is no longer there (moved or deleted?); "
-                        "pass --store")
-    return Path(recorded)
 
 
 def print_eval(res) -> None:
