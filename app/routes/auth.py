@@ -62,7 +62,7 @@ def _login_form(request: Request, session: Session, *, next_url: str, username: 
                 status_code: int = 200) -> HTMLResponse:
     # A server started on an empty data directory (`usae serve` run away from the demo's folder)
     # has no accounts: say so, where a failed sign-in would only say the password is wrong.
-    no_accounts = not session.scalar(select(exists().where(User.id.is_not(None))))
+    no_accounts = not session.scalar(select(exists().where(User.is_active)))
     return render(request, Viewer(urls=ANALYST_URLS), "login.html", status_code=status_code, next_url=next_url,
                   username=username, error=error, no_accounts=no_accounts)
 
