@@ -355,7 +355,7 @@ def demo_set_is_current(out_dir: str | Path, seed: int = 0, small: bool = False,
 
 
 def build_demo_set(out_dir: str | Path, seed: int = 0, small: bool = False, *, n_images: int | None = None,
-                   workers: int | None = None, overwrite: bool = False, progress: bool = False) -> Path:
+                   workers: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Write the demo set to `out_dir` (atomically) and return its path.
 
     An existing set built with the same parameters is reused; a different one needs `overwrite`."""

@@ -166,7 +166,7 @@ def check_tau(tau: float) -> None:
 
 
 def evaluate_usae(model, store, *, tau: float = 0.1, batch_images: int = 32, device: str | torch.device = "auto",
-                  max_images: int | None = None, progress: bool = False) -> EvalResult:
+                  max_images: int | None = None, progress: bool = True) -> EvalResult:
     """One streaming pass over the store (an ActivationStore, or the path of one): R^2 matrix,
     L0, and per-concept firing statistics. The model computes on `device` ("auto": a GPU when
     there is one) and is handed back where and as it was."""

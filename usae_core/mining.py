@@ -307,7 +307,7 @@ def _defect_coverage(masks: DefectMasks, first: int, n: int, grid: tuple[int, in
 
 
 def mine_store(model, store, cfg: MiningConfig | None = None, *, device: str | torch.device = "auto",
-               masks: DefectMasks | None = None, progress: bool = False) -> MiningResult:
+               masks: DefectMasks | None = None, progress: bool = True) -> MiningResult:
     """Stream the store (an ActivationStore, or the path of one) once and gather everything per
     concept (see the module docstring). The model computes on `device` ("auto": a GPU when
     there is one) and is handed back where and as it was."""

@@ -386,3 +386,17 @@ def test_evaluation_and_mining_hand_the_model_back_as_it_was(tmp_path):
     with borrowed(model, torch.device("cpu")) as inside:
         assert inside is model and not model.training
     assert model.training
+
+
+def test_long_passes_show_their_progress_unless_told_not_to(tmp_path, capsys):
+    """Evaluation and mining stream the whole store: like training and extraction they show a
+    progress bar by default (a notebook sat silent through them)."""
+    store = import_activations(tmp_path / "s", {"a": np.random.default_rng(0).standard_normal((4, 9, 6), np.float32)})
+    model = USAE(USAEConfig(model_dims={"a": 6}, n_concepts=8, k=2))
+    evaluate_usae(model, store, device="cpu")
+    mine_store(model, store, device="cpu")
+    err = capsys.readouterr().err
+    assert "eval: 100%" in err and "mine: 100%" in err
+    evaluate_usae(model, store, device="cpu", progress=False)
+    mine_store(model, store, device="cpu", progress=False)
+    assert capsys.readouterr().err == ""
