@@ -25,10 +25,12 @@ def all_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_same_seed_gives_the_same_bytes(demo, tmp_path):
+def test_same_seed_gives_the_same_bytes(demo, tmp_path, capsys):
     again = build_demo_set(tmp_path / "again", seed=3, n_images=N, workers=1)  # serial vs. 2 processes
     assert all_bytes(again) == all_bytes(demo)
-    other = build_demo_set(tmp_path / "other", seed=4, n_images=N, workers=2)
+    assert "100%" in capsys.readouterr().err  # a progress bar by default
+    other = build_demo_set(tmp_path / "other", seed=4, n_images=N, workers=2, progress=False)
+    assert capsys.readouterr().err == ""
     differing = [k for k, v in all_bytes(other).items() if k.startswith("images/") and all_bytes(demo)[k] != v]
     assert len(differing) == N
 
