@@ -50,6 +50,12 @@ def _run_and_concept(session: Session, viewer: Viewer, run_id: int, index: int) 
     return run, concept
 
 
+def _as_seen_by(viewer: Viewer, detail: ConceptDetail) -> ConceptDetail:
+    """A share-link holder sees the label as it is now, never its history: earlier names and
+    descriptions (drafts, internal notes) and who edited them are the analysts' own."""
+    return detail if viewer.share is None else detail.model_copy(update={"history": []})
+
+
 def _browsed_run(session: Session, viewer: Viewer, run_id: int, filters: ConceptFilters) -> Run:
     run = get_run_or_404(session, viewer, run_id)
     if filters.mostly and filters.mostly not in {m.name for m in run.models}:
@@ -109,7 +115,8 @@ def pages(viewer_dep: Any) -> APIRouter:
             view = filters if request.query_params else None
             if view is not None:
                 _browsed_run(session, viewer, run_id, view)
-            detail = concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope, view=view)
+            detail = _as_seen_by(viewer, concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope,
+                                                        view=view))
             return render(request, viewer, "concepts/page.html", nav="runs", detail=detail, draft=None, notice=None,
                           cam_unavailable=cam_unavailable(run.models),
                           view=view if detail.view_position is not None else None)
@@ -160,7 +167,7 @@ def api(viewer_dep: Any) -> APIRouter:
     @router.get("/runs/{run_id}/concepts/{index}", response_model=ConceptDetail, summary="One concept")
     def concept_api(run_id: PathInt, index: PathInt, session: SessionDep, viewer: ViewerDep) -> ConceptDetail:
         run, concept = _run_and_concept(session, viewer, run_id, index)
-        return concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope)
+        return _as_seen_by(viewer, concept_detail(session, run=run, concept=concept, scope=viewer.concept_scope))
 
     return router
 
