@@ -179,6 +179,10 @@ def analyst_pages() -> APIRouter:
     def created_page(request: Request, share_id: PathInt, session: SessionDep, viewer: AnalystViewer):
         """The new link's address, the first time only (the token leaves the session as it is
         shown); afterwards the page says the link exists but its address is not shown again."""
+        if request.headers.get("sec-fetch-site") == "cross-site":
+            # Another site's link (or image) would use up the one showing of a link its creator
+            # just made, within the hand-off's 2 minutes: the creator then never sees the address.
+            return RedirectResponse(f"/shares#share-{share_id}", status_code=303)
         token = _take_handoff(request, session, viewer, share_id)
         created = reveal_share(session, share_id=share_id, creator_id=viewer.user.id,  # type: ignore[union-attr]
                                token=token) if token else None

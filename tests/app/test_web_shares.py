@@ -387,7 +387,14 @@ def test_creating_a_link_redirects_and_a_reload_creates_nothing(web_client, seed
     with session_factory(seeded.settings.db_url)() as session:  # kept sealed for the page, in the database
         handed_off = session.get(ShareLink, share_id).handoff
     assert handed_off
-    shown = web_client.get(r.headers["location"])
+    # Another site's link to the page (the cookie is SameSite=Lax, so it goes along) leaves the
+    # address for the creator's own load.
+    elsewhere = web_client.get(r.headers["location"], headers={"Sec-Fetch-Site": "cross-site"},
+                               follow_redirects=False)
+    assert elsewhere.status_code == 303 and elsewhere.headers["location"] == f"/shares#share-{share_id}"
+    with session_factory(seeded.settings.db_url)() as session:
+        assert session.get(ShareLink, share_id).handoff == handed_off
+    shown = web_client.get(r.headers["location"], headers={"Sec-Fetch-Site": "same-origin"})
     assert shown.status_code == 200 and "<h1>Audit link created</h1>" in shown.text
     token = re.search(r'id="share-url" value="http://testserver/s/([^"]+)"', shown.text).group(1)
     with session_factory(seeded.settings.db_url)() as session:
