@@ -435,3 +435,18 @@ def test_a_name_like_nothing_gets_no_suggestion():
     with pytest.raises(UsaeError) as caught:
         create_backbone("zzz", random_init=True)
     assert "did you mean" not in str(caught.value) and "known: efficientnet_lite0" in str(caught.value)
+
+
+@pytest.mark.parametrize("recorded", ["/elsewhere/.cache/torch/hub/checkpoints/mobilenet_v2-7ebf99e0.pth",
+                                      "/opt/venv/lib/python3.12/site-packages/weights/mobilenet_v2.pth"])
+def test_a_cache_or_package_weights_path_of_another_machine_is_found_again_by_name(recorded):
+    """A store extracted on another machine (or before a container was rebuilt) records that
+    machine's hub-cache or package path; the backbone is rebuilt by name from this machine's,
+    where a user's own weights file that is gone is refused (test above)."""
+    from usae_core.backbones.registry import recorded_backbone
+
+    info = {"registry_name": "mobilenet_v2", "layer": "features.13", "weights": recorded, "dim": 96,
+            "native_grid": [14, 14]}
+    rebuilt = recorded_backbone("mobilenet_v2", info)
+    reference = create_backbone("mobilenet_v2")
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), reference.state_dict().values()))

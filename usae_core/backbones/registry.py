@@ -81,6 +81,32 @@ def _lookup(name: str) -> tuple[BackboneEntry, str | None]:
     raise UsaeError(f"unknown backbone {name!r}{_suggestion(name)}; known: {known}")
 
 
+def _cached_or_packaged(weights: Path) -> bool:
+    """Whether recorded weights are a hub cache's or a package's file rather than one the user
+    gave: those are found again by name on any machine (its own cache or packages), where the
+    extracting machine's path may not exist (another machine, a rebuilt container)."""
+    parts = set(weights.parts)
+    return bool(parts & {".cache", "site-packages", "dist-packages"}) or any(
+        weights.is_relative_to(root) for root in _cache_roots())
+
+
+def _cache_roots() -> list[Path]:
+    roots = []
+    try:
+        import torch.hub
+
+        roots.append(Path(torch.hub.get_dir()))
+    except Exception:  # noqa: BLE001 - no torch hub directory to speak of
+        pass
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        roots.append(Path(HF_HUB_CACHE))
+    except ImportError:
+        pass
+    return roots
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """"; did you mean A or B?" naming the candidates closest to a mistyped `name`, or ""."""
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.75)
@@ -95,7 +121,7 @@ def _suggestion(name: str) -> str:
         if entry.is_pattern and entry.model_names is not None:
             try:
                 families[entry.name[:-1]] = set(entry.model_names())
-            except ImportError:  # a family whose package is not installed suggests nothing
+            except Exception:  # noqa: BLE001 - a family whose package is missing or broken suggests nothing
                 continue
     exact = [prefix + name for prefix, names in families.items() if name in names]
     if exact:
@@ -142,8 +168,9 @@ def store_backbones(store, models: Sequence[str] | None = None, *,
     A store names its models by alias (`timm:vit_small_patch14_dinov2` is `vit_small_patch14_dinov2`
     there, a non-default layer adds `-LAYER`), so `create_backbone(store_model_name)` only works for
     the embedded backbones at their default layer. `models` (default: every model of the store)
-    chooses some. Weights come from the file or folder the extraction recorded when it read a local
-    one, else from where `create_backbone` looks; `weights={model: path}` overrides that. A
+    chooses some. Weights come from the file or folder the extraction recorded when it read one
+    the user gave, else from where `create_backbone` looks (a hub cache's or a package's file is
+    found again by name: that path may be another machine's); `weights={model: path}` overrides that. A
     UsaeError says which model cannot be rebuilt and why: imported activations record no backbone,
     random-init weights were never saved, a recorded weights file that is gone is not replaced by
     other weights, and a rebuilt backbone whose token width or grid differs from the store's is refused."""
@@ -170,7 +197,7 @@ def recorded_backbone(model: str, info: Mapping[str, object], *, weights: str | 
         raise UsaeError(f"{model!r} was extracted with random weights ({registry_name}, random_init), which were "
                         "not saved: rebuilding it would give other weights. Use the Backbone objects the store "
                         "was extracted with, or pass weights={" + repr(model) + ": PATH}")
-    if path is None and Path(recorded).is_absolute():
+    if path is None and Path(recorded).is_absolute() and not _cached_or_packaged(Path(recorded)):
         if not Path(recorded).exists():
             raise UsaeError(f"{model!r} was extracted with the weights {recorded}, which are no longer there; "
                             "pass weights={" + repr(model) + ": PATH} with where they are now")
