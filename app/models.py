@@ -513,6 +513,6 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     worker: Mapped[str | None] = mapped_column(String(300))
-    """The worker process that claimed it: `host/pid-namespace/pid` (see `worker_identity`)."""
+    """The worker process that claimed it: `host/boot/pid-namespace/pid` (see `worker_identity`)."""
 
     creator: Mapped[User | None] = relationship()

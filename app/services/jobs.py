@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
@@ -90,18 +91,21 @@ def cancel_job(session: Session, job_id: int) -> bool:
 
 
 def worker_identity() -> str:
-    """This process as `host/pid-namespace/pid`: a worker whose identity starts with the same
-    `host/pid-namespace` can look the process up (containers may share a host name, never a PID
-    namespace). Off Linux the namespace is `?`, and no worker looks another up."""
+    """This process as `host/boot/pid-namespace/pid`: a worker whose identity starts with the same
+    `host/boot/pid-namespace` can look the process up. The boot id tells machines apart where host
+    names repeat (cloned machines, `hostname:` in compose) and the initial PID namespace looks
+    alike on every Linux machine; the namespace tells containers of one machine apart. Off Linux
+    it is `?`, and no worker looks another up."""
     return f"{_this_machine()}/{os.getpid()}"
 
 
 def _this_machine() -> str:
     try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
     except OSError:
-        namespace = "?"
-    return f"{socket.gethostname()}/{namespace}"
+        return f"{socket.gethostname()}/?"
+    return f"{socket.gethostname()}/{boot}/{namespace}"
 
 
 def _process_gone(worker: str | None) -> bool:

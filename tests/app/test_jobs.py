@@ -128,11 +128,20 @@ def test_a_job_whose_worker_process_is_gone_fails_at_once_and_a_live_ones_does_n
             claim_job(session, job.id)
         session.get(Job, dead.id, populate_existing=True).worker = _gone_process_identity()
         session.commit()
+        # Another machine with the same host name (and the initial PID namespace, alike on every
+        # Linux machine) differs in its boot id: its process is not looked up here.
+        host, boot, namespace, pid = _gone_process_identity().split("/")
+        twin = create_job(session, kind="cam", params={}, run_id=None, user=user)
+        session.commit()
+        claim_job(session, twin.id)
+        session.get(Job, twin.id, populate_existing=True).worker = f"{host}/another-boot/{namespace}/{pid}"
+        session.commit()
         watch = HeartbeatWatch(clock=_Clock())
         assert [j.id for j in fail_interrupted_jobs(session, watch)] == [dead.id]
+        assert session.get(Job, twin.id, populate_existing=True).status == "running"
         session.commit()
         assert session.get(Job, alive.id, populate_existing=True).status == "running"
-        assert list(watch.seen) == [alive.id]
+        assert sorted(watch.seen) == sorted([alive.id, twin.id])
 
 
 def test_a_heartbeat_between_the_look_and_the_failing_keeps_the_job(db_url):

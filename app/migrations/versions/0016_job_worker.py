@@ -1,4 +1,4 @@
-"""Which worker process runs a job (`host/pid-namespace/pid`), so a worker on the same machine
+"""Which worker process runs a job (`host/boot/pid-namespace/pid`), so a worker on the same machine
 can tell at once that a job's process is gone, and workers on other machines judge a silent
 heartbeat by their own clocks instead of comparing another machine's timestamps with theirs.
 
