@@ -132,7 +132,8 @@ def mining_pass(dev: torch.device) -> None:
         store = synthetic_store(Path(tmp) / "s", 300, (4, 4), "float16", shard_images=128, device=torch.device("cpu"))
         torch.manual_seed(0)
         model = USAE(USAEConfig(model_dims=PAPER_DIMS, n_concepts=512, k=8, encoder="mlp_bn")).eval()
-        results = {(d, b): mine_store(model, store, MiningConfig(top_n=8, batch_images=b, autocast=False), device=d)
+        results = {(d, b): mine_store(model, store, MiningConfig(top_n=8, batch_images=b, autocast=False), device=d,
+                                       progress=False)
                    for d, b in (("cpu", 64), (dev, 64), (dev, 7))}
     cpu, gpu, small = results[("cpu", 64)], results[(dev, 64)], results[(dev, 7)]
     for label, other in (("CUDA vs CPU", gpu), ("CUDA batch 7 vs 64", small)):

@@ -105,10 +105,10 @@ def pass_breakdown(model, store, cfg: MiningConfig, device: torch.device, rounds
 
     seconds: dict[str, list[float]] = {"full": [], "compute_only": [], "read_only": []}
     for _ in range(rounds):
-        seconds["full"].append(_timed(device, lambda: mine_store(model, store, cfg, device=device)))
+        seconds["full"].append(_timed(device, lambda: mine_store(model, store, cfg, device=device, progress=False)))
         # The benchmark swaps the batch source; mine_store itself has no such switch.
         with mock.patch.object(mining, "iter_image_batches", compute_only):
-            seconds["compute_only"].append(_timed(device, lambda: mine_store(model, store, cfg, device=device)))
+            seconds["compute_only"].append(_timed(device, lambda: mine_store(model, store, cfg, device=device, progress=False)))
         seconds["read_only"].append(_timed(device, read_only))
     del held
     rates = {}
@@ -143,12 +143,16 @@ def main() -> None:
     store_dir = args.store_dir or Path(tempfile.gettempdir()) / "usae-mine-bench-store"
     store = synthetic_store(store_dir, args.images, (args.grid, args.grid), args.dtype, shard_images=256,
                             device=device)
-    model = USAE(USAEConfig(model_dims=PAPER_DIMS, n_concepts=args.concepts, k=args.k, encoder="mlp_bn")).eval()
+    # On the device before timing: mine_store hands a model back where it found it, so a CPU
+    # model would be copied to the GPU and back inside every timed pass (and the neighbours
+    # below would run on the CPU).
+    model = USAE(USAEConfig(model_dims=PAPER_DIMS, n_concepts=args.concepts, k=args.k,
+                            encoder="mlp_bn")).to(device).eval()
     cfg = MiningConfig(top_n=args.top_n, batch_images=args.batch_images)
 
-    mine_store(model, store, cfg, device=device)  # warm-up: page cache, kernels, allocator
+    mine_store(model, store, cfg, device=device, progress=False)  # warm-up: page cache, kernels, allocator
     results = []
-    seconds = [_timed(device, lambda: results.append(mine_store(model, store, cfg, device=device)))
+    seconds = [_timed(device, lambda: results.append(mine_store(model, store, cfg, device=device, progress=False)))
                for _ in range(args.repeat)]
     result = results[-1]
     pass_s = statistics.median(seconds)
@@ -166,7 +170,7 @@ def main() -> None:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            _timed(device, lambda: mine_store(model, store, cfg, device=device))
+            _timed(device, lambda: mine_store(model, store, cfg, device=device, progress=False))
         prof.export_chrome_trace(str(args.trace))
 
     heatmaps_per_s = None
