@@ -78,6 +78,10 @@ class MiningConfig:
         return np.geomspace(self.hist_min, self.hist_max, self.hist_bins + 1)
 
 
+class NoDefectMasks(UsaeError):
+    """A store whose images are no demo set (or are not there): it has no defect masks."""
+
+
 @dataclass
 class DefectMasks:
     """Where defects are, per image of the store: `load(image_index)` gives
@@ -95,9 +99,10 @@ class DefectMasks:
         root = store.meta.get("image_root")
         types = defect_types(root) if root and Path(root).is_dir() else []
         if not types:
-            where = f"its images ({root})" if root else "it (its activations were imported)"
-            raise UsaeError(f"the store {store.root} has no defect masks: {where} are not a demo set "
-                            "(build_demo_set); mine it without masks")
+            where = (f"its images ({root}) are not a demo set (build_demo_set)" if root and Path(root).is_dir() else
+                     f"the folder it was extracted from ({root}) is not there" if root else
+                     "its activations were imported")
+            raise NoDefectMasks(f"the store {store.root} has no defect masks: {where}; mine it without masks")
         image_ids = store.image_ids
         return cls(types, lambda index: load_masks(root, image_ids[index], types=types))
 

@@ -51,8 +51,7 @@ from app.services.runs_view import mining_owner
 from usae_core import render
 from usae_core.atomic import atomic_path
 from usae_core.devices import resolve_device
-from usae_core.errors import UsaeError
-from usae_core.mining import DefectMasks, MiningConfig, MiningResult, mine_store, top_image_heatmaps
+from usae_core.mining import DefectMasks, MiningConfig, MiningResult, NoDefectMasks, mine_store, top_image_heatmaps
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ def store_defect_masks(store) -> DefectMasks | None:
     """Defect masks of a demo image set, when the store's images are one."""
     try:
         return DefectMasks.from_store(store)
-    except UsaeError:  # not a demo set: mined without masks
+    except NoDefectMasks:  # not a demo set: mined without masks (a broken one is an error)
         return None
 
 

@@ -17,6 +17,7 @@ from usae_core.errors import UsaeError
 from usae_core.metrics import evaluate_usae, r2_score
 from usae_core.mining import (
     DefectMasks,
+    NoDefectMasks,
     MiningConfig,
     batch_bounds,
     mask_grid_coverage,
@@ -225,8 +226,15 @@ def test_defect_masks_of_a_demo_set_store_and_the_concepts_of_a_defect(tmp_path,
     plain = build_planted(tmp_path / "plain", image_files=(48, 64))
     with pytest.raises(UsaeError, match=r"has no defect masks: its images \(.*\) are not a demo set"):
         DefectMasks.from_store(plain.store)
-    with pytest.raises(UsaeError, match=r"activations were imported"):
+    with pytest.raises(NoDefectMasks, match=r"activations were imported"):
         DefectMasks.from_store(build_planted(tmp_path / "imported").store)
+    with pytest.raises(NoDefectMasks):  # the kind of error a caller may take as "mine without masks"
+        DefectMasks.from_store(plain.store)
+    # A demo set whose manifest broke is an error of its own, not "no masks": its defect IoU would vanish unsaid.
+    (Path(planted.store.meta["image_root"]) / "demo.json").write_text("{ not json")
+    with pytest.raises(UsaeError, match=r"demo.json is unreadable") as broken:
+        DefectMasks.from_store(planted.store)
+    assert not isinstance(broken.value, NoDefectMasks)
 
 
 def test_a_cell_shows_a_defect_only_when_the_mask_covers_at_least_a_tenth_of_it(planted) -> None:
