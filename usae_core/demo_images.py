@@ -284,8 +284,11 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
 
 @lru_cache(maxsize=None)
 def photo(name: str) -> np.ndarray:
-    """One of the photos that ship in packages (PHOTOS), uint8 `[H, W, 3]`, read once per process."""
-    return np.ascontiguousarray(PHOTOS[name]())
+    """One of the photos that ship in packages (PHOTOS), uint8 `[H, W, 3]`, read once per process
+    and read-only (every caller shares the array)."""
+    pixels = np.ascontiguousarray(PHOTOS[name]())
+    pixels.setflags(write=False)
+    return pixels
 
 
 def photo_crop(name: str, rng: np.random.Generator) -> np.ndarray:

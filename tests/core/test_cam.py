@@ -406,6 +406,9 @@ def test_the_photos_behind_the_magnitude_are_read_once_per_process(monkeypatch):
         for size in (16, 24):
             cam.photos_mean_magnitude(size)
         assert sorted(reads) == sorted(cam.NATURAL_PHOTOS)
+        shared = demo_images.photo("chelsea")
+        with pytest.raises(ValueError, match="read-only"):  # one array for every caller: none may write it
+            shared[0, 0, 0] = 0
     finally:
         demo_images.photo.cache_clear()
         cam.colour_statistics.cache_clear()
