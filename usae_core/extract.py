@@ -79,7 +79,9 @@ class ExtractTimings:
     loop: float = 0.0
     """From starting the image loader to the last shard written."""
     first_batch: float = 0.0
-    """Until the first batch of decoded images arrived (worker start-up, one batch decoded)."""
+    """Until the first batch of decoded images arrived (worker start-up, one batch decoded). On a
+    GPU the backbones' warm-up on zeros is queued meanwhile and counts here when it takes longer:
+    with --compile, a process's first extraction compiles the backbones in it (seconds)."""
     waiting_for_images: float = 0.0
     """After the first batch: the loop blocked on the image loader."""
     backbones: float = 0.0
