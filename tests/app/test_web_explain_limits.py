@@ -55,8 +55,7 @@ def test_explanations_run_one_at_a_time_and_the_rest_wait_or_are_refused(web_cli
 
     from app.routes import explain
 
-    if hasattr(explain, "ExplainGate"):
-        monkeypatch.setattr(explain, "GATE", explain.ExplainGate(waiting=3, wait_s=30))
+    monkeypatch.setattr(explain, "GATE", explain.ExplainGate(waiting=3, wait_s=30))
     running, most = 0, 0
     lock = threading.Lock()
 
@@ -70,8 +69,7 @@ def test_explanations_run_one_at_a_time_and_the_rest_wait_or_are_refused(web_cli
             running -= 1
         raise explain.UploadRejected("explained (stub)")
 
-    # The work done in a worker thread (named `_explain` before the gate existed).
-    monkeypatch.setattr(explain, "_explain_now" if hasattr(explain, "_explain_now") else "_explain", slow_explain)
+    monkeypatch.setattr(explain, "_explain_now", slow_explain)  # the work done in a worker thread
     headers = {"X-CSRF-Token": web_client.get("/api/auth/csrf").json()["csrf_token"]}
     codes: list[int] = []
 
