@@ -394,6 +394,13 @@ def test_evaluation_and_mining_hand_the_model_back_as_it_was(tmp_path):
     with borrowed(model, torch.device("cpu")) as inside:
         assert inside is model and not model.training
     assert model.training
+    # Where a GPU is asked for, the model goes there and comes back (the moves recorded, not made:
+    # this machine may have no GPU).
+    moves = []
+    model.to = lambda device: moves.append(torch.device(device)) or model
+    with borrowed(model, torch.device("cuda:1")):
+        assert moves == [torch.device("cuda:1")]
+    assert moves == [torch.device("cuda:1"), torch.device("cpu")]
 
 
 def test_long_passes_show_their_progress_unless_told_not_to(tmp_path, capsys):
