@@ -22,13 +22,24 @@ class _ReadableHelp:
     takes its place (typer/core.py, `display_type_rich`). So a flag gets an empty one, a value
     option the kind of value it takes (N, NUMBER, PATH, else its name: `--store STORE`) unless it
     names its own (`--out RUN`), and an argument is its name alone (`RUN`, in the usage line too,
-    where Typer writes `{run}`). A flag that is off by default is only its switch (`--resume`,
-    not also `--no-resume`, which only widened the table)."""
+    where Typer writes `{run}`). A flag that is off by default shows only its switch (`--resume`,
+    not also `--no-resume`, which only widened the table); the off switch is still accepted, so
+    scripts that pass it keep working."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         for param in self.params:
             _readable(param)
+
+    def format_help(self, ctx: typer.Context, formatter) -> None:
+        hidden = [(p, p.secondary_opts) for p in self.get_params(ctx) if getattr(p, "hide_off_switch", False)]
+        for param, _ in hidden:
+            param.secondary_opts = []
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            for param, opts in hidden:
+                param.secondary_opts = opts
 
     def get_help_option(self, ctx: typer.Context) -> TyperOption | None:
         option = super().get_help_option(ctx)
@@ -41,7 +52,7 @@ def _readable(param) -> None:
     if isinstance(param, TyperOption) and (param.is_flag or param.count):
         param.metavar = ""
         if param.default is False and param.secondary_opts == [f"--no-{param.opts[-1].removeprefix('--')}"]:
-            param.secondary_opts = []
+            param.hide_off_switch = True
         return
     if type(param) is TyperArgument:
         param.__class__ = _Argument  # same fields, one method more
