@@ -660,10 +660,9 @@ def trained_store(run: str | os.PathLike) -> ActivationStore:
     UsaeError when `run` is no finished run, records no store, or the store is no longer at that
     path (open it where it is now with `ActivationStore.open`). A store that holds other
     activations than the run was trained on (extracted again in the same place) opens with a warning."""
-    run = Path(run)
-    path = trained_store_path(run, "open it where it is now with ActivationStore.open(path)")
+    path, saved = _store_record(Path(run), "open it where it is now with ActivationStore.open(path)")
     store = ActivationStore.open(path)
-    if json.loads((run / CONFIG_FILE).read_text()).get("store_fingerprint") not in (None, store_fingerprint(store)):
+    if saved.get("store_fingerprint") not in (None, store_fingerprint(store)):
         log.warning("the store at %s holds other activations than %s was trained on (extracted again?)", path, run)
     return store
 
@@ -672,7 +671,11 @@ def trained_store_path(run: str | os.PathLike, instead: str) -> Path:
     """Where a run's config.json says its store is (`trained_store` opens it; the CLI's optional
     --store defaults to it). UsaeError when `run` is no finished run, records no store, or the
     store is no longer there: `instead` says what to do then ("pass --store")."""
-    run = Path(run)
+    return _store_record(Path(run), instead)[0]
+
+
+def _store_record(run: Path, instead: str) -> tuple[Path, dict]:
+    """(the recorded store's path, the run's saved config), as `trained_store_path` says."""
     try:
         saved = json.loads((run / CONFIG_FILE).read_text())
     except (OSError, ValueError):
@@ -682,7 +685,7 @@ def trained_store_path(run: str | os.PathLike, instead: str) -> Path:
         raise UsaeError(f"{run} does not record the store it was trained on; {instead}")
     if not Path(recorded).exists():
         raise UsaeError(f"the store {run} was trained on, {recorded}, is no longer there (moved or deleted?); {instead}")
-    return Path(recorded)
+    return Path(recorded), saved
 
 
 def resume_config(out: str | os.PathLike) -> dict | None:

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,9 @@ def worker_identity() -> str:
     return f"{_this_machine()}/{os.getpid()}"
 
 
+@cache
 def _this_machine() -> str:
+    """Read once per process: every claim and every sweep's look-up needs it."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
@@ -142,7 +145,8 @@ def fail_interrupted_jobs(session: Session, watch: HeartbeatWatch) -> list[Job]:
     a job whose heartbeat moves meanwhile is left running."""
     now = watch.clock()
     running = session.execute(select(Job.id, Job.updated_at, Job.worker).where(Job.status == "running")).all()
-    watch.seen = {job_id: seen for job_id, seen in watch.seen.items() if job_id in {row.id for row in running}}
+    running_ids = {row.id for row in running}
+    watch.seen = {job_id: seen for job_id, seen in watch.seen.items() if job_id in running_ids}
     failed = []
     for job_id, beat, worker in running:
         if not _process_gone(worker):
