@@ -263,8 +263,12 @@ def _check_weights_file(name: str, path: Path) -> None:
                         f"file of that model")
 
 
-def _as_backbones(backbones: Sequence[str | Backbone], weights: Mapping[str, str], layers: Mapping[str, str],
-                  random_init: bool) -> list[Backbone]:
+def build_backbones(backbones: Sequence[str | Backbone], weights: Mapping[str, str] | None = None,
+                    layers: Mapping[str, str] | None = None, random_init: bool = False) -> list[Backbone]:
+    """The backbones an extraction would run, built (weights loaded) and checked to fit one
+    store: callers that have slow work to do first (building the demo set) call this before it,
+    so that a mistyped name or missing weights fail in seconds, and pass the result on."""
+    weights, layers = weights or {}, layers or {}
     _check_model_options(backbones, weights, layers)
     built = []
     for b in backbones:
@@ -515,7 +519,7 @@ def extract_store(
     store_root = Path(out).resolve()
     if store_root.is_relative_to(source.root) or source.root.is_relative_to(store_root):
         raise UsaeError(f"the store {out} and the image folder {source.root} overlap; write the store elsewhere")
-    models = _as_backbones(backbones, weights or {}, layers or {}, random_init)
+    models = build_backbones(backbones, weights, layers, random_init)
     grid = tuple(grid) if grid else min((m.native_grid for m in models), key=lambda g: g[0] * g[1])
     _check_grid(grid, models)
     rank, world_size = rank_and_world_size()

@@ -40,7 +40,7 @@ def extract_cmd(
     grid: Annotated[Optional[str], typer.Option(metavar="HxW", help="Common token grid (default: the smallest native grid).")] = None,
     small: Annotated[bool, typer.Option("--small", help="With --images demo: a few hundred images instead of thousands.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the demo set (default 0).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: up to 8 on GPU; on CPU 0 up to 4 cores, else 2).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="On-disk dtype: float16, bfloat16 or float32.")] = "float16",
@@ -57,7 +57,7 @@ def extract_cmd(
     from usae_core.backbones import default_backbones
     from usae_core.demo_images import build_demo_set
     from usae_core.distributed import distributed_context
-    from usae_core.extract import ExtractInterrupted, ExtractTimings, extract_store
+    from usae_core.extract import ExtractInterrupted, ExtractTimings, build_backbones, extract_store
 
     settings = settings_for(data_dir)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_backbones()
@@ -69,6 +69,9 @@ def extract_cmd(
     seed = seed or 0
     target = resolve_store(out, settings)
     weight_files, layers = parse_assignments(weights, "--weights"), parse_assignments(layer, "--layer")
+    common_grid = parse_grid(grid) if grid else None
+    # Before the demo set (seconds to minutes to build): a mistyped name or missing weights fail first.
+    backbones = build_backbones(names, weight_files, layers, random_init)
     timings = ExtractTimings()
     try:
         with distributed_context(distributed, device=device) as ctx:
@@ -83,9 +86,9 @@ def extract_cmd(
                     torch.distributed.barrier()
                 source = build_demo_set(demo_dir, seed=seed, small=small)
             store = extract_store(
-                source, names, target, grid=parse_grid(grid) if grid else None, batch_size=batch_size,
-                device=ctx.device, num_workers=workers, dtype=dtype, shard_images=shard_images, overwrite=overwrite,
-                weights=weight_files, layers=layers, random_init=random_init, compile=compile, timings=timings,
+                source, backbones, target, grid=common_grid, batch_size=batch_size, device=ctx.device,
+                num_workers=workers, dtype=dtype, shard_images=shard_images, overwrite=overwrite, compile=compile,
+                timings=timings,
             )
     except KeyboardInterrupt as exc:  # Ctrl-C: one line on how far it got, no traceback, and 130 as usual
         message = str(exc) if isinstance(exc, ExtractInterrupted) else "interrupted; rerun the same command to continue"

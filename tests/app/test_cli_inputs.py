@@ -103,6 +103,18 @@ def test_a_folder_named_demo_is_not_taken_silently_for_the_demo_set(tmp_path, mo
     assert isinstance(result.exception, UsaeError)  # stopped at --weights, before building anything
 
 
+def test_a_mistyped_model_or_layer_fails_before_the_demo_set_is_built(tmp_path):
+    """The full demo set takes seconds to minutes to build; a typo in --models or --layer used to
+    surface only after it."""
+    data = tmp_path / "data"
+    for extra, message in ((["--models", "mobilenet_v3"], "unknown backbone 'mobilenet_v3'; did you mean"),
+                           (["--models", "mobilenet_v2", "--layer", "mobilenet_v2=features.99"], "features.99")):
+        result = CliRunner().invoke(cli, ["extract", "--images", "demo", "--out", "s", *extra, "--data-dir", str(data)])
+        assert isinstance(result.exception, UsaeError), result.output
+        assert message in str(result.exception)
+        assert not (data / "images").exists() and not (data / "stores").exists()
+
+
 def test_listing_a_data_directory_that_is_not_there_refuses_instead_of_making_it(tmp_path, monkeypatch):
     monkeypatch.delenv("USAE_DATABASE_URL", raising=False)
     typo = tmp_path / "usae-dta"
