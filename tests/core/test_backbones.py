@@ -231,6 +231,22 @@ def test_timm_vits_drop_prefix_tokens(model_name, prefix, grid):
             create_backbone(f"timm:{model_name}", random_init=True, model_kwargs=TINY_VIT, keep_cls=True)
 
 
+def test_random_init_is_drawn_from_its_seed_and_leaves_the_global_generator_alone():
+    def weights(**kw):
+        b = create_backbone("timm:vit_small_patch14_dinov2", random_init=True, model_kwargs=TINY_VIT, **kw)
+        return torch.cat([p.flatten() for p in b.state_dict().values() if p.is_floating_point()])
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = weights()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(weights(), first)  # the same name and seed: the same weights
+    torch.manual_seed(7)  # the global seed plays no part
+    assert torch.equal(weights(seed=0), first)
+    other = weights(seed=1)
+    assert other.shape == first.shape and not torch.equal(other, first)
+
+
 def test_timm_intermediate_block_and_convnext():
     torch.manual_seed(0)
     b = create_backbone("timm:vit_base_patch16_224", random_init=True, model_kwargs=TINY_VIT, layer="blocks.0")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+import torch
+
 from usae_core.backbones.base import Backbone
 from usae_core.errors import UsaeError
 
@@ -136,18 +138,25 @@ def _suggestion(name: str) -> str:
 
 
 def create_backbone(name: str, weights: str | None = None, layer: str | None = None, random_init: bool = False,
-                    keep_cls: bool = False, **options: object) -> Backbone:
+                    keep_cls: bool = False, seed: int = 0, **options: object) -> Backbone:
     """Build a backbone by registry name, in eval mode on the CPU.
 
     `weights`: a local file or directory (else the package / hub cache). `layer`: which layer's tokens
     (family-specific, see docs/extraction.md). `random_init`: skip loading weights (tests and
-    benchmarks only; never done silently). `options`: family extras, e.g. `model_kwargs` for timm.
+    benchmarks only; never done silently), drawing them from `seed` so that the same name and
+    seed give the same weights, without touching torch's global random state. `options`: family
+    extras, e.g. `model_kwargs` for timm.
     """
     entry, rest = _lookup(name)
     if weights is not None and random_init:
         raise UsaeError(f"backbone {name!r}: give either weights or random_init, not both")
     kwargs = dict(weights=weights, layer=layer, random_init=random_init, keep_cls=keep_cls, **options)
-    return entry.factory(rest, **kwargs) if rest is not None else entry.factory(**kwargs)
+    args = () if rest is None else (rest,)
+    if not random_init:
+        return entry.factory(*args, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: only its generator is drawn from
+        torch.manual_seed(seed)
+        return entry.factory(*args, **kwargs)
 
 
 def default_backbones() -> list[str]:
