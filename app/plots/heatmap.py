@@ -41,7 +41,10 @@ def _heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str]
         # Column names are drawn at 45 degrees so long model names never run into each other.
         slant = 0.71 * 7 * max((len(s) for s in col_labels), default=4)
         left, top = label_w + 22, 34 + slant
-        width, angle, css = left + n_cols * cell + 10 + slant, -45, "chart chart-heatmap layout-designed"
+        # Only names that run past the last column widen the chart (a short last name, as
+        # mobilenet_v2 after efficientnet_lite0, left a blank strip that pushed the matrix off centre).
+        reach = max((left + (j + 0.5) * cell + 0.71 * 7 * len(s) for j, s in enumerate(col_labels)), default=0)
+        width, angle, css = max(left + n_cols * cell, reach) + 10, -45, "chart chart-heatmap layout-designed"
     bottom = top + n_rows * cell
     canvas = Canvas(width, bottom + 44, title, css)
     _legend(canvas, left, bottom + 14, n_cols * cell - 2, lo, hi, value_label)
