@@ -131,9 +131,25 @@ _register_all()
 _readable_help(cli)
 
 
+MIN_TYPER = (0, 29)
+"""The help formatting above uses Typer 0.29's parameter classes (pyproject.toml says so too)."""
+
+
+def _typer_too_old(version: str) -> bool:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())  # "29rc1" -> 29
+        parts.append(int(digits or 0))
+    return tuple(parts) < MIN_TYPER
+
+
 def main() -> None:
     from usae_core.extract import use_fast_pinning
 
+    if _typer_too_old(typer.__version__):  # else every command fails in the help set-up with an AttributeError
+        typer.echo(f"error: usae needs typer >= {'.'.join(map(str, MIN_TYPER))}, this Python has {typer.__version__}: "
+                   f"pip install -U 'typer>={'.'.join(map(str, MIN_TYPER))}'", err=True)
+        sys.exit(2)
     use_fast_pinning()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # upgrade_database says in one line what it did

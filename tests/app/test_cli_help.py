@@ -76,3 +76,18 @@ def test_demo_small_says_its_two_minutes_need_an_idle_machine():
     """As README and docs/benchmarks.md measured it: on a busy machine it takes longer."""
     flat = " ".join(_help("demo").replace("│", " ").split())
     assert "about two minutes on 2 CPU cores of an otherwise idle machine" in flat, flat
+
+
+def test_an_older_typer_is_named_with_the_fix_instead_of_failing_in_the_help_set_up(monkeypatch, capsys):
+    """Typer 0.2x has none of the parameter types the help formatting uses: every command failed
+    with an AttributeError traceback (found running `usae demo` on a machine with an older Typer)."""
+    import app.cli
+
+    monkeypatch.setattr(app.cli.typer, "__version__", "0.20.1")
+    monkeypatch.setattr("sys.argv", ["usae", "runs", "list"])
+    with pytest.raises(SystemExit) as stop:
+        app.cli.main()
+    assert stop.value.code == 2
+    assert "usae needs typer >= 0.29, this Python has 0.20.1: pip install -U 'typer>=0.29'" in capsys.readouterr().err
+    assert [app.cli._typer_too_old(v) for v in ("0.29.0", "0.29.2", "0.30rc1", "1.0", "0.28.9")] == [
+        False, False, False, False, True]
