@@ -64,8 +64,11 @@ def analyst_pages() -> APIRouter:
     @router.get("/runs/{run_id}/concepts/{index}/cam", response_class=HTMLResponse)
     def cam_status(request: Request, run_id: PathInt, index: PathInt, session: SessionDep, settings: SettingsDep,
                    viewer: AnalystViewer, polling: bool = False):
-        """The concept page's CAM panel, polled while a job is queued or running."""
+        """The concept page's CAM panel, polled while a job is queued or running. Opened as an
+        address of its own (not by the page's script), it sends the browser to the page."""
         run = get_run_or_404(session, viewer, run_id)
+        if request.headers.get("HX-Request") != "true":
+            return RedirectResponse(viewer.urls.concept(run.id, index) + "#cam", status_code=303)
         job = latest_job(session, kind=CAM, run_id=run.id, concept_index=index)
         response = render(request, viewer, "concepts/_cam_panel.html", run_id=run.id, index=index, job=job,
                           unavailable=cam_unavailable(run.models),

@@ -42,6 +42,9 @@ from tests.app.seed import create_analyst
 from tests.app.webapp import csrf_from
 from usae_core.errors import UsaeError
 
+HX = {"HX-Request": "true"}
+"""What the concept page's script sends when it loads or polls its CAM panel."""
+
 
 def test_job_rows_move_through_their_states_once(db_url):
     with session_factory(db_url)() as session:
@@ -184,15 +187,15 @@ def test_starting_cam_jobs_needs_an_analyst_and_queues_once(web_client, seeded):
                            headers=_api_headers(web_client)).status_code == 422
     assert [j["id"] for j in web_client.get("/api/jobs").json()] == [job["id"]]
 
-    panel = web_client.get(f"/runs/{run_id}/concepts/3/cam")
+    panel = web_client.get(f"/runs/{run_id}/concepts/3/cam", headers=HX)
     assert "queued" in panel.text and 'hx-trigger="every 2s"' in panel.text and "Cancel" in panel.text
     assert "No job worker is running" in panel.text and "No job worker" in web_client.get("/jobs").text
     (seeded.data_dir / ALIVE_FILE).touch()  # what a running `usae worker` does every few seconds
-    assert "No job worker" not in web_client.get(f"/runs/{run_id}/concepts/3/cam").text
+    assert "No job worker" not in web_client.get(f"/runs/{run_id}/concepts/3/cam", headers=HX).text
     assert "No job worker" not in web_client.get("/jobs").text
     cancelled = web_client.post(f"/api/jobs/{job['id']}/cancel", headers=_api_headers(web_client)).json()
     assert cancelled["status"] == "cancelled"
-    panel = web_client.get(f"/runs/{run_id}/concepts/3/cam").text
+    panel = web_client.get(f"/runs/{run_id}/concepts/3/cam", headers=HX).text
     assert "Make CAM images" in panel
     jobs_page = web_client.get("/jobs").text
     assert "CAM images of" in jobs_page and "cancelled" in jobs_page
@@ -211,6 +214,10 @@ def test_starting_cam_jobs_needs_an_analyst_and_queues_once(web_client, seeded):
         assert r.status_code == 303 and r.headers["location"] == target
     assert web_client.get(f"/api/jobs/{form_job['id']}").json()["status"] == "cancelled"
 
+    # The panel's address opened in a browser (a copied link, a reload) shows the page it belongs to.
+    r = web_client.get(f"/runs/{run_id}/concepts/3/cam", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/runs/{run_id}/concepts/3#cam"
+
     web_client.cookies.clear()
     assert web_client.post(url, json={}).status_code == 401
     assert web_client.get("/api/jobs").status_code == 401
@@ -225,7 +232,7 @@ def test_cam_is_refused_upfront_for_a_run_of_imported_activations(web_client, se
         for model in session.get(Run, run_id).models:
             model.info = {"family": model.family}  # what `usae import-activations` records
         session.commit()
-    panel = web_client.get(f"/runs/{run_id}/concepts/3/cam").text
+    panel = web_client.get(f"/runs/{run_id}/concepts/3/cam", headers=HX).text
     assert "records the backbone" in panel and "Make CAM images" not in panel and "<form" not in panel
     r = web_client.post(f"/api/runs/{run_id}/concepts/3/cam", json={"steps": 16}, headers=_api_headers(web_client))
     assert r.status_code == 422 and "imported" in r.json()["detail"]
@@ -290,7 +297,7 @@ def test_a_worker_makes_cam_images_for_every_model_with_a_backbone(web_client, s
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
     page = web_client.get(f"/runs/{run_id}/concepts/5")
     assert f"/media/{cam['mnet']}" in page.text  # the cached page was replaced
-    polled = web_client.get(f"/runs/{run_id}/concepts/5/cam?polling=1")
+    polled = web_client.get(f"/runs/{run_id}/concepts/5/cam?polling=1", headers=HX)
     assert polled.headers.get("HX-Refresh") == "true" and "Make new CAM images" in polled.text
     assert "csrf_token" in polled.text and csrf_from(polled.text)
 
@@ -608,7 +615,7 @@ def test_a_job_failing_on_a_server_bug_tells_the_analyst_what_to_do(web_client, 
     assert job["status"] == "failed" and "problem on the server" in job["message"]
     assert f"job {job_id}" in job["message"] and "administrator" in job["message"] and "Try again" in job["message"]
     assert job["error"] == raw  # the detail, for an administrator or an API client
-    panel = web_client.get(f"/runs/{run_id}/concepts/2/cam").text
+    panel = web_client.get(f"/runs/{run_id}/concepts/2/cam", headers=HX).text
     row = web_client.get("/jobs").text.split(f'data-job="{job_id}"')[1].split("</tr>")[0]
     for html in (panel, row):
         shown = html.replace("&#39;", "'")
@@ -630,7 +637,7 @@ def test_an_expected_job_error_keeps_its_own_message(web_client, seeded):
     job = web_client.get(f"/api/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["message"].startswith("there is no USAE run at"), job
     assert "UsaeError" not in job["message"] + job["error"]
-    panel = web_client.get(f"/runs/{run_id}/concepts/2/cam").text
+    panel = web_client.get(f"/runs/{run_id}/concepts/2/cam", headers=HX).text
     assert "there is no USAE run at" in panel and "<details" not in panel and "problem on the server" not in panel
     row = web_client.get("/jobs").text.split(f'data-job="{job_id}"')[1].split("</tr>")[0]
     assert "there is no USAE run at" in row and "<details" not in row
@@ -682,7 +689,7 @@ def test_the_cam_panel_keeps_the_steps_last_chosen(web_client, seeded):
     offers (16) are kept too."""
     run_id = seeded.run.run_id
     url = f"/runs/{run_id}/concepts/3/cam"
-    assert re.search(r'<option value="128"\s+selected>', web_client.get(url).text)  # no job yet: the default
+    assert re.search(r'<option value="128"\s+selected>', web_client.get(url, headers=HX).text)  # no job yet: the default
     for steps in (64, 16):
         token = csrf_from(web_client.get(f"/runs/{run_id}/concepts/3").text)
         r = web_client.post(url, data={"csrf_token": token, "steps": str(steps)}, follow_redirects=False) \
@@ -690,6 +697,6 @@ def test_the_cam_panel_keeps_the_steps_last_chosen(web_client, seeded):
         assert r.status_code in (202, 303), r.text
         job_id = web_client.get("/api/jobs").json()[0]["id"]
         web_client.post(f"/api/jobs/{job_id}/cancel", headers=_api_headers(web_client))  # ended, as a done job
-        panel = web_client.get(url).text
+        panel = web_client.get(url, headers=HX).text
         assert re.search(rf'<option value="{steps}"\s+selected>', panel), panel
         assert len(re.findall(r"\sselected>", panel)) == 1
