@@ -161,7 +161,13 @@ def run_worker(settings: Settings, threads: int = 1, parent_pid: int | None = No
         # A server's worker stops at once on SIGTERM too: systemd sends SIGTERM to every process
         # of the service together, and during huey's graceful wait the server's SIGINT would only
         # be noted, so the server killed the worker at STOP_WAIT_S before it failed its job.
-        consumer._signal_actions[signal.SIGTERM] = (False, False)  # (restart, graceful)
+        # huey >= 3.5.4 keeps its signal table here (pyproject.toml asks for that); should a later
+        # version move it, the worker still stops, after huey's graceful wait.
+        if hasattr(consumer, "_signal_actions"):
+            consumer._signal_actions[signal.SIGTERM] = (False, False)  # (restart, graceful)
+        else:
+            log.warning("this huey has no _signal_actions: on SIGTERM the job worker waits for its job "
+                        "(up to %d s) instead of stopping at once", SHUTDOWN_TIMEOUT_S)
     stop = threading.Event()
     threading.Thread(target=_keep_alive, args=(settings, watch, stop), name="worker-alive", daemon=True).start()
     try:
