@@ -56,6 +56,7 @@ from usae_core.store import (
     StoreWriter,
     check_folder_path,
     check_replaceable_store,
+    check_storage_dtype,
     is_unstarted_store,
     non_finite_error,
 )
@@ -510,8 +511,7 @@ def extract_store(
         raise UsaeError(f"--batch-size must be >= 1, got {batch_size}")
     if not backbones:
         raise UsaeError("give at least one backbone (--models)")
-    if dtype not in TORCH_DTYPES:
-        raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    check_storage_dtype(dtype)
     if isinstance(compile, str) and compile not in COMPILE_MODES:
         raise UsaeError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
     source = source if isinstance(source, FolderSource) else FolderSource(source, check=False)

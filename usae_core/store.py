@@ -44,6 +44,11 @@ TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+def check_storage_dtype(dtype: str) -> None:
+    if dtype not in STORAGE_DTYPES:
+        raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+
+
 def _numpy_storage_dtype(dtype: str) -> np.dtype:
     # numpy has no bfloat16: bf16 is kept as its raw uint16 bit pattern.
     return np.dtype({"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[dtype])
@@ -238,8 +243,7 @@ class ActivationStore:
             raise UsaeError("a store needs at least one model")
         for name in models:
             check_model_name(name)
-        if dtype not in STORAGE_DTYPES:
-            raise UsaeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+        check_storage_dtype(dtype)
         if len(grid) != 2 or min(grid) < 1:
             raise UsaeError(f"grid must be two positive integers, got {grid!r}")
         if len(image_ids) == 0:

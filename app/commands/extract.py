@@ -58,6 +58,7 @@ def extract_cmd(
     from usae_core.demo_images import build_demo_set
     from usae_core.distributed import distributed_context
     from usae_core.extract import ExtractInterrupted, ExtractTimings, build_backbones, extract_store
+    from usae_core.store import check_storage_dtype
 
     settings = settings_for(data_dir)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_backbones()
@@ -70,6 +71,7 @@ def extract_cmd(
     target = resolve_store(out, settings)
     weight_files, layers = parse_assignments(weights, "--weights"), parse_assignments(layer, "--layer")
     common_grid = parse_grid(grid) if grid else None
+    check_storage_dtype(dtype)
     # Before the demo set (seconds to minutes to build): a mistyped name or missing weights fail first.
     backbones = build_backbones(names, weight_files, layers, random_init)
     timings = ExtractTimings()

@@ -103,12 +103,13 @@ def test_a_folder_named_demo_is_not_taken_silently_for_the_demo_set(tmp_path, mo
     assert isinstance(result.exception, UsaeError)  # stopped at --weights, before building anything
 
 
-def test_a_mistyped_model_or_layer_fails_before_the_demo_set_is_built(tmp_path):
-    """The full demo set takes seconds to minutes to build; a typo in --models or --layer used to
-    surface only after it."""
+def test_a_mistyped_model_layer_or_dtype_fails_before_the_demo_set_is_built(tmp_path):
+    """The full demo set takes seconds to minutes to build; a typo in --models, --layer or
+    --dtype used to surface only after it."""
     data = tmp_path / "data"
     for extra, message in ((["--models", "mobilenet_v3"], "unknown backbone 'mobilenet_v3'; did you mean"),
-                           (["--models", "mobilenet_v2", "--layer", "mobilenet_v2=features.99"], "features.99")):
+                           (["--models", "mobilenet_v2", "--layer", "mobilenet_v2=features.99"], "features.99"),
+                           (["--dtype", "fp16"], "unknown store dtype 'fp16'; choose one of float16, bfloat16, float32")):
         result = CliRunner().invoke(cli, ["extract", "--images", "demo", "--out", "s", *extra, "--data-dir", str(data)])
         assert isinstance(result.exception, UsaeError), result.output
         assert message in str(result.exception)
