@@ -11,7 +11,6 @@ import gc
 import logging
 import re
 from contextlib import asynccontextmanager
-from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -35,12 +34,11 @@ from app.services.explain import ModelCache
 from app.services.shares import ShareGone, ShareNotFound, resolve_share
 from app.services.sign_in_throttle import LoginThrottle
 from app.settings import Settings, get_settings
-from app.templating import render
+from app.templating import STATIC_DIR, check_page_folders, render
 from app.urls import ANALYST_URLS, share_urls
 from app.viewer import Viewer
 
 log = logging.getLogger(__name__)
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 FORM_BODY_LIMIT = 1024 * 1024
 """Bytes a request body may have (forms and JSON: labels, links, sign-in); image uploads get
 `USAE_MAX_UPLOAD_BYTES` more. Larger bodies are refused with 413 as they arrive, before
@@ -52,6 +50,8 @@ ERROR_HEADINGS = {400: "This request is not valid", 401: "Please sign in", 403: 
 
 
 def create_app(settings: Settings) -> FastAPI:
+    check_page_folders()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.media_dir.mkdir(parents=True, exist_ok=True)

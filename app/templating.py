@@ -22,6 +22,20 @@ from app.urls import Urls
 from app.viewer import Viewer
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def check_page_folders() -> None:
+    """The pages, their assets and the concept cards a mine renders are read from the checkout's
+    templates/ and static/, which an editable install (scripts/install.sh) keeps in place; a
+    built package has neither. Commands that need them call this first."""
+    from usae_core.errors import UsaeError
+
+    missing = [str(d) for d in (TEMPLATES_DIR, STATIC_DIR) if not d.is_dir()]
+    if missing:
+        raise UsaeError(f"the explorer's page templates are not where it reads them ({', '.join(missing)} missing): "
+                        "install USAE Concept Explorer from its source folder with `bash scripts/install.sh` "
+                        "(an editable install, `pip install -e .`), not as a built package")
 
 
 def _datetime(value: dt.datetime | None) -> str:

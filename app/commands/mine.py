@@ -33,7 +33,10 @@ def mine_cmd(
 
     if batch_concepts < 1:
         raise UsaeError(f"--batch-concepts must be >= 1, got {batch_concepts}")
+    from app.templating import check_page_folders
+
     settings = settings_for(data_dir)
+    check_page_folders()  # the mine renders concept cards from them
     cfg = MiningConfig(top_n=top_n, tau=tau, batch_images=batch_images)
     dev = resolve_device(device)
     run_dir = existing_run(run, settings)

@@ -45,7 +45,10 @@ def serve_cmd(
     from app.migrations import upgrade_database
     from app.services.card_html import refresh_stale_cards
 
+    from app.templating import check_page_folders
+
     settings = settings_for(data_dir)
+    check_page_folders()
     check_port(host, port)
     new = not settings.data_dir.exists()
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")

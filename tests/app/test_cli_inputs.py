@@ -141,3 +141,18 @@ def test_a_run_or_store_named_in_a_missing_data_directory_says_the_directory_is_
         assert str(result.exception).startswith(
             f"there is no data directory at {typo} (looking for the {what} in it): check --data-dir"), args
     assert not typo.exists()
+
+
+def test_commands_that_render_pages_say_so_at_once_when_the_templates_are_not_installed(tmp_path, monkeypatch):
+    """A built package (not the editable install) has no templates/ or static/: serve failed
+    with a FileNotFoundError traceback, and the demo only at its mine, after minutes of work."""
+    import app.templating
+
+    monkeypatch.setattr(app.templating, "STATIC_DIR", tmp_path / "site-packages" / "static")
+    for args in (["serve", "--no-job-worker"], ["demo", "--small", "--no-serve"], ["mine", "somerun"]):
+        data = tmp_path / args[0]
+        result = CliRunner().invoke(cli, [*args, "--data-dir", str(data)])
+        assert isinstance(result.exception, UsaeError), (args, result.output)
+        assert str(result.exception).startswith("the explorer's page templates are not where it reads them "
+                                                f"({tmp_path / 'site-packages' / 'static'} missing)"), args
+        assert "bash scripts/install.sh" in str(result.exception) and not data.exists(), args
