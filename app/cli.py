@@ -147,8 +147,9 @@ def main() -> None:
     from usae_core.extract import use_fast_pinning
 
     if _typer_too_old(typer.__version__):  # else every command fails in the help set-up with an AttributeError
-        typer.echo(f"error: usae needs typer >= {'.'.join(map(str, MIN_TYPER))}, this Python has {typer.__version__}: "
-                   f"pip install -U 'typer>={'.'.join(map(str, MIN_TYPER))}'", err=True)
+        need = ".".join(map(str, MIN_TYPER))
+        typer.echo(f"error: usae needs typer >= {need}, this Python has {typer.__version__}: "
+                   f"pip install -U 'typer>={need}'", err=True)
         sys.exit(2)
     use_fast_pinning()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -34,7 +34,7 @@ from app.services.explain import ModelCache
 from app.services.shares import ShareGone, ShareNotFound, resolve_share
 from app.services.sign_in_throttle import LoginThrottle
 from app.settings import Settings, get_settings
-from app.templating import STATIC_DIR, check_page_folders, render
+from app.templating import STATIC_DIR, render
 from app.urls import ANALYST_URLS, share_urls
 from app.viewer import Viewer
 
@@ -50,8 +50,6 @@ ERROR_HEADINGS = {400: "This request is not valid", 401: "Please sign in", 403: 
 
 
 def create_app(settings: Settings) -> FastAPI:
-    check_page_folders()
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.media_dir.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,12 @@ def demo_cmd(
     data_dir: DataDir = None,
 ) -> None:
     """Build the demo images, extract 3 offline backbones, train the USAE, mine it, and serve the explorer."""
-    from app.pipeline import DemoInterrupted, run_demo
-
     from app.templating import check_page_folders
 
+    check_page_folders()  # the mine renders concept cards from them, served or not
+    from app.pipeline import DemoInterrupted, run_demo
+
     settings = settings_for(data_dir)
-    check_page_folders()  # the mine renders concept cards from them; served or not
     if serve:
         check_port(host, port)  # now, not after minutes of extraction and training
     try:

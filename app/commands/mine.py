@@ -23,6 +23,9 @@ def mine_cmd(
     """Mine top images, heatmaps, histograms and statistics of every concept into the database.
 
     Re-mining replaces the run's mined data in one final step; labels are kept."""
+    from app.templating import check_page_folders
+
+    check_page_folders()  # the mine renders concept cards; before the imports below, as card_html reads its template
     from app.migrations import upgrade_database
     from app.services.mining import mine_run
     from usae_core.errors import UsaeError
@@ -33,10 +36,7 @@ def mine_cmd(
 
     if batch_concepts < 1:
         raise UsaeError(f"--batch-concepts must be >= 1, got {batch_concepts}")
-    from app.templating import check_page_folders
-
     settings = settings_for(data_dir)
-    check_page_folders()  # the mine renders concept cards from them
     cfg = MiningConfig(top_n=top_n, tau=tau, batch_images=batch_images)
     dev = resolve_device(device)
     run_dir = existing_run(run, settings)

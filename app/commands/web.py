@@ -38,6 +38,9 @@ def serve_cmd(
     data_dir: DataDir = None,
 ) -> None:
     """Serve the concept explorer (pages, JSON API at /api, API docs at /docs)."""
+    from app.templating import check_page_folders
+
+    check_page_folders()  # before the imports below: card_html reads its template as it loads
     from contextlib import nullcontext
 
     from app.db import session_factory
@@ -45,10 +48,7 @@ def serve_cmd(
     from app.migrations import upgrade_database
     from app.services.card_html import refresh_stale_cards
 
-    from app.templating import check_page_folders
-
     settings = settings_for(data_dir)
-    check_page_folders()
     check_port(host, port)
     new = not settings.data_dir.exists()
     typer.echo(f"USAE Concept Explorer on http://{host}:{port} (data in {settings.data_dir.resolve()})")
